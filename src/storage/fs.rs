@@ -1,0 +1,1 @@
+//! Placeholder: the filesystem store is being written.

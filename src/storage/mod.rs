@@ -1,0 +1,159 @@
+//! Object storage: the [`ObjectStore`] trait with multipart semantics, and its two
+//! implementations.
+//!
+//! * [`fs::FsStore`]: the embedded default, a directory on local disk.
+//! * [`s3::S3Store`]: S3 or any S3-compatible server, through aws-sdk-s3 multipart uploads.
+//!
+//! The gateway never buffers a part whole: [`PartBody`] is a stream that the store consumes
+//! chunk by chunk, so memory stays bounded by the chunk size times the number of parts in
+//! flight and a slow storage write slows the client down (back-pressure).
+
+pub mod fs;
+pub mod s3;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::model::PartRecord;
+
+/// An infrastructure failure of storage, or a storage answer the caller must act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The multipart upload does not exist (completed, aborted or never created).
+    #[error("no such upload")]
+    NoSuchUpload,
+    /// The client's request body failed or ended early (the client's fault, not storage's).
+    #[error("request body: {0}")]
+    Body(String),
+    /// A checksum the client sent does not match the bytes.
+    #[error("checksum mismatch")]
+    BadDigest,
+    /// Storage rejected the part list at completion (unknown part or wrong ETag).
+    #[error("invalid part list: {0}")]
+    InvalidPart(String),
+    /// The operation is not available on this storage (presigned URLs on the filesystem).
+    #[error("not supported by this storage")]
+    NotSupported,
+    /// Anything else: unreachable, timed out, refused. Logged, answered with 503.
+    #[error("storage: {0}")]
+    Unavailable(String),
+}
+
+impl StorageError {
+    /// Builds an [`StorageError::Unavailable`] from anything printable.
+    pub fn unavailable(msg: impl std::fmt::Display) -> Self {
+        StorageError::Unavailable(msg.to_string())
+    }
+}
+
+/// The bytes of one part: a stream of chunks and the exact length it must total.
+pub struct PartBody {
+    /// The chunks; an `Err` means the client's body failed.
+    pub stream: Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
+    /// Exact length (the request's Content-Length, already checked against the part-size rule).
+    pub len: u64,
+}
+
+impl std::fmt::Debug for PartBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartBody").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+/// A checksum the client sent with a part, passed through to storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartChecksum {
+    /// `Content-MD5`: base64 of the 16-byte MD5.
+    ContentMd5(String),
+    /// `x-amz-checksum-crc32`: base64.
+    Crc32(String),
+    /// `x-amz-checksum-crc32c`: base64.
+    Crc32c(String),
+    /// `x-amz-checksum-sha1`: base64.
+    Sha1(String),
+    /// `x-amz-checksum-sha256`: base64.
+    Sha256(String),
+}
+
+/// What storage says about a completed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Unquoted ETag.
+    pub etag: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Which implementation this is (drives `fileUrl` and feature support).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageKind {
+    /// Local filesystem.
+    Filesystem,
+    /// S3 or compatible.
+    S3,
+}
+
+/// Object storage with multipart uploads. Keys are full object keys (already carrying the
+/// configured prefix, the tenant prefix and the session id); implementations add nothing.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Which implementation this is.
+    fn kind(&self) -> StorageKind;
+
+    /// The full object key for a file: `<storage prefix>/<tenant prefix><session id>/<file key>`
+    /// (the storage prefix is the path of `s3://bucket/prefix` or empty).
+    fn object_key(&self, tenant_prefix: &str, session_id: &str, file_key: &str) -> String;
+
+    /// `s3://<bucket>/<key>` or `file://<absolute path>`.
+    fn file_url(&self, key: &str) -> String;
+
+    /// Starts a multipart upload; returns its id.
+    async fn create_upload(&self, key: &str, content_type: Option<&str>) -> Result<String, StorageError>;
+
+    /// Uploads (or replaces) one part by streaming `body`; returns the part's unquoted ETag.
+    async fn put_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        body: PartBody,
+        checksum: Option<PartChecksum>,
+    ) -> Result<String, StorageError>;
+
+    /// The parts storage holds for an upload (all pages), sorted by part number.
+    async fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<PartRecord>, StorageError>;
+
+    /// Assembles the object from `parts` (part number, unquoted ETag), in order; returns the
+    /// object's unquoted ETag. [`StorageError::NoSuchUpload`] when the upload is gone (the
+    /// caller then checks whether the object already exists).
+    async fn complete_upload(&self, key: &str, upload_id: &str, parts: &[(u32, String)]) -> Result<String, StorageError>;
+
+    /// Aborts an upload; an upload that no longer exists is not an error.
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StorageError>;
+
+    /// Size and ETag of a completed object, `None` when it does not exist.
+    async fn head_object(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError>;
+
+    /// Up to the first `n` bytes of a completed object (for magic-byte checks).
+    async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError>;
+
+    /// Deletes a completed object; a missing object is not an error.
+    async fn delete_object(&self, key: &str) -> Result<(), StorageError>;
+
+    /// A presigned `PUT` URL for one part, valid for `expires_in`.
+    /// [`StorageError::NotSupported`] where storage cannot presign.
+    async fn presign_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        expires_in: Duration,
+    ) -> Result<String, StorageError>;
+
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> Result<(), StorageError>;
+}

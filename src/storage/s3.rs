@@ -1,0 +1,1 @@
+//! Placeholder: the S3 store is being written.

@@ -1,0 +1,450 @@
+//! The embedded session store: everything in one process behind one mutex per store.
+//!
+//! This is the reference implementation of the semantics documented on
+//! [`SessionStore`]; the Redis store's Lua scripts mirror it step by step. Critical sections
+//! are short (no I/O while the lock is held), so a plain `std::sync::Mutex` is right here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::{
+    BeginComplete, ExpiredInfo, Finalized, Gate, Reaped, Registered, SessionStore, SessionView, StoreError, UploadIdSet,
+};
+use crate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
+
+#[derive(Debug)]
+struct FileEntry {
+    file: FileRecord,
+    parts: BTreeMap<u32, PartRecord>,
+    lease: Option<(String, i64)>,
+}
+
+#[derive(Debug)]
+struct SessionEntry {
+    session: SessionRecord,
+    /// File ids in registration order.
+    order: Vec<String>,
+    files: HashMap<String, FileEntry>,
+    /// fileKey → fileId of live files.
+    keys: HashMap<String, String>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sessions: HashMap<(String, String), SessionEntry>,
+    /// (tenant, session) → time (ms) at which the reaper may take it.
+    reap_index: HashMap<(String, String), i64>,
+}
+
+/// In-memory [`SessionStore`]. State is lost on restart and not shared between replicas.
+///
+/// ```
+/// let store = upgate::store::memory::MemoryStore::new(std::time::Duration::from_secs(3600));
+/// # let _ = store;
+/// ```
+#[derive(Debug)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    retention_ms: i64,
+}
+
+impl MemoryStore {
+    /// A store that forgets a session `retention` after its `expires_at`.
+    pub fn new(retention: std::time::Duration) -> Self {
+        MemoryStore {
+            inner: Mutex::new(Inner::default()),
+            retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied change (every
+        // mutation below is a few field writes), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops sessions whose retention has passed (called opportunistically).
+    fn evict(&self, inner: &mut Inner, now_ms: i64) {
+        let retention = self.retention_ms;
+        inner
+            .sessions
+            .retain(|_, e| now_ms < e.session.expires_at.saturating_mul(1000).saturating_add(retention));
+    }
+}
+
+fn key(tenant: &str, session_id: &str) -> (String, String) {
+    (tenant.to_owned(), session_id.to_owned())
+}
+
+/// The common gate: exists, not expired (flipping `active` → `expired` once), optionally active.
+fn gate<'a>(
+    inner: &'a mut Inner,
+    tenant: &str,
+    session_id: &str,
+    require_active: bool,
+    now_ms: i64,
+) -> Result<&'a mut SessionEntry, Gate<()>> {
+    let Some(entry) = inner.sessions.get_mut(&key(tenant, session_id)) else {
+        return Err(Gate::SessionNotFound);
+    };
+    if entry.session.is_past_expiry(now_ms) {
+        let first = entry.session.status == SessionStatus::Active;
+        if first {
+            entry.session.status = SessionStatus::Expired;
+        }
+        return Err(Gate::Expired(Box::new(ExpiredInfo {
+            session: entry.session.clone(),
+            first_observation: first,
+        })));
+    }
+    if require_active && entry.session.status != SessionStatus::Active {
+        return Err(Gate::NotActive(entry.session.status));
+    }
+    Ok(entry)
+}
+
+fn regate<T>(g: Gate<()>) -> Gate<T> {
+    match g {
+        Gate::Ok(()) | Gate::SessionNotFound => Gate::SessionNotFound,
+        Gate::FileNotFound => Gate::FileNotFound,
+        Gate::Expired(e) => Gate::Expired(e),
+        Gate::NotActive(s) => Gate::NotActive(s),
+    }
+}
+
+macro_rules! gate_or_return {
+    ($inner:expr, $tenant:expr, $sid:expr, $active:expr, $now:expr) => {
+        match gate($inner, $tenant, $sid, $active, $now) {
+            Ok(entry) => entry,
+            Err(g) => return Ok(regate(g)),
+        }
+    };
+}
+
+macro_rules! file_or_return {
+    ($entry:expr, $fid:expr) => {
+        match $entry.files.get_mut($fid) {
+            Some(f) => f,
+            None => return Ok(Gate::FileNotFound),
+        }
+    };
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let now = session.created_at.saturating_mul(1000);
+        self.evict(&mut inner, now);
+        let k = key(&session.tenant, &session.id);
+        inner.reap_index.insert(k.clone(), session.expires_at.saturating_mul(1000));
+        inner.sessions.insert(
+            k,
+            SessionEntry {
+                session: session.clone(),
+                order: Vec::new(),
+                files: HashMap::new(),
+                keys: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn get_session(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<SessionView>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
+        let files = entry.order.iter().filter_map(|id| entry.files.get(id)).map(|f| f.file.clone()).collect();
+        Ok(Gate::Ok(SessionView { session: entry.session.clone(), files }))
+    }
+
+    async fn session_deadline(&self, tenant: &str, session_id: &str) -> Result<Option<(i64, i64)>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .sessions
+            .get(&key(tenant, session_id))
+            .map(|e| (e.session.expires_at, e.session.created_at)))
+    }
+
+    async fn register_file(&self, tenant: &str, file: &FileRecord, now_ms: i64) -> Result<Gate<Registered>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, &file.session_id, true, now_ms);
+        if entry.keys.contains_key(&file.file_key) {
+            return Ok(Gate::Ok(Registered::DuplicateKey));
+        }
+        if entry.session.file_count >= entry.session.file_limit {
+            return Ok(Gate::Ok(Registered::CountExceeded {
+                file_limit: entry.session.file_limit,
+                file_count: entry.session.file_count,
+            }));
+        }
+        entry.session.file_count += 1;
+        entry.keys.insert(file.file_key.clone(), file.id.clone());
+        entry.order.push(file.id.clone());
+        entry.files.insert(
+            file.id.clone(),
+            FileEntry {
+                file: file.clone(),
+                parts: BTreeMap::new(),
+                lease: None,
+            },
+        );
+        Ok(Gate::Ok(Registered::Created(file.clone())))
+    }
+
+    async fn get_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        require_active: bool,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, require_active, now_ms);
+        let f = file_or_return!(entry, file_id);
+        Ok(Gate::Ok(f.file.clone()))
+    }
+
+    async fn set_upload_id(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        upload_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<UploadIdSet>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
+        let f = file_or_return!(entry, file_id);
+        if f.file.status != FileStatus::Registered {
+            return Ok(Gate::Ok(UploadIdSet::FileNotOpen(f.file.clone())));
+        }
+        if let Some(existing) = &f.file.upload_id {
+            return Ok(Gate::Ok(UploadIdSet::Existing(existing.clone())));
+        }
+        f.file.upload_id = Some(upload_id.to_owned());
+        Ok(Gate::Ok(UploadIdSet::Stored))
+    }
+
+    async fn record_part(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        part: &PartRecord,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
+        let f = file_or_return!(entry, file_id);
+        if f.file.status == FileStatus::Registered {
+            f.parts.insert(part.part_number, part.clone());
+        }
+        Ok(Gate::Ok(f.file.clone()))
+    }
+
+    async fn list_parts(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Vec<PartRecord>>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
+        let f = file_or_return!(entry, file_id);
+        Ok(Gate::Ok(f.parts.values().cloned().collect()))
+    }
+
+    async fn begin_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Gate<BeginComplete>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
+        let status = entry.session.status;
+        let f = file_or_return!(entry, file_id);
+        match f.file.status {
+            FileStatus::Completed => return Ok(Gate::Ok(BeginComplete::AlreadyCompleted(f.file.clone()))),
+            FileStatus::Aborted => return Ok(Gate::Ok(BeginComplete::Aborted)),
+            _ => {}
+        }
+        if status != SessionStatus::Active {
+            return Ok(Gate::NotActive(status));
+        }
+        if f.file.status == FileStatus::Completing {
+            if let Some((_, until)) = &f.lease {
+                if *until > now_ms {
+                    return Ok(Gate::Ok(BeginComplete::InProgress));
+                }
+            }
+        }
+        f.file.status = FileStatus::Completing;
+        f.lease = Some((token.to_owned(), now_ms.saturating_add(lease_ms)));
+        Ok(Gate::Ok(BeginComplete::Acquired(f.file.clone(), f.parts.values().cloned().collect())))
+    }
+
+    async fn finish_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        file_url: &str,
+        etag: &str,
+    ) -> Result<Gate<Option<FileRecord>>, StoreError> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.sessions.get_mut(&key(tenant, session_id)) else {
+            return Ok(Gate::SessionNotFound);
+        };
+        let f = file_or_return!(entry, file_id);
+        if f.file.status == FileStatus::Completed {
+            return Ok(Gate::Ok(Some(f.file.clone())));
+        }
+        let holds = f.file.status == FileStatus::Completing && f.lease.as_ref().is_some_and(|(t, _)| t == token);
+        if !holds {
+            return Ok(Gate::Ok(None));
+        }
+        f.file.status = FileStatus::Completed;
+        f.file.file_url = Some(file_url.to_owned());
+        f.file.etag = Some(etag.to_owned());
+        f.lease = None;
+        Ok(Gate::Ok(Some(f.file.clone())))
+    }
+
+    async fn release_complete(&self, tenant: &str, session_id: &str, file_id: &str, token: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(f) = inner
+            .sessions
+            .get_mut(&key(tenant, session_id))
+            .and_then(|e| e.files.get_mut(file_id))
+        {
+            if f.file.status == FileStatus::Completing && f.lease.as_ref().is_some_and(|(t, _)| t == token) {
+                f.file.status = FileStatus::Registered;
+                f.lease = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn abort_file(&self, tenant: &str, session_id: &str, file_id: &str, now_ms: i64) -> Result<Gate<FileRecord>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
+        let f = file_or_return!(entry, file_id);
+        let before = f.file.clone();
+        if f.file.status != FileStatus::Aborted {
+            f.file.status = FileStatus::Aborted;
+            f.lease = None;
+            entry.keys.remove(&before.file_key);
+            entry.session.file_count = entry.session.file_count.saturating_sub(1);
+        }
+        Ok(Gate::Ok(before))
+    }
+
+    async fn abort_session(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<Vec<FileRecord>>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
+        match entry.session.status {
+            SessionStatus::Finalized => return Ok(Gate::NotActive(SessionStatus::Finalized)),
+            SessionStatus::Aborted => return Ok(Gate::Ok(Vec::new())),
+            _ => {}
+        }
+        entry.session.status = SessionStatus::Aborted;
+        let mut open = Vec::new();
+        for id in &entry.order {
+            if let Some(f) = entry.files.get_mut(id) {
+                if matches!(f.file.status, FileStatus::Registered | FileStatus::Completing) {
+                    if f.file.upload_id.is_some() {
+                        open.push(f.file.clone());
+                    }
+                    f.file.status = FileStatus::Aborted;
+                    f.lease = None;
+                    entry.keys.remove(&f.file.file_key);
+                    entry.session.file_count = entry.session.file_count.saturating_sub(1);
+                }
+            }
+        }
+        Ok(Gate::Ok(open))
+    }
+
+    async fn finalize(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<Finalized>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
+        let incomplete: Vec<String> = entry
+            .order
+            .iter()
+            .filter_map(|id| entry.files.get(id))
+            .filter(|f| matches!(f.file.status, FileStatus::Registered | FileStatus::Completing))
+            .map(|f| f.file.id.clone())
+            .collect();
+        if !incomplete.is_empty() {
+            return Ok(Gate::Ok(Finalized::Incomplete(incomplete)));
+        }
+        entry.session.status = SessionStatus::Finalized;
+        let files = entry.order.iter().filter_map(|id| entry.files.get(id)).map(|f| f.file.clone()).collect();
+        Ok(Gate::Ok(Finalized::Done(SessionView {
+            session: entry.session.clone(),
+            files,
+        })))
+    }
+
+    async fn claim_expired(&self, now_ms: i64, lease_ms: i64, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+        let mut inner = self.lock();
+        self.evict(&mut inner, now_ms);
+        let mut due: Vec<((String, String), i64)> = inner
+            .reap_index
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(k, at)| (k.clone(), *at))
+            .collect();
+        due.sort_by_key(|(_, at)| *at);
+        due.truncate(limit);
+        for (k, _) in &due {
+            inner.reap_index.insert(k.clone(), now_ms.saturating_add(lease_ms));
+        }
+        Ok(due.into_iter().map(|(k, _)| k).collect())
+    }
+
+    async fn reap(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Option<Reaped>, StoreError> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.sessions.get_mut(&key(tenant, session_id)) else {
+            return Ok(None);
+        };
+        let first = entry.session.status == SessionStatus::Active && entry.session.is_past_expiry(now_ms);
+        if first {
+            entry.session.status = SessionStatus::Expired;
+        }
+        let open_uploads = if entry.session.is_past_expiry(now_ms) {
+            entry
+                .order
+                .iter()
+                .filter_map(|id| entry.files.get(id))
+                .filter(|f| matches!(f.file.status, FileStatus::Registered | FileStatus::Completing) && f.file.upload_id.is_some())
+                .map(|f| f.file.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Some(Reaped {
+            session: entry.session.clone(),
+            first_observation: first,
+            open_uploads,
+        }))
+    }
+
+    async fn reap_done(&self, tenant: &str, session_id: &str) -> Result<(), StoreError> {
+        self.lock().reap_index.remove(&key(tenant, session_id));
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

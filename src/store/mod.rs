@@ -1,0 +1,263 @@
+//! Session state: the [`SessionStore`] trait and its two implementations.
+//!
+//! * [`memory::MemoryStore`]: the embedded default (one replica only; state dies with it).
+//! * [`redis::RedisStore`]: Redis or Redis Cluster through Lua scripts, one script per
+//!   operation, so every decision (expiry, fileKey uniqueness, file-count limit, completion
+//!   ownership) is made atomically next to the data.
+//!
+//! Both implement exactly the semantics documented on the trait; `tests/store_conformance.rs`
+//! runs one suite unchanged against each.
+//!
+//! ## The gate every operation passes
+//! Every operation that names a session first checks, atomically with its own effect:
+//! 1. the session exists for that tenant (else [`Gate::SessionNotFound`]: another tenant's
+//!    session is indistinguishable from a missing one);
+//! 2. the session is not past `expiresAt` (else [`Gate::Expired`]; the first caller to see it
+//!    flips `active` to `expired` and gets `first_observation = true`, so the expiration event
+//!    is logged exactly once across all replicas);
+//! 3. for mutations, the session is `active` (else [`Gate::NotActive`]);
+//! 4. for file operations, the file exists in that session (else [`Gate::FileNotFound`]).
+//!
+//! Times passed in (`now_ms`) come from the caller so tests can control them; stores never
+//! read the clock themselves.
+
+pub mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+
+use crate::model::{FileRecord, PartRecord, SessionRecord, SessionStatus};
+
+/// An infrastructure failure of the store (unreachable, timed out, corrupt data). Mapped to
+/// 503 `unavailable`; the message goes to the log, never to the client.
+#[derive(Debug, thiserror::Error)]
+#[error("session store: {0}")]
+pub struct StoreError(pub String);
+
+impl StoreError {
+    /// Builds an error from anything printable.
+    pub fn new(msg: impl std::fmt::Display) -> Self {
+        StoreError(msg.to_string())
+    }
+}
+
+/// What the session looked like when a request found it expired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpiredInfo {
+    /// The session (status already `expired` when it was `active`).
+    pub session: SessionRecord,
+    /// True for exactly one caller: the one whose call moved the session to `expired`.
+    pub first_observation: bool,
+}
+
+/// The outcome of the common checks, wrapping the operation's own result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gate<T> {
+    /// All checks passed; the operation's result.
+    Ok(T),
+    /// No such session for this tenant.
+    SessionNotFound,
+    /// No such file in this session.
+    FileNotFound,
+    /// The session is past `expiresAt`.
+    Expired(Box<ExpiredInfo>),
+    /// A mutation on a session that is not `active` (finalized or aborted).
+    NotActive(SessionStatus),
+}
+
+/// A session with its files in registration order (aborted files included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionView {
+    /// The session.
+    pub session: SessionRecord,
+    /// Its files, oldest first.
+    pub files: Vec<FileRecord>,
+}
+
+/// Outcome of [`SessionStore::register_file`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Registered {
+    /// Stored; the session's `file_count` was incremented.
+    Created(FileRecord),
+    /// The session already holds `file_limit` live files.
+    CountExceeded {
+        /// The enforced limit.
+        file_limit: u32,
+        /// Live files at the time of the attempt.
+        file_count: u32,
+    },
+    /// A live (not aborted) file of the session already has this fileKey.
+    DuplicateKey,
+}
+
+/// Outcome of [`SessionStore::set_upload_id`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum UploadIdSet {
+    /// Ours was stored.
+    Stored,
+    /// Another caller stored one first: use this one (and abort ours).
+    Existing(String),
+    /// The file is no longer `registered` (completed or aborted): abort ours.
+    FileNotOpen(FileRecord),
+}
+
+/// Outcome of [`SessionStore::begin_complete`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum BeginComplete {
+    /// The file is already completed: answer with it (idempotent re-completion).
+    AlreadyCompleted(FileRecord),
+    /// The caller now holds the completion lease (until `now_ms + lease_ms`) and must either
+    /// [`SessionStore::finish_complete`] or [`SessionStore::release_complete`]. The recorded
+    /// parts are returned, sorted by part number.
+    Acquired(FileRecord, Vec<PartRecord>),
+    /// Another caller holds an unexpired lease: wait and try again.
+    InProgress,
+    /// The file was aborted.
+    Aborted,
+}
+
+/// Outcome of [`SessionStore::finalize`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finalized {
+    /// Session status is now `finalized`.
+    Done(SessionView),
+    /// These live files are not completed; nothing changed.
+    Incomplete(Vec<String>),
+}
+
+/// Outcome of [`SessionStore::reap`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reaped {
+    /// The session after the call (status `expired` when it was `active`).
+    pub session: SessionRecord,
+    /// True when this call moved the session from `active` to `expired`.
+    pub first_observation: bool,
+    /// Files whose storage uploads must be aborted (not completed, not aborted, with an upload id).
+    pub open_uploads: Vec<FileRecord>,
+}
+
+/// The session store. Every method is atomic with respect to every other call on the same
+/// session, across all gateway replicas sharing the backend.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Stores a new session (status `active`, `file_count` 0) and indexes it for the reaper
+    /// at its `expires_at`. State lives at least until `expires_at + retention` so the
+    /// gateway can still answer 410 for a while after expiry.
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
+
+    /// The session and its files. Gate: exists, not expired (no active check).
+    async fn get_session(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<SessionView>, StoreError>;
+
+    /// The session's `expires_at` and `created_at` only (cheap; cached by the expiry layer).
+    /// No gate: `None` when missing.
+    async fn session_deadline(&self, tenant: &str, session_id: &str) -> Result<Option<(i64, i64)>, StoreError>;
+
+    /// Registers `file` (status `registered`) in one atomic step: gate (exists, not expired,
+    /// active), then fileKey uniqueness among live files, then `file_count < file_limit`,
+    /// then write and increment `file_count`.
+    async fn register_file(&self, tenant: &str, file: &FileRecord, now_ms: i64) -> Result<Gate<Registered>, StoreError>;
+
+    /// One file. Gate: exists, not expired, (when `require_active`) active, file exists.
+    async fn get_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        require_active: bool,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError>;
+
+    /// Stores the storage upload id if the file has none yet. Gate: exists, not expired,
+    /// active, file exists.
+    async fn set_upload_id(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        upload_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<UploadIdSet>, StoreError>;
+
+    /// Records (or replaces) an uploaded part. Gate: exists, not expired, active, file exists.
+    /// Returns the file; the part is only recorded while the file is `registered`
+    /// (otherwise the file is returned unchanged and the caller reports its status).
+    async fn record_part(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        part: &PartRecord,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError>;
+
+    /// Recorded parts, sorted by part number. Gate: exists, not expired, file exists.
+    async fn list_parts(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Vec<PartRecord>>, StoreError>;
+
+    /// Tries to take the completion lease. Gate: exists, not expired, file exists; a completed
+    /// file is returned as [`BeginComplete::AlreadyCompleted`] whatever the session status;
+    /// otherwise the session must be active. A `completing` file whose lease (`token`,
+    /// `lease_until`) has run out can be taken over.
+    async fn begin_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Gate<BeginComplete>, StoreError>;
+
+    /// Marks the file `completed` with its URL and ETag, if `token` still holds the lease
+    /// (or the file is already completed, which is then returned unchanged). No expiry gate:
+    /// a storage completion that succeeded is recorded even if the session expired meanwhile.
+    /// `Gate::Ok(None)` when the lease was lost to someone else and the file is not completed.
+    async fn finish_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        file_url: &str,
+        etag: &str,
+    ) -> Result<Gate<Option<FileRecord>>, StoreError>;
+
+    /// Gives the lease back (file back to `registered`) if `token` holds it. No gate.
+    async fn release_complete(&self, tenant: &str, session_id: &str, file_id: &str, token: &str) -> Result<(), StoreError>;
+
+    /// Aborts one file: status `aborted`, its fileKey and count slot freed. Gate: exists, not
+    /// expired, active, file exists. Returns the file as it was before (its `upload_id` and
+    /// status tell the caller what to clean in storage); aborting an aborted file returns it
+    /// unchanged (repeatable).
+    async fn abort_file(&self, tenant: &str, session_id: &str, file_id: &str, now_ms: i64) -> Result<Gate<FileRecord>, StoreError>;
+
+    /// Aborts the session: status `aborted` (repeatable: an aborted session stays aborted and
+    /// returns `Ok`), every live not-completed file `aborted`. Gate: exists, not expired; a
+    /// finalized session is `NotActive(Finalized)`. Returns the files that had an open
+    /// storage upload, to abort in storage.
+    async fn abort_session(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<Vec<FileRecord>>, StoreError>;
+
+    /// Finalizes: gate (exists, not expired, active), then every live file must be
+    /// `completed` (else [`Finalized::Incomplete`] with their ids), then status `finalized`.
+    async fn finalize(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<Finalized>, StoreError>;
+
+    /// Sessions due for reaping (`expires_at` passed), claimed for `lease_ms` so that no other
+    /// replica gets them until then: at most `limit` `(tenant, session_id)` pairs. A claimed
+    /// session that is not [`SessionStore::reap_done`] within the lease becomes due again.
+    async fn claim_expired(&self, now_ms: i64, lease_ms: i64, limit: usize) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Moves a claimed session to `expired` if it is still `active` and returns the uploads
+    /// to abort. `None` when the session is gone (retention passed).
+    async fn reap(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Option<Reaped>, StoreError>;
+
+    /// Removes the session from the reaper index (its uploads are aborted).
+    async fn reap_done(&self, tenant: &str, session_id: &str) -> Result<(), StoreError>;
+
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

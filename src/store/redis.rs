@@ -1,0 +1,1 @@
+//! Placeholder: the Redis store is being written.
