@@ -1,7 +1,171 @@
 //! upgate: a multi-tenant upload gateway in front of object storage.
+//!
+//! Clients create an upload session, register files, send parts (proxied or straight to S3
+//! with presigned URLs), complete each file and finalize the session. Session state lives in
+//! a [`store::SessionStore`] (Redis with Lua scripts, or in memory); bytes go to an
+//! [`storage::ObjectStore`] (S3 multipart uploads, or the local filesystem).
+//!
+//! The binary is a thin wrapper around [`run`]; tests start real servers on port 0 with it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), upgate::StartError> {
+//! let config = upgate::config::Config::embedded_default().expect("valid");
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+//! upgate::run(listener, config, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub)]
 
+pub mod admin;
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod dev_seed;
+pub mod error;
+pub mod metrics;
 pub mod model;
+pub mod reaper;
+pub mod stack;
 pub mod storage;
 pub mod store;
+pub mod telemetry;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::config::{Config, StorageTarget};
+use crate::storage::ObjectStore;
+use crate::store::SessionStore;
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid (every problem listed).
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    /// A backend could not be set up.
+    #[error("cannot start: {0}")]
+    Backend(String),
+    /// Binding or serving failed.
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A gateway ready to serve: configuration plus its two backends.
+#[derive(Clone)]
+pub struct Gateway {
+    state: AppState,
+}
+
+impl Gateway {
+    /// Builds the backends the configuration names (connecting to Redis / S3 as needed).
+    pub async fn from_config(config: Config) -> Result<Gateway, StartError> {
+        let store = build_store(&config).await?;
+        let storage = build_storage(&config).await?;
+        Ok(Gateway::with_backends(config, store, storage))
+    }
+
+    /// A gateway over backends the caller built (tests wrap real backends this way).
+    pub fn with_backends(config: Config, store: Arc<dyn SessionStore>, storage: Arc<dyn ObjectStore>) -> Gateway {
+        Gateway {
+            state: AppState {
+                config: Arc::new(config),
+                store,
+                storage,
+                metrics: Arc::new(metrics::Metrics::default()),
+            },
+        }
+    }
+
+    /// The shared state (for tests and embedding).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// The API router with the full middleware stack.
+    pub fn router(&self) -> axum::Router {
+        stack::build(self.state.clone())
+    }
+
+    /// Serves the API on `listener` and the admin routes on `admin` (if given) until
+    /// `shutdown` resolves; then stops accepting, lets in-flight requests finish within
+    /// `shutdown_grace_seconds`, stops the reaper, and returns.
+    pub async fn serve(self, listener: TcpListener, admin: Option<TcpListener>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        let config = self.state.config.clone();
+        let stop = CancellationToken::new();
+        let reaper = tokio::spawn(reaper::run(self.state.clone(), config.reaper_interval, stop.clone()));
+        let admin_task = admin.map(|l| {
+            let router = admin::routes(self.state.clone(), Arc::new(String::new));
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let r = axum::serve(l, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            })
+        });
+        let app = self.router();
+        let draining = CancellationToken::new();
+        let signal = {
+            let draining = draining.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
+                draining.cancel();
+            }
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+        let grace = config.shutdown_grace;
+        let result = tokio::select! {
+            r = server => r.map_err(StartError::from),
+            _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_seconds = grace.as_secs(), "grace period over: dropping the remaining connections");
+                Ok(())
+            }
+        };
+        stop.cancel();
+        let _ = reaper.await;
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// The session store the configuration names.
+pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, StartError> {
+    match &config.redis {
+        None => Ok(Arc::new(store::memory::MemoryStore::new(config.session_retention))),
+        Some(_) => Err(StartError::Backend("redis store not wired yet".into())),
+    }
+}
+
+/// The object store the configuration names.
+pub async fn build_storage(config: &Config) -> Result<Arc<dyn ObjectStore>, StartError> {
+    match &config.storage {
+        StorageTarget::Filesystem(dir) => Ok(Arc::new(
+            storage::fs::FsStore::new(dir)
+                .await
+                .map_err(|e| StartError::Backend(e.to_string()))?,
+        )),
+        StorageTarget::S3 { .. } => Err(StartError::Backend("s3 storage not wired yet".into())),
+    }
+}
+
+/// Starts the gateway the configuration describes on `listener` (the admin listener is bound
+/// from `admin_listen`) and serves until `shutdown` resolves.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    let admin = TcpListener::bind(config.admin_listen).await?;
+    if config.rate_limit_bypass {
+        tracing::warn!("RATE_LIMIT_BYPASS is enabled: rate limits are NOT enforced (would-be rejections are logged and counted). Never enable this in production.");
+    }
+    let gateway = Gateway::from_config(config).await?;
+    gateway.serve(listener, Some(admin), shutdown).await
+}

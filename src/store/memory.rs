@@ -218,7 +218,7 @@ impl SessionStore for MemoryStore {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
         let f = file_or_return!(entry, file_id);
-        if f.file.status != FileStatus::Registered {
+        if !matches!(f.file.status, FileStatus::Registered | FileStatus::Completing) {
             return Ok(Gate::Ok(UploadIdSet::FileNotOpen(f.file.clone())));
         }
         if let Some(existing) = &f.file.upload_id {

@@ -97,7 +97,8 @@ pub enum UploadIdSet {
     Stored,
     /// Another caller stored one first: use this one (and abort ours).
     Existing(String),
-    /// The file is no longer `registered` (completed or aborted): abort ours.
+    /// The file is completed or aborted (`registered` and `completing` files accept an
+    /// upload id): abort ours.
     FileNotOpen(FileRecord),
 }
 

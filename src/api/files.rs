@@ -1,0 +1,99 @@
+//! File endpoints: register, get, abort.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::Value;
+
+use super::{file_json, new_id, open_gate, AppState, JsonBody, Tenant};
+use crate::error::AppError;
+use crate::model::{now_ms, part_count, part_size_for, FileRecord, FileStatus};
+use crate::store::Registered;
+
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id))]
+pub(super) async fn register(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path(session_id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, AppError> {
+    let t = &tenant.0;
+    let req = crate::validate::register_file(&body, t)?;
+    let now = now_ms();
+    // The part size depends on the session's part size, which the registration script reads
+    // atomically anyway; the gateway's configured size is the session's (it is fixed at
+    // creation from the same setting), so the file's parts are computed here and stored.
+    let session_part_size = state.config.part_size_bytes();
+    let part_size = part_size_for(session_part_size, req.size_bytes);
+    let file = FileRecord {
+        id: new_id(),
+        session_id: session_id.clone(),
+        object_key: state.storage.object_key(&t.storage_prefix, &session_id, &req.file_key),
+        file_key: req.file_key,
+        file_name: req.file_name,
+        size_bytes: req.size_bytes,
+        content_type: req.content_type,
+        status: FileStatus::Registered,
+        part_size_bytes: part_size,
+        part_count: part_count(req.size_bytes, part_size),
+        created_at: now / 1000,
+        upload_id: None,
+        file_url: None,
+        etag: None,
+    };
+    tracing::Span::current().record("file_id", file.id.as_str());
+    let gate = state.store.register_file(&t.id, &file, now).await?;
+    let outcome = open_gate(gate, &t.id, now);
+    let result = match outcome {
+        Ok(Registered::Created(f)) => Ok(f),
+        Ok(Registered::DuplicateKey) => Err(AppError::DuplicateFileKey(file.file_key.clone())),
+        Ok(Registered::CountExceeded { file_limit, file_count }) => Err(AppError::FileCountExceeded {
+            max_files: file_limit,
+            file_count,
+        }),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(f) => {
+            state.metrics.registrations.inc_code("created");
+            let location = format!("/v1/sessions/{session_id}/files/{}", f.id);
+            Ok((StatusCode::CREATED, [(axum::http::header::LOCATION, location)], Json(file_json(&f))).into_response())
+        }
+        Err(e) => {
+            state.metrics.registrations.inc_code(e.code());
+            Err(e)
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]
+pub(super) async fn get(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path((session_id, file_id)): Path<(String, String)>,
+) -> Result<Json<Value>, AppError> {
+    let now = now_ms();
+    let f = open_gate(state.store.get_file(&tenant.0.id, &session_id, &file_id, false, now).await?, &tenant.0.id, now)?;
+    Ok(Json(file_json(&f)))
+}
+
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]
+pub(super) async fn abort(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path((session_id, file_id)): Path<(String, String)>,
+) -> Result<StatusCode, AppError> {
+    let now = now_ms();
+    let before = open_gate(state.store.abort_file(&tenant.0.id, &session_id, &file_id, now).await?, &tenant.0.id, now)?;
+    match (before.status, before.upload_id.as_deref()) {
+        (FileStatus::Registered | FileStatus::Completing, Some(upload_id)) => {
+            if let Err(e) = state.storage.abort_upload(&before.object_key, upload_id).await {
+                tracing::warn!(error = %e, "aborting the storage upload failed; the reaper will retry at expiry");
+            }
+        }
+        (FileStatus::Completed, _) => state.storage.delete_object(&before.object_key).await?,
+        _ => {}
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,163 @@
+//! The HTTP API of `../shared/API.md`: routes, JSON views and the handlers' shared state.
+
+mod files;
+mod parts;
+mod sessions;
+
+pub(crate) use sessions::abort_uploads;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::routing::{get, post, put};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::config::{Config, TenantConfig};
+use crate::error::AppError;
+use crate::metrics::Metrics;
+use crate::model::{FileRecord, SessionRecord};
+use crate::storage::ObjectStore;
+use crate::store::{ExpiredInfo, Gate, SessionStore};
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Session state.
+    pub store: Arc<dyn SessionStore>,
+    /// Bytes.
+    pub storage: Arc<dyn ObjectStore>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The authenticated tenant, put in the request extensions by [`crate::auth`].
+#[derive(Debug, Clone)]
+pub struct Tenant(pub Arc<TenantConfig>);
+
+/// The `/v1` routes (without middleware; see [`crate::stack`]).
+pub fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/sessions", post(sessions::create))
+        .route("/v1/sessions/{session_id}", get(sessions::get).delete(sessions::abort))
+        .route("/v1/sessions/{session_id}/finalize", post(sessions::finalize))
+        .route("/v1/sessions/{session_id}/files", post(files::register))
+        .route("/v1/sessions/{session_id}/files/{file_id}", get(files::get).delete(files::abort))
+        .route("/v1/sessions/{session_id}/files/{file_id}/parts", get(parts::list))
+        .route("/v1/sessions/{session_id}/files/{file_id}/parts/{part_number}", put(parts::upload))
+        .route("/v1/sessions/{session_id}/files/{file_id}/presigned-parts", post(parts::presign))
+        .route("/v1/sessions/{session_id}/files/{file_id}/complete", post(parts::complete))
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
+        .fallback(|| async { AppError::RouteNotFound })
+        .with_state(state)
+}
+
+/// A JSON request body, read up to `max_json_body_bytes` and parsed into a `Value`; the
+/// handlers validate it field by field so every problem is reported at once.
+pub(crate) struct JsonBody(pub(crate) Value);
+
+impl FromRequest<AppState> for JsonBody {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.config.max_json_body_bytes;
+        let body = req.into_body();
+        let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+            // to_bytes reports an over-limit body as a length-limit error; anything else is a
+            // broken body.
+            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit")
+            {
+                AppError::PayloadTooLarge(limit as u64)
+            } else {
+                AppError::BodyIncomplete
+            }
+        })?;
+        crate::validate::parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Turns a store gate into the contract's errors; logs the expiration event for the one
+/// request that observed the session's expiry first.
+pub(crate) fn open_gate<T>(gate: Gate<T>, tenant: &str, now_ms: i64) -> Result<T, AppError> {
+    match gate {
+        Gate::Ok(v) => Ok(v),
+        Gate::SessionNotFound => Err(AppError::SessionNotFound),
+        Gate::FileNotFound => Err(AppError::FileNotFound),
+        Gate::NotActive(status) => Err(AppError::SessionNotActive(status)),
+        Gate::Expired(info) => Err(expired(&info, tenant, now_ms)),
+    }
+}
+
+/// The 410 for an expired session, logging the expiration event when this call was first.
+pub(crate) fn expired(info: &ExpiredInfo, tenant: &str, now_ms: i64) -> AppError {
+    let s = &info.session;
+    if info.first_observation {
+        log_expiration(s, tenant, now_ms, "request");
+    }
+    AppError::SessionExpired {
+        session_id: s.id.clone(),
+        expires_at: s.expires_at,
+        now: now_ms / 1000,
+    }
+}
+
+/// The expiration event STORY-01721 asks for: logged exactly once per session, by whichever
+/// request or reaper pass moved it to `expired`.
+pub(crate) fn log_expiration(s: &SessionRecord, tenant: &str, now_ms: i64, observed_by: &str) {
+    let now = now_ms / 1000;
+    tracing::info!(
+        event = "session_expired",
+        session_id = %s.id,
+        tenant = %tenant,
+        seconds_since_expiry = now - s.expires_at,
+        seconds_since_creation = now - s.created_at,
+        files_registered = s.file_count,
+        observed_by,
+        "session expired"
+    );
+}
+
+/// The session resource.
+pub(crate) fn session_json(s: &SessionRecord) -> Value {
+    json!({
+        "sessionId": s.id,
+        "status": s.status.as_str(),
+        "partSizeBytes": s.part_size_bytes,
+        "maxFiles": s.max_files,
+        "fileCount": s.file_count,
+        "createdAt": crate::model::rfc3339(s.created_at),
+        "expiresAt": crate::model::rfc3339(s.expires_at),
+        "metadata": s.metadata,
+    })
+}
+
+/// The file resource (`fileUrl` and `etag` only once completed).
+pub(crate) fn file_json(f: &FileRecord) -> Value {
+    let mut v = json!({
+        "fileId": f.id,
+        "fileKey": f.file_key,
+        "fileName": f.file_name,
+        "sizeBytes": f.size_bytes,
+        "contentType": f.content_type,
+        "status": f.status.public_str(),
+        "partSizeBytes": f.part_size_bytes,
+        "partCount": f.part_count,
+        "createdAt": crate::model::rfc3339(f.created_at),
+    });
+    if f.status == crate::model::FileStatus::Completed {
+        if let Some(o) = v.as_object_mut() {
+            o.insert("fileUrl".into(), json!(f.file_url));
+            o.insert("etag".into(), json!(f.etag));
+        }
+    }
+    v
+}
+
+/// A fresh unguessable id (UUID v4: 122 random bits).
+pub(crate) fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

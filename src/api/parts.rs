@@ -1,0 +1,405 @@
+//! The byte path: part upload, part listing, presigned parts, and completion.
+//!
+//! ## Why 5 MiB parts by default
+//! S3 refuses parts under 5 MiB (except the last), so 5 MiB is the smallest part that works
+//! everywhere. Smaller parts would mean more requests (each one a round trip to the gateway,
+//! Redis and S3, and a row in the part index); larger parts mean longer requests, more bytes
+//! re-sent after a dropped connection, and more memory in flight on slow links. 5 MiB keeps a
+//! browser's retry cheap while a 5 TiB file still fits S3's 10,000-part limit once the part
+//! size is raised per file (`model::part_size_for`). `MULTIPART_PART_SIZE_MB` moves the
+//! trade-off (5..=100) for fast, reliable networks.
+//!
+//! ## MIME types are advisory until finalize
+//! A part whose `Content-Type` header or leading magic bytes disagree with the file's declared
+//! type is only logged at warn: clients often send `application/octet-stream` for every part,
+//! and a part boundary can fall anywhere, so refusing a part would break honest uploads.
+//! `finalize` checks the assembled object's first bytes and refuses with 415.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde_json::{json, Value};
+
+use super::{file_json, new_id, open_gate, AppState, JsonBody, Tenant};
+use crate::error::AppError;
+use crate::model::{expected_part_len, now_ms, FileRecord, FileStatus, PartRecord};
+use crate::storage::{PartBody, PartChecksum, StorageError, StorageKind};
+use crate::store::{BeginComplete, UploadIdSet};
+
+/// How long one caller may hold a file's completion lease before another may take over (a
+/// crashed replica must not block a file forever; S3 completes even 10,000 parts well
+/// within this).
+const COMPLETE_LEASE_MS: i64 = 10 * 60 * 1000;
+/// How long a concurrent `complete` waits for the lease holder before answering 503.
+const COMPLETE_WAIT: Duration = Duration::from_secs(60);
+/// Validity of presigned part URLs.
+const PRESIGN_TTL: Duration = Duration::from_secs(3600);
+
+fn file_not_open(f: &FileRecord) -> AppError {
+    AppError::FileNotActive(f.status.public_str())
+}
+
+/// The storage upload id of a file, creating the multipart upload on first use.
+///
+/// Uploads are created lazily (first part, presign or complete) rather than at
+/// registration: registration stays one Redis script with no storage round trip, and a
+/// rejected registration never leaves an orphan upload. Two first parts racing each create
+/// one; the store keeps the first and the loser aborts its own.
+async fn ensure_upload(state: &AppState, tenant: &str, file: &FileRecord) -> Result<String, AppError> {
+    if let Some(id) = &file.upload_id {
+        return Ok(id.clone());
+    }
+    let created = state
+        .storage
+        .create_upload(&file.object_key, file.content_type.as_deref())
+        .await?;
+    let now = now_ms();
+    let outcome = state
+        .store
+        .set_upload_id(tenant, &file.session_id, &file.id, &created, now)
+        .await
+        .map_err(AppError::from)
+        .and_then(|g| open_gate(g, tenant, now));
+    let keep = matches!(outcome, Ok(UploadIdSet::Stored));
+    if !keep {
+        if let Err(e) = state.storage.abort_upload(&file.object_key, &created).await {
+            tracing::warn!(error = %e, "aborting a surplus storage upload failed");
+        }
+    }
+    match outcome? {
+        UploadIdSet::Stored => Ok(created),
+        UploadIdSet::Existing(id) => Ok(id),
+        UploadIdSet::FileNotOpen(f) => Err(file_not_open(&f)),
+    }
+}
+
+fn checksum(headers: &HeaderMap) -> Option<PartChecksum> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(v) = get("content-md5") {
+        return Some(PartChecksum::ContentMd5(v));
+    }
+    if let Some(v) = get("x-amz-checksum-crc32") {
+        return Some(PartChecksum::Crc32(v));
+    }
+    if let Some(v) = get("x-amz-checksum-crc32c") {
+        return Some(PartChecksum::Crc32c(v));
+    }
+    if let Some(v) = get("x-amz-checksum-sha1") {
+        return Some(PartChecksum::Sha1(v));
+    }
+    get("x-amz-checksum-sha256").map(PartChecksum::Sha256)
+}
+
+/// Warns (once per part) when the first bytes of part 1 contradict the declared type.
+struct Sniff {
+    declared: String,
+    file_id: String,
+}
+
+impl Sniff {
+    fn check(self, chunk: &[u8]) {
+        if let Some(kind) = infer::get(chunk) {
+            let detected = kind.mime_type();
+            if !detected.eq_ignore_ascii_case(self.declared.split(';').next().unwrap_or("").trim()) {
+                tracing::warn!(
+                    file_id = %self.file_id,
+                    declared = %self.declared,
+                    detected,
+                    "part content's magic bytes differ from the declared content type (advisory until finalize)"
+                );
+            }
+        }
+    }
+}
+
+/// The request body as a stream that fails when the client sends nothing for `idle`
+/// (slow-client protection), counting bytes as they pass.
+fn body_stream(
+    body: Body,
+    idle: Duration,
+    sniff: Option<Sniff>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    let data = body.into_data_stream();
+    futures_util::stream::unfold((data, sniff, false), move |(mut data, mut sniff, done)| {
+        let metrics = metrics.clone();
+        async move {
+            if done {
+                return None;
+            }
+            match tokio::time::timeout(idle, data.next()).await {
+                Err(_) => Some((
+                    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "part body idle too long")),
+                    (data, None, true),
+                )),
+                Ok(None) => None,
+                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), (data, None, true))),
+                Ok(Some(Ok(chunk))) => {
+                    if let Some(s) = sniff.take() {
+                        s.check(&chunk);
+                    }
+                    metrics.bytes_received.add(chunk.len() as u64);
+                    Some((Ok(chunk), (data, sniff, false)))
+                }
+            }
+        }
+    })
+}
+
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id, part_number = %part))]
+pub(super) async fn upload(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path((session_id, file_id, part)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
+    let t = &tenant.0.id;
+    let now = now_ms();
+    let file = open_gate(state.store.get_file(t, &session_id, &file_id, true, now).await?, t, now)?;
+    if file.status != FileStatus::Registered {
+        return Err(file_not_open(&file));
+    }
+    let part_number = crate::validate::part_number(&part, file.part_count)?;
+    let expected = expected_part_len(file.size_bytes, file.part_size_bytes, part_number).unwrap_or(0);
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or(AppError::LengthRequired)?;
+    if len != expected {
+        return Err(AppError::PartSizeMismatch { expected, actual: len });
+    }
+    if let (Some(declared), Some(sent)) = (&file.content_type, headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())) {
+        let sent_essence = sent.split(';').next().unwrap_or("").trim();
+        let declared_essence = declared.split(';').next().unwrap_or("").trim();
+        if !sent_essence.eq_ignore_ascii_case(declared_essence) && !sent_essence.eq_ignore_ascii_case("application/octet-stream") {
+            tracing::warn!(declared = %declared, sent = %sent, "part Content-Type differs from the declared content type (advisory until finalize)");
+        }
+    }
+    let upload_id = ensure_upload(&state, t, &file).await?;
+    let sniff = match (&file.content_type, part_number) {
+        (Some(declared), 1) => Some(Sniff {
+            declared: declared.clone(),
+            file_id: file.id.clone(),
+        }),
+        _ => None,
+    };
+    let stream = body_stream(body, state.config.part_idle_timeout, sniff, state.metrics.clone());
+    let part_body = PartBody {
+        stream: Box::pin(stream),
+        len,
+    };
+    let etag = state
+        .storage
+        .put_part(&file.object_key, &upload_id, part_number, part_body, checksum(&headers))
+        .await?;
+    state.metrics.bytes_stored.add(len);
+    let record = PartRecord {
+        part_number,
+        etag: etag.clone(),
+        size_bytes: len,
+    };
+    let now = now_ms();
+    let after = open_gate(state.store.record_part(t, &session_id, &file_id, &record, now).await?, t, now)?;
+    if after.status != FileStatus::Registered {
+        return Err(file_not_open(&after));
+    }
+    let quoted = HeaderValue::from_str(&format!("\"{etag}\"")).map_err(|e| AppError::Internal(format!("etag header: {e}")))?;
+    Ok((
+        [(header::ETAG, quoted)],
+        Json(json!({"partNumber": part_number, "etag": etag, "sizeBytes": len})),
+    )
+        .into_response())
+}
+
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path((session_id, file_id)): Path<(String, String)>,
+) -> Result<Json<Value>, AppError> {
+    let t = &tenant.0.id;
+    let now = now_ms();
+    let parts = open_gate(state.store.list_parts(t, &session_id, &file_id, now).await?, t, now)?;
+    Ok(Json(json!({ "parts": parts })))
+}
+
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]
+pub(super) async fn presign(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path((session_id, file_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, AppError> {
+    let t = &tenant.0.id;
+    let now = now_ms();
+    let file = open_gate(state.store.get_file(t, &session_id, &file_id, true, now).await?, t, now)?;
+    if state.storage.kind() != StorageKind::S3 {
+        return Err(AppError::NotSupported);
+    }
+    if file.status != FileStatus::Registered {
+        return Err(file_not_open(&file));
+    }
+    let numbers = crate::validate::presign_numbers(&body, file.part_count)?;
+    let upload_id = ensure_upload(&state, t, &file).await?;
+    let mut parts = Vec::with_capacity(numbers.len());
+    for n in numbers {
+        let url = state
+            .storage
+            .presign_part(&file.object_key, &upload_id, n, PRESIGN_TTL)
+            .await?;
+        parts.push(json!({"partNumber": n, "url": url, "method": "PUT"}));
+    }
+    let expires_at = now / 1000 + PRESIGN_TTL.as_secs() as i64;
+    Ok(Json(json!({"parts": parts, "expiresAt": crate::model::rfc3339(expires_at)})))
+}
+
+/// Decides which parts to complete with: the client's list, or the parts the gateway
+/// recorded, topped up from storage (parts PUT through presigned URLs bypass the gateway).
+async fn parts_to_complete(
+    state: &AppState,
+    file: &FileRecord,
+    upload_id: &str,
+    client: Option<Vec<crate::validate::ClientPart>>,
+    recorded: Vec<PartRecord>,
+) -> Result<Vec<(u32, String)>, AppError> {
+    let chosen: Vec<(u32, String)> = match client {
+        Some(list) => list.into_iter().map(|p| (p.part_number, p.etag)).collect(),
+        None => {
+            let mut known = recorded;
+            if known.len() < file.part_count as usize {
+                match state.storage.list_parts(&file.object_key, upload_id).await {
+                    Ok(listed) => {
+                        for p in listed {
+                            if !known.iter().any(|k| k.part_number == p.part_number) {
+                                known.push(p);
+                            }
+                        }
+                    }
+                    Err(StorageError::NoSuchUpload) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                known.sort_by_key(|p| p.part_number);
+            }
+            known.into_iter().map(|p| (p.part_number, p.etag)).collect()
+        }
+    };
+    let missing: Vec<u32> = (1..=file.part_count)
+        .filter(|n| !chosen.iter().any(|(c, _)| c == n))
+        .collect();
+    if !missing.is_empty() {
+        return Err(AppError::PartsMissing(missing));
+    }
+    Ok(chosen)
+}
+
+/// The storage side of completion, run by the one caller holding the lease.
+async fn complete_in_storage(state: &AppState, tenant: &str, file: &FileRecord, recorded: Vec<PartRecord>, client: Option<Vec<crate::validate::ClientPart>>) -> Result<String, AppError> {
+    if file.upload_id.is_none() && file.size_bytes > 0 {
+        // Not one byte was sent: no storage upload to create just to refuse it.
+        return Err(AppError::PartsMissing((1..=file.part_count).collect()));
+    }
+    let upload_id = ensure_upload(state, tenant, file).await?;
+    let mut recorded = recorded;
+    // A zero-byte file has one empty part; create it if the client did not bother.
+    if file.size_bytes == 0 && client.is_none() && recorded.is_empty() {
+        let body = PartBody {
+            stream: Box::pin(futures_util::stream::empty()),
+            len: 0,
+        };
+        let etag = state.storage.put_part(&file.object_key, &upload_id, 1, body, None).await?;
+        recorded.push(PartRecord {
+            part_number: 1,
+            etag,
+            size_bytes: 0,
+        });
+    }
+    let parts = parts_to_complete(state, file, &upload_id, client, recorded).await?;
+    match state.storage.complete_upload(&file.object_key, &upload_id, &parts).await {
+        Ok(etag) => Ok(etag),
+        // Storage already completed this upload (an earlier holder crashed before recording
+        // it): the object is there, so the completion stands.
+        Err(StorageError::NoSuchUpload) => match state.storage.head_object(&file.object_key).await? {
+            Some(info) => Ok(info.etag),
+            None => Err(AppError::FileNotActive("aborted")),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]
+pub(super) async fn complete(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path((session_id, file_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, AppError> {
+    let t = &tenant.0.id;
+    let token = new_id();
+    let deadline = tokio::time::Instant::now() + COMPLETE_WAIT;
+    let mut backoff = Duration::from_millis(5);
+    let mut waited = false;
+    loop {
+        let now = now_ms();
+        let gate = state
+            .store
+            .begin_complete(t, &session_id, &file_id, &token, COMPLETE_LEASE_MS, now)
+            .await?;
+        match open_gate(gate, t, now)? {
+            BeginComplete::AlreadyCompleted(f) => {
+                if !waited {
+                    // Nothing was waited for: this is a repeated complete, not a concurrent one.
+                    tracing::warn!(file_url = ?f.file_url, "file already completed: answering the idempotent re-completion with the stored result");
+                }
+                return Ok(Json(file_json(&f)));
+            }
+            BeginComplete::Aborted => return Err(AppError::FileNotActive("aborted")),
+            BeginComplete::InProgress => {
+                waited = true;
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(AppError::Unavailable("timed out waiting for a concurrent completion".into()));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+            BeginComplete::Acquired(file, recorded) => {
+                let parsed = crate::validate::complete_parts(&body, file.part_count);
+                let result = match parsed {
+                    Ok(client) => complete_in_storage(&state, t, &file, recorded, client).await,
+                    Err(e) => Err(e),
+                };
+                let etag = match result {
+                    Ok(etag) => etag,
+                    Err(e) => {
+                        // Give the lease back so the next attempt (or a waiter) can try again.
+                        if let Err(release) = state.store.release_complete(t, &session_id, &file_id, &token).await {
+                            tracing::warn!(error = %release, "releasing the completion lease failed; it expires by itself");
+                        }
+                        return Err(e);
+                    }
+                };
+                let url = state.storage.file_url(&file.object_key);
+                let finished = state
+                    .store
+                    .finish_complete(t, &session_id, &file_id, &token, &url, &etag)
+                    .await?;
+                match open_gate(finished, t, now)? {
+                    Some(f) => {
+                        state.metrics.files_completed.inc();
+                        tracing::info!(file_url = %url, "file completed");
+                        return Ok(Json(file_json(&f)));
+                    }
+                    // Our lease ran out and someone else took over: their result stands.
+                    None => continue,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! [`AppError`]: the one place that maps outcomes to HTTP.
+//!
+//! Every handler returns `Result<_, AppError>`; every layer rejection the gateway renders goes
+//! through [`AppError::into_response`] too, so each `code` of the contract has exactly one
+//! status and one shape. Responses are RFC 9457 problem documents
+//! (`application/problem+json`). Infrastructure failures carry their detail only into the
+//! log: the client sees `unavailable` or `internal` and the request id.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::model::SessionStatus;
+use crate::storage::StorageError;
+use crate::store::StoreError;
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON field name (or `body`, `partNumber`, a header name).
+    pub field: String,
+    /// What is wrong, for humans.
+    pub message: String,
+}
+
+impl FieldError {
+    /// Builds a field error.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// 400 `validationFailed`.
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    /// 400 `fileCountExceeded`.
+    #[error("file count exceeded")]
+    FileCountExceeded {
+        /// Enforced limit.
+        max_files: u32,
+        /// Live files.
+        file_count: u32,
+    },
+    /// 400 `partSizeMismatch`.
+    #[error("part size mismatch")]
+    PartSizeMismatch {
+        /// What the part must weigh.
+        expected: u64,
+        /// What was sent.
+        actual: u64,
+    },
+    /// 400 `partsMissing`.
+    #[error("parts missing")]
+    PartsMissing(Vec<u32>),
+    /// 400 `checksumMismatch`: a Content-MD5 / x-amz-checksum did not match the bytes.
+    #[error("checksum mismatch")]
+    ChecksumMismatch,
+    /// 400 `bodyIncomplete`: the part body ended early or failed.
+    #[error("request body incomplete")]
+    BodyIncomplete,
+    /// 401 `unauthorized`.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// 404 `sessionNotFound`.
+    #[error("session not found")]
+    SessionNotFound,
+    /// 404 `fileNotFound`.
+    #[error("file not found")]
+    FileNotFound,
+    /// 404 `notFound`: no such route.
+    #[error("no such route")]
+    RouteNotFound,
+    /// 405 `methodNotAllowed`.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 409 `duplicateFileKey`.
+    #[error("duplicate file key")]
+    DuplicateFileKey(String),
+    /// 409 `sessionNotActive`.
+    #[error("session not active")]
+    SessionNotActive(SessionStatus),
+    /// 409 `fileNotActive`: parts sent to a completed or aborted file.
+    #[error("file not active")]
+    FileNotActive(&'static str),
+    /// 409 `filesIncomplete`: finalize before every file is completed.
+    #[error("files incomplete")]
+    FilesIncomplete(Vec<String>),
+    /// 409 `requestInProgress`.
+    #[error("request in progress")]
+    RequestInProgress,
+    /// 410 `sessionExpired`.
+    #[error("session expired")]
+    SessionExpired {
+        /// The session.
+        session_id: String,
+        /// Its deadline (seconds).
+        expires_at: i64,
+        /// Now (seconds).
+        now: i64,
+    },
+    /// 411 `lengthRequired`: a part without Content-Length.
+    #[error("length required")]
+    LengthRequired,
+    /// 413 `fileTooLarge`.
+    #[error("file too large")]
+    FileTooLarge(u64),
+    /// 413 `payloadTooLarge`.
+    #[error("payload too large")]
+    PayloadTooLarge(u64),
+    /// 415 `contentTypeMismatch`.
+    #[error("content type mismatch")]
+    ContentTypeMismatch {
+        /// The file.
+        file_id: String,
+        /// What the client declared.
+        declared: String,
+        /// What the magic bytes say.
+        detected: String,
+    },
+    /// 422 `idempotencyKeyReused`.
+    #[error("idempotency key reused")]
+    IdempotencyKeyReused,
+    /// 429 `rateLimited`.
+    #[error("rate limited")]
+    RateLimited {
+        /// Seconds until a retry can succeed.
+        retry_after: u64,
+    },
+    /// 429 `tooManyConcurrentUploads`: the tenant's in-flight part uploads are at their cap.
+    #[error("too many concurrent uploads")]
+    TooManyConcurrentUploads,
+    /// 501 `notSupported`.
+    #[error("not supported")]
+    NotSupported,
+    /// 503 `unavailable`: Redis or storage unreachable. The string is logged only.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// 500 `internal`. The string is logged only.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        AppError::Unavailable(e.to_string())
+    }
+}
+
+impl From<StorageError> for AppError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::BadDigest => AppError::ChecksumMismatch,
+            StorageError::Body(_) => AppError::BodyIncomplete,
+            StorageError::NotSupported => AppError::NotSupported,
+            StorageError::InvalidPart(m) => AppError::Validation(vec![FieldError::new("parts", m)]),
+            StorageError::NoSuchUpload => AppError::FileNotActive("aborted"),
+            StorageError::Unavailable(m) => AppError::Unavailable(m),
+        }
+    }
+}
+
+/// Seconds a client should wait before retrying after `unavailable`.
+const UNAVAILABLE_RETRY_AFTER: u64 = 1;
+
+impl AppError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        use AppError::*;
+        match self {
+            Validation(_) | FileCountExceeded { .. } | PartSizeMismatch { .. } | PartsMissing(_) | ChecksumMismatch | BodyIncomplete => {
+                StatusCode::BAD_REQUEST
+            }
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            SessionNotFound | FileNotFound | RouteNotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            DuplicateFileKey(_) | SessionNotActive(_) | FileNotActive(_) | FilesIncomplete(_) | RequestInProgress => StatusCode::CONFLICT,
+            SessionExpired { .. } => StatusCode::GONE,
+            LengthRequired => StatusCode::LENGTH_REQUIRED,
+            FileTooLarge(_) | PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ContentTypeMismatch { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            RateLimited { .. } | TooManyConcurrentUploads => StatusCode::TOO_MANY_REQUESTS,
+            NotSupported => StatusCode::NOT_IMPLEMENTED,
+            Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The contract's stable `code`.
+    pub fn code(&self) -> &'static str {
+        use AppError::*;
+        match self {
+            Validation(_) => "validationFailed",
+            FileCountExceeded { .. } => "fileCountExceeded",
+            PartSizeMismatch { .. } => "partSizeMismatch",
+            PartsMissing(_) => "partsMissing",
+            ChecksumMismatch => "checksumMismatch",
+            BodyIncomplete => "bodyIncomplete",
+            Unauthorized => "unauthorized",
+            SessionNotFound => "sessionNotFound",
+            FileNotFound => "fileNotFound",
+            RouteNotFound => "notFound",
+            MethodNotAllowed => "methodNotAllowed",
+            DuplicateFileKey(_) => "duplicateFileKey",
+            SessionNotActive(_) => "sessionNotActive",
+            FileNotActive(_) => "fileNotActive",
+            FilesIncomplete(_) => "filesIncomplete",
+            RequestInProgress => "requestInProgress",
+            SessionExpired { .. } => "sessionExpired",
+            LengthRequired => "lengthRequired",
+            FileTooLarge(_) => "fileTooLarge",
+            PayloadTooLarge(_) => "payloadTooLarge",
+            ContentTypeMismatch { .. } => "contentTypeMismatch",
+            IdempotencyKeyReused => "idempotencyKeyReused",
+            RateLimited { .. } => "rateLimited",
+            TooManyConcurrentUploads => "tooManyConcurrentUploads",
+            NotSupported => "notSupported",
+            Unavailable(_) => "unavailable",
+            Internal(_) => "internal",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        use AppError::*;
+        match self {
+            Validation(_) => "The request is invalid",
+            FileCountExceeded { .. } => "The session holds its maximum number of files",
+            PartSizeMismatch { .. } => "The part has the wrong size",
+            PartsMissing(_) => "Parts are missing",
+            ChecksumMismatch => "The part's checksum does not match its bytes",
+            BodyIncomplete => "The request body ended early",
+            Unauthorized => "Missing or unknown API key",
+            SessionNotFound => "Session not found",
+            FileNotFound => "File not found",
+            RouteNotFound => "Not found",
+            MethodNotAllowed => "Method not allowed",
+            DuplicateFileKey(_) => "The fileKey is already registered in this session",
+            SessionNotActive(_) => "The session is not active",
+            FileNotActive(_) => "The file no longer accepts parts",
+            FilesIncomplete(_) => "Some files are not completed",
+            RequestInProgress => "A request with this Idempotency-Key is still running",
+            SessionExpired { .. } => "The session has expired",
+            LengthRequired => "Content-Length is required",
+            FileTooLarge(_) => "The file is larger than allowed",
+            PayloadTooLarge(_) => "The request body is larger than allowed",
+            ContentTypeMismatch { .. } => "The content does not match its declared type",
+            IdempotencyKeyReused => "The Idempotency-Key was used for a different request",
+            RateLimited { .. } => "Too many requests",
+            TooManyConcurrentUploads => "Too many part uploads in flight",
+            NotSupported => "Not supported by this storage",
+            Unavailable(_) => "A backing service is unavailable",
+            Internal(_) => "Internal error",
+        }
+    }
+
+    fn detail_and_extensions(&self) -> (String, Map<String, Value>) {
+        use AppError::*;
+        let mut ext = Map::new();
+        let detail = match self {
+            Validation(errors) => {
+                ext.insert(
+                    "errors".into(),
+                    Value::Array(
+                        errors
+                            .iter()
+                            .map(|e| json!({"field": e.field, "message": e.message}))
+                            .collect(),
+                    ),
+                );
+                errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+            FileCountExceeded { max_files, file_count } => {
+                ext.insert("maxFiles".into(), json!(max_files));
+                ext.insert("fileCount".into(), json!(file_count));
+                format!("the session already holds {file_count} of at most {max_files} files")
+            }
+            PartSizeMismatch { expected, actual } => {
+                ext.insert("expectedSizeBytes".into(), json!(expected));
+                format!("this part must be exactly {expected} bytes, got {actual}")
+            }
+            PartsMissing(missing) => {
+                ext.insert("missingParts".into(), json!(missing));
+                format!("{} part(s) not uploaded yet", missing.len())
+            }
+            DuplicateFileKey(key) => {
+                ext.insert("fileKey".into(), json!(key));
+                format!("fileKey {key:?} is already registered in this session")
+            }
+            SessionNotActive(status) => {
+                // The contract names this extension member `status`, so for this one code
+                // it carries the session's status (the HTTP status is the response's);
+                // `sessionStatus` says the same under an unambiguous name.
+                ext.insert("status".into(), json!(status.as_str()));
+                ext.insert("sessionStatus".into(), json!(status.as_str()));
+                format!("the session is {}", status.as_str())
+            }
+            FileNotActive(status) => {
+                ext.insert("fileStatus".into(), json!(status));
+                format!("the file is {status}")
+            }
+            FilesIncomplete(ids) => {
+                ext.insert("incompleteFiles".into(), json!(ids));
+                format!("{} file(s) are not completed", ids.len())
+            }
+            SessionExpired { session_id, expires_at, now } => {
+                ext.insert("sessionExpired".into(), json!(true));
+                ext.insert("sessionId".into(), json!(session_id));
+                ext.insert("expiresAt".into(), json!(crate::model::rfc3339(*expires_at)));
+                ext.insert("now".into(), json!(crate::model::rfc3339(*now)));
+                "create a new session, register the files again and resume their uploads".to_owned()
+            }
+            FileTooLarge(max) => {
+                ext.insert("maxSizeBytes".into(), json!(max));
+                format!("files may be at most {max} bytes")
+            }
+            PayloadTooLarge(max) => {
+                ext.insert("maxSizeBytes".into(), json!(max));
+                format!("request bodies may be at most {max} bytes")
+            }
+            ContentTypeMismatch { file_id, declared, detected } => {
+                ext.insert("fileId".into(), json!(file_id));
+                ext.insert("declared".into(), json!(declared));
+                ext.insert("detected".into(), json!(detected));
+                format!("file {file_id} was declared {declared} but its content is {detected}")
+            }
+            RateLimited { retry_after } => format!("retry in {retry_after} s"),
+            Unavailable(_) => "a backing service is unavailable; retry shortly".to_owned(),
+            Internal(_) => "an internal error occurred; the request id identifies it in the logs".to_owned(),
+            other => other.title().to_owned(),
+        };
+        (detail, ext)
+    }
+
+    /// The problem document as JSON.
+    pub fn problem(&self) -> Value {
+        let status = self.status();
+        let (detail, ext) = self.detail_and_extensions();
+        let mut doc = Map::new();
+        doc.insert("type".into(), json!(format!("https://upgate.dev/problems/{}", self.code())));
+        doc.insert("title".into(), json!(self.title()));
+        doc.insert("status".into(), json!(status.as_u16()));
+        doc.insert("detail".into(), json!(detail));
+        doc.insert("code".into(), json!(self.code()));
+        doc.extend(ext);
+        Value::Object(doc)
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        match &self {
+            AppError::Unavailable(m) => tracing::error!(code = "unavailable", error = %m, "backing service unavailable"),
+            AppError::Internal(m) => tracing::error!(code = "internal", error = %m, "internal error"),
+            _ => tracing::debug!(code = self.code(), "request rejected"),
+        }
+        let status = self.status();
+        let body = self.problem().to_string();
+        let mut res = (status, body).into_response();
+        let headers = res.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        match &self {
+            AppError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            AppError::RateLimited { retry_after } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after.max(&1)));
+            }
+            AppError::TooManyConcurrentUploads | AppError::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(UNAVAILABLE_RETRY_AFTER));
+            }
+            _ => {}
+        }
+        res.extensions_mut().insert(ErrorCode(self.code()));
+        res
+    }
+}
+
+/// The `code` of an error response, left in the response extensions for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_details_never_reach_the_body() {
+        let e = AppError::Unavailable("redis: connection refused at 10.0.0.7:6379".into());
+        let body = e.problem().to_string();
+        assert!(!body.contains("10.0.0.7"), "{body}");
+        assert!(body.contains("\"code\":\"unavailable\""));
+    }
+
+    #[test]
+    fn expired_problem_carries_contract_members() {
+        let e = AppError::SessionExpired {
+            session_id: "s".into(),
+            expires_at: 0,
+            now: 60,
+        };
+        let v = e.problem();
+        assert_eq!(v["sessionExpired"], json!(true));
+        assert_eq!(v["status"], json!(410));
+        assert_eq!(v["expiresAt"], json!("1970-01-01T00:00:00Z"));
+        assert_eq!(v["now"], json!("1970-01-01T00:01:00Z"));
+    }
+}

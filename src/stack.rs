@@ -1,0 +1,97 @@
+//! The middleware stack, assembled in one place.
+//!
+//! Outermost first, and why each sits where it does:
+//! 1. **Request id** (set, then propagate): first, so every log line, problem document and
+//!    response of every layer below carries `X-Request-Id` (the client's, or a new UUID).
+//! 2. **Trace span**: wraps everything else so the span (request id, method, route, tenant,
+//!    session and file ids recorded further in) covers all work, rejections included.
+//! 3. **Metrics**: counts every response by route and status, rejections included.
+//! 4. **Panic catcher**: turns a handler panic into a 500 problem instead of a dropped
+//!    connection; inside metrics so panics are counted.
+//! 5. **Control-plane timeout**: bounds JSON requests; part uploads are exempt (they are
+//!    bounded by the idle timeout on their body instead, so a slow but live upload survives).
+//! 6. **Authentication**: resolves the tenant. Everything below is per tenant.
+//! 7. **Rate limit** (per tenant): before anything that touches Redis session scripts or
+//!    storage, so a limited request costs one limiter decision and nothing else.
+//! 8. **Idempotency** (POST with `Idempotency-Key`, scoped per tenant): after the rate limit
+//!    (a rejected request must not reserve a key) and before the handlers, so a replay never
+//!    re-runs registration or completion.
+//! 9. **Expiry**: answers 410 from the session's immutable deadline before any handler work.
+//! 10. **Count limit**: per-tenant cap on part uploads in flight, innermost so a slot is held
+//!     only while the upload itself runs.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::api::AppState;
+use crate::auth::Tenants;
+use crate::error::AppError;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The API router with its whole middleware stack.
+pub fn build(state: AppState) -> Router {
+    let tenants = Tenants::new(&state.config.tenants);
+    let timeout = state.config.request_timeout;
+    let metrics_state = state.clone();
+    crate::api::routes(state).layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
+            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let request_id = req.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let route = req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map(MatchedPath::as_str)
+                    .unwrap_or("unmatched");
+                tracing::info_span!("request", request_id, method = %req.method(), route, tenant = tracing::field::Empty)
+            }))
+            .layer(middleware::from_fn_with_state(metrics_state, record_metrics))
+            .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {
+                AppError::Internal("handler panicked".into()).into_response()
+            }))
+            .layer(middleware::from_fn(move |req: Request, next: Next| control_plane_timeout(timeout, req, next)))
+            .layer(middleware::from_fn_with_state(tenants, crate::auth::authenticate)),
+    )
+}
+
+async fn control_plane_timeout(limit: Duration, req: Request, next: Next) -> Response {
+    if req.method() == Method::PUT {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => AppError::Unavailable("request timed out".into()).into_response(),
+    }
+}
+
+async fn record_metrics(axum::extract::State(state): axum::extract::State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let start = Instant::now();
+    let res = next.run(req).await;
+    state.metrics.requests.inc(vec![
+        ("method", method.clone()),
+        ("route", route.clone()),
+        ("status", res.status().as_u16().to_string()),
+    ]);
+    state
+        .metrics
+        .request_seconds
+        .observe(vec![("method", method), ("route", route)], start.elapsed());
+    res
+}

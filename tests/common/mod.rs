@@ -1,0 +1,262 @@
+//! Shared harness for the gateway's integration tests: real servers on port 0, real
+//! backends (in-memory or a real redis-server; filesystem storage in a tempdir), and a
+//! `reqwest` client.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use upgate::config::Config;
+use upgate::model::PartRecord;
+use upgate::storage::{ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind};
+use upgate::store::SessionStore;
+
+pub const KEY_A: &str = "key-tenant-a";
+pub const KEY_B: &str = "key-tenant-b";
+
+/// A test configuration: two tenants (`a`, `b`), generous limits, 1 s minimum TTL.
+pub fn config_toml(extra: &str) -> String {
+    format!(
+        r#"
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        reaper_interval_seconds = 3600
+        {extra}
+        [[tenants]]
+        id = "a"
+        api_keys_sha256 = ["{a}"]
+        max_files_per_session = 1000
+        max_file_size_bytes = 1099511627776
+        session_ttl_seconds = {{ default = 1800, min = 1, max = 86400 }}
+        rate_limit = {{ requests_per_second = 100000, burst = 100000 }}
+        max_concurrent_uploads = 1000
+
+        [[tenants]]
+        id = "b"
+        api_keys_sha256 = ["{b}"]
+        session_ttl_seconds = {{ default = 1800, min = 1, max = 86400 }}
+        rate_limit = {{ requests_per_second = 100000, burst = 100000 }}
+        "#,
+        a = Config::hash_key(KEY_A),
+        b = Config::hash_key(KEY_B),
+    )
+}
+
+pub fn config(extra: &str) -> Config {
+    Config::from_toml(&config_toml(extra), |_| None, false).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Log lines captured from the gateway (one global subscriber per test binary).
+pub fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        struct W;
+        impl std::io::Write for W {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                logs().lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_env_filter("info,upgate=debug")
+            .with_writer(|| W)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        Mutex::new(Vec::new())
+    })
+}
+
+/// Captured log lines (JSON objects) that mention `needle`.
+pub fn log_lines_with(needle: &str) -> Vec<Value> {
+    let buf = logs().lock().unwrap_or_else(|e| e.into_inner()).clone();
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// An [`ObjectStore`] that forwards to a real one and counts completions.
+pub struct CountingStorage {
+    pub inner: Arc<dyn ObjectStore>,
+    pub completes: AtomicUsize,
+    pub aborts: AtomicUsize,
+}
+
+impl CountingStorage {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Arc<Self> {
+        Arc::new(CountingStorage {
+            inner,
+            completes: AtomicUsize::new(0),
+            aborts: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl ObjectStore for CountingStorage {
+    fn kind(&self) -> StorageKind {
+        self.inner.kind()
+    }
+    fn object_key(&self, t: &str, s: &str, f: &str) -> String {
+        self.inner.object_key(t, s, f)
+    }
+    fn file_url(&self, key: &str) -> String {
+        self.inner.file_url(key)
+    }
+    async fn create_upload(&self, key: &str, ct: Option<&str>) -> Result<String, StorageError> {
+        self.inner.create_upload(key, ct).await
+    }
+    async fn put_part(&self, key: &str, id: &str, n: u32, body: PartBody, c: Option<PartChecksum>) -> Result<String, StorageError> {
+        self.inner.put_part(key, id, n, body, c).await
+    }
+    async fn list_parts(&self, key: &str, id: &str) -> Result<Vec<PartRecord>, StorageError> {
+        self.inner.list_parts(key, id).await
+    }
+    async fn complete_upload(&self, key: &str, id: &str, parts: &[(u32, String)]) -> Result<String, StorageError> {
+        self.completes.fetch_add(1, Ordering::SeqCst);
+        self.inner.complete_upload(key, id, parts).await
+    }
+    async fn abort_upload(&self, key: &str, id: &str) -> Result<(), StorageError> {
+        self.aborts.fetch_add(1, Ordering::SeqCst);
+        self.inner.abort_upload(key, id).await
+    }
+    async fn head_object(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        self.inner.head_object(key).await
+    }
+    async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError> {
+        self.inner.read_head(key, n).await
+    }
+    async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
+        self.inner.delete_object(key).await
+    }
+    async fn presign_part(&self, key: &str, id: &str, n: u32, d: Duration) -> Result<String, StorageError> {
+        self.inner.presign_part(key, id, n, d).await
+    }
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.inner.ping().await
+    }
+}
+
+/// A running gateway.
+pub struct TestGateway {
+    pub base: String,
+    pub admin: String,
+    pub client: reqwest::Client,
+    pub state: upgate::api::AppState,
+    pub storage_dir: tempfile::TempDir,
+    pub counting: Arc<CountingStorage>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), upgate::StartError>>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway over `store` with filesystem storage in a fresh tempdir.
+    pub async fn start(config: Config, store: Arc<dyn SessionStore>) -> TestGateway {
+        let _ = logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = upgate::storage::fs::FsStore::new(dir.path()).await.expect("fs store");
+        let counting = CountingStorage::new(Arc::new(fs));
+        Self::start_with(config, store, counting, dir).await
+    }
+
+    pub async fn start_with(config: Config, store: Arc<dyn SessionStore>, counting: Arc<CountingStorage>, dir: tempfile::TempDir) -> TestGateway {
+        let _ = logs();
+        let gw = upgate::Gateway::with_backends(config, store, counting.clone());
+        let state = gw.state().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let admin_base = format!("http://{}", admin.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(gw.serve(listener, Some(admin), async move {
+            let _ = rx.await;
+        }));
+        TestGateway {
+            base,
+            admin: admin_base,
+            client: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
+            state,
+            storage_dir: dir,
+            counting,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn req(&self, method: reqwest::Method, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(key)
+    }
+
+    pub async fn create_session(&self, key: &str, body: Value) -> Value {
+        let res = self.req(reqwest::Method::POST, "/v1/sessions", key).json(&body).send().await.expect("send");
+        assert_eq!(res.status(), 201, "create session");
+        res.json().await.expect("json")
+    }
+
+    pub async fn register(&self, key: &str, session: &str, body: Value) -> reqwest::Response {
+        self.req(reqwest::Method::POST, &format!("/v1/sessions/{session}/files"), key)
+            .json(&body)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    pub async fn put_part(&self, key: &str, session: &str, file: &str, n: u32, bytes: Vec<u8>) -> reqwest::Response {
+        self.req(reqwest::Method::PUT, &format!("/v1/sessions/{session}/files/{file}/parts/{n}"), key)
+            .body(bytes)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    pub async fn complete(&self, key: &str, session: &str, file: &str) -> reqwest::Response {
+        self.req(reqwest::Method::POST, &format!("/v1/sessions/{session}/files/{file}/complete"), key)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("send")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Asserts a problem document: status, content type and code; returns the body.
+pub async fn problem(res: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(res.status().as_u16(), status, "status for {code}");
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(ct, "application/problem+json", "content type for {code}");
+    let v: Value = res.json().await.expect("problem json");
+    assert_eq!(v["code"], json!(code), "code in {v}");
+    if code != "sessionNotActive" {
+        // sessionNotActive's contract extension member `status` is the session's status.
+        assert_eq!(v["status"], json!(status));
+    }
+    v
+}
