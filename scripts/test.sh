@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. Needs nothing running beforehand: tests start their own
+# redis-server processes (and Redis Clusters) on free loopback ports and an in-process S3
+# server. Installs redis-server (Debian/Ubuntu apt) when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "redis-server not found: installing it with apt-get" >&2
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+# The distribution's service is not needed (tests start their own servers).
+redis-server --version
+
+# The whole workspace, every feature, doctests included.
+cargo test --workspace --all-features --no-fail-fast
+
+# The layers crate must also build and pass with no features and with each feature alone.
+for features in "" rate-limit idempotency expiry count-limit redis; do
+  echo "== upgate-layers features: [${features}]"
+  cargo test -p upgate-layers --no-default-features ${features:+--features "$features"} --quiet
+done
