@@ -153,6 +153,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Connections served at once; more wait in the accept queue (extra key `max_connections`, default 10000).
     pub max_connections: usize,
+    /// A client must send its whole request head within this (extra key
+    /// `header_read_timeout_seconds`, default 10): slowloris protection.
+    pub header_read_timeout: Duration,
     /// Bound on every Redis call (extra key `redis_timeout_ms`, default 2000).
     pub redis_timeout: Duration,
     /// The tenants.
@@ -453,6 +456,7 @@ impl Parser<'_> {
         let shutdown_grace = self.int(&mut root, "shutdown_grace_seconds", None, 30, 0..=3_600);
         let max_connections = self.int(&mut root, "max_connections", None, 10_000, 1..=1_000_000);
         let redis_timeout = self.int(&mut root, "redis_timeout_ms", None, 2_000, 10..=60_000);
+        let header_read_timeout = self.int(&mut root, "header_read_timeout_seconds", None, 10, 1..=600);
 
         let mut s3 = self.section(&mut root, "s3");
         let s3_config = S3Config {
@@ -518,6 +522,7 @@ impl Parser<'_> {
             shutdown_grace: Duration::from_secs(shutdown_grace),
             max_connections: max_connections as usize,
             redis_timeout: Duration::from_millis(redis_timeout),
+            header_read_timeout: Duration::from_secs(header_read_timeout),
             tenants,
         })
     }

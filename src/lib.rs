@@ -26,6 +26,7 @@ pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod reaper;
+pub mod serve;
 pub mod stack;
 pub mod storage;
 pub mod store;
@@ -110,32 +111,19 @@ impl Gateway {
                 }
             })
         });
-        let app = self.router();
-        let draining = CancellationToken::new();
-        let signal = {
-            let draining = draining.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
-                draining.cancel();
-            }
+        let limits = serve::ServeLimits {
+            max_connections: config.max_connections,
+            header_read_timeout: config.header_read_timeout,
+            grace: config.shutdown_grace,
         };
-        let server = axum::serve(listener, app).with_graceful_shutdown(signal);
-        let grace = config.shutdown_grace;
-        let result = tokio::select! {
-            r = server => r.map_err(StartError::from),
-            _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(grace_seconds = grace.as_secs(), "grace period over: dropping the remaining connections");
-                Ok(())
-            }
-        };
+        serve::serve(listener, self.router(), limits, shutdown).await;
         stop.cancel();
         let _ = reaper.await;
         if let Some(t) = admin_task {
             let _ = t.await;
         }
         tracing::info!("stopped");
-        result
+        Ok(())
     }
 }
 
