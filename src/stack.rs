@@ -54,7 +54,22 @@ pub fn build(state: AppState) -> Router {
                     .get::<MatchedPath>()
                     .map(MatchedPath::as_str)
                     .unwrap_or("unmatched");
-                tracing::info_span!("request", request_id, method = %req.method(), route, tenant = tracing::field::Empty)
+                // Ids from the path, so every event of the request (the layers' too) carries them.
+                let mut segments = req.uri().path().split('/').skip(2);
+                let session_id = if segments.next() == Some("sessions") { segments.next() } else { None };
+                let file_id = if segments.next() == Some("files") { segments.next() } else { None };
+                let span = tracing::info_span!(
+                    "request",
+                    request_id,
+                    method = %req.method(),
+                    route,
+                    tenant = tracing::field::Empty,
+                    session_id = session_id.unwrap_or(""),
+                    file_id = file_id.unwrap_or(""),
+                );
+                // Continue the caller's trace (W3C traceparent) when it sent one.
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, crate::telemetry::parent_context(req.headers()));
+                span
             }))
             .layer(middleware::from_fn_with_state(metrics_state, record_metrics))
             .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {

@@ -1,0 +1,373 @@
+//! Operating the gateway: the real `upgate` binary's logs, traces, shutdown and slow-client
+//! protection, plus metrics and readiness of an in-process gateway.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// The `upgate` binary running with a config file, its stdout collected.
+struct Binary {
+    child: Child,
+    api: String,
+    admin: String,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    fn start(extra_config: &str, env: &[(&str, &str)]) -> Binary {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api_port = upgate_testkit::free_port();
+        let admin_port = upgate_testkit::free_port();
+        let cfg = config_toml(&format!("storage = \"file://{}\"\n{extra_config}", dir.path().join("data").display()))
+            .replace("admin_listen = \"127.0.0.1:0\"", "ADMIN_LISTEN")
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{api_port}\""))
+            .replace("ADMIN_LISTEN", &format!("admin_listen = \"127.0.0.1:{admin_port}\""));
+        let path = dir.path().join("upgate.toml");
+        std::fs::write(&path, cfg).expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_upgate"));
+        cmd.arg("--config").arg(&path).stdout(Stdio::piped()).stderr(Stdio::piped());
+        for k in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "RUST_LOG", "UPGATE_LOG_FORMAT"] {
+            cmd.env_remove(k);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn upgate");
+        let mut stderr = child.stderr.take();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        if let Some(mut out) = child.stdout.take() {
+            let sink = stdout.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        let mut bin = Binary {
+            child,
+            api: format!("127.0.0.1:{api_port}"),
+            admin: format!("127.0.0.1:{admin_port}"),
+            stdout,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&bin.admin).is_err() || TcpStream::connect(&bin.api).is_err() {
+            if Instant::now() > deadline {
+                let _ = bin.child.kill();
+                let mut err = String::new();
+                if let Some(e) = stderr.as_mut() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("upgate did not start listening: {err}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bin
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (bounded) and returns its exit code.
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_line_by_line_and_never_contain_api_keys() {
+    let mut bin = Binary::start("", &[("UPGATE_LOG_FORMAT", "json"), ("RUST_LOG", "debug")]);
+    let client = reqwest::Client::new();
+    let s: Value = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    client
+        .post(bin.url(&format!("/v1/sessions/{session}/files")))
+        .bearer_auth(KEY_A)
+        .json(&json!({"fileName": "a", "sizeBytes": 1}))
+        .send()
+        .await
+        .expect("send");
+    client.get(bin.url("/v1/sessions/x")).bearer_auth("secret-wrong-key-123").send().await.expect("send");
+    bin.signal("-TERM");
+    assert_eq!(bin.wait(Duration::from_secs(20)), Some(0));
+    let out = bin.stdout();
+    let mut lines = 0;
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(lines > 5, "logs were written: {out}");
+    assert!(out.contains(&session), "spans carry the session id");
+    for secret in [KEY_A, KEY_B, "secret-wrong-key-123"] {
+        assert!(!out.contains(secret), "API key {secret} leaked into the logs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_streaming_part_finish_then_exits_zero() {
+    let mut bin = Binary::start("shutdown_grace_seconds = 30", &[]);
+    let client = reqwest::Client::new();
+    let s: Value = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    let size = 5 * 1024 * 1024;
+    let f: Value = client
+        .post(bin.url(&format!("/v1/sessions/{session}/files")))
+        .bearer_auth(KEY_A)
+        .json(&json!({"fileName": "big", "sizeBytes": size}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    let api = bin.api.clone();
+    // Stream half the part, SIGTERM, then the other half.
+    let mut conn = TcpStream::connect(&api).expect("connect");
+    let head = format!(
+        "PUT /v1/sessions/{session}/files/{file}/parts/1 HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {KEY_A}\r\nContent-Length: {size}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(&vec![1u8; size / 2]).expect("first half");
+    std::thread::sleep(Duration::from_millis(300));
+    bin.signal("-TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    conn.write_all(&vec![1u8; size - size / 2]).expect("second half");
+    let mut response = Vec::new();
+    conn.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let _ = conn.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "the in-flight part completed: {text}");
+    assert_eq!(bin.wait(Duration::from_secs(20)), Some(0), "exit code 0 after SIGTERM");
+    // New connections are refused once shutdown began.
+    assert!(TcpStream::connect(&api).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_while_others_are_served() {
+    let bin = Binary::start("header_read_timeout_seconds = 1\npart_idle_timeout_seconds = 1", &[]);
+    // Slowloris: a request head trickled byte by byte.
+    let api = bin.api.clone();
+    let trickle = std::thread::spawn(move || {
+        let mut conn = TcpStream::connect(&api).expect("connect");
+        let started = Instant::now();
+        let head = b"GET /v1/sessions/x HTTP/1.1\r\nHost: h\r\nX-Slow: ";
+        for b in head.iter().chain(std::iter::repeat(&b'a')) {
+            if conn.write_all(&[*b]).is_err() || started.elapsed() > Duration::from_secs(15) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            conn.set_read_timeout(Some(Duration::from_millis(1))).ok();
+            let mut buf = [0u8; 256];
+            if let Ok(0) = conn.read(&mut buf) {
+                break;
+            }
+        }
+        started.elapsed()
+    });
+    // Meanwhile, a normal client is served.
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let res = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send");
+        assert_eq!(res.status(), 201);
+    }
+    let cut_after = trickle.join().expect("thread");
+    assert!(cut_after < Duration::from_secs(15), "the trickling client was cut off (after {cut_after:?})");
+
+    // A part body that stalls is cut off by the idle timeout.
+    let s: Value = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    let f: Value = client
+        .post(bin.url(&format!("/v1/sessions/{session}/files")))
+        .bearer_auth(KEY_A)
+        .json(&json!({"fileName": "stall", "sizeBytes": 1000}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    let mut conn = TcpStream::connect(&bin.api).expect("connect");
+    let head = format!(
+        "PUT /v1/sessions/{session}/files/{file}/parts/1 HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {KEY_A}\r\nContent-Length: 1000\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(&[0u8; 10]).expect("some bytes");
+    conn.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    let mut response = Vec::new();
+    let _ = conn.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 400"), "stalled part answered and closed: {text}");
+    assert!(text.contains("bodyIncomplete"), "{text}");
+}
+
+/// A minimal OTLP/HTTP receiver: stores every POST body.
+fn otlp_receiver() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let sink = bodies.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let sink = sink.clone();
+            std::thread::spawn(move || loop {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let len = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                if conn.read_exact(&mut body).is_err() {
+                    return;
+                }
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(body);
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n");
+            });
+        }
+    });
+    (format!("http://{addr}"), bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_are_exported_over_otlp_with_the_callers_trace_id() {
+    let (endpoint, bodies) = otlp_receiver();
+    let mut bin = Binary::start(
+        "",
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let res = reqwest::Client::new()
+        .post(bin.url("/v1/sessions"))
+        .bearer_auth(KEY_A)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 201);
+    bin.signal("-TERM");
+    assert_eq!(bin.wait(Duration::from_secs(20)), Some(0));
+    let wanted = (0..trace_id.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&trace_id[i..i + 2], 16).expect("hex"))
+        .collect::<Vec<u8>>();
+    let bodies = bodies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(!bodies.is_empty(), "spans were exported");
+    assert!(
+        bodies.iter().any(|b| b.windows(16).any(|w| w == wanted.as_slice())),
+        "an exported span carries the incoming trace id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_a_known_sequence() {
+    let store = Arc::new(upgate::store::memory::MemoryStore::new(Duration::from_secs(3600)));
+    let gw = TestGateway::start(config(""), store).await;
+    let s = gw.create_session(KEY_A, json!({"maxFiles": 1})).await;
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 5})).await.json().await.expect("json");
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    assert_eq!(gw.register(KEY_A, &session, json!({"fileName": "b", "sizeBytes": 5})).await.status(), 400);
+    assert_eq!(gw.register(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 5})).await.status(), 409);
+    assert_eq!(gw.put_part(KEY_A, &session, &file, 1, b"hello".to_vec()).await.status(), 200);
+    assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
+    let text = gw.client.get(format!("{}/metrics", gw.admin)).send().await.expect("send").text().await.expect("text");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("series {series} missing in:\n{text}"))
+    };
+    assert_eq!(value("upgate_sessions_created_total"), 1.0);
+    assert_eq!(value("upgate_file_registrations_total{code=\"created\"}"), 1.0);
+    assert_eq!(value("upgate_file_registrations_total{code=\"fileCountExceeded\"}"), 1.0);
+    assert_eq!(value("upgate_file_registrations_total{code=\"duplicateFileKey\"}"), 1.0);
+    assert_eq!(value("upgate_files_completed_total"), 1.0);
+    assert_eq!(value("upgate_received_bytes_total"), 5.0);
+    assert_eq!(value("upgate_stored_bytes_total"), 5.0);
+    assert_eq!(
+        value("upgate_http_requests_total{method=\"POST\",route=\"/v1/sessions/{session_id}/files\",status=\"201\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("upgate_http_request_duration_seconds_count{method=\"PUT\",route=\"/v1/sessions/{session_id}/files/{file_id}/parts/{part_number}\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_follows_redis() {
+    let mut server = upgate_testkit::RedisServer::start();
+    let mut cfg = config("");
+    cfg.redis = Some(upgate::config::RedisTarget::Single(server.url()));
+    let store = upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    let gw = TestGateway::start(config(""), store).await;
+    let ready = || async { gw.client.get(format!("{}/readyz", gw.admin)).send().await.expect("send").status().as_u16() };
+    assert_eq!(ready().await, 200);
+    assert_eq!(gw.client.get(format!("{}/healthz", gw.admin)).send().await.expect("send").status(), 200);
+    server.stop();
+    assert_eq!(ready().await, 503);
+    server.restart();
+    let mut status = 0;
+    for _ in 0..50 {
+        status = ready().await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "ready again once Redis returns");
+    let _ = gw.req(Method::GET, "/v1/sessions/x", KEY_A).send().await;
+}
