@@ -21,6 +21,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod cors;
 pub mod dev_seed;
 pub mod error;
 pub mod metrics;

@@ -10,14 +10,17 @@
 //!    connection; inside metrics so panics are counted.
 //! 5. **Control-plane timeout**: bounds JSON requests; part uploads are exempt (they are
 //!    bounded by the idle timeout on their body instead, so a slow but live upload survives).
-//! 6. **Authentication**: resolves the tenant. Everything below is per tenant.
-//! 7. **Rate limit** (per tenant): before anything that touches Redis session scripts or
+//! 6. **CORS preflight**: answered before authentication (browsers send no API key on a
+//!    preflight), for origins some tenant allows.
+//! 7. **Authentication**: resolves the tenant. Everything below is per tenant; right below
+//!    it, CORS headers for that tenant's origins are added to the response.
+//! 8. **Rate limit** (per tenant): before anything that touches Redis session scripts or
 //!    storage, so a limited request costs one limiter decision and nothing else.
-//! 8. **Idempotency** (POST with `Idempotency-Key`, scoped per tenant): after the rate limit
+//! 9. **Idempotency** (POST with `Idempotency-Key`, scoped per tenant): after the rate limit
 //!    (a rejected request must not reserve a key) and before the handlers, so a replay never
 //!    re-runs registration or completion.
-//! 9. **Expiry**: answers 410 from the session's immutable deadline before any handler work.
-//! 10. **Count limit**: per-tenant cap on part uploads in flight, innermost so a slot is held
+//! 10. **Expiry**: answers 410 from the session's immutable deadline before any handler work.
+//! 11. **Count limit**: per-tenant cap on part uploads in flight, innermost so a slot is held
 //!     only while the upload itself runs.
 
 use std::time::{Duration, Instant};
@@ -41,6 +44,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The API router with its whole middleware stack.
 pub fn build(state: AppState) -> Router {
     let tenants = Tenants::new(&state.config.tenants);
+    let cors_origins = crate::cors::AnyTenantOrigins::new(&state.config.tenants);
     let timeout = state.config.request_timeout;
     let metrics_state = state.clone();
     crate::api::routes(state).layer(
@@ -76,7 +80,9 @@ pub fn build(state: AppState) -> Router {
                 AppError::Internal("handler panicked".into()).into_response()
             }))
             .layer(middleware::from_fn(move |req: Request, next: Next| control_plane_timeout(timeout, req, next)))
-            .layer(middleware::from_fn_with_state(tenants, crate::auth::authenticate)),
+            .layer(middleware::from_fn_with_state(cors_origins, crate::cors::preflight))
+            .layer(middleware::from_fn_with_state(tenants, crate::auth::authenticate))
+            .layer(middleware::from_fn(crate::cors::per_tenant)),
     )
 }
 

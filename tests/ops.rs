@@ -371,3 +371,40 @@ async fn readyz_follows_redis() {
     assert_eq!(status, 200, "ready again once Redis returns");
     let _ = gw.req(Method::GET, "/v1/sessions/x", KEY_A).send().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_per_tenant_and_exposes_etag() {
+    let mut cfg = config("");
+    cfg.tenants[0].cors_allowed_origins = vec!["https://app.a.example".to_owned()];
+    let gw = TestGateway::start(cfg, Arc::new(upgate::store::memory::MemoryStore::new(Duration::from_secs(60)))).await;
+    let preflight = gw
+        .client
+        .request(Method::OPTIONS, gw.url("/v1/sessions"))
+        .header("origin", "https://app.a.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization, idempotency-key")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(preflight.status(), 204);
+    assert_eq!(preflight.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some("https://app.a.example"));
+    let allow_headers = preflight.headers().get("access-control-allow-headers").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(allow_headers.contains("idempotency-key") && allow_headers.contains("authorization"));
+    let other = gw
+        .client
+        .request(Method::OPTIONS, gw.url("/v1/sessions"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("send");
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    // Tenant a's origin gets the headers on a real request; tenant b (no origins) does not.
+    let res = gw.req(Method::POST, "/v1/sessions", KEY_A).header("origin", "https://app.a.example").json(&json!({})).send().await.expect("send");
+    assert_eq!(res.status(), 201);
+    let expose = res.headers().get("access-control-expose-headers").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(expose.contains("etag"), "{expose}");
+    let res = gw.req(Method::POST, "/v1/sessions", KEY_B).header("origin", "https://app.a.example").json(&json!({})).send().await.expect("send");
+    assert_eq!(res.status(), 201);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+}
