@@ -130,10 +130,30 @@ impl Gateway {
 
 /// The session store the configuration names.
 pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, StartError> {
-    match &config.redis {
-        None => Ok(Arc::new(store::memory::MemoryStore::new(config.session_retention))),
-        Some(_) => Err(StartError::Backend("redis store not wired yet".into())),
+    let Some(target) = &config.redis else {
+        return Ok(Arc::new(store::memory::MemoryStore::new(config.session_retention)));
+    };
+    let handle = redis_handle(config, target)?;
+    let options = store::redis::RedisStoreOptions {
+        retention: config.session_retention,
+        command_timeout: config.redis_timeout,
+        ..Default::default()
+    };
+    let store = store::redis::RedisStore::new(handle, options).map_err(|e| StartError::Backend(e.to_string()))?;
+    Ok(Arc::new(store))
+}
+
+/// A pooled connection handle on the configured Redis (single or cluster).
+pub fn redis_handle(config: &Config, target: &config::RedisTarget) -> Result<store::redis::RedisHandle, StartError> {
+    let pool = store::redis::RedisPoolOptions {
+        timeout: config.redis_timeout,
+        ..Default::default()
+    };
+    match target {
+        config::RedisTarget::Single(url) => store::redis::RedisHandle::single_with(url, &pool),
+        config::RedisTarget::Cluster(urls) => store::redis::RedisHandle::cluster_with(urls, &pool),
     }
+    .map_err(|e| StartError::Backend(e.to_string()))
 }
 
 /// The object store the configuration names.
@@ -144,7 +164,17 @@ pub async fn build_storage(config: &Config) -> Result<Arc<dyn ObjectStore>, Star
                 .await
                 .map_err(|e| StartError::Backend(e.to_string()))?,
         )),
-        StorageTarget::S3 { .. } => Err(StartError::Backend("s3 storage not wired yet".into())),
+        StorageTarget::S3 { bucket, prefix } => {
+            let mut settings = storage::s3::S3Settings::new(bucket.clone());
+            settings.prefix = prefix.clone();
+            settings.endpoint = config.s3.endpoint.clone();
+            settings.region = config.s3.region.clone();
+            settings.force_path_style = config.s3.force_path_style;
+            let s3 = storage::s3::S3Store::new(settings)
+                .await
+                .map_err(|e| StartError::Backend(e.to_string()))?;
+            Ok(Arc::new(s3))
+        }
     }
 }
 

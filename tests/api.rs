@@ -80,7 +80,26 @@ on_every_store!(
     deleting_a_session_aborts_uploads_and_is_repeatable,
     finalize_checks_magic_bytes,
     resume_lists_uploaded_parts,
+    zero_byte_file_completes_without_parts,
 );
+
+async fn zero_byte_file_completes_without_parts(backend: Backend) {
+    let gw = gateway(&backend).await;
+    let session = sid(&gw.create_session(KEY_A, json!({})).await);
+    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "empty.txt", "sizeBytes": 0})).await.json().await.expect("json");
+    assert_eq!(f["partCount"], 1);
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    let done = gw.complete(KEY_A, &session, &file).await;
+    assert_eq!(done.status(), 200);
+    let done: Value = done.json().await.expect("json");
+    let path = done["fileUrl"].as_str().and_then(|u| u.strip_prefix("file://")).expect("url").to_owned();
+    assert_eq!(std::fs::read(path).expect("object").len(), 0);
+    // An explicit empty part works too.
+    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "empty2.txt", "sizeBytes": 0})).await.json().await.expect("json");
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    assert_eq!(gw.put_part(KEY_A, &session, &file, 1, Vec::new()).await.status(), 200);
+    assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
+}
 
 fn sid(v: &Value) -> String {
     v["sessionId"].as_str().expect("sessionId").to_owned()
@@ -402,6 +421,15 @@ async fn error_table_rows(backend: Backend) {
     assert_eq!(p["expectedSizeBytes"], 10);
     problem(gw.put_part(KEY_A, &session, &file, 2, vec![0; 10]).await, 400, "validationFailed").await;
     problem(gw.put_part(KEY_A, &session, "nofile", 1, vec![0; 10]).await, 404, "fileNotFound").await;
+    // A chunked part (no Content-Length) cannot be checked against the part-size rule: 411.
+    let chunks = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 10]))]);
+    let res = gw
+        .req(Method::PUT, &format!("/v1/sessions/{session}/files/{file}/parts/1"), KEY_A)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("send");
+    problem(res, 411, "lengthRequired").await;
 
     // partsMissing.
     let p = problem(gw.complete(KEY_A, &session, &file).await, 400, "partsMissing").await;
@@ -451,7 +479,7 @@ async fn deleting_a_session_aborts_uploads_and_is_repeatable(backend: Backend) {
         let file = f["fileId"].as_str().expect("id").to_owned();
         assert_eq!(gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec()).await.status(), 200);
     }
-    let uploads = gw.storage_dir.path().join(".uploads");
+    let uploads = gw.storage_dir.join(".uploads");
     assert_eq!(std::fs::read_dir(&uploads).expect("uploads").count(), 3);
     let path = format!("/v1/sessions/{session}");
     assert_eq!(gw.req(Method::DELETE, &path, KEY_A).send().await.expect("send").status(), 204);

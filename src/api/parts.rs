@@ -168,11 +168,18 @@ pub(super) async fn upload(
     }
     let part_number = crate::validate::part_number(&part, file.part_count)?;
     let expected = expected_part_len(file.size_bytes, file.part_size_bytes, part_number).unwrap_or(0);
-    let len = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or(AppError::LengthRequired)?;
+    let len = match headers.get(header::CONTENT_LENGTH) {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| AppError::Validation(vec![crate::error::FieldError::new("Content-Length", "must be a whole number")]))?,
+        // A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112
+        // 6.3): an empty part. A chunked body of unknown length is refused: the part-size
+        // rule must be checked before the first byte is stored.
+        None if !headers.contains_key(header::TRANSFER_ENCODING) => 0,
+        None => return Err(AppError::LengthRequired),
+    };
     if len != expected {
         return Err(AppError::PartSizeMismatch { expected, actual: len });
     }

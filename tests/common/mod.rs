@@ -154,7 +154,8 @@ pub struct TestGateway {
     pub admin: String,
     pub client: reqwest::Client,
     pub state: upgate::api::AppState,
-    pub storage_dir: tempfile::TempDir,
+    pub storage_dir: std::path::PathBuf,
+    _dir: Option<tempfile::TempDir>,
     pub counting: Arc<CountingStorage>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), upgate::StartError>>>,
@@ -167,10 +168,18 @@ impl TestGateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let fs = upgate::storage::fs::FsStore::new(dir.path()).await.expect("fs store");
         let counting = CountingStorage::new(Arc::new(fs));
-        Self::start_with(config, store, counting, dir).await
+        let path = dir.path().to_owned();
+        Self::start_with(config, store, counting, path, Some(dir)).await
     }
 
-    pub async fn start_with(config: Config, store: Arc<dyn SessionStore>, counting: Arc<CountingStorage>, dir: tempfile::TempDir) -> TestGateway {
+    /// Starts a gateway over given backends; `dir` is the storage root, kept alive by `keep`.
+    pub async fn start_with(
+        config: Config,
+        store: Arc<dyn SessionStore>,
+        counting: Arc<CountingStorage>,
+        dir: std::path::PathBuf,
+        keep: Option<tempfile::TempDir>,
+    ) -> TestGateway {
         let _ = logs();
         let gw = upgate::Gateway::with_backends(config, store, counting.clone());
         let state = gw.state().clone();
@@ -188,6 +197,7 @@ impl TestGateway {
             client: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
             state,
             storage_dir: dir,
+            _dir: keep,
             counting,
             stop: Some(tx),
             task: Some(task),
