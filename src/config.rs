@@ -274,10 +274,13 @@ impl Parser<'_> {
     }
 
     fn string(&mut self, s: &mut Section, key: &str, env: Option<&str>, default: &str) -> String {
+        // The file's key is always consumed (so it is never reported as unknown), then the
+        // environment wins.
+        let from_file = s.take(key);
         if let Some(v) = env.and_then(|e| (self.env)(e)) {
             return v;
         }
-        match s.take(key) {
+        match from_file {
             None => default.to_owned(),
             Some(Value::String(v)) => v,
             Some(other) => {
@@ -289,10 +292,11 @@ impl Parser<'_> {
     }
 
     fn opt_string(&mut self, s: &mut Section, key: &str, env: Option<&str>) -> Option<String> {
+        let from_file = s.take(key);
         if let Some(v) = env.and_then(|e| (self.env)(e)) {
             return Some(v).filter(|v| !v.is_empty());
         }
-        match s.take(key) {
+        match from_file {
             None => None,
             Some(Value::String(v)) => Some(v),
             Some(other) => {
@@ -304,6 +308,7 @@ impl Parser<'_> {
     }
 
     fn int(&mut self, s: &mut Section, key: &str, env: Option<&str>, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
+        let from_file = s.take(key);
         let from_env = env.and_then(|e| (self.env)(e).map(|v| (v, e)));
         let (value, source) = if let Some((raw, var)) = from_env {
             match raw.trim().parse::<u64>() {
@@ -314,7 +319,7 @@ impl Parser<'_> {
                 }
             }
         } else {
-            match s.take(key) {
+            match from_file {
                 None => return default,
                 Some(Value::Integer(n)) if n >= 0 => (n as u64, s.path(key)),
                 Some(other) => {
@@ -336,6 +341,7 @@ impl Parser<'_> {
     }
 
     fn boolean(&mut self, s: &mut Section, key: &str, env: Option<&str>, default: bool) -> bool {
+        let from_file = s.take(key);
         if let Some(e) = env {
             if let Some(v) = (self.env)(e) {
                 return match v.trim().to_ascii_lowercase().as_str() {
@@ -348,7 +354,7 @@ impl Parser<'_> {
                 };
             }
         }
-        match s.take(key) {
+        match from_file {
             None => default,
             Some(Value::Boolean(b)) => b,
             Some(other) => {
@@ -792,6 +798,23 @@ mod tests {
         assert_eq!(c.tenants[0].storage_prefix, "acme/");
         assert_eq!(c.tenants[0].rate_limit.burst, 10);
         assert_eq!(c.s3.region, "eu-west-1");
+    }
+
+    #[test]
+    fn env_overrides_keys_that_the_file_also_sets() {
+        let env = |k: &str| match k {
+            "UPGATE_LISTEN" => Some("0.0.0.0:8080".to_owned()),
+            "UPGATE_ADMIN_LISTEN" => Some("0.0.0.0:9090".to_owned()),
+            "MULTIPART_PART_SIZE_MB" => Some("10".to_owned()),
+            "RATE_LIMIT_BYPASS" => Some("false".to_owned()),
+            _ => None,
+        };
+        let text = "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\npart_size_mb = 5\nrate_limit_bypass = true\n";
+        let c = Config::from_toml(text, env, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.admin_listen.port(), 9090);
+        assert_eq!(c.part_size_mb, 10);
+        assert!(!c.rate_limit_bypass);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! 3. **Metrics**: counts every response by route and status, rejections included.
 //! 4. **Panic catcher**: turns a handler panic into a 500 problem instead of a dropped
 //!    connection; inside metrics so panics are counted.
-//! 5. **Control-plane timeout**: bounds JSON requests; part uploads are exempt (they are
-//!    bounded by the idle timeout on their body instead, so a slow but live upload survives).
+//! 5. **Control-plane timeout**: bounds JSON requests; part uploads and completes are exempt
+//!    (parts are bounded by the idle timeout on their body, so a slow but live upload
+//!    survives; completes by the storage client's timeout).
 //! 6. **CORS preflight**: answered before authentication (browsers send no API key on a
 //!    preflight), for origins some tenant allows.
 //! 7. **Authentication**: resolves the tenant. Everything below is per tenant; right below
@@ -87,7 +88,10 @@ pub fn build(state: AppState) -> Router {
 }
 
 async fn control_plane_timeout(limit: Duration, req: Request, next: Next) -> Response {
-    if req.method() == Method::PUT {
+    // Part uploads are bounded by their body's idle timeout instead; completion can take
+    // minutes on S3 for objects of thousands of parts, and is bounded by the storage
+    // client's own timeout.
+    if req.method() == Method::PUT || req.uri().path().ends_with("/complete") {
         return next.run(req).await;
     }
     match tokio::time::timeout(limit, next.run(req)).await {

@@ -5,114 +5,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::binary::Binary;
 use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
-
-/// The `upgate` binary running with a config file, its stdout collected.
-struct Binary {
-    child: Child,
-    api: String,
-    admin: String,
-    stdout: Arc<Mutex<Vec<u8>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Binary {
-    fn start(extra_config: &str, env: &[(&str, &str)]) -> Binary {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let api_port = upgate_testkit::free_port();
-        let admin_port = upgate_testkit::free_port();
-        let cfg = config_toml(&format!("storage = \"file://{}\"\n{extra_config}", dir.path().join("data").display()))
-            .replace("admin_listen = \"127.0.0.1:0\"", "ADMIN_LISTEN")
-            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{api_port}\""))
-            .replace("ADMIN_LISTEN", &format!("admin_listen = \"127.0.0.1:{admin_port}\""));
-        let path = dir.path().join("upgate.toml");
-        std::fs::write(&path, cfg).expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_upgate"));
-        cmd.arg("--config").arg(&path).stdout(Stdio::piped()).stderr(Stdio::piped());
-        for k in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "RUST_LOG", "UPGATE_LOG_FORMAT"] {
-            cmd.env_remove(k);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn upgate");
-        let mut stderr = child.stderr.take();
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        if let Some(mut out) = child.stdout.take() {
-            let sink = stdout.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = out.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-        let mut bin = Binary {
-            child,
-            api: format!("127.0.0.1:{api_port}"),
-            admin: format!("127.0.0.1:{admin_port}"),
-            stdout,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&bin.admin).is_err() || TcpStream::connect(&bin.api).is_err() {
-            if Instant::now() > deadline {
-                let _ = bin.child.kill();
-                let mut err = String::new();
-                if let Some(e) = stderr.as_mut() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("upgate did not start listening: {err}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bin
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill");
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit (bounded) and returns its exit code.
-    fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_parse_line_by_line_and_never_contain_api_keys() {

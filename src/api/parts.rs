@@ -36,8 +36,9 @@ use crate::store::{BeginComplete, UploadIdSet};
 /// crashed replica must not block a file forever; S3 completes even 10,000 parts well
 /// within this).
 const COMPLETE_LEASE_MS: i64 = 10 * 60 * 1000;
-/// How long a concurrent `complete` waits for the lease holder before answering 503.
-const COMPLETE_WAIT: Duration = Duration::from_secs(60);
+/// How long a concurrent `complete` waits for the lease holder before answering 503 (as long
+/// as the storage client gives the holder).
+const COMPLETE_WAIT: Duration = Duration::from_secs(15 * 60);
 /// Validity of presigned part URLs.
 const PRESIGN_TTL: Duration = Duration::from_secs(3600);
 

@@ -1,1 +1,1161 @@
-//! Placeholder: the Redis store is being written.
+//! The Redis (or Redis Cluster) session store.
+//!
+//! Every operation is one Lua script (see `src/store/lua/`), so each decision — expiry,
+//! fileKey uniqueness, file-count limit, completion lease — is made atomically next to the
+//! data, exactly like the reference [`MemoryStore`](super::memory::MemoryStore) does under
+//! its mutex. Scripts are sent with `EVALSHA` (falling back to `SCRIPT LOAD` on `NOSCRIPT`).
+//!
+//! ## Key layout
+//! With prefix `P` (default `upgate`), tenant `t` and session `s`, every key of a session
+//! carries the hash tag `{t:s}` so a script touches exactly one cluster slot:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `P:{t:s}:s` | hash | the session record (+ `keep_until`, ms, the retention deadline) |
+//! | `P:{t:s}:keys` | hash | fileKey → fileId of live files |
+//! | `P:{t:s}:files` | list | file ids in registration order |
+//! | `P:{t:s}:f:<fileId>` | hash | the file record (+ `lease_token`, `lease_until` while completing) |
+//! | `P:{t:s}:p:<fileId>` | hash | partNumber → `<sizeBytes>:<etag>` |
+//! | `P:reap` | sorted set | reaper index: member `t:s`, score = ms when due |
+//!
+//! Every session key gets `PEXPIREAT expires_at*1000 + retention` when written, so nothing
+//! outlives the retention window. The reaper index is global (its own slot): members are
+//! removed by [`SessionStore::reap_done`].
+//!
+//! ## Failure behaviour
+//! Every call is bounded by [`RedisStoreOptions::command_timeout`] (pool wait included); a
+//! timeout or any connection error is a [`StoreError`]. Broken pooled connections are
+//! detected on recycle (PING) and replaced, so calls succeed again once Redis is back.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::{Runtime, Timeouts};
+use redis::aio::ConnectionLike;
+use redis::{
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script, ScriptInvocation, Value,
+};
+use tracing::Instrument;
+
+use super::{
+    BeginComplete, ExpiredInfo, Finalized, Gate, Reaped, Registered, SessionStore, SessionView,
+    StoreError, UploadIdSet,
+};
+use crate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
+
+// ---------------------------------------------------------------------------------------
+// Connection handle
+// ---------------------------------------------------------------------------------------
+
+/// Pool settings of a [`RedisHandle`].
+#[derive(Debug, Clone)]
+pub struct RedisPoolOptions {
+    /// Maximum pooled connections (each is multiplexed, so a few are plenty). Default 16.
+    pub max_size: usize,
+    /// Bound on waiting for a free pooled connection, on opening a new one and on the
+    /// recycle PING. Default 2 s.
+    pub timeout: Duration,
+}
+
+impl Default for RedisPoolOptions {
+    fn default() -> Self {
+        RedisPoolOptions {
+            max_size: 16,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A cloneable handle on a pooled single Redis or Redis Cluster connection.
+///
+/// It implements [`redis::aio::ConnectionLike`] (each command takes a pooled connection for
+/// its duration), so besides backing the [`RedisStore`] it can be handed to anything
+/// generic over a connection, such as the tower layers' Redis backends.
+#[derive(Clone)]
+pub enum RedisHandle {
+    /// One Redis server (or a proxy in front of several).
+    Single(deadpool_redis::Pool),
+    /// A Redis Cluster.
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+impl fmt::Debug for RedisHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisHandle::Single(p) => f
+                .debug_tuple("RedisHandle::Single")
+                .field(&p.status())
+                .finish(),
+            RedisHandle::Cluster(p) => f
+                .debug_tuple("RedisHandle::Cluster")
+                .field(&p.status())
+                .finish(),
+        }
+    }
+}
+
+fn pool_timeouts(t: Duration) -> Timeouts {
+    Timeouts {
+        wait: Some(t),
+        create: Some(t),
+        recycle: Some(t),
+    }
+}
+
+impl RedisHandle {
+    /// A pool on one Redis server (`redis://host:port/db`), default pool options. Does not
+    /// connect yet: connections are opened on first use.
+    pub fn single(url: &str) -> Result<Self, StoreError> {
+        Self::single_with(url, &RedisPoolOptions::default())
+    }
+
+    /// A pool on one Redis server with explicit pool options.
+    pub fn single_with(url: &str, opts: &RedisPoolOptions) -> Result<Self, StoreError> {
+        let conn_cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(opts.timeout))
+            .set_response_timeout(Some(opts.timeout));
+        let manager =
+            deadpool_redis::Manager::new_with_config(url, conn_cfg).map_err(StoreError::new)?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .max_size(opts.max_size.max(1))
+            .timeouts(pool_timeouts(opts.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(StoreError::new)?;
+        Ok(RedisHandle::Single(pool))
+    }
+
+    /// A pool on a Redis Cluster, given one or more seed node URLs; default pool options.
+    pub fn cluster(urls: &[String]) -> Result<Self, StoreError> {
+        Self::cluster_with(urls, &RedisPoolOptions::default())
+    }
+
+    /// A pool on a Redis Cluster with explicit pool options.
+    pub fn cluster_with(urls: &[String], opts: &RedisPoolOptions) -> Result<Self, StoreError> {
+        if urls.is_empty() {
+            return Err(StoreError::new("redis cluster: no node URLs"));
+        }
+        let manager =
+            deadpool_redis::cluster::Manager::new(urls.iter().map(String::as_str).collect(), false)
+                .map_err(StoreError::new)?;
+        let pool = deadpool_redis::cluster::Pool::builder(manager)
+            .max_size(opts.max_size.max(1))
+            .timeouts(pool_timeouts(opts.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(StoreError::new)?;
+        Ok(RedisHandle::Cluster(pool))
+    }
+
+    /// True for a cluster handle.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisHandle::Cluster(_))
+    }
+}
+
+fn pool_error(e: deadpool_redis::PoolError) -> RedisError {
+    match e {
+        deadpool_redis::PoolError::Backend(e) => e,
+        other => RedisError::from((ErrorKind::Io, "redis pool", other.to_string())),
+    }
+}
+
+fn cluster_pool_error(e: deadpool_redis::cluster::PoolError) -> RedisError {
+    match e {
+        deadpool_redis::cluster::PoolError::Backend(e) => e,
+        other => RedisError::from((ErrorKind::Io, "redis cluster pool", other.to_string())),
+    }
+}
+
+impl ConnectionLike for RedisHandle {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            match self {
+                RedisHandle::Single(pool) => {
+                    let mut con = pool.get().await.map_err(pool_error)?;
+                    con.req_packed_command(cmd).await
+                }
+                RedisHandle::Cluster(pool) => {
+                    let mut con = pool.get().await.map_err(cluster_pool_error)?;
+                    con.req_packed_command(cmd).await
+                }
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            match self {
+                RedisHandle::Single(pool) => {
+                    let mut con = pool.get().await.map_err(pool_error)?;
+                    con.req_packed_commands(cmd, offset, count).await
+                }
+                RedisHandle::Cluster(pool) => {
+                    let mut con = pool.get().await.map_err(cluster_pool_error)?;
+                    con.req_packed_commands(cmd, offset, count).await
+                }
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        // Cluster has only db 0; for a single server the db is part of the URL and not
+        // tracked here (nothing in upgate selects another one).
+        0
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Store
+// ---------------------------------------------------------------------------------------
+
+/// Settings of a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreOptions {
+    /// First component of every key (default `upgate`). Must not contain `{` or `}`.
+    pub key_prefix: String,
+    /// How long a session's state outlives its `expires_at` (default 24 h).
+    pub retention: Duration,
+    /// Bound on every store call, pool wait included (default 2 s).
+    pub command_timeout: Duration,
+}
+
+impl Default for RedisStoreOptions {
+    fn default() -> Self {
+        RedisStoreOptions {
+            key_prefix: "upgate".to_owned(),
+            retention: Duration::from_secs(24 * 3600),
+            command_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+const PRELUDE: &str = include_str!("lua/prelude.lua");
+
+struct Scripts {
+    create: Script,
+    get_session: Script,
+    register: Script,
+    get_file: Script,
+    set_upload_id: Script,
+    record_part: Script,
+    list_parts: Script,
+    begin_complete: Script,
+    finish_complete: Script,
+    release_complete: Script,
+    abort_file: Script,
+    abort_session: Script,
+    finalize: Script,
+    reap: Script,
+    claim: Script,
+}
+
+fn session_script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            create: session_script(include_str!("lua/create.lua")),
+            get_session: session_script(include_str!("lua/get_session.lua")),
+            register: session_script(include_str!("lua/register.lua")),
+            get_file: session_script(include_str!("lua/get_file.lua")),
+            set_upload_id: session_script(include_str!("lua/set_upload_id.lua")),
+            record_part: session_script(include_str!("lua/record_part.lua")),
+            list_parts: session_script(include_str!("lua/list_parts.lua")),
+            begin_complete: session_script(include_str!("lua/begin_complete.lua")),
+            finish_complete: session_script(include_str!("lua/finish_complete.lua")),
+            release_complete: session_script(include_str!("lua/release_complete.lua")),
+            abort_file: session_script(include_str!("lua/abort_file.lua")),
+            abort_session: session_script(include_str!("lua/abort_session.lua")),
+            finalize: session_script(include_str!("lua/finalize.lua")),
+            reap: session_script(include_str!("lua/reap.lua")),
+            claim: Script::new(include_str!("lua/claim.lua")),
+        }
+    }
+}
+
+/// [`SessionStore`] on Redis or Redis Cluster. Cheap to share (`Arc` it); all state is in
+/// Redis, so any number of gateway replicas can use the same backend.
+pub struct RedisStore {
+    handle: RedisHandle,
+    prefix: String,
+    retention_ms: i64,
+    timeout: Duration,
+    scripts: Scripts,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("handle", &self.handle)
+            .field("prefix", &self.prefix)
+            .field("retention_ms", &self.retention_ms)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// The keys of one session.
+struct SessionKeys {
+    base: String,
+}
+
+impl SessionKeys {
+    fn session(&self) -> String {
+        format!("{}s", self.base)
+    }
+    fn keys(&self) -> String {
+        format!("{}keys", self.base)
+    }
+    fn files(&self) -> String {
+        format!("{}files", self.base)
+    }
+    fn file(&self, file_id: &str) -> String {
+        format!("{}f:{file_id}", self.base)
+    }
+    fn parts(&self, file_id: &str) -> String {
+        format!("{}p:{file_id}", self.base)
+    }
+}
+
+impl RedisStore {
+    /// A store on `handle`. Fails when the key prefix contains `{` or `}` (it would break
+    /// the per-session hash tag).
+    pub fn new(handle: RedisHandle, options: RedisStoreOptions) -> Result<Self, StoreError> {
+        if options.key_prefix.contains(['{', '}']) {
+            return Err(StoreError::new(
+                "redis key prefix must not contain '{' or '}'",
+            ));
+        }
+        Ok(RedisStore {
+            handle,
+            prefix: options.key_prefix,
+            retention_ms: i64::try_from(options.retention.as_millis()).unwrap_or(i64::MAX),
+            timeout: options.command_timeout,
+            scripts: Scripts::new(),
+        })
+    }
+
+    /// The connection handle (to share with other components).
+    pub fn handle(&self) -> &RedisHandle {
+        &self.handle
+    }
+
+    /// The key of the reaper index (a sorted set).
+    pub fn reap_key(&self) -> String {
+        format!("{}:reap", self.prefix)
+    }
+
+    /// The session hash key of a session (for diagnostics and tests).
+    pub fn session_key(&self, tenant: &str, session_id: &str) -> String {
+        self.keys_of(tenant, session_id).session()
+    }
+
+    fn keys_of(&self, tenant: &str, session_id: &str) -> SessionKeys {
+        SessionKeys {
+            base: format!("{}:{{{tenant}:{session_id}}}:", self.prefix),
+        }
+    }
+
+    /// Runs `fut` under the command timeout, mapping every failure to [`StoreError`].
+    async fn bounded<T, F>(&self, what: &'static str, fut: F) -> Result<T, StoreError>
+    where
+        F: Future<Output = RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                tracing::warn!(op = what, error = %e, "redis session store call failed");
+                Err(StoreError::new(format_args!("redis {what}: {e}")))
+            }
+            Err(_) => {
+                tracing::warn!(
+                    op = what,
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    "redis session store call timed out"
+                );
+                Err(StoreError::new(format_args!(
+                    "redis {what}: timed out after {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// Invokes a prepared script (EVALSHA, NOSCRIPT → SCRIPT LOAD + retry) under the timeout.
+    async fn invoke(
+        &self,
+        what: &'static str,
+        inv: &ScriptInvocation<'_>,
+    ) -> Result<Value, StoreError> {
+        let mut con = self.handle.clone();
+        self.bounded(
+            what,
+            async move { inv.invoke_async::<Value>(&mut con).await },
+        )
+        .instrument(tracing::debug_span!("redis_script", op = what))
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------------------
+
+fn session_fields(s: &SessionRecord) -> Result<Vec<(&'static str, String)>, StoreError> {
+    let mut v = vec![
+        ("id", s.id.clone()),
+        ("tenant", s.tenant.clone()),
+        ("status", s.status.as_str().to_owned()),
+        ("part_size_bytes", s.part_size_bytes.to_string()),
+        ("file_limit", s.file_limit.to_string()),
+        ("file_count", s.file_count.to_string()),
+        ("created_at", s.created_at.to_string()),
+        ("expires_at", s.expires_at.to_string()),
+        (
+            "metadata",
+            serde_json::to_string(&s.metadata).map_err(StoreError::new)?,
+        ),
+    ];
+    if let Some(m) = s.max_files {
+        v.push(("max_files", m.to_string()));
+    }
+    Ok(v)
+}
+
+fn file_fields(f: &FileRecord) -> Vec<(&'static str, String)> {
+    let mut v = vec![
+        ("id", f.id.clone()),
+        ("session_id", f.session_id.clone()),
+        ("file_key", f.file_key.clone()),
+        ("file_name", f.file_name.clone()),
+        ("size_bytes", f.size_bytes.to_string()),
+        ("status", f.status.as_str().to_owned()),
+        ("part_size_bytes", f.part_size_bytes.to_string()),
+        ("part_count", f.part_count.to_string()),
+        ("created_at", f.created_at.to_string()),
+        ("object_key", f.object_key.clone()),
+    ];
+    for (name, value) in [
+        ("content_type", &f.content_type),
+        ("upload_id", &f.upload_id),
+        ("file_url", &f.file_url),
+        ("etag", &f.etag),
+    ] {
+        if let Some(x) = value {
+            v.push((name, x.clone()));
+        }
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding (never panics: anything unexpected is a StoreError)
+// ---------------------------------------------------------------------------------------
+
+fn corrupt(msg: impl fmt::Display) -> StoreError {
+    StoreError::new(format_args!("unexpected redis reply: {msg}"))
+}
+
+fn as_str(v: &Value) -> Result<&str, StoreError> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).map_err(|_| corrupt("non-UTF-8 string")),
+        Value::SimpleString(s) => Ok(s),
+        Value::Okay => Ok("OK"),
+        other => Err(corrupt(format_args!("expected a string, got {other:?}"))),
+    }
+}
+
+fn as_int(v: &Value) -> Result<i64, StoreError> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        other => as_str(other)?
+            .parse()
+            .map_err(|_| corrupt("expected an integer")),
+    }
+}
+
+fn as_array(v: &Value) -> Result<&[Value], StoreError> {
+    match v {
+        Value::Array(a) => Ok(a),
+        Value::Nil => Ok(&[]),
+        other => Err(corrupt(format_args!("expected an array, got {other:?}"))),
+    }
+}
+
+/// A flat `HGETALL` reply (`field, value, ...`) as a map.
+struct Fields<'a>(HashMap<&'a str, &'a str>);
+
+impl<'a> Fields<'a> {
+    fn parse(v: &'a Value) -> Result<Self, StoreError> {
+        let arr = as_array(v)?;
+        if arr.len() % 2 != 0 {
+            return Err(corrupt("odd hash reply"));
+        }
+        let mut map = HashMap::with_capacity(arr.len() / 2);
+        for pair in arr.chunks_exact(2) {
+            map.insert(as_str(&pair[0])?, as_str(&pair[1])?);
+        }
+        Ok(Fields(map))
+    }
+
+    fn str(&self, name: &str) -> Result<&'a str, StoreError> {
+        self.0
+            .get(name)
+            .copied()
+            .ok_or_else(|| corrupt(format_args!("missing field {name}")))
+    }
+
+    fn opt(&self, name: &str) -> Option<String> {
+        self.0.get(name).map(|s| (*s).to_owned())
+    }
+
+    fn num<T: std::str::FromStr>(&self, name: &str) -> Result<T, StoreError> {
+        self.str(name)?
+            .parse()
+            .map_err(|_| corrupt(format_args!("bad number in field {name}")))
+    }
+}
+
+fn parse_session(v: &Value) -> Result<SessionRecord, StoreError> {
+    let f = Fields::parse(v)?;
+    let status = f.str("status")?;
+    Ok(SessionRecord {
+        id: f.str("id")?.to_owned(),
+        tenant: f.str("tenant")?.to_owned(),
+        status: SessionStatus::parse(status)
+            .ok_or_else(|| corrupt(format_args!("session status {status:?}")))?,
+        part_size_bytes: f.num("part_size_bytes")?,
+        max_files: match f.0.get("max_files") {
+            Some(s) => Some(s.parse().map_err(|_| corrupt("bad max_files"))?),
+            None => None,
+        },
+        file_limit: f.num("file_limit")?,
+        file_count: f.num("file_count")?,
+        created_at: f.num("created_at")?,
+        expires_at: f.num("expires_at")?,
+        metadata: serde_json::from_str(f.str("metadata")?)
+            .map_err(|e| corrupt(format_args!("metadata: {e}")))?,
+    })
+}
+
+fn parse_file(v: &Value) -> Result<FileRecord, StoreError> {
+    let f = Fields::parse(v)?;
+    let status = f.str("status")?;
+    Ok(FileRecord {
+        id: f.str("id")?.to_owned(),
+        session_id: f.str("session_id")?.to_owned(),
+        file_key: f.str("file_key")?.to_owned(),
+        file_name: f.str("file_name")?.to_owned(),
+        size_bytes: f.num("size_bytes")?,
+        content_type: f.opt("content_type"),
+        status: FileStatus::parse(status)
+            .ok_or_else(|| corrupt(format_args!("file status {status:?}")))?,
+        part_size_bytes: f.num("part_size_bytes")?,
+        part_count: f.num("part_count")?,
+        created_at: f.num("created_at")?,
+        object_key: f.str("object_key")?.to_owned(),
+        upload_id: f.opt("upload_id"),
+        file_url: f.opt("file_url"),
+        etag: f.opt("etag"),
+    })
+}
+
+fn parse_files(vs: &[Value]) -> Result<Vec<FileRecord>, StoreError> {
+    vs.iter().map(parse_file).collect()
+}
+
+/// A parts hash (`partNumber, "<size>:<etag>", ...`), sorted by part number.
+fn parse_parts(v: &Value) -> Result<Vec<PartRecord>, StoreError> {
+    let arr = as_array(v)?;
+    if arr.len() % 2 != 0 {
+        return Err(corrupt("odd parts reply"));
+    }
+    let mut parts = arr
+        .chunks_exact(2)
+        .map(|pair| {
+            let part_number: u32 = as_str(&pair[0])?
+                .parse()
+                .map_err(|_| corrupt("bad part number"))?;
+            let (size, etag) = as_str(&pair[1])?
+                .split_once(':')
+                .ok_or_else(|| corrupt("bad part value"))?;
+            Ok(PartRecord {
+                part_number,
+                etag: etag.to_owned(),
+                size_bytes: size.parse().map_err(|_| corrupt("bad part size"))?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    parts.sort_by_key(|p| p.part_number);
+    Ok(parts)
+}
+
+/// A gate outcome that ends the operation early.
+enum Early {
+    SessionNotFound,
+    FileNotFound,
+    Expired(Box<ExpiredInfo>),
+    NotActive(SessionStatus),
+}
+
+impl Early {
+    fn into_gate<T>(self) -> Gate<T> {
+        match self {
+            Early::SessionNotFound => Gate::SessionNotFound,
+            Early::FileNotFound => Gate::FileNotFound,
+            Early::Expired(e) => Gate::Expired(e),
+            Early::NotActive(s) => Gate::NotActive(s),
+        }
+    }
+}
+
+/// Splits a script reply into the gate outcome or the payload after `'ok'`.
+fn gated(v: &Value) -> Result<Result<&[Value], Early>, StoreError> {
+    let arr = as_array(v)?;
+    let (code, rest) = arr
+        .split_first()
+        .ok_or_else(|| corrupt("empty script reply"))?;
+    match as_str(code)? {
+        "ok" => Ok(Ok(rest)),
+        "snf" => Ok(Err(Early::SessionNotFound)),
+        "fnf" => Ok(Err(Early::FileNotFound)),
+        "na" => {
+            let s = as_str(rest.first().ok_or_else(|| corrupt("na without status"))?)?;
+            let status = SessionStatus::parse(s)
+                .ok_or_else(|| corrupt(format_args!("session status {s:?}")))?;
+            Ok(Err(Early::NotActive(status)))
+        }
+        "exp" => {
+            let [first, session, ..] = rest else {
+                return Err(corrupt("short exp reply"));
+            };
+            Ok(Err(Early::Expired(Box::new(ExpiredInfo {
+                session: parse_session(session)?,
+                first_observation: as_int(first)? == 1,
+            }))))
+        }
+        other => Err(corrupt(format_args!("unknown reply code {other:?}"))),
+    }
+}
+
+/// Payload element `i`.
+fn at(rest: &[Value], i: usize) -> Result<&Value, StoreError> {
+    rest.get(i).ok_or_else(|| corrupt("short script reply"))
+}
+
+macro_rules! payload_or_return {
+    ($reply:expr) => {
+        match gated(&$reply)? {
+            Ok(rest) => rest,
+            Err(early) => return Ok(early.into_gate()),
+        }
+    };
+}
+
+fn reap_member(tenant: &str, session_id: &str) -> String {
+    format!("{tenant}:{session_id}")
+}
+
+fn parse_reap_member(m: &str) -> Result<(String, String), StoreError> {
+    m.split_once(':')
+        .map(|(t, s)| (t.to_owned(), s.to_owned()))
+        .ok_or_else(|| corrupt(format_args!("reaper member {m:?}")))
+}
+
+// ---------------------------------------------------------------------------------------
+// The trait
+// ---------------------------------------------------------------------------------------
+
+#[async_trait]
+impl SessionStore for RedisStore {
+    #[tracing::instrument(level = "debug", skip_all, fields(tenant = %session.tenant, session_id = %session.id))]
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        if session.tenant.contains(':') || session.tenant.contains(['{', '}']) {
+            return Err(StoreError::new(
+                "tenant id must not contain ':', '{' or '}'",
+            ));
+        }
+        let k = self.keys_of(&session.tenant, &session.id);
+        let due_ms = session.expires_at.saturating_mul(1000);
+        let keep_until = due_ms.saturating_add(self.retention_ms);
+        let mut inv = self.scripts.create.prepare_invoke();
+        inv.key(k.session())
+            .key(k.keys())
+            .key(k.files())
+            .arg(0)
+            .arg(keep_until);
+        for (name, value) in session_fields(session)? {
+            inv.arg(name).arg(value);
+        }
+        let member = reap_member(&session.tenant, &session.id);
+        let reap_key = self.reap_key();
+        let mut con = self.handle.clone();
+        let fut = async {
+            if con.is_cluster() {
+                // Different slots: two commands.
+                inv.invoke_async::<Value>(&mut con).await?;
+                redis::cmd("ZADD")
+                    .arg(&reap_key)
+                    .arg(due_ms)
+                    .arg(&member)
+                    .exec_async(&mut con)
+                    .await
+            } else {
+                // One round trip; on NOSCRIPT (the ZADD ran anyway, it is idempotent) load
+                // the script and send the pipeline again.
+                let mut pipe = redis::pipe();
+                pipe.invoke_script(&inv)
+                    .ignore()
+                    .zadd(&reap_key, &member, due_ms)
+                    .ignore();
+                match pipe.exec_async(&mut con).await {
+                    Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                        inv.load_async(&mut con).await?;
+                        pipe.exec_async(&mut con).await
+                    }
+                    other => other,
+                }
+            }
+        };
+        self.bounded("create_session", fut).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn get_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<SessionView>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.get_session.prepare_invoke();
+        inv.key(k.session()).key(k.files()).arg(now_ms);
+        let reply = self.invoke("get_session", &inv).await?;
+        let rest = payload_or_return!(reply);
+        let (session, files) = rest
+            .split_first()
+            .ok_or_else(|| corrupt("short get_session reply"))?;
+        Ok(Gate::Ok(SessionView {
+            session: parse_session(session)?,
+            files: parse_files(files)?,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn session_deadline(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let key = self.keys_of(tenant, session_id).session();
+        let mut con = self.handle.clone();
+        let (exp, created): (Option<i64>, Option<i64>) = self
+            .bounded("session_deadline", async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("expires_at")
+                    .arg("created_at")
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        match (exp, created) {
+            (Some(e), Some(c)) => Ok(Some((e, c))),
+            (None, None) => Ok(None),
+            _ => Err(corrupt("session hash without expires_at/created_at")),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, file), fields(session_id = %file.session_id, file_id = %file.id))]
+    async fn register_file(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        now_ms: i64,
+    ) -> Result<Gate<Registered>, StoreError> {
+        let k = self.keys_of(tenant, &file.session_id);
+        let mut inv = self.scripts.register.prepare_invoke();
+        inv.key(k.session())
+            .key(k.keys())
+            .key(k.files())
+            .key(k.file(&file.id))
+            .arg(now_ms)
+            .arg(&file.file_key)
+            .arg(&file.id);
+        for (name, value) in file_fields(file) {
+            inv.arg(name).arg(value);
+        }
+        let reply = self.invoke("register_file", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "created" => Registered::Created(file.clone()),
+            "dup" => Registered::DuplicateKey,
+            "full" => Registered::CountExceeded {
+                file_limit: u32::try_from(as_int(at(rest, 1)?)?).map_err(corrupt)?,
+                file_count: u32::try_from(as_int(at(rest, 2)?)?).map_err(corrupt)?,
+            },
+            other => return Err(corrupt(format_args!("register outcome {other:?}"))),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn get_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        require_active: bool,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.get_file.prepare_invoke();
+        inv.key(k.session())
+            .key(k.file(file_id))
+            .arg(now_ms)
+            .arg(if require_active { "1" } else { "0" });
+        let reply = self.invoke("get_file", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(parse_file(at(rest, 0)?)?))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, upload_id))]
+    async fn set_upload_id(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        upload_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<UploadIdSet>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.set_upload_id.prepare_invoke();
+        inv.key(k.session())
+            .key(k.file(file_id))
+            .arg(now_ms)
+            .arg(upload_id);
+        let reply = self.invoke("set_upload_id", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "stored" => UploadIdSet::Stored,
+            "existing" => UploadIdSet::Existing(as_str(at(rest, 1)?)?.to_owned()),
+            "notopen" => UploadIdSet::FileNotOpen(parse_file(at(rest, 1)?)?),
+            other => return Err(corrupt(format_args!("set_upload_id outcome {other:?}"))),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, part), fields(part_number = part.part_number))]
+    async fn record_part(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        part: &PartRecord,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.record_part.prepare_invoke();
+        inv.key(k.session())
+            .key(k.file(file_id))
+            .key(k.parts(file_id))
+            .arg(now_ms)
+            .arg(part.part_number)
+            .arg(format!("{}:{}", part.size_bytes, part.etag));
+        let reply = self.invoke("record_part", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(parse_file(at(rest, 0)?)?))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn list_parts(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Vec<PartRecord>>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.list_parts.prepare_invoke();
+        inv.key(k.session())
+            .key(k.file(file_id))
+            .key(k.parts(file_id))
+            .arg(now_ms);
+        let reply = self.invoke("list_parts", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(parse_parts(at(rest, 0)?)?))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, token))]
+    async fn begin_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Gate<BeginComplete>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.begin_complete.prepare_invoke();
+        inv.key(k.session())
+            .key(k.file(file_id))
+            .key(k.parts(file_id))
+            .arg(now_ms)
+            .arg(token)
+            .arg(now_ms.saturating_add(lease_ms));
+        let reply = self.invoke("begin_complete", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "done" => BeginComplete::AlreadyCompleted(parse_file(at(rest, 1)?)?),
+            "aborted" => BeginComplete::Aborted,
+            "busy" => BeginComplete::InProgress,
+            "acquired" => {
+                BeginComplete::Acquired(parse_file(at(rest, 1)?)?, parse_parts(at(rest, 2)?)?)
+            }
+            other => return Err(corrupt(format_args!("begin_complete outcome {other:?}"))),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, token, file_url, etag))]
+    async fn finish_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        file_url: &str,
+        etag: &str,
+    ) -> Result<Gate<Option<FileRecord>>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.finish_complete.prepare_invoke();
+        inv.key(k.session())
+            .key(k.file(file_id))
+            .arg(0)
+            .arg(token)
+            .arg(file_url)
+            .arg(etag);
+        let reply = self.invoke("finish_complete", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "done" => Some(parse_file(at(rest, 1)?)?),
+            "lost" => None,
+            other => return Err(corrupt(format_args!("finish_complete outcome {other:?}"))),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, token))]
+    async fn release_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.release_complete.prepare_invoke();
+        inv.key(k.session()).key(k.file(file_id)).arg(0).arg(token);
+        self.invoke("release_complete", &inv).await.map(drop)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn abort_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.abort_file.prepare_invoke();
+        inv.key(k.session())
+            .key(k.keys())
+            .key(k.file(file_id))
+            .arg(now_ms);
+        let reply = self.invoke("abort_file", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(parse_file(at(rest, 0)?)?))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn abort_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Vec<FileRecord>>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.abort_session.prepare_invoke();
+        inv.key(k.session())
+            .key(k.keys())
+            .key(k.files())
+            .arg(now_ms);
+        let reply = self.invoke("abort_session", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(parse_files(rest)?))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn finalize(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Finalized>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.finalize.prepare_invoke();
+        inv.key(k.session()).key(k.files()).arg(now_ms);
+        let reply = self.invoke("finalize", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "incomplete" => Finalized::Incomplete(
+                as_array(at(rest, 1)?)?
+                    .iter()
+                    .map(|v| as_str(v).map(str::to_owned))
+                    .collect::<Result<_, _>>()?,
+            ),
+            "done" => Finalized::Done(SessionView {
+                session: parse_session(at(rest, 1)?)?,
+                files: parse_files(rest.get(2..).unwrap_or_default())?,
+            }),
+            other => return Err(corrupt(format_args!("finalize outcome {other:?}"))),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn claim_expired(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.scripts.claim.prepare_invoke();
+        inv.key(self.reap_key())
+            .arg(now_ms)
+            .arg(now_ms.saturating_add(lease_ms))
+            .arg(i64::try_from(limit).unwrap_or(i64::MAX));
+        let reply = self.invoke("claim_expired", &inv).await?;
+        as_array(&reply)?
+            .iter()
+            .map(|m| parse_reap_member(as_str(m)?))
+            .collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn reap(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Reaped>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = self.scripts.reap.prepare_invoke();
+        inv.key(k.session()).key(k.files()).arg(now_ms);
+        let reply = self.invoke("reap", &inv).await?;
+        let arr = as_array(&reply)?;
+        let (code, rest) = arr
+            .split_first()
+            .ok_or_else(|| corrupt("empty reap reply"))?;
+        match as_str(code)? {
+            "none" => Ok(None),
+            "ok" => {
+                let [first, session, files @ ..] = rest else {
+                    return Err(corrupt("short reap reply"));
+                };
+                Ok(Some(Reaped {
+                    session: parse_session(session)?,
+                    first_observation: as_int(first)? == 1,
+                    open_uploads: parse_files(files)?,
+                }))
+            }
+            other => Err(corrupt(format_args!("reap outcome {other:?}"))),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn reap_done(&self, tenant: &str, session_id: &str) -> Result<(), StoreError> {
+        let key = self.reap_key();
+        let member = reap_member(tenant, session_id);
+        let mut con = self.handle.clone();
+        self.bounded("reap_done", async move {
+            redis::cmd("ZREM")
+                .arg(&key)
+                .arg(&member)
+                .exec_async(&mut con)
+                .await
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut con = self.handle.clone();
+        self.bounded("ping", async move {
+            redis::cmd("PING").exec_async(&mut con).await
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers_reject_garbage_without_panicking() {
+        assert!(gated(&Value::Nil).is_err());
+        assert!(gated(&Value::Int(3)).is_err());
+        assert!(gated(&Value::Array(vec![Value::BulkString(b"weird".to_vec())])).is_err());
+        assert!(gated(&Value::Array(vec![Value::BulkString(b"exp".to_vec())])).is_err());
+        assert!(gated(&Value::Array(vec![
+            Value::BulkString(b"na".to_vec()),
+            Value::BulkString(b"zzz".to_vec())
+        ]))
+        .is_err());
+        assert!(parse_session(&Value::Array(vec![Value::BulkString(b"id".to_vec())])).is_err());
+        assert!(parse_file(&Value::Array(vec![])).is_err());
+        assert!(parse_parts(&Value::Array(vec![
+            Value::BulkString(b"1".to_vec()),
+            Value::BulkString(b"nocolon".to_vec())
+        ]))
+        .is_err());
+        assert!(parse_reap_member("nocolon").is_err());
+    }
+
+    #[test]
+    fn parts_sort_and_keep_colons_in_etags() {
+        let v = Value::Array(vec![
+            Value::BulkString(b"10".to_vec()),
+            Value::BulkString(b"5:a:b".to_vec()),
+            Value::BulkString(b"2".to_vec()),
+            Value::BulkString(b"7:c".to_vec()),
+        ]);
+        let parts = parse_parts(&v).unwrap();
+        assert_eq!(parts[0].part_number, 2);
+        assert_eq!(parts[1].etag, "a:b");
+        assert_eq!(parts[1].size_bytes, 5);
+    }
+
+    #[test]
+    fn reap_member_round_trips() {
+        let m = reap_member("acme_co-1", "0190c2d1-7f00-7000-8000-000000000000");
+        assert_eq!(
+            parse_reap_member(&m).unwrap(),
+            (
+                "acme_co-1".to_owned(),
+                "0190c2d1-7f00-7000-8000-000000000000".to_owned()
+            )
+        );
+    }
+}

@@ -5,6 +5,8 @@
 //! found on `PATH` or through `REDIS_SERVER`.
 #![forbid(unsafe_code)]
 
+pub mod s3;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

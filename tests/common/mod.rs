@@ -3,6 +3,8 @@
 //! `reqwest` client.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;

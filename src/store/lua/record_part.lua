@@ -1,0 +1,12 @@
+-- record_part. KEYS: s, f, p. ARGV: now, part_number, "<size>:<etag>".
+-- Reply: {'ok', file-fields} | {'fnf'} | gate reply. The part is stored only while the
+-- file is `registered`.
+local g = gate(NOW, true)
+if g then return g end
+local f = redis.call('HGETALL', KEYS[2])
+if #f == 0 then return {'fnf'} end
+if redis.call('HGET', KEYS[2], 'status') == 'registered' then
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+  keep(KEYS[3])
+end
+return {'ok', f}

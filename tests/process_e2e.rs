@@ -1,0 +1,162 @@
+//! Whole-process scenarios against real Redis and a real S3 server over HTTP: resuming an
+//! upload across a gateway crash, and the memory a large proxied upload costs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary::Binary;
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use upgate_testkit::s3::S3Server;
+use upgate_testkit::RedisServer;
+
+const MIB: usize = 1024 * 1024;
+
+fn start(redis: &RedisServer, s3: &S3Server) -> Binary {
+    let extra = format!(
+        "redis_url = \"{}\"\nstorage = \"s3://{}/pfx\"\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\nforce_path_style = true\n",
+        redis.url(),
+        s3.bucket(),
+        s3.endpoint(),
+        s3.region()
+    );
+    // [s3] must come before [[tenants]]: config_toml appends the tenants after `extra`.
+    Binary::start(&extra, &[("AWS_ACCESS_KEY_ID", s3.access_key()), ("AWS_SECRET_ACCESS_KEY", s3.secret_key())])
+}
+
+fn part(data: &[u8], n: usize) -> Vec<u8> {
+    let start = (n - 1) * 5 * MIB;
+    data[start..(start + 5 * MIB).min(data.len())].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_the_gateway_is_killed() {
+    let redis = RedisServer::start();
+    let s3 = S3Server::start("uploads");
+    let client = reqwest::Client::new();
+    let size = 6 * 5 * MIB;
+    let data: Vec<u8> = (0..size).map(|i| (i % 241) as u8 ^ (i >> 20) as u8).collect();
+
+    let mut first = start(&redis, &s3);
+    let s: Value = client.post(first.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    let f: Value = client
+        .post(first.url(&format!("/v1/sessions/{session}/files")))
+        .bearer_auth(KEY_A)
+        .json(&json!({"fileName": "movie.mp4", "sizeBytes": size}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    assert_eq!(f["partCount"], 6);
+    let parts_path = format!("/v1/sessions/{session}/files/{file}/parts");
+    for n in 1..=3 {
+        let res = client.put(first.url(&format!("{parts_path}/{n}"))).bearer_auth(KEY_A).body(part(&data, n)).send().await.expect("send");
+        assert_eq!(res.status(), 200);
+    }
+    // Crash: SIGKILL, no shutdown.
+    first.signal("-KILL");
+    first.wait(Duration::from_secs(10));
+
+    let second = start(&redis, &s3);
+    let listed: Value = client.get(second.url(&parts_path)).bearer_auth(KEY_A).send().await.expect("send").json().await.expect("json");
+    let numbers: Vec<u64> = listed["parts"].as_array().expect("parts").iter().filter_map(|p| p["partNumber"].as_u64()).collect();
+    assert_eq!(numbers, [1, 2, 3], "the new gateway knows the uploaded parts");
+    for n in 4..=6 {
+        let res = client.put(second.url(&format!("{parts_path}/{n}"))).bearer_auth(KEY_A).body(part(&data, n)).send().await.expect("send");
+        assert_eq!(res.status(), 200);
+    }
+    let done: Value = client
+        .post(second.url(&format!("/v1/sessions/{session}/files/{file}/complete")))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(done["status"], "completed", "{done}");
+    let stored = s3.read_object(&format!("pfx/a/{session}/movie.mp4")).expect("object in S3");
+    assert_eq!(hex::encode(Sha256::digest(&stored)), hex::encode(Sha256::digest(&data)), "byte-identical");
+}
+
+/// Peak RSS of the gateway while it proxies a 1 GiB file (205 parts of 5 MiB, 4 in flight)
+/// into S3. The figure is printed; the bound is the (< 64 MiB over the idle peak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_gib_upload_keeps_gateway_memory_bounded() {
+    let redis = RedisServer::start();
+    let s3 = S3Server::start("uploads");
+    let bin = start(&redis, &s3);
+    let client = reqwest::Client::new();
+    let s: Value = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    // Warm up (pools, TLS-free HTTP client, script cache) with a small file first.
+    let w: Value = client
+        .post(bin.url(&format!("/v1/sessions/{session}/files")))
+        .bearer_auth(KEY_A)
+        .json(&json!({"fileName": "warm", "sizeBytes": 5 * MIB}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let warm = w["fileId"].as_str().expect("id").to_owned();
+    let res = client
+        .put(bin.url(&format!("/v1/sessions/{session}/files/{warm}/parts/1")))
+        .bearer_auth(KEY_A)
+        .body(vec![1u8; 5 * MIB])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 200);
+    let idle_peak = bin.proc_kib("VmHWM");
+
+    let size = 1024 * MIB;
+    let f: Value = client
+        .post(bin.url(&format!("/v1/sessions/{session}/files")))
+        .bearer_auth(KEY_A)
+        .json(&json!({"fileName": "one-gib.bin", "sizeBytes": size}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    let count = f["partCount"].as_u64().expect("count") as usize;
+    let chunk = bytes::Bytes::from(vec![0xA5u8; 5 * MIB]);
+    let mut next = 1usize;
+    let mut inflight = tokio::task::JoinSet::new();
+    while next <= count || !inflight.is_empty() {
+        while next <= count && inflight.len() < 4 {
+            let len = if next == count { size - (count - 1) * 5 * MIB } else { 5 * MIB };
+            let body = chunk.slice(0..len);
+            let req = client.put(bin.url(&format!("/v1/sessions/{session}/files/{file}/parts/{next}"))).bearer_auth(KEY_A).body(body);
+            inflight.spawn(async move { req.send().await.map(|r| r.status().as_u16()) });
+            next += 1;
+        }
+        if let Some(done) = inflight.join_next().await {
+            assert_eq!(done.expect("task").expect("send"), 200);
+        }
+    }
+    let done = client
+        .post(bin.url(&format!("/v1/sessions/{session}/files/{file}/complete")))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(done.status(), 200);
+    let peak = bin.proc_kib("VmHWM");
+    let grew_mib = (peak.saturating_sub(idle_peak)) as f64 / 1024.0;
+    println!("gateway peak RSS: idle {:.1} MiB, after 1 GiB {:.1} MiB, growth {grew_mib:.1} MiB", idle_peak as f64 / 1024.0, peak as f64 / 1024.0);
+    assert!(grew_mib < 64.0, "peak RSS grew by {grew_mib:.1} MiB");
+    assert_eq!(s3.object_path(&format!("pfx/a/{session}/one-gib.bin")).metadata().map(|m| m.len()).ok(), Some(size as u64));
+}
