@@ -1,5 +1,6 @@
 //! End-to-end tests of the HTTP contract (`../shared/API.md`) against real servers on port 0,
-//! run unchanged against every session store: in-memory and a real redis-server.
+//! run unchanged against every session store: in-memory, a real redis-server, and a real
+//! 3-master Redis Cluster.
 
 mod common;
 
@@ -13,10 +14,11 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use upgate::store::SessionStore;
 
-/// A session store per backend. Redis tests each start their own redis-server.
+/// A session store per backend. Redis tests each start their own redis-server (or cluster).
 enum Backend {
     Memory,
     Redis(upgate_testkit::RedisServer),
+    Cluster(upgate_testkit::RedisCluster),
 }
 
 impl Backend {
@@ -28,10 +30,19 @@ impl Backend {
         Backend::Redis(upgate_testkit::RedisServer::start())
     }
 
+    fn cluster() -> Self {
+        Backend::Cluster(upgate_testkit::RedisCluster::start(3))
+    }
+
     async fn store(&self) -> Arc<dyn SessionStore> {
         match self {
             Backend::Memory => Arc::new(upgate::store::memory::MemoryStore::new(Duration::from_secs(3600))),
             Backend::Redis(server) => redis_store(&server.url()).await,
+            Backend::Cluster(cluster) => {
+                let mut cfg = config("");
+                cfg.redis = Some(upgate::config::RedisTarget::Cluster(cluster.urls()));
+                upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"))
+            }
         }
     }
 }
@@ -62,6 +73,14 @@ macro_rules! on_every_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     super::$name(super::Backend::redis()).await;
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::cluster()).await;
                 }
             )*
         }
