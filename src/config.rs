@@ -431,8 +431,12 @@ impl Parser<'_> {
                 RedisTarget::Cluster(u) => u.as_slice(),
             };
             for u in urls {
-                if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-                    self.err(format!("redis URL {u:?} must start with redis:// or rediss://"));
+                if u.starts_with("rediss://") {
+                    self.err(format!(
+                        "redis URL {u:?}: TLS to Redis (rediss://) is not supported by this build; use redis:// on a private network or a TLS sidecar"
+                    ));
+                } else if !u.starts_with("redis://") {
+                    self.err(format!("redis URL {u:?} must start with redis://"));
                 }
             }
         }

@@ -307,3 +307,41 @@ async fn cors_is_per_tenant_and_exposes_etag() {
     assert_eq!(res.status(), 201);
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_seed_creates_the_seed_fixtures_in_redis() {
+    let redis = upgate_testkit::RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_upgate"))
+        .arg("dev-seed")
+        .current_dir(dir.path())
+        .env("UPGATE_REDIS_URL", redis.url())
+        .env_remove("UPGATE_CONFIG")
+        .output()
+        .expect("run dev-seed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} missing in {text}"))
+            .to_owned()
+    };
+    let mut cfg = upgate::config::Config::embedded_default().expect("default");
+    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
+    let store = upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    let gw = TestGateway::start(cfg, store).await;
+    let key = upgate::config::DEV_API_KEY;
+    let expired = gw.req(Method::GET, &format!("/v1/sessions/{}", id("EXPIRED_SESSION_ID")), key).send().await.expect("send");
+    problem(expired, 410, "sessionExpired").await;
+    let limited = id("LIMITED_SESSION_ID");
+    for (i, want) in [(1, 201u16), (2, 201), (3, 400)] {
+        let res = gw.register(key, &limited, json!({"fileName": format!("f{i}"), "sizeBytes": 1})).await;
+        assert_eq!(res.status().as_u16(), want);
+    }
+    let res = gw.complete(key, &id("COMPLETED_SESSION_ID"), &id("COMPLETED_FILE_ID")).await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.expect("json");
+    assert_eq!(v["status"], "completed");
+    assert!(v["fileUrl"].as_str().is_some_and(|u| u.starts_with("file://")));
+}
