@@ -26,6 +26,7 @@ pub mod dev_seed;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod policies;
 pub mod reaper;
 pub mod serve;
 pub mod stack;
@@ -63,18 +64,31 @@ pub enum StartError {
 #[derive(Clone)]
 pub struct Gateway {
     state: AppState,
+    layers: stack::Layers,
 }
 
 impl Gateway {
     /// Builds the backends the configuration names (connecting to Redis / S3 as needed).
     pub async fn from_config(config: Config) -> Result<Gateway, StartError> {
-        let store = build_store(&config).await?;
+        let handle = match &config.redis {
+            Some(target) => Some(redis_handle(&config, target)?),
+            None => None,
+        };
+        let store: Arc<dyn SessionStore> = match &handle {
+            Some(h) => Arc::new(
+                store::redis::RedisStore::new(h.clone(), redis_store_options(&config)).map_err(|e| StartError::Backend(e.to_string()))?,
+            ),
+            None => Arc::new(store::memory::MemoryStore::new(config.session_retention)),
+        };
         let storage = build_storage(&config).await?;
-        Ok(Gateway::with_backends(config, store, storage))
+        Ok(Gateway::with_backends(config, store, storage).with_redis_layers(handle))
     }
 
-    /// A gateway over backends the caller built (tests wrap real backends this way).
+    /// A gateway over backends the caller built (tests wrap real backends this way); the
+    /// rate-limit and idempotency layers keep their state in process (see
+    /// [`Gateway::with_redis_layers`]).
     pub fn with_backends(config: Config, store: Arc<dyn SessionStore>, storage: Arc<dyn ObjectStore>) -> Gateway {
+        let layers = stack::Layers::new(&config, store.clone(), None);
         Gateway {
             state: AppState {
                 config: Arc::new(config),
@@ -82,7 +96,21 @@ impl Gateway {
                 storage,
                 metrics: Arc::new(metrics::Metrics::default()),
             },
+            layers,
         }
+    }
+
+    /// Keeps the rate-limit and idempotency state in Redis (shared by all replicas).
+    pub fn with_redis_layers(mut self, handle: Option<store::redis::RedisHandle>) -> Gateway {
+        if handle.is_some() {
+            self.layers = stack::Layers::new(&self.state.config, self.state.store.clone(), handle);
+        }
+        self
+    }
+
+    /// The policy layers (for their counters).
+    pub fn layers(&self) -> &stack::Layers {
+        &self.layers
     }
 
     /// The shared state (for tests and embedding).
@@ -92,7 +120,7 @@ impl Gateway {
 
     /// The API router with the full middleware stack.
     pub fn router(&self) -> axum::Router {
-        stack::build(self.state.clone())
+        stack::build(self.state.clone(), &self.layers)
     }
 
     /// Serves the API on `listener` and the admin routes on `admin` (if given) until
@@ -103,7 +131,8 @@ impl Gateway {
         let stop = CancellationToken::new();
         let reaper = tokio::spawn(reaper::run(self.state.clone(), config.reaper_interval, stop.clone()));
         let admin_task = admin.map(|l| {
-            let router = admin::routes(self.state.clone(), Arc::new(String::new));
+            let layers = self.layers.clone();
+            let router = admin::routes(self.state.clone(), Arc::new(move || layers.metrics_text()));
             let stop = stop.clone();
             tokio::spawn(async move {
                 let r = axum::serve(l, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
@@ -134,13 +163,16 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, Start
         return Ok(Arc::new(store::memory::MemoryStore::new(config.session_retention)));
     };
     let handle = redis_handle(config, target)?;
-    let options = store::redis::RedisStoreOptions {
+    let store = store::redis::RedisStore::new(handle, redis_store_options(config)).map_err(|e| StartError::Backend(e.to_string()))?;
+    Ok(Arc::new(store))
+}
+
+fn redis_store_options(config: &Config) -> store::redis::RedisStoreOptions {
+    store::redis::RedisStoreOptions {
         retention: config.session_retention,
         command_timeout: config.redis_timeout,
         ..Default::default()
-    };
-    let store = store::redis::RedisStore::new(handle, options).map_err(|e| StartError::Backend(e.to_string()))?;
-    Ok(Arc::new(store))
+    }
 }
 
 /// A pooled connection handle on the configured Redis (single or cluster).

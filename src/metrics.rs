@@ -142,6 +142,8 @@ pub struct Metrics {
     pub files_completed: Counter,
     /// Part bytes received from clients.
     pub bytes_received: Counter,
+    /// Responses replayed from an Idempotency-Key record.
+    pub idempotent_replays: Counter,
     /// Part bytes acknowledged by storage.
     pub bytes_stored: Counter,
 }
@@ -155,7 +157,8 @@ impl Metrics {
             .render(&mut out, "upgate_http_request_duration_seconds", "HTTP request latency by route.");
         self.registrations
             .render(&mut out, "upgate_file_registrations_total", "File registrations by outcome code.");
-        let counters: [(&str, &str, &Counter); 8] = [
+        let counters: [(&str, &str, &Counter); 9] = [
+            ("upgate_idempotent_replays_total", "Responses replayed for a repeated Idempotency-Key.", &self.idempotent_replays),
             ("upgate_sessions_created_total", "Sessions created.", &self.sessions_created),
             ("upgate_sessions_finalized_total", "Sessions finalized.", &self.sessions_finalized),
             ("upgate_sessions_expired_total", "Sessions seen past expiresAt.", &self.sessions_expired),

@@ -24,6 +24,7 @@
 //! 11. **Count limit**: per-tenant cap on part uploads in flight, innermost so a slot is held
 //!     only while the upload itself runs.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
@@ -36,14 +37,95 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use axum::error_handling::HandleErrorLayer;
+use upgate_layers::count_limit::{CountLimitLayer, Release};
+use upgate_layers::expiry::ExpiryLayer;
+use upgate_layers::idempotency::IdempotencyLayer;
+use upgate_layers::rate_limit::{RateLimitLayer, RateLimitStats};
+use upgate_layers::BoxError;
+
 use crate::api::AppState;
 use crate::auth::Tenants;
+use crate::config::Config;
 use crate::error::AppError;
+use crate::policies::{
+    ExpiredProblem, IdempotencyProblems, IdempotencyRecords, Limiter, RateLimited, SessionDeadlines, TenantQuota, TenantScope,
+    TooManyUploads, UploadsInFlight,
+};
+use crate::store::redis::RedisHandle;
+use crate::store::SessionStore;
+
+/// The four policy layers, built once per gateway (their backends and counters are shared by
+/// every connection).
+#[derive(Clone)]
+pub struct Layers {
+    rate_limit: RateLimitLayer<TenantQuota, Limiter, RateLimited>,
+    idempotency: IdempotencyLayer<TenantScope, IdempotencyRecords, IdempotencyProblems>,
+    expiry: ExpiryLayer<SessionDeadlines, ExpiredProblem>,
+    uploads: CountLimitLayer<UploadsInFlight, upgate_layers::count_limit::InProcess, TooManyUploads>,
+}
+
+impl Layers {
+    /// Backends in Redis when `redis` is given (shared by all replicas), in-process otherwise.
+    /// The upload concurrency cap is always per replica: it protects this process's memory.
+    pub fn new(config: &Config, store: Arc<dyn SessionStore>, redis: Option<RedisHandle>) -> Layers {
+        let (limiter, records) = match redis {
+            Some(handle) => (
+                Limiter::Redis(Arc::new(upgate_layers::rate_limit::RedisGcra::new(handle.clone()).prefix("upgate:rl:"))),
+                IdempotencyRecords::Redis(Arc::new(upgate_layers::idempotency::RedisStore::new(handle))),
+            ),
+            None => (
+                Limiter::Local(Arc::new(upgate_layers::rate_limit::InProcess::new())),
+                IdempotencyRecords::Local(Arc::new(upgate_layers::idempotency::InMemory::new())),
+            ),
+        };
+        let max_body = config.max_json_body_bytes;
+        Layers {
+            rate_limit: RateLimitLayer::new(TenantQuota, limiter)
+                .bypass(config.rate_limit_bypass)
+                .rejection(RateLimited),
+            idempotency: IdempotencyLayer::new(TenantScope, records)
+                .methods([Method::POST])
+                .body_limit(max_body)
+                .ttl(config.idempotency_ttl)
+                .prefix("upgate:idem:")
+                .rejection(IdempotencyProblems { max_body: max_body as u64 }),
+            expiry: ExpiryLayer::new(SessionDeadlines::new(store.clone())).expired_response(ExpiredProblem { store }),
+            uploads: CountLimitLayer::new(UploadsInFlight, upgate_layers::count_limit::InProcess::new(), Release::OnCompletion)
+                .rejection(TooManyUploads),
+        }
+    }
+
+    /// Rate-limit decision counters.
+    pub fn rate_limit_stats(&self) -> RateLimitStats {
+        self.rate_limit.stats()
+    }
+
+    /// Prometheus text for the layers' counters.
+    pub fn metrics_text(&self) -> String {
+        let s = self.rate_limit.stats();
+        format!(
+            "# HELP upgate_rate_limit_decisions_total Rate-limit decisions.\n# TYPE upgate_rate_limit_decisions_total counter\n\
+upgate_rate_limit_decisions_total{{decision=\"admitted\"}} {}\n\
+upgate_rate_limit_decisions_total{{decision=\"limited\"}} {}\n\
+upgate_rate_limit_decisions_total{{decision=\"bypassed\"}} {}\n",
+            s.admitted(),
+            s.limited(),
+            s.bypassed()
+        )
+    }
+}
+
+/// A layer's infrastructure failure (Redis unreachable behind the rate limiter, the
+/// idempotency store or the deadline lookup): 503, details to the log only.
+async fn layer_failure(err: BoxError) -> Response {
+    AppError::Unavailable(format!("middleware: {err}")).into_response()
+}
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The API router with its whole middleware stack.
-pub fn build(state: AppState) -> Router {
+pub fn build(state: AppState, layers: &Layers) -> Router {
     let tenants = Tenants::new(&state.config.tenants);
     let cors_origins = crate::cors::AnyTenantOrigins::new(&state.config.tenants);
     let timeout = state.config.request_timeout;
@@ -83,7 +165,12 @@ pub fn build(state: AppState) -> Router {
             .layer(middleware::from_fn(move |req: Request, next: Next| control_plane_timeout(timeout, req, next)))
             .layer(middleware::from_fn_with_state(cors_origins, crate::cors::preflight))
             .layer(middleware::from_fn_with_state(tenants, crate::auth::authenticate))
-            .layer(middleware::from_fn(crate::cors::per_tenant)),
+            .layer(middleware::from_fn(crate::cors::per_tenant))
+            .layer(HandleErrorLayer::new(layer_failure))
+            .layer(layers.rate_limit.clone())
+            .layer(layers.idempotency.clone())
+            .layer(layers.expiry.clone())
+            .layer(layers.uploads.clone()),
     )
 }
 
@@ -109,6 +196,9 @@ async fn record_metrics(axum::extract::State(state): axum::extract::State<AppSta
     let method = req.method().as_str().to_owned();
     let start = Instant::now();
     let res = next.run(req).await;
+    if res.headers().contains_key("idempotent-replayed") {
+        state.metrics.idempotent_replays.inc();
+    }
     state.metrics.requests.inc(vec![
         ("method", method.clone()),
         ("route", route.clone()),

@@ -344,10 +344,21 @@ async fn expired_session_answers_410_everywhere_and_logs_once(backend: Backend) 
         assert!(p["expiresAt"].is_string() && p["now"].is_string(), "{p}");
         assert!(p["now"].as_str() >= p["expiresAt"].as_str());
     }
-    let events: Vec<Value> = log_lines_with(&session)
-        .into_iter()
-        .filter(|l| l["event"] == "session_expired")
-        .collect();
+    // The first 410 records the expiry in the store in the background; wait for its event.
+    let expiration_events = || -> Vec<Value> {
+        log_lines_with(&session)
+            .into_iter()
+            .filter(|l| l["event"] == "session_expired")
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while expiration_events().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // More requests after the first observation log nothing more.
+    gw.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A).send().await.expect("send");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = expiration_events();
     assert_eq!(events.len(), 1, "exactly one expiration event: {events:?}");
     let e = &events[0];
     assert_eq!(e["tenant"], "a");

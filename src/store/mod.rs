@@ -76,6 +76,7 @@ pub struct SessionView {
 
 /// Outcome of [`SessionStore::register_file`].
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // returned once per call, never stored in bulk
 pub enum Registered {
     /// Stored; the session's `file_count` was incremented.
     Created(FileRecord),
@@ -92,6 +93,7 @@ pub enum Registered {
 
 /// Outcome of [`SessionStore::set_upload_id`].
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // returned once per call, never stored in bulk
 pub enum UploadIdSet {
     /// Ours was stored.
     Stored,

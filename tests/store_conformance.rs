@@ -1,0 +1,1745 @@
+//! One conformance suite for every [`SessionStore`] backend.
+//!
+//! Each case is an `async fn(Ctx)`, written once. `for_each_case!` lists them and turns the
+//! list into:
+//! * `memory::*`: one test per case on a fresh [`MemoryStore`];
+//! * `redis_single::*`: one test per case on a fresh `redis-server` (testkit);
+//! * `redis_cluster_all_cases`: every case (each under its own key prefix) on one shared
+//!   real 3-master Redis Cluster, failures collected and reported together.
+//!
+//! Time is controlled by the caller (`now_ms`), starting from the real clock so that Redis
+//! key TTLs (which follow the real clock) never fire during a test.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use upgate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
+use upgate::store::memory::MemoryStore;
+use upgate::store::redis::{RedisHandle, RedisStore, RedisStoreOptions};
+use upgate::store::{BeginComplete, Finalized, Gate, Registered, SessionStore, UploadIdSet};
+
+const RETENTION: Duration = Duration::from_secs(24 * 3600);
+const TTL_S: i64 = 600;
+
+/// What every case gets: a store and a clock origin (seconds, real time at start).
+#[derive(Clone)]
+struct Ctx {
+    store: Arc<dyn SessionStore>,
+    t0: i64,
+}
+
+impl Ctx {
+    fn new(store: Arc<dyn SessionStore>) -> Self {
+        Ctx {
+            store,
+            t0: upgate::model::now_ms() / 1000,
+        }
+    }
+
+    /// `now_ms` at `secs` after the origin.
+    fn at(&self, secs: i64) -> i64 {
+        (self.t0 + secs) * 1000
+    }
+
+    /// A "live" time: one second after the origin.
+    fn now(&self) -> i64 {
+        self.at(1)
+    }
+
+    /// The first instant a session created by [`Ctx::session`] counts as expired.
+    fn expiry(&self) -> i64 {
+        self.at(TTL_S)
+    }
+
+    async fn session(&self, tenant: &str, file_limit: u32) -> SessionRecord {
+        self.session_ttl(tenant, file_limit, TTL_S).await
+    }
+
+    async fn session_ttl(&self, tenant: &str, file_limit: u32, ttl: i64) -> SessionRecord {
+        let s = SessionRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant: tenant.to_owned(),
+            status: SessionStatus::Active,
+            part_size_bytes: 5 * 1024 * 1024,
+            max_files: Some(file_limit),
+            file_limit,
+            file_count: 0,
+            created_at: self.t0,
+            expires_at: self.t0 + ttl,
+            metadata: serde_json::json!({"project": "x", "n": 3, "nested": {"a": [1, 2.5, null, true]}}),
+        };
+        self.store.create_session(&s).await.expect("create_session");
+        s
+    }
+
+    async fn register(&self, tenant: &str, s: &SessionRecord, key: &str) -> FileRecord {
+        let f = file(&s.id, key, self.t0);
+        match self
+            .store
+            .register_file(tenant, &f, self.now())
+            .await
+            .expect("register")
+        {
+            Gate::Ok(Registered::Created(created)) => {
+                assert_eq!(created, f);
+                created
+            }
+            other => panic!("register {key}: {other:?}"),
+        }
+    }
+
+    async fn get(&self, tenant: &str, s: &SessionRecord) -> upgate::store::SessionView {
+        match self
+            .store
+            .get_session(tenant, &s.id, self.now())
+            .await
+            .expect("get_session")
+        {
+            Gate::Ok(v) => v,
+            other => panic!("get_session: {other:?}"),
+        }
+    }
+
+    async fn file(&self, tenant: &str, s: &SessionRecord, f: &FileRecord) -> FileRecord {
+        match self
+            .store
+            .get_file(tenant, &s.id, &f.id, false, self.now())
+            .await
+            .expect("get_file")
+        {
+            Gate::Ok(f) => f,
+            other => panic!("get_file: {other:?}"),
+        }
+    }
+
+    /// Registers, uploads one part, completes.
+    async fn completed(&self, tenant: &str, s: &SessionRecord, key: &str) -> FileRecord {
+        let f = self.register(tenant, s, key).await;
+        let st = self
+            .store
+            .set_upload_id(tenant, &s.id, &f.id, "up-1", self.now())
+            .await
+            .unwrap();
+        assert_eq!(st, Gate::Ok(UploadIdSet::Stored));
+        let p = part(1, "e1", 10);
+        assert!(matches!(
+            self.store
+                .record_part(tenant, &s.id, &f.id, &p, self.now())
+                .await
+                .unwrap(),
+            Gate::Ok(_)
+        ));
+        let tok = uuid::Uuid::new_v4().to_string();
+        let got = self
+            .store
+            .begin_complete(tenant, &s.id, &f.id, &tok, 30_000, self.now())
+            .await
+            .unwrap();
+        assert!(
+            matches!(got, Gate::Ok(BeginComplete::Acquired(_, _))),
+            "{got:?}"
+        );
+        let done = self
+            .store
+            .finish_complete(tenant, &s.id, &f.id, &tok, "file:///x", "etag-final")
+            .await
+            .unwrap();
+        match done {
+            Gate::Ok(Some(f)) => {
+                assert_eq!(f.status, FileStatus::Completed);
+                f
+            }
+            other => panic!("finish_complete: {other:?}"),
+        }
+    }
+}
+
+fn file(session_id: &str, key: &str, created_at: i64) -> FileRecord {
+    FileRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        session_id: session_id.to_owned(),
+        file_key: key.to_owned(),
+        file_name: format!("name of {key}"),
+        size_bytes: 5_497_558_138_880, // 5 TiB: exercises large numbers
+        content_type: if key.len().is_multiple_of(2) {
+            Some("image/png".to_owned())
+        } else {
+            None
+        },
+        status: FileStatus::Registered,
+        part_size_bytes: 550_502_400,
+        part_count: 9987,
+        created_at,
+        object_key: format!("t/{session_id}/{key}"),
+        upload_id: None,
+        file_url: None,
+        etag: None,
+    }
+}
+
+fn part(n: u32, etag: &str, size: u64) -> PartRecord {
+    PartRecord {
+        part_number: n,
+        etag: etag.to_owned(),
+        size_bytes: size,
+    }
+}
+
+fn expired_first<T: std::fmt::Debug>(g: &Gate<T>) -> bool {
+    match g {
+        Gate::Expired(info) => info.first_observation,
+        other => panic!("expected Expired, got {other:?}"),
+    }
+}
+
+// =======================================================================================
+// Cases
+// =======================================================================================
+
+mod cases {
+    use super::*;
+
+    pub(crate) async fn create_get_and_deadline(c: Ctx) {
+        let s = c.session("t1", 5).await;
+        let v = c.get("t1", &s).await;
+        assert_eq!(v.session, s, "session round-trips exactly");
+        assert!(v.files.is_empty());
+        assert_eq!(
+            c.store.session_deadline("t1", &s.id).await.unwrap(),
+            Some((s.expires_at, s.created_at))
+        );
+        assert_eq!(c.store.session_deadline("t2", &s.id).await.unwrap(), None);
+        assert_eq!(
+            c.store.session_deadline("t1", "missing").await.unwrap(),
+            None
+        );
+        // Optional fields and empty metadata round-trip too.
+        let mut s2 = s.clone();
+        s2.id = uuid::Uuid::new_v4().to_string();
+        s2.max_files = None;
+        s2.metadata = serde_json::json!({});
+        c.store.create_session(&s2).await.unwrap();
+        assert_eq!(c.get("t1", &s2).await.session, s2);
+        c.store.ping().await.unwrap();
+    }
+
+    pub(crate) async fn gate_not_found_and_cross_tenant(c: Ctx) {
+        let s = c.session("t1", 5).await;
+        let f = c.register("t1", &s, "a.txt").await;
+        let now = c.now();
+        let st = &c.store;
+        assert_eq!(
+            st.get_session("t2", &s.id, now).await.unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.get_session("t1", "nope", now).await.unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.get_file("t2", &s.id, &f.id, false, now).await.unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.get_file("t1", &s.id, "nofile", false, now)
+                .await
+                .unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            st.get_file("t1", &s.id, "nofile", true, now).await.unwrap(),
+            Gate::FileNotFound
+        );
+        let other = file(&s.id, "b", c.t0);
+        assert_eq!(
+            st.register_file("t2", &other, now).await.unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.set_upload_id("t2", &s.id, &f.id, "u", now)
+                .await
+                .unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.set_upload_id("t1", &s.id, "nofile", "u", now)
+                .await
+                .unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            st.record_part("t2", &s.id, &f.id, &part(1, "e", 1), now)
+                .await
+                .unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.record_part("t1", &s.id, "nofile", &part(1, "e", 1), now)
+                .await
+                .unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            st.list_parts("t2", &s.id, &f.id, now).await.unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.list_parts("t1", &s.id, "nofile", now).await.unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            st.begin_complete("t2", &s.id, &f.id, "k", 1000, now)
+                .await
+                .unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.begin_complete("t1", &s.id, "nofile", "k", 1000, now)
+                .await
+                .unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            st.finish_complete("t2", &s.id, &f.id, "k", "u", "e")
+                .await
+                .unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.finish_complete("t1", &s.id, "nofile", "k", "u", "e")
+                .await
+                .unwrap(),
+            Gate::FileNotFound
+        );
+        st.release_complete("t2", &s.id, &f.id, "k").await.unwrap();
+        assert_eq!(
+            st.abort_file("t2", &s.id, &f.id, now).await.unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.abort_file("t1", &s.id, "nofile", now).await.unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            st.abort_session("t2", &s.id, now).await.unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(
+            st.finalize("t2", &s.id, now).await.unwrap(),
+            Gate::SessionNotFound
+        );
+        assert_eq!(st.reap("t2", &s.id, now).await.unwrap(), None);
+        // Nothing of the above touched t1's session.
+        let v = c.get("t1", &s).await;
+        assert_eq!(v.session.status, SessionStatus::Active);
+        assert_eq!(v.files, vec![f]);
+    }
+
+    pub(crate) async fn expired_first_observation_exactly_once(c: Ctx) {
+        let s = c.session("t1", 5).await;
+        let f = c.register("t1", &s, "a").await;
+        // One millisecond before expiry it is still fine.
+        assert!(matches!(
+            c.store
+                .get_session("t1", &s.id, c.expiry() - 1)
+                .await
+                .unwrap(),
+            Gate::Ok(_)
+        ));
+        let t = c.expiry();
+        let g = c
+            .store
+            .get_file("t1", &s.id, &f.id, false, t)
+            .await
+            .unwrap();
+        assert!(expired_first(&g), "first caller observes");
+        if let Gate::Expired(info) = &g {
+            assert_eq!(info.session.status, SessionStatus::Expired);
+            assert_eq!(info.session.id, s.id);
+            assert_eq!(info.session.file_count, 1);
+        }
+        assert!(!expired_first(
+            &c.store.get_session("t1", &s.id, t).await.unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store.get_session("t1", &s.id, t + 5000).await.unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store
+                .register_file("t1", &file(&s.id, "b", c.t0), t)
+                .await
+                .unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store
+                .set_upload_id("t1", &s.id, &f.id, "u", t)
+                .await
+                .unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store
+                .record_part("t1", &s.id, &f.id, &part(1, "e", 1), t)
+                .await
+                .unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store.list_parts("t1", &s.id, &f.id, t).await.unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store
+                .begin_complete("t1", &s.id, &f.id, "k", 1000, t)
+                .await
+                .unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store.abort_file("t1", &s.id, &f.id, t).await.unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store.abort_session("t1", &s.id, t).await.unwrap()
+        ));
+        assert!(!expired_first(
+            &c.store.finalize("t1", &s.id, t).await.unwrap()
+        ));
+        // Expired gate precedes the file check.
+        assert!(!expired_first(
+            &c.store
+                .get_file("t1", &s.id, "nofile", true, t)
+                .await
+                .unwrap()
+        ));
+        // Nothing changed the file.
+        assert_eq!(
+            c.store.session_deadline("t1", &s.id).await.unwrap(),
+            Some((s.expires_at, s.created_at))
+        );
+        let r = c
+            .store
+            .reap("t1", &s.id, t)
+            .await
+            .unwrap()
+            .expect("still retained");
+        assert!(!r.first_observation);
+        assert_eq!(r.session.status, SessionStatus::Expired);
+    }
+
+    pub(crate) async fn expired_concurrent_single_observer(c: Ctx) {
+        let s = c.session("t1", 5).await;
+        let f = c.register("t1", &s, "a").await;
+        let t = c.expiry() + 10;
+        let tasks = (0..60).map(|i| {
+            let st = c.store.clone();
+            let (sid, fid) = (s.id.clone(), f.id.clone());
+            tokio::spawn(async move {
+                let g = match i % 3 {
+                    0 => st.get_session("t1", &sid, t).await.unwrap().map_unit(),
+                    1 => st
+                        .get_file("t1", &sid, &fid, true, t)
+                        .await
+                        .unwrap()
+                        .map_unit(),
+                    _ => st
+                        .begin_complete("t1", &sid, &fid, "k", 1000, t)
+                        .await
+                        .unwrap()
+                        .map_unit(),
+                };
+                expired_first(&g)
+            })
+        });
+        let firsts = join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .filter(|b| *b)
+            .count();
+        assert_eq!(firsts, 1, "exactly one caller observes the expiration");
+    }
+
+    pub(crate) async fn not_active_after_finalize(c: Ctx) {
+        let s = c.session("t1", 5).await;
+        let f = c.completed("t1", &s, "a").await;
+        let now = c.now();
+        assert!(matches!(
+            c.store.finalize("t1", &s.id, now).await.unwrap(),
+            Gate::Ok(Finalized::Done(_))
+        ));
+        let na = Gate::NotActive(SessionStatus::Finalized);
+        assert_eq!(
+            c.store
+                .register_file("t1", &file(&s.id, "b", c.t0), now)
+                .await
+                .unwrap(),
+            na.clone().map_unit2()
+        );
+        assert_eq!(
+            c.store
+                .get_file("t1", &s.id, &f.id, true, now)
+                .await
+                .unwrap(),
+            na.clone().map_unit2()
+        );
+        assert_eq!(
+            c.store
+                .get_file("t1", &s.id, &f.id, false, now)
+                .await
+                .unwrap(),
+            Gate::Ok(f.clone())
+        );
+        assert_eq!(
+            c.store
+                .set_upload_id("t1", &s.id, &f.id, "u", now)
+                .await
+                .unwrap(),
+            na.clone().map_unit2()
+        );
+        assert_eq!(
+            c.store
+                .record_part("t1", &s.id, &f.id, &part(2, "e", 1), now)
+                .await
+                .unwrap(),
+            na.clone().map_unit2()
+        );
+        assert_eq!(
+            c.store.abort_file("t1", &s.id, &f.id, now).await.unwrap(),
+            na.clone().map_unit2()
+        );
+        assert_eq!(
+            c.store.finalize("t1", &s.id, now).await.unwrap(),
+            na.clone().map_unit2()
+        );
+        assert_eq!(
+            c.store.abort_session("t1", &s.id, now).await.unwrap(),
+            na.clone().map_unit2()
+        );
+        // Reads without the active check still work.
+        assert_eq!(
+            c.store.list_parts("t1", &s.id, &f.id, now).await.unwrap(),
+            Gate::Ok(vec![part(1, "e1", 10)])
+        );
+        let v = c.get("t1", &s).await;
+        assert_eq!(v.session.status, SessionStatus::Finalized);
+        // A completed file is AlreadyCompleted whatever the session status.
+        assert_eq!(
+            c.store
+                .begin_complete("t1", &s.id, &f.id, "k", 1000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::AlreadyCompleted(f))
+        );
+    }
+
+    pub(crate) async fn register_uniqueness_and_limit(c: Ctx) {
+        let s = c.session("t1", 2).await;
+        let a = c.register("t1", &s, "a").await;
+        let now = c.now();
+        let dup = file(&s.id, "a", c.t0);
+        assert_eq!(
+            c.store.register_file("t1", &dup, now).await.unwrap(),
+            Gate::Ok(Registered::DuplicateKey)
+        );
+        let b = c.register("t1", &s, "b").await;
+        // Duplicate wins over the count check.
+        assert_eq!(
+            c.store
+                .register_file("t1", &file(&s.id, "b", c.t0), now)
+                .await
+                .unwrap(),
+            Gate::Ok(Registered::DuplicateKey)
+        );
+        assert_eq!(
+            c.store
+                .register_file("t1", &file(&s.id, "c", c.t0), now)
+                .await
+                .unwrap(),
+            Gate::Ok(Registered::CountExceeded {
+                file_limit: 2,
+                file_count: 2
+            })
+        );
+        // Aborting frees both the key and the slot.
+        let before = c.store.abort_file("t1", &s.id, &a.id, now).await.unwrap();
+        assert_eq!(before, Gate::Ok(a.clone()));
+        assert_eq!(c.get("t1", &s).await.session.file_count, 1);
+        let a2 = c.register("t1", &s, "a").await;
+        assert_eq!(
+            c.store
+                .register_file("t1", &file(&s.id, "c", c.t0), now)
+                .await
+                .unwrap(),
+            Gate::Ok(Registered::CountExceeded {
+                file_limit: 2,
+                file_count: 2
+            })
+        );
+        let v = c.get("t1", &s).await;
+        assert_eq!(v.session.file_count, 2);
+        let ids: Vec<_> = v.files.iter().map(|f| (f.id.clone(), f.status)).collect();
+        assert_eq!(
+            ids,
+            vec![
+                (a.id.clone(), FileStatus::Aborted),
+                (b.id.clone(), FileStatus::Registered),
+                (a2.id.clone(), FileStatus::Registered)
+            ],
+            "files in registration order, aborted included"
+        );
+        // Same key in another session is independent.
+        let s2 = c.session("t1", 2).await;
+        c.register("t1", &s2, "a").await;
+    }
+
+    pub(crate) async fn abort_file_repeatable(c: Ctx) {
+        let s = c.session("t1", 3).await;
+        let f = c.register("t1", &s, "a").await;
+        let now = c.now();
+        assert_eq!(
+            c.store
+                .set_upload_id("t1", &s.id, &f.id, "up", now)
+                .await
+                .unwrap(),
+            Gate::Ok(UploadIdSet::Stored)
+        );
+        let tok = "tok";
+        assert!(matches!(
+            c.store
+                .begin_complete("t1", &s.id, &f.id, tok, 60_000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        let before = match c.store.abort_file("t1", &s.id, &f.id, now).await.unwrap() {
+            Gate::Ok(b) => b,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            before.status,
+            FileStatus::Completing,
+            "returns the file as it was"
+        );
+        assert_eq!(before.upload_id.as_deref(), Some("up"));
+        let again = match c.store.abort_file("t1", &s.id, &f.id, now).await.unwrap() {
+            Gate::Ok(b) => b,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(again.status, FileStatus::Aborted);
+        assert_eq!(
+            c.get("t1", &s).await.session.file_count,
+            0,
+            "slot freed once"
+        );
+        // The lease holder can no longer finish, begin reports Aborted.
+        assert_eq!(
+            c.store
+                .finish_complete("t1", &s.id, &f.id, tok, "u", "e")
+                .await
+                .unwrap(),
+            Gate::Ok(None)
+        );
+        assert_eq!(
+            c.store
+                .begin_complete("t1", &s.id, &f.id, "x", 1000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Aborted)
+        );
+        // Aborted file: not open for upload ids, parts are not recorded.
+        match c
+            .store
+            .set_upload_id("t1", &s.id, &f.id, "up2", now)
+            .await
+            .unwrap()
+        {
+            Gate::Ok(UploadIdSet::FileNotOpen(ff)) => assert_eq!(ff.status, FileStatus::Aborted),
+            other => panic!("{other:?}"),
+        }
+        let rp = c
+            .store
+            .record_part("t1", &s.id, &f.id, &part(1, "e", 1), now)
+            .await
+            .unwrap();
+        assert!(matches!(rp, Gate::Ok(ref ff) if ff.status == FileStatus::Aborted));
+        assert_eq!(
+            c.store.list_parts("t1", &s.id, &f.id, now).await.unwrap(),
+            Gate::Ok(vec![])
+        );
+    }
+
+    pub(crate) async fn upload_id_first_wins(c: Ctx) {
+        let s = c.session("t1", 3).await;
+        let f = c.register("t1", &s, "a").await;
+        let now = c.now();
+        assert_eq!(
+            c.store
+                .set_upload_id("t1", &s.id, &f.id, "u1", now)
+                .await
+                .unwrap(),
+            Gate::Ok(UploadIdSet::Stored)
+        );
+        assert_eq!(
+            c.store
+                .set_upload_id("t1", &s.id, &f.id, "u2", now)
+                .await
+                .unwrap(),
+            Gate::Ok(UploadIdSet::Existing("u1".to_owned()))
+        );
+        assert_eq!(c.file("t1", &s, &f).await.upload_id.as_deref(), Some("u1"));
+        // Concurrent: exactly one Stored, the rest see the winner.
+        let g = c.register("t1", &s, "b").await;
+        let res = join_all((0..30).map(|i| {
+            let st = c.store.clone();
+            let (sid, fid) = (s.id.clone(), g.id.clone());
+            tokio::spawn(async move {
+                st.set_upload_id("t1", &sid, &fid, &format!("u{i}"), now)
+                    .await
+                    .unwrap()
+            })
+        }))
+        .await;
+        let res: Vec<_> = res.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(
+            res.iter()
+                .filter(|r| **r == Gate::Ok(UploadIdSet::Stored))
+                .count(),
+            1
+        );
+        let winner = c.file("t1", &s, &g).await.upload_id.expect("stored");
+        for r in res {
+            if let Gate::Ok(UploadIdSet::Existing(e)) = r {
+                assert_eq!(e, winner);
+            }
+        }
+        // Completed file: not open.
+        let done = c.completed("t1", &s, "c").await;
+        assert_eq!(
+            c.store
+                .set_upload_id("t1", &s.id, &done.id, "u9", now)
+                .await
+                .unwrap(),
+            Gate::Ok(UploadIdSet::FileNotOpen(done))
+        );
+    }
+
+    pub(crate) async fn parts_recorded_sorted_and_replaced(c: Ctx) {
+        let s = c.session("t1", 3).await;
+        let f = c.register("t1", &s, "a").await;
+        let now = c.now();
+        for p in [
+            part(3, "e3", 3),
+            part(1, "e1", 1),
+            part(12, "e:12", 12),
+            part(2, "e2", 2),
+            part(2, "e2b", 22),
+        ] {
+            let got = c
+                .store
+                .record_part("t1", &s.id, &f.id, &p, now)
+                .await
+                .unwrap();
+            assert_eq!(got, Gate::Ok(f.clone()));
+        }
+        assert_eq!(
+            c.store.list_parts("t1", &s.id, &f.id, now).await.unwrap(),
+            Gate::Ok(vec![
+                part(1, "e1", 1),
+                part(2, "e2b", 22),
+                part(3, "e3", 3),
+                part(12, "e:12", 12)
+            ])
+        );
+        // While completing, parts are frozen (file returned unchanged, status completing).
+        assert!(matches!(
+            c.store.begin_complete("t1", &s.id, &f.id, "k", 60_000, now).await.unwrap(),
+            Gate::Ok(BeginComplete::Acquired(_, ref parts)) if parts.len() == 4
+        ));
+        let got = c
+            .store
+            .record_part("t1", &s.id, &f.id, &part(4, "e4", 4), now)
+            .await
+            .unwrap();
+        assert!(matches!(got, Gate::Ok(ref ff) if ff.status == FileStatus::Completing));
+        match c.store.list_parts("t1", &s.id, &f.id, now).await.unwrap() {
+            Gate::Ok(p) => assert_eq!(p.len(), 4),
+            other => panic!("{other:?}"),
+        }
+        // Another file has its own parts.
+        let g = c.register("t1", &s, "b").await;
+        assert_eq!(
+            c.store.list_parts("t1", &s.id, &g.id, now).await.unwrap(),
+            Gate::Ok(vec![])
+        );
+    }
+
+    pub(crate) async fn completion_lease(c: Ctx) {
+        let s = c.session("t1", 3).await;
+        let f = c.register("t1", &s, "a").await;
+        let now = c.now();
+        c.store
+            .record_part("t1", &s.id, &f.id, &part(2, "b", 2), now)
+            .await
+            .unwrap();
+        c.store
+            .record_part("t1", &s.id, &f.id, &part(1, "a", 1), now)
+            .await
+            .unwrap();
+        let st = &c.store;
+        let (sid, fid) = (&s.id, &f.id);
+        match st
+            .begin_complete("t1", sid, fid, "tok1", 10_000, now)
+            .await
+            .unwrap()
+        {
+            Gate::Ok(BeginComplete::Acquired(ff, parts)) => {
+                assert_eq!(ff.status, FileStatus::Completing);
+                assert_eq!(parts, vec![part(1, "a", 1), part(2, "b", 2)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            st.begin_complete("t1", sid, fid, "tok2", 10_000, now + 9_999)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::InProgress)
+        );
+        // Completing shows as such to readers.
+        assert_eq!(c.file("t1", &s, &f).await.status, FileStatus::Completing);
+        // Lease ran out: takeover.
+        assert!(matches!(
+            st.begin_complete("t1", sid, fid, "tok2", 10_000, now + 10_000)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        // The old holder lost it: finish is None, release is a no-op.
+        assert_eq!(
+            st.finish_complete("t1", sid, fid, "tok1", "u1", "e1")
+                .await
+                .unwrap(),
+            Gate::Ok(None)
+        );
+        st.release_complete("t1", sid, fid, "tok1").await.unwrap();
+        assert_eq!(
+            st.begin_complete("t1", sid, fid, "tok3", 10_000, now + 10_001)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::InProgress)
+        );
+        let done = match st
+            .finish_complete("t1", sid, fid, "tok2", "file:///data/a", "etag-a")
+            .await
+            .unwrap()
+        {
+            Gate::Ok(Some(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(done.status, FileStatus::Completed);
+        assert_eq!(done.file_url.as_deref(), Some("file:///data/a"));
+        assert_eq!(done.etag.as_deref(), Some("etag-a"));
+        assert_eq!(c.file("t1", &s, &f).await, done);
+        // Afterwards: AlreadyCompleted; finish with any token returns it unchanged.
+        assert_eq!(
+            st.begin_complete("t1", sid, fid, "tok4", 10_000, now + 20_000)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::AlreadyCompleted(done.clone()))
+        );
+        assert_eq!(
+            st.finish_complete("t1", sid, fid, "tok1", "other", "other")
+                .await
+                .unwrap(),
+            Gate::Ok(Some(done.clone()))
+        );
+        st.release_complete("t1", sid, fid, "tok2").await.unwrap();
+        assert_eq!(
+            c.file("t1", &s, &f).await,
+            done,
+            "release does not undo a completion"
+        );
+        // A completed file keeps its slot.
+        assert_eq!(c.get("t1", &s).await.session.file_count, 1);
+    }
+
+    pub(crate) async fn release_gives_the_lease_back(c: Ctx) {
+        let s = c.session("t1", 3).await;
+        let f = c.register("t1", &s, "a").await;
+        let now = c.now();
+        let st = &c.store;
+        assert!(matches!(
+            st.begin_complete("t1", &s.id, &f.id, "tok1", 60_000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        st.release_complete("t1", &s.id, &f.id, "wrong")
+            .await
+            .unwrap();
+        assert_eq!(
+            st.begin_complete("t1", &s.id, &f.id, "tok2", 60_000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::InProgress)
+        );
+        st.release_complete("t1", &s.id, &f.id, "tok1")
+            .await
+            .unwrap();
+        assert_eq!(c.file("t1", &s, &f).await.status, FileStatus::Registered);
+        // Released before completing: finish with the released token fails.
+        assert_eq!(
+            st.finish_complete("t1", &s.id, &f.id, "tok1", "u", "e")
+                .await
+                .unwrap(),
+            Gate::Ok(None)
+        );
+        assert!(matches!(
+            st.begin_complete("t1", &s.id, &f.id, "tok2", 60_000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        // release on unknown session/file is silent.
+        st.release_complete("t1", "nosession", &f.id, "tok2")
+            .await
+            .unwrap();
+        st.release_complete("t1", &s.id, "nofile", "tok2")
+            .await
+            .unwrap();
+    }
+
+    pub(crate) async fn finish_complete_ignores_expiry(c: Ctx) {
+        let s = c.session("t1", 3).await;
+        let f = c.register("t1", &s, "a").await;
+        assert!(matches!(
+            c.store
+                .begin_complete("t1", &s.id, &f.id, "tok", 600_000, c.now())
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        assert!(expired_first(
+            &c.store.get_session("t1", &s.id, c.expiry()).await.unwrap()
+        ));
+        match c
+            .store
+            .finish_complete("t1", &s.id, &f.id, "tok", "u", "e")
+            .await
+            .unwrap()
+        {
+            Gate::Ok(Some(d)) => assert_eq!(d.status, FileStatus::Completed),
+            other => panic!("{other:?}"),
+        }
+        match c.store.get_session("t1", &s.id, c.expiry()).await.unwrap() {
+            Gate::Expired(info) => assert!(!info.first_observation),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    pub(crate) async fn abort_session_semantics(c: Ctx) {
+        let s = c.session("t1", 10).await;
+        let now = c.now();
+        let st = &c.store;
+        let plain = c.register("t1", &s, "plain").await; // registered, no upload id
+        let open = c.register("t1", &s, "open").await; // registered, upload id
+        st.set_upload_id("t1", &s.id, &open.id, "u-open", now)
+            .await
+            .unwrap();
+        let busy = c.register("t1", &s, "busy").await; // completing, upload id
+        st.set_upload_id("t1", &s.id, &busy.id, "u-busy", now)
+            .await
+            .unwrap();
+        assert!(matches!(
+            st.begin_complete("t1", &s.id, &busy.id, "k", 60_000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        let done = c.completed("t1", &s, "done").await;
+        let gone = c.register("t1", &s, "gone").await;
+        st.set_upload_id("t1", &s.id, &gone.id, "u-gone", now)
+            .await
+            .unwrap();
+        st.abort_file("t1", &s.id, &gone.id, now).await.unwrap();
+
+        let open_uploads = match st.abort_session("t1", &s.id, now).await.unwrap() {
+            Gate::Ok(v) => v,
+            other => panic!("{other:?}"),
+        };
+        let got: Vec<_> = open_uploads
+            .iter()
+            .map(|f| (f.id.clone(), f.upload_id.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (open.id.clone(), Some("u-open".to_owned())),
+                (busy.id.clone(), Some("u-busy".to_owned()))
+            ]
+        );
+        // Repeatable.
+        assert_eq!(
+            st.abort_session("t1", &s.id, now).await.unwrap(),
+            Gate::Ok(vec![])
+        );
+        let v = c.get("t1", &s).await;
+        assert_eq!(v.session.status, SessionStatus::Aborted);
+        assert_eq!(
+            v.session.file_count, 1,
+            "only the completed file keeps its slot"
+        );
+        let statuses: Vec<_> = v.files.iter().map(|f| (f.id.clone(), f.status)).collect();
+        assert_eq!(
+            statuses,
+            vec![
+                (plain.id, FileStatus::Aborted),
+                (open.id, FileStatus::Aborted),
+                (busy.id.clone(), FileStatus::Aborted),
+                (done.id, FileStatus::Completed),
+                (gone.id, FileStatus::Aborted),
+            ]
+        );
+        // Mutations are refused, the old lease holder cannot finish.
+        assert_eq!(
+            st.finish_complete("t1", &s.id, &busy.id, "k", "u", "e")
+                .await
+                .unwrap(),
+            Gate::Ok(None)
+        );
+        assert_eq!(
+            st.finalize("t1", &s.id, now).await.unwrap(),
+            Gate::NotActive(SessionStatus::Aborted)
+        );
+        assert_eq!(
+            st.register_file("t1", &file(&s.id, "new", c.t0), now)
+                .await
+                .unwrap(),
+            Gate::NotActive(SessionStatus::Aborted)
+        );
+        // Abort of an empty session.
+        let e = c.session("t1", 1).await;
+        assert_eq!(
+            st.abort_session("t1", &e.id, now).await.unwrap(),
+            Gate::Ok(vec![])
+        );
+        assert_eq!(c.get("t1", &e).await.session.status, SessionStatus::Aborted);
+    }
+
+    pub(crate) async fn finalize_incomplete_then_done(c: Ctx) {
+        let s = c.session("t1", 10).await;
+        let now = c.now();
+        let st = &c.store;
+        let a = c.completed("t1", &s, "a").await;
+        let b = c.register("t1", &s, "b").await;
+        let d = c.register("t1", &s, "d").await;
+        let x = c.register("t1", &s, "x").await;
+        st.abort_file("t1", &s.id, &x.id, now).await.unwrap();
+        assert!(matches!(
+            st.begin_complete("t1", &s.id, &d.id, "k", 60_000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        assert_eq!(
+            st.finalize("t1", &s.id, now).await.unwrap(),
+            Gate::Ok(Finalized::Incomplete(vec![b.id.clone(), d.id.clone()]))
+        );
+        assert_eq!(
+            c.get("t1", &s).await.session.status,
+            SessionStatus::Active,
+            "nothing changed"
+        );
+        st.finish_complete("t1", &s.id, &d.id, "k", "u", "e")
+            .await
+            .unwrap();
+        st.abort_file("t1", &s.id, &b.id, now).await.unwrap();
+        let view = match st.finalize("t1", &s.id, now).await.unwrap() {
+            Gate::Ok(Finalized::Done(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(view.session.status, SessionStatus::Finalized);
+        assert_eq!(view.session.file_count, 2);
+        let ids: Vec<_> = view.files.iter().map(|f| f.id.clone()).collect();
+        assert_eq!(ids, vec![a.id, b.id, d.id, x.id]);
+        assert_eq!(view, c.get("t1", &s).await);
+        assert_eq!(
+            st.finalize("t1", &s.id, now).await.unwrap(),
+            Gate::NotActive(SessionStatus::Finalized)
+        );
+        // Empty session finalizes.
+        let e = c.session("t1", 1).await;
+        assert!(
+            matches!(st.finalize("t1", &e.id, now).await.unwrap(), Gate::Ok(Finalized::Done(ref v)) if v.files.is_empty())
+        );
+    }
+
+    pub(crate) async fn claim_expired_and_lease(c: Ctx) {
+        let st = &c.store;
+        let s1 = c.session_ttl("t1", 1, 10).await;
+        let s2 = c.session_ttl("t2", 1, 20).await;
+        let s3 = c.session_ttl("t1", 1, 1000).await;
+        let k = |s: &SessionRecord| (s.tenant.clone(), s.id.clone());
+        assert_eq!(st.claim_expired(c.at(9), 60_000, 10).await.unwrap(), vec![]);
+        assert_eq!(st.claim_expired(c.at(30), 60_000, 0).await.unwrap(), vec![]);
+        assert_eq!(
+            st.claim_expired(c.at(30), 60_000, 10).await.unwrap(),
+            vec![k(&s1), k(&s2)],
+            "oldest first"
+        );
+        assert_eq!(
+            st.claim_expired(c.at(30), 60_000, 10).await.unwrap(),
+            vec![],
+            "claimed for the lease"
+        );
+        assert_eq!(
+            st.claim_expired(c.at(89), 60_000, 10).await.unwrap(),
+            vec![]
+        );
+        // Not done within the lease: due again.
+        assert_eq!(
+            st.claim_expired(c.at(90), 60_000, 1).await.unwrap().len(),
+            1,
+            "limit"
+        );
+        let rest = st.claim_expired(c.at(90), 60_000, 10).await.unwrap();
+        assert_eq!(rest.len(), 1);
+        st.reap_done("t1", &s1.id).await.unwrap();
+        st.reap_done("t1", &s1.id).await.unwrap(); // repeatable
+        assert_eq!(
+            st.claim_expired(c.at(2000), 60_000, 10).await.unwrap(),
+            vec![k(&s2), k(&s3)]
+        );
+        st.reap_done("t2", &s2.id).await.unwrap();
+        st.reap_done("t1", &s3.id).await.unwrap();
+        assert_eq!(
+            st.claim_expired(c.at(9000), 60_000, 10).await.unwrap(),
+            vec![]
+        );
+    }
+
+    pub(crate) async fn claim_expired_exclusive(c: Ctx) {
+        let mut all = HashSet::new();
+        for i in 0..40 {
+            let s = c
+                .session_ttl(if i % 2 == 0 { "ta" } else { "tb" }, 1, 5 + i)
+                .await;
+            all.insert((s.tenant, s.id));
+        }
+        let now = c.at(100);
+        // Two (and more) replicas claiming at once never share a member.
+        for round in 0..3 {
+            let t = now + round * 60_000;
+            let claims = join_all((0..6).map(|_| {
+                let st = c.store.clone();
+                tokio::spawn(async move { st.claim_expired(t, 60_000, 9).await.unwrap() })
+            }))
+            .await;
+            let mut seen = HashSet::new();
+            let mut total = 0;
+            for cl in claims {
+                let cl = cl.unwrap();
+                assert!(cl.len() <= 9);
+                total += cl.len();
+                for m in cl {
+                    assert!(
+                        seen.insert(m.clone()),
+                        "claimed twice in one lease window: {m:?}"
+                    );
+                }
+            }
+            assert_eq!(
+                total, 40,
+                "round {round}: every due session claimed exactly once"
+            );
+            assert_eq!(seen, all);
+        }
+    }
+
+    pub(crate) async fn reap_semantics(c: Ctx) {
+        let st = &c.store;
+        let s = c.session("t1", 10).await;
+        let now = c.now();
+        let plain = c.register("t1", &s, "plain").await;
+        let open = c.register("t1", &s, "open").await;
+        st.set_upload_id("t1", &s.id, &open.id, "u-open", now)
+            .await
+            .unwrap();
+        let busy = c.register("t1", &s, "busy").await;
+        st.set_upload_id("t1", &s.id, &busy.id, "u-busy", now)
+            .await
+            .unwrap();
+        st.begin_complete("t1", &s.id, &busy.id, "k", 60_000, now)
+            .await
+            .unwrap();
+        let _done = c.completed("t1", &s, "done").await;
+        let gone = c.register("t1", &s, "gone").await;
+        st.set_upload_id("t1", &s.id, &gone.id, "u-gone", now)
+            .await
+            .unwrap();
+        st.abort_file("t1", &s.id, &gone.id, now).await.unwrap();
+        let _ = plain;
+
+        // Before expiry: nothing changes, nothing to abort.
+        let r = st.reap("t1", &s.id, now).await.unwrap().expect("exists");
+        assert!(!r.first_observation);
+        assert_eq!(r.session.status, SessionStatus::Active);
+        assert!(r.open_uploads.is_empty());
+
+        let r = st
+            .reap("t1", &s.id, c.expiry())
+            .await
+            .unwrap()
+            .expect("exists");
+        assert!(r.first_observation);
+        assert_eq!(r.session.status, SessionStatus::Expired);
+        let ids: Vec<_> = r.open_uploads.iter().map(|f| f.id.clone()).collect();
+        assert_eq!(ids, vec![open.id.clone(), busy.id.clone()]);
+        let r2 = st
+            .reap("t1", &s.id, c.expiry() + 1)
+            .await
+            .unwrap()
+            .expect("exists");
+        assert!(!r2.first_observation);
+        assert_eq!(
+            r2.open_uploads, r.open_uploads,
+            "repeatable: the uploads are still reported"
+        );
+        assert!(!expired_first(
+            &st.get_session("t1", &s.id, c.expiry()).await.unwrap()
+        ));
+
+        // Expired by a request first: the reaper does not observe it again.
+        let s2 = c.session("t1", 1).await;
+        assert!(expired_first(
+            &st.get_session("t1", &s2.id, c.expiry()).await.unwrap()
+        ));
+        let r = st
+            .reap("t1", &s2.id, c.expiry())
+            .await
+            .unwrap()
+            .expect("exists");
+        assert!(!r.first_observation);
+        // A finalized session past expiry stays finalized.
+        let s3 = c.session("t1", 1).await;
+        st.finalize("t1", &s3.id, now).await.unwrap();
+        let r = st
+            .reap("t1", &s3.id, c.expiry())
+            .await
+            .unwrap()
+            .expect("exists");
+        assert!(!r.first_observation);
+        assert_eq!(r.session.status, SessionStatus::Finalized);
+        // Gone.
+        assert_eq!(st.reap("t1", "missing", c.expiry()).await.unwrap(), None);
+    }
+
+    pub(crate) async fn concurrent_register_respects_limit(c: Ctx) {
+        let s = c.session("t1", 50).await;
+        let now = c.now();
+        let tasks = (0..300).map(|i| {
+            let st = c.store.clone();
+            let f = file(&s.id, &format!("k{i}"), c.t0);
+            tokio::spawn(async move { st.register_file("t1", &f, now).await.unwrap() })
+        });
+        let res: Vec<_> = join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let created = res
+            .iter()
+            .filter(|r| matches!(r, Gate::Ok(Registered::Created(_))))
+            .count();
+        let exceeded = res
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Gate::Ok(Registered::CountExceeded {
+                        file_limit: 50,
+                        file_count: 50
+                    })
+                )
+            })
+            .count();
+        assert_eq!((created, exceeded), (50, 250));
+        let v = c.get("t1", &s).await;
+        assert_eq!(v.files.len(), 50);
+        assert_eq!(v.session.file_count, 50);
+        let keys: HashSet<_> = v.files.iter().map(|f| f.file_key.clone()).collect();
+        assert_eq!(keys.len(), 50);
+    }
+
+    pub(crate) async fn concurrent_register_same_key(c: Ctx) {
+        let s = c.session("t1", 1000).await;
+        let now = c.now();
+        let tasks = (0..200).map(|_| {
+            let st = c.store.clone();
+            let f = file(&s.id, "same/key.bin", c.t0);
+            tokio::spawn(async move { st.register_file("t1", &f, now).await.unwrap() })
+        });
+        let res: Vec<_> = join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let created = res
+            .iter()
+            .filter(|r| matches!(r, Gate::Ok(Registered::Created(_))))
+            .count();
+        let dup = res
+            .iter()
+            .filter(|r| matches!(r, Gate::Ok(Registered::DuplicateKey)))
+            .count();
+        assert_eq!((created, dup), (1, 199));
+        let v = c.get("t1", &s).await;
+        assert_eq!(v.files.len(), 1);
+        assert_eq!(v.session.file_count, 1);
+    }
+
+    pub(crate) async fn concurrent_begin_complete_single_winner(c: Ctx) {
+        let s = c.session("t1", 5).await;
+        let f = c.register("t1", &s, "a").await;
+        let now = c.now();
+        let tasks = (0..50).map(|i| {
+            let st = c.store.clone();
+            let (sid, fid) = (s.id.clone(), f.id.clone());
+            tokio::spawn(async move {
+                st.begin_complete("t1", &sid, &fid, &format!("tok{i}"), 60_000, now)
+                    .await
+                    .unwrap()
+            })
+        });
+        let res: Vec<_> = join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let acquired = res
+            .iter()
+            .filter(|r| matches!(r, Gate::Ok(BeginComplete::Acquired(..))))
+            .count();
+        let busy = res
+            .iter()
+            .filter(|r| matches!(r, Gate::Ok(BeginComplete::InProgress)))
+            .count();
+        assert_eq!((acquired, busy), (1, 49));
+    }
+}
+
+/// Small helpers to compare gates of different payload types.
+trait GateExt {
+    fn map_unit(self) -> Gate<()>;
+}
+impl<T> GateExt for Gate<T> {
+    fn map_unit(self) -> Gate<()> {
+        match self {
+            Gate::Ok(_) => Gate::Ok(()),
+            Gate::SessionNotFound => Gate::SessionNotFound,
+            Gate::FileNotFound => Gate::FileNotFound,
+            Gate::Expired(e) => Gate::Expired(e),
+            Gate::NotActive(s) => Gate::NotActive(s),
+        }
+    }
+}
+trait GateNoOk {
+    fn map_unit2<U>(self) -> Gate<U>;
+}
+impl GateNoOk for Gate<()> {
+    fn map_unit2<U>(self) -> Gate<U> {
+        match self {
+            Gate::Ok(()) => panic!("not an early gate"),
+            Gate::SessionNotFound => Gate::SessionNotFound,
+            Gate::FileNotFound => Gate::FileNotFound,
+            Gate::Expired(e) => Gate::Expired(e),
+            Gate::NotActive(s) => Gate::NotActive(s),
+        }
+    }
+}
+
+macro_rules! for_each_case {
+    ($m:ident) => {
+        $m!(
+            create_get_and_deadline,
+            gate_not_found_and_cross_tenant,
+            expired_first_observation_exactly_once,
+            expired_concurrent_single_observer,
+            not_active_after_finalize,
+            register_uniqueness_and_limit,
+            abort_file_repeatable,
+            upload_id_first_wins,
+            parts_recorded_sorted_and_replaced,
+            completion_lease,
+            release_gives_the_lease_back,
+            finish_complete_ignores_expiry,
+            abort_session_semantics,
+            finalize_incomplete_then_done,
+            claim_expired_and_lease,
+            claim_expired_exclusive,
+            reap_semantics,
+            concurrent_register_respects_limit,
+            concurrent_register_same_key,
+            concurrent_begin_complete_single_winner
+        );
+    };
+}
+
+// =======================================================================================
+// Backends
+// =======================================================================================
+
+static PREFIX_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn unique_prefix() -> String {
+    format!(
+        "ut{}x{}",
+        std::process::id(),
+        PREFIX_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn redis_store(handle: RedisHandle, prefix: String) -> RedisStore {
+    RedisStore::new(
+        handle,
+        RedisStoreOptions {
+            key_prefix: prefix,
+            retention: RETENTION,
+            command_timeout: Duration::from_secs(5),
+        },
+    )
+    .expect("redis store")
+}
+
+mod memory {
+    use super::*;
+
+    macro_rules! memory_tests {
+        ($($name:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                cases::$name(Ctx::new(Arc::new(MemoryStore::new(RETENTION)))).await;
+            }
+        )*};
+    }
+    for_each_case!(memory_tests);
+}
+
+mod redis_single {
+    use super::*;
+
+    macro_rules! redis_single_tests {
+        ($($name:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let server = upgate_testkit::RedisServer::start();
+                let handle = RedisHandle::single(&server.url()).expect("handle");
+                cases::$name(Ctx::new(Arc::new(redis_store(handle, unique_prefix())))).await;
+                drop(server);
+            }
+        )*};
+    }
+    for_each_case!(redis_single_tests);
+}
+
+/// Every case on one shared real 3-master cluster, each under its own key prefix. The
+/// cluster lives for the duration of this test only (its processes are killed on drop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_all_cases() {
+    let cluster = upgate_testkit::RedisCluster::start(3);
+    let handle = RedisHandle::cluster(&cluster.urls()).expect("cluster handle");
+    assert!(handle.is_cluster());
+    let mut failures = Vec::new();
+    let mut passed = 0;
+    macro_rules! run_cluster {
+        ($($name:ident),* $(,)?) => {$(
+            let store: Arc<dyn SessionStore> = Arc::new(redis_store(handle.clone(), unique_prefix()));
+            let started = Instant::now();
+            match tokio::spawn(cases::$name(Ctx::new(store))).await {
+                Ok(()) => {
+                    passed += 1;
+                    eprintln!("cluster case {} ok ({:?})", stringify!($name), started.elapsed());
+                }
+                Err(e) => failures.push(format!("{}: {e}", stringify!($name))),
+            }
+        )*};
+    }
+    for_each_case!(run_cluster);
+    assert!(
+        failures.is_empty(),
+        "cluster cases failed ({passed} passed): {failures:#?}"
+    );
+    drop(cluster);
+}
+
+// =======================================================================================
+// Redis-only behaviour
+// =======================================================================================
+
+async fn raw_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_carry_the_retention_ttl() {
+    let server = upgate_testkit::RedisServer::start();
+    let prefix = unique_prefix();
+    let store = Arc::new(redis_store(
+        RedisHandle::single(&server.url()).unwrap(),
+        prefix.clone(),
+    ));
+    let c = Ctx::new(store.clone());
+    let s = c.session("acme", 5).await;
+    let f = c.register("acme", &s, "a").await;
+    c.store
+        .record_part("acme", &s.id, &f.id, &part(1, "e", 1), c.now())
+        .await
+        .unwrap();
+    // The same layout as documented in src/store/redis.rs.
+    let base = format!("{prefix}:{{acme:{}}}:", s.id);
+    assert_eq!(store.session_key("acme", &s.id), format!("{base}s"));
+    let keep_until_ms = s.expires_at * 1000 + RETENTION.as_millis() as i64;
+    let mut con = raw_conn(&server.url()).await;
+    for suffix in [
+        "s",
+        "keys",
+        "files",
+        &format!("f:{}", f.id),
+        &format!("p:{}", f.id),
+    ] {
+        let key = format!("{base}{suffix}");
+        let at: i64 = redis::cmd("PEXPIRETIME")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(at, keep_until_ms, "PEXPIRETIME of {key}");
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let expected = keep_until_ms - upgate::model::now_ms();
+        assert!(
+            pttl > 0 && (pttl - expected).abs() < 5_000,
+            "PTTL of {key}: {pttl} vs ~{expected}"
+        );
+    }
+    // Aborting the only file empties the fileKey hash; registering again recreates it
+    // with the TTL.
+    c.store
+        .abort_file("acme", &s.id, &f.id, c.now())
+        .await
+        .unwrap();
+    c.register("acme", &s, "b").await;
+    let at: i64 = redis::cmd("PEXPIRETIME")
+        .arg(format!("{base}keys"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(at, keep_until_ms);
+    // The reaper index member and score.
+    let score: Option<i64> = redis::cmd("ZSCORE")
+        .arg(store.reap_key())
+        .arg(format!("acme:{}", s.id))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(score, Some(s.expires_at * 1000));
+    // No key of this store lacks a TTL, except the reaper index.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    for key in keys {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if key == store.reap_key() {
+            assert_eq!(pttl, -1);
+        } else {
+            assert!(pttl > 0, "{key} has no TTL");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_corrupt_data_is_a_store_error() {
+    let server = upgate_testkit::RedisServer::start();
+    let prefix = unique_prefix();
+    let store = Arc::new(redis_store(
+        RedisHandle::single(&server.url()).unwrap(),
+        prefix.clone(),
+    ));
+    let c = Ctx::new(store.clone());
+    let s = c.session("acme", 5).await;
+    let mut con = raw_conn(&server.url()).await;
+    let key = store.session_key("acme", &s.id);
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("status")
+        .arg("bogus")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(c.store.get_session("acme", &s.id, c.now()).await.is_err());
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("status")
+        .arg("active")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("expires_at")
+        .arg("soon")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(c.store.get_session("acme", &s.id, c.now()).await.is_err());
+    // Wrong type under a session key.
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("x")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(c.store.get_session("acme", &s.id, c.now()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_errors_fast_and_recovers() {
+    let mut server = upgate_testkit::RedisServer::start();
+    let handle = RedisHandle::single(&server.url()).unwrap();
+    let timeout = Duration::from_millis(800);
+    let store = Arc::new(
+        RedisStore::new(
+            handle,
+            RedisStoreOptions {
+                key_prefix: unique_prefix(),
+                retention: RETENTION,
+                command_timeout: timeout,
+            },
+        )
+        .unwrap(),
+    );
+    let c = Ctx::new(store.clone());
+    let s = c.session("acme", 5).await;
+    c.get("acme", &s).await;
+
+    server.stop();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = c.store.get_session("acme", &s.id, c.now()).await;
+        assert!(r.is_err(), "down: {r:?}");
+        assert!(
+            started.elapsed() < timeout + Duration::from_millis(500),
+            "took {:?}",
+            started.elapsed()
+        );
+        let started = Instant::now();
+        assert!(c.store.ping().await.is_err());
+        assert!(c.store.create_session(&s).await.is_err());
+        assert!(started.elapsed() < 2 * timeout + Duration::from_millis(500));
+    }
+
+    server.restart(); // empty: scripts must be reloaded (NOSCRIPT path)
+    c.store.ping().await.expect("ping after restart");
+    let s2 = c.session("acme", 5).await;
+    c.register("acme", &s2, "a").await;
+    assert_eq!(c.get("acme", &s2).await.files.len(), 1);
+    assert_eq!(
+        c.store.get_session("acme", &s.id, c.now()).await.unwrap(),
+        Gate::SessionNotFound
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_hung_server_times_out() {
+    let server = upgate_testkit::RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let timeout = Duration::from_millis(500);
+    let store = Arc::new(
+        RedisStore::new(
+            RedisHandle::single(&server.url()).unwrap(),
+            RedisStoreOptions {
+                key_prefix: unique_prefix(),
+                retention: RETENTION,
+                command_timeout: timeout,
+            },
+        )
+        .unwrap(),
+    );
+    let c = Ctx::new(store.clone());
+    let s = c.session("acme", 5).await;
+    // Block the server for 2 s from another connection (the raw client's own response
+    // timeout gives up earlier; the server keeps sleeping).
+    let mut con = raw_conn(&server.url()).await;
+    let blocked_at = Instant::now();
+    let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+        .arg("SLEEP")
+        .arg(2)
+        .query_async(&mut con)
+        .await;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let r = c.store.get_session("acme", &s.id, c.now()).await;
+        assert!(r.is_err(), "{r:?}");
+        assert!(
+            started.elapsed() < timeout + Duration::from_millis(300),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(
+        blocked_at.elapsed() < Duration::from_secs(2),
+        "server should still be asleep"
+    );
+    tokio::time::sleep(
+        Duration::from_secs(2).saturating_sub(blocked_at.elapsed()) + Duration::from_millis(200),
+    )
+    .await;
+    // Awake again: the very next calls succeed by themselves.
+    c.get("acme", &s).await;
+    c.register("acme", &s, "after").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_handle_is_a_connection_like() {
+    let server = upgate_testkit::RedisServer::start();
+    let mut handle = RedisHandle::single(&server.url()).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async(&mut handle)
+        .await
+        .unwrap();
+    let (v, n): (String, i64) = redis::pipe()
+        .cmd("GET")
+        .arg("k")
+        .cmd("INCR")
+        .arg("n")
+        .query_async(&mut handle)
+        .await
+        .unwrap();
+    assert_eq!((v.as_str(), n), ("v", 1));
+    assert!(RedisStore::new(
+        handle.clone(),
+        RedisStoreOptions {
+            key_prefix: "a{b".into(),
+            ..Default::default()
+        }
+    )
+    .is_err());
+    assert!(RedisHandle::cluster(&[]).is_err());
+}
