@@ -32,6 +32,7 @@ pin_project! {
     }
 }
 
+#[allow(dead_code)] // not every feature uses every constructor
 impl<F, T> ResponseFuture<F, T> {
     pub(crate) fn inner(fut: F) -> Self {
         Self {

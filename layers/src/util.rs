@@ -1,4 +1,5 @@
-//! Small helpers shared by the layers.
+//! Small helpers shared by the layers (not every feature uses all of them).
+#![allow(dead_code)]
 
 use std::future::Future;
 use std::time::Duration;

@@ -77,9 +77,48 @@ impl Default for RedisPoolOptions {
 #[derive(Clone)]
 pub enum RedisHandle {
     /// One Redis server (or a proxy in front of several).
-    Single(deadpool_redis::Pool),
+    Single(SinglePool),
     /// A Redis Cluster.
     Cluster(deadpool_redis::cluster::Pool),
+}
+
+/// A deadpool of multiplexed connections plus one healthy connection kept at hand.
+///
+/// deadpool-redis checks every connection it hands out with an `UNWATCH`+`PING` round trip,
+/// which doubled the cost of every store call. A multiplexed connection serves any number of
+/// concurrent requests, so the handle keeps a clone of one that worked and uses it directly;
+/// a connection-level error drops it, and the next call goes through the pool again (which
+/// health-checks, reconnects once Redis is back, and refills the slot).
+#[derive(Clone)]
+pub struct SinglePool {
+    pool: deadpool_redis::Pool,
+    cached: std::sync::Arc<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+}
+
+impl SinglePool {
+    fn cached(&self) -> Option<redis::aio::MultiplexedConnection> {
+        self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    async fn connection(&self) -> RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let pooled = self.pool.get().await.map_err(pool_error)?;
+        let conn: redis::aio::MultiplexedConnection = (*pooled).clone();
+        *self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets the kept connection after an error that says it may be broken.
+    fn check<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(e) = &result {
+            if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() || e.is_unrecoverable_error() {
+                *self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            }
+        }
+        result
+    }
 }
 
 impl fmt::Debug for RedisHandle {
@@ -87,7 +126,7 @@ impl fmt::Debug for RedisHandle {
         match self {
             RedisHandle::Single(p) => f
                 .debug_tuple("RedisHandle::Single")
-                .field(&p.status())
+                .field(&p.pool.status())
                 .finish(),
             RedisHandle::Cluster(p) => f
                 .debug_tuple("RedisHandle::Cluster")
@@ -125,7 +164,10 @@ impl RedisHandle {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(StoreError::new)?;
-        Ok(RedisHandle::Single(pool))
+        Ok(RedisHandle::Single(SinglePool {
+            pool,
+            cached: Default::default(),
+        }))
     }
 
     /// A pool on a Redis Cluster, given one or more seed node URLs; default pool options.
@@ -174,9 +216,10 @@ impl ConnectionLike for RedisHandle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             match self {
-                RedisHandle::Single(pool) => {
-                    let mut con = pool.get().await.map_err(pool_error)?;
-                    con.req_packed_command(cmd).await
+                RedisHandle::Single(single) => {
+                    let mut con = single.connection().await?;
+                    let result = con.req_packed_command(cmd).await;
+                    single.check(result)
                 }
                 RedisHandle::Cluster(pool) => {
                     let mut con = pool.get().await.map_err(cluster_pool_error)?;
@@ -194,9 +237,10 @@ impl ConnectionLike for RedisHandle {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             match self {
-                RedisHandle::Single(pool) => {
-                    let mut con = pool.get().await.map_err(pool_error)?;
-                    con.req_packed_commands(cmd, offset, count).await
+                RedisHandle::Single(single) => {
+                    let mut con = single.connection().await?;
+                    let result = con.req_packed_commands(cmd, offset, count).await;
+                    single.check(result)
                 }
                 RedisHandle::Cluster(pool) => {
                     let mut con = pool.get().await.map_err(cluster_pool_error)?;

@@ -44,8 +44,7 @@ impl Decision {
     /// assert_eq!(d.retry_after_secs(), Some(1));
     /// ```
     pub fn retry_after_secs(&self) -> Option<u64> {
-        self.retry_after
-            .map(|d| crate::util::ceil_secs(d).max(1))
+        self.retry_after.map(|d| crate::util::ceil_secs(d).max(1))
     }
 }
 

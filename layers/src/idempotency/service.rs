@@ -1,0 +1,353 @@
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower::Service;
+
+use super::key::{fingerprint, validate};
+use super::layer::Config;
+use super::{
+    Error, IdempotencyStore, Rejection, RejectionBuilder, Reservation, ResponseFuture,
+    StoredResponse,
+};
+use crate::BoxError;
+
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Maps a request to the scope its `Idempotency-Key` lives in (for example the
+/// tenant id), or `None` to let it pass through without deduplication.
+///
+/// Implemented for closures `Fn(&Request<B>) -> Option<String>`.
+///
+/// ```
+/// use http::Request;
+/// use upgate_layers::idempotency::IdempotencyScope;
+///
+/// #[derive(Clone)]
+/// struct Tenant(String);
+/// let scope = |req: &Request<()>| req.extensions().get::<Tenant>().map(|t| format!("{{{}}}", t.0));
+///
+/// let mut req = Request::new(());
+/// assert_eq!(scope.scope(&req), None);
+/// req.extensions_mut().insert(Tenant("acme".into()));
+/// assert_eq!(scope.scope(&req).as_deref(), Some("{acme}"));
+/// ```
+pub trait IdempotencyScope<B>: Send + Sync + 'static {
+    /// The scope of `req`'s idempotency key, or `None` to skip deduplication.
+    fn scope(&self, req: &Request<B>) -> Option<String>;
+}
+
+impl<B, F> IdempotencyScope<B> for F
+where
+    F: Fn(&Request<B>) -> Option<String> + Send + Sync + 'static,
+{
+    fn scope(&self, req: &Request<B>) -> Option<String> {
+        self(req)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared<P, St, R> {
+    pub(crate) scope: Arc<P>,
+    pub(crate) store: Arc<St>,
+    pub(crate) rejection: Arc<R>,
+    pub(crate) config: Arc<Config>,
+}
+
+/// Deduplicates requests carrying an `Idempotency-Key`; see the [module docs](super).
+///
+/// Built by [`IdempotencyLayer`](super::IdempotencyLayer).
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use tower::{service_fn, BoxError, Layer, ServiceExt};
+/// use upgate_layers::idempotency::{IdempotencyLayer, InMemory};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let svc = IdempotencyLayer::new(|_: &Request<Full<Bytes>>| Some("t".to_owned()), InMemory::new())
+///     .layer(service_fn(|_: Request<Full<Bytes>>| async {
+///         Ok::<_, BoxError>(Response::new(Full::new(Bytes::new())))
+///     }));
+/// // An invalid key is rejected.
+/// let req = Request::post("/").header("idempotency-key", "has space").body(Full::default())?;
+/// assert_eq!(svc.oneshot(req).await?.status(), 400);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Idempotency<S, P, St, R> {
+    inner: S,
+    shared: Arc<Shared<P, St, R>>,
+}
+
+impl<S: Clone, P, St, R> Clone for Idempotency<S, P, St, R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S, P, St, R> Idempotency<S, P, St, R> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<P, St, R>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    ///
+    /// ```
+    /// use tower::Layer;
+    /// use upgate_layers::idempotency::{IdempotencyLayer, InMemory};
+    /// let svc = IdempotencyLayer::new(|_: &http::Request<()>| None::<String>, InMemory::new()).layer(7u8);
+    /// assert_eq!(*svc.get_ref(), 7);
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// A token unique to this request across replicas.
+fn owner_token() -> String {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{seed:016x}{n:x}")
+}
+
+/// Releases the reservation in the background if dropped while armed (the response
+/// future was dropped: the client went away).
+struct ReleaseGuard<St: IdempotencyStore> {
+    store: Arc<St>,
+    key: String,
+    owner: String,
+    armed: bool,
+}
+
+impl<St: IdempotencyStore> ReleaseGuard<St> {
+    async fn release(mut self) {
+        if let Err(e) = self.store.release(&self.key, &self.owner).await {
+            tracing::warn!(key = %self.key, error = %e, "failed to release idempotency key; it expires with its lock TTL");
+        }
+        self.armed = false;
+    }
+
+    async fn complete(mut self, response: StoredResponse, ttl: std::time::Duration) {
+        if let Err(e) = self
+            .store
+            .complete(&self.key, &self.owner, &response, ttl)
+            .await
+        {
+            tracing::warn!(key = %self.key, error = %e, "failed to store idempotent response; it expires with its lock TTL");
+        }
+        self.armed = false;
+    }
+}
+
+impl<St: IdempotencyStore> Drop for ReleaseGuard<St> {
+    fn drop(&mut self) {
+        if self.armed {
+            let store = self.store.clone();
+            let key = std::mem::take(&mut self.key);
+            let owner = std::mem::take(&mut self.owner);
+            crate::util::spawn_detached(async move {
+                if let Err(e) = store.release(&key, &owner).await {
+                    tracing::warn!(key = %key, error = %e, "failed to release idempotency key of a dropped request");
+                }
+            });
+        }
+    }
+}
+
+fn replay<B: From<Bytes>>(stored: StoredResponse) -> Response<B> {
+    let mut res = Response::new(B::from(stored.body));
+    *res.status_mut() = stored.status;
+    let headers = res.headers_mut();
+    for (name, value) in stored.headers {
+        headers.append(name, value);
+    }
+    headers.insert(
+        IDEMPOTENT_REPLAYED.clone(),
+        HeaderValue::from_static("true"),
+    );
+    res
+}
+
+impl<S, P, St, R, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, P, St, R>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    P: IdempotencyScope<ReqBody>,
+    St: IdempotencyStore,
+    R: RejectionBuilder<ResBody>,
+    ReqBody: Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, Response<ResBody>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        if !self.shared.config.methods.contains(req.method())
+            || !req.headers().contains_key(&IDEMPOTENCY_KEY)
+        {
+            return ResponseFuture::inner(self.inner.call(req));
+        }
+        let Some(scope) = self.shared.scope.scope(&req) else {
+            return ResponseFuture::inner(self.inner.call(req));
+        };
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::boxed(run(self.shared.clone(), inner, req, scope))
+    }
+}
+
+async fn run<S, P, St, R, ReqBody, ResBody>(
+    shared: Arc<Shared<P, St, R>>,
+    mut inner: S,
+    req: Request<ReqBody>,
+    scope: String,
+) -> Result<Response<ResBody>, BoxError>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    St: IdempotencyStore,
+    R: RejectionBuilder<ResBody>,
+    ReqBody: Body<Data = Bytes> + From<Bytes>,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + From<Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &*shared.config;
+    let (parts, body) = req.into_parts();
+    let Some(key) = parts
+        .headers
+        .get(&IDEMPOTENCY_KEY)
+        .and_then(|v| validate(v.as_bytes()))
+    else {
+        return Ok(shared.rejection.rejected(Rejection::InvalidKey, &parts));
+    };
+    let mut storage_key = String::with_capacity(config.prefix.len() + scope.len() + key.len() + 1);
+    storage_key.push_str(&config.prefix);
+    storage_key.push_str(&scope);
+    storage_key.push(':');
+    storage_key.push_str(key);
+
+    if body.size_hint().lower() > config.body_limit as u64 {
+        return Ok(shared
+            .rejection
+            .rejected(Rejection::PayloadTooLarge, &parts));
+    }
+    let bytes = match Limited::new(body, config.body_limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            return Ok(shared
+                .rejection
+                .rejected(Rejection::PayloadTooLarge, &parts));
+        }
+        Err(e) => return Err(Box::new(Error::request_body(e))),
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let fp = fingerprint(&parts.method, path, &bytes);
+    let owner = owner_token();
+
+    match shared
+        .store
+        .reserve(&storage_key, &fp, &owner, config.lock_ttl)
+        .await
+        .map_err(|e| Box::new(Error::store(e)) as BoxError)?
+    {
+        Reservation::Reserved => {}
+        Reservation::InProgress => {
+            return Ok(shared.rejection.rejected(Rejection::InProgress, &parts));
+        }
+        Reservation::FingerprintMismatch => {
+            return Ok(shared
+                .rejection
+                .rejected(Rejection::FingerprintMismatch, &parts));
+        }
+        Reservation::Completed(stored) => return Ok(replay(stored)),
+    }
+
+    let guard = ReleaseGuard {
+        store: shared.store.clone(),
+        key: storage_key,
+        owner,
+        armed: true,
+    };
+    let result: Result<_, BoxError> = inner
+        .call(Request::from_parts(parts, ReqBody::from(bytes)))
+        .await
+        .map_err(Into::into);
+    let res = match result {
+        Ok(res) => res,
+        Err(e) => {
+            guard.release().await;
+            return Err(e);
+        }
+    };
+    let status = res.status();
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        guard.release().await;
+        return Ok(res);
+    }
+    let (res_parts, body) = res.into_parts();
+    if body.size_hint().lower() > config.response_limit as u64 {
+        guard.release().await;
+        return Ok(Response::from_parts(res_parts, body));
+    }
+    let collected = body
+        .collect()
+        .await
+        .map_err(|e| Error::response_body(e.into()));
+    let bytes = match collected {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            guard.release().await;
+            return Err(Box::new(e));
+        }
+    };
+    if bytes.len() > config.response_limit {
+        guard.release().await;
+    } else {
+        let headers = config
+            .stored_headers
+            .iter()
+            .flat_map(|name| {
+                res_parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(move |v| (name.clone(), v.clone()))
+            })
+            .collect();
+        let stored = StoredResponse {
+            status,
+            headers,
+            body: bytes.clone(),
+        };
+        guard.complete(stored, config.ttl).await;
+    }
+    Ok(Response::from_parts(res_parts, ResBody::from(bytes)))
+}
