@@ -20,6 +20,7 @@ const MIB: usize = 1024 * 1024;
 const S3_PREFIX: &str = "pfx";
 
 /// The storage under test and what it needs kept alive.
+#[allow(clippy::large_enum_variant)] // one per test
 enum Storage {
     Fs,
     S3(S3Server, RedisServer),

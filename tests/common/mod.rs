@@ -182,8 +182,19 @@ impl TestGateway {
         dir: std::path::PathBuf,
         keep: Option<tempfile::TempDir>,
     ) -> TestGateway {
-        let _ = logs();
         let gw = upgate::Gateway::with_backends(config, store, counting.clone());
+        Self::serve(gw, counting, dir, keep).await
+    }
+
+    /// Serves a gateway the test assembled itself (storage under `dir`).
+    pub async fn from_gateway(gw: upgate::Gateway, dir: tempfile::TempDir) -> TestGateway {
+        let counting = CountingStorage::new(gw.state().storage.clone());
+        let path = dir.path().to_owned();
+        Self::serve(gw, counting, path, Some(dir)).await
+    }
+
+    async fn serve(gw: upgate::Gateway, counting: Arc<CountingStorage>, dir: std::path::PathBuf, keep: Option<tempfile::TempDir>) -> TestGateway {
+        let _ = logs();
         let state = gw.state().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
