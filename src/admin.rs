@@ -28,7 +28,10 @@ pub fn routes(state: AppState, extra: ExtraMetrics) -> Router {
                 let extra = extra.clone();
                 async move {
                     (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
                         state.metrics.render(&extra()),
                     )
                 }
@@ -54,5 +57,9 @@ async fn ready(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
-    (status, Json(json!({"sessionStore": word(store_ok), "storage": word(storage_ok)}))).into_response()
+    (
+        status,
+        Json(json!({"sessionStore": word(store_ok), "storage": word(storage_ok)})),
+    )
+        .into_response()
 }

@@ -41,11 +41,18 @@ impl Tenants {
 fn bearer(req: &Request) -> Option<&str> {
     let value = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// Middleware: resolves the tenant into the request extensions or answers 401.
-pub async fn authenticate(State(tenants): State<Tenants>, mut req: Request, next: Next) -> Response {
+pub async fn authenticate(
+    State(tenants): State<Tenants>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let Some(tenant) = bearer(&req).and_then(|k| tenants.resolve(k)) else {
         return AppError::Unauthorized.into_response();
     };

@@ -179,8 +179,9 @@ impl Config {
         let env = |k: &str| std::env::var(k).ok();
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::one(format!("cannot read config file {}: {e}", p.display())))?;
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::one(format!("cannot read config file {}: {e}", p.display()))
+                })?;
                 Config::from_toml(&text, env, false)
             }
             None => Config::from_toml("", env, true),
@@ -189,10 +190,14 @@ impl Config {
 
     /// Parses TOML text with `env` as the environment. `embedded` adds the development
     /// tenant when the text defines no tenants (the no-file default).
-    pub fn from_toml(text: &str, env: impl Fn(&str) -> Option<String>, embedded: bool) -> Result<Config, ConfigError> {
-        let table: Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::one(format!("config file is not valid TOML: {}", e.message())))?;
+    pub fn from_toml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+        embedded: bool,
+    ) -> Result<Config, ConfigError> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::one(format!("config file is not valid TOML: {}", e.message()))
+        })?;
         let mut p = Parser {
             errors: Vec::new(),
             env: &env,
@@ -220,13 +225,19 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn one(msg: String) -> Self {
-        ConfigError { problems: vec![msg] }
+        ConfigError {
+            problems: vec![msg],
+        }
     }
 }
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "invalid configuration ({} problem(s)):", self.problems.len())?;
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.problems.len()
+        )?;
         for p in &self.problems {
             writeln!(f, "  - {p}")?;
         }
@@ -285,7 +296,10 @@ impl Parser<'_> {
             Some(Value::String(v)) => v,
             Some(other) => {
                 let p = s.path(key);
-                self.err(format!("{p}: expected a string, found {}", other.type_str()));
+                self.err(format!(
+                    "{p}: expected a string, found {}",
+                    other.type_str()
+                ));
                 default.to_owned()
             }
         }
@@ -301,13 +315,23 @@ impl Parser<'_> {
             Some(Value::String(v)) => Some(v),
             Some(other) => {
                 let p = s.path(key);
-                self.err(format!("{p}: expected a string, found {}", other.type_str()));
+                self.err(format!(
+                    "{p}: expected a string, found {}",
+                    other.type_str()
+                ));
                 None
             }
         }
     }
 
-    fn int(&mut self, s: &mut Section, key: &str, env: Option<&str>, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
+    fn int(
+        &mut self,
+        s: &mut Section,
+        key: &str,
+        env: Option<&str>,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> u64 {
         let from_file = s.take(key);
         let from_env = env.and_then(|e| (self.env)(e).map(|v| (v, e)));
         let (value, source) = if let Some((raw, var)) = from_env {
@@ -368,19 +392,32 @@ impl Parser<'_> {
     fn addr(&mut self, s: &mut Section, key: &str, env: &str, default: &str) -> SocketAddr {
         let raw = self.string(s, key, Some(env), default);
         raw.parse().unwrap_or_else(|_| {
-            self.err(format!("{key} ({env}): {raw:?} is not an address like 127.0.0.1:8080"));
-            default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+            self.err(format!(
+                "{key} ({env}): {raw:?} is not an address like 127.0.0.1:8080"
+            ));
+            default
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
         })
     }
 
     fn section(&mut self, s: &mut Section, key: &str) -> Section {
         let name = s.path(key);
         match s.take(key) {
-            None => Section { name, table: Table::new() },
+            None => Section {
+                name,
+                table: Table::new(),
+            },
             Some(Value::Table(t)) => Section { name, table: t },
             Some(other) => {
-                self.err(format!("{name}: expected a table, found {}", other.type_str()));
-                Section { name, table: Table::new() }
+                self.err(format!(
+                    "{name}: expected a table, found {}",
+                    other.type_str()
+                ));
+                Section {
+                    name,
+                    table: Table::new(),
+                }
             }
         }
     }
@@ -390,7 +427,10 @@ impl Parser<'_> {
             name: String::new(),
             table,
         };
-        let environment = match self.string(&mut root, "environment", Some("UPGATE_ENV"), "development").as_str() {
+        let environment = match self
+            .string(&mut root, "environment", Some("UPGATE_ENV"), "development")
+            .as_str()
+        {
             "development" => Environment::Development,
             "production" => Environment::Production,
             other => {
@@ -399,20 +439,33 @@ impl Parser<'_> {
             }
         };
         let listen = self.addr(&mut root, "listen", "UPGATE_LISTEN", "127.0.0.1:8080");
-        let admin_listen = self.addr(&mut root, "admin_listen", "UPGATE_ADMIN_LISTEN", "127.0.0.1:9090");
+        let admin_listen = self.addr(
+            &mut root,
+            "admin_listen",
+            "UPGATE_ADMIN_LISTEN",
+            "127.0.0.1:9090",
+        );
 
         let redis_url = self.opt_string(&mut root, "redis_url", Some("UPGATE_REDIS_URL"));
         let cluster = match root.take("redis_cluster_urls") {
             None => None,
             Some(Value::Array(a)) => {
-                let urls: Vec<String> = a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+                let urls: Vec<String> = a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect();
                 if urls.len() != a.len() || urls.is_empty() {
-                    self.err("redis_cluster_urls: expected a non-empty list of redis:// URLs".into());
+                    self.err(
+                        "redis_cluster_urls: expected a non-empty list of redis:// URLs".into(),
+                    );
                 }
                 Some(urls)
             }
             Some(other) => {
-                self.err(format!("redis_cluster_urls: expected a list, found {}", other.type_str()));
+                self.err(format!(
+                    "redis_cluster_urls: expected a list, found {}",
+                    other.type_str()
+                ));
                 None
             }
         };
@@ -441,32 +494,73 @@ impl Parser<'_> {
             }
         }
 
-        let storage_raw = self.string(&mut root, "storage", Some("UPGATE_STORAGE"), "file://./data");
+        let storage_raw = self.string(
+            &mut root,
+            "storage",
+            Some("UPGATE_STORAGE"),
+            "file://./data",
+        );
         let storage = parse_storage(&storage_raw).unwrap_or_else(|e| {
             self.err(format!("storage (UPGATE_STORAGE): {e}"));
             StorageTarget::Filesystem(PathBuf::from("./data"))
         });
 
-        let part_size_mb = self.int(&mut root, "part_size_mb", Some("MULTIPART_PART_SIZE_MB"), 5, 5..=100);
-        let idempotency_ttl = self.int(&mut root, "idempotency_ttl_seconds", None, 86_400, 1..=30 * 86_400);
+        let part_size_mb = self.int(
+            &mut root,
+            "part_size_mb",
+            Some("MULTIPART_PART_SIZE_MB"),
+            5,
+            5..=100,
+        );
+        let idempotency_ttl = self.int(
+            &mut root,
+            "idempotency_ttl_seconds",
+            None,
+            86_400,
+            1..=30 * 86_400,
+        );
         let reaper_interval = self.int(&mut root, "reaper_interval_seconds", None, 30, 1..=86_400);
-        let log_format = match self.string(&mut root, "log_format", Some("UPGATE_LOG_FORMAT"), "pretty").as_str() {
+        let log_format = match self
+            .string(&mut root, "log_format", Some("UPGATE_LOG_FORMAT"), "pretty")
+            .as_str()
+        {
             "pretty" => LogFormat::Pretty,
             "json" => LogFormat::Json,
             other => {
-                self.err(format!("log_format (UPGATE_LOG_FORMAT): {other:?} is neither \"pretty\" nor \"json\""));
+                self.err(format!(
+                    "log_format (UPGATE_LOG_FORMAT): {other:?} is neither \"pretty\" nor \"json\""
+                ));
                 LogFormat::Pretty
             }
         };
-        let rate_limit_bypass = self.boolean(&mut root, "rate_limit_bypass", Some("RATE_LIMIT_BYPASS"), false);
-        let session_retention = self.int(&mut root, "session_retention_seconds", None, 86_400, 60..=30 * 86_400);
-        let max_json_body_bytes = self.int(&mut root, "max_json_body_bytes", None, 65_536, 1_024..=16 * 1024 * 1024);
+        let rate_limit_bypass = self.boolean(
+            &mut root,
+            "rate_limit_bypass",
+            Some("RATE_LIMIT_BYPASS"),
+            false,
+        );
+        let session_retention = self.int(
+            &mut root,
+            "session_retention_seconds",
+            None,
+            86_400,
+            60..=30 * 86_400,
+        );
+        let max_json_body_bytes = self.int(
+            &mut root,
+            "max_json_body_bytes",
+            None,
+            65_536,
+            1_024..=16 * 1024 * 1024,
+        );
         let request_timeout = self.int(&mut root, "request_timeout_seconds", None, 30, 1..=3_600);
-        let part_idle_timeout = self.int(&mut root, "part_idle_timeout_seconds", None, 30, 1..=3_600);
+        let part_idle_timeout =
+            self.int(&mut root, "part_idle_timeout_seconds", None, 30, 1..=3_600);
         let shutdown_grace = self.int(&mut root, "shutdown_grace_seconds", None, 30, 0..=3_600);
         let max_connections = self.int(&mut root, "max_connections", None, 10_000, 1..=1_000_000);
         let redis_timeout = self.int(&mut root, "redis_timeout_ms", None, 2_000, 10..=60_000);
-        let header_read_timeout = self.int(&mut root, "header_read_timeout_seconds", None, 10, 1..=600);
+        let header_read_timeout =
+            self.int(&mut root, "header_read_timeout_seconds", None, 10, 1..=600);
 
         let mut s3 = self.section(&mut root, "s3");
         let s3_config = S3Config {
@@ -486,13 +580,19 @@ impl Parser<'_> {
                 .filter_map(|(i, item)| match item {
                     Value::Table(t) => Some(self.tenant(i, t)),
                     other => {
-                        self.err(format!("tenants[{i}]: expected a table, found {}", other.type_str()));
+                        self.err(format!(
+                            "tenants[{i}]: expected a table, found {}",
+                            other.type_str()
+                        ));
                         None
                     }
                 })
                 .collect(),
             Some(other) => {
-                self.err(format!("tenants: expected [[tenants]] entries, found {}", other.type_str()));
+                self.err(format!(
+                    "tenants: expected [[tenants]] entries, found {}",
+                    other.type_str()
+                ));
                 Vec::new()
             }
         };
@@ -506,7 +606,12 @@ impl Parser<'_> {
         if rate_limit_bypass && environment == Environment::Production {
             self.err("RATE_LIMIT_BYPASS is enabled with environment = \"production\": refusing to run without rate limits in production".into());
         }
-        if matches!(storage, StorageTarget::S3 { .. }) && s3_config.endpoint.as_deref().is_some_and(|e| !e.starts_with("http")) {
+        if matches!(storage, StorageTarget::S3 { .. })
+            && s3_config
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| !e.starts_with("http"))
+        {
             self.err("s3.endpoint (UPGATE_S3_ENDPOINT): must be an http:// or https:// URL".into());
         }
         if listen == admin_listen && listen.port() != 0 {
@@ -543,8 +648,15 @@ impl Parser<'_> {
             table,
         };
         let id = self.string(&mut t, "id", None, "");
-        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            self.err(format!("tenants[{index}].id: {id:?} must be 1-64 characters of A-Z a-z 0-9 - _"));
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            self.err(format!(
+                "tenants[{index}].id: {id:?} must be 1-64 characters of A-Z a-z 0-9 - _"
+            ));
         }
         let keys = match t.take("api_keys_sha256") {
             Some(Value::Array(a)) => a
@@ -555,21 +667,34 @@ impl Parser<'_> {
                 })
                 .collect(),
             Some(_) => {
-                self.err(format!("tenants[{index}].api_keys_sha256: expected a list of hex strings"));
+                self.err(format!(
+                    "tenants[{index}].api_keys_sha256: expected a list of hex strings"
+                ));
                 Vec::new()
             }
             None => Vec::new(),
         };
         if keys.is_empty() {
-            self.err(format!("tenants[{index}] ({id}): api_keys_sha256 is empty: the tenant has no API key"));
+            self.err(format!(
+                "tenants[{index}] ({id}): api_keys_sha256 is empty: the tenant has no API key"
+            ));
         }
         for k in &keys {
             if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
-                self.err(format!("tenants[{index}].api_keys_sha256: {k:?} is not a 64-digit hex SHA-256"));
+                self.err(format!(
+                    "tenants[{index}].api_keys_sha256: {k:?} is not a 64-digit hex SHA-256"
+                ));
             }
         }
-        let max_files_per_session = self.int(&mut t, "max_files_per_session", None, 1_000, 1..=1_000_000) as u32;
-        let max_file_size_bytes = self.int(&mut t, "max_file_size_bytes", None, 5_497_558_138_880, 0..=u64::MAX);
+        let max_files_per_session =
+            self.int(&mut t, "max_files_per_session", None, 1_000, 1..=1_000_000) as u32;
+        let max_file_size_bytes = self.int(
+            &mut t,
+            "max_file_size_bytes",
+            None,
+            5_497_558_138_880,
+            0..=u64::MAX,
+        );
         let mut ttl = self.section(&mut t, "session_ttl_seconds");
         let session_ttl_seconds = TtlBounds {
             default: self.int(&mut ttl, "default", None, 1_800, 1..=365 * 86_400),
@@ -577,12 +702,17 @@ impl Parser<'_> {
             max: self.int(&mut ttl, "max", None, 86_400, 1..=365 * 86_400),
         };
         self.finish(ttl);
-        if !(session_ttl_seconds.min <= session_ttl_seconds.default && session_ttl_seconds.default <= session_ttl_seconds.max) {
-            self.err(format!("tenants[{index}].session_ttl_seconds: needs min <= default <= max"));
+        if !(session_ttl_seconds.min <= session_ttl_seconds.default
+            && session_ttl_seconds.default <= session_ttl_seconds.max)
+        {
+            self.err(format!(
+                "tenants[{index}].session_ttl_seconds: needs min <= default <= max"
+            ));
         }
         let mut rl = self.section(&mut t, "rate_limit");
         let rate_limit = RateLimitConfig {
-            requests_per_second: self.int(&mut rl, "requests_per_second", None, 100, 1..=1_000_000) as u32,
+            requests_per_second: self.int(&mut rl, "requests_per_second", None, 100, 1..=1_000_000)
+                as u32,
             burst: self.int(&mut rl, "burst", None, 200, 1..=10_000_000) as u32,
         };
         self.finish(rl);
@@ -591,19 +721,27 @@ impl Parser<'_> {
         if !storage_prefix.ends_with('/')
             || storage_prefix.starts_with('/')
             || storage_prefix.starts_with('.')
-            || storage_prefix.split('/').any(|seg| seg == ".." || seg == ".")
+            || storage_prefix
+                .split('/')
+                .any(|seg| seg == ".." || seg == ".")
             || storage_prefix.len() < 2
         {
             self.err(format!(
                 "tenants[{index}].storage_prefix: {storage_prefix:?} must end with '/', not start with '/' or '.', and have no . or .. segments"
             ));
         }
-        let max_concurrent_uploads = self.int(&mut t, "max_concurrent_uploads", None, 64, 1..=100_000);
+        let max_concurrent_uploads =
+            self.int(&mut t, "max_concurrent_uploads", None, 64, 1..=100_000);
         let cors_allowed_origins = match t.take("cors_allowed_origins") {
             None => Vec::new(),
-            Some(Value::Array(a)) => a.into_iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
             Some(_) => {
-                self.err(format!("tenants[{index}].cors_allowed_origins: expected a list of origins"));
+                self.err(format!(
+                    "tenants[{index}].cors_allowed_origins: expected a list of origins"
+                ));
                 Vec::new()
             }
         };
@@ -631,11 +769,17 @@ impl Parser<'_> {
                 self.err(format!("tenant id {:?} is configured twice", t.id));
             }
             if !prefixes.insert(t.storage_prefix.as_str()) {
-                self.err(format!("storage_prefix {:?} is shared by two tenants", t.storage_prefix));
+                self.err(format!(
+                    "storage_prefix {:?} is shared by two tenants",
+                    t.storage_prefix
+                ));
             }
             for k in &t.api_keys_sha256 {
                 if !keys.insert(k.as_str()) {
-                    self.err(format!("an API key digest of tenant {:?} belongs to another tenant too", t.id));
+                    self.err(format!(
+                        "an API key digest of tenant {:?} belongs to another tenant too",
+                        t.id
+                    ));
                 }
             }
             if environment == Environment::Production && t.api_keys_sha256.contains(&dev_hash) {
@@ -694,7 +838,9 @@ fn parse_storage(raw: &str) -> Result<StorageTarget, String> {
             prefix: prefix.to_owned(),
         });
     }
-    Err(format!("{raw:?} must be file://<dir> or s3://<bucket>/<prefix>"))
+    Err(format!(
+        "{raw:?} must be file://<dir> or s3://<bucket>/<prefix>"
+    ))
 }
 
 #[cfg(test)]
@@ -711,10 +857,16 @@ mod tests {
         let c = Config::embedded_default().expect("default");
         assert_eq!(c.listen, "127.0.0.1:8080".parse().expect("addr"));
         assert_eq!(c.redis, None);
-        assert_eq!(c.storage, StorageTarget::Filesystem(PathBuf::from("./data")));
+        assert_eq!(
+            c.storage,
+            StorageTarget::Filesystem(PathBuf::from("./data"))
+        );
         assert_eq!(c.part_size_mb, 5);
         assert_eq!(c.tenants.len(), 1);
-        assert_eq!(c.tenants[0].api_keys_sha256, vec![Config::hash_key(DEV_API_KEY)]);
+        assert_eq!(
+            c.tenants[0].api_keys_sha256,
+            vec![Config::hash_key(DEV_API_KEY)]
+        );
     }
 
     #[test]
@@ -722,10 +874,20 @@ mod tests {
         for bad in ["4", "101", "0", "five"] {
             let env = |k: &str| (k == "MULTIPART_PART_SIZE_MB").then(|| bad.to_owned());
             let err = Config::from_toml("", env, true).expect_err(bad);
-            assert!(err.problems.iter().any(|p| p.contains("MULTIPART_PART_SIZE_MB")), "{err}");
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.contains("MULTIPART_PART_SIZE_MB")),
+                "{err}"
+            );
         }
         let env = |k: &str| (k == "MULTIPART_PART_SIZE_MB").then(|| "100".to_owned());
-        assert_eq!(Config::from_toml("", env, true).expect("100 ok").part_size_mb, 100);
+        assert_eq!(
+            Config::from_toml("", env, true)
+                .expect("100 ok")
+                .part_size_mb,
+            100
+        );
     }
 
     #[test]
@@ -736,8 +898,16 @@ mod tests {
             _ => None,
         };
         let err = Config::from_toml("", env, true).expect_err("refused");
-        assert!(err.problems.iter().any(|p| p.contains("RATE_LIMIT_BYPASS")), "{err}");
-        assert!(err.problems.iter().any(|p| p.contains("development API key")), "{err}");
+        assert!(
+            err.problems.iter().any(|p| p.contains("RATE_LIMIT_BYPASS")),
+            "{err}"
+        );
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.contains("development API key")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -755,7 +925,16 @@ mod tests {
         "#;
         let err = Config::from_toml(text, no_env, false).expect_err("bad");
         let joined = err.to_string();
-        for needle in ["listen", "part_size_mb", "log_format", "storage", "colour", "tenants[0].id", "api_keys_sha256", "session_ttl_seconds"] {
+        for needle in [
+            "listen",
+            "part_size_mb",
+            "log_format",
+            "storage",
+            "colour",
+            "tenants[0].id",
+            "api_keys_sha256",
+            "session_ttl_seconds",
+        ] {
             assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
         }
         assert!(err.problems.len() >= 8, "{joined}");
@@ -763,7 +942,8 @@ mod tests {
 
     #[test]
     fn a_file_without_tenants_is_refused() {
-        let err = Config::from_toml("listen = \"127.0.0.1:1\"", no_env, false).expect_err("no tenants");
+        let err =
+            Config::from_toml("listen = \"127.0.0.1:1\"", no_env, false).expect_err("no tenants");
         assert!(err.to_string().contains("no [[tenants]]"));
     }
 
@@ -798,7 +978,10 @@ mod tests {
                 prefix: "in/coming".into()
             }
         );
-        assert_eq!(c.redis, Some(RedisTarget::Single("redis://127.0.0.1:6379".into())));
+        assert_eq!(
+            c.redis,
+            Some(RedisTarget::Single("redis://127.0.0.1:6379".into()))
+        );
         assert_eq!(c.tenants[0].storage_prefix, "acme/");
         assert_eq!(c.tenants[0].rate_limit.burst, 10);
         assert_eq!(c.s3.region, "eu-west-1");

@@ -19,7 +19,8 @@ use crate::config::TenantConfig;
 const ALLOW_METHODS: &str = "GET, POST, PUT, DELETE, OPTIONS";
 const ALLOW_HEADERS: &str = "authorization, content-type, content-md5, idempotency-key, x-request-id, traceparent, tracestate, \
 x-amz-checksum-crc32, x-amz-checksum-crc32c, x-amz-checksum-sha1, x-amz-checksum-sha256";
-const EXPOSE_HEADERS: &str = "etag, location, x-request-id, ratelimit, ratelimit-policy, retry-after, idempotent-replayed";
+const EXPOSE_HEADERS: &str =
+    "etag, location, x-request-id, ratelimit, ratelimit-policy, retry-after, idempotent-replayed";
 
 /// Every origin some tenant allows (`*` allows any).
 #[derive(Debug, Clone, Default)]
@@ -28,18 +29,36 @@ pub struct AnyTenantOrigins(Arc<HashSet<String>>);
 impl AnyTenantOrigins {
     /// The union of all tenants' origins.
     pub fn new(tenants: &[TenantConfig]) -> Self {
-        AnyTenantOrigins(Arc::new(tenants.iter().flat_map(|t| t.cors_allowed_origins.iter().cloned()).collect()))
+        AnyTenantOrigins(Arc::new(
+            tenants
+                .iter()
+                .flat_map(|t| t.cors_allowed_origins.iter().cloned())
+                .collect(),
+        ))
     }
 }
 
 fn allows(list: impl IntoIterator<Item = impl AsRef<str>>, origin: &str) -> bool {
-    list.into_iter().any(|o| o.as_ref() == "*" || o.as_ref() == origin)
+    list.into_iter()
+        .any(|o| o.as_ref() == "*" || o.as_ref() == origin)
 }
 
 /// Answers preflights (before authentication).
-pub async fn preflight(State(origins): State<AnyTenantOrigins>, req: Request, next: Next) -> Response {
-    let is_preflight = req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let Some(origin) = req.headers().get(header::ORIGIN).cloned().filter(|_| is_preflight) else {
+pub async fn preflight(
+    State(origins): State<AnyTenantOrigins>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let is_preflight = req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .cloned()
+        .filter(|_| is_preflight)
+    else {
         return next.run(req).await;
     };
     let mut res = StatusCode::NO_CONTENT.into_response();
@@ -47,9 +66,18 @@ pub async fn preflight(State(origins): State<AnyTenantOrigins>, req: Request, ne
     h.insert(header::VARY, HeaderValue::from_static("origin"));
     if origin.to_str().is_ok_and(|o| allows(origins.0.iter(), o)) {
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(ALLOW_METHODS));
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(ALLOW_HEADERS));
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static(ALLOW_METHODS),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(ALLOW_HEADERS),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
     }
     res
 }
@@ -58,14 +86,19 @@ pub async fn preflight(State(origins): State<AnyTenantOrigins>, req: Request, ne
 pub async fn per_tenant(req: Request, next: Next) -> Response {
     let origin = req.headers().get(header::ORIGIN).cloned();
     let allowed = match (&origin, req.extensions().get::<Tenant>()) {
-        (Some(o), Some(t)) => o.to_str().is_ok_and(|o| allows(&t.0.cors_allowed_origins, o)),
+        (Some(o), Some(t)) => o
+            .to_str()
+            .is_ok_and(|o| allows(&t.0.cors_allowed_origins, o)),
         _ => false,
     };
     let mut res = next.run(req).await;
     if let (true, Some(origin)) = (allowed, origin) {
         let h = res.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSE_HEADERS));
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSE_HEADERS),
+        );
         h.append(header::VARY, HeaderValue::from_static("origin"));
     }
     res

@@ -9,12 +9,20 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::model::{now_ms, part_count, part_size_for, FileRecord, FileStatus, SessionRecord, SessionStatus};
+use crate::model::{
+    now_ms, part_count, part_size_for, FileRecord, FileStatus, SessionRecord, SessionStatus,
+};
 use crate::storage::PartBody;
 use crate::store::{BeginComplete, Gate, Registered};
 use crate::{Gateway, StartError};
 
-fn session(config: &Config, tenant: &str, max_files: Option<u32>, created_at: i64, ttl: i64) -> SessionRecord {
+fn session(
+    config: &Config,
+    tenant: &str,
+    max_files: Option<u32>,
+    created_at: i64,
+    ttl: i64,
+) -> SessionRecord {
     SessionRecord {
         id: uuid::Uuid::new_v4().to_string(),
         tenant: tenant.to_owned(),
@@ -57,8 +65,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let size = bytes.len() as u64;
     let part_size = part_size_for(config.part_size_bytes(), size);
     let key = "fixtures/hello.txt";
-    let object_key = state.storage.object_key(&tenant.storage_prefix, &done.id, key);
-    let upload_id = state.storage.create_upload(&object_key, Some("text/plain")).await.map_err(backend)?;
+    let object_key = state
+        .storage
+        .object_key(&tenant.storage_prefix, &done.id, key);
+    let upload_id = state
+        .storage
+        .create_upload(&object_key, Some("text/plain"))
+        .await
+        .map_err(backend)?;
     let file = FileRecord {
         id: uuid::Uuid::new_v4().to_string(),
         session_id: done.id.clone(),
@@ -76,7 +90,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         etag: None,
     };
     let ms = now_ms();
-    match store.register_file(&tenant.id, &file, ms).await.map_err(backend)? {
+    match store
+        .register_file(&tenant.id, &file, ms)
+        .await
+        .map_err(backend)?
+    {
         Gate::Ok(Registered::Created(_)) => {}
         other => return Err(backend(format!("registering the fixture file: {other:?}"))),
     }
@@ -84,9 +102,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         stream: Box::pin(futures_util::stream::iter([Ok(bytes)])),
         len: size,
     };
-    let etag = state.storage.put_part(&object_key, &upload_id, 1, body, None).await.map_err(backend)?;
+    let etag = state
+        .storage
+        .put_part(&object_key, &upload_id, 1, body, None)
+        .await
+        .map_err(backend)?;
     let token = uuid::Uuid::new_v4().to_string();
-    match store.begin_complete(&tenant.id, &done.id, &file.id, &token, 60_000, ms).await.map_err(backend)? {
+    match store
+        .begin_complete(&tenant.id, &done.id, &file.id, &token, 60_000, ms)
+        .await
+        .map_err(backend)?
+    {
         Gate::Ok(BeginComplete::Acquired(..)) => {}
         other => return Err(backend(format!("completing the fixture file: {other:?}"))),
     }

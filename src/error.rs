@@ -173,13 +173,17 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         use AppError::*;
         match self {
-            Validation(_) | FileCountExceeded { .. } | PartSizeMismatch { .. } | PartsMissing(_) | ChecksumMismatch | BodyIncomplete => {
-                StatusCode::BAD_REQUEST
-            }
+            Validation(_)
+            | FileCountExceeded { .. }
+            | PartSizeMismatch { .. }
+            | PartsMissing(_)
+            | ChecksumMismatch
+            | BodyIncomplete => StatusCode::BAD_REQUEST,
             Unauthorized => StatusCode::UNAUTHORIZED,
             SessionNotFound | FileNotFound | RouteNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            DuplicateFileKey(_) | SessionNotActive(_) | FileNotActive(_) | FilesIncomplete(_) | RequestInProgress => StatusCode::CONFLICT,
+            DuplicateFileKey(_) | SessionNotActive(_) | FileNotActive(_) | FilesIncomplete(_)
+            | RequestInProgress => StatusCode::CONFLICT,
             SessionExpired { .. } => StatusCode::GONE,
             LengthRequired => StatusCode::LENGTH_REQUIRED,
             FileTooLarge(_) | PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -279,7 +283,10 @@ impl AppError {
                     .collect::<Vec<_>>()
                     .join("; ")
             }
-            FileCountExceeded { max_files, file_count } => {
+            FileCountExceeded {
+                max_files,
+                file_count,
+            } => {
                 ext.insert("maxFiles".into(), json!(max_files));
                 ext.insert("fileCount".into(), json!(file_count));
                 format!("the session already holds {file_count} of at most {max_files} files")
@@ -312,10 +319,17 @@ impl AppError {
                 ext.insert("incompleteFiles".into(), json!(ids));
                 format!("{} file(s) are not completed", ids.len())
             }
-            SessionExpired { session_id, expires_at, now } => {
+            SessionExpired {
+                session_id,
+                expires_at,
+                now,
+            } => {
                 ext.insert("sessionExpired".into(), json!(true));
                 ext.insert("sessionId".into(), json!(session_id));
-                ext.insert("expiresAt".into(), json!(crate::model::rfc3339(*expires_at)));
+                ext.insert(
+                    "expiresAt".into(),
+                    json!(crate::model::rfc3339(*expires_at)),
+                );
                 ext.insert("now".into(), json!(crate::model::rfc3339(*now)));
                 "create a new session, register the files again and resume their uploads".to_owned()
             }
@@ -327,7 +341,11 @@ impl AppError {
                 ext.insert("maxSizeBytes".into(), json!(max));
                 format!("request bodies may be at most {max} bytes")
             }
-            ContentTypeMismatch { file_id, declared, detected } => {
+            ContentTypeMismatch {
+                file_id,
+                declared,
+                detected,
+            } => {
                 ext.insert("fileId".into(), json!(file_id));
                 ext.insert("declared".into(), json!(declared));
                 ext.insert("detected".into(), json!(detected));
@@ -335,7 +353,9 @@ impl AppError {
             }
             RateLimited { retry_after } => format!("retry in {retry_after} s"),
             Unavailable(_) => "a backing service is unavailable; retry shortly".to_owned(),
-            Internal(_) => "an internal error occurred; the request id identifies it in the logs".to_owned(),
+            Internal(_) => {
+                "an internal error occurred; the request id identifies it in the logs".to_owned()
+            }
             other => other.title().to_owned(),
         };
         (detail, ext)
@@ -346,7 +366,10 @@ impl AppError {
         let status = self.status();
         let (detail, ext) = self.detail_and_extensions();
         let mut doc = Map::new();
-        doc.insert("type".into(), json!(format!("https://upgate.dev/problems/{}", self.code())));
+        doc.insert(
+            "type".into(),
+            json!(format!("https://upgate.dev/problems/{}", self.code())),
+        );
         doc.insert("title".into(), json!(self.title()));
         doc.insert("status".into(), json!(status.as_u16()));
         doc.insert("detail".into(), json!(detail));
@@ -359,15 +382,22 @@ impl AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         match &self {
-            AppError::Unavailable(m) => tracing::error!(code = "unavailable", error = %m, "backing service unavailable"),
-            AppError::Internal(m) => tracing::error!(code = "internal", error = %m, "internal error"),
+            AppError::Unavailable(m) => {
+                tracing::error!(code = "unavailable", error = %m, "backing service unavailable")
+            }
+            AppError::Internal(m) => {
+                tracing::error!(code = "internal", error = %m, "internal error")
+            }
             _ => tracing::debug!(code = self.code(), "request rejected"),
         }
         let status = self.status();
         let body = self.problem().to_string();
         let mut res = (status, body).into_response();
         let headers = res.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         match &self {
             AppError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -376,7 +406,10 @@ impl IntoResponse for AppError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after.max(&1)));
             }
             AppError::TooManyConcurrentUploads | AppError::Unavailable(_) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(UNAVAILABLE_RETRY_AFTER));
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(UNAVAILABLE_RETRY_AFTER),
+                );
             }
             _ => {}
         }

@@ -76,7 +76,8 @@ impl Gateway {
         };
         let store: Arc<dyn SessionStore> = match &handle {
             Some(h) => Arc::new(
-                store::redis::RedisStore::new(h.clone(), redis_store_options(&config)).map_err(|e| StartError::Backend(e.to_string()))?,
+                store::redis::RedisStore::new(h.clone(), redis_store_options(&config))
+                    .map_err(|e| StartError::Backend(e.to_string()))?,
             ),
             None => Arc::new(store::memory::MemoryStore::new(config.session_retention)),
         };
@@ -87,7 +88,11 @@ impl Gateway {
     /// A gateway over backends the caller built (tests wrap real backends this way); the
     /// rate-limit and idempotency layers keep their state in process (see
     /// [`Gateway::with_redis_layers`]).
-    pub fn with_backends(config: Config, store: Arc<dyn SessionStore>, storage: Arc<dyn ObjectStore>) -> Gateway {
+    pub fn with_backends(
+        config: Config,
+        store: Arc<dyn SessionStore>,
+        storage: Arc<dyn ObjectStore>,
+    ) -> Gateway {
         let layers = stack::Layers::new(&config, store.clone(), None);
         Gateway {
             state: AppState {
@@ -126,16 +131,27 @@ impl Gateway {
     /// Serves the API on `listener` and the admin routes on `admin` (if given) until
     /// `shutdown` resolves; then stops accepting, lets in-flight requests finish within
     /// `shutdown_grace_seconds`, stops the reaper, and returns.
-    pub async fn serve(self, listener: TcpListener, admin: Option<TcpListener>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
         let config = self.state.config.clone();
         let stop = CancellationToken::new();
-        let reaper = tokio::spawn(reaper::run(self.state.clone(), config.reaper_interval, stop.clone()));
+        let reaper = tokio::spawn(reaper::run(
+            self.state.clone(),
+            config.reaper_interval,
+            stop.clone(),
+        ));
         let admin_task = admin.map(|l| {
             let layers = self.layers.clone();
             let router = admin::routes(self.state.clone(), Arc::new(move || layers.metrics_text()));
             let stop = stop.clone();
             tokio::spawn(async move {
-                let r = axum::serve(l, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+                let r = axum::serve(l, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
                 if let Err(e) = r {
                     tracing::error!(error = %e, "admin listener failed");
                 }
@@ -160,10 +176,13 @@ impl Gateway {
 /// The session store the configuration names.
 pub async fn build_store(config: &Config) -> Result<Arc<dyn SessionStore>, StartError> {
     let Some(target) = &config.redis else {
-        return Ok(Arc::new(store::memory::MemoryStore::new(config.session_retention)));
+        return Ok(Arc::new(store::memory::MemoryStore::new(
+            config.session_retention,
+        )));
     };
     let handle = redis_handle(config, target)?;
-    let store = store::redis::RedisStore::new(handle, redis_store_options(config)).map_err(|e| StartError::Backend(e.to_string()))?;
+    let store = store::redis::RedisStore::new(handle, redis_store_options(config))
+        .map_err(|e| StartError::Backend(e.to_string()))?;
     Ok(Arc::new(store))
 }
 
@@ -176,7 +195,10 @@ fn redis_store_options(config: &Config) -> store::redis::RedisStoreOptions {
 }
 
 /// A pooled connection handle on the configured Redis (single or cluster).
-pub fn redis_handle(config: &Config, target: &config::RedisTarget) -> Result<store::redis::RedisHandle, StartError> {
+pub fn redis_handle(
+    config: &Config,
+    target: &config::RedisTarget,
+) -> Result<store::redis::RedisHandle, StartError> {
     let pool = store::redis::RedisPoolOptions {
         timeout: config.redis_timeout,
         ..Default::default()
@@ -212,7 +234,11 @@ pub async fn build_storage(config: &Config) -> Result<Arc<dyn ObjectStore>, Star
 
 /// Starts the gateway the configuration describes on `listener` (the admin listener is bound
 /// from `admin_listen`) and serves until `shutdown` resolves.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let admin = TcpListener::bind(config.admin_listen).await?;
     if config.rate_limit_bypass {
         tracing::warn!("RATE_LIMIT_BYPASS is enabled: rate limits are NOT enforced (would-be rejections are logged and counted). Never enable this in production.");

@@ -34,7 +34,9 @@ async fn main() -> ExitCode {
         }
     }
     if command == "hash-key" {
-        let [key] = rest.as_slice() else { return usage() };
+        let [key] = rest.as_slice() else {
+            return usage();
+        };
         println!("{}", Config::hash_key(key));
         return ExitCode::SUCCESS;
     }

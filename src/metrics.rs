@@ -32,7 +32,7 @@ impl Counter {
 
 /// Counters keyed by a label value set (e.g. `code`, or `route` + `status`).
 #[derive(Debug, Default)]
-pub struct LabeledCounter(Mutex<BTreeMap<Vec<(&'static str, String)>, u64>>);
+pub struct LabeledCounter(Mutex<BTreeMap<Labels, u64>>);
 
 impl LabeledCounter {
     /// Adds one to the series with these labels.
@@ -50,7 +50,12 @@ impl LabeledCounter {
     pub fn get(&self, labels: &[(&'static str, &str)]) -> u64 {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.iter()
-            .find(|(k, _)| k.len() == labels.len() && k.iter().zip(labels).all(|((a, b), (c, d))| a == c && b == d))
+            .find(|(k, _)| {
+                k.len() == labels.len()
+                    && k.iter()
+                        .zip(labels)
+                        .all(|((a, b), (c, d))| a == c && b == d)
+            })
             .map(|(_, v)| *v)
             .unwrap_or(0)
     }
@@ -73,11 +78,19 @@ fn render_labels(labels: &[(&'static str, String)]) -> String {
 }
 
 /// Latency buckets in seconds.
-const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Label names and values of one series.
+type Labels = Vec<(&'static str, String)>;
+
+/// One histogram series: cumulative bucket counts, count, sum.
+type Series = ([u64; BUCKETS.len()], u64, f64);
 
 /// A histogram per label set.
 #[derive(Debug, Default)]
-pub struct Histogram(Mutex<BTreeMap<Vec<(&'static str, String)>, ([u64; BUCKETS.len()], u64, f64)>>);
+pub struct Histogram(Mutex<BTreeMap<Labels, Series>>);
 
 impl Histogram {
     /// Records one observation.
@@ -98,7 +111,12 @@ impl Histogram {
     pub fn count(&self, labels: &[(&'static str, &str)]) -> u64 {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.iter()
-            .find(|(k, _)| k.len() == labels.len() && k.iter().zip(labels).all(|((a, b), (c, d))| a == c && b == d))
+            .find(|(k, _)| {
+                k.len() == labels.len()
+                    && k.iter()
+                        .zip(labels)
+                        .all(|((a, b), (c, d))| a == c && b == d)
+            })
             .map(|(_, v)| v.1)
             .unwrap_or(0)
     }
@@ -152,24 +170,74 @@ impl Metrics {
     /// Prometheus text exposition; `extra` is appended (layer counters).
     pub fn render(&self, extra: &str) -> String {
         let mut out = String::with_capacity(4096);
-        self.requests.render(&mut out, "upgate_http_requests_total", "HTTP requests by route and status.");
-        self.request_seconds
-            .render(&mut out, "upgate_http_request_duration_seconds", "HTTP request latency by route.");
-        self.registrations
-            .render(&mut out, "upgate_file_registrations_total", "File registrations by outcome code.");
+        self.requests.render(
+            &mut out,
+            "upgate_http_requests_total",
+            "HTTP requests by route and status.",
+        );
+        self.request_seconds.render(
+            &mut out,
+            "upgate_http_request_duration_seconds",
+            "HTTP request latency by route.",
+        );
+        self.registrations.render(
+            &mut out,
+            "upgate_file_registrations_total",
+            "File registrations by outcome code.",
+        );
         let counters: [(&str, &str, &Counter); 9] = [
-            ("upgate_idempotent_replays_total", "Responses replayed for a repeated Idempotency-Key.", &self.idempotent_replays),
-            ("upgate_sessions_created_total", "Sessions created.", &self.sessions_created),
-            ("upgate_sessions_finalized_total", "Sessions finalized.", &self.sessions_finalized),
-            ("upgate_sessions_expired_total", "Sessions seen past expiresAt.", &self.sessions_expired),
-            ("upgate_sessions_reaped_total", "Expired sessions reaped.", &self.sessions_reaped),
-            ("upgate_uploads_reaped_total", "Storage multipart uploads aborted by the reaper.", &self.uploads_reaped),
-            ("upgate_files_completed_total", "Files completed in storage.", &self.files_completed),
-            ("upgate_received_bytes_total", "Part bytes received from clients.", &self.bytes_received),
-            ("upgate_stored_bytes_total", "Part bytes acknowledged by storage.", &self.bytes_stored),
+            (
+                "upgate_idempotent_replays_total",
+                "Responses replayed for a repeated Idempotency-Key.",
+                &self.idempotent_replays,
+            ),
+            (
+                "upgate_sessions_created_total",
+                "Sessions created.",
+                &self.sessions_created,
+            ),
+            (
+                "upgate_sessions_finalized_total",
+                "Sessions finalized.",
+                &self.sessions_finalized,
+            ),
+            (
+                "upgate_sessions_expired_total",
+                "Sessions seen past expiresAt.",
+                &self.sessions_expired,
+            ),
+            (
+                "upgate_sessions_reaped_total",
+                "Expired sessions reaped.",
+                &self.sessions_reaped,
+            ),
+            (
+                "upgate_uploads_reaped_total",
+                "Storage multipart uploads aborted by the reaper.",
+                &self.uploads_reaped,
+            ),
+            (
+                "upgate_files_completed_total",
+                "Files completed in storage.",
+                &self.files_completed,
+            ),
+            (
+                "upgate_received_bytes_total",
+                "Part bytes received from clients.",
+                &self.bytes_received,
+            ),
+            (
+                "upgate_stored_bytes_total",
+                "Part bytes acknowledged by storage.",
+                &self.bytes_stored,
+            ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.get());
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
         }
         out.push_str(extra);
         out

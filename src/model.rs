@@ -211,7 +211,8 @@ pub fn expected_part_len(size_bytes: u64, part_size: u64, part_number: u32) -> O
 
 /// Renders seconds since the epoch as RFC 3339 UTC without fractions.
 pub fn rfc3339(secs: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t =
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     t.format(&f).unwrap_or_default()
 }

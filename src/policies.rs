@@ -64,7 +64,11 @@ pub enum Limiter {
 }
 
 impl RateLimitBackend for Limiter {
-    fn check(&self, key: &str, quota: Quota) -> impl Future<Output = Result<Decision, BoxError>> + Send {
+    fn check(
+        &self,
+        key: &str,
+        quota: Quota,
+    ) -> impl Future<Output = Result<Decision, BoxError>> + Send {
         let this = self.clone();
         let key = key.to_owned();
         async move {
@@ -138,8 +142,19 @@ impl IdempotencyStore for IdempotencyRecords {
         }
     }
 
-    fn complete(&self, key: &str, owner: &str, response: &StoredResponse, ttl: Duration) -> impl Future<Output = Result<(), BoxError>> + Send {
-        let (this, key, owner, response) = (self.clone(), key.to_owned(), owner.to_owned(), response.clone());
+    fn complete(
+        &self,
+        key: &str,
+        owner: &str,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let (this, key, owner, response) = (
+            self.clone(),
+            key.to_owned(),
+            owner.to_owned(),
+            response.clone(),
+        );
         async move {
             match this {
                 IdempotencyRecords::Local(s) => s.complete(&key, &owner, &response, ttl).await,
@@ -200,8 +215,14 @@ fn session_id_of(path: &str) -> Option<&str> {
 impl DeadlineLookup for SessionDeadlines {
     type Info = SessionDeadline;
 
-    fn lookup(&self, parts: &Parts) -> impl Future<Output = Result<Option<Expiring<SessionDeadline>>, BoxError>> + Send {
-        let target = match (parts.extensions.get::<Tenant>(), session_id_of(parts.uri.path())) {
+    fn lookup(
+        &self,
+        parts: &Parts,
+    ) -> impl Future<Output = Result<Option<Expiring<SessionDeadline>>, BoxError>> + Send {
+        let target = match (
+            parts.extensions.get::<Tenant>(),
+            session_id_of(parts.uri.path()),
+        ) {
             (Some(t), Some(sid)) => Some((t.0.id.clone(), sid.to_owned())),
             _ => None,
         };
@@ -211,7 +232,12 @@ impl DeadlineLookup for SessionDeadlines {
                 return Ok(None);
             };
             let key = (tenant, session_id);
-            let cached = this.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
+            let cached = this
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .copied();
             let expires_at = match cached {
                 Some(at) => at,
                 None => match this.store.session_deadline(&key.0, &key.1).await? {
@@ -227,7 +253,8 @@ impl DeadlineLookup for SessionDeadlines {
                 },
             };
             Ok(Some(Expiring {
-                expires_at: UNIX_EPOCH + Duration::from_secs(u64::try_from(expires_at).unwrap_or(0)),
+                expires_at: UNIX_EPOCH
+                    + Duration::from_secs(u64::try_from(expires_at).unwrap_or(0)),
                 info: SessionDeadline {
                     tenant: key.0,
                     session_id: key.1,
@@ -246,14 +273,34 @@ pub struct ExpiredProblem {
 }
 
 impl upgate_layers::expiry::ExpiredResponse<SessionDeadline, Body> for ExpiredProblem {
-    fn expired(&self, expiring: &Expiring<SessionDeadline>, now: SystemTime, _parts: &Parts) -> Response<Body> {
-        let now_ms = i64::try_from(now.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX);
-        let expires_at = i64::try_from(expiring.expires_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()).unwrap_or(0);
+    fn expired(
+        &self,
+        expiring: &Expiring<SessionDeadline>,
+        now: SystemTime,
+        _parts: &Parts,
+    ) -> Response<Body> {
+        let now_ms = i64::try_from(
+            now.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        )
+        .unwrap_or(i64::MAX);
+        let expires_at = i64::try_from(
+            expiring
+                .expires_at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        )
+        .unwrap_or(0);
         let info = expiring.info.clone();
         let store = self.store.clone();
         // Recording the transition is the store's atomic step; the response does not wait.
         tokio::spawn(async move {
-            match store.get_session(&info.tenant, &info.session_id, now_ms).await {
+            match store
+                .get_session(&info.tenant, &info.session_id, now_ms)
+                .await
+            {
                 Ok(crate::store::Gate::Expired(e)) if e.first_observation => {
                     crate::api::log_expiration(&e.session, &info.tenant, now_ms, "request");
                 }

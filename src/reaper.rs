@@ -48,7 +48,10 @@ pub async fn pass(state: &AppState) -> Result<usize, crate::store::StoreError> {
     let mut reaped = 0;
     loop {
         let now = now_ms();
-        let due = state.store.claim_expired(now, CLAIM_LEASE_MS, BATCH).await?;
+        let due = state
+            .store
+            .claim_expired(now, CLAIM_LEASE_MS, BATCH)
+            .await?;
         if due.is_empty() {
             return Ok(reaped);
         }

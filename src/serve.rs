@@ -36,7 +36,12 @@ pub struct ServeLimits {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains within `limits.grace`.
-pub async fn serve(listener: TcpListener, app: Router, limits: ServeLimits, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -78,7 +83,9 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServeLimits, shut
             app.clone()
                 .map_request(|req: axum::http::Request<Incoming>| req.map(axum::body::Body::new)),
         );
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

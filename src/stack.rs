@@ -49,8 +49,8 @@ use crate::auth::Tenants;
 use crate::config::Config;
 use crate::error::AppError;
 use crate::policies::{
-    ExpiredProblem, IdempotencyProblems, IdempotencyRecords, Limiter, RateLimited, SessionDeadlines, TenantQuota, TenantScope,
-    TooManyUploads, UploadsInFlight,
+    ExpiredProblem, IdempotencyProblems, IdempotencyRecords, Limiter, RateLimited,
+    SessionDeadlines, TenantQuota, TenantScope, TooManyUploads, UploadsInFlight,
 };
 use crate::store::redis::RedisHandle;
 use crate::store::SessionStore;
@@ -62,17 +62,26 @@ pub struct Layers {
     rate_limit: RateLimitLayer<TenantQuota, Limiter, RateLimited>,
     idempotency: IdempotencyLayer<TenantScope, IdempotencyRecords, IdempotencyProblems>,
     expiry: ExpiryLayer<SessionDeadlines, ExpiredProblem>,
-    uploads: CountLimitLayer<UploadsInFlight, upgate_layers::count_limit::InProcess, TooManyUploads>,
+    uploads:
+        CountLimitLayer<UploadsInFlight, upgate_layers::count_limit::InProcess, TooManyUploads>,
 }
 
 impl Layers {
     /// Backends in Redis when `redis` is given (shared by all replicas), in-process otherwise.
     /// The upload concurrency cap is always per replica: it protects this process's memory.
-    pub fn new(config: &Config, store: Arc<dyn SessionStore>, redis: Option<RedisHandle>) -> Layers {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn SessionStore>,
+        redis: Option<RedisHandle>,
+    ) -> Layers {
         let (limiter, records) = match redis {
             Some(handle) => (
-                Limiter::Redis(Arc::new(upgate_layers::rate_limit::RedisGcra::new(handle.clone()).prefix("upgate:rl:"))),
-                IdempotencyRecords::Redis(Arc::new(upgate_layers::idempotency::RedisStore::new(handle))),
+                Limiter::Redis(Arc::new(
+                    upgate_layers::rate_limit::RedisGcra::new(handle.clone()).prefix("upgate:rl:"),
+                )),
+                IdempotencyRecords::Redis(Arc::new(upgate_layers::idempotency::RedisStore::new(
+                    handle,
+                ))),
             ),
             None => (
                 Limiter::Local(Arc::new(upgate_layers::rate_limit::InProcess::new())),
@@ -89,10 +98,17 @@ impl Layers {
                 .body_limit(max_body)
                 .ttl(config.idempotency_ttl)
                 .prefix("upgate:idem:")
-                .rejection(IdempotencyProblems { max_body: max_body as u64 }),
-            expiry: ExpiryLayer::new(SessionDeadlines::new(store.clone())).expired_response(ExpiredProblem { store }),
-            uploads: CountLimitLayer::new(UploadsInFlight, upgate_layers::count_limit::InProcess::new(), Release::OnCompletion)
-                .rejection(TooManyUploads),
+                .rejection(IdempotencyProblems {
+                    max_body: max_body as u64,
+                }),
+            expiry: ExpiryLayer::new(SessionDeadlines::new(store.clone()))
+                .expired_response(ExpiredProblem { store }),
+            uploads: CountLimitLayer::new(
+                UploadsInFlight,
+                upgate_layers::count_limit::InProcess::new(),
+                Release::OnCompletion,
+            )
+            .rejection(TooManyUploads),
         }
     }
 
@@ -132,10 +148,17 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
     let metrics_state = state.clone();
     crate::api::routes(state).layer(
         ServiceBuilder::new()
-            .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeRequestUuid))
+            .layer(SetRequestIdLayer::new(
+                X_REQUEST_ID.clone(),
+                MakeRequestUuid,
+            ))
             .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let request_id = req.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let request_id = req
+                    .headers()
+                    .get(&X_REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
                 let route = req
                     .extensions()
                     .get::<MatchedPath>()
@@ -143,8 +166,16 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
                     .unwrap_or("unmatched");
                 // Ids from the path, so every event of the request (the layers' too) carries them.
                 let mut segments = req.uri().path().split('/').skip(2);
-                let session_id = if segments.next() == Some("sessions") { segments.next() } else { None };
-                let file_id = if segments.next() == Some("files") { segments.next() } else { None };
+                let session_id = if segments.next() == Some("sessions") {
+                    segments.next()
+                } else {
+                    None
+                };
+                let file_id = if segments.next() == Some("files") {
+                    segments.next()
+                } else {
+                    None
+                };
                 let span = tracing::info_span!(
                     "request",
                     request_id,
@@ -155,16 +186,32 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
                     file_id = file_id.unwrap_or(""),
                 );
                 // Continue the caller's trace (W3C traceparent) when it sent one.
-                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, crate::telemetry::parent_context(req.headers()));
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
+                    &span,
+                    crate::telemetry::parent_context(req.headers()),
+                );
                 span
             }))
-            .layer(middleware::from_fn_with_state(metrics_state, record_metrics))
-            .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {
-                AppError::Internal("handler panicked".into()).into_response()
+            .layer(middleware::from_fn_with_state(
+                metrics_state,
+                record_metrics,
+            ))
+            .layer(CatchPanicLayer::custom(
+                |_panic: Box<dyn std::any::Any + Send>| {
+                    AppError::Internal("handler panicked".into()).into_response()
+                },
+            ))
+            .layer(middleware::from_fn(move |req: Request, next: Next| {
+                control_plane_timeout(timeout, req, next)
             }))
-            .layer(middleware::from_fn(move |req: Request, next: Next| control_plane_timeout(timeout, req, next)))
-            .layer(middleware::from_fn_with_state(cors_origins, crate::cors::preflight))
-            .layer(middleware::from_fn_with_state(tenants, crate::auth::authenticate))
+            .layer(middleware::from_fn_with_state(
+                cors_origins,
+                crate::cors::preflight,
+            ))
+            .layer(middleware::from_fn_with_state(
+                tenants,
+                crate::auth::authenticate,
+            ))
             .layer(middleware::from_fn(crate::cors::per_tenant))
             .layer(HandleErrorLayer::new(layer_failure))
             .layer(layers.rate_limit.clone())
@@ -187,7 +234,11 @@ async fn control_plane_timeout(limit: Duration, req: Request, next: Next) -> Res
     }
 }
 
-async fn record_metrics(axum::extract::State(state): axum::extract::State<AppState>, req: Request, next: Next) -> Response {
+async fn record_metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()

@@ -18,16 +18,22 @@ use crate::config::LogFormat;
 
 /// True when an OTLP endpoint is configured through the standard variables.
 fn otlp_configured() -> bool {
-    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|k| std::env::var(k).is_ok_and(|v| !v.trim().is_empty()))
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| std::env::var(k).is_ok_and(|v| !v.trim().is_empty()))
 }
 
 fn tracer_provider() -> Option<SdkTracerProvider> {
     if !otlp_configured() {
         return None;
     }
-    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
         Ok(e) => e,
         Err(e) => {
             eprintln!("upgate: OTLP trace exporter not started: {e}");
@@ -38,7 +44,11 @@ fn tracer_provider() -> Option<SdkTracerProvider> {
     Some(
         SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service)
+                    .build(),
+            )
             .build(),
     )
 }
@@ -61,7 +71,13 @@ pub fn init(format: LogFormat) -> Telemetry {
             .with_span_list(false)
             .boxed(),
     };
-    if tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init().is_err() {
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .is_err()
+    {
         tracing::debug!("a tracing subscriber was already installed");
     }
     if provider.is_some() {

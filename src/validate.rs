@@ -91,7 +91,12 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, AppError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Object(Map::new()));
     }
-    serde_json::from_slice(bytes).map_err(|e| AppError::Validation(vec![FieldError::new("body", format!("malformed JSON: {e}"))]))
+    serde_json::from_slice(bytes).map_err(|e| {
+        AppError::Validation(vec![FieldError::new(
+            "body",
+            format!("malformed JSON: {e}"),
+        )])
+    })
 }
 
 /// Validates a create-session body against the tenant's bounds.
@@ -105,7 +110,10 @@ pub fn create_session(body: &Value, tenant: &TenantConfig) -> Result<CreateSessi
             Some(n) if n >= 1 => {
                 errors.push(FieldError::new(
                     "maxFiles",
-                    format!("must be at most {} for this tenant", tenant.max_files_per_session),
+                    format!(
+                        "must be at most {} for this tenant",
+                        tenant.max_files_per_session
+                    ),
                 ));
                 None
             }
@@ -123,7 +131,10 @@ pub fn create_session(body: &Value, tenant: &TenantConfig) -> Result<CreateSessi
             _ => {
                 errors.push(FieldError::new(
                     "ttlSeconds",
-                    format!("must be an integer between {} and {}", bounds.min, bounds.max),
+                    format!(
+                        "must be an integer between {} and {}",
+                        bounds.min, bounds.max
+                    ),
                 ));
                 bounds.default
             }
@@ -148,7 +159,11 @@ pub fn create_session(body: &Value, tenant: &TenantConfig) -> Result<CreateSessi
     }
 }
 
-fn string_field(o: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+fn string_field(
+    o: &Map<String, Value>,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
     match present(o, field) {
         None => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -165,11 +180,15 @@ pub fn register_file(body: &Value, tenant: &TenantConfig) -> Result<RegisterFile
     let mut errors = Vec::new();
     let file_name = string_field(o, "fileName", &mut errors);
     match &file_name {
-        None if !errors.iter().any(|e| e.field == "fileName") => errors.push(FieldError::new("fileName", "is required")),
-        Some(n) if n.is_empty() || n.len() > MAX_KEY_BYTES || n.chars().any(char::is_control) => errors.push(FieldError::new(
-            "fileName",
-            "must be 1 to 1024 bytes without control characters",
-        )),
+        None if !errors.iter().any(|e| e.field == "fileName") => {
+            errors.push(FieldError::new("fileName", "is required"))
+        }
+        Some(n) if n.is_empty() || n.len() > MAX_KEY_BYTES || n.chars().any(char::is_control) => {
+            errors.push(FieldError::new(
+                "fileName",
+                "must be 1 to 1024 bytes without control characters",
+            ))
+        }
         _ => {}
     }
     let explicit_key = string_field(o, "fileKey", &mut errors);
@@ -201,7 +220,10 @@ pub fn register_file(body: &Value, tenant: &TenantConfig) -> Result<RegisterFile
     let content_type = string_field(o, "contentType", &mut errors);
     if let Some(ct) = &content_type {
         if !is_media_type(ct) {
-            errors.push(FieldError::new("contentType", "must be a media type like image/png"));
+            errors.push(FieldError::new(
+                "contentType",
+                "must be a media type like image/png",
+            ));
         }
     }
     match (errors.is_empty(), file_name, file_key, size_bytes) {
@@ -238,7 +260,10 @@ pub fn complete_parts(body: &Value, part_count: u32) -> Result<Option<Vec<Client
         return Ok(None);
     };
     let Some(items) = parts.as_array() else {
-        return Err(AppError::Validation(vec![FieldError::new("parts", "must be an array")]));
+        return Err(AppError::Validation(vec![FieldError::new(
+            "parts",
+            "must be an array",
+        )]));
     };
     let mut errors = Vec::new();
     let mut out: Vec<ClientPart> = Vec::with_capacity(items.len());
@@ -246,9 +271,14 @@ pub fn complete_parts(body: &Value, part_count: u32) -> Result<Option<Vec<Client
         let number = item.get("partNumber").and_then(Value::as_u64);
         let etag = item.get("etag").and_then(Value::as_str);
         match (number, etag) {
-            (Some(n), Some(e)) if n >= 1 && n <= u64::from(part_count) && !e.trim_matches('"').is_empty() => {
+            (Some(n), Some(e))
+                if n >= 1 && n <= u64::from(part_count) && !e.trim_matches('"').is_empty() =>
+            {
                 if out.iter().any(|p| u64::from(p.part_number) == n) {
-                    errors.push(FieldError::new(format!("parts[{i}].partNumber"), "is listed twice"));
+                    errors.push(FieldError::new(
+                        format!("parts[{i}].partNumber"),
+                        "is listed twice",
+                    ));
                 } else {
                     out.push(ClientPart {
                         part_number: n as u32,
@@ -278,14 +308,18 @@ pub fn presign_numbers(body: &Value, part_count: u32) -> Result<Vec<u32>, AppErr
             format!("must be a non-empty array of distinct integers between 1 and {part_count} (at most 1000)"),
         )])
     };
-    let items = present(o, "partNumbers").and_then(Value::as_array).ok_or_else(bad)?;
+    let items = present(o, "partNumbers")
+        .and_then(Value::as_array)
+        .ok_or_else(bad)?;
     if items.is_empty() || items.len() > 1000 {
         return Err(bad());
     }
     let mut out = Vec::with_capacity(items.len());
     for v in items {
         match v.as_u64() {
-            Some(n) if n >= 1 && n <= u64::from(part_count) && !out.contains(&(n as u32)) => out.push(n as u32),
+            Some(n) if n >= 1 && n <= u64::from(part_count) && !out.contains(&(n as u32)) => {
+                out.push(n as u32)
+            }
             _ => return Err(bad()),
         }
     }
@@ -306,26 +340,42 @@ mod tests {
 
     #[test]
     fn file_key_rules() {
-        for bad in ["", "/a", "a/../b", "..", "a/..", "a\u{0}b", "a\nb", "a//b", "a/", "./a"] {
+        for bad in [
+            "", "/a", "a/../b", "..", "a/..", "a\u{0}b", "a\nb", "a//b", "a/", "./a",
+        ] {
             assert!(file_key_problem(bad).is_some(), "{bad:?} accepted");
         }
         assert!(file_key_problem(&"k".repeat(1025)).is_some());
-        for good in ["a", "a/b/c.txt", "my..file", "...", "é/ü.png", &"k".repeat(1024)] {
+        for good in [
+            "a",
+            "a/b/c.txt",
+            "my..file",
+            "...",
+            "é/ü.png",
+            &"k".repeat(1024),
+        ] {
             assert_eq!(file_key_problem(good), None, "{good:?} refused");
         }
     }
 
     #[test]
     fn register_reports_every_bad_field() {
-        let err = register_file(&json!({"fileKey": "/x", "sizeBytes": -1, "contentType": 5}), &tenant()).expect_err("bad");
-        let AppError::Validation(errs) = err else { panic!("not validation") };
+        let err = register_file(
+            &json!({"fileKey": "/x", "sizeBytes": -1, "contentType": 5}),
+            &tenant(),
+        )
+        .expect_err("bad");
+        let AppError::Validation(errs) = err else {
+            panic!("not validation")
+        };
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["fileName", "fileKey", "sizeBytes", "contentType"]);
     }
 
     #[test]
     fn file_key_defaults_to_file_name() {
-        let r = register_file(&json!({"fileName": "a.png", "sizeBytes": 3}), &tenant()).expect("valid");
+        let r =
+            register_file(&json!({"fileName": "a.png", "sizeBytes": 3}), &tenant()).expect("valid");
         assert_eq!(r.file_key, "a.png");
     }
 
@@ -333,8 +383,14 @@ mod tests {
     fn oversize_file_is_413_after_validation() {
         let mut t = tenant();
         t.max_file_size_bytes = 10;
-        assert!(matches!(register_file(&json!({"fileName": "a", "sizeBytes": 11}), &t), Err(AppError::FileTooLarge(10))));
-        assert!(matches!(register_file(&json!({"sizeBytes": 11}), &t), Err(AppError::Validation(_))));
+        assert!(matches!(
+            register_file(&json!({"fileName": "a", "sizeBytes": 11}), &t),
+            Err(AppError::FileTooLarge(10))
+        ));
+        assert!(matches!(
+            register_file(&json!({"sizeBytes": 11}), &t),
+            Err(AppError::Validation(_))
+        ));
     }
 
     proptest! {

@@ -36,12 +36,16 @@ impl Backend {
 
     async fn store(&self) -> Arc<dyn SessionStore> {
         match self {
-            Backend::Memory => Arc::new(upgate::store::memory::MemoryStore::new(Duration::from_secs(3600))),
+            Backend::Memory => Arc::new(upgate::store::memory::MemoryStore::new(
+                Duration::from_secs(3600),
+            )),
             Backend::Redis(server) => redis_store(&server.url()).await,
             Backend::Cluster(cluster) => {
                 let mut cfg = config("");
                 cfg.redis = Some(upgate::config::RedisTarget::Cluster(cluster.urls()));
-                upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"))
+                upgate::build_store(&cfg)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
             }
         }
     }
@@ -50,7 +54,9 @@ impl Backend {
 async fn redis_store(url: &str) -> Arc<dyn SessionStore> {
     let mut cfg = config("");
     cfg.redis = Some(upgate::config::RedisTarget::Single(url.to_owned()));
-    upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"))
+    upgate::build_store(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn gateway(backend: &Backend) -> TestGateway {
@@ -105,18 +111,45 @@ on_every_store!(
 async fn zero_byte_file_completes_without_parts(backend: Backend) {
     let gw = gateway(&backend).await;
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
-    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "empty.txt", "sizeBytes": 0})).await.json().await.expect("json");
+    let f: Value = gw
+        .register(
+            KEY_A,
+            &session,
+            json!({"fileName": "empty.txt", "sizeBytes": 0}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(f["partCount"], 1);
     let file = f["fileId"].as_str().expect("id").to_owned();
     let done = gw.complete(KEY_A, &session, &file).await;
     assert_eq!(done.status(), 200);
     let done: Value = done.json().await.expect("json");
-    let path = done["fileUrl"].as_str().and_then(|u| u.strip_prefix("file://")).expect("url").to_owned();
+    let path = done["fileUrl"]
+        .as_str()
+        .and_then(|u| u.strip_prefix("file://"))
+        .expect("url")
+        .to_owned();
     assert_eq!(std::fs::read(path).expect("object").len(), 0);
     // An explicit empty part works too.
-    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "empty2.txt", "sizeBytes": 0})).await.json().await.expect("json");
+    let f: Value = gw
+        .register(
+            KEY_A,
+            &session,
+            json!({"fileName": "empty2.txt", "sizeBytes": 0}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
     let file = f["fileId"].as_str().expect("id").to_owned();
-    assert_eq!(gw.put_part(KEY_A, &session, &file, 1, Vec::new()).await.status(), 200);
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 1, Vec::new())
+            .await
+            .status(),
+        200
+    );
     assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
 }
 
@@ -126,7 +159,9 @@ fn sid(v: &Value) -> String {
 
 async fn happy_path_create_register_upload_complete_finalize(backend: Backend) {
     let gw = gateway(&backend).await;
-    let s = gw.create_session(KEY_A, json!({"maxFiles": 3, "metadata": {"order": 7}})).await;
+    let s = gw
+        .create_session(KEY_A, json!({"maxFiles": 3, "metadata": {"order": 7}}))
+        .await;
     assert_eq!(s["status"], "active");
     assert_eq!(s["partSizeBytes"], 5 * 1024 * 1024);
     assert_eq!(s["maxFiles"], 3);
@@ -149,17 +184,25 @@ async fn happy_path_create_register_upload_complete_finalize(backend: Backend) {
     assert!(f.get("fileUrl").is_none(), "no fileUrl before completion");
     let file = f["fileId"].as_str().expect("fileId").to_owned();
 
-    let p1 = gw.put_part(KEY_A, &session, &file, 1, data[..5 * 1024 * 1024].to_vec()).await;
+    let p1 = gw
+        .put_part(KEY_A, &session, &file, 1, data[..5 * 1024 * 1024].to_vec())
+        .await;
     assert_eq!(p1.status(), 200);
     assert!(p1.headers().get("etag").is_some());
     let p1: Value = p1.json().await.expect("json");
     assert_eq!(p1["partNumber"], 1);
     assert_eq!(p1["sizeBytes"], 5 * 1024 * 1024);
-    let p2 = gw.put_part(KEY_A, &session, &file, 2, data[5 * 1024 * 1024..].to_vec()).await;
+    let p2 = gw
+        .put_part(KEY_A, &session, &file, 2, data[5 * 1024 * 1024..].to_vec())
+        .await;
     assert_eq!(p2.status(), 200);
 
     let parts: Value = gw
-        .req(Method::GET, &format!("/v1/sessions/{session}/files/{file}/parts"), KEY_A)
+        .req(
+            Method::GET,
+            &format!("/v1/sessions/{session}/files/{file}/parts"),
+            KEY_A,
+        )
         .send()
         .await
         .expect("send")
@@ -178,7 +221,11 @@ async fn happy_path_create_register_upload_complete_finalize(backend: Backend) {
     assert_eq!(std::fs::read(path).expect("object"), data);
 
     let fin = gw
-        .req(Method::POST, &format!("/v1/sessions/{session}/finalize"), KEY_A)
+        .req(
+            Method::POST,
+            &format!("/v1/sessions/{session}/finalize"),
+            KEY_A,
+        )
         .send()
         .await
         .expect("send");
@@ -187,7 +234,9 @@ async fn happy_path_create_register_upload_complete_finalize(backend: Backend) {
     assert_eq!(fin["status"], "finalized");
     assert_eq!(fin["files"][0]["status"], "completed");
 
-    let again = gw.register(KEY_A, &session, json!({"fileName": "late", "sizeBytes": 1})).await;
+    let again = gw
+        .register(KEY_A, &session, json!({"fileName": "late", "sizeBytes": 1}))
+        .await;
     let p = problem(again, 409, "sessionNotActive").await;
     assert_eq!(p["status"], "finalized");
     gw.stop().await;
@@ -201,7 +250,13 @@ async fn concurrent_registrations_respect_max_files(backend: Backend) {
             let gw = gw.clone();
             let session = session.clone();
             tokio::spawn(async move {
-                let res = gw.register(KEY_A, &session, json!({"fileName": format!("f{i}"), "sizeBytes": 1})).await;
+                let res = gw
+                    .register(
+                        KEY_A,
+                        &session,
+                        json!({"fileName": format!("f{i}"), "sizeBytes": 1}),
+                    )
+                    .await;
                 let status = res.status().as_u16();
                 let body: Value = res.json().await.expect("json");
                 (status, body)
@@ -251,7 +306,13 @@ async fn concurrent_registrations_of_one_key_admit_exactly_one(backend: Backend)
             let gw = gw.clone();
             let session = session.clone();
             tokio::spawn(async move {
-                let res = gw.register(KEY_A, &session, json!({"fileName": "same.txt", "sizeBytes": 4})).await;
+                let res = gw
+                    .register(
+                        KEY_A,
+                        &session,
+                        json!({"fileName": "same.txt", "sizeBytes": 4}),
+                    )
+                    .await;
                 let status = res.status().as_u16();
                 let body: Value = res.json().await.expect("json");
                 (status, body)
@@ -280,13 +341,22 @@ async fn concurrent_completes_complete_storage_once(backend: Backend) {
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
     let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let f: Value = gw
-        .register(KEY_A, &session, json!({"fileName": "c.bin", "sizeBytes": data.len()}))
+        .register(
+            KEY_A,
+            &session,
+            json!({"fileName": "c.bin", "sizeBytes": data.len()}),
+        )
         .await
         .json()
         .await
         .expect("json");
     let file = f["fileId"].as_str().expect("id").to_owned();
-    assert_eq!(gw.put_part(KEY_A, &session, &file, 1, data.clone()).await.status(), 200);
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 1, data.clone())
+            .await
+            .status(),
+        200
+    );
     let before = gw.counting.completes.load(Ordering::SeqCst);
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -305,17 +375,39 @@ async fn concurrent_completes_complete_storage_once(backend: Backend) {
         assert_eq!(status, 200, "{body}");
         bodies.push(body);
     }
-    let urls: HashSet<String> = bodies.iter().map(|b| b["fileUrl"].as_str().expect("url").to_owned()).collect();
+    let urls: HashSet<String> = bodies
+        .iter()
+        .map(|b| b["fileUrl"].as_str().expect("url").to_owned())
+        .collect();
     assert_eq!(urls.len(), 1, "one fileUrl for everyone");
     assert!(bodies.iter().all(|b| *b == bodies[0]), "identical bodies");
-    assert_eq!(gw.counting.completes.load(Ordering::SeqCst) - before, 1, "storage completed once");
-    let path = urls.iter().next().and_then(|u| u.strip_prefix("file://")).expect("file url").to_owned();
+    assert_eq!(
+        gw.counting.completes.load(Ordering::SeqCst) - before,
+        1,
+        "storage completed once"
+    );
+    let path = urls
+        .iter()
+        .next()
+        .and_then(|u| u.strip_prefix("file://"))
+        .expect("file url")
+        .to_owned();
     assert_eq!(std::fs::read(path).expect("object"), data);
     // And a later, sequential re-completion is the same 200 (logged at warn).
-    let again: Value = gw.complete(KEY_A, &session, &file).await.json().await.expect("json");
+    let again: Value = gw
+        .complete(KEY_A, &session, &file)
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(again, bodies[0]);
     let warns = log_lines_with("idempotent re-completion");
-    assert!(warns.iter().any(|l| l["level"] == "WARN" && l.to_string().contains(&file)), "re-completion warn logged");
+    assert!(
+        warns
+            .iter()
+            .any(|l| l["level"] == "WARN" && l.to_string().contains(&file)),
+        "re-completion warn logged"
+    );
 }
 
 async fn expired_session_answers_410_everywhere_and_logs_once(backend: Backend) {
@@ -332,10 +424,15 @@ async fn expired_session_answers_410_everywhere_and_logs_once(backend: Backend) 
     tokio::time::sleep(Duration::from_millis(2100)).await;
 
     let mut responses = vec![
-        gw.register(KEY_A, &session, json!({"fileName": "y", "sizeBytes": 3})).await,
-        gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec()).await,
+        gw.register(KEY_A, &session, json!({"fileName": "y", "sizeBytes": 3}))
+            .await,
+        gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec())
+            .await,
         gw.complete(KEY_A, &session, &file).await,
-        gw.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A).send().await.expect("send"),
+        gw.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A)
+            .send()
+            .await
+            .expect("send"),
     ];
     for res in responses.drain(..) {
         let p = problem(res, 410, "sessionExpired").await;
@@ -356,7 +453,10 @@ async fn expired_session_answers_410_everywhere_and_logs_once(backend: Backend) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // More requests after the first observation log nothing more.
-    gw.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A).send().await.expect("send");
+    gw.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A)
+        .send()
+        .await
+        .expect("send");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let events = expiration_events();
     assert_eq!(events.len(), 1, "exactly one expiration event: {events:?}");
@@ -382,14 +482,39 @@ async fn other_tenants_sessions_are_404_on_every_endpoint(backend: Backend) {
     let cases: Vec<(Method, String, Option<Value>, &str)> = vec![
         (Method::GET, s.clone(), None, "sessionNotFound"),
         (Method::DELETE, s.clone(), None, "sessionNotFound"),
-        (Method::POST, format!("{s}/files"), Some(json!({"fileName": "y", "sizeBytes": 1})), "sessionNotFound"),
-        (Method::POST, format!("{s}/finalize"), None, "sessionNotFound"),
+        (
+            Method::POST,
+            format!("{s}/files"),
+            Some(json!({"fileName": "y", "sizeBytes": 1})),
+            "sessionNotFound",
+        ),
+        (
+            Method::POST,
+            format!("{s}/finalize"),
+            None,
+            "sessionNotFound",
+        ),
         (Method::GET, fp.clone(), None, "sessionNotFound"),
         (Method::DELETE, fp.clone(), None, "sessionNotFound"),
         (Method::GET, format!("{fp}/parts"), None, "sessionNotFound"),
-        (Method::PUT, format!("{fp}/parts/1"), None, "sessionNotFound"),
-        (Method::POST, format!("{fp}/presigned-parts"), Some(json!({"partNumbers": [1]})), "sessionNotFound"),
-        (Method::POST, format!("{fp}/complete"), Some(json!({})), "sessionNotFound"),
+        (
+            Method::PUT,
+            format!("{fp}/parts/1"),
+            None,
+            "sessionNotFound",
+        ),
+        (
+            Method::POST,
+            format!("{fp}/presigned-parts"),
+            Some(json!({"partNumbers": [1]})),
+            "sessionNotFound",
+        ),
+        (
+            Method::POST,
+            format!("{fp}/complete"),
+            Some(json!({})),
+            "sessionNotFound",
+        ),
     ];
     for (method, path, body, code) in cases {
         let mut rb = gw.req(method.clone(), &path, KEY_B);
@@ -409,52 +534,149 @@ async fn other_tenants_sessions_are_404_on_every_endpoint(backend: Backend) {
 async fn error_table_rows(backend: Backend) {
     let gw = gateway(&backend).await;
     // 401 without and with an unknown key.
-    let res = gw.client.get(gw.url("/v1/sessions/x")).send().await.expect("send");
-    assert_eq!(res.headers().get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
+    let res = gw
+        .client
+        .get(gw.url("/v1/sessions/x"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        res.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
     assert!(res.headers().get("x-request-id").is_some());
     problem(res, 401, "unauthorized").await;
-    problem(gw.req(Method::GET, "/v1/sessions/x", "nope").send().await.expect("send"), 401, "unauthorized").await;
+    problem(
+        gw.req(Method::GET, "/v1/sessions/x", "nope")
+            .send()
+            .await
+            .expect("send"),
+        401,
+        "unauthorized",
+    )
+    .await;
     // X-Request-Id echoes the client's.
-    let res = gw.req(Method::GET, "/v1/sessions/x", KEY_A).header("x-request-id", "abc-123").send().await.expect("send");
-    assert_eq!(res.headers().get("x-request-id").and_then(|v| v.to_str().ok()), Some("abc-123"));
+    let res = gw
+        .req(Method::GET, "/v1/sessions/x", KEY_A)
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        res.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("abc-123")
+    );
     problem(res, 404, "sessionNotFound").await;
 
     // 400 validationFailed: malformed JSON, bad fields, bad fileKeys.
-    let res = gw.req(Method::POST, "/v1/sessions", KEY_A).body("{nope").send().await.expect("send");
+    let res = gw
+        .req(Method::POST, "/v1/sessions", KEY_A)
+        .body("{nope")
+        .send()
+        .await
+        .expect("send");
     let p = problem(res, 400, "validationFailed").await;
     assert!(p["errors"].as_array().is_some_and(|e| !e.is_empty()));
-    let res = gw.req(Method::POST, "/v1/sessions", KEY_A).json(&json!({"maxFiles": 0, "ttlSeconds": 0})).send().await.expect("send");
+    let res = gw
+        .req(Method::POST, "/v1/sessions", KEY_A)
+        .json(&json!({"maxFiles": 0, "ttlSeconds": 0}))
+        .send()
+        .await
+        .expect("send");
     let p = problem(res, 400, "validationFailed").await;
-    let fields: Vec<&str> = p["errors"].as_array().into_iter().flatten().filter_map(|e| e["field"].as_str()).collect();
+    let fields: Vec<&str> = p["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
     assert_eq!(fields, ["maxFiles", "ttlSeconds"]);
     let session = sid(&gw.create_session(KEY_A, json!({"maxFiles": 1})).await);
     for bad in ["", "/abs", "a/../b", "ctl\u{7}", &"k".repeat(1025)] {
-        let res = gw.register(KEY_A, &session, json!({"fileName": "n", "fileKey": bad, "sizeBytes": 1})).await;
+        let res = gw
+            .register(
+                KEY_A,
+                &session,
+                json!({"fileName": "n", "fileKey": bad, "sizeBytes": 1}),
+            )
+            .await;
         let p = problem(res, 400, "validationFailed").await;
         assert_eq!(p["errors"][0]["field"], "fileKey", "{bad:?}");
     }
     // 413 fileTooLarge and payloadTooLarge.
-    let res = gw.register(KEY_A, &session, json!({"fileName": "big", "sizeBytes": 1u64 << 41})).await;
+    let res = gw
+        .register(
+            KEY_A,
+            &session,
+            json!({"fileName": "big", "sizeBytes": 1u64 << 41}),
+        )
+        .await;
     let p = problem(res, 413, "fileTooLarge").await;
     assert_eq!(p["maxSizeBytes"], 1099511627776u64);
     let huge = json!({"fileName": "x".repeat(70_000), "sizeBytes": 1});
-    problem(gw.register(KEY_A, &session, huge).await, 413, "payloadTooLarge").await;
+    problem(
+        gw.register(KEY_A, &session, huge).await,
+        413,
+        "payloadTooLarge",
+    )
+    .await;
 
     // fileCountExceeded with maxFiles=1.
-    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "one", "sizeBytes": 10})).await.json().await.expect("json");
+    let f: Value = gw
+        .register(KEY_A, &session, json!({"fileName": "one", "sizeBytes": 10}))
+        .await
+        .json()
+        .await
+        .expect("json");
     let file = f["fileId"].as_str().expect("id").to_owned();
-    let p = problem(gw.register(KEY_A, &session, json!({"fileName": "two", "sizeBytes": 1})).await, 400, "fileCountExceeded").await;
-    assert_eq!((p["maxFiles"].clone(), p["fileCount"].clone()), (json!(1), json!(1)));
+    let p = problem(
+        gw.register(KEY_A, &session, json!({"fileName": "two", "sizeBytes": 1}))
+            .await,
+        400,
+        "fileCountExceeded",
+    )
+    .await;
+    assert_eq!(
+        (p["maxFiles"].clone(), p["fileCount"].clone()),
+        (json!(1), json!(1))
+    );
 
     // partSizeMismatch, lengthRequired-free path, bad part number.
-    let p = problem(gw.put_part(KEY_A, &session, &file, 1, vec![0; 9]).await, 400, "partSizeMismatch").await;
+    let p = problem(
+        gw.put_part(KEY_A, &session, &file, 1, vec![0; 9]).await,
+        400,
+        "partSizeMismatch",
+    )
+    .await;
     assert_eq!(p["expectedSizeBytes"], 10);
-    problem(gw.put_part(KEY_A, &session, &file, 2, vec![0; 10]).await, 400, "validationFailed").await;
-    problem(gw.put_part(KEY_A, &session, "nofile", 1, vec![0; 10]).await, 404, "fileNotFound").await;
+    problem(
+        gw.put_part(KEY_A, &session, &file, 2, vec![0; 10]).await,
+        400,
+        "validationFailed",
+    )
+    .await;
+    problem(
+        gw.put_part(KEY_A, &session, "nofile", 1, vec![0; 10]).await,
+        404,
+        "fileNotFound",
+    )
+    .await;
     // A chunked part (no Content-Length) cannot be checked against the part-size rule: 411.
-    let chunks = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 10]))]);
+    let chunks =
+        futures_util::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
+            0u8;
+            10
+        ]))]);
     let res = gw
-        .req(Method::PUT, &format!("/v1/sessions/{session}/files/{file}/parts/1"), KEY_A)
+        .req(
+            Method::PUT,
+            &format!("/v1/sessions/{session}/files/{file}/parts/1"),
+            KEY_A,
+        )
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await
@@ -462,12 +684,21 @@ async fn error_table_rows(backend: Backend) {
     problem(res, 411, "lengthRequired").await;
 
     // partsMissing.
-    let p = problem(gw.complete(KEY_A, &session, &file).await, 400, "partsMissing").await;
+    let p = problem(
+        gw.complete(KEY_A, &session, &file).await,
+        400,
+        "partsMissing",
+    )
+    .await;
     assert_eq!(p["missingParts"], json!([1]));
 
     // notSupported: presigned parts on filesystem storage.
     let res = gw
-        .req(Method::POST, &format!("/v1/sessions/{session}/files/{file}/presigned-parts"), KEY_A)
+        .req(
+            Method::POST,
+            &format!("/v1/sessions/{session}/files/{file}/presigned-parts"),
+            KEY_A,
+        )
         .json(&json!({"partNumbers": [1]}))
         .send()
         .await
@@ -475,29 +706,83 @@ async fn error_table_rows(backend: Backend) {
     problem(res, 501, "notSupported").await;
 
     // sessionNotActive after DELETE.
-    let res = gw.req(Method::DELETE, &format!("/v1/sessions/{session}"), KEY_A).send().await.expect("send");
+    let res = gw
+        .req(Method::DELETE, &format!("/v1/sessions/{session}"), KEY_A)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(res.status(), 204);
-    let p = problem(gw.put_part(KEY_A, &session, &file, 1, vec![0; 10]).await, 409, "sessionNotActive").await;
+    let p = problem(
+        gw.put_part(KEY_A, &session, &file, 1, vec![0; 10]).await,
+        409,
+        "sessionNotActive",
+    )
+    .await;
     assert_eq!(p["status"], "aborted");
-    problem(gw.register(KEY_A, &session, json!({"fileName": "z", "sizeBytes": 1})).await, 409, "sessionNotActive").await;
+    problem(
+        gw.register(KEY_A, &session, json!({"fileName": "z", "sizeBytes": 1}))
+            .await,
+        409,
+        "sessionNotActive",
+    )
+    .await;
 }
 
 async fn aborting_a_file_frees_its_key_and_slot(backend: Backend) {
     let gw = gateway(&backend).await;
     let session = sid(&gw.create_session(KEY_A, json!({"maxFiles": 1})).await);
-    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "k", "sizeBytes": 3})).await.json().await.expect("json");
+    let f: Value = gw
+        .register(KEY_A, &session, json!({"fileName": "k", "sizeBytes": 3}))
+        .await
+        .json()
+        .await
+        .expect("json");
     let file = f["fileId"].as_str().expect("id").to_owned();
-    assert_eq!(gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec()).await.status(), 200);
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec())
+            .await
+            .status(),
+        200
+    );
     let path = format!("/v1/sessions/{session}/files/{file}");
-    assert_eq!(gw.req(Method::DELETE, &path, KEY_A).send().await.expect("send").status(), 204);
-    assert_eq!(gw.req(Method::DELETE, &path, KEY_A).send().await.expect("send").status(), 204, "repeatable");
+    assert_eq!(
+        gw.req(Method::DELETE, &path, KEY_A)
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        204
+    );
+    assert_eq!(
+        gw.req(Method::DELETE, &path, KEY_A)
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        204,
+        "repeatable"
+    );
     // The storage upload is gone and the key and slot are free again.
     assert!(gw.counting.aborts.load(Ordering::SeqCst) >= 1);
-    let again = gw.register(KEY_A, &session, json!({"fileName": "k", "sizeBytes": 3})).await;
+    let again = gw
+        .register(KEY_A, &session, json!({"fileName": "k", "sizeBytes": 3}))
+        .await;
     assert_eq!(again.status(), 201);
-    let view: Value = gw.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A).send().await.expect("send").json().await.expect("json");
+    let view: Value = gw
+        .req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(view["fileCount"], 1);
-    let statuses: Vec<&str> = view["files"].as_array().into_iter().flatten().filter_map(|f| f["status"].as_str()).collect();
+    let statuses: Vec<&str> = view["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["status"].as_str())
+        .collect();
     assert_eq!(statuses, ["aborted", "registered"]);
 }
 
@@ -505,37 +790,96 @@ async fn deleting_a_session_aborts_uploads_and_is_repeatable(backend: Backend) {
     let gw = gateway(&backend).await;
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
     for i in 0..3 {
-        let f: Value = gw.register(KEY_A, &session, json!({"fileName": format!("f{i}"), "sizeBytes": 3})).await.json().await.expect("json");
+        let f: Value = gw
+            .register(
+                KEY_A,
+                &session,
+                json!({"fileName": format!("f{i}"), "sizeBytes": 3}),
+            )
+            .await
+            .json()
+            .await
+            .expect("json");
         let file = f["fileId"].as_str().expect("id").to_owned();
-        assert_eq!(gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec()).await.status(), 200);
+        assert_eq!(
+            gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec())
+                .await
+                .status(),
+            200
+        );
     }
     let uploads = gw.storage_dir.join(".uploads");
     assert_eq!(std::fs::read_dir(&uploads).expect("uploads").count(), 3);
     let path = format!("/v1/sessions/{session}");
-    assert_eq!(gw.req(Method::DELETE, &path, KEY_A).send().await.expect("send").status(), 204);
-    assert_eq!(std::fs::read_dir(&uploads).expect("uploads").count(), 0, "every upload aborted");
-    assert_eq!(gw.req(Method::DELETE, &path, KEY_A).send().await.expect("send").status(), 204, "repeatable");
-    let view: Value = gw.req(Method::GET, &path, KEY_A).send().await.expect("send").json().await.expect("json");
+    assert_eq!(
+        gw.req(Method::DELETE, &path, KEY_A)
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        204
+    );
+    assert_eq!(
+        std::fs::read_dir(&uploads).expect("uploads").count(),
+        0,
+        "every upload aborted"
+    );
+    assert_eq!(
+        gw.req(Method::DELETE, &path, KEY_A)
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        204,
+        "repeatable"
+    );
+    let view: Value = gw
+        .req(Method::GET, &path, KEY_A)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(view["status"], "aborted");
 }
 
 /// The first bytes of a PNG.
-const PNG: &[u8] = &[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0x0D, b'I', b'H', b'D', b'R'];
+const PNG: &[u8] = &[
+    0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0x0D, b'I', b'H', b'D', b'R',
+];
 
 async fn finalize_checks_magic_bytes(backend: Backend) {
     let gw = gateway(&backend).await;
     for (declared, status) in [("application/pdf", 415u16), ("image/png", 200)] {
         let session = sid(&gw.create_session(KEY_A, json!({})).await);
         let f: Value = gw
-            .register(KEY_A, &session, json!({"fileName": "pic", "sizeBytes": PNG.len(), "contentType": declared}))
+            .register(
+                KEY_A,
+                &session,
+                json!({"fileName": "pic", "sizeBytes": PNG.len(), "contentType": declared}),
+            )
             .await
             .json()
             .await
             .expect("json");
         let file = f["fileId"].as_str().expect("id").to_owned();
-        assert_eq!(gw.put_part(KEY_A, &session, &file, 1, PNG.to_vec()).await.status(), 200);
+        assert_eq!(
+            gw.put_part(KEY_A, &session, &file, 1, PNG.to_vec())
+                .await
+                .status(),
+            200
+        );
         assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
-        let res = gw.req(Method::POST, &format!("/v1/sessions/{session}/finalize"), KEY_A).send().await.expect("send");
+        let res = gw
+            .req(
+                Method::POST,
+                &format!("/v1/sessions/{session}/finalize"),
+                KEY_A,
+            )
+            .send()
+            .await
+            .expect("send");
         if status == 415 {
             let p = problem(res, 415, "contentTypeMismatch").await;
             assert_eq!(p["fileId"], json!(file));
@@ -554,11 +898,25 @@ async fn resume_lists_uploaded_parts(backend: Backend) {
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
     let part = 5 * 1024 * 1024;
     let size = 3 * part;
-    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "r", "sizeBytes": size})).await.json().await.expect("json");
+    let f: Value = gw
+        .register(KEY_A, &session, json!({"fileName": "r", "sizeBytes": size}))
+        .await
+        .json()
+        .await
+        .expect("json");
     let file = f["fileId"].as_str().expect("id").to_owned();
-    assert_eq!(gw.put_part(KEY_A, &session, &file, 2, vec![2; part]).await.status(), 200);
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 2, vec![2; part])
+            .await
+            .status(),
+        200
+    );
     let parts: Value = gw
-        .req(Method::GET, &format!("/v1/sessions/{session}/files/{file}/parts"), KEY_A)
+        .req(
+            Method::GET,
+            &format!("/v1/sessions/{session}/files/{file}/parts"),
+            KEY_A,
+        )
         .send()
         .await
         .expect("send")
@@ -569,11 +927,35 @@ async fn resume_lists_uploaded_parts(backend: Backend) {
     assert_eq!(parts["parts"][0]["sizeBytes"], part);
     assert_eq!(parts["parts"].as_array().map(Vec::len), Some(1));
     // Re-sending a part replaces it.
-    assert_eq!(gw.put_part(KEY_A, &session, &file, 2, vec![9; part]).await.status(), 200);
-    assert_eq!(gw.put_part(KEY_A, &session, &file, 1, vec![1; part]).await.status(), 200);
-    assert_eq!(gw.put_part(KEY_A, &session, &file, 3, vec![3; part]).await.status(), 200);
-    let done: Value = gw.complete(KEY_A, &session, &file).await.json().await.expect("json");
-    let path = done["fileUrl"].as_str().and_then(|u| u.strip_prefix("file://")).expect("url").to_owned();
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 2, vec![9; part])
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 1, vec![1; part])
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 3, vec![3; part])
+            .await
+            .status(),
+        200
+    );
+    let done: Value = gw
+        .complete(KEY_A, &session, &file)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let path = done["fileUrl"]
+        .as_str()
+        .and_then(|u| u.strip_prefix("file://"))
+        .expect("url")
+        .to_owned();
     let bytes = std::fs::read(path).expect("object");
     assert_eq!(&bytes[part..part + 3], &[9, 9, 9]);
     assert_eq!(bytes.len(), size);
@@ -586,18 +968,35 @@ async fn redis_outage_gives_503_and_recovers() {
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
     server.stop();
     let started = std::time::Instant::now();
-    let res = gw.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A).send().await.expect("send");
+    let res = gw
+        .req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A)
+        .send()
+        .await
+        .expect("send");
     let p = problem(res, 503, "unavailable").await;
-    assert!(!p.to_string().to_lowercase().contains("redis"), "no internals leak: {p}");
-    assert!(started.elapsed() < Duration::from_secs(15), "503 instead of a hang");
-    let res = gw.register(KEY_A, &session, json!({"fileName": "x", "sizeBytes": 1})).await;
+    assert!(
+        !p.to_string().to_lowercase().contains("redis"),
+        "no internals leak: {p}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "503 instead of a hang"
+    );
+    let res = gw
+        .register(KEY_A, &session, json!({"fileName": "x", "sizeBytes": 1}))
+        .await;
     assert!(res.headers().get("retry-after").is_some());
     problem(res, 503, "unavailable").await;
     // Redis comes back (empty: the session is gone), and the gateway serves again by itself.
     server.restart();
     let mut recovered = false;
     for _ in 0..50 {
-        let res = gw.req(Method::POST, "/v1/sessions", KEY_A).json(&json!({})).send().await.expect("send");
+        let res = gw
+            .req(Method::POST, "/v1/sessions", KEY_A)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("send");
         if res.status() == 201 {
             recovered = true;
             break;

@@ -17,7 +17,10 @@ fn commented_default_config_matches_the_embedded_defaults() {
     assert_eq!(c.part_size_mb, d.part_size_mb);
     assert_eq!(c.idempotency_ttl, d.idempotency_ttl);
     assert_eq!(c.reaper_interval, d.reaper_interval);
-    assert_eq!(c.tenants[0].api_keys_sha256, vec![Config::hash_key("acme-dev-key")]);
+    assert_eq!(
+        c.tenants[0].api_keys_sha256,
+        vec![Config::hash_key("acme-dev-key")]
+    );
 }
 
 #[test]
@@ -26,8 +29,12 @@ fn multi_tenant_example_is_a_valid_production_config() {
     assert_eq!(c.environment, Environment::Production);
     assert_eq!(c.log_format, LogFormat::Json);
     assert!(matches!(c.redis, Some(RedisTarget::Single(_))));
-    assert!(matches!(c.storage, StorageTarget::S3 { ref bucket, ref prefix } if bucket == "uploads-bucket" && prefix == "incoming"));
+    assert!(
+        matches!(c.storage, StorageTarget::S3 { ref bucket, ref prefix } if bucket == "uploads-bucket" && prefix == "incoming")
+    );
     assert_eq!(c.tenants.len(), 2);
     assert_eq!(c.tenants[1].storage_prefix, "globex/");
-    assert!(c.tenants[0].api_keys_sha256.contains(&Config::hash_key("acme-prod-key-2")));
+    assert!(c.tenants[0]
+        .api_keys_sha256
+        .contains(&Config::hash_key("acme-prod-key-2")));
 }

@@ -17,7 +17,16 @@ use serde_json::{json, Value};
 async fn json_logs_parse_line_by_line_and_never_contain_api_keys() {
     let mut bin = Binary::start("", &[("UPGATE_LOG_FORMAT", "json"), ("RUST_LOG", "debug")]);
     let client = reqwest::Client::new();
-    let s: Value = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let s: Value = client
+        .post(bin.url("/v1/sessions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     let session = s["sessionId"].as_str().expect("id").to_owned();
     client
         .post(bin.url(&format!("/v1/sessions/{session}/files")))
@@ -26,20 +35,32 @@ async fn json_logs_parse_line_by_line_and_never_contain_api_keys() {
         .send()
         .await
         .expect("send");
-    client.get(bin.url("/v1/sessions/x")).bearer_auth("secret-wrong-key-123").send().await.expect("send");
+    client
+        .get(bin.url("/v1/sessions/x"))
+        .bearer_auth("secret-wrong-key-123")
+        .send()
+        .await
+        .expect("send");
     bin.signal("-TERM");
     assert_eq!(bin.wait(Duration::from_secs(20)), Some(0));
     let out = bin.stdout();
     let mut lines = 0;
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
         lines += 1;
     }
     assert!(lines > 5, "logs were written: {out}");
     assert!(out.contains(&session), "spans carry the session id");
     for secret in [KEY_A, KEY_B, "secret-wrong-key-123"] {
-        assert!(!out.contains(secret), "API key {secret} leaked into the logs");
+        assert!(
+            !out.contains(secret),
+            "API key {secret} leaked into the logs"
+        );
     }
 }
 
@@ -47,7 +68,16 @@ async fn json_logs_parse_line_by_line_and_never_contain_api_keys() {
 async fn sigterm_lets_a_streaming_part_finish_then_exits_zero() {
     let mut bin = Binary::start("shutdown_grace_seconds = 30", &[]);
     let client = reqwest::Client::new();
-    let s: Value = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let s: Value = client
+        .post(bin.url("/v1/sessions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     let session = s["sessionId"].as_str().expect("id").to_owned();
     let size = 5 * 1024 * 1024;
     let f: Value = client
@@ -72,20 +102,32 @@ async fn sigterm_lets_a_streaming_part_finish_then_exits_zero() {
     std::thread::sleep(Duration::from_millis(300));
     bin.signal("-TERM");
     std::thread::sleep(Duration::from_millis(300));
-    conn.write_all(&vec![1u8; size - size / 2]).expect("second half");
+    conn.write_all(&vec![1u8; size - size / 2])
+        .expect("second half");
     let mut response = Vec::new();
-    conn.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
     let _ = conn.read_to_end(&mut response);
     let text = String::from_utf8_lossy(&response);
-    assert!(text.starts_with("HTTP/1.1 200"), "the in-flight part completed: {text}");
-    assert_eq!(bin.wait(Duration::from_secs(20)), Some(0), "exit code 0 after SIGTERM");
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "the in-flight part completed: {text}"
+    );
+    assert_eq!(
+        bin.wait(Duration::from_secs(20)),
+        Some(0),
+        "exit code 0 after SIGTERM"
+    );
     // New connections are refused once shutdown began.
     assert!(TcpStream::connect(&api).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off_while_others_are_served() {
-    let bin = Binary::start("header_read_timeout_seconds = 1\npart_idle_timeout_seconds = 1", &[]);
+    let bin = Binary::start(
+        "header_read_timeout_seconds = 1\npart_idle_timeout_seconds = 1",
+        &[],
+    );
     // Slowloris: a request head trickled byte by byte.
     let api = bin.api.clone();
     let trickle = std::thread::spawn(move || {
@@ -108,14 +150,32 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
     // Meanwhile, a normal client is served.
     let client = reqwest::Client::new();
     for _ in 0..5 {
-        let res = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send");
+        let res = client
+            .post(bin.url("/v1/sessions"))
+            .bearer_auth(KEY_A)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("send");
         assert_eq!(res.status(), 201);
     }
     let cut_after = trickle.join().expect("thread");
-    assert!(cut_after < Duration::from_secs(15), "the trickling client was cut off (after {cut_after:?})");
+    assert!(
+        cut_after < Duration::from_secs(15),
+        "the trickling client was cut off (after {cut_after:?})"
+    );
 
     // A part body that stalls is cut off by the idle timeout.
-    let s: Value = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let s: Value = client
+        .post(bin.url("/v1/sessions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     let session = s["sessionId"].as_str().expect("id").to_owned();
     let f: Value = client
         .post(bin.url(&format!("/v1/sessions/{session}/files")))
@@ -134,11 +194,15 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
     );
     conn.write_all(head.as_bytes()).expect("head");
     conn.write_all(&[0u8; 10]).expect("some bytes");
-    conn.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
     let mut response = Vec::new();
     let _ = conn.read_to_end(&mut response);
     let text = String::from_utf8_lossy(&response);
-    assert!(text.starts_with("HTTP/1.1 400"), "stalled part answered and closed: {text}");
+    assert!(
+        text.starts_with("HTTP/1.1 400"),
+        "stalled part answered and closed: {text}"
+    );
     assert!(text.contains("bodyIncomplete"), "{text}");
 }
 
@@ -164,7 +228,10 @@ fn otlp_receiver() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
                 let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 let len = text
                     .lines()
-                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                    .find_map(|l| {
+                        l.strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
                     .unwrap_or(0);
                 let mut body = vec![0u8; len];
                 if conn.read_exact(&mut body).is_err() {
@@ -183,7 +250,10 @@ async fn traces_are_exported_over_otlp_with_the_callers_trace_id() {
     let (endpoint, bodies) = otlp_receiver();
     let mut bin = Binary::start(
         "",
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
     );
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let res = reqwest::Client::new()
@@ -204,24 +274,56 @@ async fn traces_are_exported_over_otlp_with_the_callers_trace_id() {
     let bodies = bodies.lock().unwrap_or_else(|e| e.into_inner()).clone();
     assert!(!bodies.is_empty(), "spans were exported");
     assert!(
-        bodies.iter().any(|b| b.windows(16).any(|w| w == wanted.as_slice())),
+        bodies
+            .iter()
+            .any(|b| b.windows(16).any(|w| w == wanted.as_slice())),
         "an exported span carries the incoming trace id"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_a_known_sequence() {
-    let store = Arc::new(upgate::store::memory::MemoryStore::new(Duration::from_secs(3600)));
+    let store = Arc::new(upgate::store::memory::MemoryStore::new(
+        Duration::from_secs(3600),
+    ));
     let gw = TestGateway::start(config(""), store).await;
     let s = gw.create_session(KEY_A, json!({"maxFiles": 1})).await;
     let session = s["sessionId"].as_str().expect("id").to_owned();
-    let f: Value = gw.register(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 5})).await.json().await.expect("json");
+    let f: Value = gw
+        .register(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 5}))
+        .await
+        .json()
+        .await
+        .expect("json");
     let file = f["fileId"].as_str().expect("id").to_owned();
-    assert_eq!(gw.register(KEY_A, &session, json!({"fileName": "b", "sizeBytes": 5})).await.status(), 400);
-    assert_eq!(gw.register(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 5})).await.status(), 409);
-    assert_eq!(gw.put_part(KEY_A, &session, &file, 1, b"hello".to_vec()).await.status(), 200);
+    assert_eq!(
+        gw.register(KEY_A, &session, json!({"fileName": "b", "sizeBytes": 5}))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        gw.register(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 5}))
+            .await
+            .status(),
+        409
+    );
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 1, b"hello".to_vec())
+            .await
+            .status(),
+        200
+    );
     assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
-    let text = gw.client.get(format!("{}/metrics", gw.admin)).send().await.expect("send").text().await.expect("text");
+    let text = gw
+        .client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
     let value = |series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -230,9 +332,18 @@ async fn metrics_count_a_known_sequence() {
             .unwrap_or_else(|| panic!("series {series} missing in:\n{text}"))
     };
     assert_eq!(value("upgate_sessions_created_total"), 1.0);
-    assert_eq!(value("upgate_file_registrations_total{code=\"created\"}"), 1.0);
-    assert_eq!(value("upgate_file_registrations_total{code=\"fileCountExceeded\"}"), 1.0);
-    assert_eq!(value("upgate_file_registrations_total{code=\"duplicateFileKey\"}"), 1.0);
+    assert_eq!(
+        value("upgate_file_registrations_total{code=\"created\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("upgate_file_registrations_total{code=\"fileCountExceeded\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("upgate_file_registrations_total{code=\"duplicateFileKey\"}"),
+        1.0
+    );
     assert_eq!(value("upgate_files_completed_total"), 1.0);
     assert_eq!(value("upgate_received_bytes_total"), 5.0);
     assert_eq!(value("upgate_stored_bytes_total"), 5.0);
@@ -251,11 +362,29 @@ async fn readyz_follows_redis() {
     let mut server = upgate_testkit::RedisServer::start();
     let mut cfg = config("");
     cfg.redis = Some(upgate::config::RedisTarget::Single(server.url()));
-    let store = upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    let store = upgate::build_store(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let gw = TestGateway::start(config(""), store).await;
-    let ready = || async { gw.client.get(format!("{}/readyz", gw.admin)).send().await.expect("send").status().as_u16() };
+    let ready = || async {
+        gw.client
+            .get(format!("{}/readyz", gw.admin))
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    };
     assert_eq!(ready().await, 200);
-    assert_eq!(gw.client.get(format!("{}/healthz", gw.admin)).send().await.expect("send").status(), 200);
+    assert_eq!(
+        gw.client
+            .get(format!("{}/healthz", gw.admin))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        200
+    );
     server.stop();
     assert_eq!(ready().await, 503);
     server.restart();
@@ -275,19 +404,38 @@ async fn readyz_follows_redis() {
 async fn cors_is_per_tenant_and_exposes_etag() {
     let mut cfg = config("");
     cfg.tenants[0].cors_allowed_origins = vec!["https://app.a.example".to_owned()];
-    let gw = TestGateway::start(cfg, Arc::new(upgate::store::memory::MemoryStore::new(Duration::from_secs(60)))).await;
+    let gw = TestGateway::start(
+        cfg,
+        Arc::new(upgate::store::memory::MemoryStore::new(
+            Duration::from_secs(60),
+        )),
+    )
+    .await;
     let preflight = gw
         .client
         .request(Method::OPTIONS, gw.url("/v1/sessions"))
         .header("origin", "https://app.a.example")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization, idempotency-key")
+        .header(
+            "access-control-request-headers",
+            "authorization, idempotency-key",
+        )
         .send()
         .await
         .expect("send");
     assert_eq!(preflight.status(), 204);
-    assert_eq!(preflight.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some("https://app.a.example"));
-    let allow_headers = preflight.headers().get("access-control-allow-headers").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert_eq!(
+        preflight
+            .headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://app.a.example")
+    );
+    let allow_headers = preflight
+        .headers()
+        .get("access-control-allow-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     assert!(allow_headers.contains("idempotency-key") && allow_headers.contains("authorization"));
     let other = gw
         .client
@@ -299,11 +447,27 @@ async fn cors_is_per_tenant_and_exposes_etag() {
         .expect("send");
     assert!(other.headers().get("access-control-allow-origin").is_none());
     // Tenant a's origin gets the headers on a real request; tenant b (no origins) does not.
-    let res = gw.req(Method::POST, "/v1/sessions", KEY_A).header("origin", "https://app.a.example").json(&json!({})).send().await.expect("send");
+    let res = gw
+        .req(Method::POST, "/v1/sessions", KEY_A)
+        .header("origin", "https://app.a.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(res.status(), 201);
-    let expose = res.headers().get("access-control-expose-headers").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let expose = res
+        .headers()
+        .get("access-control-expose-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     assert!(expose.contains("etag"), "{expose}");
-    let res = gw.req(Method::POST, "/v1/sessions", KEY_B).header("origin", "https://app.a.example").json(&json!({})).send().await.expect("send");
+    let res = gw
+        .req(Method::POST, "/v1/sessions", KEY_B)
+        .header("origin", "https://app.a.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(res.status(), 201);
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
@@ -319,7 +483,11 @@ async fn dev_seed_creates_the_seed_fixtures_in_redis() {
         .env_remove("UPGATE_CONFIG")
         .output()
         .expect("run dev-seed");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let id = |name: &str| {
         text.lines()
@@ -329,19 +497,39 @@ async fn dev_seed_creates_the_seed_fixtures_in_redis() {
     };
     let mut cfg = upgate::config::Config::embedded_default().expect("default");
     cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
-    let store = upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    let store = upgate::build_store(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let gw = TestGateway::start(cfg, store).await;
     let key = upgate::config::DEV_API_KEY;
-    let expired = gw.req(Method::GET, &format!("/v1/sessions/{}", id("EXPIRED_SESSION_ID")), key).send().await.expect("send");
+    let expired = gw
+        .req(
+            Method::GET,
+            &format!("/v1/sessions/{}", id("EXPIRED_SESSION_ID")),
+            key,
+        )
+        .send()
+        .await
+        .expect("send");
     problem(expired, 410, "sessionExpired").await;
     let limited = id("LIMITED_SESSION_ID");
     for (i, want) in [(1, 201u16), (2, 201), (3, 400)] {
-        let res = gw.register(key, &limited, json!({"fileName": format!("f{i}"), "sizeBytes": 1})).await;
+        let res = gw
+            .register(
+                key,
+                &limited,
+                json!({"fileName": format!("f{i}"), "sizeBytes": 1}),
+            )
+            .await;
         assert_eq!(res.status().as_u16(), want);
     }
-    let res = gw.complete(key, &id("COMPLETED_SESSION_ID"), &id("COMPLETED_FILE_ID")).await;
+    let res = gw
+        .complete(key, &id("COMPLETED_SESSION_ID"), &id("COMPLETED_FILE_ID"))
+        .await;
     assert_eq!(res.status(), 200);
     let v: Value = res.json().await.expect("json");
     assert_eq!(v["status"], "completed");
-    assert!(v["fileUrl"].as_str().is_some_and(|u| u.starts_with("file://")));
+    assert!(v["fileUrl"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("file://")));
 }

@@ -23,7 +23,13 @@ fn start(redis: &RedisServer, s3: &S3Server) -> Binary {
         s3.region()
     );
     // [s3] must come before [[tenants]]: config_toml appends the tenants after `extra`.
-    Binary::start(&extra, &[("AWS_ACCESS_KEY_ID", s3.access_key()), ("AWS_SECRET_ACCESS_KEY", s3.secret_key())])
+    Binary::start(
+        &extra,
+        &[
+            ("AWS_ACCESS_KEY_ID", s3.access_key()),
+            ("AWS_SECRET_ACCESS_KEY", s3.secret_key()),
+        ],
+    )
 }
 
 fn part(data: &[u8], n: usize) -> Vec<u8> {
@@ -37,10 +43,21 @@ async fn resume_after_the_gateway_is_killed() {
     let s3 = S3Server::start("uploads");
     let client = reqwest::Client::new();
     let size = 6 * 5 * MIB;
-    let data: Vec<u8> = (0..size).map(|i| (i % 241) as u8 ^ (i >> 20) as u8).collect();
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i % 241) as u8 ^ (i >> 20) as u8)
+        .collect();
 
     let mut first = start(&redis, &s3);
-    let s: Value = client.post(first.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let s: Value = client
+        .post(first.url("/v1/sessions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     let session = s["sessionId"].as_str().expect("id").to_owned();
     let f: Value = client
         .post(first.url(&format!("/v1/sessions/{session}/files")))
@@ -56,7 +73,13 @@ async fn resume_after_the_gateway_is_killed() {
     assert_eq!(f["partCount"], 6);
     let parts_path = format!("/v1/sessions/{session}/files/{file}/parts");
     for n in 1..=3 {
-        let res = client.put(first.url(&format!("{parts_path}/{n}"))).bearer_auth(KEY_A).body(part(&data, n)).send().await.expect("send");
+        let res = client
+            .put(first.url(&format!("{parts_path}/{n}")))
+            .bearer_auth(KEY_A)
+            .body(part(&data, n))
+            .send()
+            .await
+            .expect("send");
         assert_eq!(res.status(), 200);
     }
     // Crash: SIGKILL, no shutdown.
@@ -64,11 +87,34 @@ async fn resume_after_the_gateway_is_killed() {
     first.wait(Duration::from_secs(10));
 
     let second = start(&redis, &s3);
-    let listed: Value = client.get(second.url(&parts_path)).bearer_auth(KEY_A).send().await.expect("send").json().await.expect("json");
-    let numbers: Vec<u64> = listed["parts"].as_array().expect("parts").iter().filter_map(|p| p["partNumber"].as_u64()).collect();
-    assert_eq!(numbers, [1, 2, 3], "the new gateway knows the uploaded parts");
+    let listed: Value = client
+        .get(second.url(&parts_path))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let numbers: Vec<u64> = listed["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .filter_map(|p| p["partNumber"].as_u64())
+        .collect();
+    assert_eq!(
+        numbers,
+        [1, 2, 3],
+        "the new gateway knows the uploaded parts"
+    );
     for n in 4..=6 {
-        let res = client.put(second.url(&format!("{parts_path}/{n}"))).bearer_auth(KEY_A).body(part(&data, n)).send().await.expect("send");
+        let res = client
+            .put(second.url(&format!("{parts_path}/{n}")))
+            .bearer_auth(KEY_A)
+            .body(part(&data, n))
+            .send()
+            .await
+            .expect("send");
         assert_eq!(res.status(), 200);
     }
     let done: Value = client
@@ -82,8 +128,14 @@ async fn resume_after_the_gateway_is_killed() {
         .await
         .expect("json");
     assert_eq!(done["status"], "completed", "{done}");
-    let stored = s3.read_object(&format!("pfx/a/{session}/movie.mp4")).expect("object in S3");
-    assert_eq!(hex::encode(Sha256::digest(&stored)), hex::encode(Sha256::digest(&data)), "byte-identical");
+    let stored = s3
+        .read_object(&format!("pfx/a/{session}/movie.mp4"))
+        .expect("object in S3");
+    assert_eq!(
+        hex::encode(Sha256::digest(&stored)),
+        hex::encode(Sha256::digest(&data)),
+        "byte-identical"
+    );
 }
 
 /// Peak RSS of the gateway while it proxies a 1 GiB file (205 parts of 5 MiB, 4 in flight)
@@ -94,7 +146,16 @@ async fn a_1_gib_upload_keeps_gateway_memory_bounded() {
     let s3 = S3Server::start("uploads");
     let bin = start(&redis, &s3);
     let client = reqwest::Client::new();
-    let s: Value = client.post(bin.url("/v1/sessions")).bearer_auth(KEY_A).json(&json!({})).send().await.expect("send").json().await.expect("json");
+    let s: Value = client
+        .post(bin.url("/v1/sessions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     let session = s["sessionId"].as_str().expect("id").to_owned();
     // Warm up (pools, TLS-free HTTP client, script cache) with a small file first.
     let w: Value = client
@@ -136,9 +197,16 @@ async fn a_1_gib_upload_keeps_gateway_memory_bounded() {
     let mut inflight = tokio::task::JoinSet::new();
     while next <= count || !inflight.is_empty() {
         while next <= count && inflight.len() < 4 {
-            let len = if next == count { size - (count - 1) * 5 * MIB } else { 5 * MIB };
+            let len = if next == count {
+                size - (count - 1) * 5 * MIB
+            } else {
+                5 * MIB
+            };
             let body = chunk.slice(0..len);
-            let req = client.put(bin.url(&format!("/v1/sessions/{session}/files/{file}/parts/{next}"))).bearer_auth(KEY_A).body(body);
+            let req = client
+                .put(bin.url(&format!("/v1/sessions/{session}/files/{file}/parts/{next}")))
+                .bearer_auth(KEY_A)
+                .body(body);
             inflight.spawn(async move { req.send().await.map(|r| r.status().as_u16()) });
             next += 1;
         }
@@ -156,7 +224,17 @@ async fn a_1_gib_upload_keeps_gateway_memory_bounded() {
     assert_eq!(done.status(), 200);
     let peak = bin.proc_kib("VmHWM");
     let grew_mib = (peak.saturating_sub(idle_peak)) as f64 / 1024.0;
-    println!("gateway peak RSS: idle {:.1} MiB, after 1 GiB {:.1} MiB, growth {grew_mib:.1} MiB", idle_peak as f64 / 1024.0, peak as f64 / 1024.0);
+    println!(
+        "gateway peak RSS: idle {:.1} MiB, after 1 GiB {:.1} MiB, growth {grew_mib:.1} MiB",
+        idle_peak as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
     assert!(grew_mib < 64.0, "peak RSS grew by {grew_mib:.1} MiB");
-    assert_eq!(s3.object_path(&format!("pfx/a/{session}/one-gib.bin")).metadata().map(|m| m.len()).ok(), Some(size as u64));
+    assert_eq!(
+        s3.object_path(&format!("pfx/a/{session}/one-gib.bin"))
+            .metadata()
+            .map(|m| m.len())
+            .ok(),
+        Some(size as u64)
+    );
 }

@@ -40,41 +40,105 @@ impl SessionStore for Counted {
     async fn session_deadline(&self, t: &str, s: &str) -> Result<Option<(i64, i64)>, StoreError> {
         forward!(self.session_deadline(t, s))
     }
-    async fn register_file(&self, t: &str, f: &FileRecord, n: i64) -> Result<Gate<Registered>, StoreError> {
+    async fn register_file(
+        &self,
+        t: &str,
+        f: &FileRecord,
+        n: i64,
+    ) -> Result<Gate<Registered>, StoreError> {
         self.registrations.fetch_add(1, Ordering::SeqCst);
         forward!(self.register_file(t, f, n))
     }
-    async fn get_file(&self, t: &str, s: &str, f: &str, a: bool, n: i64) -> Result<Gate<FileRecord>, StoreError> {
+    async fn get_file(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        a: bool,
+        n: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
         forward!(self.get_file(t, s, f, a, n))
     }
-    async fn set_upload_id(&self, t: &str, s: &str, f: &str, u: &str, n: i64) -> Result<Gate<UploadIdSet>, StoreError> {
+    async fn set_upload_id(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        u: &str,
+        n: i64,
+    ) -> Result<Gate<UploadIdSet>, StoreError> {
         forward!(self.set_upload_id(t, s, f, u, n))
     }
-    async fn record_part(&self, t: &str, s: &str, f: &str, p: &PartRecord, n: i64) -> Result<Gate<FileRecord>, StoreError> {
+    async fn record_part(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        p: &PartRecord,
+        n: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
         forward!(self.record_part(t, s, f, p, n))
     }
-    async fn list_parts(&self, t: &str, s: &str, f: &str, n: i64) -> Result<Gate<Vec<PartRecord>>, StoreError> {
+    async fn list_parts(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        n: i64,
+    ) -> Result<Gate<Vec<PartRecord>>, StoreError> {
         forward!(self.list_parts(t, s, f, n))
     }
-    async fn begin_complete(&self, t: &str, s: &str, f: &str, k: &str, l: i64, n: i64) -> Result<Gate<BeginComplete>, StoreError> {
+    async fn begin_complete(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        k: &str,
+        l: i64,
+        n: i64,
+    ) -> Result<Gate<BeginComplete>, StoreError> {
         forward!(self.begin_complete(t, s, f, k, l, n))
     }
-    async fn finish_complete(&self, t: &str, s: &str, f: &str, k: &str, u: &str, e: &str) -> Result<Gate<Option<FileRecord>>, StoreError> {
+    async fn finish_complete(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        k: &str,
+        u: &str,
+        e: &str,
+    ) -> Result<Gate<Option<FileRecord>>, StoreError> {
         forward!(self.finish_complete(t, s, f, k, u, e))
     }
     async fn release_complete(&self, t: &str, s: &str, f: &str, k: &str) -> Result<(), StoreError> {
         forward!(self.release_complete(t, s, f, k))
     }
-    async fn abort_file(&self, t: &str, s: &str, f: &str, n: i64) -> Result<Gate<FileRecord>, StoreError> {
+    async fn abort_file(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        n: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
         forward!(self.abort_file(t, s, f, n))
     }
-    async fn abort_session(&self, t: &str, s: &str, n: i64) -> Result<Gate<Vec<FileRecord>>, StoreError> {
+    async fn abort_session(
+        &self,
+        t: &str,
+        s: &str,
+        n: i64,
+    ) -> Result<Gate<Vec<FileRecord>>, StoreError> {
         forward!(self.abort_session(t, s, n))
     }
     async fn finalize(&self, t: &str, s: &str, n: i64) -> Result<Gate<Finalized>, StoreError> {
         forward!(self.finalize(t, s, n))
     }
-    async fn claim_expired(&self, n: i64, l: i64, c: usize) -> Result<Vec<(String, String)>, StoreError> {
+    async fn claim_expired(
+        &self,
+        n: i64,
+        l: i64,
+        c: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         self.inner.claim_expired(n, l, c).await
     }
     async fn reap(&self, t: &str, s: &str, n: i64) -> Result<Option<Reaped>, StoreError> {
@@ -88,23 +152,33 @@ impl SessionStore for Counted {
     }
 }
 
-async fn start(redis: &upgate_testkit::RedisServer, burst: u32, bypass: bool) -> (TestGateway, Arc<Counted>) {
+async fn start(
+    redis: &upgate_testkit::RedisServer,
+    burst: u32,
+    bypass: bool,
+) -> (TestGateway, Arc<Counted>) {
     let mut cfg = config("");
     cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
     cfg.rate_limit_bypass = bypass;
     cfg.tenants[0].rate_limit.requests_per_second = 1;
     cfg.tenants[0].rate_limit.burst = burst;
-    let inner = upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    let inner = upgate::build_store(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let counted = Arc::new(Counted {
         inner,
         calls: AtomicUsize::new(0),
         registrations: AtomicUsize::new(0),
     });
     // The layers keep their state in the same Redis, as in production.
-    let handle = upgate::redis_handle(&cfg, cfg.redis.as_ref().expect("redis")).unwrap_or_else(|e| panic!("{e}"));
+    let handle = upgate::redis_handle(&cfg, cfg.redis.as_ref().expect("redis"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().expect("tempdir");
-    let fs = upgate::storage::fs::FsStore::new(dir.path()).await.expect("fs");
-    let gw = upgate::Gateway::with_backends(cfg, counted.clone(), Arc::new(fs)).with_redis_layers(Some(handle));
+    let fs = upgate::storage::fs::FsStore::new(dir.path())
+        .await
+        .expect("fs");
+    let gw = upgate::Gateway::with_backends(cfg, counted.clone(), Arc::new(fs))
+        .with_redis_layers(Some(handle));
     let tg = TestGateway::from_gateway(gw, dir).await;
     (tg, counted)
 }
@@ -115,8 +189,16 @@ async fn rate_limited_requests_never_reach_the_session_store() {
     let (gw, store) = start(&redis, 5, false).await;
     let mut statuses = Vec::new();
     for _ in 0..20 {
-        let res = gw.req(Method::POST, "/v1/sessions", KEY_A).json(&json!({})).send().await.expect("send");
-        assert!(res.headers().contains_key("ratelimit") && res.headers().contains_key("ratelimit-policy"));
+        let res = gw
+            .req(Method::POST, "/v1/sessions", KEY_A)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("send");
+        assert!(
+            res.headers().contains_key("ratelimit")
+                && res.headers().contains_key("ratelimit-policy")
+        );
         if res.status() == 429 {
             assert!(res.headers().contains_key("retry-after"));
             problem(res, 429, "rateLimited").await;
@@ -127,10 +209,22 @@ async fn rate_limited_requests_never_reach_the_session_store() {
         }
     }
     let admitted = statuses.iter().filter(|s| **s == 201).count();
-    assert!((5..=7).contains(&admitted), "burst 5 at 1/s admits 5 (+ refill): {statuses:?}");
-    assert_eq!(store.calls.load(Ordering::SeqCst), admitted, "only admitted requests touched the store");
+    assert!(
+        (5..=7).contains(&admitted),
+        "burst 5 at 1/s admits 5 (+ refill): {statuses:?}"
+    );
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        admitted,
+        "only admitted requests touched the store"
+    );
     // Tenant b has its own quota.
-    let res = gw.req(Method::POST, "/v1/sessions", KEY_B).json(&json!({})).send().await.expect("send");
+    let res = gw
+        .req(Method::POST, "/v1/sessions", KEY_B)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(res.status(), 201);
 }
 
@@ -142,15 +236,41 @@ async fn idempotent_replays_never_rerun_registration() {
     let session = s["sessionId"].as_str().expect("id").to_owned();
     let path = format!("/v1/sessions/{session}/files");
     let body = json!({"fileName": "once.txt", "sizeBytes": 3});
-    let first = gw.req(Method::POST, &path, KEY_A).header("idempotency-key", "k-1").json(&body).send().await.expect("send");
+    let first = gw
+        .req(Method::POST, &path, KEY_A)
+        .header("idempotency-key", "k-1")
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(first.status(), 201);
     assert!(first.headers().get("idempotent-replayed").is_none());
     let first: Value = first.json().await.expect("json");
-    let again = gw.req(Method::POST, &path, KEY_A).header("idempotency-key", "k-1").json(&body).send().await.expect("send");
+    let again = gw
+        .req(Method::POST, &path, KEY_A)
+        .header("idempotency-key", "k-1")
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(again.status(), 201);
-    assert_eq!(again.headers().get("idempotent-replayed").and_then(|v| v.to_str().ok()), Some("true"));
-    assert_eq!(again.json::<Value>().await.expect("json"), first, "the stored body");
-    assert_eq!(store.registrations.load(Ordering::SeqCst), 1, "registration ran once");
+    assert_eq!(
+        again
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    assert_eq!(
+        again.json::<Value>().await.expect("json"),
+        first,
+        "the stored body"
+    );
+    assert_eq!(
+        store.registrations.load(Ordering::SeqCst),
+        1,
+        "registration ran once"
+    );
     // Same key, different request: 422; a rejection is replayed too (4xx are stored).
     let other = gw
         .req(Method::POST, &path, KEY_A)
@@ -163,7 +283,14 @@ async fn idempotent_replays_never_rerun_registration() {
     // Keys are per tenant: tenant b may use the same key for its own request.
     let sb = gw.create_session(KEY_B, json!({})).await;
     let res = gw
-        .req(Method::POST, &format!("/v1/sessions/{}/files", sb["sessionId"].as_str().expect("id")), KEY_B)
+        .req(
+            Method::POST,
+            &format!(
+                "/v1/sessions/{}/files",
+                sb["sessionId"].as_str().expect("id")
+            ),
+            KEY_B,
+        )
         .header("idempotency-key", "k-1")
         .json(&body)
         .send()
@@ -188,7 +315,11 @@ async fn idempotent_replays_never_rerun_registration() {
                     .await
                     .expect("send");
                 let status = res.status().as_u16();
-                let code = res.json::<Value>().await.ok().and_then(|v| v["code"].as_str().map(str::to_owned));
+                let code = res
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["code"].as_str().map(str::to_owned));
                 (status, code)
             })
         })
@@ -202,7 +333,11 @@ async fn idempotent_replays_never_rerun_registration() {
         }
     }
     assert!(created >= 1);
-    assert_eq!(store.registrations.load(Ordering::SeqCst) - before, 1, "the inner service ran once");
+    assert_eq!(
+        store.registrations.load(Ordering::SeqCst) - before,
+        1,
+        "the inner service ran once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -210,18 +345,34 @@ async fn bypass_mode_admits_logs_and_counts() {
     let redis = upgate_testkit::RedisServer::start();
     let (gw, store) = start(&redis, 2, true).await;
     for _ in 0..8 {
-        let res = gw.req(Method::POST, "/v1/sessions", KEY_A).json(&json!({})).send().await.expect("send");
+        let res = gw
+            .req(Method::POST, "/v1/sessions", KEY_A)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("send");
         assert_eq!(res.status(), 201, "bypass admits");
     }
     assert_eq!(store.calls.load(Ordering::SeqCst), 8);
-    let metrics = gw.client.get(format!("{}/metrics", gw.admin)).send().await.expect("send").text().await.expect("text");
+    let metrics = gw
+        .client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
     let bypassed = metrics
         .lines()
         .find(|l| l.starts_with("upgate_rate_limit_decisions_total{decision=\"bypassed\"}"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<u64>().ok())
         .expect("bypassed counter");
-    assert!((5..=6).contains(&bypassed), "would-be rejections counted: {bypassed}");
+    assert!(
+        (5..=6).contains(&bypassed),
+        "would-be rejections counted: {bypassed}"
+    );
     let warned = log_lines_with("bypass mode: request admitted").len();
     assert!(warned >= 5, "would-be rejections logged: {warned}");
     tokio::time::sleep(Duration::from_millis(1)).await;

@@ -39,16 +39,37 @@ impl Storage {
     async fn gateway(&self, cfg: upgate::config::Config, fs_root: &std::path::Path) -> TestGateway {
         match self {
             Storage::Fs => {
-                let store = Arc::new(upgate::store::memory::MemoryStore::new(Duration::from_secs(3600)));
-                let fs = upgate::storage::fs::FsStore::new(fs_root).await.expect("fs");
-                TestGateway::start_with(cfg, store, CountingStorage::new(Arc::new(fs)), fs_root.to_owned(), None).await
+                let store = Arc::new(upgate::store::memory::MemoryStore::new(
+                    Duration::from_secs(3600),
+                ));
+                let fs = upgate::storage::fs::FsStore::new(fs_root)
+                    .await
+                    .expect("fs");
+                TestGateway::start_with(
+                    cfg,
+                    store,
+                    CountingStorage::new(Arc::new(fs)),
+                    fs_root.to_owned(),
+                    None,
+                )
+                .await
             }
             Storage::S3(s3, redis) => {
                 let mut cfg = cfg;
                 cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
-                let store = upgate::build_store(&cfg).await.unwrap_or_else(|e| panic!("{e}"));
-                let s3store = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), S3_PREFIX);
-                TestGateway::start_with(cfg, store, CountingStorage::new(Arc::new(s3store)), fs_root.to_owned(), None).await
+                let store = upgate::build_store(&cfg)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let s3store =
+                    upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), S3_PREFIX);
+                TestGateway::start_with(
+                    cfg,
+                    store,
+                    CountingStorage::new(Arc::new(s3store)),
+                    fs_root.to_owned(),
+                    None,
+                )
+                .await
             }
         }
     }
@@ -56,13 +77,28 @@ impl Storage {
     /// The object's bytes, read straight from the storage backend.
     async fn read(&self, gw: &TestGateway, file_url: &str) -> Vec<u8> {
         match self {
-            Storage::Fs => std::fs::read(file_url.strip_prefix("file://").expect("file url")).expect("object"),
+            Storage::Fs => {
+                std::fs::read(file_url.strip_prefix("file://").expect("file url")).expect("object")
+            }
             Storage::S3(s3, _) => {
                 let rest = file_url.strip_prefix("s3://").expect("s3 url");
                 let (bucket, key) = rest.split_once('/').expect("bucket/key");
                 assert_eq!(bucket, s3.bucket());
-                let out = s3.client().get_object().bucket(bucket).key(key).send().await.expect("GetObject");
-                let bytes = out.body.collect().await.expect("body").into_bytes().to_vec();
+                let out = s3
+                    .client()
+                    .get_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .expect("GetObject");
+                let bytes = out
+                    .body
+                    .collect()
+                    .await
+                    .expect("body")
+                    .into_bytes()
+                    .to_vec();
                 let _ = gw;
                 bytes
             }
@@ -72,7 +108,9 @@ impl Storage {
     /// Multipart uploads still open in storage.
     async fn open_uploads(&self, fs_root: &std::path::Path) -> usize {
         match self {
-            Storage::Fs => std::fs::read_dir(fs_root.join(".uploads")).map(|d| d.count()).unwrap_or(0),
+            Storage::Fs => std::fs::read_dir(fs_root.join(".uploads"))
+                .map(|d| d.count())
+                .unwrap_or(0),
             Storage::S3(s3, _) => {
                 let listed = s3
                     .client()
@@ -119,7 +157,13 @@ fn sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-async fn register(gw: &TestGateway, session: &str, name: &str, size: usize, ct: Option<&str>) -> Value {
+async fn register(
+    gw: &TestGateway,
+    session: &str,
+    name: &str,
+    size: usize,
+    ct: Option<&str>,
+) -> Value {
     let res = gw.register(KEY_A, session, json!({"fileName": name, "fileKey": format!("in/{name}"), "sizeBytes": size, "contentType": ct})).await;
     assert_eq!(res.status(), 201);
     res.json().await.expect("json")
@@ -131,8 +175,19 @@ async fn a_64_mib_file_round_trips_byte_identical(storage: Storage) {
     let s = gw.create_session(KEY_A, json!({})).await;
     let session = s["sessionId"].as_str().expect("id").to_owned();
     let size = 64 * MIB;
-    let data: Arc<Vec<u8>> = Arc::new((0..size).map(|i| (i.wrapping_mul(31) ^ (i >> 13)) as u8).collect());
-    let f = register(&gw, &session, "video.bin", size, Some("application/octet-stream")).await;
+    let data: Arc<Vec<u8>> = Arc::new(
+        (0..size)
+            .map(|i| (i.wrapping_mul(31) ^ (i >> 13)) as u8)
+            .collect(),
+    );
+    let f = register(
+        &gw,
+        &session,
+        "video.bin",
+        size,
+        Some("application/octet-stream"),
+    )
+    .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     assert_eq!(f["partSizeBytes"], 5 * MIB);
     let parts = f["partCount"].as_u64().expect("count") as usize;
@@ -144,7 +199,10 @@ async fn a_64_mib_file_round_trips_byte_identical(storage: Storage) {
         handles.push(tokio::spawn(async move {
             let start = (n - 1) * 5 * MIB;
             let end = (start + 5 * MIB).min(data.len());
-            gw.put_part(KEY_A, &session, &file, n as u32, data[start..end].to_vec()).await.status().as_u16()
+            gw.put_part(KEY_A, &session, &file, n as u32, data[start..end].to_vec())
+                .await
+                .status()
+                .as_u16()
         }));
         if handles.len() == 4 {
             assert_eq!(handles.remove(0).await.expect("task"), 200);
@@ -158,13 +216,22 @@ async fn a_64_mib_file_round_trips_byte_identical(storage: Storage) {
     let done: Value = done.json().await.expect("json");
     let url = done["fileUrl"].as_str().expect("url").to_owned();
     match &storage {
-        Storage::Fs => assert!(url.ends_with(&format!("/a/{session}/in/video.bin")) && url.starts_with("file:///"), "{url}"),
-        Storage::S3(s3, _) => assert_eq!(url, format!("s3://{}/{S3_PREFIX}/a/{session}/in/video.bin", s3.bucket())),
+        Storage::Fs => assert!(
+            url.ends_with(&format!("/a/{session}/in/video.bin")) && url.starts_with("file:///"),
+            "{url}"
+        ),
+        Storage::S3(s3, _) => assert_eq!(
+            url,
+            format!("s3://{}/{S3_PREFIX}/a/{session}/in/video.bin", s3.bucket())
+        ),
     }
     let stored = storage.read(&gw, &url).await;
     assert_eq!(stored.len(), size);
     assert_eq!(sha(&stored), sha(&data), "byte-identical");
-    assert!(done["etag"].as_str().is_some_and(|e| e.ends_with("-13")), "multipart ETag: {done}");
+    assert!(
+        done["etag"].as_str().is_some_and(|e| e.ends_with("-13")),
+        "multipart ETag: {done}"
+    );
     assert_eq!(storage.open_uploads(dir.path()).await, 0);
 }
 
@@ -178,7 +245,11 @@ async fn presigned_parts_then_complete_via_gateway(storage: Storage) {
     let f = register(&gw, &session, "direct.bin", size, None).await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     let res = gw
-        .req(Method::POST, &format!("/v1/sessions/{session}/files/{file}/presigned-parts"), KEY_A)
+        .req(
+            Method::POST,
+            &format!("/v1/sessions/{session}/files/{file}/presigned-parts"),
+            KEY_A,
+        )
         .json(&json!({"partNumbers": [1, 2, 3]}))
         .send()
         .await
@@ -198,24 +269,43 @@ async fn presigned_parts_then_complete_via_gateway(storage: Storage) {
         let n = p["partNumber"].as_u64().expect("n") as usize;
         let start = (n - 1) * 5 * MIB;
         let end = (start + 5 * MIB).min(size);
-        let put = plain.put(p["url"].as_str().expect("url")).body(data[start..end].to_vec()).send().await.expect("PUT");
+        let put = plain
+            .put(p["url"].as_str().expect("url"))
+            .body(data[start..end].to_vec())
+            .send()
+            .await
+            .expect("PUT");
         assert_eq!(put.status(), 200, "presigned PUT");
-        let etag = put.headers().get("etag").and_then(|v| v.to_str().ok()).expect("ETag header").to_owned();
+        let etag = put
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .expect("ETag header")
+            .to_owned();
         parts.push(json!({"partNumber": n, "etag": etag}));
     }
     let done = gw
-        .req(Method::POST, &format!("/v1/sessions/{session}/files/{file}/complete"), KEY_A)
+        .req(
+            Method::POST,
+            &format!("/v1/sessions/{session}/files/{file}/complete"),
+            KEY_A,
+        )
         .json(&json!({"parts": parts}))
         .send()
         .await
         .expect("send");
     assert_eq!(done.status(), 200);
     let done: Value = done.json().await.expect("json");
-    let stored = storage.read(&gw, done["fileUrl"].as_str().expect("url")).await;
+    let stored = storage
+        .read(&gw, done["fileUrl"].as_str().expect("url"))
+        .await;
     assert_eq!(sha(&stored), sha(&data));
 }
 
-const PNG: &[u8] = &[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0x0D, b'I', b'H', b'D', b'R', 0, 0, 0, 1];
+const PNG: &[u8] = &[
+    0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0x0D, b'I', b'H', b'D', b'R', 0, 0, 0,
+    1,
+];
 
 async fn finalize_enforces_declared_types(storage: Storage) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -225,18 +315,36 @@ async fn finalize_enforces_declared_types(storage: Storage) {
         let session = s["sessionId"].as_str().expect("id").to_owned();
         let f = register(&gw, &session, "pic.png", PNG.len(), Some(declared)).await;
         let file = f["fileId"].as_str().expect("id").to_owned();
-        assert_eq!(gw.put_part(KEY_A, &session, &file, 1, PNG.to_vec()).await.status(), 200);
+        assert_eq!(
+            gw.put_part(KEY_A, &session, &file, 1, PNG.to_vec())
+                .await
+                .status(),
+            200
+        );
         assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
-        let res = gw.req(Method::POST, &format!("/v1/sessions/{session}/finalize"), KEY_A).send().await.expect("send");
+        let res = gw
+            .req(
+                Method::POST,
+                &format!("/v1/sessions/{session}/finalize"),
+                KEY_A,
+            )
+            .send()
+            .await
+            .expect("send");
         if expect == 415 {
             let p = problem(res, 415, "contentTypeMismatch").await;
-            assert_eq!((p["declared"].as_str(), p["detected"].as_str()), (Some("application/pdf"), Some("image/png")));
+            assert_eq!(
+                (p["declared"].as_str(), p["detected"].as_str()),
+                (Some("application/pdf"), Some("image/png"))
+            );
         } else {
             assert_eq!(res.status(), 200);
             let v: Value = res.json().await.expect("json");
             assert_eq!(v["status"], "finalized");
             // Later mutations: 409 sessionNotActive.
-            let again = gw.register(KEY_A, &session, json!({"fileName": "late", "sizeBytes": 1})).await;
+            let again = gw
+                .register(KEY_A, &session, json!({"fileName": "late", "sizeBytes": 1}))
+                .await;
             problem(again, 409, "sessionNotActive").await;
         }
     }
@@ -256,20 +364,37 @@ async fn expired_sessions_are_reaped_once_by_two_replicas(storage: Storage) {
     let session = s["sessionId"].as_str().expect("id").to_owned();
     let f = register(&a, &session, "half.bin", 10 * MIB, None).await;
     let file = f["fileId"].as_str().expect("id").to_owned();
-    assert_eq!(a.put_part(KEY_A, &session, &file, 1, vec![7; 5 * MIB]).await.status(), 200);
+    assert_eq!(
+        a.put_part(KEY_A, &session, &file, 1, vec![7; 5 * MIB])
+            .await
+            .status(),
+        200
+    );
     assert_eq!(storage.open_uploads(dir.path()).await, 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     while storage.open_uploads(dir.path()).await > 0 {
-        assert!(Instant::now() < deadline, "the reaper aborted the half-uploaded file");
+        assert!(
+            Instant::now() < deadline,
+            "the reaper aborted the half-uploaded file"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let replicas: Vec<&TestGateway> = std::iter::once(&a).chain(b.as_ref()).collect();
-    let reaped: u64 = replicas.iter().map(|r| r.state.metrics.sessions_reaped.get()).sum();
-    let aborts: usize = replicas.iter().map(|r| r.counting.aborts.load(Ordering::SeqCst)).sum();
+    let reaped: u64 = replicas
+        .iter()
+        .map(|r| r.state.metrics.sessions_reaped.get())
+        .sum();
+    let aborts: usize = replicas
+        .iter()
+        .map(|r| r.counting.aborts.load(Ordering::SeqCst))
+        .sum();
     assert_eq!((reaped, aborts), (1, 1), "reaped once");
     problem(
-        a.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A).send().await.expect("send"),
+        a.req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A)
+            .send()
+            .await
+            .expect("send"),
         410,
         "sessionExpired",
     )
@@ -285,9 +410,14 @@ async fn unreachable_s3_is_unavailable_not_a_hang() {
     settings.force_path_style = true;
     std::env::set_var("AWS_ACCESS_KEY_ID", "x");
     std::env::set_var("AWS_SECRET_ACCESS_KEY", "y");
-    let store = upgate::storage::s3::S3Store::new(settings).await.expect("store");
+    let store = upgate::storage::s3::S3Store::new(settings)
+        .await
+        .expect("store");
     let started = Instant::now();
     let r = store.create_upload("k", None).await;
-    assert!(matches!(r, Err(upgate::storage::StorageError::Unavailable(_))), "{r:?}");
+    assert!(
+        matches!(r, Err(upgate::storage::StorageError::Unavailable(_))),
+        "{r:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
 }

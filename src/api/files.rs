@@ -29,7 +29,9 @@ pub(super) async fn register(
     let file = FileRecord {
         id: new_id(),
         session_id: session_id.clone(),
-        object_key: state.storage.object_key(&t.storage_prefix, &session_id, &req.file_key),
+        object_key: state
+            .storage
+            .object_key(&t.storage_prefix, &session_id, &req.file_key),
         file_key: req.file_key,
         file_name: req.file_name,
         size_bytes: req.size_bytes,
@@ -48,7 +50,10 @@ pub(super) async fn register(
     let result = match outcome {
         Ok(Registered::Created(f)) => Ok(f),
         Ok(Registered::DuplicateKey) => Err(AppError::DuplicateFileKey(file.file_key.clone())),
-        Ok(Registered::CountExceeded { file_limit, file_count }) => Err(AppError::FileCountExceeded {
+        Ok(Registered::CountExceeded {
+            file_limit,
+            file_count,
+        }) => Err(AppError::FileCountExceeded {
             max_files: file_limit,
             file_count,
         }),
@@ -58,7 +63,12 @@ pub(super) async fn register(
         Ok(f) => {
             state.metrics.registrations.inc_code("created");
             let location = format!("/v1/sessions/{session_id}/files/{}", f.id);
-            Ok((StatusCode::CREATED, [(axum::http::header::LOCATION, location)], Json(file_json(&f))).into_response())
+            Ok((
+                StatusCode::CREATED,
+                [(axum::http::header::LOCATION, location)],
+                Json(file_json(&f)),
+            )
+                .into_response())
         }
         Err(e) => {
             state.metrics.registrations.inc_code(e.code());
@@ -74,7 +84,14 @@ pub(super) async fn get(
     Path((session_id, file_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, AppError> {
     let now = now_ms();
-    let f = open_gate(state.store.get_file(&tenant.0.id, &session_id, &file_id, false, now).await?, &tenant.0.id, now)?;
+    let f = open_gate(
+        state
+            .store
+            .get_file(&tenant.0.id, &session_id, &file_id, false, now)
+            .await?,
+        &tenant.0.id,
+        now,
+    )?;
     Ok(Json(file_json(&f)))
 }
 
@@ -85,10 +102,21 @@ pub(super) async fn abort(
     Path((session_id, file_id)): Path<(String, String)>,
 ) -> Result<StatusCode, AppError> {
     let now = now_ms();
-    let before = open_gate(state.store.abort_file(&tenant.0.id, &session_id, &file_id, now).await?, &tenant.0.id, now)?;
+    let before = open_gate(
+        state
+            .store
+            .abort_file(&tenant.0.id, &session_id, &file_id, now)
+            .await?,
+        &tenant.0.id,
+        now,
+    )?;
     match (before.status, before.upload_id.as_deref()) {
         (FileStatus::Registered | FileStatus::Completing, Some(upload_id)) => {
-            if let Err(e) = state.storage.abort_upload(&before.object_key, upload_id).await {
+            if let Err(e) = state
+                .storage
+                .abort_upload(&before.object_key, upload_id)
+                .await
+            {
                 tracing::warn!(error = %e, "aborting the storage upload failed; the reaper will retry at expiry");
             }
         }

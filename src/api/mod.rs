@@ -42,14 +42,35 @@ pub struct Tenant(pub Arc<TenantConfig>);
 pub fn routes(state: AppState) -> Router {
     Router::new()
         .route("/v1/sessions", post(sessions::create))
-        .route("/v1/sessions/{session_id}", get(sessions::get).delete(sessions::abort))
-        .route("/v1/sessions/{session_id}/finalize", post(sessions::finalize))
+        .route(
+            "/v1/sessions/{session_id}",
+            get(sessions::get).delete(sessions::abort),
+        )
+        .route(
+            "/v1/sessions/{session_id}/finalize",
+            post(sessions::finalize),
+        )
         .route("/v1/sessions/{session_id}/files", post(files::register))
-        .route("/v1/sessions/{session_id}/files/{file_id}", get(files::get).delete(files::abort))
-        .route("/v1/sessions/{session_id}/files/{file_id}/parts", get(parts::list))
-        .route("/v1/sessions/{session_id}/files/{file_id}/parts/{part_number}", put(parts::upload))
-        .route("/v1/sessions/{session_id}/files/{file_id}/presigned-parts", post(parts::presign))
-        .route("/v1/sessions/{session_id}/files/{file_id}/complete", post(parts::complete))
+        .route(
+            "/v1/sessions/{session_id}/files/{file_id}",
+            get(files::get).delete(files::abort),
+        )
+        .route(
+            "/v1/sessions/{session_id}/files/{file_id}/parts",
+            get(parts::list),
+        )
+        .route(
+            "/v1/sessions/{session_id}/files/{file_id}/parts/{part_number}",
+            put(parts::upload),
+        )
+        .route(
+            "/v1/sessions/{session_id}/files/{file_id}/presigned-parts",
+            post(parts::presign),
+        )
+        .route(
+            "/v1/sessions/{session_id}/files/{file_id}/complete",
+            post(parts::complete),
+        )
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .fallback(|| async { AppError::RouteNotFound })
         .with_state(state)
@@ -68,7 +89,8 @@ impl FromRequest<AppState> for JsonBody {
         let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
             // to_bytes reports an over-limit body as a length-limit error; anything else is a
             // broken body.
-            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
                 || e.to_string().contains("length limit")
             {
                 AppError::PayloadTooLarge(limit as u64)

@@ -52,7 +52,11 @@ fn file_not_open(f: &FileRecord) -> AppError {
 /// registration: registration stays one Redis script with no storage round trip, and a
 /// rejected registration never leaves an orphan upload. Two first parts racing each create
 /// one; the store keeps the first and the loser aborts its own.
-async fn ensure_upload(state: &AppState, tenant: &str, file: &FileRecord) -> Result<String, AppError> {
+async fn ensure_upload(
+    state: &AppState,
+    tenant: &str,
+    file: &FileRecord,
+) -> Result<String, AppError> {
     if let Some(id) = &file.upload_id {
         return Ok(id.clone());
     }
@@ -81,7 +85,12 @@ async fn ensure_upload(state: &AppState, tenant: &str, file: &FileRecord) -> Res
 }
 
 fn checksum(headers: &HeaderMap) -> Option<PartChecksum> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     if let Some(v) = get("content-md5") {
         return Some(PartChecksum::ContentMd5(v));
     }
@@ -107,7 +116,8 @@ impl Sniff {
     fn check(self, chunk: &[u8]) {
         if let Some(kind) = infer::get(chunk) {
             let detected = kind.mime_type();
-            if !detected.eq_ignore_ascii_case(self.declared.split(';').next().unwrap_or("").trim()) {
+            if !detected.eq_ignore_ascii_case(self.declared.split(';').next().unwrap_or("").trim())
+            {
                 tracing::warn!(
                     file_id = %self.file_id,
                     declared = %self.declared,
@@ -136,7 +146,10 @@ fn body_stream(
             }
             match tokio::time::timeout(idle, data.next()).await {
                 Err(_) => Some((
-                    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "part body idle too long")),
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "part body idle too long",
+                    )),
                     (data, None, true),
                 )),
                 Ok(None) => None,
@@ -163,18 +176,31 @@ pub(super) async fn upload(
 ) -> Result<Response, AppError> {
     let t = &tenant.0.id;
     let now = now_ms();
-    let file = open_gate(state.store.get_file(t, &session_id, &file_id, true, now).await?, t, now)?;
+    let file = open_gate(
+        state
+            .store
+            .get_file(t, &session_id, &file_id, true, now)
+            .await?,
+        t,
+        now,
+    )?;
     if file.status != FileStatus::Registered {
         return Err(file_not_open(&file));
     }
     let part_number = crate::validate::part_number(&part, file.part_count)?;
-    let expected = expected_part_len(file.size_bytes, file.part_size_bytes, part_number).unwrap_or(0);
+    let expected =
+        expected_part_len(file.size_bytes, file.part_size_bytes, part_number).unwrap_or(0);
     let len = match headers.get(header::CONTENT_LENGTH) {
         Some(v) => v
             .to_str()
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| AppError::Validation(vec![crate::error::FieldError::new("Content-Length", "must be a whole number")]))?,
+            .ok_or_else(|| {
+                AppError::Validation(vec![crate::error::FieldError::new(
+                    "Content-Length",
+                    "must be a whole number",
+                )])
+            })?,
         // A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112
         // 6.3): an empty part. A chunked body of unknown length is refused: the part-size
         // rule must be checked before the first byte is stored.
@@ -182,12 +208,22 @@ pub(super) async fn upload(
         None => return Err(AppError::LengthRequired),
     };
     if len != expected {
-        return Err(AppError::PartSizeMismatch { expected, actual: len });
+        return Err(AppError::PartSizeMismatch {
+            expected,
+            actual: len,
+        });
     }
-    if let (Some(declared), Some(sent)) = (&file.content_type, headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())) {
+    if let (Some(declared), Some(sent)) = (
+        &file.content_type,
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    ) {
         let sent_essence = sent.split(';').next().unwrap_or("").trim();
         let declared_essence = declared.split(';').next().unwrap_or("").trim();
-        if !sent_essence.eq_ignore_ascii_case(declared_essence) && !sent_essence.eq_ignore_ascii_case("application/octet-stream") {
+        if !sent_essence.eq_ignore_ascii_case(declared_essence)
+            && !sent_essence.eq_ignore_ascii_case("application/octet-stream")
+        {
             tracing::warn!(declared = %declared, sent = %sent, "part Content-Type differs from the declared content type (advisory until finalize)");
         }
     }
@@ -199,14 +235,25 @@ pub(super) async fn upload(
         }),
         _ => None,
     };
-    let stream = body_stream(body, state.config.part_idle_timeout, sniff, state.metrics.clone());
+    let stream = body_stream(
+        body,
+        state.config.part_idle_timeout,
+        sniff,
+        state.metrics.clone(),
+    );
     let part_body = PartBody {
         stream: Box::pin(stream),
         len,
     };
     let etag = state
         .storage
-        .put_part(&file.object_key, &upload_id, part_number, part_body, checksum(&headers))
+        .put_part(
+            &file.object_key,
+            &upload_id,
+            part_number,
+            part_body,
+            checksum(&headers),
+        )
         .await?;
     state.metrics.bytes_stored.add(len);
     let record = PartRecord {
@@ -215,11 +262,19 @@ pub(super) async fn upload(
         size_bytes: len,
     };
     let now = now_ms();
-    let after = open_gate(state.store.record_part(t, &session_id, &file_id, &record, now).await?, t, now)?;
+    let after = open_gate(
+        state
+            .store
+            .record_part(t, &session_id, &file_id, &record, now)
+            .await?,
+        t,
+        now,
+    )?;
     if after.status != FileStatus::Registered {
         return Err(file_not_open(&after));
     }
-    let quoted = HeaderValue::from_str(&format!("\"{etag}\"")).map_err(|e| AppError::Internal(format!("etag header: {e}")))?;
+    let quoted = HeaderValue::from_str(&format!("\"{etag}\""))
+        .map_err(|e| AppError::Internal(format!("etag header: {e}")))?;
     Ok((
         [(header::ETAG, quoted)],
         Json(json!({"partNumber": part_number, "etag": etag, "sizeBytes": len})),
@@ -235,7 +290,14 @@ pub(super) async fn list(
 ) -> Result<Json<Value>, AppError> {
     let t = &tenant.0.id;
     let now = now_ms();
-    let parts = open_gate(state.store.list_parts(t, &session_id, &file_id, now).await?, t, now)?;
+    let parts = open_gate(
+        state
+            .store
+            .list_parts(t, &session_id, &file_id, now)
+            .await?,
+        t,
+        now,
+    )?;
     Ok(Json(json!({ "parts": parts })))
 }
 
@@ -248,7 +310,14 @@ pub(super) async fn presign(
 ) -> Result<Json<Value>, AppError> {
     let t = &tenant.0.id;
     let now = now_ms();
-    let file = open_gate(state.store.get_file(t, &session_id, &file_id, true, now).await?, t, now)?;
+    let file = open_gate(
+        state
+            .store
+            .get_file(t, &session_id, &file_id, true, now)
+            .await?,
+        t,
+        now,
+    )?;
     if state.storage.kind() != StorageKind::S3 {
         return Err(AppError::NotSupported);
     }
@@ -266,7 +335,9 @@ pub(super) async fn presign(
         parts.push(json!({"partNumber": n, "url": url, "method": "PUT"}));
     }
     let expires_at = now / 1000 + PRESIGN_TTL.as_secs() as i64;
-    Ok(Json(json!({"parts": parts, "expiresAt": crate::model::rfc3339(expires_at)})))
+    Ok(Json(
+        json!({"parts": parts, "expiresAt": crate::model::rfc3339(expires_at)}),
+    ))
 }
 
 /// Decides which parts to complete with: the client's list, or the parts the gateway
@@ -309,7 +380,13 @@ async fn parts_to_complete(
 }
 
 /// The storage side of completion, run by the one caller holding the lease.
-async fn complete_in_storage(state: &AppState, tenant: &str, file: &FileRecord, recorded: Vec<PartRecord>, client: Option<Vec<crate::validate::ClientPart>>) -> Result<String, AppError> {
+async fn complete_in_storage(
+    state: &AppState,
+    tenant: &str,
+    file: &FileRecord,
+    recorded: Vec<PartRecord>,
+    client: Option<Vec<crate::validate::ClientPart>>,
+) -> Result<String, AppError> {
     if file.upload_id.is_none() && file.size_bytes > 0 {
         // Not one byte was sent: no storage upload to create just to refuse it.
         return Err(AppError::PartsMissing((1..=file.part_count).collect()));
@@ -322,7 +399,10 @@ async fn complete_in_storage(state: &AppState, tenant: &str, file: &FileRecord, 
             stream: Box::pin(futures_util::stream::empty()),
             len: 0,
         };
-        let etag = state.storage.put_part(&file.object_key, &upload_id, 1, body, None).await?;
+        let etag = state
+            .storage
+            .put_part(&file.object_key, &upload_id, 1, body, None)
+            .await?;
         recorded.push(PartRecord {
             part_number: 1,
             etag,
@@ -330,11 +410,16 @@ async fn complete_in_storage(state: &AppState, tenant: &str, file: &FileRecord, 
         });
     }
     let parts = parts_to_complete(state, file, &upload_id, client, recorded).await?;
-    match state.storage.complete_upload(&file.object_key, &upload_id, &parts).await {
+    match state
+        .storage
+        .complete_upload(&file.object_key, &upload_id, &parts)
+        .await
+    {
         Ok(etag) => Ok(etag),
         // Storage already completed this upload (an earlier holder crashed before recording
         // it): the object is there, so the completion stands.
-        Err(StorageError::NoSuchUpload) => match state.storage.head_object(&file.object_key).await? {
+        Err(StorageError::NoSuchUpload) => match state.storage.head_object(&file.object_key).await?
+        {
             Some(info) => Ok(info.etag),
             None => Err(AppError::FileNotActive("aborted")),
         },
@@ -372,7 +457,9 @@ pub(super) async fn complete(
             BeginComplete::InProgress => {
                 waited = true;
                 if tokio::time::Instant::now() >= deadline {
-                    return Err(AppError::Unavailable("timed out waiting for a concurrent completion".into()));
+                    return Err(AppError::Unavailable(
+                        "timed out waiting for a concurrent completion".into(),
+                    ));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(200));
@@ -387,7 +474,11 @@ pub(super) async fn complete(
                     Ok(etag) => etag,
                     Err(e) => {
                         // Give the lease back so the next attempt (or a waiter) can try again.
-                        if let Err(release) = state.store.release_complete(t, &session_id, &file_id, &token).await {
+                        if let Err(release) = state
+                            .store
+                            .release_complete(t, &session_id, &file_id, &token)
+                            .await
+                        {
                             tracing::warn!(error = %release, "releasing the completion lease failed; it expires by itself");
                         }
                         return Err(e);

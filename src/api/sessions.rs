@@ -16,7 +16,11 @@ use crate::store::Finalized;
 const SNIFF_BYTES: usize = 8192;
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id))]
-pub(super) async fn create(State(state): State<AppState>, Extension(tenant): Extension<Tenant>, JsonBody(body): JsonBody) -> Result<Response, AppError> {
+pub(super) async fn create(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, AppError> {
     let t = &tenant.0;
     let req = crate::validate::create_session(&body, t)?;
     let now = now_ms() / 1000;
@@ -27,7 +31,10 @@ pub(super) async fn create(State(state): State<AppState>, Extension(tenant): Ext
         status: SessionStatus::Active,
         part_size_bytes: state.config.part_size_bytes(),
         max_files: req.max_files,
-        file_limit: req.max_files.unwrap_or(t.max_files_per_session).min(t.max_files_per_session),
+        file_limit: req
+            .max_files
+            .unwrap_or(t.max_files_per_session)
+            .min(t.max_files_per_session),
         file_count: 0,
         created_at: now,
         expires_at: now.saturating_add(ttl),
@@ -37,24 +44,54 @@ pub(super) async fn create(State(state): State<AppState>, Extension(tenant): Ext
     state.store.create_session(&session).await?;
     state.metrics.sessions_created.inc();
     let location = format!("/v1/sessions/{}", session.id);
-    Ok((StatusCode::CREATED, [(axum::http::header::LOCATION, location)], Json(session_json(&session))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
+        Json(session_json(&session)),
+    )
+        .into_response())
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
-pub(super) async fn get(State(state): State<AppState>, Extension(tenant): Extension<Tenant>, Path(session_id): Path<String>) -> Result<Json<Value>, AppError> {
+pub(super) async fn get(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path(session_id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let now = now_ms();
-    let view = open_gate(state.store.get_session(&tenant.0.id, &session_id, now).await?, &tenant.0.id, now)?;
+    let view = open_gate(
+        state
+            .store
+            .get_session(&tenant.0.id, &session_id, now)
+            .await?,
+        &tenant.0.id,
+        now,
+    )?;
     let mut v = session_json(&view.session);
     if let Some(o) = v.as_object_mut() {
-        o.insert("files".into(), Value::Array(view.files.iter().map(file_json).collect()));
+        o.insert(
+            "files".into(),
+            Value::Array(view.files.iter().map(file_json).collect()),
+        );
     }
     Ok(Json(v))
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
-pub(super) async fn abort(State(state): State<AppState>, Extension(tenant): Extension<Tenant>, Path(session_id): Path<String>) -> Result<StatusCode, AppError> {
+pub(super) async fn abort(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path(session_id): Path<String>,
+) -> Result<StatusCode, AppError> {
     let now = now_ms();
-    let open = open_gate(state.store.abort_session(&tenant.0.id, &session_id, now).await?, &tenant.0.id, now)?;
+    let open = open_gate(
+        state
+            .store
+            .abort_session(&tenant.0.id, &session_id, now)
+            .await?,
+        &tenant.0.id,
+        now,
+    )?;
     abort_uploads(&state, &open).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -64,7 +101,11 @@ pub(super) async fn abort(State(state): State<AppState>, Extension(tenant): Exte
 pub(crate) async fn abort_uploads(state: &AppState, files: &[FileRecord]) -> usize {
     let jobs: Vec<(String, String, String)> = files
         .iter()
-        .filter_map(|f| f.upload_id.clone().map(|u| (f.id.clone(), f.object_key.clone(), u)))
+        .filter_map(|f| {
+            f.upload_id
+                .clone()
+                .map(|u| (f.id.clone(), f.object_key.clone(), u))
+        })
         .collect();
     let storage = state.storage.clone();
     stream::iter(jobs)
@@ -87,7 +128,13 @@ pub(crate) async fn abort_uploads(state: &AppState, files: &[FileRecord]) -> usi
 
 /// True when the magic bytes' type is compatible with what the client declared.
 fn compatible(declared: &str, detected: &str) -> bool {
-    let essence = |s: &str| s.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = |s: &str| {
+        s.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
     let (declared, detected) = (essence(declared), essence(detected));
     if declared == detected || declared == "application/octet-stream" {
         return true;
@@ -107,12 +154,21 @@ fn compatible(declared: &str, detected: &str) -> bool {
     }
     // Office documents and archives built on ZIP: a docx declared as application/zip (or the
     // other way round) is honest.
-    let zip_family = |s: &str| s == "application/zip" || s.starts_with("application/vnd.openxmlformats") || s == "application/epub+zip" || s == "application/java-archive";
+    let zip_family = |s: &str| {
+        s == "application/zip"
+            || s.starts_with("application/vnd.openxmlformats")
+            || s == "application/epub+zip"
+            || s == "application/java-archive"
+    };
     zip_family(&declared) && zip_family(&detected)
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
-pub(super) async fn finalize(State(state): State<AppState>, Extension(tenant): Extension<Tenant>, Path(session_id): Path<String>) -> Result<Json<Value>, AppError> {
+pub(super) async fn finalize(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path(session_id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let t = &tenant.0.id;
     let now = now_ms();
     let view = open_gate(state.store.get_session(t, &session_id, now).await?, t, now)?;
@@ -122,7 +178,12 @@ pub(super) async fn finalize(State(state): State<AppState>, Extension(tenant): E
     let incomplete: Vec<String> = view
         .files
         .iter()
-        .filter(|f| matches!(f.status, crate::model::FileStatus::Registered | crate::model::FileStatus::Completing))
+        .filter(|f| {
+            matches!(
+                f.status,
+                crate::model::FileStatus::Registered | crate::model::FileStatus::Completing
+            )
+        })
         .map(|f| f.id.clone())
         .collect();
     if !incomplete.is_empty() {
@@ -133,7 +194,11 @@ pub(super) async fn finalize(State(state): State<AppState>, Extension(tenant): E
         .files
         .iter()
         .filter(|f| f.status == crate::model::FileStatus::Completed && f.size_bytes > 0)
-        .filter_map(|f| f.content_type.clone().map(|ct| (f.id.clone(), f.object_key.clone(), ct)))
+        .filter_map(|f| {
+            f.content_type
+                .clone()
+                .map(|ct| (f.id.clone(), f.object_key.clone(), ct))
+        })
         .collect();
     // MIME types are advisory while uploading (a warning per mismatching part); this is the
     // one place that enforces them, on the first bytes of every assembled object.
@@ -144,11 +209,13 @@ pub(super) async fn finalize(State(state): State<AppState>, Extension(tenant): E
             async move {
                 let head = storage.read_head(&key, SNIFF_BYTES).await?;
                 match infer::get(&head) {
-                    Some(kind) if !compatible(&declared, kind.mime_type()) => Ok::<_, AppError>(Some(AppError::ContentTypeMismatch {
-                        file_id,
-                        declared,
-                        detected: kind.mime_type().to_owned(),
-                    })),
+                    Some(kind) if !compatible(&declared, kind.mime_type()) => {
+                        Ok::<_, AppError>(Some(AppError::ContentTypeMismatch {
+                            file_id,
+                            declared,
+                            detected: kind.mime_type().to_owned(),
+                        }))
+                    }
                     _ => Ok(None),
                 }
             }
@@ -167,7 +234,10 @@ pub(super) async fn finalize(State(state): State<AppState>, Extension(tenant): E
             state.metrics.sessions_finalized.inc();
             let mut v = session_json(&view.session);
             if let Some(o) = v.as_object_mut() {
-                o.insert("files".into(), Value::Array(view.files.iter().map(file_json).collect()));
+                o.insert(
+                    "files".into(),
+                    Value::Array(view.files.iter().map(file_json).collect()),
+                );
             }
             Ok(Json(v))
         }
@@ -185,7 +255,10 @@ mod tests {
         assert!(compatible("IMAGE/PNG; q=1", "image/png"));
         assert!(compatible("image/jpg", "image/jpeg"));
         assert!(compatible("application/octet-stream", "image/png"));
-        assert!(compatible("application/zip", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"));
+        assert!(compatible(
+            "application/zip",
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+        ));
         assert!(!compatible("application/pdf", "image/png"));
         assert!(!compatible("image/png", "application/pdf"));
     }

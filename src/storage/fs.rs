@@ -96,10 +96,16 @@ impl FsStore {
         let mut out = Vec::new();
         let mut entries = match tokio::fs::read_dir(dir).await {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StorageError::NoSuchUpload),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StorageError::NoSuchUpload)
+            }
             Err(e) => return Err(io_err("list upload", e)),
         };
-        while let Some(entry) = entries.next_entry().await.map_err(|e| io_err("list upload", e))? {
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| io_err("list upload", e))?
+        {
             let name = entry.file_name();
             let Some(number) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
                 continue;
@@ -124,7 +130,11 @@ impl FsStore {
     }
 }
 
-fn verify_checksum(checksum: Option<&PartChecksum>, md5: &[u8], sha256: &[u8]) -> Result<(), StorageError> {
+fn verify_checksum(
+    checksum: Option<&PartChecksum>,
+    md5: &[u8],
+    sha256: &[u8],
+) -> Result<(), StorageError> {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     match checksum {
@@ -150,7 +160,11 @@ impl ObjectStore for FsStore {
         format!("file://{}", self.object_path(key).display())
     }
 
-    async fn create_upload(&self, key: &str, _content_type: Option<&str>) -> Result<String, StorageError> {
+    async fn create_upload(
+        &self,
+        key: &str,
+        _content_type: Option<&str>,
+    ) -> Result<String, StorageError> {
         let id = nonce();
         let dir = self.upload_dir(&id)?;
         tokio::fs::create_dir_all(&dir)
@@ -187,10 +201,15 @@ impl ObjectStore for FsStore {
                 }
                 md5.update(&chunk);
                 sha.update(&chunk);
-                file.write_all(&chunk).await.map_err(|e| io_err("write part", e))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| io_err("write part", e))?;
             }
             if written != body.len {
-                return Err(StorageError::Body(format!("body ended after {written} of {} bytes", body.len)));
+                return Err(StorageError::Body(format!(
+                    "body ended after {written} of {} bytes",
+                    body.len
+                )));
             }
             file.flush().await.map_err(|e| io_err("write part", e))?;
             Ok(())
@@ -229,7 +248,11 @@ impl ObjectStore for FsStore {
         finish
     }
 
-    async fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<PartRecord>, StorageError> {
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Vec<PartRecord>, StorageError> {
         let dir = self.open_upload(key, upload_id).await?;
         let mut out = Vec::new();
         for (number, etag, blob) in Self::parts_in(&dir).await? {
@@ -247,19 +270,29 @@ impl ObjectStore for FsStore {
         Ok(out)
     }
 
-    async fn complete_upload(&self, key: &str, upload_id: &str, parts: &[(u32, String)]) -> Result<String, StorageError> {
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<String, StorageError> {
         let dir = self.open_upload(key, upload_id).await?;
         let stored = Self::parts_in(&dir).await?;
         let mut blobs = Vec::with_capacity(parts.len());
         let mut last = 0u32;
         for (number, etag) in parts {
             if *number <= last {
-                return Err(StorageError::InvalidPart("parts must be in ascending order".into()));
+                return Err(StorageError::InvalidPart(
+                    "parts must be in ascending order".into(),
+                ));
             }
             last = *number;
             let etag = etag.trim_matches('"');
-            let Some((_, _, blob)) = stored.iter().find(|(n, e, _)| n == number && e == etag) else {
-                return Err(StorageError::InvalidPart(format!("part {number} with that ETag is not uploaded")));
+            let Some((_, _, blob)) = stored.iter().find(|(n, e, _)| n == number && e == etag)
+            else {
+                return Err(StorageError::InvalidPart(format!(
+                    "part {number} with that ETag is not uploaded"
+                )));
             };
             blobs.push((blob.clone(), etag.to_owned()));
         }
@@ -276,22 +309,34 @@ impl ObjectStore for FsStore {
             .map_err(|e| io_err("assemble object", e))?;
         let mut md5s = Md5::new();
         for (blob, etag) in &blobs {
-            let mut src = tokio::fs::File::open(blob).await.map_err(|e| io_err("read part", e))?;
+            let mut src = tokio::fs::File::open(blob)
+                .await
+                .map_err(|e| io_err("read part", e))?;
             tokio::io::copy(&mut src, &mut out)
                 .await
                 .map_err(|e| io_err("assemble object", e))?;
-            md5s.update(hex::decode(etag).map_err(|e| io_err("part etag", std::io::Error::other(e)))?);
+            md5s.update(
+                hex::decode(etag).map_err(|e| io_err("part etag", std::io::Error::other(e)))?,
+            );
         }
-        out.sync_all().await.map_err(|e| io_err("assemble object", e))?;
+        out.sync_all()
+            .await
+            .map_err(|e| io_err("assemble object", e))?;
         drop(out);
         let etag = format!("{}-{}", hex::encode(md5s.finalize()), blobs.len());
         let meta = self.meta_path(key);
         if let Some(p) = meta.parent() {
-            tokio::fs::create_dir_all(p).await.map_err(|e| io_err("write meta", e))?;
+            tokio::fs::create_dir_all(p)
+                .await
+                .map_err(|e| io_err("write meta", e))?;
         }
         let meta_tmp = meta.with_extension(format!("tmp-{}", nonce()));
-        tokio::fs::write(&meta_tmp, &etag).await.map_err(|e| io_err("write meta", e))?;
-        tokio::fs::rename(&meta_tmp, &meta).await.map_err(|e| io_err("write meta", e))?;
+        tokio::fs::write(&meta_tmp, &etag)
+            .await
+            .map_err(|e| io_err("write meta", e))?;
+        tokio::fs::rename(&meta_tmp, &meta)
+            .await
+            .map_err(|e| io_err("write meta", e))?;
         tokio::fs::rename(&tmp, &target)
             .await
             .map_err(|e| io_err("publish object", e))?;
@@ -318,8 +363,13 @@ impl ObjectStore for FsStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("stat object", e)),
         };
-        let etag = tokio::fs::read_to_string(self.meta_path(key)).await.unwrap_or_default();
-        Ok(Some(ObjectInfo { etag, size: meta.len() }))
+        let etag = tokio::fs::read_to_string(self.meta_path(key))
+            .await
+            .unwrap_or_default();
+        Ok(Some(ObjectInfo {
+            etag,
+            size: meta.len(),
+        }))
     }
 
     async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError> {
@@ -345,7 +395,13 @@ impl ObjectStore for FsStore {
         Ok(())
     }
 
-    async fn presign_part(&self, _key: &str, _upload_id: &str, _part_number: u32, _expires_in: Duration) -> Result<String, StorageError> {
+    async fn presign_part(
+        &self,
+        _key: &str,
+        _upload_id: &str,
+        _part_number: u32,
+        _expires_in: Duration,
+    ) -> Result<String, StorageError> {
         Err(StorageError::NotSupported)
     }
 

@@ -60,7 +60,9 @@ pub struct PartBody {
 
 impl std::fmt::Debug for PartBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartBody").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("PartBody")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,7 +114,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn file_url(&self, key: &str) -> String;
 
     /// Starts a multipart upload; returns its id.
-    async fn create_upload(&self, key: &str, content_type: Option<&str>) -> Result<String, StorageError>;
+    async fn create_upload(
+        &self,
+        key: &str,
+        content_type: Option<&str>,
+    ) -> Result<String, StorageError>;
 
     /// Uploads (or replaces) one part by streaming `body`; returns the part's unquoted ETag.
     async fn put_part(
@@ -125,12 +131,18 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> Result<String, StorageError>;
 
     /// The parts storage holds for an upload (all pages), sorted by part number.
-    async fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<PartRecord>, StorageError>;
+    async fn list_parts(&self, key: &str, upload_id: &str)
+        -> Result<Vec<PartRecord>, StorageError>;
 
     /// Assembles the object from `parts` (part number, unquoted ETag), in order; returns the
     /// object's unquoted ETag. [`StorageError::NoSuchUpload`] when the upload is gone (the
     /// caller then checks whether the object already exists).
-    async fn complete_upload(&self, key: &str, upload_id: &str, parts: &[(u32, String)]) -> Result<String, StorageError>;
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<String, StorageError>;
 
     /// Aborts an upload; an upload that no longer exists is not an error.
     async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StorageError>;

@@ -10,7 +10,8 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    BeginComplete, ExpiredInfo, Finalized, Gate, Reaped, Registered, SessionStore, SessionView, StoreError, UploadIdSet,
+    BeginComplete, ExpiredInfo, Finalized, Gate, Reaped, Registered, SessionStore, SessionView,
+    StoreError, UploadIdSet,
 };
 use crate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
 
@@ -68,9 +69,13 @@ impl MemoryStore {
     /// Drops sessions whose retention has passed (called opportunistically).
     fn evict(&self, inner: &mut Inner, now_ms: i64) {
         let retention = self.retention_ms;
-        inner
-            .sessions
-            .retain(|_, e| now_ms < e.session.expires_at.saturating_mul(1000).saturating_add(retention));
+        inner.sessions.retain(|_, e| {
+            now_ms
+                < e.session
+                    .expires_at
+                    .saturating_mul(1000)
+                    .saturating_add(retention)
+        });
     }
 }
 
@@ -139,7 +144,9 @@ impl SessionStore for MemoryStore {
         let now = session.created_at.saturating_mul(1000);
         self.evict(&mut inner, now);
         let k = key(&session.tenant, &session.id);
-        inner.reap_index.insert(k.clone(), session.expires_at.saturating_mul(1000));
+        inner
+            .reap_index
+            .insert(k.clone(), session.expires_at.saturating_mul(1000));
         inner.sessions.insert(
             k,
             SessionEntry {
@@ -152,14 +159,31 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    async fn get_session(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<SessionView>, StoreError> {
+    async fn get_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<SessionView>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
-        let files = entry.order.iter().filter_map(|id| entry.files.get(id)).map(|f| f.file.clone()).collect();
-        Ok(Gate::Ok(SessionView { session: entry.session.clone(), files }))
+        let files = entry
+            .order
+            .iter()
+            .filter_map(|id| entry.files.get(id))
+            .map(|f| f.file.clone())
+            .collect();
+        Ok(Gate::Ok(SessionView {
+            session: entry.session.clone(),
+            files,
+        }))
     }
 
-    async fn session_deadline(&self, tenant: &str, session_id: &str) -> Result<Option<(i64, i64)>, StoreError> {
+    async fn session_deadline(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
         let inner = self.lock();
         Ok(inner
             .sessions
@@ -167,7 +191,12 @@ impl SessionStore for MemoryStore {
             .map(|e| (e.session.expires_at, e.session.created_at)))
     }
 
-    async fn register_file(&self, tenant: &str, file: &FileRecord, now_ms: i64) -> Result<Gate<Registered>, StoreError> {
+    async fn register_file(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        now_ms: i64,
+    ) -> Result<Gate<Registered>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, &file.session_id, true, now_ms);
         if entry.keys.contains_key(&file.file_key) {
@@ -218,7 +247,10 @@ impl SessionStore for MemoryStore {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
         let f = file_or_return!(entry, file_id);
-        if !matches!(f.file.status, FileStatus::Registered | FileStatus::Completing) {
+        if !matches!(
+            f.file.status,
+            FileStatus::Registered | FileStatus::Completing
+        ) {
             return Ok(Gate::Ok(UploadIdSet::FileNotOpen(f.file.clone())));
         }
         if let Some(existing) = &f.file.upload_id {
@@ -272,7 +304,9 @@ impl SessionStore for MemoryStore {
         let status = entry.session.status;
         let f = file_or_return!(entry, file_id);
         match f.file.status {
-            FileStatus::Completed => return Ok(Gate::Ok(BeginComplete::AlreadyCompleted(f.file.clone()))),
+            FileStatus::Completed => {
+                return Ok(Gate::Ok(BeginComplete::AlreadyCompleted(f.file.clone())))
+            }
             FileStatus::Aborted => return Ok(Gate::Ok(BeginComplete::Aborted)),
             _ => {}
         }
@@ -288,7 +322,10 @@ impl SessionStore for MemoryStore {
         }
         f.file.status = FileStatus::Completing;
         f.lease = Some((token.to_owned(), now_ms.saturating_add(lease_ms)));
-        Ok(Gate::Ok(BeginComplete::Acquired(f.file.clone(), f.parts.values().cloned().collect())))
+        Ok(Gate::Ok(BeginComplete::Acquired(
+            f.file.clone(),
+            f.parts.values().cloned().collect(),
+        )))
     }
 
     async fn finish_complete(
@@ -308,7 +345,8 @@ impl SessionStore for MemoryStore {
         if f.file.status == FileStatus::Completed {
             return Ok(Gate::Ok(Some(f.file.clone())));
         }
-        let holds = f.file.status == FileStatus::Completing && f.lease.as_ref().is_some_and(|(t, _)| t == token);
+        let holds = f.file.status == FileStatus::Completing
+            && f.lease.as_ref().is_some_and(|(t, _)| t == token);
         if !holds {
             return Ok(Gate::Ok(None));
         }
@@ -319,14 +357,22 @@ impl SessionStore for MemoryStore {
         Ok(Gate::Ok(Some(f.file.clone())))
     }
 
-    async fn release_complete(&self, tenant: &str, session_id: &str, file_id: &str, token: &str) -> Result<(), StoreError> {
+    async fn release_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if let Some(f) = inner
             .sessions
             .get_mut(&key(tenant, session_id))
             .and_then(|e| e.files.get_mut(file_id))
         {
-            if f.file.status == FileStatus::Completing && f.lease.as_ref().is_some_and(|(t, _)| t == token) {
+            if f.file.status == FileStatus::Completing
+                && f.lease.as_ref().is_some_and(|(t, _)| t == token)
+            {
                 f.file.status = FileStatus::Registered;
                 f.lease = None;
             }
@@ -334,7 +380,13 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    async fn abort_file(&self, tenant: &str, session_id: &str, file_id: &str, now_ms: i64) -> Result<Gate<FileRecord>, StoreError> {
+    async fn abort_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
         let f = file_or_return!(entry, file_id);
@@ -348,7 +400,12 @@ impl SessionStore for MemoryStore {
         Ok(Gate::Ok(before))
     }
 
-    async fn abort_session(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<Vec<FileRecord>>, StoreError> {
+    async fn abort_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Vec<FileRecord>>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
         match entry.session.status {
@@ -360,7 +417,10 @@ impl SessionStore for MemoryStore {
         let mut open = Vec::new();
         for id in &entry.order {
             if let Some(f) = entry.files.get_mut(id) {
-                if matches!(f.file.status, FileStatus::Registered | FileStatus::Completing) {
+                if matches!(
+                    f.file.status,
+                    FileStatus::Registered | FileStatus::Completing
+                ) {
                     if f.file.upload_id.is_some() {
                         open.push(f.file.clone());
                     }
@@ -374,28 +434,48 @@ impl SessionStore for MemoryStore {
         Ok(Gate::Ok(open))
     }
 
-    async fn finalize(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<Finalized>, StoreError> {
+    async fn finalize(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Finalized>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
         let incomplete: Vec<String> = entry
             .order
             .iter()
             .filter_map(|id| entry.files.get(id))
-            .filter(|f| matches!(f.file.status, FileStatus::Registered | FileStatus::Completing))
+            .filter(|f| {
+                matches!(
+                    f.file.status,
+                    FileStatus::Registered | FileStatus::Completing
+                )
+            })
             .map(|f| f.file.id.clone())
             .collect();
         if !incomplete.is_empty() {
             return Ok(Gate::Ok(Finalized::Incomplete(incomplete)));
         }
         entry.session.status = SessionStatus::Finalized;
-        let files = entry.order.iter().filter_map(|id| entry.files.get(id)).map(|f| f.file.clone()).collect();
+        let files = entry
+            .order
+            .iter()
+            .filter_map(|id| entry.files.get(id))
+            .map(|f| f.file.clone())
+            .collect();
         Ok(Gate::Ok(Finalized::Done(SessionView {
             session: entry.session.clone(),
             files,
         })))
     }
 
-    async fn claim_expired(&self, now_ms: i64, lease_ms: i64, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+    async fn claim_expired(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let mut inner = self.lock();
         self.evict(&mut inner, now_ms);
         let mut due: Vec<((String, String), i64)> = inner
@@ -407,17 +487,25 @@ impl SessionStore for MemoryStore {
         due.sort_by_key(|(_, at)| *at);
         due.truncate(limit);
         for (k, _) in &due {
-            inner.reap_index.insert(k.clone(), now_ms.saturating_add(lease_ms));
+            inner
+                .reap_index
+                .insert(k.clone(), now_ms.saturating_add(lease_ms));
         }
         Ok(due.into_iter().map(|(k, _)| k).collect())
     }
 
-    async fn reap(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Option<Reaped>, StoreError> {
+    async fn reap(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Reaped>, StoreError> {
         let mut inner = self.lock();
         let Some(entry) = inner.sessions.get_mut(&key(tenant, session_id)) else {
             return Ok(None);
         };
-        let first = entry.session.status == SessionStatus::Active && entry.session.is_past_expiry(now_ms);
+        let first =
+            entry.session.status == SessionStatus::Active && entry.session.is_past_expiry(now_ms);
         if first {
             entry.session.status = SessionStatus::Expired;
         }
@@ -426,7 +514,12 @@ impl SessionStore for MemoryStore {
                 .order
                 .iter()
                 .filter_map(|id| entry.files.get(id))
-                .filter(|f| matches!(f.file.status, FileStatus::Registered | FileStatus::Completing) && f.file.upload_id.is_some())
+                .filter(|f| {
+                    matches!(
+                        f.file.status,
+                        FileStatus::Registered | FileStatus::Completing
+                    ) && f.file.upload_id.is_some()
+                })
                 .map(|f| f.file.clone())
                 .collect()
         } else {

@@ -149,16 +149,30 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
 
     /// The session and its files. Gate: exists, not expired (no active check).
-    async fn get_session(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<SessionView>, StoreError>;
+    async fn get_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<SessionView>, StoreError>;
 
     /// The session's `expires_at` and `created_at` only (cheap; cached by the expiry layer).
     /// No gate: `None` when missing.
-    async fn session_deadline(&self, tenant: &str, session_id: &str) -> Result<Option<(i64, i64)>, StoreError>;
+    async fn session_deadline(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<(i64, i64)>, StoreError>;
 
     /// Registers `file` (status `registered`) in one atomic step: gate (exists, not expired,
     /// active), then fileKey uniqueness among live files, then `file_count < file_limit`,
     /// then write and increment `file_count`.
-    async fn register_file(&self, tenant: &str, file: &FileRecord, now_ms: i64) -> Result<Gate<Registered>, StoreError>;
+    async fn register_file(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        now_ms: i64,
+    ) -> Result<Gate<Registered>, StoreError>;
 
     /// One file. Gate: exists, not expired, (when `require_active`) active, file exists.
     async fn get_file(
@@ -231,32 +245,64 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<Gate<Option<FileRecord>>, StoreError>;
 
     /// Gives the lease back (file back to `registered`) if `token` holds it. No gate.
-    async fn release_complete(&self, tenant: &str, session_id: &str, file_id: &str, token: &str) -> Result<(), StoreError>;
+    async fn release_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+    ) -> Result<(), StoreError>;
 
     /// Aborts one file: status `aborted`, its fileKey and count slot freed. Gate: exists, not
     /// expired, active, file exists. Returns the file as it was before (its `upload_id` and
     /// status tell the caller what to clean in storage); aborting an aborted file returns it
     /// unchanged (repeatable).
-    async fn abort_file(&self, tenant: &str, session_id: &str, file_id: &str, now_ms: i64) -> Result<Gate<FileRecord>, StoreError>;
+    async fn abort_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<FileRecord>, StoreError>;
 
     /// Aborts the session: status `aborted` (repeatable: an aborted session stays aborted and
     /// returns `Ok`), every live not-completed file `aborted`. Gate: exists, not expired; a
     /// finalized session is `NotActive(Finalized)`. Returns the files that had an open
     /// storage upload, to abort in storage.
-    async fn abort_session(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<Vec<FileRecord>>, StoreError>;
+    async fn abort_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Vec<FileRecord>>, StoreError>;
 
     /// Finalizes: gate (exists, not expired, active), then every live file must be
     /// `completed` (else [`Finalized::Incomplete`] with their ids), then status `finalized`.
-    async fn finalize(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Gate<Finalized>, StoreError>;
+    async fn finalize(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<Finalized>, StoreError>;
 
     /// Sessions due for reaping (`expires_at` passed), claimed for `lease_ms` so that no other
     /// replica gets them until then: at most `limit` `(tenant, session_id)` pairs. A claimed
     /// session that is not [`SessionStore::reap_done`] within the lease becomes due again.
-    async fn claim_expired(&self, now_ms: i64, lease_ms: i64, limit: usize) -> Result<Vec<(String, String)>, StoreError>;
+    async fn claim_expired(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError>;
 
     /// Moves a claimed session to `expired` if it is still `active` and returns the uploads
     /// to abort. `None` when the session is gone (retention passed).
-    async fn reap(&self, tenant: &str, session_id: &str, now_ms: i64) -> Result<Option<Reaped>, StoreError>;
+    async fn reap(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Reaped>, StoreError>;
 
     /// Removes the session from the reaper index (its uploads are aborted).
     async fn reap_done(&self, tenant: &str, session_id: &str) -> Result<(), StoreError>;

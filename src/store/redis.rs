@@ -97,7 +97,10 @@ pub struct SinglePool {
 
 impl SinglePool {
     fn cached(&self) -> Option<redis::aio::MultiplexedConnection> {
-        self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     async fn connection(&self) -> RedisResult<redis::aio::MultiplexedConnection> {
@@ -106,15 +109,26 @@ impl SinglePool {
         }
         let pooled = self.pool.get().await.map_err(pool_error)?;
         let conn: redis::aio::MultiplexedConnection = (*pooled).clone();
-        *self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.clone());
+        *self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.clone());
         Ok(conn)
     }
 
     /// Forgets the kept connection after an error that says it may be broken.
     fn check<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
         if let Err(e) = &result {
-            if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() || e.is_unrecoverable_error() {
-                *self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            if e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+                || e.is_unrecoverable_error()
+            {
+                *self
+                    .cached
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             }
         }
         result

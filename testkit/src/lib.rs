@@ -79,7 +79,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !ping(self.port) {
-            assert!(Instant::now() < deadline, "redis-server did not answer PING on port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING on port {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -126,7 +130,12 @@ impl RedisCluster {
     pub fn start(masters: usize) -> Self {
         let nodes: Vec<RedisServer> = (0..masters)
             .map(|_| {
-                RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
             })
             .collect();
         let cli = std::env::var_os("REDIS_CLI")
@@ -164,7 +173,10 @@ impl RedisCluster {
                 if ok {
                     break;
                 }
-                assert!(Instant::now() < deadline, "redis cluster did not reach cluster_state:ok");
+                assert!(
+                    Instant::now() < deadline,
+                    "redis cluster did not reach cluster_state:ok"
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }

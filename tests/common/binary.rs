@@ -28,17 +28,34 @@ impl Binary {
         let storage = if extra_config.contains("storage =") {
             String::new()
         } else {
-            format!("storage = \"file://{}\"\n", dir.path().join("data").display())
+            format!(
+                "storage = \"file://{}\"\n",
+                dir.path().join("data").display()
+            )
         };
         let cfg = config_toml(&format!("{storage}{extra_config}"))
             .replace("admin_listen = \"127.0.0.1:0\"", "ADMIN_LISTEN")
-            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{api_port}\""))
-            .replace("ADMIN_LISTEN", &format!("admin_listen = \"127.0.0.1:{admin_port}\""));
+            .replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{api_port}\""),
+            )
+            .replace(
+                "ADMIN_LISTEN",
+                &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
+            );
         let path = dir.path().join("upgate.toml");
         std::fs::write(&path, cfg).expect("write config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_upgate"));
-        cmd.arg("--config").arg(&path).stdout(Stdio::piped()).stderr(Stdio::piped());
-        for k in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "RUST_LOG", "UPGATE_LOG_FORMAT"] {
+        cmd.arg("--config")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for k in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "RUST_LOG",
+            "UPGATE_LOG_FORMAT",
+        ] {
             cmd.env_remove(k);
         }
         for (k, v) in env {
@@ -55,7 +72,9 @@ impl Binary {
                     if n == 0 {
                         break;
                     }
-                    sink.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
+                    sink.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&buf[..n]);
                 }
             });
         }
@@ -86,7 +105,10 @@ impl Binary {
     }
 
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().expect("kill");
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(status.success());
     }
 
@@ -111,10 +133,19 @@ impl Binary {
 
     /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
     pub fn proc_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim_start_matches(':').split_whitespace().next()?.parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(field).and_then(|r| {
+                    r.trim_start_matches(':')
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+            })
             .unwrap_or_else(|| panic!("{field} missing"))
     }
 }

@@ -59,7 +59,10 @@ pub fn logs() -> &'static Mutex<Vec<u8>> {
         struct W;
         impl std::io::Write for W {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                logs().lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+                logs()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(buf);
                 Ok(buf.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
@@ -119,13 +122,25 @@ impl ObjectStore for CountingStorage {
     async fn create_upload(&self, key: &str, ct: Option<&str>) -> Result<String, StorageError> {
         self.inner.create_upload(key, ct).await
     }
-    async fn put_part(&self, key: &str, id: &str, n: u32, body: PartBody, c: Option<PartChecksum>) -> Result<String, StorageError> {
+    async fn put_part(
+        &self,
+        key: &str,
+        id: &str,
+        n: u32,
+        body: PartBody,
+        c: Option<PartChecksum>,
+    ) -> Result<String, StorageError> {
         self.inner.put_part(key, id, n, body, c).await
     }
     async fn list_parts(&self, key: &str, id: &str) -> Result<Vec<PartRecord>, StorageError> {
         self.inner.list_parts(key, id).await
     }
-    async fn complete_upload(&self, key: &str, id: &str, parts: &[(u32, String)]) -> Result<String, StorageError> {
+    async fn complete_upload(
+        &self,
+        key: &str,
+        id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<String, StorageError> {
         self.completes.fetch_add(1, Ordering::SeqCst);
         self.inner.complete_upload(key, id, parts).await
     }
@@ -142,7 +157,13 @@ impl ObjectStore for CountingStorage {
     async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
         self.inner.delete_object(key).await
     }
-    async fn presign_part(&self, key: &str, id: &str, n: u32, d: Duration) -> Result<String, StorageError> {
+    async fn presign_part(
+        &self,
+        key: &str,
+        id: &str,
+        n: u32,
+        d: Duration,
+    ) -> Result<String, StorageError> {
         self.inner.presign_part(key, id, n, d).await
     }
     async fn ping(&self) -> Result<(), StorageError> {
@@ -168,7 +189,9 @@ impl TestGateway {
     pub async fn start(config: Config, store: Arc<dyn SessionStore>) -> TestGateway {
         let _ = logs();
         let dir = tempfile::tempdir().expect("tempdir");
-        let fs = upgate::storage::fs::FsStore::new(dir.path()).await.expect("fs store");
+        let fs = upgate::storage::fs::FsStore::new(dir.path())
+            .await
+            .expect("fs store");
         let counting = CountingStorage::new(Arc::new(fs));
         let path = dir.path().to_owned();
         Self::start_with(config, store, counting, path, Some(dir)).await
@@ -193,11 +216,20 @@ impl TestGateway {
         Self::serve(gw, counting, path, Some(dir)).await
     }
 
-    async fn serve(gw: upgate::Gateway, counting: Arc<CountingStorage>, dir: std::path::PathBuf, keep: Option<tempfile::TempDir>) -> TestGateway {
+    async fn serve(
+        gw: upgate::Gateway,
+        counting: Arc<CountingStorage>,
+        dir: std::path::PathBuf,
+        keep: Option<tempfile::TempDir>,
+    ) -> TestGateway {
         let _ = logs();
         let state = gw.state().clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind admin");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let admin_base = format!("http://{}", admin.local_addr().expect("addr"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -207,7 +239,10 @@ impl TestGateway {
         TestGateway {
             base,
             admin: admin_base,
-            client: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .expect("client"),
             state,
             storage_dir: dir,
             _dir: keep,
@@ -226,33 +261,57 @@ impl TestGateway {
     }
 
     pub async fn create_session(&self, key: &str, body: Value) -> Value {
-        let res = self.req(reqwest::Method::POST, "/v1/sessions", key).json(&body).send().await.expect("send");
+        let res = self
+            .req(reqwest::Method::POST, "/v1/sessions", key)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
         assert_eq!(res.status(), 201, "create session");
         res.json().await.expect("json")
     }
 
     pub async fn register(&self, key: &str, session: &str, body: Value) -> reqwest::Response {
-        self.req(reqwest::Method::POST, &format!("/v1/sessions/{session}/files"), key)
-            .json(&body)
-            .send()
-            .await
-            .expect("send")
+        self.req(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{session}/files"),
+            key,
+        )
+        .json(&body)
+        .send()
+        .await
+        .expect("send")
     }
 
-    pub async fn put_part(&self, key: &str, session: &str, file: &str, n: u32, bytes: Vec<u8>) -> reqwest::Response {
-        self.req(reqwest::Method::PUT, &format!("/v1/sessions/{session}/files/{file}/parts/{n}"), key)
-            .body(bytes)
-            .send()
-            .await
-            .expect("send")
+    pub async fn put_part(
+        &self,
+        key: &str,
+        session: &str,
+        file: &str,
+        n: u32,
+        bytes: Vec<u8>,
+    ) -> reqwest::Response {
+        self.req(
+            reqwest::Method::PUT,
+            &format!("/v1/sessions/{session}/files/{file}/parts/{n}"),
+            key,
+        )
+        .body(bytes)
+        .send()
+        .await
+        .expect("send")
     }
 
     pub async fn complete(&self, key: &str, session: &str, file: &str) -> reqwest::Response {
-        self.req(reqwest::Method::POST, &format!("/v1/sessions/{session}/files/{file}/complete"), key)
-            .json(&json!({}))
-            .send()
-            .await
-            .expect("send")
+        self.req(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{session}/files/{file}/complete"),
+            key,
+        )
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send")
     }
 
     pub async fn stop(mut self) {
