@@ -1,0 +1,208 @@
+//! The control-plane ceiling: a bare hyper 1 server that answers
+//! `POST /v1/sessions/{id}/files` with the file's JSON after exactly ONE `EVALSHA` of a
+//! registration-shaped Lua script (gate on the session hash, `HSETNX` of the fileKey, `HINCRBY`
+//! of the count, `HSET` of the file hash, all under one `{tenant:session}` hash tag). No auth,
+//! no rate limit, no idempotency, no tracing, no metrics: what is left is HTTP/1.1, JSON and
+//! one Redis round trip on a single multiplexed connection.
+//!
+//! `POST /v1/sessions` (setup only, not what is compared) writes the session hash with one
+//! `HSET`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+const TENANT: &str = "bench";
+const PART_SIZE: u64 = 8 * 1024 * 1024;
+
+/// Same shape as the gateway's register script: gate, duplicate key, count, file hash.
+pub const REGISTER_LUA: &str = r#"
+local st = redis.call('HMGET', KEYS[1], 'status', 'expires_at', 'file_limit', 'file_count')
+if not st[1] then return 'snf' end
+if tonumber(ARGV[1]) >= tonumber(st[2]) * 1000 then return 'exp' end
+if st[1] ~= 'active' then return 'na' end
+if tonumber(st[4]) >= tonumber(st[3]) then return 'full' end
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 'dup' end
+redis.call('HINCRBY', KEYS[1], 'file_count', 1)
+redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+return 'created'
+"#;
+
+struct State {
+    con: redis::aio::MultiplexedConnection,
+    script: redis::Script,
+    ids: AtomicU64,
+    seed: u64,
+}
+
+impl State {
+    /// A 128-bit id, unique per process (counter mixed with a per-process seed).
+    fn new_id(&self) -> String {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        let mut x = n ^ self.seed;
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        format!("{:016x}{:016x}", self.seed, x)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn problem(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
+    let mut r = json_response(status, &json!({ "status": status.as_u16(), "code": code, "title": code }));
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/problem+json"));
+    r
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(problem(StatusCode::PAYLOAD_TOO_LARGE, "payloadTooLarge")),
+    };
+    let path = parts.uri.path();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let res = match (&parts.method, segs.as_slice()) {
+        (&Method::POST, ["v1", "sessions"]) => create_session(&state, &body).await,
+        (&Method::POST, ["v1", "sessions", sid, "files"]) => register(&state, sid, &body).await,
+        _ => problem(StatusCode::NOT_FOUND, "routeNotFound"),
+    };
+    Ok(res)
+}
+
+async fn create_session(state: &State, body: &[u8]) -> Response<Full<Bytes>> {
+    let v: Value = serde_json::from_slice(body).unwrap_or(json!({}));
+    let max_files = v["maxFiles"].as_u64().unwrap_or(1000);
+    let id = state.new_id();
+    let now = now_ms() / 1000;
+    let expires = now + 1800;
+    let mut con = state.con.clone();
+    let r: redis::RedisResult<()> = redis::cmd("HSET")
+        .arg(format!("bl:{{{TENANT}:{id}}}:s"))
+        .arg(&[("status", "active")])
+        .arg(&[("expires_at", expires), ("created_at", now)])
+        .arg(&[("file_limit", max_files), ("file_count", 0)])
+        .query_async(&mut con)
+        .await;
+    if r.is_err() {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    }
+    json_response(
+        StatusCode::CREATED,
+        &json!({"sessionId": id, "status": "active", "partSizeBytes": PART_SIZE, "maxFiles": max_files, "fileCount": 0, "createdAt": now, "expiresAt": expires, "metadata": {}}),
+    )
+}
+
+async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>> {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return problem(StatusCode::BAD_REQUEST, "validationFailed");
+    };
+    let (Some(name), Some(size)) = (v["fileName"].as_str(), v["sizeBytes"].as_u64()) else {
+        return problem(StatusCode::BAD_REQUEST, "validationFailed");
+    };
+    let file_key = v["fileKey"].as_str().unwrap_or(name);
+    let content_type = v["contentType"].as_str().unwrap_or("application/octet-stream");
+    let part_count = if size == 0 { 1 } else { size.div_ceil(PART_SIZE) };
+    let id = state.new_id();
+    let now = now_ms();
+    let base = format!("bl:{{{TENANT}:{sid}}}:");
+    let object_key = format!("{TENANT}/{sid}/{file_key}");
+    let mut inv = state.script.prepare_invoke();
+    inv.key(format!("{base}s"))
+        .key(format!("{base}keys"))
+        .key(format!("{base}f:{id}"))
+        .arg(now)
+        .arg(file_key)
+        .arg(&id)
+        .arg("file_name")
+        .arg(name)
+        .arg("size_bytes")
+        .arg(size)
+        .arg("content_type")
+        .arg(content_type)
+        .arg("status")
+        .arg("registered")
+        .arg("part_size_bytes")
+        .arg(PART_SIZE)
+        .arg("part_count")
+        .arg(part_count)
+        .arg("created_at")
+        .arg(now / 1000)
+        .arg("object_key")
+        .arg(&object_key);
+    let mut con = state.con.clone();
+    let outcome: redis::RedisResult<String> = inv.invoke_async(&mut con).await;
+    match outcome.as_deref() {
+        Ok("created") => json_response(
+            StatusCode::CREATED,
+            &json!({
+                "fileId": id, "fileKey": file_key, "fileName": name, "sizeBytes": size,
+                "contentType": content_type, "status": "registered", "partSizeBytes": PART_SIZE,
+                "partCount": part_count, "createdAt": now / 1000,
+            }),
+        ),
+        Ok("dup") => problem(StatusCode::CONFLICT, "duplicateFileKey"),
+        Ok("full") => problem(StatusCode::BAD_REQUEST, "fileCountExceeded"),
+        Ok("exp") => problem(StatusCode::GONE, "sessionExpired"),
+        Ok("na") => problem(StatusCode::CONFLICT, "sessionNotActive"),
+        Ok(_) => problem(StatusCode::NOT_FOUND, "sessionNotFound"),
+        Err(e) => {
+            eprintln!("baseline: redis: {e}");
+            problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
+    }
+}
+
+/// Serves until the process is killed.
+pub async fn serve(listen: &str, redis_url: &str) -> Result<(), String> {
+    let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+    let con = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+    let script = redis::Script::new(REGISTER_LUA);
+    // Load once up front, so every request is exactly one EVALSHA.
+    let mut c = con.clone();
+    let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(REGISTER_LUA).query_async(&mut c).await.map_err(|e| e.to_string())?;
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1;
+    let state = Arc::new(State {
+        con,
+        script,
+        ids: AtomicU64::new(0),
+        seed,
+    });
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("bind {listen}: {e}"))?;
+    println!("baseline listening on http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("baseline: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(state.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

@@ -1,0 +1,177 @@
+//! `report --dir DIR`: the final summary from the JSON files one `run.sh` wrote, ratios first.
+//!
+//! Files read (each optional): `register-gateway.json`, `register-baseline.json`,
+//! `parts-c{N}.json` / `presigned-c{N}.json` for every N present, `flow.json`, `rss.json`
+//! (`{"idleKiB","peakKiB","concurrency","partSizeBytes"}`, from run.sh), `rtt.json`
+//! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
+//! and `redis-mem.json`.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::scenarios::redis_mem_markdown;
+use crate::stats::{endpoint, markdown};
+
+const REGISTER: &str = "register file";
+const PROXIED: &str = "upload part (proxied)";
+const PRESIGNED: &str = "upload part (presigned, direct to S3)";
+
+fn load(dir: &Path, name: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join(name)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "**met**"
+    } else {
+        "**not met**"
+    }
+}
+
+fn concurrencies(dir: &Path) -> Vec<u64> {
+    let mut cs: Vec<u64> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("parts-c")?.strip_suffix(".json")?.parse().ok()
+        })
+        .collect();
+    cs.sort_unstable_by(|a, b| b.cmp(a));
+    cs
+}
+
+fn errors(e: &Value) -> u64 {
+    e["errorCount"].as_u64().unwrap_or(0)
+}
+
+pub fn report(dir: &Path) -> String {
+    let mut out = String::new();
+    let reg_gw = load(dir, "register-gateway.json");
+    let reg_bl = load(dir, "register-baseline.json");
+    let rss = load(dir, "rss.json");
+    let rtt = load(dir, "rtt.json");
+    let mem = load(dir, "redis-mem.json");
+    let flow = load(dir, "flow.json");
+    let cs = concurrencies(dir);
+
+    out.push_str("### Summary: ratios (same run, same machine)\n\n");
+    out.push_str("| # | measure | ratio / figure | target | verdict |\n|---|---|---:|---|---|\n");
+    let mut absolute = Vec::new();
+    if let (Some(g), Some(b)) = (&reg_gw, &reg_bl) {
+        if let (Some(ge), Some(be)) = (endpoint(g, REGISTER), endpoint(b, REGISTER)) {
+            let tput = f(ge, "reqPerSec") / f(be, "reqPerSec");
+            let p99 = f(ge, "p99Ms") / f(be, "p99Ms");
+            out.push_str(&format!(
+                "| 1 | register-file throughput, gateway / baseline (c={}) | {tput:.2}× | ≥ 0.70× | {} |\n",
+                g["params"]["concurrency"],
+                verdict(tput >= 0.7)
+            ));
+            out.push_str(&format!("| 1 | register-file p99, gateway / baseline | {p99:.2}× | ≤ 1.50× | {} |\n", verdict(p99 <= 1.5)));
+            absolute.push(("register file, gateway (full stack)".to_owned(), g.clone(), ge.clone()));
+            absolute.push(("register file, baseline (hyper + 1 EVALSHA)".to_owned(), b.clone(), be.clone()));
+        }
+    }
+    for c in &cs {
+        let p = load(dir, &format!("parts-c{c}.json"));
+        let q = load(dir, &format!("presigned-c{c}.json"));
+        if let (Some(p), Some(q)) = (&p, &q) {
+            if let (Some(pe), Some(qe)) = (endpoint(p, PROXIED), endpoint(q, PRESIGNED)) {
+                let ratio = f(pe, "mbPerSec") / f(qe, "mbPerSec");
+                let mib = p["params"]["partSizeBytes"].as_f64().unwrap_or(0.0) / 1_048_576.0;
+                out.push_str(&format!(
+                    "| 2 | part MB/s, proxied / presigned-direct ({c} × {mib:.0} MiB parts) | {ratio:.2}× | ≥ 0.90× | {} |\n",
+                    verdict(ratio >= 0.9)
+                ));
+                absolute.push((format!("part PUT proxied, c={c}"), p.clone(), pe.clone()));
+                absolute.push((format!("part PUT presigned direct to S3, c={c}"), q.clone(), qe.clone()));
+            }
+        }
+    }
+    if let Some(r) = &rss {
+        let idle = f(r, "idleKiB") / 1024.0;
+        let peak = f(r, "peakKiB") / 1024.0;
+        let delta = peak - idle;
+        out.push_str(&format!(
+            "| 3 | gateway peak RSS above idle ({} × {:.0} MiB proxied parts) | {delta:.1} MiB (idle {idle:.1}, peak {peak:.1}) | < 64 MiB | {} |\n",
+            r["concurrency"],
+            f(r, "partSizeBytes") / 1_048_576.0,
+            verdict(delta < 64.0)
+        ));
+    }
+    if let Some(r) = &rtt {
+        out.push_str(&format!(
+            "| – | Redis round trips per registration, gateway / baseline | {:.2} / {:.2} | 1 script per operation | – |\n",
+            f(r, "gatewayPerRegistration"),
+            f(r, "baselinePerRegistration")
+        ));
+    }
+    if let Some(m) = &mem {
+        out.push_str(&format!(
+            "| – | Redis memory per active session / per registered file | {:.0} B / {:.0} B | – | – |\n",
+            f(m, "bytesPerSession"),
+            f(m, "bytesPerFile")
+        ));
+    }
+    if let Some(fl) = &flow {
+        for name in ["create session", REGISTER, "upload part", "complete file", "finalize session", "whole flow"] {
+            if let Some(e) = endpoint(fl, name) {
+                absolute.push((format!("flow: {name}"), fl.clone(), e.clone()));
+            }
+        }
+    }
+
+    out.push_str("\n### Absolute figures\n\n");
+    out.push_str("| scenario | concurrency | ok | req/s | MB/s | p50 ms | p99 ms | p99.9 ms | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (name, run, e) in &absolute {
+        let mbs = f(e, "mbPerSec");
+        out.push_str(&format!(
+            "| {name} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} |\n",
+            run["params"]["concurrency"],
+            e["ok"],
+            f(e, "reqPerSec"),
+            if mbs > 0.0 { format!("{mbs:.1}") } else { "–".into() },
+            f(e, "p50Ms"),
+            f(e, "p99Ms"),
+            f(e, "p999Ms"),
+            errors(e)
+        ));
+    }
+    if let Some(r) = &rtt {
+        if let Some(b) = r["gatewayBreakdown"].as_str() {
+            out.push_str(&format!("\nRedis commands per registration, gateway (top level, from MONITOR): {b}\n"));
+        }
+        if let Some(b) = r["gatewayScriptCommands"].as_str() {
+            out.push_str(&format!("\nCommands run inside scripts per registration, gateway: {b}\n"));
+        }
+        if let Some(b) = r["partBreakdown"].as_str() {
+            out.push_str(&format!("\nRedis commands per proxied part PUT, gateway (top level): {b}\n"));
+        }
+    }
+    if let Some(m) = &mem {
+        out.push('\n');
+        out.push_str(&redis_mem_markdown(m));
+    }
+
+    out.push_str("\n### Per-scenario tables\n\n");
+    let mut names = vec!["register-gateway.json".to_owned(), "register-baseline.json".to_owned()];
+    for c in &cs {
+        names.push(format!("parts-c{c}.json"));
+        names.push(format!("presigned-c{c}.json"));
+    }
+    names.push("flow.json".into());
+    for n in names {
+        if let Some(v) = load(dir, &n) {
+            out.push_str(&markdown(&v));
+            out.push('\n');
+        }
+    }
+    out
+}
