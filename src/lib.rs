@@ -94,6 +94,7 @@ impl Gateway {
         storage: Arc<dyn ObjectStore>,
     ) -> Gateway {
         let layers = stack::Layers::new(&config, store.clone(), None);
+        let storage: Arc<dyn ObjectStore> = Arc::new(storage::Timed(storage));
         Gateway {
             state: AppState {
                 config: Arc::new(config),

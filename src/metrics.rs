@@ -137,6 +137,21 @@ impl Histogram {
     }
 }
 
+/// Latency of calls to Redis and storage, by backend and operation. Process-wide, because the
+/// stores are built before (and independently of) a gateway's [`Metrics`].
+pub fn backend_calls() -> &'static Histogram {
+    static CALLS: std::sync::OnceLock<Histogram> = std::sync::OnceLock::new();
+    CALLS.get_or_init(Histogram::default)
+}
+
+/// Records one backend call.
+pub fn observe_backend(backend: &'static str, op: &'static str, elapsed: Duration) {
+    backend_calls().observe(
+        vec![("backend", backend.to_owned()), ("op", op.to_owned())],
+        elapsed,
+    );
+}
+
 /// Everything `/metrics` shows.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -146,6 +161,8 @@ pub struct Metrics {
     pub request_seconds: Histogram,
     /// Registrations by outcome code (`created` or the error code).
     pub registrations: LabeledCounter,
+    /// Error responses by `code`.
+    pub rejections: LabeledCounter,
     /// Sessions created.
     pub sessions_created: Counter,
     /// Sessions finalized.
@@ -184,6 +201,16 @@ impl Metrics {
             &mut out,
             "upgate_file_registrations_total",
             "File registrations by outcome code.",
+        );
+        self.rejections.render(
+            &mut out,
+            "upgate_rejections_total",
+            "Error responses by problem code.",
+        );
+        backend_calls().render(
+            &mut out,
+            "upgate_backend_call_duration_seconds",
+            "Latency of Redis and storage calls by backend and operation.",
         );
         let counters: [(&str, &str, &Counter); 9] = [
             (

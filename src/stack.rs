@@ -247,6 +247,9 @@ async fn record_metrics(
     let method = req.method().as_str().to_owned();
     let start = Instant::now();
     let res = next.run(req).await;
+    if let Some(code) = res.extensions().get::<crate::error::ErrorCode>() {
+        state.metrics.rejections.inc_code(code.0);
+    }
     if res.headers().contains_key("idempotent-replayed") {
         state.metrics.idempotent_replays.inc();
     }

@@ -345,6 +345,16 @@ async fn metrics_count_a_known_sequence() {
         1.0
     );
     assert_eq!(value("upgate_files_completed_total"), 1.0);
+    assert_eq!(
+        value("upgate_rejections_total{code=\"fileCountExceeded\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("upgate_rejections_total{code=\"duplicateFileKey\"}"),
+        1.0
+    );
+    assert!(value("upgate_backend_call_duration_seconds_count{backend=\"storage\",op=\"complete_upload\"}") >= 1.0);
+    assert!(text.contains("upgate_rate_limit_decisions_total{decision=\"admitted\"}"));
     assert_eq!(value("upgate_received_bytes_total"), 5.0);
     assert_eq!(value("upgate_stored_bytes_total"), 5.0);
     assert_eq!(

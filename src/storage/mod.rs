@@ -169,3 +169,91 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StorageError>;
 }
+
+/// Any [`ObjectStore`], with each call's latency recorded in
+/// `upgate_backend_call_duration_seconds{backend="storage",op=...}`.
+pub struct Timed(pub std::sync::Arc<dyn ObjectStore>);
+
+async fn timed<T>(op: &'static str, fut: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = fut.await;
+    crate::metrics::observe_backend("storage", op, started.elapsed());
+    out
+}
+
+#[async_trait]
+impl ObjectStore for Timed {
+    fn kind(&self) -> StorageKind {
+        self.0.kind()
+    }
+    fn object_key(&self, tenant_prefix: &str, session_id: &str, file_key: &str) -> String {
+        self.0.object_key(tenant_prefix, session_id, file_key)
+    }
+    fn file_url(&self, key: &str) -> String {
+        self.0.file_url(key)
+    }
+    async fn create_upload(
+        &self,
+        key: &str,
+        content_type: Option<&str>,
+    ) -> Result<String, StorageError> {
+        timed("create_upload", self.0.create_upload(key, content_type)).await
+    }
+    async fn put_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        n: u32,
+        body: PartBody,
+        c: Option<PartChecksum>,
+    ) -> Result<String, StorageError> {
+        timed("put_part", self.0.put_part(key, upload_id, n, body, c)).await
+    }
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Vec<PartRecord>, StorageError> {
+        timed("list_parts", self.0.list_parts(key, upload_id)).await
+    }
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<String, StorageError> {
+        timed(
+            "complete_upload",
+            self.0.complete_upload(key, upload_id, parts),
+        )
+        .await
+    }
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
+        timed("abort_upload", self.0.abort_upload(key, upload_id)).await
+    }
+    async fn head_object(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        timed("head_object", self.0.head_object(key)).await
+    }
+    async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError> {
+        timed("read_head", self.0.read_head(key, n)).await
+    }
+    async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
+        timed("delete_object", self.0.delete_object(key)).await
+    }
+    async fn presign_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        n: u32,
+        expires_in: Duration,
+    ) -> Result<String, StorageError> {
+        timed(
+            "presign_part",
+            self.0.presign_part(key, upload_id, n, expires_in),
+        )
+        .await
+    }
+    async fn ping(&self) -> Result<(), StorageError> {
+        timed("ping", self.0.ping()).await
+    }
+}

@@ -430,7 +430,10 @@ impl RedisStore {
     where
         F: Future<Output = RedisResult<T>>,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, fut).await;
+        crate::metrics::observe_backend("redis", what, started.elapsed());
+        match outcome {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 tracing::warn!(op = what, error = %e, "redis session store call failed");
