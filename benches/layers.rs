@@ -52,12 +52,10 @@ fn rate_limit_layer(
     )
 }
 
-fn expiry_layer() -> ExpiryLayer<
-    impl Fn(&Parts) -> std::future::Ready<Result<Option<Expiring<u64>>, BoxError>>
-        + Send
-        + Sync
-        + 'static,
-> {
+/// What the benchmark's deadline lookup resolves to.
+type Lookup = std::future::Ready<Result<Option<Expiring<u64>>, BoxError>>;
+
+fn expiry_layer() -> ExpiryLayer<impl Fn(&Parts) -> Lookup + Send + Sync + 'static> {
     let expires_at = SystemTime::now() + Duration::from_secs(3600);
     ExpiryLayer::new(move |_: &Parts| {
         std::future::ready(Ok(Some(Expiring {

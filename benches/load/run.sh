@@ -7,7 +7,7 @@
 # time and count, against loopback only; prints a Markdown report (ratios first) on stdout;
 # stops everything it started on exit.
 #
-# Knobs (environment): DURATION (s per scenario, default 10), WARMUP (s, default 1),
+# Knobs (environment): DURATION (s per scenario, default 12), WARMUP (s, default 2),
 # PART_MB (8), CONC_HIGH (64), CONC_LOW (16), REG_CONC (64), FLOW_CONC (8), FLOW_FILES (4),
 # FLOW_FILE_SIZE (bytes, 20 MiB), MEM_SESSIONS (1000), MEM_FILES (10), SKIP_BUILD=1,
 # OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX).
@@ -16,8 +16,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-DURATION=${DURATION:-10}
-WARMUP=${WARMUP:-1}
+DURATION=${DURATION:-12}
+WARMUP=${WARMUP:-2}
 PART_MB=${PART_MB:-8}
 CONC_HIGH=${CONC_HIGH:-64}
 CONC_LOW=${CONC_LOW:-16}
@@ -227,17 +227,26 @@ counts() { # monitor file -> "top|lua command count" lines
        }
        END { for (k in t) print "top", k, t[k]; for (k in s) print "lua", k, s[k] }' "$1"
 }
-per_op() { # small-file large-file n kind(top|lua) -> "cmd x.xx, ..." and total
+per_op() { # small-file large-file n kind(top|lua) -> "commands|round trips|cmd x.xx, ..."
+  # Round trips: top-level commands, except that deadpool-redis pipelines UNWATCH with its
+  # recycle PING (one round trip for the two), so UNWATCH is not counted as one.
   awk -v n="$3" -v kind="$4" '
     FNR == NR { if ($1 == kind) a[$2] = $3; next }
     $1 == kind { b[$2] = $3 }
     END {
-      total = 0; out = ""
-      for (k in b) { d = (b[k] - a[k]) / n; if (d > 0.005) { out = out sprintf("%s%s %.2f", out == "" ? "" : ", ", k, d); total += d } }
-      for (k in a) if (!(k in b)) { }
-      printf "%.2f|%s\n", total, out
+      total = 0; trips = 0; out = ""
+      for (k in b) {
+        d = (b[k] - a[k]) / n
+        if (d > 0.005) {
+          out = out sprintf("%s%s %.2f", out == "" ? "" : ", ", k, d)
+          total += d
+          if (k != "unwatch") trips += d
+        }
+      }
+      printf "%.2f|%.2f|%s\n", total, trips, out
     }' <(counts "$1") <(counts "$2")
 }
+field() { echo "$1" | cut -d'|' -f"$2"; }
 N_SMALL=50
 N_LARGE=250
 log "redis round trips: register x$N_SMALL and x$N_LARGE at concurrency 1, gateway and baseline"
@@ -255,9 +264,11 @@ monitor "$WORK/p-small.mon" "$BENCH" parts --target "$GW" --key "$KEY" "${RT[@]}
 monitor "$WORK/p-large.mon" "$BENCH" parts --target "$GW" --key "$KEY" "${RT[@]}" --part-size "$PART_SIZE" --parts-per-file 8 --requests 8
 P_TOP=$(per_op "$WORK/p-small.mon" "$WORK/p-large.mon" 4 top)
 cat >"$OUT/rtt.json" <<EOF
-{"gatewayPerRegistration": ${GW_TOP%%|*}, "baselinePerRegistration": ${BL_TOP%%|*},
- "gatewayBreakdown": "${GW_TOP#*|}", "gatewayScriptCommands": "${GW_LUA#*|}",
- "baselineBreakdown": "${BL_TOP#*|}", "partPerPut": ${P_TOP%%|*}, "partBreakdown": "${P_TOP#*|}"}
+{"gatewayPerRegistration": $(field "$GW_TOP" 2), "gatewayCommandsPerRegistration": $(field "$GW_TOP" 1),
+ "baselinePerRegistration": $(field "$BL_TOP" 2), "baselineCommandsPerRegistration": $(field "$BL_TOP" 1),
+ "gatewayBreakdown": "$(field "$GW_TOP" 3)", "gatewayScriptCommands": "$(field "$GW_LUA" 3)",
+ "baselineBreakdown": "$(field "$BL_TOP" 3)",
+ "partRoundTripsPerPut": $(field "$P_TOP" 2), "partBreakdown": "$(field "$P_TOP" 3)"}
 EOF
 
 # --- 5. Redis memory per session and per file ---------------------------------------------

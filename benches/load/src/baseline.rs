@@ -57,23 +57,38 @@ impl State {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn problem(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
-    let mut r = json_response(status, &json!({ "status": status.as_u16(), "code": code, "title": code }));
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/problem+json"));
+    let mut r = json_response(
+        status,
+        &json!({ "status": status.as_u16(), "code": code, "title": code }),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/problem+json"),
+    );
     r
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, 64 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
@@ -120,8 +135,14 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
         return problem(StatusCode::BAD_REQUEST, "validationFailed");
     };
     let file_key = v["fileKey"].as_str().unwrap_or(name);
-    let content_type = v["contentType"].as_str().unwrap_or("application/octet-stream");
-    let part_count = if size == 0 { 1 } else { size.div_ceil(PART_SIZE) };
+    let content_type = v["contentType"]
+        .as_str()
+        .unwrap_or("application/octet-stream");
+    let part_count = if size == 0 {
+        1
+    } else {
+        size.div_ceil(PART_SIZE)
+    };
     let id = state.new_id();
     let now = now_ms();
     let base = format!("bl:{{{TENANT}:{sid}}}:");
@@ -175,20 +196,37 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
 /// Serves until the process is killed.
 pub async fn serve(listen: &str, redis_url: &str) -> Result<(), String> {
     let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
-    let con = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+    let con = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
     let script = redis::Script::new(REGISTER_LUA);
     // Load once up front, so every request is exactly one EVALSHA.
     let mut c = con.clone();
-    let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(REGISTER_LUA).query_async(&mut c).await.map_err(|e| e.to_string())?;
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1;
+    let _: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(REGISTER_LUA)
+        .query_async(&mut c)
+        .await
+        .map_err(|e| e.to_string())?;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
     let state = Arc::new(State {
         con,
         script,
         ids: AtomicU64::new(0),
         seed,
     });
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("bind {listen}: {e}"))?;
-    println!("baseline listening on http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("bind {listen}: {e}"))?;
+    println!(
+        "baseline listening on http://{}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -202,7 +240,9 @@ pub async fn serve(listen: &str, redis_url: &str) -> Result<(), String> {
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(state.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

@@ -46,11 +46,16 @@ pub fn check_loopback(url: &str) -> Result<(), String> {
     let host = uri.host().unwrap_or("");
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let loopback = host == "localhost"
-        || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false);
     if loopback {
         Ok(())
     } else {
-        Err(format!("{url}: refusing a non-loopback target (load is only ever sent to 127.0.0.1 / ::1)"))
+        Err(format!(
+            "{url}: refusing a non-loopback target (load is only ever sent to 127.0.0.1 / ::1)"
+        ))
     }
 }
 
@@ -69,13 +74,22 @@ impl Http {
             .pool_max_idle_per_host(max_idle_per_host)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        let auth = key.map(|k| HeaderValue::from_str(&format!("Bearer {k}")).expect("api key is a valid header value"));
+        let auth = key.map(|k| {
+            HeaderValue::from_str(&format!("Bearer {k}")).expect("api key is a valid header value")
+        });
         Http { client, auth }
     }
 
     /// Sends one request (with the API key unless `with_auth` is false) and reads the whole
     /// response body. Transport errors and timeouts come back as an error bucket name.
-    pub async fn send(&self, method: Method, url: &str, with_auth: bool, content_type: Option<&'static str>, body: Bytes) -> Result<Reply, String> {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        with_auth: bool,
+        content_type: Option<&'static str>,
+        body: Bytes,
+    ) -> Result<Reply, String> {
         let mut req = Request::builder().method(method).uri(url);
         if with_auth {
             if let Some(a) = &self.auth {
@@ -85,7 +99,9 @@ impl Http {
         if let Some(ct) = content_type {
             req = req.header(header::CONTENT_TYPE, ct);
         }
-        let req = req.body(Full::new(body)).map_err(|e| bucket(&format!("request: {e}")))?;
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| bucket(&format!("request: {e}")))?;
         let fut = async {
             let res = self.client.request(req).await.map_err(|e| {
                 let mut msg = e.to_string();
@@ -111,7 +127,14 @@ impl Http {
 
     /// POST a JSON document.
     pub async fn post_json(&self, url: &str, body: &Value) -> Result<Reply, String> {
-        self.send(Method::POST, url, true, Some("application/json"), Bytes::from(body.to_string())).await
+        self.send(
+            Method::POST,
+            url,
+            true,
+            Some("application/json"),
+            Bytes::from(body.to_string()),
+        )
+        .await
     }
 }
 
@@ -121,10 +144,19 @@ mod tests {
 
     #[test]
     fn only_loopback_targets_are_accepted() {
-        for ok in ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:80/x", "http://127.3.2.1/"] {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:80/x",
+            "http://127.3.2.1/",
+        ] {
             assert!(check_loopback(ok).is_ok(), "{ok}");
         }
-        for bad in ["http://10.0.0.1:8080", "http://example.com", "http://192.168.1.1/"] {
+        for bad in [
+            "http://10.0.0.1:8080",
+            "http://example.com",
+            "http://192.168.1.1/",
+        ] {
             assert!(check_loopback(bad).is_err(), "{bad}");
         }
     }

@@ -48,7 +48,12 @@ impl Args {
             };
             let (name, value) = match name.split_once('=') {
                 Some((n, v)) => (n.to_owned(), v.to_owned()),
-                None => (name.to_owned(), it.next().ok_or_else(|| format!("--{name} needs a value"))?.clone()),
+                None => (
+                    name.to_owned(),
+                    it.next()
+                        .ok_or_else(|| format!("--{name} needs a value"))?
+                        .clone(),
+                ),
             };
             map.insert(name, value);
         }
@@ -58,7 +63,9 @@ impl Args {
     fn get<T: FromStr>(&mut self, name: &str, default: T) -> Result<T, String> {
         match self.map.remove(name) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| format!("--{name}: cannot parse {v:?}")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name}: cannot parse {v:?}")),
         }
     }
 
@@ -67,7 +74,8 @@ impl Args {
     }
 
     fn req(&mut self, name: &str) -> Result<String, String> {
-        self.opt(name).ok_or_else(|| format!("--{name} is required"))
+        self.opt(name)
+            .ok_or_else(|| format!("--{name} is required"))
     }
 
     fn finish(self) -> Result<(), String> {
@@ -107,7 +115,9 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
 
 fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
     let mut a = Args::parse(rest)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let threads: usize = a.get("threads", cores)?;
     match cmd {
         "baseline-server" => {
@@ -171,14 +181,33 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                     a.finish()?;
                     let r = rt.block_on(scenarios::flow(common, files, file_size));
                     let params = json!({"concurrency": concurrency, "files": files, "fileSizeBytes": file_size, "durationSeconds": duration});
-                    scenario_json("flow", &label, params, r, &["whole flow", "create session", "register file", "upload part", "complete file", "finalize session"])
+                    scenario_json(
+                        "flow",
+                        &label,
+                        params,
+                        r,
+                        &[
+                            "whole flow",
+                            "create session",
+                            "register file",
+                            "upload part",
+                            "complete file",
+                            "finalize session",
+                        ],
+                    )
                 }
                 "register" => {
                     let per_session: u64 = a.get("per-session", 100_000)?;
                     a.finish()?;
                     let r = rt.block_on(scenarios::register(common, per_session));
                     let params = json!({"concurrency": concurrency, "durationSeconds": duration});
-                    scenario_json("register", &label, params, r, &["register file", "create session"])
+                    scenario_json(
+                        "register",
+                        &label,
+                        params,
+                        r,
+                        &["register file", "create session"],
+                    )
                 }
                 _ => {
                     let presigned = cmd == "parts-presigned";
@@ -186,17 +215,36 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                     let per_file: u64 = a.get("parts-per-file", 4)?;
                     a.finish()?;
                     if part_size > 100 * 1024 * 1024 || per_file == 0 || per_file > 10_000 {
-                        return Err("--part-size at most 100 MiB, --parts-per-file 1..=10000".into());
+                        return Err(
+                            "--part-size at most 100 MiB, --parts-per-file 1..=10000".into()
+                        );
                     }
                     let r = rt.block_on(scenarios::parts(common, part_size, per_file, presigned));
                     let params = json!({"concurrency": concurrency, "partSizeBytes": part_size, "partsPerFile": per_file, "durationSeconds": duration});
-                    scenario_json(cmd, &label, params, r, &["upload part (proxied)", "upload part (presigned, direct to S3)", "register file", "presign parts", "abort file", "create session"])
+                    scenario_json(
+                        cmd,
+                        &label,
+                        params,
+                        r,
+                        &[
+                            "upload part (proxied)",
+                            "upload part (presigned, direct to S3)",
+                            "register file",
+                            "presign parts",
+                            "abort file",
+                            "create session",
+                        ],
+                    )
                 }
             };
             // Let pooled connections close before the runtime goes.
             drop(rt);
             if let Some(path) = json_out {
-                std::fs::write(&path, serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?).map_err(|e| format!("{path}: {e}"))?;
+                std::fs::write(
+                    &path,
+                    serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?,
+                )
+                .map_err(|e| format!("{path}: {e}"))?;
             }
             match fatal {
                 Some(f) => Err(f),
@@ -207,7 +255,13 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
     }
 }
 
-fn scenario_json(scenario: &str, label: &str, params: serde_json::Value, r: RunResult, order: &[&'static str]) -> (serde_json::Value, Option<String>) {
+fn scenario_json(
+    scenario: &str,
+    label: &str,
+    params: serde_json::Value,
+    r: RunResult,
+    order: &[&'static str],
+) -> (serde_json::Value, Option<String>) {
     let v = stats::to_json(scenario, label, params, &r.stats, r.window, order);
     print!("{}", stats::markdown(&v));
     println!();
@@ -226,9 +280,13 @@ fn s3_server(bucket: &str) -> Result<(), String> {
     println!("AWS_SECRET_ACCESS_KEY={}", server.secret_key());
     println!("S3_ROOT={}", server.root().display());
     std::io::stdout().flush().map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| e.to_string())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -41,7 +41,10 @@ fn concurrencies(dir: &Path) -> Vec<u64> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("parts-c")?.strip_suffix(".json")?.parse().ok()
+            name.strip_prefix("parts-c")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
         })
         .collect();
     cs.sort_unstable_by(|a, b| b.cmp(a));
@@ -74,9 +77,20 @@ pub fn report(dir: &Path) -> String {
                 g["params"]["concurrency"],
                 verdict(tput >= 0.7)
             ));
-            out.push_str(&format!("| 1 | register-file p99, gateway / baseline | {p99:.2}× | ≤ 1.50× | {} |\n", verdict(p99 <= 1.5)));
-            absolute.push(("register file, gateway (full stack)".to_owned(), g.clone(), ge.clone()));
-            absolute.push(("register file, baseline (hyper + 1 EVALSHA)".to_owned(), b.clone(), be.clone()));
+            out.push_str(&format!(
+                "| 1 | register-file p99, gateway / baseline | {p99:.2}× | ≤ 1.50× | {} |\n",
+                verdict(p99 <= 1.5)
+            ));
+            absolute.push((
+                "register file, gateway (full stack)".to_owned(),
+                g.clone(),
+                ge.clone(),
+            ));
+            absolute.push((
+                "register file, baseline (hyper + 1 EVALSHA)".to_owned(),
+                b.clone(),
+                be.clone(),
+            ));
         }
     }
     for c in &cs {
@@ -91,7 +105,11 @@ pub fn report(dir: &Path) -> String {
                     verdict(ratio >= 0.9)
                 ));
                 absolute.push((format!("part PUT proxied, c={c}"), p.clone(), pe.clone()));
-                absolute.push((format!("part PUT presigned direct to S3, c={c}"), q.clone(), qe.clone()));
+                absolute.push((
+                    format!("part PUT presigned direct to S3, c={c}"),
+                    q.clone(),
+                    qe.clone(),
+                ));
             }
         }
     }
@@ -112,6 +130,10 @@ pub fn report(dir: &Path) -> String {
             f(r, "gatewayPerRegistration"),
             f(r, "baselinePerRegistration")
         ));
+        out.push_str(&format!(
+            "| – | Redis round trips per proxied part PUT (gateway) | {:.2} | – | – |\n",
+            f(r, "partRoundTripsPerPut")
+        ));
     }
     if let Some(m) = &mem {
         out.push_str(&format!(
@@ -121,7 +143,14 @@ pub fn report(dir: &Path) -> String {
         ));
     }
     if let Some(fl) = &flow {
-        for name in ["create session", REGISTER, "upload part", "complete file", "finalize session", "whole flow"] {
+        for name in [
+            "create session",
+            REGISTER,
+            "upload part",
+            "complete file",
+            "finalize session",
+            "whole flow",
+        ] {
             if let Some(e) = endpoint(fl, name) {
                 absolute.push((format!("flow: {name}"), fl.clone(), e.clone()));
             }
@@ -137,7 +166,11 @@ pub fn report(dir: &Path) -> String {
             run["params"]["concurrency"],
             e["ok"],
             f(e, "reqPerSec"),
-            if mbs > 0.0 { format!("{mbs:.1}") } else { "–".into() },
+            if mbs > 0.0 {
+                format!("{mbs:.1}")
+            } else {
+                "–".into()
+            },
             f(e, "p50Ms"),
             f(e, "p99Ms"),
             f(e, "p999Ms"),
@@ -146,13 +179,19 @@ pub fn report(dir: &Path) -> String {
     }
     if let Some(r) = &rtt {
         if let Some(b) = r["gatewayBreakdown"].as_str() {
-            out.push_str(&format!("\nRedis commands per registration, gateway (top level, from MONITOR): {b}\n"));
+            out.push_str(&format!(
+                "\nRedis commands per registration, gateway (top level, from MONITOR; deadpool-redis sends UNWATCH and PING as one pipelined round trip on every pool checkout): {b}\n"
+            ));
         }
         if let Some(b) = r["gatewayScriptCommands"].as_str() {
-            out.push_str(&format!("\nCommands run inside scripts per registration, gateway: {b}\n"));
+            out.push_str(&format!(
+                "\nCommands run inside scripts per registration, gateway: {b}\n"
+            ));
         }
         if let Some(b) = r["partBreakdown"].as_str() {
-            out.push_str(&format!("\nRedis commands per proxied part PUT, gateway (top level): {b}\n"));
+            out.push_str(&format!(
+                "\nRedis commands per proxied part PUT, gateway (top level): {b}\n"
+            ));
         }
     }
     if let Some(m) = &mem {
@@ -161,7 +200,10 @@ pub fn report(dir: &Path) -> String {
     }
 
     out.push_str("\n### Per-scenario tables\n\n");
-    let mut names = vec!["register-gateway.json".to_owned(), "register-baseline.json".to_owned()];
+    let mut names = vec![
+        "register-gateway.json".to_owned(),
+        "register-baseline.json".to_owned(),
+    ];
     for c in &cs {
         names.push(format!("parts-c{c}.json"));
         names.push(format!("presigned-c{c}.json"));

@@ -47,7 +47,9 @@ impl Budget {
 
     /// Time and budget left, and nobody stopped the run.
     pub fn open(&self) -> bool {
-        self.stop.load(Ordering::Relaxed) == 0 && self.remaining.load(Ordering::Relaxed) > 0 && Instant::now() < self.deadline
+        self.stop.load(Ordering::Relaxed) == 0
+            && self.remaining.load(Ordering::Relaxed) > 0
+            && Instant::now() < self.deadline
     }
 
     /// Time left and nobody stopped the run (the request budget aside).
@@ -80,11 +82,18 @@ impl Worker {
         if start >= self.budget.measure_from {
             self.last_end = Some(Instant::now());
         }
-        self.stats.record(name, start, self.budget.measure_from, outcome);
+        self.stats
+            .record(name, start, self.budget.measure_from, outcome);
     }
 
     /// Records a reply: `bytes` counted on success.
-    fn record_reply(&mut self, name: &'static str, start: Instant, r: &Result<Reply, String>, bytes: u64) {
+    fn record_reply(
+        &mut self,
+        name: &'static str,
+        start: Instant,
+        r: &Result<Reply, String>,
+        bytes: u64,
+    ) {
         let outcome = match r {
             Ok(rep) if rep.ok() => Outcome::Ok(bytes),
             Ok(rep) => Outcome::Err(rep.error_kind()),
@@ -167,12 +176,19 @@ fn url(c: &Common, path: &str) -> String {
 
 async fn create_session(c: &Common, w: &mut Worker, max_files: u64) -> Option<String> {
     let start = Instant::now();
-    let r = c.http.post_json(&url(c, "/v1/sessions"), &json!({ "maxFiles": max_files })).await;
+    let r = c
+        .http
+        .post_json(&url(c, "/v1/sessions"), &json!({ "maxFiles": max_files }))
+        .await;
     w.record_reply("create session", start, &r, 0);
     match r {
         Ok(rep) if rep.ok() => rep.json()["sessionId"].as_str().map(str::to_owned),
         Ok(rep) if rep.status == 401 || rep.status == 400 => {
-            w.fatal(format!("POST /v1/sessions answered {}: {}", rep.status, String::from_utf8_lossy(&rep.body)));
+            w.fatal(format!(
+                "POST /v1/sessions answered {}: {}",
+                rep.status,
+                String::from_utf8_lossy(&rep.body)
+            ));
             None
         }
         _ => {
@@ -206,14 +222,22 @@ pub async fn flow(c: Common, files: u64, file_size: u64) -> RunResult {
             let mut seq = 0u64;
             while w.budget.take() {
                 let flow_start = Instant::now();
-                let Some(sid) = create_session(&c, &mut w, files).await else { continue };
+                let Some(sid) = create_session(&c, &mut w, files).await else {
+                    continue;
+                };
                 let mut ok = true;
                 let mut registered = Vec::new();
                 for i in 0..files {
                     seq += 1;
                     let start = Instant::now();
                     let name = format!("w{}-{seq}-{i}.bin", w.id);
-                    let r = c.http.post_json(&url(&c, &format!("/v1/sessions/{sid}/files")), &file_doc(&name, file_size)).await;
+                    let r = c
+                        .http
+                        .post_json(
+                            &url(&c, &format!("/v1/sessions/{sid}/files")),
+                            &file_doc(&name, file_size),
+                        )
+                        .await;
                     w.record_reply("register file", start, &r, 0);
                     match r {
                         Ok(rep) if rep.ok() => {
@@ -237,13 +261,24 @@ pub async fn flow(c: Common, files: u64, file_size: u64) -> RunResult {
                         }
                         let len = part_len(file_size, *ps, *pc, n);
                         if len as usize > buf.len() {
-                            w.fatal(format!("part of {len} bytes exceeds the 100 MiB payload buffer"));
+                            w.fatal(format!(
+                                "part of {len} bytes exceeds the 100 MiB payload buffer"
+                            ));
                             ok = false;
                             break 'files;
                         }
                         let start = Instant::now();
                         let u = url(&c, &format!("/v1/sessions/{sid}/files/{fid}/parts/{n}"));
-                        let r = c.http.send(Method::PUT, &u, true, Some("application/octet-stream"), buf.slice(0..len as usize)).await;
+                        let r = c
+                            .http
+                            .send(
+                                Method::PUT,
+                                &u,
+                                true,
+                                Some("application/octet-stream"),
+                                buf.slice(0..len as usize),
+                            )
+                            .await;
                         w.record_reply("upload part", start, &r, len);
                         if !matches!(&r, Ok(rep) if rep.ok()) {
                             ok = false;
@@ -254,14 +289,26 @@ pub async fn flow(c: Common, files: u64, file_size: u64) -> RunResult {
                 if ok {
                     for (fid, _, _) in &registered {
                         let start = Instant::now();
-                        let r = c.http.post_json(&url(&c, &format!("/v1/sessions/{sid}/files/{fid}/complete")), &json!({})).await;
+                        let r = c
+                            .http
+                            .post_json(
+                                &url(&c, &format!("/v1/sessions/{sid}/files/{fid}/complete")),
+                                &json!({}),
+                            )
+                            .await;
                         w.record_reply("complete file", start, &r, 0);
                         ok &= matches!(&r, Ok(rep) if rep.ok());
                     }
                 }
                 if ok {
                     let start = Instant::now();
-                    let r = c.http.post_json(&url(&c, &format!("/v1/sessions/{sid}/finalize")), &json!({})).await;
+                    let r = c
+                        .http
+                        .post_json(
+                            &url(&c, &format!("/v1/sessions/{sid}/finalize")),
+                            &json!({}),
+                        )
+                        .await;
                     w.record_reply("finalize session", start, &r, 0);
                     ok = matches!(&r, Ok(rep) if rep.ok());
                 }
@@ -269,7 +316,16 @@ pub async fn flow(c: Common, files: u64, file_size: u64) -> RunResult {
                     w.record("whole flow", flow_start, Outcome::Ok(0));
                 } else {
                     // Free the storage of a failed or cut-off flow (not measured).
-                    let _ = c.http.send(Method::DELETE, &url(&c, &format!("/v1/sessions/{sid}")), true, None, Bytes::new()).await;
+                    let _ = c
+                        .http
+                        .send(
+                            Method::DELETE,
+                            &url(&c, &format!("/v1/sessions/{sid}")),
+                            true,
+                            None,
+                            Bytes::new(),
+                        )
+                        .await;
                 }
             }
             w
@@ -286,7 +342,9 @@ pub async fn register(c: Common, per_session: u64) -> RunResult {
         async move {
             let mut seq = 0u64;
             'sessions: while w.budget.open() {
-                let Some(sid) = create_session(&c, &mut w, per_session).await else { continue };
+                let Some(sid) = create_session(&c, &mut w, per_session).await else {
+                    continue;
+                };
                 let files_url = url(&c, &format!("/v1/sessions/{sid}/files"));
                 for _ in 0..per_session {
                     if !w.budget.take() {
@@ -299,10 +357,17 @@ pub async fn register(c: Common, per_session: u64) -> RunResult {
                     w.record_reply("register file", start, &r, 0);
                     match r {
                         Ok(rep) if rep.ok() => {}
-                        Ok(rep) if rep.status == 400 && rep.json()["code"] == "fileCountExceeded" => continue 'sessions,
+                        Ok(rep)
+                            if rep.status == 400 && rep.json()["code"] == "fileCountExceeded" =>
+                        {
+                            continue 'sessions
+                        }
                         Ok(rep) if rep.status == 401 || rep.status == 404 || rep.status == 410 => {
                             if rep.status == 401 {
-                                w.fatal(format!("register answered 401: {}", String::from_utf8_lossy(&rep.body)));
+                                w.fatal(format!(
+                                    "register answered 401: {}",
+                                    String::from_utf8_lossy(&rep.body)
+                                ));
                             }
                             continue 'sessions;
                         }
@@ -324,7 +389,11 @@ pub async fn register(c: Common, per_session: u64) -> RunResult {
 pub async fn parts(c: Common, part_size: u64, parts_per_file: u64, presigned: bool) -> RunResult {
     let buf = payload(part_size as usize);
     let c2 = c.clone();
-    let part_name: &'static str = if presigned { "upload part (presigned, direct to S3)" } else { "upload part (proxied)" };
+    let part_name: &'static str = if presigned {
+        "upload part (presigned, direct to S3)"
+    } else {
+        "upload part (proxied)"
+    };
     run_workers(&c, move |mut w| {
         let c = c2.clone();
         let buf = buf.clone();
@@ -422,7 +491,11 @@ pub async fn parts(c: Common, part_size: u64, parts_per_file: u64, presigned: bo
 
 /// Reads `used_memory` from `INFO memory`.
 async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> Result<i64, String> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(con).await.map_err(|e| e.to_string())?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(con)
+        .await
+        .map_err(|e| e.to_string())?;
     info.lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
@@ -432,10 +505,22 @@ async fn used_memory(con: &mut redis::aio::MultiplexedConnection) -> Result<i64,
 /// `redis-mem`: Redis memory per active session and per registered file, created through
 /// the gateway. `used_memory` deltas across `sessions` sessions with `files` files each, and
 /// `MEMORY USAGE` of one session's keys by kind.
-pub async fn redis_mem(c: Common, redis_url: &str, sessions: u64, files: u64) -> Result<Value, String> {
+pub async fn redis_mem(
+    c: Common,
+    redis_url: &str,
+    sessions: u64,
+    files: u64,
+) -> Result<Value, String> {
     let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
-    let mut con = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-    let _: () = redis::cmd("MEMORY").arg("PURGE").query_async(&mut con).await.unwrap_or(());
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let _: () = redis::cmd("MEMORY")
+        .arg("PURGE")
+        .query_async(&mut con)
+        .await
+        .unwrap_or(());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let m0 = used_memory(&mut con).await?;
 
@@ -446,7 +531,13 @@ pub async fn redis_mem(c: Common, redis_url: &str, sessions: u64, files: u64) ->
         let (c, next, ids) = (c.clone(), next.clone(), ids.clone());
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < sessions {
-                let r = c.http.post_json(&url(&c, "/v1/sessions"), &json!({ "maxFiles": files.max(1) })).await;
+                let r = c
+                    .http
+                    .post_json(
+                        &url(&c, "/v1/sessions"),
+                        &json!({ "maxFiles": files.max(1) }),
+                    )
+                    .await;
                 match r {
                     Ok(rep) if rep.ok() => {
                         if let Some(id) = rep.json()["sessionId"].as_str() {
@@ -480,7 +571,10 @@ pub async fn redis_mem(c: Common, redis_url: &str, sessions: u64, files: u64) ->
                 }
                 let sid = &ids[(i / files) as usize];
                 let doc = file_doc(&format!("dir/file-{}.bin", i % files), 20 * 1024 * 1024);
-                let r = c.http.post_json(&url(&c, &format!("/v1/sessions/{sid}/files")), &doc).await;
+                let r = c
+                    .http
+                    .post_json(&url(&c, &format!("/v1/sessions/{sid}/files")), &doc)
+                    .await;
                 match r {
                     Ok(rep) if rep.ok() => {}
                     Ok(rep) => return Err(format!("register: {}", rep.error_kind())),
@@ -496,7 +590,8 @@ pub async fn redis_mem(c: Common, redis_url: &str, sessions: u64, files: u64) ->
     let m2 = used_memory(&mut con).await?;
 
     // One session's keys, by kind (the part after the hash tag, ids folded).
-    let mut by_kind: std::collections::BTreeMap<String, (u64, i64)> = std::collections::BTreeMap::new();
+    let mut by_kind: std::collections::BTreeMap<String, (u64, i64)> =
+        std::collections::BTreeMap::new();
     if let Some(sid) = ids.first() {
         let mut cursor: u64 = 0;
         let mut keys: Vec<String> = Vec::new();
@@ -517,8 +612,18 @@ pub async fn redis_mem(c: Common, redis_url: &str, sessions: u64, files: u64) ->
             }
         }
         for k in keys {
-            let bytes: Option<i64> = redis::cmd("MEMORY").arg("USAGE").arg(&k).arg("SAMPLES").arg(0).query_async(&mut con).await.map_err(|e| e.to_string())?;
-            let kind = k.rsplit_once("}:").map(|(_, s)| s.to_owned()).unwrap_or_else(|| k.clone());
+            let bytes: Option<i64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&k)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| e.to_string())?;
+            let kind = k
+                .rsplit_once("}:")
+                .map(|(_, s)| s.to_owned())
+                .unwrap_or_else(|| k.clone());
             let kind = match kind.split_once(':') {
                 Some((prefix, _id)) => format!("{prefix}:<fileId>"),
                 None => kind,
@@ -530,7 +635,11 @@ pub async fn redis_mem(c: Common, redis_url: &str, sessions: u64, files: u64) ->
     }
     let n = ids.len().max(1) as f64;
     let per_session = (m1 - m0) as f64 / n;
-    let per_file = if files > 0 { (m2 - m1) as f64 / (n * files as f64) } else { 0.0 };
+    let per_file = if files > 0 {
+        (m2 - m1) as f64 / (n * files as f64)
+    } else {
+        0.0
+    };
     Ok(json!({
         "sessions": ids.len(),
         "filesPerSession": files,
@@ -555,7 +664,12 @@ pub fn redis_mem_markdown(v: &Value) -> String {
     );
     out.push_str("`MEMORY USAGE` of one session's keys (key bytes only; the keyspace's own per-key overhead is in the deltas above):\n\n| key | keys | bytes |\n|---|---:|---:|\n");
     for k in v["oneSessionKeys"].as_array().into_iter().flatten() {
-        out.push_str(&format!("| `{}` | {} | {} |\n", k["kind"].as_str().unwrap_or("?"), k["keys"], k["memoryUsageBytes"]));
+        out.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            k["kind"].as_str().unwrap_or("?"),
+            k["keys"],
+            k["memoryUsageBytes"]
+        ));
     }
     out
 }

@@ -43,7 +43,13 @@ pub struct Stats {
 
 impl Stats {
     /// Records a request that started at `start` when it started inside the measured window.
-    pub fn record(&mut self, name: &'static str, start: Instant, measure_from: Instant, outcome: Outcome) {
+    pub fn record(
+        &mut self,
+        name: &'static str,
+        start: Instant,
+        measure_from: Instant,
+        outcome: Outcome,
+    ) {
         if start < measure_from {
             return;
         }
@@ -79,7 +85,14 @@ fn ms(us: u64) -> f64 {
 }
 
 /// The JSON the `report` subcommand reads back.
-pub fn to_json(scenario: &str, label: &str, params: Value, stats: &Stats, window: Duration, order: &[&'static str]) -> Value {
+pub fn to_json(
+    scenario: &str,
+    label: &str,
+    params: Value,
+    stats: &Stats,
+    window: Duration,
+    order: &[&'static str],
+) -> Value {
     let secs = window.as_secs_f64().max(1e-9);
     let mut eps = Vec::new();
     for name in ordered(stats, order) {
@@ -110,7 +123,11 @@ pub fn to_json(scenario: &str, label: &str, params: Value, stats: &Stats, window
 }
 
 fn ordered<'a>(stats: &'a Stats, order: &[&'static str]) -> Vec<&'a str> {
-    let mut names: Vec<&str> = order.iter().copied().filter(|n| stats.endpoints.contains_key(n)).collect();
+    let mut names: Vec<&str> = order
+        .iter()
+        .copied()
+        .filter(|n| stats.endpoints.contains_key(n))
+        .collect();
     for n in stats.endpoints.keys() {
         if !names.contains(n) {
             names.push(n);
@@ -124,7 +141,14 @@ pub fn markdown(v: &Value) -> String {
     let mut out = String::new();
     let params = v["params"].as_object().map(|o| {
         o.iter()
-            .map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     });
@@ -135,12 +159,19 @@ pub fn markdown(v: &Value) -> String {
         params.unwrap_or_default(),
         v["windowSeconds"].as_f64().unwrap_or(0.0)
     ));
-    out.push_str("| endpoint | ok | req/s | MB/s | p50 ms | p99 ms | p99.9 ms | max ms | errors |\n");
+    out.push_str(
+        "| endpoint | ok | req/s | MB/s | p50 ms | p99 ms | p99.9 ms | max ms | errors |\n",
+    );
     out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for e in v["endpoints"].as_array().into_iter().flatten() {
         let errors = e["errors"]
             .as_object()
-            .map(|o| o.iter().map(|(k, n)| format!("{k}: {n}")).collect::<Vec<_>>().join("; "))
+            .map(|o| {
+                o.iter()
+                    .map(|(k, n)| format!("{k}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "0".into());
         let mbs = e["mbPerSec"].as_f64().unwrap_or(0.0);
@@ -149,7 +180,11 @@ pub fn markdown(v: &Value) -> String {
             e["endpoint"].as_str().unwrap_or("?"),
             e["ok"],
             e["reqPerSec"].as_f64().unwrap_or(0.0),
-            if mbs > 0.0 { format!("{mbs:.1}") } else { "–".into() },
+            if mbs > 0.0 {
+                format!("{mbs:.1}")
+            } else {
+                "–".into()
+            },
             e["p50Ms"].as_f64().unwrap_or(0.0),
             e["p99Ms"].as_f64().unwrap_or(0.0),
             e["p999Ms"].as_f64().unwrap_or(0.0),
@@ -162,7 +197,10 @@ pub fn markdown(v: &Value) -> String {
 
 /// The endpoint `name` of a scenario's JSON.
 pub fn endpoint<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
-    v["endpoints"].as_array()?.iter().find(|e| e["endpoint"] == name)
+    v["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["endpoint"] == name)
 }
 
 /// Shortens an error message into a stable bucket name.
