@@ -47,6 +47,10 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        // hyper's default read buffer grows to ~400 KiB per connection; with 64 part
+        // uploads in flight that alone broke the 64 MiB peak-RSS budget (benches/README.md).
+        // 128 KiB keeps throughput within noise at bounded memory.
+        .max_buf_size(128 * 1024)
         .keep_alive(true);
     builder
         .http2()
