@@ -166,27 +166,9 @@ async fn slow_clients_are_cut_off_while_others_are_served() {
     );
 
     // A part body that stalls is cut off by the idle timeout.
-    let s: Value = client
-        .post(bin.url("/v1/sessions"))
-        .bearer_auth(KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
-    let session = s["sessionId"].as_str().expect("id").to_owned();
-    let f: Value = client
-        .post(bin.url(&format!("/v1/sessions/{session}/files")))
-        .bearer_auth(KEY_A)
-        .json(&json!({"fileName": "stall", "sizeBytes": 1000}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let (session, f) = bin
+        .session_with_file(&client, json!({"fileName": "stall", "sizeBytes": 1000}))
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     let mut conn = TcpStream::connect(&bin.api).expect("connect");
     let head = format!(

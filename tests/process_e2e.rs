@@ -48,27 +48,9 @@ async fn resume_after_the_gateway_is_killed() {
         .collect();
 
     let mut first = start(&redis, &s3);
-    let s: Value = client
-        .post(first.url("/v1/sessions"))
-        .bearer_auth(KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
-    let session = s["sessionId"].as_str().expect("id").to_owned();
-    let f: Value = client
-        .post(first.url(&format!("/v1/sessions/{session}/files")))
-        .bearer_auth(KEY_A)
-        .json(&json!({"fileName": "movie.mp4", "sizeBytes": size}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let (session, f) = first
+        .session_with_file(&client, json!({"fileName": "movie.mp4", "sizeBytes": size}))
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     assert_eq!(f["partCount"], 6);
     let parts_path = format!("/v1/sessions/{session}/files/{file}/parts");

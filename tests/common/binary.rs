@@ -104,6 +104,42 @@ impl Binary {
         format!("http://{}{path}", self.api)
     }
 
+    /// POSTs `body` as tenant a and returns the JSON answer.
+    pub async fn post_json(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        client
+            .post(self.url(path))
+            .bearer_auth(super::KEY_A)
+            .json(&body)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Creates a session as tenant a and registers one file (`file` is the register body);
+    /// returns the session id and the file resource.
+    pub async fn session_with_file(
+        &self,
+        client: &reqwest::Client,
+        file: serde_json::Value,
+    ) -> (String, serde_json::Value) {
+        let s = self
+            .post_json(client, "/v1/sessions", serde_json::json!({}))
+            .await;
+        let session = s["sessionId"].as_str().expect("sessionId").to_owned();
+        let f = self
+            .post_json(client, &format!("/v1/sessions/{session}/files"), file)
+            .await;
+        (session, f)
+    }
+
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
