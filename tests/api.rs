@@ -153,6 +153,30 @@ async fn zero_byte_file_completes_without_parts(backend: Backend) {
     assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
 }
 
+/// `n` registrations sent at once (request `i` has body `body(i)`): (status, JSON body) each.
+async fn register_concurrently(
+    gw: &Arc<TestGateway>,
+    session: &str,
+    n: usize,
+    body: impl Fn(usize) -> Value,
+) -> Vec<(u16, Value)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (gw, session, body) = (gw.clone(), session.to_owned(), body(i));
+            tokio::spawn(async move {
+                let res = gw.register(KEY_A, &session, body).await;
+                let status = res.status().as_u16();
+                (status, res.json::<Value>().await.expect("json"))
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
 fn sid(v: &Value) -> String {
     v["sessionId"].as_str().expect("sessionId").to_owned()
 }
@@ -245,28 +269,16 @@ async fn happy_path_create_register_upload_complete_finalize(backend: Backend) {
 async fn concurrent_registrations_respect_max_files(backend: Backend) {
     let gw = Arc::new(gateway(&backend).await);
     let session = sid(&gw.create_session(KEY_A, json!({"maxFiles": 50})).await);
-    let tasks: Vec<_> = (0..300)
-        .map(|i| {
-            let gw = gw.clone();
-            let session = session.clone();
-            tokio::spawn(async move {
-                let res = gw
-                    .register(
-                        KEY_A,
-                        &session,
-                        json!({"fileName": format!("f{i}"), "sizeBytes": 1}),
-                    )
-                    .await;
-                let status = res.status().as_u16();
-                let body: Value = res.json().await.expect("json");
-                (status, body)
-            })
-        })
-        .collect();
+    let results = register_concurrently(
+        &gw,
+        &session,
+        300,
+        |i| json!({"fileName": format!("f{i}"), "sizeBytes": 1}),
+    )
+    .await;
     let mut created = 0;
     let mut exceeded = 0;
-    for t in tasks {
-        let (status, body) = t.await.expect("task");
+    for (status, body) in results {
         match status {
             201 => created += 1,
             400 => {
@@ -301,28 +313,16 @@ async fn concurrent_registrations_respect_max_files(backend: Backend) {
 async fn concurrent_registrations_of_one_key_admit_exactly_one(backend: Backend) {
     let gw = Arc::new(gateway(&backend).await);
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
-    let tasks: Vec<_> = (0..200)
-        .map(|_| {
-            let gw = gw.clone();
-            let session = session.clone();
-            tokio::spawn(async move {
-                let res = gw
-                    .register(
-                        KEY_A,
-                        &session,
-                        json!({"fileName": "same.txt", "sizeBytes": 4}),
-                    )
-                    .await;
-                let status = res.status().as_u16();
-                let body: Value = res.json().await.expect("json");
-                (status, body)
-            })
-        })
-        .collect();
+    let results = register_concurrently(
+        &gw,
+        &session,
+        200,
+        |_| json!({"fileName": "same.txt", "sizeBytes": 4}),
+    )
+    .await;
     let mut created = 0;
     let mut dup = 0;
-    for t in tasks {
-        let (status, body) = t.await.expect("task");
+    for (status, body) in results {
         match status {
             201 => created += 1,
             409 => {
