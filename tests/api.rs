@@ -177,6 +177,18 @@ async fn register_concurrently(
     out
 }
 
+/// Sleeps until the RFC 3339 instant `at` (a session's `expiresAt`) is in the past.
+async fn sleep_past(at: &Value) {
+    let at = time::OffsetDateTime::parse(
+        at.as_str().expect("expiresAt"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("RFC 3339 expiresAt");
+    let left = at - time::OffsetDateTime::now_utc();
+    let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
+    tokio::time::sleep(left + Duration::from_millis(150)).await;
+}
+
 fn sid(v: &Value) -> String {
     v["sessionId"].as_str().expect("sessionId").to_owned()
 }
@@ -412,16 +424,19 @@ async fn concurrent_completes_complete_storage_once(backend: Backend) {
 
 async fn expired_session_answers_410_everywhere_and_logs_once(backend: Backend) {
     let gw = gateway(&backend).await;
-    let session = sid(&gw.create_session(KEY_A, json!({"ttlSeconds": 1})).await);
-    let f: Value = gw
+    // A TTL long enough that the registration below lands before the deadline even on a
+    // loaded 2-core CI machine (a 1 s TTL once expired before the first cluster call returned).
+    let created = gw.create_session(KEY_A, json!({"ttlSeconds": 3})).await;
+    let session = sid(&created);
+    let res = gw
         .register(KEY_A, &session, json!({"fileName": "x", "sizeBytes": 3}))
-        .await
-        .json()
-        .await
-        .expect("json");
+        .await;
+    let status = res.status();
+    let f: Value = res.json().await.expect("json");
+    assert_eq!(status, 201, "registration before the deadline: {f}");
     let file = f["fileId"].as_str().expect("id").to_owned();
     // Wait for the deadline to pass (the store compares against the wall clock).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    sleep_past(&created["expiresAt"]).await;
 
     let mut responses = vec![
         gw.register(KEY_A, &session, json!({"fileName": "y", "sizeBytes": 3}))

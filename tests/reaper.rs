@@ -32,7 +32,7 @@ async fn two_replicas_reap_an_expired_session_once() {
         );
     }
     let gw = &replicas[0];
-    let s = gw.create_session(KEY_A, json!({"ttlSeconds": 3})).await;
+    let s = gw.create_session(KEY_A, json!({"ttlSeconds": 6})).await;
     let session = s["sessionId"].as_str().expect("id").to_owned();
     // A half-uploaded file: part 1 of 2.
     let size = 5 * 1024 * 1024 + 10;

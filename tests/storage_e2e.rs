@@ -360,7 +360,7 @@ async fn expired_sessions_are_reaped_once_by_two_replicas(storage: Storage) {
         Storage::S3(..) => Some(storage.gateway(cfg, dir.path()).await),
         Storage::Fs => None,
     };
-    let s = a.create_session(KEY_A, json!({"ttlSeconds": 3})).await;
+    let s = a.create_session(KEY_A, json!({"ttlSeconds": 6})).await;
     let session = s["sessionId"].as_str().expect("id").to_owned();
     let f = register(&a, &session, "half.bin", 10 * MIB, None).await;
     let file = f["fileId"].as_str().expect("id").to_owned();
