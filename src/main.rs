@@ -11,6 +11,12 @@ use std::process::ExitCode;
 
 use upgate::config::Config;
 
+/// mimalloc instead of glibc malloc: a request allocates and frees many small buffers on
+/// whichever worker thread runs it, which glibc's arenas handle poorly (benches/README.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn usage() -> ExitCode {
     eprintln!("usage: upgate [--config FILE] [serve | dev-seed | hash-key KEY]");
     ExitCode::from(2)

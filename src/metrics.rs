@@ -3,8 +3,9 @@
 //! A handful of counters and histograms kept in atomics; no registry crate is needed for
 //! this few, and rendering is a plain string walk.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -30,40 +31,89 @@ impl Counter {
     }
 }
 
+/// Label names and values of one series.
+type Labels = Vec<(&'static str, String)>;
+
+/// Series keyed by their labels. Looked up with borrowed labels, so counting into a series
+/// that exists allocates nothing (this runs several times per request).
+#[derive(Debug)]
+struct SeriesMap<V>(HashMap<u64, Vec<(Labels, V)>>);
+
+impl<V> Default for SeriesMap<V> {
+    fn default() -> Self {
+        SeriesMap(HashMap::new())
+    }
+}
+
+fn labels_hash(labels: &[(&'static str, &str)]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for (k, v) in labels {
+        k.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish()
+}
+
+fn same_labels(a: &Labels, b: &[(&'static str, &str)]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|((k, v), (l, w))| k == l && v == w)
+}
+
+impl<V> SeriesMap<V> {
+    fn entry(&mut self, labels: &[(&'static str, &str)], init: impl FnOnce() -> V) -> &mut V {
+        let bucket = self.0.entry(labels_hash(labels)).or_default();
+        let i = match bucket.iter().position(|(k, _)| same_labels(k, labels)) {
+            Some(i) => i,
+            None => {
+                let owned = labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+                bucket.push((owned, init()));
+                bucket.len() - 1
+            }
+        };
+        &mut bucket[i].1
+    }
+
+    fn get(&self, labels: &[(&'static str, &str)]) -> Option<&V> {
+        self.0
+            .get(&labels_hash(labels))?
+            .iter()
+            .find(|(k, _)| same_labels(k, labels))
+            .map(|(_, v)| v)
+    }
+
+    /// Every series, sorted by labels (a stable `/metrics` output).
+    fn sorted(&self) -> Vec<&(Labels, V)> {
+        let mut all: Vec<_> = self.0.values().flatten().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+}
+
 /// Counters keyed by a label value set (e.g. `code`, or `route` + `status`).
 #[derive(Debug, Default)]
-pub struct LabeledCounter(Mutex<BTreeMap<Labels, u64>>);
+pub struct LabeledCounter(Mutex<SeriesMap<u64>>);
 
 impl LabeledCounter {
     /// Adds one to the series with these labels.
-    pub fn inc(&self, labels: Vec<(&'static str, String)>) {
+    pub fn inc(&self, labels: &[(&'static str, &str)]) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *map.entry(labels).or_default() += 1;
+        *map.entry(labels, || 0) += 1;
     }
 
     /// Adds one to the series `code="<code>"`.
     pub fn inc_code(&self, code: &str) {
-        self.inc(vec![("code", code.to_owned())]);
+        self.inc(&[("code", code)]);
     }
 
     /// The value of one series.
     pub fn get(&self, labels: &[(&'static str, &str)]) -> u64 {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .find(|(k, _)| {
-                k.len() == labels.len()
-                    && k.iter()
-                        .zip(labels)
-                        .all(|((a, b), (c, d))| a == c && b == d)
-            })
-            .map(|(_, v)| *v)
-            .unwrap_or(0)
+        map.get(labels).copied().unwrap_or(0)
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        for (labels, v) in map.iter() {
+        for (labels, v) in map.sorted() {
             let _ = writeln!(out, "{name}{{{}}} {v}", render_labels(labels));
         }
     }
@@ -82,22 +132,19 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-/// Label names and values of one series.
-type Labels = Vec<(&'static str, String)>;
-
 /// One histogram series: cumulative bucket counts, count, sum.
 type Series = ([u64; BUCKETS.len()], u64, f64);
 
 /// A histogram per label set.
 #[derive(Debug, Default)]
-pub struct Histogram(Mutex<BTreeMap<Labels, Series>>);
+pub struct Histogram(Mutex<SeriesMap<Series>>);
 
 impl Histogram {
     /// Records one observation.
-    pub fn observe(&self, labels: Vec<(&'static str, String)>, d: Duration) {
+    pub fn observe(&self, labels: &[(&'static str, &str)], d: Duration) {
         let secs = d.as_secs_f64();
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map.entry(labels).or_insert(([0; BUCKETS.len()], 0, 0.0));
+        let entry = map.entry(labels, || ([0; BUCKETS.len()], 0, 0.0));
         for (i, b) in BUCKETS.iter().enumerate() {
             if secs <= *b {
                 entry.0[i] += 1;
@@ -110,21 +157,13 @@ impl Histogram {
     /// Observations recorded for one label set.
     pub fn count(&self, labels: &[(&'static str, &str)]) -> u64 {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .find(|(k, _)| {
-                k.len() == labels.len()
-                    && k.iter()
-                        .zip(labels)
-                        .all(|((a, b), (c, d))| a == c && b == d)
-            })
-            .map(|(_, v)| v.1)
-            .unwrap_or(0)
+        map.get(labels).map_or(0, |v| v.1)
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        for (labels, (buckets, count, sum)) in map.iter() {
+        for (labels, (buckets, count, sum)) in map.sorted() {
             let l = render_labels(labels);
             let sep = if l.is_empty() { "" } else { "," };
             for (i, b) in BUCKETS.iter().enumerate() {
@@ -146,10 +185,7 @@ pub fn backend_calls() -> &'static Histogram {
 
 /// Records one backend call.
 pub fn observe_backend(backend: &'static str, op: &'static str, elapsed: Duration) {
-    backend_calls().observe(
-        vec![("backend", backend.to_owned()), ("op", op.to_owned())],
-        elapsed,
-    );
+    backend_calls().observe(&[("backend", backend), ("op", op)], elapsed);
 }
 
 /// Everything `/metrics` shows.

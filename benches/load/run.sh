@@ -10,7 +10,9 @@
 # Knobs (environment): DURATION (s per scenario, default 12), WARMUP (s, default 2),
 # PART_MB (8), CONC_HIGH (64), CONC_LOW (16), REG_CONC (64), FLOW_CONC (8), FLOW_FILES (4),
 # FLOW_FILE_SIZE (bytes, 20 MiB), MEM_SESSIONS (1000), MEM_FILES (10), SKIP_BUILD=1,
-# OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX).
+# OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX),
+# SCENARIOS (any of "parts register flow rtt mem"; default all of them),
+# RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,6 +29,9 @@ FLOW_FILES=${FLOW_FILES:-4}
 FLOW_FILE_SIZE=${FLOW_FILE_SIZE:-$((20 * 1024 * 1024))}
 MEM_SESSIONS=${MEM_SESSIONS:-1000}
 MEM_FILES=${MEM_FILES:-10}
+SCENARIOS=${SCENARIOS:-parts register flow rtt mem}
+RATE_LIMIT=${RATE_LIMIT:-"{ requests_per_second = 1000000, burst = 10000000 }"}
+want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-$(mktemp -d /tmp/upgate-bench.XXXXXX)}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/upgate-bench-work.XXXXXX)
@@ -130,7 +135,8 @@ id = "bench"
 api_keys_sha256 = ["$KEY_HASH"]
 max_files_per_session = 1000000
 session_ttl_seconds = { default = 3600, min = 60, max = 86400 }
-rate_limit = { requests_per_second = 1000000, burst = 10000000 }   # exercised, never limiting
+rate_limit = $RATE_LIMIT
+
 max_concurrent_uploads = 4096
 EOF
 RUST_LOG=warn "$UPGATE" --config "$OUT/gateway.toml" >"$OUT/gateway.log" 2>&1 &
@@ -157,6 +163,7 @@ log "gateway $GW (pid $GW_PID), baseline $BL, redis $REDIS_URL, s3 $S3_ENDPOINT;
 rss_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 # --- 1. proxied vs presigned parts at CONC_HIGH (RSS sampled), then CONC_LOW --------------
+if want parts; then
 # Idle RSS: the freshly started gateway, before any load (the conservative baseline).
 sleep 1
 IDLE_KIB=$(rss_kib "$GW_PID" VmRSS)
@@ -193,20 +200,44 @@ log "parts: proxied and presigned, $CONC_LOW x $PART_MB MiB"
 "$BENCH" parts-presigned --target "$GW" --key "$KEY" --concurrency "$CONC_LOW" --part-size "$PART_SIZE" "${COMMON[@]}" \
   --label "s3 direct" --json-out "$OUT/presigned-c$CONC_LOW.json" >/dev/null
 
+fi
+
 # --- 2. register-file throughput: gateway vs the bare baseline ----------------------------
+if want register; then
+# CPU seconds (user + system) each process spent in the measured window (sampled after the
+# warm-up and again DURATION s later), divided by the requests served in it: steadier than
+# req/s on a shared 2-core machine.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+register_run() { # label target server-pid
+  local g0 r0 g1 r1 bpid
+  "$BENCH" register --target "$2" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
+    --label "$1" --json-out "$OUT/register-$1.json" >/dev/null &
+  bpid=$!
+  sleep "$WARMUP"
+  g0=$(cpu_ticks "$3"); r0=$(cpu_ticks "$REDIS_PID")
+  sleep "$DURATION"
+  g1=$(cpu_ticks "$3"); r1=$(cpu_ticks "$REDIS_PID")
+  wait "$bpid"
+  echo "{\"serverTicks\": $((g1 - g0)), \"redisTicks\": $((r1 - r0)), \"ticksPerSecond\": $(getconf CLK_TCK)}" \
+    >"$OUT/register-$1-cpu.json"
+}
 log "register: gateway, concurrency $REG_CONC"
-"$BENCH" register --target "$GW" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
-  --label gateway --json-out "$OUT/register-gateway.json" >/dev/null
+register_run gateway "$GW" "$GW_PID"
 log "register: baseline, concurrency $REG_CONC"
-"$BENCH" register --target "$BL" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
-  --label baseline --json-out "$OUT/register-baseline.json" >/dev/null
+register_run baseline "$BL" "$BL_PID"
+
+fi
 
 # --- 3. the whole flow -------------------------------------------------------------------
+if want flow; then
 log "flow: concurrency $FLOW_CONC, $FLOW_FILES files of $FLOW_FILE_SIZE bytes per session"
 "$BENCH" flow --target "$GW" --key "$KEY" --concurrency "$FLOW_CONC" --files "$FLOW_FILES" --file-size "$FLOW_FILE_SIZE" \
   "${COMMON[@]}" --label gateway --json-out "$OUT/flow.json" >/dev/null
 
+fi
+
 # --- 4. Redis round trips (MONITOR, difference of two runs at concurrency 1) --------------
+if want rtt; then
 # Counts every command a client sent (top level) and every command run inside a script
 # ("[0 lua]"), per command name.
 monitor() { # file, command...
@@ -271,10 +302,15 @@ cat >"$OUT/rtt.json" <<EOF
  "partRoundTripsPerPut": $(field "$P_TOP" 2), "partBreakdown": "$(field "$P_TOP" 3)"}
 EOF
 
+fi
+
 # --- 5. Redis memory per session and per file ---------------------------------------------
+if want mem; then
 log "redis memory: $MEM_SESSIONS sessions x $MEM_FILES files"
 "$BENCH" redis-mem --target "$GW" --key "$KEY" --redis "$REDIS_URL" --concurrency 8 \
   --sessions "$MEM_SESSIONS" --files "$MEM_FILES" --json-out "$OUT/redis-mem.json" >/dev/null
+
+fi
 
 # --- report --------------------------------------------------------------------------------
 CPU=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)

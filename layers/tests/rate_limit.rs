@@ -258,6 +258,128 @@ mod redis_backend {
         assert!(ttl > 0 && ttl <= 3001, "ttl {ttl}");
     }
 
+    async fn evalsha_calls(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(c)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    /// Three leasing replicas under sustained load (16 workers each, one request after the
+    /// other): together they admit no more than the one bucket in Redis holds, lose at
+    /// most the tokens still held at the end, and need far fewer round trips than requests.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leasing_replicas_share_one_bucket_with_fewer_round_trips() {
+        let server = RedisServer::start();
+        let mut admin = conn(&server).await;
+        let hits = Arc::new(AtomicUsize::new(0));
+        // 1 token/s, burst 600: a tenth of the burst (60) caps each lease at 32 here.
+        let quota = Quota::new(1, 600);
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            let layer = RateLimitLayer::new(
+                policy(quota),
+                RedisGcra::new(conn(&server).await)
+                    .prefix("t:")
+                    .lease(32, Duration::from_secs(30)),
+            );
+            replicas.push((layer.stats(), layer.layer(counting_inner(hits.clone()))));
+        }
+        let calls_before = evalsha_calls(&mut admin).await;
+        let started = std::time::Instant::now();
+        let mut workers = Vec::new();
+        for (_, svc) in &replicas {
+            for _ in 0..16 {
+                let svc = svc.clone();
+                workers.push(tokio::spawn(async move {
+                    let (mut ok, mut limited) = (0usize, 0usize);
+                    for _ in 0..50 {
+                        match svc
+                            .clone()
+                            .oneshot(req(Some("busy")))
+                            .await
+                            .unwrap()
+                            .status()
+                        {
+                            StatusCode::OK => ok += 1,
+                            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+                            other => panic!("unexpected {other}"),
+                        }
+                    }
+                    (ok, limited)
+                }));
+            }
+        }
+        let (mut ok, mut limited) = (0, 0);
+        for w in workers {
+            let (o, l) = w.await.unwrap();
+            ok += o;
+            limited += l;
+        }
+        let elapsed = started.elapsed().as_secs() as usize;
+        let calls = evalsha_calls(&mut admin).await - calls_before;
+        assert_eq!(ok + limited, 2400);
+        assert_eq!(hits.load(Ordering::SeqCst), ok);
+        let admitted: u64 = replicas.iter().map(|(s, _)| s.admitted()).sum();
+        assert_eq!(admitted, ok as u64);
+        // Never more than the bucket: burst + refill while the test ran.
+        assert!(ok <= 600 + elapsed + 1, "admitted {ok} in {elapsed}s");
+        // At most one lease (32 tokens) per replica is still held, unspent, at the end.
+        assert!(ok + 3 * 32 >= 600, "admitted only {ok}");
+        assert!(
+            (calls as usize) < 2400 / 4,
+            "{calls} round trips for 2400 requests"
+        );
+    }
+
+    /// A key with requests further apart than the lease ttl never leases: each request
+    /// takes exactly one token from Redis.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sparse_traffic_takes_one_token_per_request() {
+        let server = RedisServer::start();
+        let quota = Quota::new(1, 1000);
+        let leasing = RedisGcra::new(conn(&server).await)
+            .prefix("s:")
+            .lease(64, Duration::from_millis(40));
+        for _ in 0..8 {
+            assert!(leasing.check("{k}", quota).await.unwrap().allowed);
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        let exact = RedisGcra::new(conn(&server).await).prefix("s:");
+        let d = exact.check("{k}", quota).await.unwrap();
+        // 1000 - 8 - this one, plus at most one token refilled in the half second.
+        assert!(
+            (991..=992).contains(&d.remaining),
+            "remaining {}",
+            d.remaining
+        );
+    }
+
+    /// With leasing on, a small quota is decided exactly as without it.
+    #[tokio::test]
+    async fn leasing_keeps_small_quotas_exact() {
+        let server = RedisServer::start();
+        let backend = RedisGcra::new(conn(&server).await)
+            .prefix("x:")
+            .lease(64, Duration::from_secs(1));
+        let q = Quota::new(1, 3);
+        let remaining: Vec<u32> =
+            futures_util::future::join_all((0..3).map(|_| backend.check("{k}", q)))
+                .await
+                .into_iter()
+                .map(|d| d.unwrap().remaining)
+                .collect();
+        assert_eq!(remaining.iter().sum::<u32>(), 2 + 1);
+        let d = backend.check("{k}", q).await.unwrap();
+        assert!(!d.allowed);
+        assert!(d.retry_after.is_some());
+    }
+
     #[tokio::test]
     async fn redis_down_is_an_error() {
         let mut server = RedisServer::start();

@@ -29,6 +29,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
+/// The gateway's allocator (see the root `Cargo.toml`), for the baseline server and the load
+/// generator alike.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use crate::client::{check_loopback, Http};
 use crate::scenarios::{Common, RunResult};
 

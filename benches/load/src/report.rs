@@ -1,7 +1,9 @@
 //! `report --dir DIR`: the final summary from the JSON files one `run.sh` wrote, ratios first.
 //!
 //! Files read (each optional): `register-gateway.json`, `register-baseline.json`,
-//! `parts-c{N}.json` / `presigned-c{N}.json` for every N present, `flow.json`, `rss.json`
+//! `register-{gateway,baseline}-cpu.json` (`{"serverTicks","redisTicks","ticksPerSecond"}`:
+//! CPU spent in the measured window, from run.sh), `parts-c{N}.json` / `presigned-c{N}.json`
+//! for every N present, `flow.json`, `rss.json`
 //! (`{"idleKiB","peakKiB","concurrency","partSizeBytes"}`, from run.sh), `rtt.json`
 //! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
 //! and `redis-mem.json`.
@@ -81,6 +83,21 @@ pub fn report(dir: &Path) -> String {
                 "| 1 | register-file p99, gateway / baseline | {p99:.2}× | ≤ 1.50× | {} |\n",
                 verdict(p99 <= 1.5)
             ));
+            let cpu = |label: &str, who: &str, ok: f64| -> Option<f64> {
+                let c = load(dir, &format!("register-{label}-cpu.json"))?;
+                Some(f(&c, who) / f(&c, "ticksPerSecond") / ok * 1e6)
+            };
+            let (g_ok, b_ok) = (f(ge, "ok"), f(be, "ok"));
+            if let (Some(gs), Some(bs), Some(gr), Some(br)) = (
+                cpu("gateway", "serverTicks", g_ok),
+                cpu("baseline", "serverTicks", b_ok),
+                cpu("gateway", "redisTicks", g_ok),
+                cpu("baseline", "redisTicks", b_ok),
+            ) {
+                out.push_str(&format!(
+                    "| – | CPU per registration: server / Redis, gateway vs baseline | {gs:.0} / {gr:.0} µs vs {bs:.0} / {br:.0} µs | – | – |\n"
+                ));
+            }
             absolute.push((
                 "register file, gateway (full stack)".to_owned(),
                 g.clone(),

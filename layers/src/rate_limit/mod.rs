@@ -73,6 +73,8 @@ mod backend;
 mod error;
 mod in_process;
 mod layer;
+#[cfg(feature = "redis")]
+mod lease;
 mod policy;
 #[cfg(feature = "redis")]
 mod redis;

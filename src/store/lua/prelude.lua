@@ -10,10 +10,15 @@ local BASE = string.sub(SKEY, 1, -2)
 local function fkey(fid) return BASE .. 'f:' .. fid end
 local function pkey(fid) return BASE .. 'p:' .. fid end
 
--- Sets the session's retention deadline (`keep_until`, ms) on a key this script wrote.
+-- Sets the retention deadline `ku` (the session's `keep_until`, ms) on keys this script wrote.
+local function keep_until(ku, ...)
+  if not ku then return end
+  for _, key in ipairs({...}) do redis.call('PEXPIREAT', key, ku) end
+end
+
+-- Sets the session's retention deadline on a key this script wrote.
 local function keep(key)
-  local ku = redis.call('HGET', SKEY, 'keep_until')
-  if ku then redis.call('PEXPIREAT', key, ku) end
+  keep_until(redis.call('HGET', SKEY, 'keep_until'), key)
 end
 
 -- Saturating decrement of the session's live-file count.
@@ -23,12 +28,14 @@ local function release_slot()
 end
 
 -- The common gate. Returns nil when the session exists, is not past expiry and (when
--- asked) is active; otherwise the reply to return as is:
+-- asked) is active, plus the session fields {status, expires_at, ...} read in the same
+-- HMGET (the extra field names given after `require_active`); otherwise the reply to
+-- return as is:
 --   {'snf'}                               no such session
 --   {'exp', first(0|1), session-fields}   past expiresAt (first: this call flipped it)
 --   {'na', status}                        not active
-local function gate(now, require_active)
-  local st = redis.call('HMGET', SKEY, 'status', 'expires_at')
+local function gate(now, require_active, ...)
+  local st = redis.call('HMGET', SKEY, 'status', 'expires_at', ...)
   if not st[1] then return {'snf'} end
   local exp = tonumber(st[2])
   if not exp then error('upgate: corrupt session (expires_at)') end
@@ -41,7 +48,7 @@ local function gate(now, require_active)
     return {'exp', first, redis.call('HGETALL', SKEY)}
   end
   if require_active and st[1] ~= 'active' then return {'na', st[1]} end
-  return nil
+  return nil, st
 end
 
 local NOW = tonumber(ARGV[1])

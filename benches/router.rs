@@ -1,0 +1,144 @@
+//! The whole API stack in process: one `POST /v1/sessions/{id}/files` through the router
+//! the gateway serves (request id, trace span, metrics, auth, CORS, rate limit,
+//! idempotency pass-through, expiry, count limit, JSON validation, the in-memory store,
+//! the JSON response), against a bare axum router answering the same JSON. No sockets and
+//! no Redis, so the figure is the gateway's own CPU per registration, steady enough to
+//! compare two builds (the load test in `benches/load/` measures the whole system).
+//!
+//! `cargo bench --bench router`
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, StatusCode};
+use tower::ServiceExt;
+use upgate::config::Config;
+
+/// The `upgate` binary's allocator, so the figure is the deployed one.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const KEY: &str = "bench-key";
+
+fn config() -> Config {
+    let toml = format!(
+        r#"
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        reaper_interval_seconds = 3600
+        [[tenants]]
+        id = "bench"
+        api_keys_sha256 = ["{}"]
+        max_files_per_session = 1000000
+        rate_limit = {{ requests_per_second = 1000000, burst = 10000000 }}
+        "#,
+        Config::hash_key(KEY)
+    );
+    Config::from_toml(&toml, |_| None, false).expect("bench config")
+}
+
+fn register_request(session: &str, n: u64) -> Request<Body> {
+    Request::post(format!("/v1/sessions/{session}/files"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(Body::from(format!(
+            r#"{{"fileName":"file-{n}.bin","sizeBytes":10485760,"contentType":"application/octet-stream"}}"#
+        )))
+        .expect("request")
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (router, session) = rt.block_on(async {
+        let config = config();
+        let store = Arc::new(upgate::store::memory::MemoryStore::new(
+            config.session_retention,
+        ));
+        let storage = Arc::new(
+            upgate::storage::fs::FsStore::new(dir.path())
+                .await
+                .expect("fs store"),
+        );
+        let gw = upgate::Gateway::with_backends(config, store, storage);
+        let router = gw.router();
+        let res = router
+            .clone()
+            .oneshot(
+                Request::post("/v1/sessions")
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .header("content-type", "application/json")
+                    .body(Body::from(r#"{"ttlSeconds":3600}"#))
+                    .expect("request"),
+            )
+            .await
+            .expect("create");
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let session = v["sessionId"].as_str().expect("sessionId").to_owned();
+        (router, session)
+    });
+    let n = AtomicU64::new(0);
+    let mut group = c.benchmark_group("router");
+    group.bench_function("register_file/full_stack_memory_store", |b| {
+        b.to_async(&rt).iter(|| async {
+            let i = n.fetch_add(1, Ordering::Relaxed);
+            let res = router
+                .clone()
+                .oneshot(register_request(&session, i))
+                .await
+                .expect("response");
+            assert_eq!(res.status(), StatusCode::CREATED);
+            http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .expect("body")
+        })
+    });
+    let bare = axum::Router::new().route(
+        "/v1/sessions/{id}/files",
+        axum::routing::post(
+            |axum::extract::Path(id): axum::extract::Path<String>,
+             axum::Json(v): axum::Json<serde_json::Value>| async move {
+                (
+                    StatusCode::CREATED,
+                    axum::Json(serde_json::json!({
+                        "fileId": uuid::Uuid::now_v7().to_string(),
+                        "sessionId": id,
+                        "fileName": v["fileName"],
+                        "sizeBytes": v["sizeBytes"],
+                        "status": "pending",
+                    })),
+                )
+            },
+        ),
+    );
+    group.bench_function("register_file/bare_axum_same_json", |b| {
+        b.to_async(&rt).iter(|| async {
+            let i = n.fetch_add(1, Ordering::Relaxed);
+            let res = bare
+                .clone()
+                .oneshot(register_request(&session, i))
+                .await
+                .expect("response");
+            assert_eq!(res.status(), StatusCode::CREATED);
+            http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .expect("body")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
