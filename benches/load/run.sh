@@ -12,7 +12,8 @@
 # FLOW_FILE_SIZE (bytes, 20 MiB), MEM_SESSIONS (1000), MEM_FILES (10), SKIP_BUILD=1,
 # OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX),
 # SCENARIOS (any of "parts register flow rtt mem"; default all of them),
-# RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits).
+# RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits),
+# ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -63,7 +64,9 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
 fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building upgate and upgate-bench (release) into $CARGO_TARGET_DIR"
-  cargo build --release -p upgate -p upgate-bench >&2
+  FEATURES=()
+  if [ "${ALLOCATOR:-}" = mimalloc ]; then FEATURES=(--features upgate/mimalloc,upgate-bench/mimalloc); fi
+  cargo build --release -p upgate -p upgate-bench "${FEATURES[@]}" >&2
 fi
 UPGATE="$CARGO_TARGET_DIR/release/upgate"
 BENCH="$CARGO_TARGET_DIR/release/upgate-bench"

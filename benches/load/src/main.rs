@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-/// The gateway's allocator (see the root `Cargo.toml`), for the baseline server and the load
-/// generator alike.
+/// With `--features mimalloc`: the allocator of a `--features mimalloc` gateway, for the
+/// baseline server and the load generator alike.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
