@@ -5,6 +5,9 @@
 //! no Redis, so the figure is the gateway's own CPU per registration, steady enough to
 //! compare two builds (the load test in `benches/load/` measures the whole system).
 //!
+//! `get_session/*` does the same for `GET /v1/sessions/{id}` on a session without files: no
+//! state grows, so it is the steadier figure for comparing two builds of the stack.
+//!
 //! `cargo bench --bench router`
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,7 +140,59 @@ fn bench(c: &mut Criterion) {
                 .expect("body")
         })
     });
+    // Read-only: no state grows, so this is the steadier figure for comparing two builds.
+    group.bench_function("get_session/full_stack_memory_store", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = router
+                .clone()
+                .oneshot(get_request(&session))
+                .await
+                .expect("response");
+            assert_eq!(res.status(), StatusCode::OK);
+            http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .expect("body")
+        })
+    });
+    let bare_get = axum::Router::new().route(
+        "/v1/sessions/{id}",
+        axum::routing::get(
+            |axum::extract::Path(id): axum::extract::Path<String>| async move {
+                axum::Json(serde_json::json!({
+                    "sessionId": id,
+                    "status": "active",
+                    "partSizeBytes": 5242880,
+                    "maxFiles": null,
+                    "fileCount": 0,
+                    "createdAt": "2026-11-27T00:00:00Z",
+                    "expiresAt": "2026-11-27T01:00:00Z",
+                    "metadata": {},
+                    "files": [],
+                }))
+            },
+        ),
+    );
+    group.bench_function("get_session/bare_axum_same_json", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = bare_get
+                .clone()
+                .oneshot(get_request(&session))
+                .await
+                .expect("response");
+            assert_eq!(res.status(), StatusCode::OK);
+            http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .expect("body")
+        })
+    });
     group.finish();
+}
+
+fn get_request(session: &str) -> Request<Body> {
+    Request::get(format!("/v1/sessions/{session}"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(Body::empty())
+        .expect("request")
 }
 
 criterion_group!(benches, bench);

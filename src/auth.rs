@@ -6,14 +6,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
-use crate::api::Tenant;
 use crate::config::{Config, TenantConfig};
-use crate::error::AppError;
 
 /// API-key digest → tenant.
 #[derive(Debug, Clone, Default)]
@@ -47,16 +43,7 @@ fn bearer(req: &Request) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Middleware: resolves the tenant into the request extensions or answers 401.
-pub async fn authenticate(
-    State(tenants): State<Tenants>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let Some(tenant) = bearer(&req).and_then(|k| tenants.resolve(k)) else {
-        return AppError::Unauthorized.into_response();
-    };
-    tracing::Span::current().record("tenant", tenant.id.as_str());
-    req.extensions_mut().insert(Tenant(tenant));
-    next.run(req).await
+/// The tenant whose API key the request's `Authorization: Bearer` header carries.
+pub fn tenant_of(tenants: &Tenants, req: &Request) -> Option<Arc<TenantConfig>> {
+    bearer(req).and_then(|k| tenants.resolve(k))
 }

@@ -8,12 +8,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::api::Tenant;
 use crate::config::TenantConfig;
 
 const ALLOW_METHODS: &str = "GET, POST, PUT, DELETE, OPTIONS";
@@ -43,29 +41,23 @@ fn allows(list: impl IntoIterator<Item = impl AsRef<str>>, origin: &str) -> bool
         .any(|o| o.as_ref() == "*" || o.as_ref() == origin)
 }
 
-/// Answers preflights (before authentication).
-pub async fn preflight(
-    State(origins): State<AnyTenantOrigins>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// The answer to a CORS preflight (an `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`), given before authentication; `None` for any other
+/// request.
+pub fn preflight(origins: &AnyTenantOrigins, req: &Request) -> Option<Response> {
     let is_preflight = req.method() == Method::OPTIONS
         && req
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let Some(origin) = req
-        .headers()
-        .get(header::ORIGIN)
-        .cloned()
-        .filter(|_| is_preflight)
-    else {
-        return next.run(req).await;
-    };
+    if !is_preflight {
+        return None;
+    }
+    let origin = req.headers().get(header::ORIGIN)?;
     let mut res = StatusCode::NO_CONTENT.into_response();
     let h = res.headers_mut();
     h.insert(header::VARY, HeaderValue::from_static("origin"));
     if origin.to_str().is_ok_and(|o| allows(origins.0.iter(), o)) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
         h.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static(ALLOW_METHODS),
@@ -79,27 +71,25 @@ pub async fn preflight(
             HeaderValue::from_static("600"),
         );
     }
-    res
+    Some(res)
 }
 
-/// Adds CORS response headers for the authenticated tenant's allowed origins.
-pub async fn per_tenant(req: Request, next: Next) -> Response {
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    let allowed = match (&origin, req.extensions().get::<Tenant>()) {
-        (Some(o), Some(t)) => o
-            .to_str()
-            .is_ok_and(|o| allows(&t.0.cors_allowed_origins, o)),
-        _ => false,
-    };
-    let mut res = next.run(req).await;
-    if let (true, Some(origin)) = (allowed, origin) {
-        let h = res.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static(EXPOSE_HEADERS),
-        );
-        h.append(header::VARY, HeaderValue::from_static("origin"));
-    }
-    res
+/// The request's `Origin` when the authenticated tenant allows it.
+pub fn allowed_origin(tenant: &TenantConfig, req: &Request) -> Option<HeaderValue> {
+    let origin = req.headers().get(header::ORIGIN)?;
+    origin
+        .to_str()
+        .is_ok_and(|o| allows(&tenant.cors_allowed_origins, o))
+        .then(|| origin.clone())
+}
+
+/// Adds the CORS response headers for an origin [`allowed_origin`] accepted.
+pub fn expose(res: &mut Response, origin: HeaderValue) {
+    let h = res.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(EXPOSE_HEADERS),
+    );
+    h.append(header::VARY, HeaderValue::from_static("origin"));
 }
