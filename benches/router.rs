@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (router, session) = rt.block_on(async {
+    let (router, session, empty_session) = rt.block_on(async {
         let config = config();
         let store = Arc::new(upgate::store::memory::MemoryStore::new(
             config.session_retention,
@@ -72,25 +72,31 @@ fn bench(c: &mut Criterion) {
         );
         let gw = upgate::Gateway::with_backends(config, store, storage);
         let router = gw.router();
-        let res = router
-            .clone()
-            .oneshot(
-                Request::post("/v1/sessions")
-                    .header("authorization", format!("Bearer {KEY}"))
-                    .header("content-type", "application/json")
-                    .body(Body::from(r#"{"ttlSeconds":3600}"#))
-                    .expect("request"),
-            )
-            .await
-            .expect("create");
-        assert_eq!(res.status(), StatusCode::CREATED);
-        let body = http_body_util::BodyExt::collect(res.into_body())
-            .await
-            .expect("body")
-            .to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
-        let session = v["sessionId"].as_str().expect("sessionId").to_owned();
-        (router, session)
+        // One session the registrations fill, one that stays empty for the GET pair.
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let res = router
+                .clone()
+                .oneshot(
+                    Request::post("/v1/sessions")
+                        .header("authorization", format!("Bearer {KEY}"))
+                        .header("content-type", "application/json")
+                        .body(Body::from(r#"{"ttlSeconds":3600}"#))
+                        .expect("request"),
+                )
+                .await
+                .expect("create");
+            assert_eq!(res.status(), StatusCode::CREATED);
+            let body = http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            ids.push(v["sessionId"].as_str().expect("sessionId").to_owned());
+        }
+        let empty = ids.pop().expect("two sessions");
+        let filled = ids.pop().expect("two sessions");
+        (router, filled, empty)
     });
     let n = AtomicU64::new(0);
     let mut group = c.benchmark_group("router");
@@ -145,7 +151,7 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let res = router
                 .clone()
-                .oneshot(get_request(&session))
+                .oneshot(get_request(&empty_session))
                 .await
                 .expect("response");
             assert_eq!(res.status(), StatusCode::OK);
@@ -176,7 +182,7 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let res = bare_get
                 .clone()
-                .oneshot(get_request(&session))
+                .oneshot(get_request(&empty_session))
                 .await
                 .expect("response");
             assert_eq!(res.status(), StatusCode::OK);

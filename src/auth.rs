@@ -9,11 +9,13 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::header::AUTHORIZATION;
 
-use crate::config::{Config, TenantConfig};
+use sha2::{Digest, Sha256};
+
+use crate::config::TenantConfig;
 
 /// API-key digest → tenant.
 #[derive(Debug, Clone, Default)]
-pub struct Tenants(Arc<HashMap<String, Arc<TenantConfig>>>);
+pub struct Tenants(Arc<HashMap<[u8; 32], Arc<TenantConfig>>>);
 
 impl Tenants {
     /// Indexes every configured key digest.
@@ -21,8 +23,12 @@ impl Tenants {
         let mut map = HashMap::new();
         for t in tenants {
             let t = Arc::new(t.clone());
+            // The configuration was validated: every digest is 64 hex digits.
             for k in &t.api_keys_sha256 {
-                map.insert(k.to_ascii_lowercase(), t.clone());
+                let mut digest = [0u8; 32];
+                if hex::decode_to_slice(k, &mut digest).is_ok() {
+                    map.insert(digest, t.clone());
+                }
             }
         }
         Tenants(Arc::new(map))
@@ -30,7 +36,8 @@ impl Tenants {
 
     /// The tenant owning the presented key.
     pub fn resolve(&self, key: &str) -> Option<Arc<TenantConfig>> {
-        self.0.get(&Config::hash_key(key)).cloned()
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.0.get(&digest).cloned()
     }
 }
 

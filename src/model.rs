@@ -209,12 +209,25 @@ pub fn expected_part_len(size_bytes: u64, part_size: u64, part_number: u32) -> O
     }
 }
 
-/// Renders seconds since the epoch as RFC 3339 UTC without fractions.
+/// Renders seconds since the epoch as RFC 3339 UTC without fractions (every response
+/// carries two or three of these: plain `write!` instead of interpreting a format
+/// description on each call).
 pub fn rfc3339(secs: i64) -> String {
+    use std::fmt::Write as _;
     let t =
         time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
-    t.format(&f).unwrap_or_default()
+    let mut out = String::with_capacity(20);
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    out
 }
 
 /// Milliseconds since the epoch, from the system clock.
@@ -257,9 +270,25 @@ mod tests {
     #[test]
     fn rfc3339_has_no_fraction() {
         assert_eq!(rfc3339(1_795_797_480), "2026-11-27T16:38:00Z");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
     }
 
     proptest! {
+        #[test]
+        fn rfc3339_matches_the_time_crates_formatter(secs in 0i64..253_402_300_799) {
+            let f = time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+            );
+            let t = time::OffsetDateTime::from_unix_timestamp(secs).unwrap();
+            prop_assert_eq!(rfc3339(secs), t.format(&f).unwrap());
+            let parsed = time::OffsetDateTime::parse(
+                &rfc3339(secs),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap();
+            prop_assert_eq!(parsed.unix_timestamp(), secs);
+        }
+
         #[test]
         fn parts_cover_the_file_exactly(size in 0u64..(6 * 1024 * 1024 * MIB), base_mib in 5u64..=100) {
             let ps = part_size_for(base_mib * MIB, size);

@@ -4,7 +4,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::Value;
 
 use super::{file_json, new_id, open_gate, AppState, JsonBody, Tenant};
 use crate::error::AppError;
@@ -82,7 +81,7 @@ pub(super) async fn get(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
     Path((session_id, file_id)): Path<(String, String)>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Response, AppError> {
     let now = now_ms();
     let f = open_gate(
         state
@@ -92,7 +91,7 @@ pub(super) async fn get(
         &tenant.0.id,
         now,
     )?;
-    Ok(Json(file_json(&f)))
+    Ok(Json(file_json(&f)).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]

@@ -12,7 +12,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::routing::{get, post, put};
 use axum::Router;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::config::{Config, TenantConfig};
 use crate::error::AppError;
@@ -143,40 +143,75 @@ pub(crate) fn log_expiration(s: &SessionRecord, tenant: &str, now_ms: i64, obser
     );
 }
 
-/// The session resource.
-pub(crate) fn session_json(s: &SessionRecord) -> Value {
-    json!({
-        "sessionId": s.id,
-        "status": s.status.as_str(),
-        "partSizeBytes": s.part_size_bytes,
-        "maxFiles": s.max_files,
-        "fileCount": s.file_count,
-        "createdAt": crate::model::rfc3339(s.created_at),
-        "expiresAt": crate::model::rfc3339(s.expires_at),
-        "metadata": s.metadata,
-    })
+/// The session resource, serialized straight from the record (no intermediate `Value`).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SessionView<'a> {
+    session_id: &'a str,
+    status: &'static str,
+    part_size_bytes: u64,
+    max_files: Option<u32>,
+    file_count: u32,
+    created_at: String,
+    expires_at: String,
+    metadata: &'a Value,
+    /// Present on `GET /v1/sessions/{id}` and finalize.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) files: Option<Vec<FileView<'a>>>,
+}
+
+/// The session resource (without `files`).
+pub(crate) fn session_json(s: &SessionRecord) -> SessionView<'_> {
+    SessionView {
+        session_id: &s.id,
+        status: s.status.as_str(),
+        part_size_bytes: s.part_size_bytes,
+        max_files: s.max_files,
+        file_count: s.file_count,
+        created_at: crate::model::rfc3339(s.created_at),
+        expires_at: crate::model::rfc3339(s.expires_at),
+        metadata: &s.metadata,
+        files: None,
+    }
+}
+
+/// The file resource, serialized straight from the record.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct FileView<'a> {
+    file_id: &'a str,
+    file_key: &'a str,
+    file_name: &'a str,
+    size_bytes: u64,
+    content_type: Option<&'a str>,
+    status: &'static str,
+    part_size_bytes: u64,
+    part_count: u32,
+    created_at: String,
+    /// Only once completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file_url: Option<Option<&'a str>>,
+    /// Only once completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<Option<&'a str>>,
 }
 
 /// The file resource (`fileUrl` and `etag` only once completed).
-pub(crate) fn file_json(f: &FileRecord) -> Value {
-    let mut v = json!({
-        "fileId": f.id,
-        "fileKey": f.file_key,
-        "fileName": f.file_name,
-        "sizeBytes": f.size_bytes,
-        "contentType": f.content_type,
-        "status": f.status.public_str(),
-        "partSizeBytes": f.part_size_bytes,
-        "partCount": f.part_count,
-        "createdAt": crate::model::rfc3339(f.created_at),
-    });
-    if f.status == crate::model::FileStatus::Completed {
-        if let Some(o) = v.as_object_mut() {
-            o.insert("fileUrl".into(), json!(f.file_url));
-            o.insert("etag".into(), json!(f.etag));
-        }
+pub(crate) fn file_json(f: &FileRecord) -> FileView<'_> {
+    let completed = f.status == crate::model::FileStatus::Completed;
+    FileView {
+        file_id: &f.id,
+        file_key: &f.file_key,
+        file_name: &f.file_name,
+        size_bytes: f.size_bytes,
+        content_type: f.content_type.as_deref(),
+        status: f.status.public_str(),
+        part_size_bytes: f.part_size_bytes,
+        part_count: f.part_count,
+        created_at: crate::model::rfc3339(f.created_at),
+        file_url: completed.then_some(f.file_url.as_deref()),
+        etag: completed.then_some(f.etag.as_deref()),
     }
-    v
 }
 
 /// A fresh unguessable id (UUID v4: 122 random bits).

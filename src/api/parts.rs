@@ -433,7 +433,7 @@ pub(super) async fn complete(
     Extension(tenant): Extension<Tenant>,
     Path((session_id, file_id)): Path<(String, String)>,
     JsonBody(body): JsonBody,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Response, AppError> {
     let t = &tenant.0.id;
     let token = new_id();
     let deadline = tokio::time::Instant::now() + COMPLETE_WAIT;
@@ -451,7 +451,7 @@ pub(super) async fn complete(
                     // Nothing was waited for: this is a repeated complete, not a concurrent one.
                     tracing::warn!(file_url = ?f.file_url, "file already completed: answering the idempotent re-completion with the stored result");
                 }
-                return Ok(Json(file_json(&f)));
+                return Ok(Json(file_json(&f)).into_response());
             }
             BeginComplete::Aborted => return Err(AppError::FileNotActive("aborted")),
             BeginComplete::InProgress => {
@@ -493,7 +493,7 @@ pub(super) async fn complete(
                     Some(f) => {
                         state.metrics.files_completed.inc();
                         tracing::info!(file_url = %url, "file completed");
-                        return Ok(Json(file_json(&f)));
+                        return Ok(Json(file_json(&f)).into_response());
                     }
                     // Our lease ran out and someone else took over: their result stands.
                     None => continue,

@@ -5,7 +5,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::stream::{self, StreamExt};
-use serde_json::Value;
 
 use super::{file_json, new_id, open_gate, session_json, AppState, JsonBody, Tenant};
 use crate::error::AppError;
@@ -57,7 +56,7 @@ pub(super) async fn get(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
     Path(session_id): Path<String>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Response, AppError> {
     let now = now_ms();
     let view = open_gate(
         state
@@ -68,13 +67,8 @@ pub(super) async fn get(
         now,
     )?;
     let mut v = session_json(&view.session);
-    if let Some(o) = v.as_object_mut() {
-        o.insert(
-            "files".into(),
-            Value::Array(view.files.iter().map(file_json).collect()),
-        );
-    }
-    Ok(Json(v))
+    v.files = Some(view.files.iter().map(file_json).collect());
+    Ok(Json(v).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
@@ -168,7 +162,7 @@ pub(super) async fn finalize(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
     Path(session_id): Path<String>,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Response, AppError> {
     let t = &tenant.0.id;
     let now = now_ms();
     let view = open_gate(state.store.get_session(t, &session_id, now).await?, t, now)?;
@@ -233,13 +227,8 @@ pub(super) async fn finalize(
         Finalized::Done(view) => {
             state.metrics.sessions_finalized.inc();
             let mut v = session_json(&view.session);
-            if let Some(o) = v.as_object_mut() {
-                o.insert(
-                    "files".into(),
-                    Value::Array(view.files.iter().map(file_json).collect()),
-                );
-            }
-            Ok(Json(v))
+            v.files = Some(view.files.iter().map(file_json).collect());
+            Ok(Json(v).into_response())
         }
         Finalized::Incomplete(ids) => Err(AppError::FilesIncomplete(ids)),
     }
