@@ -202,11 +202,14 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
                     session_id = session_id.unwrap_or(""),
                     file_id = file_id.unwrap_or(""),
                 );
-                // Continue the caller's trace (W3C traceparent) when it sent one.
-                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
-                    &span,
-                    crate::telemetry::parent_context(req.headers()),
-                );
+                // Continue the caller's trace (W3C traceparent) when it sent one (and the
+                // span is recorded at all: with `RUST_LOG=warn` it is not).
+                if !span.is_disabled() {
+                    let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
+                        &span,
+                        crate::telemetry::parent_context(req.headers()),
+                    );
+                }
                 span
             }))
             .layer(middleware::from_fn_with_state(edge, edge_middleware))

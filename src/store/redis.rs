@@ -226,21 +226,21 @@ fn cluster_pool_error(e: deadpool_redis::cluster::PoolError) -> RedisError {
     }
 }
 
+// One boxed future per variant: a single async block over both would be as large as the
+// cluster pool's checkout future, and every call would move that many bytes into its box.
 impl ConnectionLike for RedisHandle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            match self {
-                RedisHandle::Single(single) => {
-                    let mut con = single.connection().await?;
-                    let result = con.req_packed_command(cmd).await;
-                    single.check(result)
-                }
-                RedisHandle::Cluster(pool) => {
-                    let mut con = pool.get().await.map_err(cluster_pool_error)?;
-                    con.req_packed_command(cmd).await
-                }
-            }
-        })
+        match self {
+            RedisHandle::Single(single) => Box::pin(async move {
+                let mut con = single.connection().await?;
+                let result = con.req_packed_command(cmd).await;
+                single.check(result)
+            }),
+            RedisHandle::Cluster(pool) => Box::pin(async move {
+                let mut con = pool.get().await.map_err(cluster_pool_error)?;
+                con.req_packed_command(cmd).await
+            }),
+        }
     }
 
     fn req_packed_commands<'a>(
@@ -249,19 +249,17 @@ impl ConnectionLike for RedisHandle {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            match self {
-                RedisHandle::Single(single) => {
-                    let mut con = single.connection().await?;
-                    let result = con.req_packed_commands(cmd, offset, count).await;
-                    single.check(result)
-                }
-                RedisHandle::Cluster(pool) => {
-                    let mut con = pool.get().await.map_err(cluster_pool_error)?;
-                    con.req_packed_commands(cmd, offset, count).await
-                }
-            }
-        })
+        match self {
+            RedisHandle::Single(single) => Box::pin(async move {
+                let mut con = single.connection().await?;
+                let result = con.req_packed_commands(cmd, offset, count).await;
+                single.check(result)
+            }),
+            RedisHandle::Cluster(pool) => Box::pin(async move {
+                let mut con = pool.get().await.map_err(cluster_pool_error)?;
+                con.req_packed_commands(cmd, offset, count).await
+            }),
+        }
     }
 
     fn get_db(&self) -> i64 {

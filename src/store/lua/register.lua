@@ -9,8 +9,13 @@ if not limit or not count then error('upgate: corrupt session (file_limit/file_c
 if count >= limit then return {'ok', 'full', st[3], st[4]} end
 redis.call('HINCRBY', SKEY, 'file_count', 1)
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('RPUSH', KEYS[3], ARGV[3])
-redis.call('DEL', KEYS[4], pkey(ARGV[3]))
+-- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
 redis.call('HSET', KEYS[4], unpack(ARGV, 4))
-keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])
+-- `files` only grows (aborted files stay listed), so it needs its retention once, when the
+-- first RPUSH creates it; `keys` can be emptied by aborts (and so deleted and recreated).
+if redis.call('RPUSH', KEYS[3], ARGV[3]) == 1 then
+  keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])
+else
+  keep_until(st[5], KEYS[2], KEYS[4])
+end
 return {'ok', 'created'}
