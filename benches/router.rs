@@ -103,15 +103,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("register_file/full_stack_memory_store", |b| {
         b.to_async(&rt).iter(|| async {
             let i = n.fetch_add(1, Ordering::Relaxed);
-            let res = router
-                .clone()
-                .oneshot(register_request(&session, i))
-                .await
-                .expect("response");
-            assert_eq!(res.status(), StatusCode::CREATED);
-            http_body_util::BodyExt::collect(res.into_body())
-                .await
-                .expect("body")
+            call(&router, register_request(&session, i), StatusCode::CREATED).await
         })
     });
     let bare = axum::Router::new().route(
@@ -135,30 +127,13 @@ fn bench(c: &mut Criterion) {
     group.bench_function("register_file/bare_axum_same_json", |b| {
         b.to_async(&rt).iter(|| async {
             let i = n.fetch_add(1, Ordering::Relaxed);
-            let res = bare
-                .clone()
-                .oneshot(register_request(&session, i))
-                .await
-                .expect("response");
-            assert_eq!(res.status(), StatusCode::CREATED);
-            http_body_util::BodyExt::collect(res.into_body())
-                .await
-                .expect("body")
+            call(&bare, register_request(&session, i), StatusCode::CREATED).await
         })
     });
     // Read-only: no state grows, so this is the steadier figure for comparing two builds.
     group.bench_function("get_session/full_stack_memory_store", |b| {
-        b.to_async(&rt).iter(|| async {
-            let res = router
-                .clone()
-                .oneshot(get_request(&empty_session))
-                .await
-                .expect("response");
-            assert_eq!(res.status(), StatusCode::OK);
-            http_body_util::BodyExt::collect(res.into_body())
-                .await
-                .expect("body")
-        })
+        b.to_async(&rt)
+            .iter(|| async { call(&router, get_request(&empty_session), StatusCode::OK).await })
     });
     let bare_get = axum::Router::new().route(
         "/v1/sessions/{id}",
@@ -179,19 +154,20 @@ fn bench(c: &mut Criterion) {
         ),
     );
     group.bench_function("get_session/bare_axum_same_json", |b| {
-        b.to_async(&rt).iter(|| async {
-            let res = bare_get
-                .clone()
-                .oneshot(get_request(&empty_session))
-                .await
-                .expect("response");
-            assert_eq!(res.status(), StatusCode::OK);
-            http_body_util::BodyExt::collect(res.into_body())
-                .await
-                .expect("body")
-        })
+        b.to_async(&rt)
+            .iter(|| async { call(&bare_get, get_request(&empty_session), StatusCode::OK).await })
     });
     group.finish();
+}
+
+/// One request through `router`, its status checked and its body read to the end.
+async fn call(router: &axum::Router, req: Request<Body>, expected: StatusCode) -> bytes::Bytes {
+    let res = router.clone().oneshot(req).await.expect("response");
+    assert_eq!(res.status(), expected);
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .expect("body")
+        .to_bytes()
 }
 
 fn get_request(session: &str) -> Request<Body> {
