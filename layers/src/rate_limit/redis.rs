@@ -35,7 +35,8 @@ return {granted, math.floor((now + tau - new_tat) / interval), 0, new_tat - now}
 "#;
 
 /// Distributed GCRA in Redis: one `EVALSHA` per decision (with `EVAL` fallback on
-/// `NOSCRIPT`), clock from Redis `TIME` so all replicas share one clock.
+/// `NOSCRIPT`; fewer for busy keys with [`lease`](Self::lease)), clock from Redis `TIME`
+/// so all replicas share one clock.
 ///
 /// Bucket keys are `<prefix><key>`; the key is used verbatim, so a `{hash tag}` in it
 /// keeps working in Redis Cluster. Each bucket expires as soon as it is full again,
@@ -102,7 +103,7 @@ where
     ///
     /// Every token still comes out of the one bucket in Redis, so all replicas together
     /// never admit more than the bucket holds; over any window they admit at most what the
-    /// quota allows in that window plus `ttl`. Tokens are not shared between replicas while
+    /// quota allows in that window plus `ttl` × its rate. Tokens are not shared between replicas while
     /// held, and tokens left when a lease lapses are lost, so a busy tenant near its limit
     /// can see a 429 slightly before the bucket is empty. The lease starts at one token (a
     /// round trip per request), doubles while the key stays busy, never exceeds a tenth of
