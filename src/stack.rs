@@ -62,7 +62,7 @@ use crate::store::SessionStore;
 /// The four policy layers, built once per gateway (their backends and counters are shared by
 /// every connection).
 /// The most rate-limit tokens one replica takes from Redis at once for a busy tenant.
-const RATE_LIMIT_LEASE_TOKENS: u32 = 64;
+const RATE_LIMIT_LEASE_TOKENS: u32 = 256;
 /// How long leased tokens stay spendable: the bound on how far ahead of the shared bucket
 /// a replica can admit (`requests_per_second` × this).
 const RATE_LIMIT_LEASE_TTL: Duration = Duration::from_millis(250);

@@ -3,12 +3,16 @@
 -- One HMGET reads the gate's fields, the count and the retention deadline.
 local g, st = gate(NOW, true, 'file_limit', 'file_count', 'keep_until')
 if g then return g end
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return {'ok', 'dup'} end
 local limit, count = tonumber(st[3]), tonumber(st[4])
 if not limit or not count then error('upgate: corrupt session (file_limit/file_count)') end
-if count >= limit then return {'ok', 'full', st[3], st[4]} end
+-- A taken fileKey is reported before a full session (both are refusals; `dup` is the more
+-- specific one). On the common path one HSETNX both checks and claims the key.
+if count >= limit then
+  if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return {'ok', 'dup'} end
+  return {'ok', 'full', st[3], st[4]}
+end
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return {'ok', 'dup'} end
 redis.call('HINCRBY', SKEY, 'file_count', 1)
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 -- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
 redis.call('HSET', KEYS[4], unpack(ARGV, 4))
 -- `files` only grows (aborted files stay listed), so it needs its retention once, when the
