@@ -1540,6 +1540,9 @@ async fn redis_keys_carry_the_retention_ttl() {
         .await
         .unwrap();
     assert_eq!(at, keep_until_ms);
+    // A registration into a session that already has files: its own keys get the TTL too
+    // (checked with every other key below).
+    c.register("acme", &s, "c").await;
     // The reaper index member and score.
     let score: Option<i64> = redis::cmd("ZSCORE")
         .arg(store.reap_key())

@@ -15,11 +15,19 @@ if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return {'ok', 'dup'
 redis.call('HINCRBY', SKEY, 'file_count', 1)
 -- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
 redis.call('HSET', KEYS[4], unpack(ARGV, 4))
--- `files` only grows (aborted files stay listed), so it needs its retention once, when the
--- first RPUSH creates it; `keys` can be emptied by aborts (and so deleted and recreated).
-if redis.call('RPUSH', KEYS[3], ARGV[3]) == 1 then
+-- Retention: the file hash is new. `files` only grows (aborted files stay listed), so it is
+-- new exactly when this RPUSH made it one long. `keys` holds one field per live file (this
+-- script adds one with each HINCRBY; abort_file and abort_session remove one with each
+-- release_slot), so it was just created exactly when the count was 0; it can be emptied by
+-- aborts, deleted by Redis, and created again later, which the same test catches.
+local new_list = redis.call('RPUSH', KEYS[3], ARGV[3]) == 1
+if count == 0 and new_list then
   keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])
-else
+elseif count == 0 then
   keep_until(st[5], KEYS[2], KEYS[4])
+elseif new_list then
+  keep_until(st[5], KEYS[3], KEYS[4])
+else
+  keep_until(st[5], KEYS[4])
 end
 return {'ok', 'created'}
