@@ -5,7 +5,9 @@
 //! [`RateLimitBackend`] makes the GCRA decision: [`InProcess`] (one `governor` keyed
 //! limiter per distinct quota, so each tenant can have its own quota) or, with the
 //! `redis` feature, `RedisGcra` (one Lua script per decision, clock = Redis `TIME`,
-//! so every replica shares one clock and one state).
+//! so every replica shares one clock and one state; with `RedisGcra::lease`, a busy key
+//! takes tokens from Redis in batches and a refused key is refused locally until its
+//! `Retry-After`, so most decisions need no round trip).
 //!
 //! # Headers (draft-ietf-httpapi-ratelimit-headers)
 //!
