@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use super::Decision;
 
-/// Leases are pruned from the map when it grows past this many keys.
+/// Lapsed leases are pruned once the map grows past this many keys (and then again each
+/// time it doubles past what a pruning left, so pruning stays amortized O(1) per call).
 const PRUNE_ABOVE: usize = 4096;
 
 /// How a `RedisGcra` leases tokens (see the module docs).
@@ -97,7 +98,23 @@ pub(crate) enum Plan {
 #[derive(Clone, Debug)]
 pub(crate) struct Leases {
     policy: LeasePolicy,
-    map: Arc<Mutex<HashMap<String, Lease>>>,
+    map: Arc<Mutex<LeaseMap>>,
+}
+
+#[derive(Debug)]
+struct LeaseMap {
+    leases: HashMap<String, Lease>,
+    /// The size at which the next pruning runs.
+    prune_at: usize,
+}
+
+impl Default for LeaseMap {
+    fn default() -> Self {
+        LeaseMap {
+            leases: HashMap::new(),
+            prune_at: PRUNE_ABOVE,
+        }
+    }
 }
 
 impl Leases {
@@ -108,7 +125,7 @@ impl Leases {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseMap> {
         // The map holds plain counters; a panic elsewhere cannot leave it inconsistent.
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -122,10 +139,14 @@ impl Leases {
     pub(crate) fn plan(&self, key: &str, burst: u32) -> Plan {
         let cap = self.cap(burst);
         let now = Instant::now();
-        let mut map = self.lock();
-        if map.len() > PRUNE_ABOVE {
-            map.retain(|_, l| l.fetching || l.expires > now || l.refused_until > now);
+        let mut guard = self.lock();
+        if guard.leases.len() > guard.prune_at {
+            guard
+                .leases
+                .retain(|_, l| l.fetching || l.expires > now || l.refused_until > now);
+            guard.prune_at = PRUNE_ABOVE.max(2 * guard.leases.len());
         }
+        let map = &mut guard.leases;
         let lease = match map.get_mut(key) {
             Some(l) => l,
             None => map.entry(key.to_owned()).or_insert_with(|| Lease::new(now)),
@@ -233,7 +254,8 @@ impl Leases {
     fn update(&self, key: &str, answer: Answer, ends_fetch: bool) {
         let now = Instant::now();
         let ttl = self.policy.ttl;
-        let mut map = self.lock();
+        let mut guard = self.lock();
+        let map = &mut guard.leases;
         let lease = match map.get_mut(key) {
             Some(l) => l,
             None => map.entry(key.to_owned()).or_insert_with(|| Lease::new(now)),
@@ -262,7 +284,7 @@ impl Leases {
 impl Drop for FetchGuard {
     fn drop(&mut self) {
         if self.armed {
-            if let Some(lease) = self.leases.lock().get_mut(&self.key) {
+            if let Some(lease) = self.leases.lock().leases.get_mut(&self.key) {
                 lease.fetching = false;
                 lease.size = 0;
             }
@@ -406,6 +428,26 @@ mod tests {
         // A grant recorded by an exact request is not remembered.
         l.record_refusal("g", ans(1, 1, 5, Duration::ZERO));
         assert_eq!(l.plan("g", 1_000), Plan::Fetch(1));
+    }
+
+    #[test]
+    fn lapsed_leases_are_pruned_and_live_ones_kept() {
+        let l = Leases::new(LeasePolicy {
+            max_tokens: 64,
+            ttl: Duration::ZERO,
+        });
+        // One key with a live refusal, then many that lapse at once (ttl 0).
+        l.record_refusal("refused", ans(0, 0, 0, Duration::from_secs(60)));
+        for i in 0..=PRUNE_ABOVE {
+            let key = format!("k{i}");
+            assert_eq!(l.plan(&key, 1_000), Plan::Fetch(1));
+            l.guard(&key).finish(ans(1, 1, 0, Duration::ZERO));
+        }
+        assert!(matches!(l.plan("another", 1_000), Plan::Fetch(1)));
+        let map = l.lock();
+        assert!(map.leases.len() <= 3, "{} leases kept", map.leases.len());
+        assert!(map.leases.contains_key("refused"));
+        assert_eq!(map.prune_at, PRUNE_ABOVE);
     }
 
     #[test]
