@@ -331,9 +331,11 @@ mod redis_backend {
         assert!(ok <= 600 + elapsed + 1, "admitted {ok} in {elapsed}s");
         // At most one lease (32 tokens) per replica is still held, unspent, at the end.
         assert!(ok + 3 * 32 >= 600, "admitted only {ok}");
+        // Measured here: 380-436 round trips (most while the leases ramp up from one
+        // token); a third of the requests leaves room for a loaded CI machine.
         eprintln!("{calls} round trips for 2400 requests, {ok} admitted");
         assert!(
-            (calls as usize) < 2400 / 4,
+            (calls as usize) < 2400 / 3,
             "{calls} round trips for 2400 requests"
         );
     }
