@@ -112,15 +112,12 @@ async fn zero_byte_file_completes_without_parts(backend: Backend) {
     let gw = gateway(&backend).await;
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
     let f: Value = gw
-        .register(
+        .register_json(
             KEY_A,
             &session,
             json!({"fileName": "empty.txt", "sizeBytes": 0}),
         )
-        .await
-        .json()
-        .await
-        .expect("json");
+        .await;
     assert_eq!(f["partCount"], 1);
     let file = f["fileId"].as_str().expect("id").to_owned();
     let done = gw.complete(KEY_A, &session, &file).await;
@@ -134,15 +131,12 @@ async fn zero_byte_file_completes_without_parts(backend: Backend) {
     assert_eq!(std::fs::read(path).expect("object").len(), 0);
     // An explicit empty part works too.
     let f: Value = gw
-        .register(
+        .register_json(
             KEY_A,
             &session,
             json!({"fileName": "empty2.txt", "sizeBytes": 0}),
         )
-        .await
-        .json()
-        .await
-        .expect("json");
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     assert_eq!(
         gw.put_part(KEY_A, &session, &file, 1, Vec::new())
@@ -353,15 +347,12 @@ async fn concurrent_completes_complete_storage_once(backend: Backend) {
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
     let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let f: Value = gw
-        .register(
+        .register_json(
             KEY_A,
             &session,
             json!({"fileName": "c.bin", "sizeBytes": data.len()}),
         )
-        .await
-        .json()
-        .await
-        .expect("json");
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     assert_eq!(
         gw.put_part(KEY_A, &session, &file, 1, data.clone())
@@ -486,11 +477,8 @@ async fn other_tenants_sessions_are_404_on_every_endpoint(backend: Backend) {
     let gw = gateway(&backend).await;
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
     let f: Value = gw
-        .register(KEY_A, &session, json!({"fileName": "x", "sizeBytes": 3}))
-        .await
-        .json()
-        .await
-        .expect("json");
+        .register_json(KEY_A, &session, json!({"fileName": "x", "sizeBytes": 3}))
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     let s = format!("/v1/sessions/{session}");
     let fp = format!("{s}/files/{file}");
@@ -642,11 +630,8 @@ async fn error_table_rows(backend: Backend) {
 
     // fileCountExceeded with maxFiles=1.
     let f: Value = gw
-        .register(KEY_A, &session, json!({"fileName": "one", "sizeBytes": 10}))
-        .await
-        .json()
-        .await
-        .expect("json");
+        .register_json(KEY_A, &session, json!({"fileName": "one", "sizeBytes": 10}))
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     let p = problem(
         gw.register(KEY_A, &session, json!({"fileName": "two", "sizeBytes": 1}))
@@ -747,11 +732,8 @@ async fn aborting_a_file_frees_its_key_and_slot(backend: Backend) {
     let gw = gateway(&backend).await;
     let session = sid(&gw.create_session(KEY_A, json!({"maxFiles": 1})).await);
     let f: Value = gw
-        .register(KEY_A, &session, json!({"fileName": "k", "sizeBytes": 3}))
-        .await
-        .json()
-        .await
-        .expect("json");
+        .register_json(KEY_A, &session, json!({"fileName": "k", "sizeBytes": 3}))
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     assert_eq!(
         gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec())
@@ -806,15 +788,12 @@ async fn deleting_a_session_aborts_uploads_and_is_repeatable(backend: Backend) {
     let session = sid(&gw.create_session(KEY_A, json!({})).await);
     for i in 0..3 {
         let f: Value = gw
-            .register(
+            .register_json(
                 KEY_A,
                 &session,
                 json!({"fileName": format!("f{i}"), "sizeBytes": 3}),
             )
-            .await
-            .json()
-            .await
-            .expect("json");
+            .await;
         let file = f["fileId"].as_str().expect("id").to_owned();
         assert_eq!(
             gw.put_part(KEY_A, &session, &file, 1, b"abc".to_vec())
@@ -869,15 +848,12 @@ async fn finalize_checks_magic_bytes(backend: Backend) {
     for (declared, status) in [("application/pdf", 415u16), ("image/png", 200)] {
         let session = sid(&gw.create_session(KEY_A, json!({})).await);
         let f: Value = gw
-            .register(
+            .register_json(
                 KEY_A,
                 &session,
                 json!({"fileName": "pic", "sizeBytes": PNG.len(), "contentType": declared}),
             )
-            .await
-            .json()
-            .await
-            .expect("json");
+            .await;
         let file = f["fileId"].as_str().expect("id").to_owned();
         assert_eq!(
             gw.put_part(KEY_A, &session, &file, 1, PNG.to_vec())
@@ -914,11 +890,8 @@ async fn resume_lists_uploaded_parts(backend: Backend) {
     let part = 5 * 1024 * 1024;
     let size = 3 * part;
     let f: Value = gw
-        .register(KEY_A, &session, json!({"fileName": "r", "sizeBytes": size}))
-        .await
-        .json()
-        .await
-        .expect("json");
+        .register_json(KEY_A, &session, json!({"fileName": "r", "sizeBytes": size}))
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     assert_eq!(
         gw.put_part(KEY_A, &session, &file, 2, vec![2; part])

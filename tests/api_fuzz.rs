@@ -107,15 +107,12 @@ fn arbitrary_requests_get_a_success_or_a_4xx_problem() {
         let s = gw.create_session(KEY_A, json!({"maxFiles": 1000})).await;
         let session = s["sessionId"].as_str().expect("id").to_owned();
         let f: Value = gw
-            .register(
+            .register_json(
                 KEY_A,
                 &session,
                 json!({"fileName": "seed", "sizeBytes": 10}),
             )
-            .await
-            .json()
-            .await
-            .expect("json");
+            .await;
         (session, f["fileId"].as_str().expect("id").to_owned())
     });
     let mut runner = TestRunner::new(PtConfig {

@@ -272,11 +272,8 @@ async fn metrics_count_a_known_sequence() {
     let s = gw.create_session(KEY_A, json!({"maxFiles": 1})).await;
     let session = s["sessionId"].as_str().expect("id").to_owned();
     let f: Value = gw
-        .register(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 5}))
-        .await
-        .json()
-        .await
-        .expect("json");
+        .register_json(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 5}))
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     assert_eq!(
         gw.register(KEY_A, &session, json!({"fileName": "b", "sizeBytes": 5}))

@@ -37,15 +37,12 @@ async fn two_replicas_reap_an_expired_session_once() {
     // A half-uploaded file: part 1 of 2.
     let size = 5 * 1024 * 1024 + 10;
     let f: Value = gw
-        .register(
+        .register_json(
             KEY_A,
             &session,
             json!({"fileName": "half", "sizeBytes": size}),
         )
-        .await
-        .json()
-        .await
-        .expect("json");
+        .await;
     let file = f["fileId"].as_str().expect("id").to_owned();
     assert_eq!(
         gw.put_part(KEY_A, &session, &file, 1, vec![1; 5 * 1024 * 1024])

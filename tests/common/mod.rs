@@ -283,6 +283,15 @@ impl TestGateway {
         .expect("send")
     }
 
+    /// `register`, its body read as JSON (whatever the status: callers assert on it).
+    pub async fn register_json(&self, key: &str, session: &str, body: Value) -> Value {
+        self.register(key, session, body)
+            .await
+            .json()
+            .await
+            .expect("json")
+    }
+
     pub async fn put_part(
         &self,
         key: &str,
