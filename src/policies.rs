@@ -69,13 +69,10 @@ impl RateLimitBackend for Limiter {
         key: &str,
         quota: Quota,
     ) -> impl Future<Output = Result<Decision, BoxError>> + Send {
-        let this = self.clone();
-        let key = key.to_owned();
-        async move {
-            match this {
-                Limiter::Local(l) => l.check(&key, quota).await,
-                Limiter::Redis(r) => r.check(&key, quota).await,
-            }
+        // No copy of the key or of the backend per request: the backends' futures borrow.
+        match self {
+            Limiter::Local(l) => futures_util::future::Either::Left(l.check(key, quota)),
+            Limiter::Redis(r) => futures_util::future::Either::Right(r.check(key, quota)),
         }
     }
 }
