@@ -36,7 +36,8 @@ use async_trait::async_trait;
 use deadpool_redis::{Runtime, Timeouts};
 use redis::aio::ConnectionLike;
 use redis::{
-    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Script, ScriptInvocation, Value,
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, RedisWrite, Script,
+    ToRedisArgs, Value,
 };
 use tracing::Instrument;
 
@@ -362,25 +363,102 @@ impl fmt::Debug for RedisStore {
 }
 
 /// The keys of one session.
-struct SessionKeys {
-    base: String,
+/// The keys of one session, borrowed: every key is written straight into the command
+/// buffer (no `String` per key per call).
+#[derive(Clone, Copy)]
+struct SessionKeys<'a> {
+    prefix: &'a str,
+    tenant: &'a str,
+    session_id: &'a str,
 }
 
-impl SessionKeys {
-    fn session(&self) -> String {
-        format!("{}s", self.base)
+impl<'a> SessionKeys<'a> {
+    fn key(self, suffix: &'static str, id: &'a str) -> Key<'a> {
+        Key {
+            of: self,
+            suffix,
+            id,
+        }
     }
-    fn keys(&self) -> String {
-        format!("{}keys", self.base)
+    fn session(self) -> Key<'a> {
+        self.key("s", "")
     }
-    fn files(&self) -> String {
-        format!("{}files", self.base)
+    fn keys(self) -> Key<'a> {
+        self.key("keys", "")
     }
-    fn file(&self, file_id: &str) -> String {
-        format!("{}f:{file_id}", self.base)
+    fn files(self) -> Key<'a> {
+        self.key("files", "")
     }
-    fn parts(&self, file_id: &str) -> String {
-        format!("{}p:{file_id}", self.base)
+    fn file(self, file_id: &'a str) -> Key<'a> {
+        self.key("f:", file_id)
+    }
+    fn parts(self, file_id: &'a str) -> Key<'a> {
+        self.key("p:", file_id)
+    }
+}
+
+/// One Redis key of a session: `<prefix>:{<tenant>:<session>}:<suffix><id>`. The hash tag
+/// puts every key of a session in one Redis Cluster slot.
+#[derive(Clone, Copy)]
+struct Key<'a> {
+    of: SessionKeys<'a>,
+    suffix: &'static str,
+    id: &'a str,
+}
+
+impl fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let k = &self.of;
+        write!(
+            f,
+            "{}:{{{}:{}}}:{}{}",
+            k.prefix, k.tenant, k.session_id, self.suffix, self.id
+        )
+    }
+}
+
+impl ToRedisArgs for Key<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + RedisWrite,
+    {
+        use std::io::Write as _;
+        let k = &self.of;
+        let mut w = out.writer_for_next_arg();
+        // Writing into the command's own buffer cannot fail.
+        let _ = w
+            .write_all(k.prefix.as_bytes())
+            .and_then(|()| w.write_all(b":{"))
+            .and_then(|()| w.write_all(k.tenant.as_bytes()))
+            .and_then(|()| w.write_all(b":"))
+            .and_then(|()| w.write_all(k.session_id.as_bytes()))
+            .and_then(|()| w.write_all(b"}:"))
+            .and_then(|()| w.write_all(self.suffix.as_bytes()))
+            .and_then(|()| w.write_all(self.id.as_bytes()));
+    }
+}
+
+/// One `EVALSHA`, keys and arguments encoded once, in place, into a single command buffer.
+/// (`redis::ScriptInvocation` keeps a `Vec` per key and argument and copies them all into
+/// a new command on every invocation: ~35 allocations per registration.)
+struct Call<'s> {
+    script: &'s Script,
+    cmd: Cmd,
+}
+
+impl<'s> Call<'s> {
+    fn new<K: ToRedisArgs, const N: usize>(script: &'s Script, keys: [K; N]) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(N);
+        for k in keys {
+            cmd.arg(k);
+        }
+        Call { script, cmd }
+    }
+
+    fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.cmd.arg(arg);
+        self
     }
 }
 
@@ -414,12 +492,14 @@ impl RedisStore {
 
     /// The session hash key of a session (for diagnostics and tests).
     pub fn session_key(&self, tenant: &str, session_id: &str) -> String {
-        self.keys_of(tenant, session_id).session()
+        self.keys_of(tenant, session_id).session().to_string()
     }
 
-    fn keys_of(&self, tenant: &str, session_id: &str) -> SessionKeys {
+    fn keys_of<'a>(&'a self, tenant: &'a str, session_id: &'a str) -> SessionKeys<'a> {
         SessionKeys {
-            base: format!("{}:{{{tenant}:{session_id}}}:", self.prefix),
+            prefix: &self.prefix,
+            tenant,
+            session_id,
         }
     }
 
@@ -451,17 +531,18 @@ impl RedisStore {
         }
     }
 
-    /// Invokes a prepared script (EVALSHA, NOSCRIPT → SCRIPT LOAD + retry) under the timeout.
-    async fn invoke(
-        &self,
-        what: &'static str,
-        inv: &ScriptInvocation<'_>,
-    ) -> Result<Value, StoreError> {
+    /// Runs a script call (EVALSHA, NOSCRIPT → SCRIPT LOAD + retry) under the timeout.
+    async fn invoke(&self, what: &'static str, call: &Call<'_>) -> Result<Value, StoreError> {
         let mut con = self.handle.clone();
-        self.bounded(
-            what,
-            async move { inv.invoke_async::<Value>(&mut con).await },
-        )
+        self.bounded(what, async move {
+            match call.cmd.query_async::<Value>(&mut con).await {
+                Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    call.script.load_async(&mut con).await?;
+                    call.cmd.query_async(&mut con).await
+                }
+                other => other,
+            }
+        })
         .instrument(tracing::debug_span!("redis_script", op = what))
         .await
     }
@@ -492,19 +573,27 @@ fn session_fields(s: &SessionRecord) -> Result<Vec<(&'static str, String)>, Stor
     Ok(v)
 }
 
-fn file_fields(f: &FileRecord) -> Vec<(&'static str, String)> {
-    let mut v = vec![
-        ("id", f.id.clone()),
-        ("session_id", f.session_id.clone()),
-        ("file_key", f.file_key.clone()),
-        ("file_name", f.file_name.clone()),
-        ("size_bytes", f.size_bytes.to_string()),
-        ("status", f.status.as_str().to_owned()),
-        ("part_size_bytes", f.part_size_bytes.to_string()),
-        ("part_count", f.part_count.to_string()),
-        ("created_at", f.created_at.to_string()),
-        ("object_key", f.object_key.clone()),
-    ];
+/// Writes the file's hash fields as `name value` argument pairs.
+fn file_fields(call: &mut Call<'_>, f: &FileRecord) {
+    call.arg("id")
+        .arg(&f.id)
+        .arg("session_id")
+        .arg(&f.session_id)
+        .arg("file_key")
+        .arg(&f.file_key)
+        .arg("file_name")
+        .arg(&f.file_name)
+        .arg("size_bytes")
+        .arg(f.size_bytes)
+        .arg("status")
+        .arg(f.status.as_str())
+        .arg("part_size_bytes")
+        .arg(f.part_size_bytes)
+        .arg("part_count")
+        .arg(f.part_count)
+        .arg("created_at")
+        .arg(f.created_at);
+    call.arg("object_key").arg(&f.object_key);
     for (name, value) in [
         ("content_type", &f.content_type),
         ("upload_id", &f.upload_id),
@@ -512,10 +601,9 @@ fn file_fields(f: &FileRecord) -> Vec<(&'static str, String)> {
         ("etag", &f.etag),
     ] {
         if let Some(x) = value {
-            v.push((name, x.clone()));
+            call.arg(name).arg(x);
         }
     }
-    v
 }
 
 // ---------------------------------------------------------------------------------------
@@ -798,8 +886,8 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<SessionView>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.get_session.prepare_invoke();
-        inv.key(k.session()).key(k.files()).arg(now_ms);
+        let mut inv = Call::new(&self.scripts.get_session, [k.session(), k.files()]);
+        inv.arg(now_ms);
         let reply = self.invoke("get_session", &inv).await?;
         let rest = payload_or_return!(reply);
         let (session, files) = rest
@@ -844,17 +932,12 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<Registered>, StoreError> {
         let k = self.keys_of(tenant, &file.session_id);
-        let mut inv = self.scripts.register.prepare_invoke();
-        inv.key(k.session())
-            .key(k.keys())
-            .key(k.files())
-            .key(k.file(&file.id))
-            .arg(now_ms)
-            .arg(&file.file_key)
-            .arg(&file.id);
-        for (name, value) in file_fields(file) {
-            inv.arg(name).arg(value);
-        }
+        let mut inv = Call::new(
+            &self.scripts.register,
+            [k.session(), k.keys(), k.files(), k.file(&file.id)],
+        );
+        inv.arg(now_ms).arg(&file.file_key).arg(&file.id);
+        file_fields(&mut inv, file);
         let reply = self.invoke("register_file", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
@@ -878,11 +961,8 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<FileRecord>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.get_file.prepare_invoke();
-        inv.key(k.session())
-            .key(k.file(file_id))
-            .arg(now_ms)
-            .arg(if require_active { "1" } else { "0" });
+        let mut inv = Call::new(&self.scripts.get_file, [k.session(), k.file(file_id)]);
+        inv.arg(now_ms).arg(if require_active { "1" } else { "0" });
         let reply = self.invoke("get_file", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(parse_file(at(rest, 0)?)?))
@@ -898,11 +978,8 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<UploadIdSet>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.set_upload_id.prepare_invoke();
-        inv.key(k.session())
-            .key(k.file(file_id))
-            .arg(now_ms)
-            .arg(upload_id);
+        let mut inv = Call::new(&self.scripts.set_upload_id, [k.session(), k.file(file_id)]);
+        inv.arg(now_ms).arg(upload_id);
         let reply = self.invoke("set_upload_id", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
@@ -923,11 +1000,11 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<FileRecord>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.record_part.prepare_invoke();
-        inv.key(k.session())
-            .key(k.file(file_id))
-            .key(k.parts(file_id))
-            .arg(now_ms)
+        let mut inv = Call::new(
+            &self.scripts.record_part,
+            [k.session(), k.file(file_id), k.parts(file_id)],
+        );
+        inv.arg(now_ms)
             .arg(part.part_number)
             .arg(format!("{}:{}", part.size_bytes, part.etag));
         let reply = self.invoke("record_part", &inv).await?;
@@ -944,11 +1021,11 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<Vec<PartRecord>>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.list_parts.prepare_invoke();
-        inv.key(k.session())
-            .key(k.file(file_id))
-            .key(k.parts(file_id))
-            .arg(now_ms);
+        let mut inv = Call::new(
+            &self.scripts.list_parts,
+            [k.session(), k.file(file_id), k.parts(file_id)],
+        );
+        inv.arg(now_ms);
         let reply = self.invoke("list_parts", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(parse_parts(at(rest, 0)?)?))
@@ -965,11 +1042,11 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<BeginComplete>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.begin_complete.prepare_invoke();
-        inv.key(k.session())
-            .key(k.file(file_id))
-            .key(k.parts(file_id))
-            .arg(now_ms)
+        let mut inv = Call::new(
+            &self.scripts.begin_complete,
+            [k.session(), k.file(file_id), k.parts(file_id)],
+        );
+        inv.arg(now_ms)
             .arg(token)
             .arg(now_ms.saturating_add(lease_ms));
         let reply = self.invoke("begin_complete", &inv).await?;
@@ -996,13 +1073,11 @@ impl SessionStore for RedisStore {
         etag: &str,
     ) -> Result<Gate<Option<FileRecord>>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.finish_complete.prepare_invoke();
-        inv.key(k.session())
-            .key(k.file(file_id))
-            .arg(0)
-            .arg(token)
-            .arg(file_url)
-            .arg(etag);
+        let mut inv = Call::new(
+            &self.scripts.finish_complete,
+            [k.session(), k.file(file_id)],
+        );
+        inv.arg(0).arg(token).arg(file_url).arg(etag);
         let reply = self.invoke("finish_complete", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
@@ -1021,8 +1096,11 @@ impl SessionStore for RedisStore {
         token: &str,
     ) -> Result<(), StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.release_complete.prepare_invoke();
-        inv.key(k.session()).key(k.file(file_id)).arg(0).arg(token);
+        let mut inv = Call::new(
+            &self.scripts.release_complete,
+            [k.session(), k.file(file_id)],
+        );
+        inv.arg(0).arg(token);
         self.invoke("release_complete", &inv).await.map(drop)
     }
 
@@ -1035,11 +1113,11 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<FileRecord>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.abort_file.prepare_invoke();
-        inv.key(k.session())
-            .key(k.keys())
-            .key(k.file(file_id))
-            .arg(now_ms);
+        let mut inv = Call::new(
+            &self.scripts.abort_file,
+            [k.session(), k.keys(), k.file(file_id)],
+        );
+        inv.arg(now_ms);
         let reply = self.invoke("abort_file", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(parse_file(at(rest, 0)?)?))
@@ -1053,11 +1131,11 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<Vec<FileRecord>>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.abort_session.prepare_invoke();
-        inv.key(k.session())
-            .key(k.keys())
-            .key(k.files())
-            .arg(now_ms);
+        let mut inv = Call::new(
+            &self.scripts.abort_session,
+            [k.session(), k.keys(), k.files()],
+        );
+        inv.arg(now_ms);
         let reply = self.invoke("abort_session", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(parse_files(rest)?))
@@ -1071,8 +1149,8 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<Finalized>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.finalize.prepare_invoke();
-        inv.key(k.session()).key(k.files()).arg(now_ms);
+        let mut inv = Call::new(&self.scripts.finalize, [k.session(), k.files()]);
+        inv.arg(now_ms);
         let reply = self.invoke("finalize", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
@@ -1100,9 +1178,8 @@ impl SessionStore for RedisStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut inv = self.scripts.claim.prepare_invoke();
-        inv.key(self.reap_key())
-            .arg(now_ms)
+        let mut inv = Call::new(&self.scripts.claim, [self.reap_key()]);
+        inv.arg(now_ms)
             .arg(now_ms.saturating_add(lease_ms))
             .arg(i64::try_from(limit).unwrap_or(i64::MAX));
         let reply = self.invoke("claim_expired", &inv).await?;
@@ -1120,8 +1197,8 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Option<Reaped>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = self.scripts.reap.prepare_invoke();
-        inv.key(k.session()).key(k.files()).arg(now_ms);
+        let mut inv = Call::new(&self.scripts.reap, [k.session(), k.files()]);
+        inv.arg(now_ms);
         let reply = self.invoke("reap", &inv).await?;
         let arr = as_array(&reply)?;
         let (code, rest) = arr
