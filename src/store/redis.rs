@@ -910,7 +910,7 @@ impl SessionStore for RedisStore {
         let (exp, created): (Option<i64>, Option<i64>) = self
             .bounded("session_deadline", async move {
                 redis::cmd("HMGET")
-                    .arg(&key)
+                    .arg(key)
                     .arg("expires_at")
                     .arg("created_at")
                     .query_async(&mut con)
