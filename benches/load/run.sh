@@ -113,6 +113,16 @@ grep -q '^S3_ROOT=' "$WORK/s3.env" || { log "s3-server did not start"; cat "$OUT
 set -a; . "$WORK/s3.env"; set +a
 export AWS_REGION="$S3_REGION" AWS_EC2_METADATA_DISABLED=true
 
+# A bare user-space L4 forwarder in front of the S3 server: the reference for what any proxy
+# on the byte path costs here (parts-presigned --via).
+S3_HOSTPORT=${S3_ENDPOINT#http://}
+"$BENCH" tcp-proxy --to "$S3_HOSTPORT" --buffer $((128 * 1024)) >"$WORK/proxy.env" 2>"$OUT/tcp-proxy.log" &
+PIDS+=($!)
+PROXY_PID=$!
+for _ in $(seq 1 100); do grep -q '^PROXY_ADDR=' "$WORK/proxy.env" 2>/dev/null && break; sleep 0.1; done
+PROXY_ADDR=$(sed -n 's/^PROXY_ADDR=//p' "$WORK/proxy.env")
+[ -n "$PROXY_ADDR" ] || { log "tcp-proxy did not start"; cat "$OUT/tcp-proxy.log" >&2; exit 1; }
+
 KEY="bench-$RANDOM$RANDOM$RANDOM"
 KEY_HASH=$("$UPGATE" hash-key "$KEY")
 GW_PORT=$(free_port)
@@ -166,6 +176,26 @@ log "gateway $GW (pid $GW_PID), baseline $BL, redis $REDIS_URL, s3 $S3_ENDPOINT;
 rss_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 # --- 1. proxied vs presigned parts at CONC_HIGH (RSS sampled), then CONC_LOW --------------
+# CPU seconds (user + system) a process spent so far, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# One parts run (name concurrency subcommand extra-args...): the measured window's CPU of
+# the S3 server, the gateway, the L4 proxy and the load generator goes to NAME-cpu.json.
+parts_run() {
+  local name=$1 conc=$2 cmd=$3
+  shift 3
+  local bpid s0 g0 p0 b0 s1 g1 p1 b1
+  "$BENCH" "$cmd" --target "$GW" --key "$KEY" --concurrency "$conc" --part-size "$PART_SIZE" "${COMMON[@]}" \
+    --json-out "$OUT/$name.json" "$@" >/dev/null &
+  bpid=$!
+  sleep "$WARMUP"
+  s0=$(cpu_ticks "$S3_PID"); g0=$(cpu_ticks "$GW_PID"); p0=$(cpu_ticks "$PROXY_PID"); b0=$(cpu_ticks "$bpid")
+  sleep "$DURATION"
+  s1=$(cpu_ticks "$S3_PID"); g1=$(cpu_ticks "$GW_PID"); p1=$(cpu_ticks "$PROXY_PID"); b1=$(cpu_ticks "$bpid")
+  wait "$bpid"
+  echo "{\"s3Ticks\": $((s1 - s0)), \"gatewayTicks\": $((g1 - g0)), \"proxyTicks\": $((p1 - p0)), \"loadTicks\": $((b1 - b0)), \"seconds\": $DURATION, \"ticksPerSecond\": $(getconf CLK_TCK)}" \
+    >"$OUT/$name-cpu.json"
+}
+
 if want parts; then
 # Idle RSS: the freshly started gateway, before any load (the conservative baseline).
 sleep 1
@@ -182,8 +212,7 @@ echo 5 >"/proc/$GW_PID/clear_refs" 2>/dev/null || true # resets VmHWM (peak RSS)
 SAMPLER=$!
 PIDS+=($SAMPLER)
 log "parts: proxied, $CONC_HIGH x $PART_MB MiB"
-"$BENCH" parts --target "$GW" --key "$KEY" --concurrency "$CONC_HIGH" --part-size "$PART_SIZE" "${COMMON[@]}" \
-  --label gateway --json-out "$OUT/parts-c$CONC_HIGH.json" >/dev/null
+parts_run parts-c$CONC_HIGH "$CONC_HIGH" parts --label gateway
 kill "$SAMPLER" 2>/dev/null || true
 wait "$SAMPLER" 2>/dev/null || true
 HWM_KIB=$(rss_kib "$GW_PID" VmHWM)
@@ -195,13 +224,13 @@ EOF
 log "rss idle ${IDLE_KIB} KiB, peak ${PEAK_KIB} KiB (VmHWM ${HWM_KIB}, sampled ${SAMPLED_KIB})"
 
 log "parts: presigned direct to S3, $CONC_HIGH x $PART_MB MiB"
-"$BENCH" parts-presigned --target "$GW" --key "$KEY" --concurrency "$CONC_HIGH" --part-size "$PART_SIZE" "${COMMON[@]}" \
-  --label "s3 direct" --json-out "$OUT/presigned-c$CONC_HIGH.json" >/dev/null
-log "parts: proxied and presigned, $CONC_LOW x $PART_MB MiB"
-"$BENCH" parts --target "$GW" --key "$KEY" --concurrency "$CONC_LOW" --part-size "$PART_SIZE" "${COMMON[@]}" \
-  --label gateway --json-out "$OUT/parts-c$CONC_LOW.json" >/dev/null
-"$BENCH" parts-presigned --target "$GW" --key "$KEY" --concurrency "$CONC_LOW" --part-size "$PART_SIZE" "${COMMON[@]}" \
-  --label "s3 direct" --json-out "$OUT/presigned-c$CONC_LOW.json" >/dev/null
+parts_run presigned-c$CONC_HIGH "$CONC_HIGH" parts-presigned --label "s3 direct"
+log "parts: presigned through a bare L4 proxy (reference), $CONC_HIGH x $PART_MB MiB"
+parts_run l4proxy-c$CONC_HIGH "$CONC_HIGH" parts-presigned --via "$PROXY_ADDR" --label "s3 via L4 proxy"
+log "parts: proxied, presigned and via the L4 proxy, $CONC_LOW x $PART_MB MiB"
+parts_run parts-c$CONC_LOW "$CONC_LOW" parts --label gateway
+parts_run presigned-c$CONC_LOW "$CONC_LOW" parts-presigned --label "s3 direct"
+parts_run l4proxy-c$CONC_LOW "$CONC_LOW" parts-presigned --via "$PROXY_ADDR" --label "s3 via L4 proxy"
 
 fi
 
@@ -210,7 +239,6 @@ if want register; then
 # CPU seconds (user + system) each process spent in the measured window (sampled after the
 # warm-up and again DURATION s later), divided by the requests served in it: steadier than
 # req/s on a shared 2-core machine.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 register_run() { # label target server-pid
   local g0 r0 g1 r1 bpid
   "$BENCH" register --target "$2" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \

@@ -90,7 +90,36 @@ impl Http {
         content_type: Option<&'static str>,
         body: Bytes,
     ) -> Result<Reply, String> {
-        let mut req = Request::builder().method(method).uri(url);
+        self.send_via(method, url, None, with_auth, content_type, body)
+            .await
+    }
+
+    /// [`Http::send`], connecting to `via` (a loopback `host:port`) instead of the URL's
+    /// authority, which is still sent as `Host` (so a presigned URL's signature holds).
+    pub async fn send_via(
+        &self,
+        method: Method,
+        url: &str,
+        via: Option<&str>,
+        with_auth: bool,
+        content_type: Option<&'static str>,
+        body: Bytes,
+    ) -> Result<Reply, String> {
+        let mut req = Request::builder().method(method);
+        match via {
+            None => req = req.uri(url),
+            Some(via) => {
+                let uri: hyper::Uri = url.parse().map_err(|e| bucket(&format!("url: {e}")))?;
+                let host = uri
+                    .authority()
+                    .map(|a| a.as_str().to_owned())
+                    .ok_or_else(|| bucket("url: no authority"))?;
+                let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                req = req
+                    .uri(format!("http://{via}{path}"))
+                    .header(header::HOST, host);
+            }
+        }
         if with_auth {
             if let Some(a) = &self.auth {
                 req = req.header(header::AUTHORIZATION, a.clone());

@@ -5,6 +5,9 @@
 //! upgate-bench register        --target URL [--key KEY] [--concurrency N] [--duration S]
 //! upgate-bench parts           --target URL --key KEY [--concurrency N] [--duration S] [--part-size BYTES] [--parts-per-file P]
 //! upgate-bench parts-presigned --target URL --key KEY   (same options; bytes go straight to S3)
+//!                              [--via HOST:PORT]        (connect to an L4 proxy in front of S3)
+//! upgate-bench tcp-proxy       --to HOST:PORT [--listen ADDR] [--buffer BYTES]
+//!                              (user-space L4 forwarder; prints its address, blocks)
 //! upgate-bench baseline-server --listen ADDR --redis URL
 //! upgate-bench s3-server       [--bucket NAME]          (in-process s3s-fs; prints env lines, blocks)
 //! upgate-bench redis-mem       --target URL --key KEY --redis URL [--sessions N] [--files M]
@@ -17,6 +20,7 @@
 
 mod baseline;
 mod client;
+mod proxy;
 mod report;
 mod scenarios;
 mod stats;
@@ -38,7 +42,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::client::{check_loopback, Http};
 use crate::scenarios::{Common, RunResult};
 
-const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|baseline-server|s3-server|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";
+const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|tcp-proxy|baseline-server|s3-server|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";
 
 struct Args {
     map: HashMap<String, String>,
@@ -134,6 +138,18 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
             check_loopback(&redis.replace("redis://", "http://"))?;
             runtime(threads)?.block_on(baseline::serve(&listen, &redis))
         }
+        "tcp-proxy" => {
+            let listen = a.get("listen", "127.0.0.1:0".to_owned())?;
+            let to = a.req("to")?;
+            let buffer: usize = a.get("buffer", 128 * 1024)?;
+            a.finish()?;
+            check_loopback(&format!("http://{listen}"))?;
+            check_loopback(&format!("http://{to}"))?;
+            if !(4096..=16 * 1024 * 1024).contains(&buffer) {
+                return Err("--buffer must be 4 KiB..=16 MiB".into());
+            }
+            runtime(threads)?.block_on(proxy::serve(&listen, &to, buffer))
+        }
         "s3-server" => {
             let bucket = a.get("bucket", "bench-bucket".to_owned())?;
             a.finish()?;
@@ -219,13 +235,22 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                     let presigned = cmd == "parts-presigned";
                     let part_size: u64 = a.get("part-size", 8 * 1024 * 1024)?;
                     let per_file: u64 = a.get("parts-per-file", 4)?;
+                    let via = a.opt("via");
                     a.finish()?;
+                    if let Some(v) = &via {
+                        if !presigned {
+                            return Err("--via applies to parts-presigned only".into());
+                        }
+                        check_loopback(&format!("http://{v}"))?;
+                    }
                     if part_size > 100 * 1024 * 1024 || per_file == 0 || per_file > 10_000 {
                         return Err(
                             "--part-size at most 100 MiB, --parts-per-file 1..=10000".into()
                         );
                     }
-                    let r = rt.block_on(scenarios::parts(common, part_size, per_file, presigned));
+                    let r = rt.block_on(scenarios::parts(
+                        common, part_size, per_file, presigned, via,
+                    ));
                     let params = json!({"concurrency": concurrency, "partSizeBytes": part_size, "partsPerFile": per_file, "durationSeconds": duration});
                     scenario_json(
                         cmd,

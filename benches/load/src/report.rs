@@ -2,7 +2,8 @@
 //!
 //! Files read (each optional): `register-gateway.json`, `register-baseline.json`,
 //! `register-{gateway,baseline}-cpu.json` (`{"serverTicks","redisTicks","ticksPerSecond"}`:
-//! CPU spent in the measured window, from run.sh), `parts-c{N}.json` / `presigned-c{N}.json`
+//! CPU spent in the measured window, from run.sh), `parts-c{N}.json` / `presigned-c{N}.json` /
+//! `l4proxy-c{N}.json` and their `-cpu.json` (`{"s3Ticks","gatewayTicks","proxyTicks","loadTicks","seconds","ticksPerSecond"}`)
 //! for every N present, `flow.json`, `rss.json`
 //! (`{"idleKiB","peakKiB","concurrency","partSizeBytes"}`, from run.sh), `rtt.json`
 //! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
@@ -127,6 +128,19 @@ pub fn report(dir: &Path) -> String {
                     q.clone(),
                     qe.clone(),
                 ));
+                if let Some(l) = load(dir, &format!("l4proxy-c{c}.json")) {
+                    if let Some(le) = endpoint(&l, PRESIGNED) {
+                        let lr = f(le, "mbPerSec") / f(qe, "mbPerSec");
+                        out.push_str(&format!(
+                            "| – | reference: part MB/s through a bare L4 proxy (`tcp-proxy`) / presigned-direct ({c} × {mib:.0} MiB) | {lr:.2}× | – | – |\n",
+                        ));
+                        absolute.push((
+                            format!("part PUT presigned via a bare L4 proxy, c={c}"),
+                            l.clone(),
+                            le.clone(),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -172,6 +186,52 @@ pub fn report(dir: &Path) -> String {
                 absolute.push((format!("flow: {name}"), fl.clone(), e.clone()));
             }
         }
+    }
+
+    // Where the byte path's CPU goes: per process, CPU time per MB moved in the measured
+    // window (run.sh samples /proc/PID/stat around it). Loopback TCP is charged partly to
+    // the sender (the receiver's softirq runs in its context).
+    let mut cpu_rows = String::new();
+    for c in &cs {
+        for (file, what, ep) in [
+            ("parts", "proxied through the gateway", PROXIED),
+            ("presigned", "presigned, direct to S3", PRESIGNED),
+            ("l4proxy", "presigned, through the bare L4 proxy", PRESIGNED),
+        ] {
+            let (Some(run), Some(cpu)) = (
+                load(dir, &format!("{file}-c{c}.json")),
+                load(dir, &format!("{file}-c{c}-cpu.json")),
+            ) else {
+                continue;
+            };
+            let Some(e) = endpoint(&run, ep) else {
+                continue;
+            };
+            let mb = f(e, "mbPerSec") * f(&cpu, "seconds");
+            let tps = f(&cpu, "ticksPerSecond");
+            if mb <= 0.0 || tps <= 0.0 {
+                continue;
+            }
+            let ms = |k: &str| f(&cpu, k) / tps * 1000.0 / mb;
+            let cores = |k: &str| f(&cpu, k) / tps / f(&cpu, "seconds").max(1e-9);
+            cpu_rows.push_str(&format!(
+                "| {what}, c={c} | {:.1} | {:.2} ({:.2}) | {:.2} ({:.2}) | {:.2} ({:.2}) | {:.2} ({:.2}) |\n",
+                f(e, "mbPerSec"),
+                ms("s3Ticks"),
+                cores("s3Ticks"),
+                ms("gatewayTicks"),
+                cores("gatewayTicks"),
+                ms("proxyTicks"),
+                cores("proxyTicks"),
+                ms("loadTicks"),
+                cores("loadTicks"),
+            ));
+        }
+    }
+    if !cpu_rows.is_empty() {
+        out.push_str("\n### Byte path: CPU ms per MB moved (cores used)\n\n");
+        out.push_str("| run | MB/s | S3 server | gateway | L4 proxy | load generator |\n|---|---:|---:|---:|---:|---:|\n");
+        out.push_str(&cpu_rows);
     }
 
     out.push_str("\n### Absolute figures\n\n");
@@ -229,6 +289,7 @@ pub fn report(dir: &Path) -> String {
     for c in &cs {
         names.push(format!("parts-c{c}.json"));
         names.push(format!("presigned-c{c}.json"));
+        names.push(format!("l4proxy-c{c}.json"));
     }
     names.push("flow.json".into());
     for n in names {

@@ -386,7 +386,17 @@ pub async fn register(c: Common, per_session: u64) -> RunResult {
 /// S3 with URLs the gateway presigned once per file. Each worker registers a file of
 /// `parts_per_file` parts, uploads them, then deletes the file (aborting its upload, so
 /// storage does not fill up).
-pub async fn parts(c: Common, part_size: u64, parts_per_file: u64, presigned: bool) -> RunResult {
+///
+/// With `via` (presigned only), every part PUT connects to that loopback address (an L4
+/// proxy in front of the S3 server, `upgate-bench tcp-proxy`) and sends the presigned URL's
+/// host as `Host`.
+pub async fn parts(
+    c: Common,
+    part_size: u64,
+    parts_per_file: u64,
+    presigned: bool,
+    via: Option<String>,
+) -> RunResult {
     let buf = payload(part_size as usize);
     let c2 = c.clone();
     let part_name: &'static str = if presigned {
@@ -397,6 +407,7 @@ pub async fn parts(c: Common, part_size: u64, parts_per_file: u64, presigned: bo
     run_workers(&c, move |mut w| {
         let c = c2.clone();
         let buf = buf.clone();
+        let via = via.clone();
         async move {
             let mut seq = 0u64;
             let mut sid: Option<String> = None;
@@ -469,7 +480,7 @@ pub async fn parts(c: Common, part_size: u64, parts_per_file: u64, presigned: bo
                     }
                     let start = Instant::now();
                     let r = if presigned {
-                        c.http.send(Method::PUT, t, false, None, buf.clone()).await
+                        c.http.send_via(Method::PUT, t, via.as_deref(), false, None, buf.clone()).await
                     } else {
                         c.http.send(Method::PUT, t, true, Some("application/octet-stream"), buf.clone()).await
                     };
