@@ -122,6 +122,13 @@ PROXY_PID=$!
 for _ in $(seq 1 100); do grep -q '^PROXY_ADDR=' "$WORK/proxy.env" 2>/dev/null && break; sleep 0.1; done
 PROXY_ADDR=$(sed -n 's/^PROXY_ADDR=//p' "$WORK/proxy.env")
 [ -n "$PROXY_ADDR" ] || { log "tcp-proxy did not start"; cat "$OUT/tcp-proxy.log" >&2; exit 1; }
+# The same with splice(2): no byte is copied into user space (the floor for any proxy).
+"$BENCH" tcp-proxy --to "$S3_HOSTPORT" --buffer $((1024 * 1024)) --splice true >"$WORK/sproxy.env" 2>"$OUT/tcp-proxy-splice.log" &
+PIDS+=($!)
+SPROXY_PID=$!
+for _ in $(seq 1 100); do grep -q '^PROXY_ADDR=' "$WORK/sproxy.env" 2>/dev/null && break; sleep 0.1; done
+SPROXY_ADDR=$(sed -n 's/^PROXY_ADDR=//p' "$WORK/sproxy.env")
+[ -n "$SPROXY_ADDR" ] || { log "tcp-proxy --splice did not start"; cat "$OUT/tcp-proxy-splice.log" >&2; exit 1; }
 
 KEY="bench-$RANDOM$RANDOM$RANDOM"
 KEY_HASH=$("$UPGATE" hash-key "$KEY")
@@ -188,9 +195,11 @@ parts_run() {
     --json-out "$OUT/$name.json" "$@" >/dev/null &
   bpid=$!
   sleep "$WARMUP"
-  s0=$(cpu_ticks "$S3_PID"); g0=$(cpu_ticks "$GW_PID"); p0=$(cpu_ticks "$PROXY_PID"); b0=$(cpu_ticks "$bpid")
+  s0=$(cpu_ticks "$S3_PID"); g0=$(cpu_ticks "$GW_PID"); b0=$(cpu_ticks "$bpid")
+  p0=$(($(cpu_ticks "$PROXY_PID") + $(cpu_ticks "$SPROXY_PID")))
   sleep "$DURATION"
-  s1=$(cpu_ticks "$S3_PID"); g1=$(cpu_ticks "$GW_PID"); p1=$(cpu_ticks "$PROXY_PID"); b1=$(cpu_ticks "$bpid")
+  s1=$(cpu_ticks "$S3_PID"); g1=$(cpu_ticks "$GW_PID"); b1=$(cpu_ticks "$bpid")
+  p1=$(($(cpu_ticks "$PROXY_PID") + $(cpu_ticks "$SPROXY_PID")))
   wait "$bpid"
   echo "{\"s3Ticks\": $((s1 - s0)), \"gatewayTicks\": $((g1 - g0)), \"proxyTicks\": $((p1 - p0)), \"loadTicks\": $((b1 - b0)), \"seconds\": $DURATION, \"ticksPerSecond\": $(getconf CLK_TCK)}" \
     >"$OUT/$name-cpu.json"
@@ -225,12 +234,14 @@ log "rss idle ${IDLE_KIB} KiB, peak ${PEAK_KIB} KiB (VmHWM ${HWM_KIB}, sampled $
 
 log "parts: presigned direct to S3, $CONC_HIGH x $PART_MB MiB"
 parts_run presigned-c$CONC_HIGH "$CONC_HIGH" parts-presigned --label "s3 direct"
-log "parts: presigned through a bare L4 proxy (reference), $CONC_HIGH x $PART_MB MiB"
+log "parts: presigned through the bare L4 proxies (copy, splice; reference), $CONC_HIGH x $PART_MB MiB"
 parts_run l4proxy-c$CONC_HIGH "$CONC_HIGH" parts-presigned --via "$PROXY_ADDR" --label "s3 via L4 proxy"
+parts_run l4splice-c$CONC_HIGH "$CONC_HIGH" parts-presigned --via "$SPROXY_ADDR" --label "s3 via splice L4 proxy"
 log "parts: proxied, presigned and via the L4 proxy, $CONC_LOW x $PART_MB MiB"
 parts_run parts-c$CONC_LOW "$CONC_LOW" parts --label gateway
 parts_run presigned-c$CONC_LOW "$CONC_LOW" parts-presigned --label "s3 direct"
 parts_run l4proxy-c$CONC_LOW "$CONC_LOW" parts-presigned --via "$PROXY_ADDR" --label "s3 via L4 proxy"
+parts_run l4splice-c$CONC_LOW "$CONC_LOW" parts-presigned --via "$SPROXY_ADDR" --label "s3 via splice L4 proxy"
 
 fi
 

@@ -6,7 +6,7 @@
 //! upgate-bench parts           --target URL --key KEY [--concurrency N] [--duration S] [--part-size BYTES] [--parts-per-file P]
 //! upgate-bench parts-presigned --target URL --key KEY   (same options; bytes go straight to S3)
 //!                              [--via HOST:PORT]        (connect to an L4 proxy in front of S3)
-//! upgate-bench tcp-proxy       --to HOST:PORT [--listen ADDR] [--buffer BYTES]
+//! upgate-bench tcp-proxy       --to HOST:PORT [--listen ADDR] [--buffer BYTES] [--splice true]
 //!                              (user-space L4 forwarder; prints its address, blocks)
 //! upgate-bench baseline-server --listen ADDR --redis URL
 //! upgate-bench s3-server       [--bucket NAME]          (in-process s3s-fs; prints env lines, blocks)
@@ -142,13 +142,14 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
             let listen = a.get("listen", "127.0.0.1:0".to_owned())?;
             let to = a.req("to")?;
             let buffer: usize = a.get("buffer", 128 * 1024)?;
+            let zero_copy: bool = a.get("splice", false)?;
             a.finish()?;
             check_loopback(&format!("http://{listen}"))?;
             check_loopback(&format!("http://{to}"))?;
             if !(4096..=16 * 1024 * 1024).contains(&buffer) {
                 return Err("--buffer must be 4 KiB..=16 MiB".into());
             }
-            runtime(threads)?.block_on(proxy::serve(&listen, &to, buffer))
+            runtime(threads)?.block_on(proxy::serve(&listen, &to, buffer, zero_copy))
         }
         "s3-server" => {
             let bucket = a.get("bucket", "bench-bucket".to_owned())?;

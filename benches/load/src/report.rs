@@ -3,7 +3,7 @@
 //! Files read (each optional): `register-gateway.json`, `register-baseline.json`,
 //! `register-{gateway,baseline}-cpu.json` (`{"serverTicks","redisTicks","ticksPerSecond"}`:
 //! CPU spent in the measured window, from run.sh), `parts-c{N}.json` / `presigned-c{N}.json` /
-//! `l4proxy-c{N}.json` and their `-cpu.json` (`{"s3Ticks","gatewayTicks","proxyTicks","loadTicks","seconds","ticksPerSecond"}`)
+//! `l4proxy-c{N}.json` / `l4splice-c{N}.json` and their `-cpu.json` (`{"s3Ticks","gatewayTicks","proxyTicks","loadTicks","seconds","ticksPerSecond"}`)
 //! for every N present, `flow.json`, `rss.json`
 //! (`{"idleKiB","peakKiB","concurrency","partSizeBytes"}`, from run.sh), `rtt.json`
 //! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
@@ -128,14 +128,26 @@ pub fn report(dir: &Path) -> String {
                     q.clone(),
                     qe.clone(),
                 ));
-                if let Some(l) = load(dir, &format!("l4proxy-c{c}.json")) {
+                for (file, what) in [
+                    (
+                        "l4proxy",
+                        "a bare L4 proxy (`tcp-proxy`, user-space copies)",
+                    ),
+                    (
+                        "l4splice",
+                        "a bare L4 proxy with splice(2) (`tcp-proxy --splice`, no user-space copy)",
+                    ),
+                ] {
+                    let Some(l) = load(dir, &format!("{file}-c{c}.json")) else {
+                        continue;
+                    };
                     if let Some(le) = endpoint(&l, PRESIGNED) {
                         let lr = f(le, "mbPerSec") / f(qe, "mbPerSec");
                         out.push_str(&format!(
-                            "| – | reference: part MB/s through a bare L4 proxy (`tcp-proxy`) / presigned-direct ({c} × {mib:.0} MiB) | {lr:.2}× | – | – |\n",
+                            "| – | reference: part MB/s through {what} / presigned-direct ({c} × {mib:.0} MiB) | {lr:.2}× | – | – |\n",
                         ));
                         absolute.push((
-                            format!("part PUT presigned via a bare L4 proxy, c={c}"),
+                            format!("part PUT presigned via {what}, c={c}"),
                             l.clone(),
                             le.clone(),
                         ));
@@ -197,6 +209,11 @@ pub fn report(dir: &Path) -> String {
             ("parts", "proxied through the gateway", PROXIED),
             ("presigned", "presigned, direct to S3", PRESIGNED),
             ("l4proxy", "presigned, through the bare L4 proxy", PRESIGNED),
+            (
+                "l4splice",
+                "presigned, through the splice L4 proxy",
+                PRESIGNED,
+            ),
         ] {
             let (Some(run), Some(cpu)) = (
                 load(dir, &format!("{file}-c{c}.json")),
@@ -290,6 +307,7 @@ pub fn report(dir: &Path) -> String {
         names.push(format!("parts-c{c}.json"));
         names.push(format!("presigned-c{c}.json"));
         names.push(format!("l4proxy-c{c}.json"));
+        names.push(format!("l4splice-c{c}.json"));
     }
     names.push("flow.json".into());
     for n in names {
