@@ -13,7 +13,9 @@
 # OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX),
 # SCENARIOS (any of "parts register flow rtt mem"; default all of them),
 # RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits),
-# ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc).
+# ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc),
+# GATEWAY_THREADS (the gateway's Tokio worker threads, through TOKIO_WORKER_THREADS; default:
+# one per core).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -159,7 +161,9 @@ rate_limit = $RATE_LIMIT
 
 max_concurrent_uploads = 4096
 EOF
+if [ -n "${GATEWAY_THREADS:-}" ]; then export TOKIO_WORKER_THREADS=$GATEWAY_THREADS; fi
 RUST_LOG=warn "$UPGATE" --config "$OUT/gateway.toml" >"$OUT/gateway.log" 2>&1 &
+unset TOKIO_WORKER_THREADS
 PIDS+=($!)
 GW_PID=$!
 wait_port "$GW_PORT" gateway "$GW_PID" || { tail -20 "$OUT/gateway.log" >&2; exit 1; }
@@ -178,7 +182,7 @@ wait_port "$BL_PORT" baseline-server "$BL_PID"
 GW="http://127.0.0.1:$GW_PORT"
 BL="http://127.0.0.1:$BL_PORT"
 COMMON=(--duration "$DURATION" --warmup "$WARMUP")
-log "gateway $GW (pid $GW_PID), baseline $BL, redis $REDIS_URL, s3 $S3_ENDPOINT; results in $OUT"
+log "gateway $GW (pid $GW_PID, $(ls /proc/$GW_PID/task | wc -l) threads), baseline $BL, redis $REDIS_URL, s3 $S3_ENDPOINT; results in $OUT"
 
 rss_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
