@@ -522,3 +522,67 @@ async fn dev_seed_creates_the_seed_fixtures_in_redis() {
         .as_str()
         .is_some_and(|u| u.starts_with("file://")));
 }
+
+/// HTTP/1.1 half-close: a client that sends its request and then shuts down its sending
+/// side still gets the whole response, even when the request is still in flight at that
+/// moment (here: Redis paused by `CLIENT PAUSE`), and its effect happened. Without
+/// half-close the server would take the early EOF for an abandoned request and drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_during_its_request_still_gets_the_response() {
+    let server = upgate_testkit::RedisServer::start();
+    let mut cfg = config("");
+    cfg.redis = Some(upgate::config::RedisTarget::Single(server.url()));
+    let store = upgate::build_store(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gw = TestGateway::start(config(""), store).await;
+    // Warm the connection and the scripts, then hold every Redis client for 1.5 s.
+    let warm = gw.create_session(KEY_A, json!({})).await;
+    assert!(warm["sessionId"].is_string(), "{warm}");
+    let admin = redis::Client::open(server.url()).expect("redis url");
+    let mut con = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut con)
+        .await
+        .expect("CLIENT PAUSE");
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let response = tokio::task::spawn_blocking(move || {
+        let mut conn = TcpStream::connect(&addr).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let body = "{}";
+        let req = format!(
+            "POST /v1/sessions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY_A}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(req.as_bytes()).expect("write");
+        // The request now waits on the paused Redis; the client says it is done sending.
+        std::thread::sleep(Duration::from_millis(300));
+        conn.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut out = String::new();
+        let _ = conn.read_to_string(&mut out);
+        out
+    })
+    .await
+    .expect("client thread");
+    assert!(
+        response.starts_with("HTTP/1.1 201"),
+        "response after half-close: {response:?}"
+    );
+    let (_, body) = response.split_once("\r\n\r\n").expect("head and body");
+    let v: Value = serde_json::from_str(body.trim()).expect("JSON body");
+    let session = v["sessionId"].as_str().expect("sessionId").to_owned();
+    let res = gw
+        .client
+        .get(format!("{}/v1/sessions/{session}", gw.base))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(res.status(), 200);
+}

@@ -186,9 +186,41 @@ log "gateway $GW (pid $GW_PID, $(ls /proc/$GW_PID/task | wc -l) threads), baseli
 
 rss_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
-# --- 1. proxied vs presigned parts at CONC_HIGH (RSS sampled), then CONC_LOW --------------
+# Idle RSS: the freshly started gateway, before any load (the conservative baseline).
+sleep 1
+IDLE_KIB=$(rss_kib "$GW_PID" VmRSS)
 # CPU seconds (user + system) a process spent so far, in clock ticks.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# --- 1. register-file throughput: gateway vs the bare baseline ----------------------------
+# First, on fresh processes and an empty Redis for both: run after the parts phase, the
+# gateway (measured first) met the leftovers of that phase (its heap after 64 x 8 MiB
+# uploads, Redis holding their keys) and the baseline did not (benches/README.md).
+if want register; then
+# CPU seconds (user + system) each process spent in the measured window (sampled after the
+# warm-up and again DURATION s later), divided by the requests served in it: steadier than
+# req/s on a shared 2-core machine.
+register_run() { # label target server-pid
+  local g0 r0 g1 r1 bpid
+  "$BENCH" register --target "$2" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
+    --label "$1" --json-out "$OUT/register-$1.json" >/dev/null &
+  bpid=$!
+  sleep "$WARMUP"
+  g0=$(cpu_ticks "$3"); r0=$(cpu_ticks "$REDIS_PID")
+  sleep "$DURATION"
+  g1=$(cpu_ticks "$3"); r1=$(cpu_ticks "$REDIS_PID")
+  wait "$bpid"
+  echo "{\"serverTicks\": $((g1 - g0)), \"redisTicks\": $((r1 - r0)), \"ticksPerSecond\": $(getconf CLK_TCK)}" \
+    >"$OUT/register-$1-cpu.json"
+}
+log "register: gateway, concurrency $REG_CONC"
+register_run gateway "$GW" "$GW_PID"
+log "register: baseline, concurrency $REG_CONC"
+register_run baseline "$BL" "$BL_PID"
+
+fi
+
+# --- 2. proxied vs presigned parts at CONC_HIGH (RSS sampled), then CONC_LOW --------------
 # One parts run (name concurrency subcommand extra-args...): the measured window's CPU of
 # the S3 server, the gateway, the L4 proxy and the load generator goes to NAME-cpu.json.
 parts_run() {
@@ -210,9 +242,6 @@ parts_run() {
 }
 
 if want parts; then
-# Idle RSS: the freshly started gateway, before any load (the conservative baseline).
-sleep 1
-IDLE_KIB=$(rss_kib "$GW_PID" VmRSS)
 echo 5 >"/proc/$GW_PID/clear_refs" 2>/dev/null || true # resets VmHWM (peak RSS)
 (
   max=0
@@ -246,31 +275,6 @@ parts_run parts-c$CONC_LOW "$CONC_LOW" parts --label gateway
 parts_run presigned-c$CONC_LOW "$CONC_LOW" parts-presigned --label "s3 direct"
 parts_run l4proxy-c$CONC_LOW "$CONC_LOW" parts-presigned --via "$PROXY_ADDR" --label "s3 via L4 proxy"
 parts_run l4splice-c$CONC_LOW "$CONC_LOW" parts-presigned --via "$SPROXY_ADDR" --label "s3 via splice L4 proxy"
-
-fi
-
-# --- 2. register-file throughput: gateway vs the bare baseline ----------------------------
-if want register; then
-# CPU seconds (user + system) each process spent in the measured window (sampled after the
-# warm-up and again DURATION s later), divided by the requests served in it: steadier than
-# req/s on a shared 2-core machine.
-register_run() { # label target server-pid
-  local g0 r0 g1 r1 bpid
-  "$BENCH" register --target "$2" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
-    --label "$1" --json-out "$OUT/register-$1.json" >/dev/null &
-  bpid=$!
-  sleep "$WARMUP"
-  g0=$(cpu_ticks "$3"); r0=$(cpu_ticks "$REDIS_PID")
-  sleep "$DURATION"
-  g1=$(cpu_ticks "$3"); r1=$(cpu_ticks "$REDIS_PID")
-  wait "$bpid"
-  echo "{\"serverTicks\": $((g1 - g0)), \"redisTicks\": $((r1 - r0)), \"ticksPerSecond\": $(getconf CLK_TCK)}" \
-    >"$OUT/register-$1-cpu.json"
-}
-log "register: gateway, concurrency $REG_CONC"
-register_run gateway "$GW" "$GW_PID"
-log "register: baseline, concurrency $REG_CONC"
-register_run baseline "$BL" "$BL_PID"
 
 fi
 

@@ -1248,6 +1248,69 @@ impl SessionStore for RedisStore {
 mod tests {
     use super::*;
 
+    /// Every key of a session carries the same `{tenant:session}` hash tag, and the bytes a
+    /// key writes into a command are exactly its display form.
+    #[test]
+    fn session_keys_share_one_hash_tag_and_encode_as_displayed() {
+        let k = SessionKeys {
+            prefix: "upgate",
+            tenant: "acme",
+            session_id: "s-1",
+        };
+        let keys = [
+            (k.session(), "upgate:{acme:s-1}:s"),
+            (k.keys(), "upgate:{acme:s-1}:keys"),
+            (k.files(), "upgate:{acme:s-1}:files"),
+            (k.file("f-9"), "upgate:{acme:s-1}:f:f-9"),
+            (k.parts("f-9"), "upgate:{acme:s-1}:p:f-9"),
+        ];
+        for (key, want) in keys {
+            assert_eq!(key.to_string(), want);
+            assert_eq!(key.to_redis_args(), vec![want.as_bytes().to_vec()]);
+            // Redis Cluster hashes what lies between the first `{` and the next `}`.
+            let tag = want
+                .split_once('{')
+                .and_then(|(_, rest)| rest.split_once('}'))
+                .map(|(tag, _)| tag);
+            assert_eq!(tag, Some("acme:s-1"));
+        }
+    }
+
+    /// A script call is `EVALSHA <sha1> <number of keys> <keys...> <args...>`, one argument
+    /// per key and per value, numbers in decimal.
+    #[test]
+    fn script_call_encodes_evalsha_keys_then_arguments() {
+        let script = Script::new("return 1");
+        let k = SessionKeys {
+            prefix: "p",
+            tenant: "t",
+            session_id: "s",
+        };
+        let mut call = Call::new(&script, [k.session(), k.file("f")]);
+        call.arg(42_i64).arg("x");
+        let args: Vec<Vec<u8>> = call
+            .cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => b"<not a plain argument>".to_vec(),
+            })
+            .collect();
+        let want: Vec<Vec<u8>> = [
+            "EVALSHA",
+            script.get_hash(),
+            "2",
+            "p:{t:s}:s",
+            "p:{t:s}:f:f",
+            "42",
+            "x",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+        assert_eq!(args, want);
+    }
+
     #[test]
     fn parsers_reject_garbage_without_panicking() {
         assert!(gated(&Value::Nil).is_err());
