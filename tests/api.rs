@@ -51,14 +51,6 @@ impl Backend {
     }
 }
 
-async fn redis_store(url: &str) -> Arc<dyn SessionStore> {
-    let mut cfg = config("");
-    cfg.redis = Some(upgate::config::RedisTarget::Single(url.to_owned()));
-    upgate::build_store(&cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
 async fn gateway(backend: &Backend) -> TestGateway {
     TestGateway::start(config(""), backend.store().await).await
 }

@@ -349,12 +349,7 @@ async fn metrics_count_a_known_sequence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readyz_follows_redis() {
     let mut server = upgate_testkit::RedisServer::start();
-    let mut cfg = config("");
-    cfg.redis = Some(upgate::config::RedisTarget::Single(server.url()));
-    let store = upgate::build_store(&cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let gw = TestGateway::start(config(""), store).await;
+    let gw = TestGateway::start(config(""), redis_store(&server.url()).await).await;
     let ready = || async {
         gw.client
             .get(format!("{}/readyz", gw.admin))
@@ -530,12 +525,7 @@ async fn dev_seed_creates_the_seed_fixtures_in_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_half_closes_during_its_request_still_gets_the_response() {
     let server = upgate_testkit::RedisServer::start();
-    let mut cfg = config("");
-    cfg.redis = Some(upgate::config::RedisTarget::Single(server.url()));
-    let store = upgate::build_store(&cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let gw = TestGateway::start(config(""), store).await;
+    let gw = TestGateway::start(config(""), redis_store(&server.url()).await).await;
     // Warm the connection and the scripts, then hold every Redis client for 1.5 s.
     let warm = gw.create_session(KEY_A, json!({})).await;
     assert!(warm["sessionId"].is_string(), "{warm}");

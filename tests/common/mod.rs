@@ -351,3 +351,12 @@ pub async fn problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     }
     v
 }
+
+/// A Redis session store on the single server at `url`, built the way the gateway builds it.
+pub async fn redis_store(url: &str) -> Arc<dyn SessionStore> {
+    let mut cfg = config("");
+    cfg.redis = Some(upgate::config::RedisTarget::Single(url.to_owned()));
+    upgate::build_store(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
