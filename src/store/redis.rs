@@ -460,6 +460,22 @@ impl<'s> Call<'s> {
         self.cmd.arg(arg);
         self
     }
+
+    /// Sends the call; on NOSCRIPT (a fresh or flushed server) loads the script and sends it
+    /// again.
+    async fn query(&self, con: &mut RedisHandle) -> RedisResult<Value> {
+        match self.cmd.query_async::<Value>(con).await {
+            Err(e) if is_noscript(&e) => {
+                self.script.load_async(con).await?;
+                self.cmd.query_async(con).await
+            }
+            other => other,
+        }
+    }
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 impl RedisStore {
@@ -534,17 +550,9 @@ impl RedisStore {
     /// Runs a script call (EVALSHA, NOSCRIPT → SCRIPT LOAD + retry) under the timeout.
     async fn invoke(&self, what: &'static str, call: &Call<'_>) -> Result<Value, StoreError> {
         let mut con = self.handle.clone();
-        self.bounded(what, async move {
-            match call.cmd.query_async::<Value>(&mut con).await {
-                Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                    call.script.load_async(&mut con).await?;
-                    call.cmd.query_async(&mut con).await
-                }
-                other => other,
-            }
-        })
-        .instrument(tracing::debug_span!("redis_script", op = what))
-        .await
+        self.bounded(what, async move { call.query(&mut con).await })
+            .instrument(tracing::debug_span!("redis_script", op = what))
+            .await
     }
 }
 
@@ -552,25 +560,30 @@ impl RedisStore {
 // Encoding
 // ---------------------------------------------------------------------------------------
 
-fn session_fields(s: &SessionRecord) -> Result<Vec<(&'static str, String)>, StoreError> {
-    let mut v = vec![
-        ("id", s.id.clone()),
-        ("tenant", s.tenant.clone()),
-        ("status", s.status.as_str().to_owned()),
-        ("part_size_bytes", s.part_size_bytes.to_string()),
-        ("file_limit", s.file_limit.to_string()),
-        ("file_count", s.file_count.to_string()),
-        ("created_at", s.created_at.to_string()),
-        ("expires_at", s.expires_at.to_string()),
-        (
-            "metadata",
-            serde_json::to_string(&s.metadata).map_err(StoreError::new)?,
-        ),
-    ];
+/// Writes the session's hash fields as `name value` argument pairs.
+fn session_fields(call: &mut Call<'_>, s: &SessionRecord) -> Result<(), StoreError> {
+    call.arg("id")
+        .arg(&s.id)
+        .arg("tenant")
+        .arg(&s.tenant)
+        .arg("status")
+        .arg(s.status.as_str())
+        .arg("part_size_bytes")
+        .arg(s.part_size_bytes)
+        .arg("file_limit")
+        .arg(s.file_limit)
+        .arg("file_count")
+        .arg(s.file_count)
+        .arg("created_at")
+        .arg(s.created_at)
+        .arg("expires_at")
+        .arg(s.expires_at)
+        .arg("metadata")
+        .arg(serde_json::to_string(&s.metadata).map_err(StoreError::new)?);
     if let Some(m) = s.max_files {
-        v.push(("max_files", m.to_string()));
+        call.arg("max_files").arg(m);
     }
-    Ok(v)
+    Ok(())
 }
 
 /// Writes the file's hash fields as `name value` argument pairs.
@@ -836,22 +849,16 @@ impl SessionStore for RedisStore {
         let k = self.keys_of(&session.tenant, &session.id);
         let due_ms = session.expires_at.saturating_mul(1000);
         let keep_until = due_ms.saturating_add(self.retention_ms);
-        let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(k.session())
-            .key(k.keys())
-            .key(k.files())
-            .arg(0)
-            .arg(keep_until);
-        for (name, value) in session_fields(session)? {
-            inv.arg(name).arg(value);
-        }
+        let mut inv = Call::new(&self.scripts.create, [k.session(), k.keys(), k.files()]);
+        inv.arg(0).arg(keep_until);
+        session_fields(&mut inv, session)?;
         let member = reap_member(&session.tenant, &session.id);
         let reap_key = self.reap_key();
         let mut con = self.handle.clone();
         let fut = async {
             if con.is_cluster() {
                 // Different slots: two commands.
-                inv.invoke_async::<Value>(&mut con).await?;
+                inv.query(&mut con).await?;
                 redis::cmd("ZADD")
                     .arg(&reap_key)
                     .arg(due_ms)
@@ -862,13 +869,13 @@ impl SessionStore for RedisStore {
                 // One round trip; on NOSCRIPT (the ZADD ran anyway, it is idempotent) load
                 // the script and send the pipeline again.
                 let mut pipe = redis::pipe();
-                pipe.invoke_script(&inv)
+                pipe.add_command(inv.cmd.clone())
                     .ignore()
                     .zadd(&reap_key, &member, due_ms)
                     .ignore();
                 match pipe.exec_async(&mut con).await {
-                    Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                        inv.load_async(&mut con).await?;
+                    Err(e) if is_noscript(&e) => {
+                        inv.script.load_async(&mut con).await?;
                         pipe.exec_async(&mut con).await
                     }
                     other => other,
