@@ -53,6 +53,11 @@ fn register_request(session: &str, n: u64) -> Request<Body> {
         .expect("request")
 }
 
+/// Registrations per session before the register bench moves to the next one.
+const FILES_PER_SESSION: u64 = 900_000;
+/// Sessions the register bench fills (16 × 900,000 registrations before it would wrap).
+const FILLED_SESSIONS: usize = 16;
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -60,7 +65,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (router, session, empty_session) = rt.block_on(async {
+    let (router, sessions, empty_session) = rt.block_on(async {
         let config = config();
         let store = Arc::new(upgate::store::memory::MemoryStore::new(
             config.session_retention,
@@ -72,9 +77,11 @@ fn bench(c: &mut Criterion) {
         );
         let gw = upgate::Gateway::with_backends(config, store, storage);
         let router = gw.router();
-        // One session the registrations fill, one that stays empty for the GET pair.
+        // Sessions the registrations fill (a new one every FILES_PER_SESSION, below the
+        // tenant's 1,000,000-file cap, so long runs do not hit fileCountExceeded), and one
+        // that stays empty for the GET pair.
         let mut ids = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..=FILLED_SESSIONS {
             let res = router
                 .clone()
                 .oneshot(
@@ -94,16 +101,16 @@ fn bench(c: &mut Criterion) {
             let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
             ids.push(v["sessionId"].as_str().expect("sessionId").to_owned());
         }
-        let empty = ids.pop().expect("two sessions");
-        let filled = ids.pop().expect("two sessions");
-        (router, filled, empty)
+        let empty = ids.pop().expect("an empty session");
+        (router, ids, empty)
     });
     let n = AtomicU64::new(0);
     let mut group = c.benchmark_group("router");
     group.bench_function("register_file/full_stack_memory_store", |b| {
         b.to_async(&rt).iter(|| async {
             let i = n.fetch_add(1, Ordering::Relaxed);
-            call(&router, register_request(&session, i), StatusCode::CREATED).await
+            let session = &sessions[(i / FILES_PER_SESSION) as usize % sessions.len()];
+            call(&router, register_request(session, i), StatusCode::CREATED).await
         })
     });
     let bare = axum::Router::new().route(
@@ -127,7 +134,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("register_file/bare_axum_same_json", |b| {
         b.to_async(&rt).iter(|| async {
             let i = n.fetch_add(1, Ordering::Relaxed);
-            call(&bare, register_request(&session, i), StatusCode::CREATED).await
+            call(
+                &bare,
+                register_request(&sessions[0], i),
+                StatusCode::CREATED,
+            )
+            .await
         })
     });
     // Read-only: no state grows, so this is the steadier figure for comparing two builds.
