@@ -228,15 +228,7 @@ pub async fn serve(listen: &str, redis_url: &str) -> Result<(), String> {
         listener.local_addr().map_err(|e| e.to_string())?
     );
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("baseline: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = crate::accept(&listener, "baseline").await;
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(state.clone(), req));

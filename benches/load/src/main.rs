@@ -40,6 +40,23 @@ use serde_json::json;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use crate::client::{check_loopback, Http};
+
+/// The next connection on `listener` with TCP_NODELAY set; an accept error (EMFILE and
+/// friends) is reported under `who` and retried after 10 ms instead of spinning.
+pub(crate) async fn accept(listener: &tokio::net::TcpListener, who: &str) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return stream;
+            }
+            Err(e) => {
+                eprintln!("{who}: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
 use crate::scenarios::{Common, RunResult};
 
 const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|tcp-proxy|baseline-server|s3-server|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";

@@ -26,14 +26,7 @@ pub async fn serve(listen: &str, to: &str, buffer: usize, zero_copy: bool) -> Re
         listener.local_addr().map_err(|e| e.to_string())?
     );
     loop {
-        let (mut down, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("tcp-proxy: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+        let mut down = crate::accept(&listener, "tcp-proxy").await;
         let to = to.to_owned();
         tokio::spawn(async move {
             let mut up = match TcpStream::connect(&to).await {
@@ -43,7 +36,6 @@ pub async fn serve(listen: &str, to: &str, buffer: usize, zero_copy: bool) -> Re
                     return;
                 }
             };
-            let _ = down.set_nodelay(true);
             let _ = up.set_nodelay(true);
             #[cfg(target_os = "linux")]
             if zero_copy {
