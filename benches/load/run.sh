@@ -15,7 +15,7 @@
 # RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits),
 # ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc),
 # GATEWAY_THREADS (the gateway's Tokio worker threads, through TOKIO_WORKER_THREADS; default:
-# one per core).
+# one per core), PINNED_PARTS=0 (skip the parts runs with the S3 server alone on one core).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -276,6 +276,23 @@ parts_run presigned-c$CONC_LOW "$CONC_LOW" parts-presigned --label "s3 direct"
 parts_run l4proxy-c$CONC_LOW "$CONC_LOW" parts-presigned --via "$PROXY_ADDR" --label "s3 via L4 proxy"
 parts_run l4splice-c$CONC_LOW "$CONC_LOW" parts-presigned --via "$SPROXY_ADDR" --label "s3 via splice L4 proxy"
 
+# The same proxied/presigned pairs with the S3 server alone on CPU 0 and everything else
+# (gateway, Redis, proxies, the load generator: this shell's children) on CPU 1. Above, the
+# S3 server (the bottleneck) shares both cores with whatever sits on the path, so the ratio
+# measures the proxy's CPU taken from it; here storage has a core of its own, as a remote S3
+# does, and the ratio measures whether the gateway limits the bytes (benches/README.md).
+if [ "${PINNED_PARTS:-1}" = 1 ] && [ "$(getconf _NPROCESSORS_ONLN)" -ge 2 ] && command -v taskset >/dev/null; then
+  taskset -acp 0 "$S3_PID" >/dev/null
+  for pid in "$GW_PID" "$REDIS_PID" "$PROXY_PID" "$SPROXY_PID" "$BL_PID" $$; do taskset -acp 1 "$pid" >/dev/null; done
+  log "parts with the S3 server alone on CPU 0 (everything else on CPU 1): proxied and presigned, $CONC_HIGH and $CONC_LOW x $PART_MB MiB"
+  for c in "$CONC_HIGH" "$CONC_LOW"; do
+    parts_run pinned-parts-c$c "$c" parts --label "gateway (S3 on its own core)"
+    parts_run pinned-presigned-c$c "$c" parts-presigned --label "s3 direct (S3 on its own core)"
+  done
+  ALL_CPUS="0-$(($(getconf _NPROCESSORS_ONLN) - 1))"
+  for pid in "$S3_PID" "$GW_PID" "$REDIS_PID" "$PROXY_PID" "$SPROXY_PID" "$BL_PID" $$; do taskset -acp "$ALL_CPUS" "$pid" >/dev/null; done
+fi
+
 fi
 
 # --- 3. the whole flow -------------------------------------------------------------------
@@ -367,8 +384,9 @@ CPU=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 MEM_GIB=$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
 echo "## upgate whole-gateway load test"
 echo
-echo "Machine: $(nproc) cores ($CPU), ${MEM_GIB} GiB RAM; $(redis-server --version | awk '{print $1, $2, $3}');"
-echo "load generator, gateway, Redis and the S3 server all share these cores. ${DURATION} s per scenario after"
+echo "Machine: $(getconf _NPROCESSORS_ONLN) cores ($CPU), ${MEM_GIB} GiB RAM; $(redis-server --version | awk '{print $1, $2, $3}');"
+echo "load generator, gateway, Redis and the S3 server all share these cores (except in the rows marked"
+echo "\"S3 on its own core\"). ${DURATION} s per scenario after"
 echo "${WARMUP} s of warm-up; parts are ${PART_MB} MiB; results in \`$OUT\`."
 echo
 "$BENCH" report --dir "$OUT"

@@ -15,6 +15,10 @@
 //! and a part boundary can fall anywhere, so refusing a part would break honest uploads.
 //! `finalize` checks the assembled object's first bytes and refuses with 415.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -23,7 +27,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use serde_json::{json, Value};
 
 use super::{file_json, new_id, open_gate, AppState, JsonBody, Tenant};
@@ -131,39 +135,82 @@ impl Sniff {
 
 /// The request body as a stream that fails when the client sends nothing for `idle`
 /// (slow-client protection), counting bytes as they pass.
-fn body_stream(
-    body: Body,
+///
+/// One timer per part, not one per chunk: a chunk only records when it arrived, and the
+/// timer is re-armed (to the last chunk's time plus `idle`) only when it fires while chunks
+/// are still coming. A `tokio::time::timeout` per chunk inserted and removed a timer-wheel
+/// entry for each of the ~100 chunks of a 5 MiB part (benches/README.md, byte path).
+struct BodyStream {
+    data: axum::body::BodyDataStream,
     idle: Duration,
+    last_chunk: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
     sniff: Option<Sniff>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    let data = body.into_data_stream();
-    futures_util::stream::unfold((data, sniff, false), move |(mut data, mut sniff, done)| {
-        let metrics = metrics.clone();
-        async move {
-            if done {
-                return None;
+    metrics: Arc<crate::metrics::Metrics>,
+    done: bool,
+}
+
+impl BodyStream {
+    fn new(
+        body: Body,
+        idle: Duration,
+        sniff: Option<Sniff>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        let now = tokio::time::Instant::now();
+        BodyStream {
+            data: body.into_data_stream(),
+            idle,
+            last_chunk: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            sniff,
+            metrics,
+            done: false,
+        }
+    }
+}
+
+impl Stream for BodyStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.data).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.last_chunk = tokio::time::Instant::now();
+                if let Some(s) = this.sniff.take() {
+                    s.check(&chunk);
+                }
+                this.metrics.bytes_received.add(chunk.len() as u64);
+                Poll::Ready(Some(Ok(chunk)))
             }
-            match tokio::time::timeout(idle, data.next()).await {
-                Err(_) => Some((
-                    Err(std::io::Error::new(
+            Poll::Ready(Some(Err(e))) => {
+                this.done = true;
+                Poll::Ready(Some(Err(std::io::Error::other(e))))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => loop {
+                if this.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let deadline = this.last_chunk + this.idle;
+                if deadline <= tokio::time::Instant::now() {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "part body idle too long",
-                    )),
-                    (data, None, true),
-                )),
-                Ok(None) => None,
-                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), (data, None, true))),
-                Ok(Some(Ok(chunk))) => {
-                    if let Some(s) = sniff.take() {
-                        s.check(&chunk);
-                    }
-                    metrics.bytes_received.add(chunk.len() as u64);
-                    Some((Ok(chunk), (data, sniff, false)))
+                    ))));
                 }
-            }
+                this.timer.as_mut().reset(deadline);
+            },
         }
-    })
+    }
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id, part_number = %part))]
@@ -235,7 +282,7 @@ pub(super) async fn upload(
         }),
         _ => None,
     };
-    let stream = body_stream(
+    let stream = BodyStream::new(
         body,
         state.config.part_idle_timeout,
         sniff,
@@ -500,5 +547,93 @@ pub(super) async fn complete(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(10);
+
+    /// A body that yields `chunks` one-byte chunks, each after `gap`, then stays silent for
+    /// `silence` before ending.
+    fn slow_body(chunks: usize, gap: Duration, silence: Duration) -> Body {
+        let stream = futures_util::stream::unfold(0usize, move |i| async move {
+            if i < chunks {
+                tokio::time::sleep(gap).await;
+                Some((Ok::<_, std::io::Error>(Bytes::from_static(b"x")), i + 1))
+            } else {
+                tokio::time::sleep(silence).await;
+                None
+            }
+        });
+        Body::from_stream(stream)
+    }
+
+    async fn drain(body: Body) -> (usize, Option<std::io::Error>, Duration) {
+        let started = tokio::time::Instant::now();
+        let mut s = BodyStream::new(body, IDLE, None, Arc::default());
+        let mut chunks = 0;
+        while let Some(item) = futures_util::StreamExt::next(&mut s).await {
+            match item {
+                Ok(_) => chunks += 1,
+                Err(e) => {
+                    // A failed body stays ended.
+                    assert!(futures_util::StreamExt::next(&mut s).await.is_none());
+                    return (chunks, Some(e), started.elapsed());
+                }
+            }
+        }
+        (chunks, None, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_keeps_sending_is_never_cut_off_however_long_it_takes() {
+        // 12 gaps of 0.9 x idle: the part takes 10.8 idle periods, and the one timer fires
+        // and is re-armed many times on the way.
+        let (chunks, err, took) = drain(slow_body(12, IDLE * 9 / 10, Duration::ZERO)).await;
+        assert_eq!(chunks, 12);
+        assert!(err.is_none(), "unexpected error: {err:?}");
+        assert!(took >= IDLE * 10, "took {took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_exactly_one_idle_period_after_its_last_chunk() {
+        // Chunks at 0.5, 1.0 and 1.5 idle periods, then silence: the error comes at 2.5.
+        let (chunks, err, took) = drain(slow_body(3, IDLE / 2, IDLE * 5)).await;
+        assert_eq!(chunks, 3);
+        let err = err.expect("the stalled body must fail");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        let expected = IDLE * 5 / 2;
+        assert!(
+            took >= expected && took <= expected + Duration::from_millis(5),
+            "failed after {took:?}, expected {expected:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_starts_fails_after_one_idle_period() {
+        let (chunks, err, took) = drain(slow_body(0, Duration::ZERO, IDLE * 3)).await;
+        assert_eq!(chunks, 0);
+        assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::TimedOut));
+        assert!(
+            took >= IDLE && took <= IDLE + Duration::from_millis(5),
+            "took {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_are_counted_and_a_complete_body_ends_cleanly() {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let body = Body::from(Bytes::from_static(b"hello world"));
+        let mut s = BodyStream::new(body, IDLE, None, metrics.clone());
+        let mut got = Vec::new();
+        while let Some(item) = futures_util::StreamExt::next(&mut s).await {
+            got.extend_from_slice(&item.expect("chunk"));
+        }
+        assert_eq!(got, b"hello world");
+        assert!(futures_util::StreamExt::next(&mut s).await.is_none());
+        assert_eq!(metrics.bytes_received.get(), 11);
     }
 }

@@ -3,7 +3,8 @@
 //! Files read (each optional): `register-gateway.json`, `register-baseline.json`,
 //! `register-{gateway,baseline}-cpu.json` (`{"serverTicks","redisTicks","ticksPerSecond"}`:
 //! CPU spent in the measured window, from run.sh), `parts-c{N}.json` / `presigned-c{N}.json` /
-//! `l4proxy-c{N}.json` / `l4splice-c{N}.json` and their `-cpu.json` (`{"s3Ticks","gatewayTicks","proxyTicks","loadTicks","seconds","ticksPerSecond"}`)
+//! `l4proxy-c{N}.json` / `l4splice-c{N}.json` / `pinned-parts-c{N}.json` /
+//! `pinned-presigned-c{N}.json` (the S3 server alone on one core) and their `-cpu.json` (`{"s3Ticks","gatewayTicks","proxyTicks","loadTicks","seconds","ticksPerSecond"}`)
 //! for every N present, `flow.json`, `rss.json`
 //! (`{"idleKiB","peakKiB","concurrency","partSizeBytes"}`, from run.sh), `rtt.json`
 //! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
@@ -156,6 +157,34 @@ pub fn report(dir: &Path) -> String {
             }
         }
     }
+    // The same pairs with the S3 server alone on one core and everything else on the other
+    // (run.sh): whether the gateway limits the bytes when storage has a core of its own.
+    for c in &cs {
+        let (Some(p), Some(q)) = (
+            load(dir, &format!("pinned-parts-c{c}.json")),
+            load(dir, &format!("pinned-presigned-c{c}.json")),
+        ) else {
+            continue;
+        };
+        if let (Some(pe), Some(qe)) = (endpoint(&p, PROXIED), endpoint(&q, PRESIGNED)) {
+            let ratio = f(pe, "mbPerSec") / f(qe, "mbPerSec");
+            let mib = p["params"]["partSizeBytes"].as_f64().unwrap_or(0.0) / 1_048_576.0;
+            out.push_str(&format!(
+                "| 2 | part MB/s, proxied / presigned-direct, **S3 on its own core** ({c} × {mib:.0} MiB parts) | {ratio:.2}× | ≥ 0.90× | {} |\n",
+                verdict(ratio >= 0.9)
+            ));
+            absolute.push((
+                format!("part PUT proxied, S3 on its own core, c={c}"),
+                p.clone(),
+                pe.clone(),
+            ));
+            absolute.push((
+                format!("part PUT presigned direct, S3 on its own core, c={c}"),
+                q.clone(),
+                qe.clone(),
+            ));
+        }
+    }
     if let Some(r) = &rss {
         let idle = f(r, "idleKiB") / 1024.0;
         let peak = f(r, "peakKiB") / 1024.0;
@@ -212,6 +241,16 @@ pub fn report(dir: &Path) -> String {
             (
                 "l4splice",
                 "presigned, through the splice L4 proxy",
+                PRESIGNED,
+            ),
+            (
+                "pinned-parts",
+                "proxied through the gateway, S3 on its own core",
+                PROXIED,
+            ),
+            (
+                "pinned-presigned",
+                "presigned, direct to S3, S3 on its own core",
                 PRESIGNED,
             ),
         ] {
@@ -308,6 +347,8 @@ pub fn report(dir: &Path) -> String {
         names.push(format!("presigned-c{c}.json"));
         names.push(format!("l4proxy-c{c}.json"));
         names.push(format!("l4splice-c{c}.json"));
+        names.push(format!("pinned-parts-c{c}.json"));
+        names.push(format!("pinned-presigned-c{c}.json"));
     }
     names.push("flow.json".into());
     for n in names {
