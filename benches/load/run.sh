@@ -282,15 +282,16 @@ parts_run l4splice-c$CONC_LOW "$CONC_LOW" parts-presigned --via "$SPROXY_ADDR" -
 # measures the proxy's CPU taken from it; here storage has a core of its own, as a remote S3
 # does, and the ratio measures whether the gateway limits the bytes (benches/README.md).
 if [ "${PINNED_PARTS:-1}" = 1 ] && [ "$(getconf _NPROCESSORS_ONLN)" -ge 2 ] && command -v taskset >/dev/null; then
+  OTHERS=("$GW_PID" "$REDIS_PID" "$PROXY_PID" "$SPROXY_PID" "$BL_PID" $$)
   taskset -acp 0 "$S3_PID" >/dev/null
-  for pid in "$GW_PID" "$REDIS_PID" "$PROXY_PID" "$SPROXY_PID" "$BL_PID" $$; do taskset -acp 1 "$pid" >/dev/null; done
+  for pid in "${OTHERS[@]}"; do taskset -acp 1 "$pid" >/dev/null; done
   log "parts with the S3 server alone on CPU 0 (everything else on CPU 1): proxied and presigned, $CONC_HIGH and $CONC_LOW x $PART_MB MiB"
   for c in "$CONC_HIGH" "$CONC_LOW"; do
     parts_run pinned-parts-c$c "$c" parts --label "gateway (S3 on its own core)"
     parts_run pinned-presigned-c$c "$c" parts-presigned --label "s3 direct (S3 on its own core)"
   done
   ALL_CPUS="0-$(($(getconf _NPROCESSORS_ONLN) - 1))"
-  for pid in "$S3_PID" "$GW_PID" "$REDIS_PID" "$PROXY_PID" "$SPROXY_PID" "$BL_PID" $$; do taskset -acp "$ALL_CPUS" "$pid" >/dev/null; done
+  for pid in "$S3_PID" "${OTHERS[@]}"; do taskset -acp "$ALL_CPUS" "$pid" >/dev/null; done
 fi
 
 fi

@@ -112,20 +112,40 @@ pub fn report(dir: &Path) -> String {
             ));
         }
     }
-    for c in &cs {
-        let p = load(dir, &format!("parts-c{c}.json"));
-        let q = load(dir, &format!("presigned-c{c}.json"));
-        if let (Some(p), Some(q)) = (&p, &q) {
-            if let (Some(pe), Some(qe)) = (endpoint(p, PROXIED), endpoint(q, PRESIGNED)) {
+    // Every process on the shared cores, then (run.sh) the same pairs with the S3 server
+    // alone on one core and everything else on the other: whether the gateway limits the
+    // bytes when storage has a core of its own (run.sh runs the L4 references only on the
+    // shared cores).
+    let placements = [
+        ("", "", ""),
+        (
+            "pinned-",
+            ", S3 on its own core",
+            ", **S3 on its own core**",
+        ),
+    ];
+    for (prefix, placed, marked) in placements {
+        for c in &cs {
+            let (Some(p), Some(q)) = (
+                load(dir, &format!("{prefix}parts-c{c}.json")),
+                load(dir, &format!("{prefix}presigned-c{c}.json")),
+            ) else {
+                continue;
+            };
+            if let (Some(pe), Some(qe)) = (endpoint(&p, PROXIED), endpoint(&q, PRESIGNED)) {
                 let ratio = f(pe, "mbPerSec") / f(qe, "mbPerSec");
                 let mib = p["params"]["partSizeBytes"].as_f64().unwrap_or(0.0) / 1_048_576.0;
                 out.push_str(&format!(
-                    "| 2 | part MB/s, proxied / presigned-direct ({c} × {mib:.0} MiB parts) | {ratio:.2}× | ≥ 0.90× | {} |\n",
+                    "| 2 | part MB/s, proxied / presigned-direct{marked} ({c} × {mib:.0} MiB parts) | {ratio:.2}× | ≥ 0.90× | {} |\n",
                     verdict(ratio >= 0.9)
                 ));
-                absolute.push((format!("part PUT proxied, c={c}"), p.clone(), pe.clone()));
                 absolute.push((
-                    format!("part PUT presigned direct to S3, c={c}"),
+                    format!("part PUT proxied{placed}, c={c}"),
+                    p.clone(),
+                    pe.clone(),
+                ));
+                absolute.push((
+                    format!("part PUT presigned direct to S3{placed}, c={c}"),
                     q.clone(),
                     qe.clone(),
                 ));
@@ -139,7 +159,7 @@ pub fn report(dir: &Path) -> String {
                         "a bare L4 proxy with splice(2) (`tcp-proxy --splice`, no user-space copy)",
                     ),
                 ] {
-                    let Some(l) = load(dir, &format!("{file}-c{c}.json")) else {
+                    let Some(l) = load(dir, &format!("{prefix}{file}-c{c}.json")) else {
                         continue;
                     };
                     if let Some(le) = endpoint(&l, PRESIGNED) {
@@ -155,34 +175,6 @@ pub fn report(dir: &Path) -> String {
                     }
                 }
             }
-        }
-    }
-    // The same pairs with the S3 server alone on one core and everything else on the other
-    // (run.sh): whether the gateway limits the bytes when storage has a core of its own.
-    for c in &cs {
-        let (Some(p), Some(q)) = (
-            load(dir, &format!("pinned-parts-c{c}.json")),
-            load(dir, &format!("pinned-presigned-c{c}.json")),
-        ) else {
-            continue;
-        };
-        if let (Some(pe), Some(qe)) = (endpoint(&p, PROXIED), endpoint(&q, PRESIGNED)) {
-            let ratio = f(pe, "mbPerSec") / f(qe, "mbPerSec");
-            let mib = p["params"]["partSizeBytes"].as_f64().unwrap_or(0.0) / 1_048_576.0;
-            out.push_str(&format!(
-                "| 2 | part MB/s, proxied / presigned-direct, **S3 on its own core** ({c} × {mib:.0} MiB parts) | {ratio:.2}× | ≥ 0.90× | {} |\n",
-                verdict(ratio >= 0.9)
-            ));
-            absolute.push((
-                format!("part PUT proxied, S3 on its own core, c={c}"),
-                p.clone(),
-                pe.clone(),
-            ));
-            absolute.push((
-                format!("part PUT presigned direct, S3 on its own core, c={c}"),
-                q.clone(),
-                qe.clone(),
-            ));
         }
     }
     if let Some(r) = &rss {
