@@ -1,18 +1,24 @@
 //! Typed configuration: a TOML file, environment overrides, validated once.
 //!
-//! Parsing never stops at the first problem: every bad or unknown setting is collected and
-//! reported together in one [`ConfigError`], and the gateway refuses to start until all are
-//! fixed. With no file at all the embedded default runs: in-memory session store, `./data`
-//! filesystem storage, `127.0.0.1:8080`, and the development tenant documented in the README
-//! (refused when `environment = "production"`).
+//! [`figment`] layers the file and the fixed environment names of `../shared/API.md`; serde
+//! reads the result into raw structs whose every setting is a [`Setting`], so a value of the
+//! wrong type does not stop the reading. Every bad, out-of-range or unknown setting is then
+//! collected and reported together in one [`ConfigError`], and the gateway refuses to start
+//! until all are fixed. With no file at all the embedded default runs: in-memory session
+//! store, `./data` filesystem storage, `127.0.0.1:8080`, and the development tenant
+//! documented in the README (refused when `environment = "production"`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
-use toml::{Table, Value};
 
 /// The development tenant's id (embedded default only).
 pub const DEV_TENANT_ID: &str = "dev";
@@ -20,7 +26,8 @@ pub const DEV_TENANT_ID: &str = "dev";
 pub const DEV_API_KEY: &str = "upgate-dev-key";
 
 /// `environment`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Environment {
     /// Anything goes (bypass allowed with a warning, dev tenant allowed).
     Development,
@@ -29,7 +36,8 @@ pub enum Environment {
 }
 
 /// `log_format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable.
     Pretty,
@@ -195,18 +203,19 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
         embedded: bool,
     ) -> Result<Config, ConfigError> {
-        let table: Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::one(format!("config file is not valid TOML: {}", e.message()))
-        })?;
-        let mut p = Parser {
-            errors: Vec::new(),
-            env: &env,
-        };
-        let cfg = p.parse(table, embedded);
-        if p.errors.is_empty() {
-            cfg.ok_or_else(|| ConfigError::one("invalid configuration".into()))
+        let raw: RawConfig = Figment::new()
+            .merge(Toml::string(text))
+            .merge(EnvOverrides::read(&env))
+            .extract()
+            .map_err(|e| ConfigError::one(format!("config file is not valid TOML: {}", e.kind)))?;
+        let mut check = Check::default();
+        let config = check.config(raw, embedded);
+        if check.problems.is_empty() {
+            Ok(config)
         } else {
-            Err(ConfigError { problems: p.errors })
+            Err(ConfigError {
+                problems: check.problems,
+            })
         }
     }
 
@@ -247,367 +256,347 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-struct Parser<'a> {
-    errors: Vec<String>,
-    env: &'a dyn Fn(&str) -> Option<String>,
+// ---------------------------------------------------------------------------------------
+// Environment overrides
+// ---------------------------------------------------------------------------------------
+
+/// How an environment variable's text becomes a setting.
+#[derive(Clone, Copy)]
+enum EnvKind {
+    Text,
+    Number,
+    Flag,
 }
 
-/// A table being read: remembers which keys were used so leftovers are reported.
-struct Section {
-    name: String,
-    table: Table,
+/// The fixed environment names of the contract (plus `AWS_REGION`), the setting each
+/// overrides, and how its text is read.
+const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
+    ("UPGATE_ENV", "environment", EnvKind::Text),
+    ("UPGATE_LISTEN", "listen", EnvKind::Text),
+    ("UPGATE_ADMIN_LISTEN", "admin_listen", EnvKind::Text),
+    ("UPGATE_REDIS_URL", "redis_url", EnvKind::Text),
+    ("UPGATE_STORAGE", "storage", EnvKind::Text),
+    ("UPGATE_LOG_FORMAT", "log_format", EnvKind::Text),
+    ("RATE_LIMIT_BYPASS", "rate_limit_bypass", EnvKind::Flag),
+    ("MULTIPART_PART_SIZE_MB", "part_size_mb", EnvKind::Number),
+    ("UPGATE_S3_ENDPOINT", "s3.endpoint", EnvKind::Text),
+    ("AWS_REGION", "s3.region", EnvKind::Text),
+];
+
+/// The name a problem with `key` is reported under: the key, and the variable that can
+/// override it.
+fn display_name(key: &str) -> String {
+    match ENV_OVERRIDES.iter().find(|(_, k, _)| *k == key) {
+        Some((var, _, _)) => format!("{key} ({var})"),
+        None => key.to_owned(),
+    }
 }
 
-impl Section {
-    fn take(&mut self, key: &str) -> Option<Value> {
-        self.table.remove(key)
-    }
+/// A figment provider of the environment overrides, read through a lookup function (the
+/// process environment in the binary, a closure in tests).
+struct EnvOverrides(Dict);
 
-    fn path(&self, key: &str) -> String {
-        if self.name.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.name)
-        }
-    }
-}
-
-impl Parser<'_> {
-    fn err(&mut self, msg: String) {
-        self.errors.push(msg);
-    }
-
-    fn finish(&mut self, section: Section) {
-        for key in section.table.keys() {
-            let p = section.path(key);
-            self.err(format!("{p}: unknown setting"));
-        }
-    }
-
-    fn string(&mut self, s: &mut Section, key: &str, env: Option<&str>, default: &str) -> String {
-        // The file's key is always consumed (so it is never reported as unknown), then the
-        // environment wins.
-        let from_file = s.take(key);
-        if let Some(v) = env.and_then(|e| (self.env)(e)) {
-            return v;
-        }
-        match from_file {
-            None => default.to_owned(),
-            Some(Value::String(v)) => v,
-            Some(other) => {
-                let p = s.path(key);
-                self.err(format!(
-                    "{p}: expected a string, found {}",
-                    other.type_str()
-                ));
-                default.to_owned()
+impl EnvOverrides {
+    fn read(env: &dyn Fn(&str) -> Option<String>) -> Self {
+        let mut root = Dict::new();
+        for &(var, key, kind) in ENV_OVERRIDES {
+            let Some(raw) = env(var) else { continue };
+            let value = match kind {
+                EnvKind::Text => Value::from(raw),
+                // A number that does not parse stays text, and is reported as a wrong type.
+                EnvKind::Number => match (raw.trim().parse::<i64>(), raw.trim().parse::<u64>()) {
+                    (Ok(n), _) => Value::from(n),
+                    (_, Ok(n)) => Value::from(n),
+                    _ => Value::from(raw),
+                },
+                EnvKind::Flag => match raw.trim().to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" | "on" => Value::from(true),
+                    "0" | "false" | "no" | "off" | "" => Value::from(false),
+                    _ => Value::from(raw),
+                },
+            };
+            match key.split_once('.') {
+                None => {
+                    root.insert(key.to_owned(), value);
+                }
+                Some((table, leaf)) => {
+                    let entry = root
+                        .entry(table.to_owned())
+                        .or_insert_with(|| Value::from(Dict::new()));
+                    if let Value::Dict(_, dict) = entry {
+                        dict.insert(leaf.to_owned(), value);
+                    }
+                }
             }
         }
+        EnvOverrides(root)
+    }
+}
+
+impl Provider for EnvOverrides {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable")
     }
 
-    fn opt_string(&mut self, s: &mut Section, key: &str, env: Option<&str>) -> Option<String> {
-        let from_file = s.take(key);
-        if let Some(v) = env.and_then(|e| (self.env)(e)) {
-            return Some(v).filter(|v| !v.is_empty());
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.0.clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw settings
+// ---------------------------------------------------------------------------------------
+
+/// One setting as read: absent, a value of the right type, or the reason it is not.
+/// Reading never fails on a setting, so every problem can be reported together.
+#[derive(Debug, Default)]
+enum Setting<T> {
+    #[default]
+    Unset,
+    Set(T),
+    Bad(String),
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Setting<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = <Value as Deserialize>::deserialize(d)?;
+        Ok(match value.deserialize::<T>() {
+            Ok(v) => Setting::Set(v),
+            Err(e) => Setting::Bad(e.kind.to_string()),
+        })
+    }
+}
+
+/// A whole number in `MIN..=MAX`, `DEFAULT` when the setting is absent.
+#[derive(Debug, Clone, Copy)]
+struct Int<const MIN: u64, const MAX: u64, const DEFAULT: u64>(u64);
+
+impl<const MIN: u64, const MAX: u64, const DEFAULT: u64> Default for Int<MIN, MAX, DEFAULT> {
+    fn default() -> Self {
+        Int(DEFAULT)
+    }
+}
+
+impl<'de, const MIN: u64, const MAX: u64, const DEFAULT: u64> Deserialize<'de>
+    for Int<MIN, MAX, DEFAULT>
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if (MIN..=MAX).contains(&n) {
+            Ok(Int(n))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "{n} is outside the allowed range {MIN}..={MAX}"
+            )))
         }
-        match from_file {
-            None => None,
-            Some(Value::String(v)) => Some(v),
-            Some(other) => {
-                let p = s.path(key);
-                self.err(format!(
-                    "{p}: expected a string, found {}",
-                    other.type_str()
-                ));
+    }
+}
+
+/// Seconds in `MIN..=MAX`, `DEFAULT` when absent.
+type Secs<const MIN: u64, const MAX: u64, const DEFAULT: u64> = Int<MIN, MAX, DEFAULT>;
+
+const DAY: u64 = 86_400;
+
+/// Keys of a table that no setting claimed.
+type Unknown = BTreeMap<String, IgnoredAny>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawConfig {
+    environment: Setting<Environment>,
+    listen: Setting<String>,
+    admin_listen: Setting<String>,
+    redis_url: Setting<String>,
+    redis_cluster_urls: Setting<Vec<String>>,
+    storage: Setting<String>,
+    part_size_mb: Setting<Int<5, 100, 5>>,
+    idempotency_ttl_seconds: Setting<Secs<1, { 30 * DAY }, DAY>>,
+    reaper_interval_seconds: Setting<Secs<1, DAY, 30>>,
+    log_format: Setting<LogFormat>,
+    rate_limit_bypass: Setting<bool>,
+    session_retention_seconds: Setting<Secs<60, { 30 * DAY }, DAY>>,
+    max_json_body_bytes: Setting<Int<1_024, { 16 * 1024 * 1024 }, 65_536>>,
+    request_timeout_seconds: Setting<Secs<1, 3_600, 30>>,
+    part_idle_timeout_seconds: Setting<Secs<1, 3_600, 30>>,
+    shutdown_grace_seconds: Setting<Secs<0, 3_600, 30>>,
+    max_connections: Setting<Int<1, 1_000_000, 10_000>>,
+    redis_timeout_ms: Setting<Int<10, 60_000, 2_000>>,
+    header_read_timeout_seconds: Setting<Secs<1, 600, 10>>,
+    s3: Setting<RawS3>,
+    tenants: Setting<Vec<Setting<RawTenant>>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawS3 {
+    endpoint: Setting<String>,
+    region: Setting<String>,
+    force_path_style: Setting<bool>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawTenant {
+    id: Setting<String>,
+    api_keys_sha256: Setting<Vec<String>>,
+    max_files_per_session: Setting<Int<1, 1_000_000, 1_000>>,
+    max_file_size_bytes: Setting<Int<0, { u64::MAX }, 5_497_558_138_880>>,
+    session_ttl_seconds: Setting<RawTtl>,
+    rate_limit: Setting<RawRateLimit>,
+    storage_prefix: Setting<String>,
+    max_concurrent_uploads: Setting<Int<1, 100_000, 64>>,
+    cors_allowed_origins: Setting<Vec<String>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawTtl {
+    default: Setting<Secs<1, { 365 * DAY }, 1_800>>,
+    min: Setting<Secs<1, { 365 * DAY }, 60>>,
+    max: Setting<Secs<1, { 365 * DAY }, DAY>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawRateLimit {
+    requests_per_second: Setting<Int<1, 1_000_000, 100>>,
+    burst: Setting<Int<1, 10_000_000, 200>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------
+
+/// Turns raw settings into a [`Config`], collecting every problem on the way.
+#[derive(Default)]
+struct Check {
+    problems: Vec<String>,
+}
+
+impl Check {
+    fn err(&mut self, msg: String) {
+        self.problems.push(msg);
+    }
+
+    /// The value, or `None` (with a problem recorded under `key` when it was bad).
+    fn opt<T>(&mut self, setting: Setting<T>, key: &str) -> Option<T> {
+        match setting {
+            Setting::Unset => None,
+            Setting::Set(v) => Some(v),
+            Setting::Bad(why) => {
+                self.err(format!("{}: {why}", display_name(key)));
                 None
             }
         }
     }
 
-    fn int(
+    /// The value, or its default.
+    fn get<T: Default>(&mut self, setting: Setting<T>, key: &str) -> T {
+        self.opt(setting, key).unwrap_or_default()
+    }
+
+    fn int<const A: u64, const B: u64, const D: u64>(
         &mut self,
-        s: &mut Section,
+        setting: Setting<Int<A, B, D>>,
         key: &str,
-        env: Option<&str>,
-        default: u64,
-        range: std::ops::RangeInclusive<u64>,
     ) -> u64 {
-        let from_file = s.take(key);
-        let from_env = env.and_then(|e| (self.env)(e).map(|v| (v, e)));
-        let (value, source) = if let Some((raw, var)) = from_env {
-            match raw.trim().parse::<u64>() {
-                Ok(n) => (n, var.to_owned()),
-                Err(_) => {
-                    self.err(format!("{var}: expected a whole number, found {raw:?}"));
-                    return default;
-                }
-            }
-        } else {
-            match from_file {
-                None => return default,
-                Some(Value::Integer(n)) if n >= 0 => (n as u64, s.path(key)),
-                Some(other) => {
-                    let p = s.path(key);
-                    self.err(format!("{p}: expected a whole number >= 0, found {other}"));
-                    return default;
-                }
-            }
-        };
-        if !range.contains(&value) {
-            self.err(format!(
-                "{source}: {value} is outside the allowed range {}..={}",
-                range.start(),
-                range.end()
-            ));
-            return default;
-        }
-        value
+        self.get(setting, key).0
     }
 
-    fn boolean(&mut self, s: &mut Section, key: &str, env: Option<&str>, default: bool) -> bool {
-        let from_file = s.take(key);
-        if let Some(e) = env {
-            if let Some(v) = (self.env)(e) {
-                return match v.trim().to_ascii_lowercase().as_str() {
-                    "1" | "true" | "yes" | "on" => true,
-                    "0" | "false" | "no" | "off" | "" => false,
-                    _ => {
-                        self.err(format!("{e}: expected true or false, found {v:?}"));
-                        default
-                    }
-                };
-            }
-        }
-        match from_file {
-            None => default,
-            Some(Value::Boolean(b)) => b,
-            Some(other) => {
-                let p = s.path(key);
-                self.err(format!("{p}: expected true or false, found {other}"));
-                default
-            }
+    fn secs<const A: u64, const B: u64, const D: u64>(
+        &mut self,
+        setting: Setting<Secs<A, B, D>>,
+        key: &str,
+    ) -> Duration {
+        Duration::from_secs(self.int(setting, key))
+    }
+
+    fn text(&mut self, setting: Setting<String>, key: &str, default: &str) -> String {
+        self.opt(setting, key).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn unknown(&mut self, prefix: &str, unknown: Unknown) {
+        for key in unknown.into_keys() {
+            let name = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
+            self.err(format!("{}: unknown setting", display_name(&name)));
         }
     }
 
-    fn addr(&mut self, s: &mut Section, key: &str, env: &str, default: &str) -> SocketAddr {
-        let raw = self.string(s, key, Some(env), default);
+    fn addr(&mut self, setting: Setting<String>, key: &str, default: &str) -> SocketAddr {
+        let raw = self.text(setting, key, default);
         raw.parse().unwrap_or_else(|_| {
+            let name = display_name(key);
             self.err(format!(
-                "{key} ({env}): {raw:?} is not an address like 127.0.0.1:8080"
+                "{name}: {raw:?} is not an address like 127.0.0.1:8080"
             ));
-            default
-                .parse()
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+            SocketAddr::from(([127, 0, 0, 1], 0))
         })
     }
 
-    fn section(&mut self, s: &mut Section, key: &str) -> Section {
-        let name = s.path(key);
-        match s.take(key) {
-            None => Section {
-                name,
-                table: Table::new(),
-            },
-            Some(Value::Table(t)) => Section { name, table: t },
-            Some(other) => {
-                self.err(format!(
-                    "{name}: expected a table, found {}",
-                    other.type_str()
-                ));
-                Section {
-                    name,
-                    table: Table::new(),
-                }
-            }
-        }
-    }
-
-    fn parse(&mut self, table: Table, embedded: bool) -> Option<Config> {
-        let mut root = Section {
-            name: String::new(),
-            table,
-        };
-        let environment = match self
-            .string(&mut root, "environment", Some("UPGATE_ENV"), "development")
-            .as_str()
-        {
-            "development" => Environment::Development,
-            "production" => Environment::Production,
-            other => {
-                self.err(format!("environment (UPGATE_ENV): {other:?} is neither \"development\" nor \"production\""));
-                Environment::Development
-            }
-        };
-        let listen = self.addr(&mut root, "listen", "UPGATE_LISTEN", "127.0.0.1:8080");
-        let admin_listen = self.addr(
-            &mut root,
-            "admin_listen",
-            "UPGATE_ADMIN_LISTEN",
-            "127.0.0.1:9090",
-        );
-
-        let redis_url = self.opt_string(&mut root, "redis_url", Some("UPGATE_REDIS_URL"));
-        let cluster = match root.take("redis_cluster_urls") {
-            None => None,
-            Some(Value::Array(a)) => {
-                let urls: Vec<String> = a
-                    .iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect();
-                if urls.len() != a.len() || urls.is_empty() {
-                    self.err(
-                        "redis_cluster_urls: expected a non-empty list of redis:// URLs".into(),
-                    );
-                }
-                Some(urls)
-            }
-            Some(other) => {
-                self.err(format!(
-                    "redis_cluster_urls: expected a list, found {}",
-                    other.type_str()
-                ));
-                None
-            }
-        };
-        let redis = match (redis_url, cluster) {
-            (Some(_), Some(_)) => {
-                self.err("redis_url and redis_cluster_urls are both set: choose one".into());
-                None
-            }
-            (Some(u), None) => Some(RedisTarget::Single(u)),
-            (None, Some(urls)) => Some(RedisTarget::Cluster(urls)),
-            (None, None) => None,
-        };
-        if let Some(target) = &redis {
-            let urls = match target {
-                RedisTarget::Single(u) => std::slice::from_ref(u),
-                RedisTarget::Cluster(u) => u.as_slice(),
-            };
-            for u in urls {
-                if u.starts_with("rediss://") {
-                    self.err(format!(
-                        "redis URL {u:?}: TLS to Redis (rediss://) is not supported by this build; use redis:// on a private network or a TLS sidecar"
-                    ));
-                } else if !u.starts_with("redis://") {
-                    self.err(format!("redis URL {u:?} must start with redis://"));
-                }
-            }
-        }
-
-        let storage_raw = self.string(
-            &mut root,
-            "storage",
-            Some("UPGATE_STORAGE"),
-            "file://./data",
-        );
+    fn config(&mut self, raw: RawConfig, embedded: bool) -> Config {
+        let environment = self.opt(raw.environment, "environment");
+        let environment = environment.unwrap_or(Environment::Development);
+        let listen = self.addr(raw.listen, "listen", "127.0.0.1:8080");
+        let admin_listen = self.addr(raw.admin_listen, "admin_listen", "127.0.0.1:9090");
+        let redis = self.redis(raw.redis_url, raw.redis_cluster_urls);
+        let storage_raw = self.text(raw.storage, "storage", "file://./data");
         let storage = parse_storage(&storage_raw).unwrap_or_else(|e| {
-            self.err(format!("storage (UPGATE_STORAGE): {e}"));
+            self.err(format!("{}: {e}", display_name("storage")));
             StorageTarget::Filesystem(PathBuf::from("./data"))
         });
-
-        let part_size_mb = self.int(
-            &mut root,
-            "part_size_mb",
-            Some("MULTIPART_PART_SIZE_MB"),
-            5,
-            5..=100,
-        );
-        let idempotency_ttl = self.int(
-            &mut root,
-            "idempotency_ttl_seconds",
-            None,
-            86_400,
-            1..=30 * 86_400,
-        );
-        let reaper_interval = self.int(&mut root, "reaper_interval_seconds", None, 30, 1..=86_400);
-        let log_format = match self
-            .string(&mut root, "log_format", Some("UPGATE_LOG_FORMAT"), "pretty")
-            .as_str()
-        {
-            "pretty" => LogFormat::Pretty,
-            "json" => LogFormat::Json,
-            other => {
-                self.err(format!(
-                    "log_format (UPGATE_LOG_FORMAT): {other:?} is neither \"pretty\" nor \"json\""
-                ));
-                LogFormat::Pretty
-            }
+        let log_format = self.opt(raw.log_format, "log_format");
+        let rate_limit_bypass = self.get(raw.rate_limit_bypass, "rate_limit_bypass");
+        let s3 = self.s3(raw.s3);
+        let config = Config {
+            environment,
+            listen,
+            admin_listen,
+            redis,
+            storage,
+            s3,
+            part_size_mb: self.int(raw.part_size_mb, "part_size_mb"),
+            idempotency_ttl: self.secs(raw.idempotency_ttl_seconds, "idempotency_ttl_seconds"),
+            reaper_interval: self.secs(raw.reaper_interval_seconds, "reaper_interval_seconds"),
+            log_format: log_format.unwrap_or(LogFormat::Pretty),
+            rate_limit_bypass,
+            session_retention: self
+                .secs(raw.session_retention_seconds, "session_retention_seconds"),
+            max_json_body_bytes: self.int(raw.max_json_body_bytes, "max_json_body_bytes") as usize,
+            request_timeout: self.secs(raw.request_timeout_seconds, "request_timeout_seconds"),
+            part_idle_timeout: self
+                .secs(raw.part_idle_timeout_seconds, "part_idle_timeout_seconds"),
+            shutdown_grace: self.secs(raw.shutdown_grace_seconds, "shutdown_grace_seconds"),
+            max_connections: self.int(raw.max_connections, "max_connections") as usize,
+            header_read_timeout: self.secs(
+                raw.header_read_timeout_seconds,
+                "header_read_timeout_seconds",
+            ),
+            redis_timeout: Duration::from_millis(
+                self.int(raw.redis_timeout_ms, "redis_timeout_ms"),
+            ),
+            tenants: self.tenants(raw.tenants, embedded, environment),
         };
-        let rate_limit_bypass = self.boolean(
-            &mut root,
-            "rate_limit_bypass",
-            Some("RATE_LIMIT_BYPASS"),
-            false,
-        );
-        let session_retention = self.int(
-            &mut root,
-            "session_retention_seconds",
-            None,
-            86_400,
-            60..=30 * 86_400,
-        );
-        let max_json_body_bytes = self.int(
-            &mut root,
-            "max_json_body_bytes",
-            None,
-            65_536,
-            1_024..=16 * 1024 * 1024,
-        );
-        let request_timeout = self.int(&mut root, "request_timeout_seconds", None, 30, 1..=3_600);
-        let part_idle_timeout =
-            self.int(&mut root, "part_idle_timeout_seconds", None, 30, 1..=3_600);
-        let shutdown_grace = self.int(&mut root, "shutdown_grace_seconds", None, 30, 0..=3_600);
-        let max_connections = self.int(&mut root, "max_connections", None, 10_000, 1..=1_000_000);
-        let redis_timeout = self.int(&mut root, "redis_timeout_ms", None, 2_000, 10..=60_000);
-        let header_read_timeout =
-            self.int(&mut root, "header_read_timeout_seconds", None, 10, 1..=600);
-
-        let mut s3 = self.section(&mut root, "s3");
-        let s3_config = S3Config {
-            endpoint: self.opt_string(&mut s3, "endpoint", Some("UPGATE_S3_ENDPOINT")),
-            region: self.string(&mut s3, "region", Some("AWS_REGION"), "us-east-1"),
-            force_path_style: self.boolean(&mut s3, "force_path_style", None, true),
-        };
-        self.finish(s3);
-
-        let tenants_value = root.take("tenants");
-        self.finish(root);
-        let mut tenants = match tenants_value {
-            None => Vec::new(),
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, item)| match item {
-                    Value::Table(t) => Some(self.tenant(i, t)),
-                    other => {
-                        self.err(format!(
-                            "tenants[{i}]: expected a table, found {}",
-                            other.type_str()
-                        ));
-                        None
-                    }
-                })
-                .collect(),
-            Some(other) => {
-                self.err(format!(
-                    "tenants: expected [[tenants]] entries, found {}",
-                    other.type_str()
-                ));
-                Vec::new()
-            }
-        };
-        if tenants.is_empty() && embedded {
-            tenants.push(dev_tenant());
-        }
-        if tenants.is_empty() {
-            self.err("no [[tenants]] configured: nobody could authenticate".into());
-        }
-        self.check_tenants(&tenants, environment);
-        if rate_limit_bypass && environment == Environment::Production {
+        self.unknown("", raw.unknown);
+        if config.rate_limit_bypass && environment == Environment::Production {
             self.err("RATE_LIMIT_BYPASS is enabled with environment = \"production\": refusing to run without rate limits in production".into());
         }
-        if matches!(storage, StorageTarget::S3 { .. })
-            && s3_config
+        if matches!(config.storage, StorageTarget::S3 { .. })
+            && config
+                .s3
                 .endpoint
                 .as_deref()
                 .is_some_and(|e| !e.starts_with("http"))
@@ -617,37 +606,84 @@ impl Parser<'_> {
         if listen == admin_listen && listen.port() != 0 {
             self.err(format!("listen and admin_listen are both {listen}"));
         }
-
-        Some(Config {
-            environment,
-            listen,
-            admin_listen,
-            redis,
-            storage,
-            s3: s3_config,
-            part_size_mb,
-            idempotency_ttl: Duration::from_secs(idempotency_ttl),
-            reaper_interval: Duration::from_secs(reaper_interval),
-            log_format,
-            rate_limit_bypass,
-            session_retention: Duration::from_secs(session_retention),
-            max_json_body_bytes: max_json_body_bytes as usize,
-            request_timeout: Duration::from_secs(request_timeout),
-            part_idle_timeout: Duration::from_secs(part_idle_timeout),
-            shutdown_grace: Duration::from_secs(shutdown_grace),
-            max_connections: max_connections as usize,
-            redis_timeout: Duration::from_millis(redis_timeout),
-            header_read_timeout: Duration::from_secs(header_read_timeout),
-            tenants,
-        })
+        config
     }
 
-    fn tenant(&mut self, index: usize, table: Table) -> TenantConfig {
-        let mut t = Section {
-            name: format!("tenants[{index}]"),
-            table,
+    fn redis(
+        &mut self,
+        url: Setting<String>,
+        cluster: Setting<Vec<String>>,
+    ) -> Option<RedisTarget> {
+        // An empty UPGATE_REDIS_URL selects the in-memory store.
+        let url = self.opt(url, "redis_url").filter(|u| !u.is_empty());
+        let cluster = self.opt(cluster, "redis_cluster_urls");
+        if cluster.as_ref().is_some_and(Vec::is_empty) {
+            self.err("redis_cluster_urls: expected a non-empty list of redis:// URLs".into());
+        }
+        let target = match (url, cluster) {
+            (Some(_), Some(_)) => {
+                self.err("redis_url and redis_cluster_urls are both set: choose one".into());
+                return None;
+            }
+            (Some(u), None) => RedisTarget::Single(u),
+            (None, Some(urls)) => RedisTarget::Cluster(urls),
+            (None, None) => return None,
         };
-        let id = self.string(&mut t, "id", None, "");
+        let urls = match &target {
+            RedisTarget::Single(u) => std::slice::from_ref(u),
+            RedisTarget::Cluster(u) => u.as_slice(),
+        };
+        for u in urls {
+            if u.starts_with("rediss://") {
+                self.err(format!(
+                    "redis URL {u:?}: TLS to Redis (rediss://) is not supported by this build; use redis:// on a private network or a TLS sidecar"
+                ));
+            } else if !u.starts_with("redis://") {
+                self.err(format!("redis URL {u:?} must start with redis://"));
+            }
+        }
+        Some(target)
+    }
+
+    fn s3(&mut self, raw: Setting<RawS3>) -> S3Config {
+        let raw = self.get(raw, "s3");
+        let endpoint = self.opt(raw.endpoint, "s3.endpoint");
+        let force_path_style = self.opt(raw.force_path_style, "s3.force_path_style");
+        let config = S3Config {
+            endpoint: endpoint.filter(|e| !e.is_empty()),
+            region: self.text(raw.region, "s3.region", "us-east-1"),
+            force_path_style: force_path_style.unwrap_or(true),
+        };
+        self.unknown("s3", raw.unknown);
+        config
+    }
+
+    fn tenants(
+        &mut self,
+        raw: Setting<Vec<Setting<RawTenant>>>,
+        embedded: bool,
+        environment: Environment,
+    ) -> Vec<TenantConfig> {
+        let mut tenants = Vec::new();
+        for (i, t) in self.get(raw, "tenants").into_iter().enumerate() {
+            let name = format!("tenants[{i}]");
+            if let Some(t) = self.opt(t, &name) {
+                tenants.push(self.tenant(&name, t));
+            }
+        }
+        if tenants.is_empty() && embedded {
+            tenants.push(dev_tenant());
+        }
+        if tenants.is_empty() {
+            self.err("no [[tenants]] configured: nobody could authenticate".into());
+        }
+        self.tenants_together(&tenants, environment);
+        tenants
+    }
+
+    fn tenant(&mut self, name: &str, t: RawTenant) -> TenantConfig {
+        let field = |key: &str| format!("{name}.{key}");
+        let id = self.text(t.id, &field("id"), "");
         if id.is_empty()
             || id.len() > 64
             || !id
@@ -655,69 +691,53 @@ impl Parser<'_> {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             self.err(format!(
-                "tenants[{index}].id: {id:?} must be 1-64 characters of A-Z a-z 0-9 - _"
+                "{name}.id: {id:?} must be 1-64 characters of A-Z a-z 0-9 - _"
             ));
         }
-        let keys = match t.take("api_keys_sha256") {
-            Some(Value::Array(a)) => a
-                .into_iter()
-                .filter_map(|v| match v {
-                    Value::String(s) => Some(s.to_ascii_lowercase()),
-                    _ => None,
-                })
-                .collect(),
-            Some(_) => {
-                self.err(format!(
-                    "tenants[{index}].api_keys_sha256: expected a list of hex strings"
-                ));
-                Vec::new()
-            }
-            None => Vec::new(),
-        };
+        let keys: Vec<String> = self.get(t.api_keys_sha256, &field("api_keys_sha256"));
+        let keys: Vec<String> = keys.iter().map(|k| k.to_ascii_lowercase()).collect();
         if keys.is_empty() {
             self.err(format!(
-                "tenants[{index}] ({id}): api_keys_sha256 is empty: the tenant has no API key"
+                "{name} ({id}): api_keys_sha256 is empty: the tenant has no API key"
             ));
         }
         for k in &keys {
             if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
                 self.err(format!(
-                    "tenants[{index}].api_keys_sha256: {k:?} is not a 64-digit hex SHA-256"
+                    "{name}.api_keys_sha256: {k:?} is not a 64-digit hex SHA-256"
                 ));
             }
         }
-        let max_files_per_session =
-            self.int(&mut t, "max_files_per_session", None, 1_000, 1..=1_000_000) as u32;
-        let max_file_size_bytes = self.int(
-            &mut t,
-            "max_file_size_bytes",
-            None,
-            5_497_558_138_880,
-            0..=u64::MAX,
-        );
-        let mut ttl = self.section(&mut t, "session_ttl_seconds");
+
+        let ttl_name = field("session_ttl_seconds");
+        let ttl = self.get(t.session_ttl_seconds, &ttl_name);
         let session_ttl_seconds = TtlBounds {
-            default: self.int(&mut ttl, "default", None, 1_800, 1..=365 * 86_400),
-            min: self.int(&mut ttl, "min", None, 60, 1..=365 * 86_400),
-            max: self.int(&mut ttl, "max", None, 86_400, 1..=365 * 86_400),
+            default: self.int(ttl.default, &format!("{ttl_name}.default")),
+            min: self.int(ttl.min, &format!("{ttl_name}.min")),
+            max: self.int(ttl.max, &format!("{ttl_name}.max")),
         };
-        self.finish(ttl);
-        if !(session_ttl_seconds.min <= session_ttl_seconds.default
-            && session_ttl_seconds.default <= session_ttl_seconds.max)
-        {
-            self.err(format!(
-                "tenants[{index}].session_ttl_seconds: needs min <= default <= max"
-            ));
+        self.unknown(&ttl_name, ttl.unknown);
+        let TtlBounds { default, min, max } = session_ttl_seconds;
+        if !(min <= default && default <= max) {
+            self.err(format!("{ttl_name}: needs min <= default <= max"));
         }
-        let mut rl = self.section(&mut t, "rate_limit");
+
+        let rl_name = field("rate_limit");
+        let rl = self.get(t.rate_limit, &rl_name);
         let rate_limit = RateLimitConfig {
-            requests_per_second: self.int(&mut rl, "requests_per_second", None, 100, 1..=1_000_000)
-                as u32,
-            burst: self.int(&mut rl, "burst", None, 200, 1..=10_000_000) as u32,
+            requests_per_second: self.int(
+                rl.requests_per_second,
+                &format!("{rl_name}.requests_per_second"),
+            ) as u32,
+            burst: self.int(rl.burst, &format!("{rl_name}.burst")) as u32,
         };
-        self.finish(rl);
-        let default_prefix = format!("{id}/");
-        let storage_prefix = self.string(&mut t, "storage_prefix", None, &default_prefix);
+        self.unknown(&rl_name, rl.unknown);
+
+        let storage_prefix = self.text(
+            t.storage_prefix,
+            &field("storage_prefix"),
+            &format!("{id}/"),
+        );
         if !storage_prefix.ends_with('/')
             || storage_prefix.starts_with('/')
             || storage_prefix.starts_with('.')
@@ -727,39 +747,29 @@ impl Parser<'_> {
             || storage_prefix.len() < 2
         {
             self.err(format!(
-                "tenants[{index}].storage_prefix: {storage_prefix:?} must end with '/', not start with '/' or '.', and have no . or .. segments"
+                "{name}.storage_prefix: {storage_prefix:?} must end with '/', not start with '/' or '.', and have no . or .. segments"
             ));
         }
-        let max_concurrent_uploads =
-            self.int(&mut t, "max_concurrent_uploads", None, 64, 1..=100_000);
-        let cors_allowed_origins = match t.take("cors_allowed_origins") {
-            None => Vec::new(),
-            Some(Value::Array(a)) => a
-                .into_iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect(),
-            Some(_) => {
-                self.err(format!(
-                    "tenants[{index}].cors_allowed_origins: expected a list of origins"
-                ));
-                Vec::new()
-            }
-        };
-        self.finish(t);
-        TenantConfig {
+        let tenant = TenantConfig {
+            max_files_per_session: self
+                .int(t.max_files_per_session, &field("max_files_per_session"))
+                as u32,
+            max_file_size_bytes: self.int(t.max_file_size_bytes, &field("max_file_size_bytes")),
+            max_concurrent_uploads: self
+                .int(t.max_concurrent_uploads, &field("max_concurrent_uploads")),
+            cors_allowed_origins: self.get(t.cors_allowed_origins, &field("cors_allowed_origins")),
             id,
             api_keys_sha256: keys,
-            max_files_per_session,
-            max_file_size_bytes,
             session_ttl_seconds,
             rate_limit,
             storage_prefix,
-            max_concurrent_uploads,
-            cors_allowed_origins,
-        }
+        };
+        self.unknown(name, t.unknown);
+        tenant
     }
 
-    fn check_tenants(&mut self, tenants: &[TenantConfig], environment: Environment) {
+    /// Rules across tenants: unique ids, prefixes and keys; no development key in production.
+    fn tenants_together(&mut self, tenants: &[TenantConfig], environment: Environment) {
         let mut ids = HashSet::new();
         let mut keys = HashSet::new();
         let mut prefixes = HashSet::new();

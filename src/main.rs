@@ -1,14 +1,9 @@
-//! The `upgate` binary: parse arguments, load the configuration, set up logging, run.
-//!
-//! ```text
-//! upgate [--config FILE]             serve (UPGATE_CONFIG=FILE works too)
-//! upgate [--config FILE] dev-seed    create the seed fixtures in the configured store, print ids
-//! upgate hash-key KEY                print the SHA-256 digest to put in api_keys_sha256
-//! ```
+//! The `upgate` binary: parse arguments (clap), load the configuration, set up logging, run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
 use upgate::config::Config;
 
 /// With `--features mimalloc`: mimalloc instead of glibc malloc, less CPU per request, more
@@ -17,39 +12,40 @@ use upgate::config::Config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn usage() -> ExitCode {
-    eprintln!("usage: upgate [--config FILE] [serve | dev-seed | hash-key KEY]");
-    ExitCode::from(2)
+/// Multi-tenant upload gateway: upload sessions in front of object storage.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file; environment variables override it. Without one the embedded
+    /// default runs (in-memory store, ./data, 127.0.0.1:8080, the development tenant).
+    #[arg(short, long, global = true, env = "UPGATE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API and the admin listener (the default).
+    Serve,
+    /// Create the seed story's fixtures in the configured store and print their ids.
+    DevSeed,
+    /// Print the SHA-256 digest of an API key, for `api_keys_sha256`.
+    HashKey {
+        /// The API key.
+        key: String,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let mut config_path: Option<PathBuf> = std::env::var_os("UPGATE_CONFIG").map(PathBuf::from);
-    let mut command = String::from("serve");
-    let mut rest = Vec::new();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => match args.next() {
-                Some(p) => config_path = Some(PathBuf::from(p)),
-                None => return usage(),
-            },
-            "-h" | "--help" => return usage(),
-            "serve" | "dev-seed" | "hash-key" => command = arg,
-            _ => rest.push(arg),
-        }
-    }
-    if command == "hash-key" {
-        let [key] = rest.as_slice() else {
-            return usage();
-        };
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::HashKey { key } = &command {
         println!("{}", Config::hash_key(key));
         return ExitCode::SUCCESS;
     }
-    if !rest.is_empty() {
-        return usage();
-    }
-    let config = match Config::load(config_path.as_deref()) {
+    let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("upgate: {e}");
@@ -57,9 +53,9 @@ async fn main() -> ExitCode {
         }
     };
     let telemetry = upgate::telemetry::init(config.log_format);
-    let result = match command.as_str() {
-        "dev-seed" => upgate::dev_seed::run(config).await,
-        _ => serve(config).await,
+    let result = match command {
+        Command::DevSeed => upgate::dev_seed::run(config).await,
+        Command::Serve | Command::HashKey { .. } => serve(config).await,
     };
     drop(telemetry);
     match result {
