@@ -9,28 +9,29 @@
 //!    clone of the service below it instead of five), in this order:
 //!    - **metrics**: counts every response by route and status, rejections included;
 //!    - **control-plane timeout**: bounds JSON requests; part uploads and completes are
-//!      exempt (parts are bounded by the idle timeout on their body, so a slow but live
-//!      upload survives; completes by the storage client's timeout);
-//!    - **CORS preflight**: answered before authentication (browsers send no API key on a
-//!      preflight), for origins some tenant allows;
-//!    - **authentication**: resolves the tenant; everything below is per tenant;
-//!    - **per-tenant CORS**: that tenant's origins get CORS headers on the response.
-//! 4. **Panic catcher**: turns a panic below into a 500 problem instead of a dropped
+//!      exempt (parts are bounded by the idle timeout on their body and by the storage
+//!      client's minimum throughput; completes by the storage client's timeout);
+//!    - **authentication**: resolves the tenant; everything below is per tenant. A CORS
+//!      preflight is let through unauthenticated (browsers send no credential on one).
+//! 4. **CORS** (`tower_http::cors`, [`crate::cors`]): answers preflights for origins some
+//!    tenant allows (before any policy layer: a preflight costs no rate-limit token), and
+//!    adds the owning tenant's CORS headers to every other response from below.
+//! 5. **Panic catcher**: turns a panic below into a 500 problem instead of a dropped
 //!    connection; inside the edge, so panics are counted and get the tenant's CORS headers.
-//! 5. **Layer failures** (`LayerFailure`): a policy layer's infrastructure error (Redis down
+//! 6. **Layer failures** (`LayerFailure`): a policy layer's infrastructure error (Redis down
 //!    behind the rate limiter, the idempotency store or the deadline lookup) becomes a 503.
 //!
 //! The edge and the failure mapping call the service below them directly from `call` (their
 //! decisions are synchronous): no per-request clone of the stack below and no boxed future.
 //! (As `axum::middleware::from_fn` and `HandleErrorLayer` they cloned everything below them
 //! and boxed twice per request, ~6 % of the gateway's CPU under the register load.)
-//! 6. **Rate limit** (per tenant): before anything that touches Redis session scripts or
+//! 7. **Rate limit** (per tenant): before anything that touches Redis session scripts or
 //!    storage, so a limited request costs one limiter decision and nothing else.
-//! 7. **Idempotency** (POST with `Idempotency-Key`, scoped per tenant): after the rate limit
+//! 8. **Idempotency** (POST with `Idempotency-Key`, scoped per tenant): after the rate limit
 //!    (a rejected request must not reserve a key) and before the handlers, so a replay never
 //!    re-runs registration or completion.
-//! 8. **Expiry**: answers 410 from the session's immutable deadline before any handler work.
-//! 9. **Count limit**: per-tenant cap on part uploads in flight, innermost so a slot is held
+//! 9. **Expiry**: answers 410 from the session's immutable deadline before any handler work.
+//! 10. **Count limit**: per-tenant cap on part uploads in flight, innermost so a slot is held
 //!    only while the upload itself runs.
 
 use std::convert::Infallible;
@@ -238,9 +239,9 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
     let edge = EdgeLayer(Arc::new(EdgeState {
         metrics: state.metrics.clone(),
         tenants: Tenants::new(&state.config.tenants),
-        preflight_origins: crate::cors::AnyTenantOrigins::new(&state.config.tenants),
         timeout: state.config.request_timeout,
     }));
+    let cors = crate::cors::layer(&state.config.tenants);
     crate::api::routes(state).layer(
         ServiceBuilder::new()
             .layer(SetRequestIdLayer::new(
@@ -291,6 +292,7 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
                 span
             }))
             .layer(edge)
+            .layer(cors)
             .layer(CatchPanicLayer::custom(
                 |_panic: Box<dyn std::any::Any + Send>| {
                     AppError::Internal("handler panicked".into()).into_response()
@@ -308,11 +310,10 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
 struct EdgeState {
     metrics: Arc<crate::metrics::Metrics>,
     tenants: Tenants,
-    preflight_origins: crate::cors::AnyTenantOrigins,
     timeout: Duration,
 }
 
-/// The edge (metrics, timeout, preflight, authentication, per-tenant CORS) as a layer.
+/// The edge (metrics, timeout, authentication) as a layer.
 #[derive(Clone)]
 struct EdgeLayer(Arc<EdgeState>);
 
@@ -327,8 +328,8 @@ impl<S> Layer<S> for EdgeLayer {
     }
 }
 
-/// Metrics around everything; then timeout, preflight, authentication and per-tenant CORS
-/// (see the module docs for the order). Readiness is the inner service's; every decision is
+/// Metrics around everything; then timeout and authentication (see the module docs for the
+/// order). Readiness is the inner service's; every decision is
 /// made in `call`, which then calls the inner service at once (a preflight or an
 /// unauthenticated request leaves its readiness unused, which the stack below allows: it
 /// reserves nothing in `poll_ready`).
@@ -359,22 +360,22 @@ where
         let method = req.method().clone();
         let start = Instant::now();
         let deadline = (!exempt_from_timeout(&req)).then_some(edge.timeout);
-        // Decided here, synchronously: a preflight or a missing/unknown key is answered
-        // without calling the inner service.
-        let admitted = if let Some(res) = crate::cors::preflight(&edge.preflight_origins, &req) {
-            Err(res)
+        // Decided here, synchronously: a missing/unknown key is answered without calling the
+        // inner service; a preflight goes to the CORS layer below unauthenticated.
+        let preflight = crate::cors::is_preflight(&req);
+        let admitted = if preflight {
+            Ok(self.inner.call(req))
         } else if let Some(tenant) = crate::auth::tenant_of(&edge.tenants, &req) {
             tracing::Span::current().record("tenant", tenant.id.as_str());
-            let cors_origin = crate::cors::allowed_origin(&tenant, &req);
             req.extensions_mut().insert(crate::api::Tenant(tenant));
-            Ok((self.inner.call(req), cors_origin))
+            Ok(self.inner.call(req))
         } else {
             Err(AppError::Unauthorized.into_response())
         };
         Box::pin(async move {
             let res = match admitted {
                 Err(res) => res,
-                Ok((fut, cors_origin)) => {
+                Ok(fut) => {
                     let outcome = match deadline {
                         None => Ok(fut.await),
                         Some(d) => tokio::time::timeout(d, fut).await,
@@ -382,8 +383,9 @@ where
                     match outcome {
                         Ok(Ok(res)) => {
                             let mut res = res.map(axum::body::Body::new);
-                            if let Some(origin) = cors_origin {
-                                crate::cors::expose(&mut res, origin);
+                            // A preflight has no content: 204 (tower-http answers 200).
+                            if preflight && res.status() == axum::http::StatusCode::OK {
+                                *res.status_mut() = axum::http::StatusCode::NO_CONTENT;
                             }
                             res
                         }
