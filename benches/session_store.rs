@@ -2,8 +2,8 @@
 //!
 //! * `floor/evalsha_trivial_direct`: `EVALSHA` of `return 1` on a plain multiplexed
 //!   connection — one round trip, nothing else;
-//! * `floor/evalsha_trivial_handle`: the same through [`RedisHandle`] (pool get incl.
-//!   deadpool's recycle PING);
+//! * `floor/evalsha_trivial_handle`: the same through [`RedisHandle`] (a
+//!   `ConnectionManager` on a single server);
 //! * `redis_store/register_file`: the real registration script through the store, one
 //!   session with a huge file limit, a fresh file id and key per iteration;
 //! * `redis_store/get_file`: a read-only gated script, for comparison;
@@ -115,7 +115,10 @@ fn benches(c: &mut Criterion) {
         return;
     }
     let server = upgate_testkit::RedisServer::start();
-    let handle = RedisHandle::single(&server.url()).expect("redis handle");
+    let handle = {
+        let _runtime = rt.enter();
+        RedisHandle::single(&server.url()).expect("redis handle")
+    };
 
     // Floor: a trivial script, directly and through the pooled handle.
     let trivial = redis::Script::new("return 1");

@@ -327,8 +327,9 @@ counts() { # monitor file -> "top|lua command count" lines
        END { for (k in t) print "top", k, t[k]; for (k in s) print "lua", k, s[k] }' "$1"
 }
 per_op() { # small-file large-file n kind(top|lua) -> "commands|round trips|cmd x.xx, ..."
-  # Round trips: top-level commands, except that deadpool-redis pipelines UNWATCH with its
-  # recycle PING (one round trip for the two), so UNWATCH is not counted as one.
+  # Round trips: top-level commands, except that deadpool-redis (the Redis Cluster pool)
+  # pipelines UNWATCH with its recycle PING (one round trip for the two), so UNWATCH is not
+  # counted as one.
   awk -v n="$3" -v kind="$4" '
     FNR == NR { if ($1 == kind) a[$2] = $3; next }
     $1 == kind { b[$2] = $3 }

@@ -23,9 +23,10 @@
 //! removed by [`SessionStore::reap_done`].
 //!
 //! ## Failure behaviour
-//! Every call is bounded by [`RedisStoreOptions::command_timeout`] (pool wait included); a
-//! timeout or any connection error is a [`StoreError`]. Broken pooled connections are
-//! detected on recycle (PING) and replaced, so calls succeed again once Redis is back.
+//! Every call is bounded by [`RedisStoreOptions::command_timeout`] (connecting or pool wait
+//! included); a timeout or any connection error is a [`StoreError`]. On a single server a
+//! dropped connection is replaced by [`ConnectionManager`] in the background, and the Cluster
+//! pool checks a connection before handing it out, so calls succeed again once Redis is back.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -34,7 +35,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::{Runtime, Timeouts};
-use redis::aio::ConnectionLike;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{
     Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, RedisWrite, Script,
     ToRedisArgs, Value,
@@ -54,10 +55,11 @@ use crate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionSta
 /// Pool settings of a [`RedisHandle`].
 #[derive(Debug, Clone)]
 pub struct RedisPoolOptions {
-    /// Maximum pooled connections (each is multiplexed, so a few are plenty). Default 16.
+    /// Maximum pooled Cluster connections (each is multiplexed, so a few are plenty; a single
+    /// server uses one multiplexed connection). Default 16.
     pub max_size: usize,
-    /// Bound on waiting for a free pooled connection, on opening a new one and on the
-    /// recycle PING. Default 2 s.
+    /// Bound on opening a connection, on one response, and (Cluster) on waiting for a pooled
+    /// connection and on its health check. Default 2 s.
     pub timeout: Duration,
 }
 
@@ -70,79 +72,24 @@ impl Default for RedisPoolOptions {
     }
 }
 
-/// A cloneable handle on a pooled single Redis or Redis Cluster connection.
+/// A cloneable handle on a single Redis server or a pooled Redis Cluster connection.
 ///
-/// It implements [`redis::aio::ConnectionLike`] (each command takes a pooled connection for
-/// its duration), so besides backing the [`RedisStore`] it can be handed to anything
-/// generic over a connection, such as the tower layers' Redis backends.
+/// It implements [`redis::aio::ConnectionLike`], so besides backing the [`RedisStore`] it can
+/// be handed to anything generic over a connection, such as the tower layers' Redis backends.
 #[derive(Clone)]
 pub enum RedisHandle {
-    /// One Redis server (or a proxy in front of several).
-    Single(SinglePool),
+    /// One Redis server (or a proxy in front of several): one multiplexed connection that
+    /// serves any number of concurrent calls and is reconnected in the background when it
+    /// drops.
+    Single(ConnectionManager),
     /// A Redis Cluster.
     Cluster(deadpool_redis::cluster::Pool),
-}
-
-/// A deadpool of multiplexed connections plus one healthy connection kept at hand.
-///
-/// deadpool-redis checks every connection it hands out with an `UNWATCH`+`PING` round trip,
-/// which doubled the cost of every store call. A multiplexed connection serves any number of
-/// concurrent requests, so the handle keeps a clone of one that worked and uses it directly;
-/// a connection-level error drops it, and the next call goes through the pool again (which
-/// health-checks, reconnects once Redis is back, and refills the slot).
-#[derive(Clone)]
-pub struct SinglePool {
-    pool: deadpool_redis::Pool,
-    cached: std::sync::Arc<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
-}
-
-impl SinglePool {
-    fn cached(&self) -> Option<redis::aio::MultiplexedConnection> {
-        self.cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    async fn connection(&self) -> RedisResult<redis::aio::MultiplexedConnection> {
-        if let Some(c) = self.cached() {
-            return Ok(c);
-        }
-        let pooled = self.pool.get().await.map_err(pool_error)?;
-        let conn: redis::aio::MultiplexedConnection = (*pooled).clone();
-        *self
-            .cached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.clone());
-        Ok(conn)
-    }
-
-    /// Forgets the kept connection after an error that says it may be broken.
-    fn check<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
-        if let Err(e) = &result {
-            if e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_timeout()
-                || e.is_unrecoverable_error()
-            {
-                *self
-                    .cached
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-            }
-        }
-        result
-    }
 }
 
 impl fmt::Debug for RedisHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RedisHandle::Single(p) => f
-                .debug_tuple("RedisHandle::Single")
-                .field(&p.pool.status())
-                .finish(),
+            RedisHandle::Single(_) => f.write_str("RedisHandle::Single"),
             RedisHandle::Cluster(p) => f
                 .debug_tuple("RedisHandle::Cluster")
                 .field(&p.status())
@@ -160,29 +107,33 @@ fn pool_timeouts(t: Duration) -> Timeouts {
 }
 
 impl RedisHandle {
-    /// A pool on one Redis server (`redis://host:port/db`), default pool options. Does not
-    /// connect yet: connections are opened on first use.
+    /// A connection to one Redis server (`redis://host:port/db`), default options. Does not
+    /// connect yet: the connection is opened on first use (so the gateway starts, not ready,
+    /// while Redis is down). Call it inside a Tokio runtime.
     pub fn single(url: &str) -> Result<Self, StoreError> {
         Self::single_with(url, &RedisPoolOptions::default())
     }
 
-    /// A pool on one Redis server with explicit pool options.
+    /// A connection to one Redis server with explicit options.
     pub fn single_with(url: &str, opts: &RedisPoolOptions) -> Result<Self, StoreError> {
-        let conn_cfg = redis::AsyncConnectionConfig::new()
+        // The manager spawns its reconnection task on the current runtime.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StoreError::new(
+                "a Redis handle must be created inside a Tokio runtime",
+            ));
+        }
+        let client = redis::Client::open(url).map_err(StoreError::new)?;
+        // A failed (re)connection is retried twice, quickly: a call waiting on it is bounded
+        // by the store's command timeout, and the next call starts another attempt.
+        let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(opts.timeout))
-            .set_response_timeout(Some(opts.timeout));
+            .set_response_timeout(Some(opts.timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(200));
         let manager =
-            deadpool_redis::Manager::new_with_config(url, conn_cfg).map_err(StoreError::new)?;
-        let pool = deadpool_redis::Pool::builder(manager)
-            .max_size(opts.max_size.max(1))
-            .timeouts(pool_timeouts(opts.timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(StoreError::new)?;
-        Ok(RedisHandle::Single(SinglePool {
-            pool,
-            cached: Default::default(),
-        }))
+            ConnectionManager::new_lazy_with_config(client, config).map_err(StoreError::new)?;
+        Ok(RedisHandle::Single(manager))
     }
 
     /// A pool on a Redis Cluster, given one or more seed node URLs; default pool options.
@@ -213,13 +164,6 @@ impl RedisHandle {
     }
 }
 
-fn pool_error(e: deadpool_redis::PoolError) -> RedisError {
-    match e {
-        deadpool_redis::PoolError::Backend(e) => e,
-        other => RedisError::from((ErrorKind::Io, "redis pool", other.to_string())),
-    }
-}
-
 fn cluster_pool_error(e: deadpool_redis::cluster::PoolError) -> RedisError {
     match e {
         deadpool_redis::cluster::PoolError::Backend(e) => e,
@@ -232,11 +176,7 @@ fn cluster_pool_error(e: deadpool_redis::cluster::PoolError) -> RedisError {
 impl ConnectionLike for RedisHandle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            RedisHandle::Single(single) => Box::pin(async move {
-                let mut con = single.connection().await?;
-                let result = con.req_packed_command(cmd).await;
-                single.check(result)
-            }),
+            RedisHandle::Single(manager) => manager.req_packed_command(cmd),
             RedisHandle::Cluster(pool) => Box::pin(async move {
                 let mut con = pool.get().await.map_err(cluster_pool_error)?;
                 con.req_packed_command(cmd).await
@@ -251,11 +191,7 @@ impl ConnectionLike for RedisHandle {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            RedisHandle::Single(single) => Box::pin(async move {
-                let mut con = single.connection().await?;
-                let result = con.req_packed_commands(cmd, offset, count).await;
-                single.check(result)
-            }),
+            RedisHandle::Single(manager) => manager.req_packed_commands(cmd, offset, count),
             RedisHandle::Cluster(pool) => Box::pin(async move {
                 let mut con = pool.get().await.map_err(cluster_pool_error)?;
                 con.req_packed_commands(cmd, offset, count).await
