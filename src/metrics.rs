@@ -203,7 +203,8 @@ pub struct Metrics {
     pub sessions_created: Counter,
     /// Sessions finalized.
     pub sessions_finalized: Counter,
-    /// Sessions moved to expired (by a request or the reaper).
+    /// Sessions the reaper found past `expiresAt` (once per session; a request that meets an
+    /// expired session logs the expiration but does not count it here).
     pub sessions_expired: Counter,
     /// Expired sessions whose uploads the reaper aborted.
     pub sessions_reaped: Counter,
@@ -266,7 +267,7 @@ impl Metrics {
             ),
             (
                 "upgate_sessions_expired_total",
-                "Sessions seen past expiresAt.",
+                "Sessions the reaper found past expiresAt.",
                 &self.sessions_expired,
             ),
             (

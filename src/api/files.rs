@@ -20,9 +20,9 @@ pub(super) async fn register(
     let t = &tenant.0;
     let req = crate::validate::register_file(&body, t)?;
     let now = now_ms();
-    // The part size depends on the session's part size, which the registration script reads
-    // atomically anyway; the gateway's configured size is the session's (it is fixed at
-    // creation from the same setting), so the file's parts are computed here and stored.
+    // The file's part size is computed from this replica's configured part size, not read
+    // from the session: a replica with another `part_size_mb` gives the session's new files
+    // another part size than the session shows.
     let session_part_size = state.config.part_size_bytes();
     let part_size = part_size_for(session_part_size, req.size_bytes);
     let file = FileRecord {
@@ -116,7 +116,7 @@ pub(super) async fn abort(
                 .abort_upload(&before.object_key, upload_id)
                 .await
             {
-                tracing::warn!(error = %e, "aborting the storage upload failed; the reaper will retry at expiry");
+                tracing::warn!(error = %e, "aborting the storage upload failed; it stays open in storage (the reaper does not retry aborted files)");
             }
         }
         (FileStatus::Completed, _) => state.storage.delete_object(&before.object_key).await?,

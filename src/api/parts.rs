@@ -37,8 +37,9 @@ use crate::storage::{PartBody, PartChecksum, StorageError, StorageKind};
 use crate::store::{BeginComplete, UploadIdSet};
 
 /// How long one caller may hold a file's completion lease before another may take over (a
-/// crashed replica must not block a file forever; S3 completes even 10,000 parts well
-/// within this).
+/// crashed replica must not block a file forever). It is shorter than the storage client's
+/// complete timeout (15 min), and the lease is not renewed: a completion that takes longer
+/// can be started a second time by another caller.
 const COMPLETE_LEASE_MS: i64 = 10 * 60 * 1000;
 /// How long a concurrent `complete` waits for the lease holder before answering 503 (as long
 /// as the storage client gives the holder).

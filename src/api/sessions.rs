@@ -109,7 +109,7 @@ pub(crate) async fn abort_uploads(state: &AppState, files: &[FileRecord]) -> usi
                 match storage.abort_upload(&key, &upload_id).await {
                     Ok(()) => 1,
                     Err(e) => {
-                        tracing::warn!(file_id = %file_id, error = %e, "aborting a storage upload failed; the reaper will retry");
+                        tracing::warn!(file_id = %file_id, error = %e, "aborting a storage upload failed; it stays open in storage (the reaper does not retry aborted sessions)");
                         0
                     }
                 }
