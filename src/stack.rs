@@ -1,8 +1,9 @@
 //! The middleware stack, assembled in one place.
 //!
 //! Outermost first, and why each sits where it does:
-//! 1. **Request id** (set, then propagate): first, so every log line, problem document and
-//!    response of every layer below carries `X-Request-Id` (the client's, or a new UUID).
+//! 1. **Request id** (bound, set, then propagate): first, so every log line, problem document
+//!    and response of every layer below carries `X-Request-Id`: the client's when it is 1 to
+//!    128 visible ASCII characters, else a new UUID.
 //! 2. **Trace span**: wraps everything else so the span (request id, method, route, tenant,
 //!    session and file ids recorded further in) covers all work, rejections included.
 //! 3. **Edge** (one hand-written middleware, so a request pays for one boxed future and one
@@ -234,6 +235,38 @@ where
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Longest client `X-Request-Id` kept (`../shared/API.md`, v1.1 limits).
+const MAX_REQUEST_ID: usize = 128;
+
+/// Removes a client `X-Request-Id` that is empty, longer than [`MAX_REQUEST_ID`] or not
+/// visible ASCII, so that the next layer generates one: a client cannot make every log line
+/// of its request carry kilobytes.
+fn drop_invalid_request_id(mut req: Request) -> Request {
+    let invalid = req.headers().get_all(&X_REQUEST_ID).iter().any(|v| {
+        let b = v.as_bytes();
+        b.is_empty() || b.len() > MAX_REQUEST_ID || !b.iter().all(u8::is_ascii_graphic)
+    });
+    if invalid {
+        req.headers_mut().remove(&X_REQUEST_ID);
+    }
+    req
+}
+
+/// A method as a metric label or log field: the methods the API and CORS use, else
+/// `other`, so no client string becomes a label (`../shared/API.md`, v1.1 limits).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// The API router with its whole middleware stack.
 pub fn build(state: AppState, layers: &Layers) -> Router {
     let edge = EdgeLayer(Arc::new(EdgeState {
@@ -244,6 +277,7 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
     let cors = crate::cors::layer(&state.config.tenants);
     crate::api::routes(state).layer(
         ServiceBuilder::new()
+            .map_request(drop_invalid_request_id)
             .layer(SetRequestIdLayer::new(
                 X_REQUEST_ID.clone(),
                 MakeRequestUuid,
@@ -275,7 +309,7 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
                 let span = tracing::info_span!(
                     "request",
                     request_id,
-                    method = %req.method(),
+                    method = method_label(req.method()),
                     route,
                     tenant = tracing::field::Empty,
                     session_id = session_id.unwrap_or(""),
@@ -426,15 +460,15 @@ fn record_metrics(
     if res.headers().contains_key("idempotent-replayed") {
         metrics.idempotent_replays.inc();
     }
+    let method = method_label(method);
     metrics.requests.inc(&[
-        ("method", method.as_str()),
+        ("method", method),
         ("route", route),
         ("status", res.status().as_str()),
     ]);
-    metrics.request_seconds.observe(
-        &[("method", method.as_str()), ("route", route)],
-        start.elapsed(),
-    );
+    metrics
+        .request_seconds
+        .observe(&[("method", method), ("route", route)], start.elapsed());
 }
 
 #[cfg(test)]
@@ -486,6 +520,47 @@ mod tests {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
         (status, body)
+    }
+
+    #[test]
+    fn only_the_api_methods_become_labels() {
+        for (m, label) in [("GET", "GET"), ("PATCH", "PATCH"), ("OPTIONS", "OPTIONS")] {
+            assert_eq!(
+                method_label(&Method::from_bytes(m.as_bytes()).expect("method")),
+                label
+            );
+        }
+        for m in ["TRACE", "CONNECT", "PROPFIND", "get", &"X".repeat(20_000)] {
+            let method = Method::from_bytes(m.as_bytes()).expect("method");
+            assert_eq!(method_label(&method), "other", "{}", &m[..m.len().min(10)]);
+        }
+    }
+
+    #[test]
+    fn a_request_id_is_kept_only_when_short_and_visible_ascii() {
+        let with = |v: &[u8]| {
+            let mut req = Request::new(axum::body::Body::empty());
+            req.headers_mut().insert(
+                X_REQUEST_ID.clone(),
+                axum::http::HeaderValue::from_bytes(v).expect("header value"),
+            );
+            drop_invalid_request_id(req)
+                .headers()
+                .get(&X_REQUEST_ID)
+                .map(|v| v.as_bytes().to_vec())
+        };
+        let ok = "a".repeat(MAX_REQUEST_ID);
+        assert_eq!(with(ok.as_bytes()), Some(ok.clone().into_bytes()));
+        assert_eq!(with(b"req-1.2_3:x"), Some(b"req-1.2_3:x".to_vec()));
+        for bad in [
+            "a".repeat(MAX_REQUEST_ID + 1).into_bytes(),
+            b"has space".to_vec(),
+            b"tab\there".to_vec(),
+            "caf\u{e9}".as_bytes().to_vec(),
+            b"".to_vec(),
+        ] {
+            assert_eq!(with(&bad), None, "{:?}", String::from_utf8_lossy(&bad));
+        }
     }
 
     /// Errors from `poll_ready` and from `call` both become the 503 problem, with no

@@ -1,0 +1,170 @@
+//! Hostile input against the real binary: what an anonymous client sends must not grow the
+//! gateway (`../shared/API.md` v1.1, "Limits every deployment relies on").
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary::Binary;
+use futures_util::StreamExt as _;
+
+/// A small deterministic generator (xorshift64*), so a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// `len` characters of an HTTP token (valid in a method or a header name).
+    fn token(&mut self, len: usize) -> String {
+        const CHARS: &[u8] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~";
+        (0..len)
+            .map(|_| CHARS[self.below(CHARS.len() as u64) as usize] as char)
+            .collect()
+    }
+}
+
+/// One request of random method, path and headers, with no credential.
+fn random_request(
+    rng: &mut Rng,
+    client: &reqwest::Client,
+    bin: &Binary,
+) -> reqwest::RequestBuilder {
+    let method = match rng.below(10) {
+        0 => rng.token(20_000),
+        1..=4 => {
+            let len = 1 + rng.below(24) as usize;
+            rng.token(len)
+        }
+        _ => ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"][rng.below(7) as usize]
+            .to_owned(),
+    };
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("token method");
+    let segments = rng.below(6);
+    let mut path = String::from("/v1");
+    for _ in 0..segments {
+        path.push('/');
+        let len = 1 + rng.below(40) as usize;
+        path.push_str(&rng.token(len).replace(['#', '%', '`', '|', '^'], "x"));
+    }
+    let mut req = client.request(method, bin.url(&path));
+    for _ in 0..rng.below(4) {
+        let len = 1 + rng.below(30) as usize;
+        let name = rng.token(len);
+        let len = rng.below(200) as usize;
+        let value = rng.token(len);
+        req = req.header(name, value);
+    }
+    if rng.below(3) == 0 {
+        let len = 1 + rng.below(4_000) as usize;
+        let id = rng.token(len);
+        req = req.header("x-request-id", id);
+    }
+    req
+}
+
+async fn metrics_len(client: &reqwest::Client, bin: &Binary) -> usize {
+    client
+        .get(format!("http://{}/metrics", bin.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .bytes()
+        .await
+        .expect("metrics body")
+        .len()
+}
+
+/// 10,000 requests with random methods (a tenth of them 20 KB long), paths, headers and
+/// request ids, no API key: `/metrics` grows by less than 64 KiB and RSS by less than 16 MiB,
+/// and none of them gets a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_random_requests_do_not_grow_metrics_or_memory() {
+    let bin = Binary::start("", &[]);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+
+    // A short warm-up first, so connection buffers and the usual series exist before the
+    // baseline is read.
+    let warm: Vec<_> = (0..200)
+        .map(|_| random_request(&mut rng, &client, &bin))
+        .collect();
+    futures_util::stream::iter(warm)
+        .for_each_concurrent(32, |r| async move {
+            let _ = r.send().await;
+        })
+        .await;
+    let metrics_before = metrics_len(&client, &bin).await;
+    let rss_before = bin.proc_kib("VmRSS");
+
+    let requests: Vec<_> = (0..10_000)
+        .map(|_| random_request(&mut rng, &client, &bin))
+        .collect();
+    let statuses: Vec<u16> = futures_util::stream::iter(requests)
+        .map(|r| async move { r.send().await.map(|res| res.status().as_u16()).unwrap_or(0) })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+
+    let server_errors = statuses.iter().filter(|s| **s >= 500).count();
+    let answered = statuses.iter().filter(|s| **s != 0).count();
+    assert_eq!(server_errors, 0, "5xx answers among {statuses:?}");
+    assert!(answered >= 9_900, "only {answered} of 10,000 were answered");
+
+    let metrics_after = metrics_len(&client, &bin).await;
+    let rss_after = bin.proc_kib("VmRSS");
+    assert!(
+        metrics_after < metrics_before + 64 * 1024,
+        "/metrics grew from {metrics_before} to {metrics_after} bytes"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    println!(
+        "10,000 random anonymous requests: /metrics {metrics_before} -> {metrics_after} bytes, RSS {rss_before} -> {rss_after} KiB"
+    );
+}
+
+/// A client's `X-Request-Id` comes back when it is at most 128 visible ASCII characters;
+/// a longer or non-visible one is replaced by a generated id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_bounded() {
+    let bin = Binary::start("", &[]);
+    let client = reqwest::Client::new();
+    let echo = |id: String| {
+        let req = client
+            .get(bin.url("/v1/sessions/x"))
+            .header("x-request-id", id);
+        async move {
+            let res = req.send().await.expect("send");
+            res.headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .unwrap_or_default()
+        }
+    };
+    let ok = "r".repeat(128);
+    assert_eq!(echo(ok.clone()).await, ok);
+    for bad in ["r".repeat(129), "r".repeat(100_000), "two words".to_owned()] {
+        let got = echo(bad.clone()).await;
+        assert_ne!(got, bad);
+        assert!(
+            !got.is_empty() && got.len() <= 128 && got.bytes().all(|b| b.is_ascii_graphic()),
+            "{got:?}"
+        );
+    }
+}
