@@ -161,9 +161,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Connections served at once; more wait in the accept queue (extra key `max_connections`, default 10000).
     pub max_connections: usize,
-    /// A client must send its whole request head within this (extra key
-    /// `header_read_timeout_seconds`, default 10): slowloris protection.
+    /// A connection must have its first request under way, and every request head must
+    /// arrive, within this (`header_read_timeout_seconds`, default 10): slowloris protection.
     pub header_read_timeout: Duration,
+    /// A connection without a request in flight is closed this long after its last response
+    /// (`idle_timeout_seconds`, default 60).
+    pub idle_timeout: Duration,
     /// Bound on every Redis call (extra key `redis_timeout_ms`, default 2000).
     pub redis_timeout: Duration,
     /// The tenants.
@@ -422,6 +425,7 @@ struct RawConfig {
     max_connections: Setting<Int<1, 1_000_000, 10_000>>,
     redis_timeout_ms: Setting<Int<10, 60_000, 2_000>>,
     header_read_timeout_seconds: Setting<Secs<1, 600, 10>>,
+    idle_timeout_seconds: Setting<Secs<1, 3_600, 60>>,
     s3: Setting<RawS3>,
     tenants: Setting<Vec<Setting<RawTenant>>>,
     #[serde(flatten)]
@@ -585,6 +589,7 @@ impl Check {
                 raw.header_read_timeout_seconds,
                 "header_read_timeout_seconds",
             ),
+            idle_timeout: self.secs(raw.idle_timeout_seconds, "idle_timeout_seconds"),
             redis_timeout: Duration::from_millis(
                 self.int(raw.redis_timeout_ms, "redis_timeout_ms"),
             ),

@@ -60,6 +60,9 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+/// Connections the admin listener serves at once (health probes and metric scrapers).
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// A gateway ready to serve: configuration plus its two backends.
 #[derive(Clone)]
 pub struct Gateway {
@@ -149,18 +152,21 @@ impl Gateway {
             let layers = self.layers.clone();
             let router = admin::routes(self.state.clone(), Arc::new(move || layers.metrics_text()));
             let stop = stop.clone();
-            tokio::spawn(async move {
-                let r = axum::serve(l, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "admin listener failed");
-                }
-            })
+            // The same accept loop as the API, with few connections: probes and scrapers.
+            let limits = serve::ServeLimits {
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                header_read_timeout: config.header_read_timeout,
+                idle_timeout: config.idle_timeout,
+                grace: std::time::Duration::from_secs(1),
+            };
+            tokio::spawn(serve::serve(l, router, limits, async move {
+                stop.cancelled().await
+            }))
         });
         let limits = serve::ServeLimits {
             max_connections: config.max_connections,
             header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
             grace: config.shutdown_grace,
         };
         serve::serve(listener, self.router(), limits, shutdown).await;

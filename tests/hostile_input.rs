@@ -168,3 +168,117 @@ async fn request_ids_are_bounded() {
         );
     }
 }
+
+/// How many silent connections this process may open: 5,000, or fewer when the open-file
+/// limit is lower (the gateway, a separate process, has the same limit).
+fn silent_budget() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        })
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1024);
+    let n = 5_000.min(soft.saturating_sub(300));
+    if n < 5_000 {
+        println!("open-file limit {soft}: {n} silent connections instead of 5,000");
+    }
+    n
+}
+
+/// Reads until the server closes the connection (EOF or reset); `false` if it stays open
+/// for `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // e.g. the HTTP/2 server's SETTINGS frame
+        }
+    }
+}
+
+/// 5,000 connections that send nothing, or only the HTTP/2 preface: each is closed after the
+/// header timeout (1 s here), not before, and a normal client's requests all succeed while
+/// they are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt as _;
+    let bin = Binary::start("header_read_timeout_seconds = 1\n", &[]);
+    let n = silent_budget();
+    let mut silent = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = tokio::net::TcpStream::connect(&bin.api)
+            .await
+            .expect("connect");
+        if i % 2 == 1 {
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .expect("h2c preface");
+        }
+        silent.push(s);
+    }
+    // The newest one is still open half a second later: the timeout, not the open itself,
+    // closes them.
+    let newest = silent.last_mut().expect("at least one");
+    assert!(!closed_within(newest, Duration::from_millis(500)).await);
+
+    let client = reqwest::Client::new();
+    for i in 0..100 {
+        let res = client
+            .get(bin.url(&format!("/v1/sessions/00000000-0000-4000-8000-{i:012}")))
+            .bearer_auth(common::KEY_A)
+            .send()
+            .await
+            .expect("normal request while silent connections are open");
+        assert_eq!(res.status(), 404);
+    }
+
+    let results = futures_util::future::join_all(
+        silent
+            .iter_mut()
+            .map(|s| closed_within(s, Duration::from_secs(20))),
+    )
+    .await;
+    let still_open = results.iter().filter(|closed| !**closed).count();
+    assert_eq!(
+        still_open, 0,
+        "{still_open} of {n} silent connections stayed open"
+    );
+}
+
+/// An HTTP/1.1 keep-alive connection is closed `idle_timeout_seconds` (2 s here) after its
+/// last response, and not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let bin = Binary::start("idle_timeout_seconds = 2\n", &[]);
+    let mut s = tokio::net::TcpStream::connect(&bin.api)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /v1/sessions/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .expect("request");
+    let mut buf = vec![0u8; 8192];
+    let n = s.read(&mut buf).await.expect("response");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 401"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let answered = std::time::Instant::now();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(15)).await,
+        "idle connection stayed open"
+    );
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(1_500),
+        "closed after only {idle:?}"
+    );
+}
