@@ -120,6 +120,9 @@ pub struct TenantConfig {
     pub max_concurrent_uploads: u64,
     /// Browser origins allowed by CORS (extra key, default none).
     pub cors_allowed_origins: Vec<String>,
+    /// Largest `metadata` of a session, as serialized JSON (`max_metadata_bytes`: the
+    /// tenant's, else the top-level setting, default 16 KiB).
+    pub max_metadata_bytes: u64,
 }
 
 /// The whole, validated configuration.
@@ -395,6 +398,9 @@ impl<'de, const MIN: u64, const MAX: u64, const DEFAULT: u64> Deserialize<'de>
     }
 }
 
+/// `max_metadata_bytes`: 2 (`{}`) to 1 MiB, default 16 KiB.
+type MetadataBytes = Int<2, { 1024 * 1024 }, { 16 * 1024 }>;
+
 /// Seconds in `MIN..=MAX`, `DEFAULT` when absent.
 type Secs<const MIN: u64, const MAX: u64, const DEFAULT: u64> = Int<MIN, MAX, DEFAULT>;
 
@@ -426,6 +432,7 @@ struct RawConfig {
     redis_timeout_ms: Setting<Int<10, 60_000, 2_000>>,
     header_read_timeout_seconds: Setting<Secs<1, 600, 10>>,
     idle_timeout_seconds: Setting<Secs<1, 3_600, 60>>,
+    max_metadata_bytes: Setting<MetadataBytes>,
     s3: Setting<RawS3>,
     tenants: Setting<Vec<Setting<RawTenant>>>,
     #[serde(flatten)]
@@ -454,6 +461,7 @@ struct RawTenant {
     storage_prefix: Setting<String>,
     max_concurrent_uploads: Setting<Int<1, 100_000, 64>>,
     cors_allowed_origins: Setting<Vec<String>>,
+    max_metadata_bytes: Setting<MetadataBytes>,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -565,6 +573,7 @@ impl Check {
         let log_format = self.opt(raw.log_format, "log_format");
         let rate_limit_bypass = self.get(raw.rate_limit_bypass, "rate_limit_bypass");
         let s3 = self.s3(raw.s3);
+        let max_metadata_bytes = self.int(raw.max_metadata_bytes, "max_metadata_bytes");
         let config = Config {
             environment,
             listen,
@@ -593,7 +602,7 @@ impl Check {
             redis_timeout: Duration::from_millis(
                 self.int(raw.redis_timeout_ms, "redis_timeout_ms"),
             ),
-            tenants: self.tenants(raw.tenants, embedded, environment),
+            tenants: self.tenants(raw.tenants, embedded, environment, max_metadata_bytes),
         };
         self.unknown("", raw.unknown);
         if config.rate_limit_bypass && environment == Environment::Production {
@@ -607,6 +616,13 @@ impl Check {
                 .is_some_and(|e| !e.starts_with("http"))
         {
             self.err("s3.endpoint (UPGATE_S3_ENDPOINT): must be an http:// or https:// URL".into());
+        }
+        let dev_only =
+            config.tenants.len() == 1 && config.tenants[0].id == DEV_TENANT_ID && embedded;
+        if dev_only && !listen.ip().is_loopback() {
+            self.err(format!(
+                "listen (UPGATE_LISTEN) is {listen}: the development tenant (no [[tenants]] configured, its key is published) is served only on a loopback address; configure [[tenants]] to listen on other addresses"
+            ));
         }
         if listen == admin_listen && listen.port() != 0 {
             self.err(format!("listen and admin_listen are both {listen}"));
@@ -668,16 +684,17 @@ impl Check {
         raw: Setting<Vec<Setting<RawTenant>>>,
         embedded: bool,
         environment: Environment,
+        max_metadata_bytes: u64,
     ) -> Vec<TenantConfig> {
         let mut tenants = Vec::new();
         for (i, t) in self.get(raw, "tenants").into_iter().enumerate() {
             let name = format!("tenants[{i}]");
             if let Some(t) = self.opt(t, &name) {
-                tenants.push(self.tenant(&name, t));
+                tenants.push(self.tenant(&name, t, max_metadata_bytes));
             }
         }
         if tenants.is_empty() && embedded {
-            tenants.push(dev_tenant());
+            tenants.push(dev_tenant(max_metadata_bytes));
         }
         if tenants.is_empty() {
             self.err("no [[tenants]] configured: nobody could authenticate".into());
@@ -686,7 +703,7 @@ impl Check {
         tenants
     }
 
-    fn tenant(&mut self, name: &str, t: RawTenant) -> TenantConfig {
+    fn tenant(&mut self, name: &str, t: RawTenant, max_metadata_bytes: u64) -> TenantConfig {
         let field = |key: &str| format!("{name}.{key}");
         let id = self.text(t.id, &field("id"), "");
         if id.is_empty()
@@ -763,6 +780,9 @@ impl Check {
             max_concurrent_uploads: self
                 .int(t.max_concurrent_uploads, &field("max_concurrent_uploads")),
             cors_allowed_origins: self.get(t.cors_allowed_origins, &field("cors_allowed_origins")),
+            max_metadata_bytes: self
+                .opt(t.max_metadata_bytes, &field("max_metadata_bytes"))
+                .map_or(max_metadata_bytes, |n| n.0),
             id,
             api_keys_sha256: keys,
             session_ttl_seconds,
@@ -807,7 +827,7 @@ impl Check {
     }
 }
 
-fn dev_tenant() -> TenantConfig {
+fn dev_tenant(max_metadata_bytes: u64) -> TenantConfig {
     TenantConfig {
         id: DEV_TENANT_ID.to_owned(),
         api_keys_sha256: vec![Config::hash_key(DEV_API_KEY)],
@@ -825,6 +845,7 @@ fn dev_tenant() -> TenantConfig {
         storage_prefix: format!("{DEV_TENANT_ID}/"),
         max_concurrent_uploads: 64,
         cors_allowed_origins: vec!["*".to_owned()],
+        max_metadata_bytes,
     }
 }
 
@@ -1005,7 +1026,8 @@ mod tests {
     #[test]
     fn env_overrides_keys_that_the_file_also_sets() {
         let env = |k: &str| match k {
-            "UPGATE_LISTEN" => Some("0.0.0.0:8080".to_owned()),
+            // A loopback address: the embedded development tenant is served only on loopback.
+            "UPGATE_LISTEN" => Some("127.0.0.2:8080".to_owned()),
             "UPGATE_ADMIN_LISTEN" => Some("0.0.0.0:9090".to_owned()),
             "MULTIPART_PART_SIZE_MB" => Some("10".to_owned()),
             "RATE_LIMIT_BYPASS" => Some("false".to_owned()),
@@ -1033,6 +1055,60 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(matches!(c.storage, StorageTarget::S3 { ref bucket, .. } if bucket == "bkt"));
         assert!(matches!(c.redis, Some(RedisTarget::Single(_))));
+    }
+
+    #[test]
+    fn the_dev_tenant_is_served_only_on_loopback() {
+        for listen in ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:8080"] {
+            let env = |k: &str| (k == "UPGATE_LISTEN").then(|| listen.to_owned());
+            let err = Config::from_toml("", env, true).expect_err(listen);
+            assert!(err.to_string().contains("loopback"), "{err}");
+        }
+        for listen in ["127.0.0.1:8080", "[::1]:8080"] {
+            let env = |k: &str| (k == "UPGATE_LISTEN").then(|| listen.to_owned());
+            assert!(Config::from_toml("", env, true).is_ok(), "{listen}");
+        }
+        // Configured tenants may listen anywhere.
+        let text = format!(
+            "listen = \"0.0.0.0:8080\"\n[[tenants]]\nid = \"t\"\napi_keys_sha256 = [\"{}\"]\n",
+            Config::hash_key("k")
+        );
+        assert!(Config::from_toml(&text, no_env, false).is_ok());
+    }
+
+    #[test]
+    fn max_metadata_bytes_has_a_default_a_top_level_setting_and_a_tenant_override() {
+        let tenant = |extra: &str| {
+            format!(
+                "[[tenants]]\nid = \"t\"\napi_keys_sha256 = [\"{}\"]\n{extra}",
+                Config::hash_key("k")
+            )
+        };
+        let c = Config::from_toml(&tenant(""), no_env, false).expect("valid");
+        assert_eq!(c.tenants[0].max_metadata_bytes, 16 * 1024);
+        let c = Config::from_toml(
+            &format!("max_metadata_bytes = 100\n{}", tenant("")),
+            no_env,
+            false,
+        )
+        .expect("valid");
+        assert_eq!(c.tenants[0].max_metadata_bytes, 100);
+        let c = Config::from_toml(
+            &format!(
+                "max_metadata_bytes = 100\n{}",
+                tenant("max_metadata_bytes = 7\n")
+            ),
+            no_env,
+            false,
+        )
+        .expect("valid");
+        assert_eq!(c.tenants[0].max_metadata_bytes, 7);
+        let err = Config::from_toml(&tenant("max_metadata_bytes = 1\n"), no_env, false)
+            .expect_err("below the minimum");
+        assert!(
+            err.to_string().contains("tenants[0].max_metadata_bytes"),
+            "{err}"
+        );
     }
 
     proptest! {

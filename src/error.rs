@@ -50,6 +50,8 @@ pub enum AppError {
     /// 400 `partSizeMismatch`.
     #[error("part size mismatch")]
     PartSizeMismatch {
+        /// The part.
+        part_number: u32,
         /// What the part must weigh.
         expected: u64,
         /// What was sent.
@@ -91,6 +93,9 @@ pub enum AppError {
     /// 409 `filesIncomplete`: finalize before every file is completed.
     #[error("files incomplete")]
     FilesIncomplete(Vec<String>),
+    /// 409 `requestInProgress`: another caller is completing this file (with `Retry-After`).
+    #[error("completion in progress")]
+    CompletionInProgress,
     /// 409 `requestInProgress`.
     #[error("request in progress")]
     RequestInProgress,
@@ -113,6 +118,9 @@ pub enum AppError {
     /// 413 `payloadTooLarge`.
     #[error("payload too large")]
     PayloadTooLarge(u64),
+    /// 413 `payloadTooLarge`: `metadata` over `max_metadata_bytes` (serialized JSON).
+    #[error("metadata too large")]
+    MetadataTooLarge(u64),
     /// 415 `contentTypeMismatch`.
     #[error("content type mismatch")]
     ContentTypeMismatch {
@@ -158,6 +166,10 @@ impl From<StorageError> for AppError {
             StorageError::BadDigest => AppError::ChecksumMismatch,
             StorageError::Body(_) => AppError::BodyIncomplete,
             StorageError::NotSupported => AppError::NotSupported,
+            StorageError::Refused { field, reason } => AppError::Validation(vec![FieldError::new(
+                field,
+                format!("refused by storage: {reason}"),
+            )]),
             StorageError::InvalidPart(m) => AppError::Validation(vec![FieldError::new("parts", m)]),
             StorageError::NoSuchUpload => AppError::FileNotActive("aborted"),
             StorageError::Unavailable(m) => AppError::Unavailable(m),
@@ -183,10 +195,12 @@ impl AppError {
             SessionNotFound | FileNotFound | RouteNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             DuplicateFileKey(_) | SessionNotActive(_) | FileNotActive(_) | FilesIncomplete(_)
-            | RequestInProgress => StatusCode::CONFLICT,
+            | RequestInProgress | CompletionInProgress => StatusCode::CONFLICT,
             SessionExpired { .. } => StatusCode::GONE,
             LengthRequired => StatusCode::LENGTH_REQUIRED,
-            FileTooLarge(_) | PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            FileTooLarge(_) | PayloadTooLarge(_) | MetadataTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ContentTypeMismatch { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             RateLimited { .. } | TooManyConcurrentUploads => StatusCode::TOO_MANY_REQUESTS,
@@ -215,11 +229,11 @@ impl AppError {
             SessionNotActive(_) => "sessionNotActive",
             FileNotActive(_) => "fileNotActive",
             FilesIncomplete(_) => "filesIncomplete",
-            RequestInProgress => "requestInProgress",
+            RequestInProgress | CompletionInProgress => "requestInProgress",
             SessionExpired { .. } => "sessionExpired",
             LengthRequired => "lengthRequired",
             FileTooLarge(_) => "fileTooLarge",
-            PayloadTooLarge(_) => "payloadTooLarge",
+            PayloadTooLarge(_) | MetadataTooLarge(_) => "payloadTooLarge",
             ContentTypeMismatch { .. } => "contentTypeMismatch",
             IdempotencyKeyReused => "idempotencyKeyReused",
             RateLimited { .. } => "rateLimited",
@@ -249,10 +263,12 @@ impl AppError {
             FileNotActive(_) => "The file no longer accepts parts",
             FilesIncomplete(_) => "Some files are not completed",
             RequestInProgress => "A request with this Idempotency-Key is still running",
+            CompletionInProgress => "Another request is completing this file",
             SessionExpired { .. } => "The session has expired",
             LengthRequired => "Content-Length is required",
             FileTooLarge(_) => "The file is larger than allowed",
             PayloadTooLarge(_) => "The request body is larger than allowed",
+            MetadataTooLarge(_) => "The metadata is larger than allowed",
             ContentTypeMismatch { .. } => "The content does not match its declared type",
             IdempotencyKeyReused => "The Idempotency-Key was used for a different request",
             RateLimited { .. } => "Too many requests",
@@ -291,9 +307,14 @@ impl AppError {
                 ext.insert("fileCount".into(), json!(file_count));
                 format!("the session already holds {file_count} of at most {max_files} files")
             }
-            PartSizeMismatch { expected, actual } => {
+            PartSizeMismatch {
+                part_number,
+                expected,
+                actual,
+            } => {
+                ext.insert("partNumber".into(), json!(part_number));
                 ext.insert("expectedSizeBytes".into(), json!(expected));
-                format!("this part must be exactly {expected} bytes, got {actual}")
+                format!("part {part_number} must be exactly {expected} bytes, got {actual}")
             }
             PartsMissing(missing) => {
                 ext.insert("missingParts".into(), json!(missing));
@@ -340,6 +361,10 @@ impl AppError {
             PayloadTooLarge(max) => {
                 ext.insert("maxSizeBytes".into(), json!(max));
                 format!("request bodies may be at most {max} bytes")
+            }
+            MetadataTooLarge(max) => {
+                ext.insert("maxSizeBytes".into(), json!(max));
+                format!("metadata may be at most {max} bytes as JSON")
             }
             ContentTypeMismatch {
                 file_id,
@@ -405,7 +430,9 @@ impl IntoResponse for AppError {
             AppError::RateLimited { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after.max(&1)));
             }
-            AppError::TooManyConcurrentUploads | AppError::Unavailable(_) => {
+            AppError::TooManyConcurrentUploads
+            | AppError::Unavailable(_)
+            | AppError::CompletionInProgress => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(UNAVAILABLE_RETRY_AFTER),
@@ -414,7 +441,34 @@ impl IntoResponse for AppError {
             _ => {}
         }
         res.extensions_mut().insert(ErrorCode(self.code()));
+        if !self.replayable() {
+            res.extensions_mut()
+                .insert(upgate_layers::idempotency::NotReplayable);
+        }
         res
+    }
+}
+
+impl AppError {
+    /// True when a retry of the same request would get the same answer, so an
+    /// `Idempotency-Key` replay may return it: malformed or oversized input, unknown or
+    /// expired resources. Answers that depend on state a later request can change (a slot
+    /// or a key freed by a delete, parts uploaded since, a completion that finished) are
+    /// not stored, and a retry with the same key runs again.
+    fn replayable(&self) -> bool {
+        use AppError::*;
+        matches!(
+            self,
+            Validation(_)
+                | FileTooLarge(_)
+                | PayloadTooLarge(_)
+                | MetadataTooLarge(_)
+                | Unauthorized
+                | SessionNotFound
+                | FileNotFound
+                | SessionExpired { .. }
+                | NotSupported
+        )
     }
 }
 

@@ -104,6 +104,7 @@ impl Gateway {
                 store,
                 storage,
                 metrics: Arc::new(metrics::Metrics::default()),
+                completion_waiters: Arc::default(),
             },
             layers,
         }

@@ -261,12 +261,55 @@ impl DeadlineLookup for SessionDeadlines {
     }
 }
 
+/// Expiry recordings in flight at once on this replica; a 410 beyond them records nothing
+/// (the reaper records the transition anyway).
+const EXPIRY_RECORDINGS: usize = 8;
+/// Sessions remembered as recorded, so repeated 410s on one session cost no store call; the
+/// set is cleared when it reaches this size.
+const EXPIRY_SEEN: usize = 10_000;
+
 /// 410 `sessionExpired`; also makes the store record the expiry (the first observer logs the
-/// expiration event exactly once across replicas).
+/// expiration event exactly once across replicas), at most once per session per replica and
+/// [`EXPIRY_RECORDINGS`] at a time, so a client hammering expired sessions cannot make the
+/// gateway queue store calls.
 #[derive(Clone)]
 pub struct ExpiredProblem {
-    /// The store to record the transition in.
-    pub store: Arc<dyn SessionStore>,
+    store: Arc<dyn SessionStore>,
+    recordings: Arc<tokio::sync::Semaphore>,
+    seen: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
+}
+
+impl ExpiredProblem {
+    /// Records expiries in `store`.
+    pub fn new(store: Arc<dyn SessionStore>) -> Self {
+        ExpiredProblem {
+            store,
+            recordings: Arc::new(tokio::sync::Semaphore::new(EXPIRY_RECORDINGS)),
+            seen: Arc::default(),
+        }
+    }
+
+    /// True when this replica should record `key`'s expiry now (first time, a slot free).
+    fn should_record(&self, key: &(String, String)) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(key) {
+            return None;
+        }
+        let permit = self.recordings.clone().try_acquire_owned().ok()?;
+        if seen.len() >= EXPIRY_SEEN {
+            seen.clear();
+        }
+        seen.insert(key.clone());
+        Some(permit)
+    }
+
+    /// Recording tasks running now.
+    pub fn recordings_in_flight(&self) -> usize {
+        EXPIRY_RECORDINGS - self.recordings.available_permits()
+    }
 }
 
 impl upgate_layers::expiry::ExpiredResponse<SessionDeadline, Body> for ExpiredProblem {
@@ -292,19 +335,23 @@ impl upgate_layers::expiry::ExpiredResponse<SessionDeadline, Body> for ExpiredPr
         .unwrap_or(0);
         let info = expiring.info.clone();
         let store = self.store.clone();
+        let key = (info.tenant.clone(), info.session_id.clone());
         // Recording the transition is the store's atomic step; the response does not wait.
-        tokio::spawn(async move {
-            match store
-                .get_session(&info.tenant, &info.session_id, now_ms)
-                .await
-            {
-                Ok(crate::store::Gate::Expired(e)) if e.first_observation => {
-                    crate::api::log_expiration(&e.session, &info.tenant, now_ms, "request");
+        if let Some(permit) = self.should_record(&key) {
+            tokio::spawn(async move {
+                match store
+                    .get_session(&info.tenant, &info.session_id, now_ms)
+                    .await
+                {
+                    Ok(crate::store::Gate::Expired(e)) if e.first_observation => {
+                        crate::api::log_expiration(&e.session, &info.tenant, now_ms, "request");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "recording a session's expiry failed"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "recording a session's expiry failed"),
-            }
-        });
+                drop(permit);
+            });
+        }
         AppError::SessionExpired {
             session_id: expiring.info.session_id.clone(),
             expires_at,
@@ -337,5 +384,34 @@ pub struct TooManyUploads;
 impl upgate_layers::count_limit::RejectionBuilder<Body> for TooManyUploads {
     fn rejected(&self, _key: &str, _limit: u64) -> Response<Body> {
         AppError::TooManyConcurrentUploads.into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 410 records a session's expiry once per replica, and at most
+    /// `EXPIRY_RECORDINGS` recordings run at once.
+    #[tokio::test]
+    async fn expiry_is_recorded_once_per_session_and_boundedly() {
+        let p = ExpiredProblem::new(Arc::new(crate::store::memory::MemoryStore::new(
+            std::time::Duration::from_secs(60),
+        )));
+        let first = ("t".to_owned(), "s-0".to_owned());
+        let held = p.should_record(&first).expect("first 410 records");
+        assert!(p.should_record(&first).is_none(), "once per session");
+        let more: Vec<_> = (1..100)
+            .filter_map(|i| p.should_record(&("t".to_owned(), format!("s-{i}"))))
+            .collect();
+        assert_eq!(more.len(), EXPIRY_RECORDINGS - 1);
+        assert_eq!(p.recordings_in_flight(), EXPIRY_RECORDINGS);
+        drop(held);
+        drop(more);
+        assert_eq!(p.recordings_in_flight(), 0);
+        // Sessions refused for want of a slot are recorded by a later 410.
+        assert!(p
+            .should_record(&("t".to_owned(), "s-99".to_owned()))
+            .is_some());
     }
 }

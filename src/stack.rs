@@ -118,13 +118,15 @@ impl Layers {
             idempotency: IdempotencyLayer::new(TenantScope, records)
                 .methods([Method::POST])
                 .body_limit(max_body)
+                // One stored response is at most 64 KiB (`../shared/API.md` v1.1 limits).
+                .response_limit(IDEMPOTENCY_RECORD_LIMIT)
                 .ttl(config.idempotency_ttl)
                 .prefix("upgate:idem:")
                 .rejection(IdempotencyProblems {
                     max_body: max_body as u64,
                 }),
             expiry: ExpiryLayer::new(SessionDeadlines::new(store.clone()))
-                .expired_response(ExpiredProblem { store }),
+                .expired_response(ExpiredProblem::new(store)),
             uploads: CountLimitLayer::new(
                 UploadsInFlight,
                 upgate_layers::count_limit::InProcess::new(),
@@ -234,6 +236,9 @@ where
 }
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Largest response an idempotency record stores; larger ones are answered but not stored.
+const IDEMPOTENCY_RECORD_LIMIT: usize = 64 * 1024;
 
 /// Longest client `X-Request-Id` kept (`../shared/API.md`, v1.1 limits).
 const MAX_REQUEST_ID: usize = 128;

@@ -148,6 +148,10 @@ pub fn create_session(body: &Value, tenant: &TenantConfig) -> Result<CreateSessi
             Value::Null
         }
     };
+    // Counted as the JSON the gateway stores (`../shared/API.md` v1.1 limits).
+    if serde_json::to_vec(&metadata).map_or(0, |v| v.len() as u64) > tenant.max_metadata_bytes {
+        return Err(AppError::MetadataTooLarge(tenant.max_metadata_bytes));
+    }
     if errors.is_empty() {
         Ok(CreateSession {
             max_files,

@@ -655,7 +655,13 @@ async fn presigned_part(h: Harness) {
     let upload_id = h.store.create_upload(&key, None).await.expect("create");
     let presigned = h
         .store
-        .presign_part(&key, &upload_id, 1, Duration::from_secs(600))
+        .presign_part(
+            &key,
+            &upload_id,
+            1,
+            5 * MIB as u64,
+            Duration::from_secs(600),
+        )
         .await;
     if h.store.kind() == StorageKind::Filesystem {
         assert!(
@@ -667,7 +673,7 @@ async fn presigned_part(h: Harness) {
     let url1 = presigned.expect("presign part 1");
     let url2 = h
         .store
-        .presign_part(&key, &upload_id, 2, Duration::from_secs(600))
+        .presign_part(&key, &upload_id, 2, 777, Duration::from_secs(600))
         .await
         .expect("presign 2");
     assert!(url1.starts_with("http://127.0.0.1:"), "{url1}");
@@ -676,6 +682,24 @@ async fn presigned_part(h: Harness) {
     let p1 = pattern(5 * MIB, 61);
     let p2 = pattern(777, 62);
     let http = reqwest::Client::new();
+    // The length is signed: a body of another size is refused, and the part is not stored.
+    for wrong in [
+        pattern(5 * MIB + 1, 63),
+        pattern(6 * MIB, 64),
+        pattern(1, 65),
+    ] {
+        // The server answers 403 before reading the body, so the client may see the
+        // connection close while it is still sending instead.
+        if let Ok(resp) = http.put(url1.as_str()).body(wrong).send().await {
+            assert_eq!(resp.status().as_u16(), 403, "{:?}", resp.text().await);
+        }
+    }
+    assert!(h
+        .store
+        .list_parts(&key, &upload_id)
+        .await
+        .expect("list")
+        .is_empty());
     let mut parts = Vec::new();
     for (n, url, data) in [(1u32, &url1, &p1), (2, &url2, &p2)] {
         let resp = http

@@ -20,6 +20,9 @@ struct Counted {
     inner: Arc<dyn SessionStore>,
     calls: AtomicUsize,
     registrations: AtomicUsize,
+    /// While set, `set_upload_id` runs and then reports an error, as when the reply is lost
+    /// to a timeout after Redis ran the script.
+    lose_set_upload_id_reply: std::sync::atomic::AtomicBool,
 }
 
 macro_rules! forward {
@@ -67,7 +70,11 @@ impl SessionStore for Counted {
         u: &str,
         n: i64,
     ) -> Result<Gate<UploadIdSet>, StoreError> {
-        forward!(self.set_upload_id(t, s, f, u, n))
+        let result = forward!(self.set_upload_id(t, s, f, u, n));
+        if self.lose_set_upload_id_reply.load(Ordering::SeqCst) {
+            return Err(StoreError::new("redis: timed out (reply lost)"));
+        }
+        result
     }
     async fn record_part(
         &self,
@@ -169,6 +176,7 @@ async fn start(
         inner,
         calls: AtomicUsize::new(0),
         registrations: AtomicUsize::new(0),
+        lose_set_upload_id_reply: Default::default(),
     });
     // The layers keep their state in the same Redis, as in production.
     let handle = upgate::redis_handle(&cfg, cfg.redis.as_ref().expect("redis"))
@@ -376,4 +384,40 @@ async fn bypass_mode_admits_logs_and_counts() {
     let warned = log_lines_with("bypass mode: request admitted").len();
     assert!(warned >= 5, "would-be rejections logged: {warned}");
     tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+/// The store ran `set_upload_id` but its reply was lost (a timeout after Redis executed the
+/// script): the part answers 503, the storage upload the store now points at is not
+/// aborted, and the retry uploads into it and completes (the file is not left pointing at a
+/// dead upload, every PUT 409 while GET says `registered`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_set_upload_id_reply_does_not_kill_the_upload() {
+    let redis = upgate_testkit::RedisServer::start();
+    let (gw, store) = start(&redis, 100_000, false).await;
+    let s = gw.create_session(KEY_A, json!({})).await;
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    let f: Value = gw
+        .register_json(
+            KEY_A,
+            &session,
+            json!({"fileName": "u.bin", "sizeBytes": 4}),
+        )
+        .await;
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    store.lose_set_upload_id_reply.store(true, Ordering::SeqCst);
+    let res = gw
+        .put_part(KEY_A, &session, &file, 1, b"data".to_vec())
+        .await;
+    problem(res, 503, "unavailable").await;
+    store
+        .lose_set_upload_id_reply
+        .store(false, Ordering::SeqCst);
+    let res = gw
+        .put_part(KEY_A, &session, &file, 1, b"data".to_vec())
+        .await;
+    assert_eq!(res.status(), 200);
+    let done = gw.complete(KEY_A, &session, &file).await;
+    assert_eq!(done.status(), 200);
+    let done: Value = done.json().await.expect("json");
+    assert_eq!(done["status"], "completed");
 }

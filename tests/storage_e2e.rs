@@ -421,3 +421,124 @@ async fn unreachable_s3_is_unavailable_not_a_hang() {
     );
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// Issue scenario: a file registered with `sizeBytes: 1` whose presigned URL is sent 6 MiB.
+/// The URL signs the exact length, so storage refuses other sizes; a part that reached
+/// storage some other way (here: put straight into the upload, as an older unsigned URL
+/// would have) is refused at `complete` with 400 `partSizeMismatch`, with and without a
+/// client part list; the right-sized part completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presigned_parts_are_held_to_the_size_rule() {
+    let storage = Storage::s3();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = storage.gateway(config(""), dir.path()).await;
+    let s = gw.create_session(KEY_A, json!({})).await;
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    let f = register(&gw, &session, "one.txt", 1, None).await;
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    let fp = format!("/v1/sessions/{session}/files/{file}");
+    let presigned: Value = gw
+        .req(Method::POST, &format!("{fp}/presigned-parts"), KEY_A)
+        .json(&json!({"partNumbers": [1]}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let url = presigned["parts"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let plain = reqwest::Client::new();
+    // Refused by storage: a 403, or the connection closed while the body is still sent.
+    if let Ok(res) = plain.put(&url).body(vec![b'x'; 6 * MIB]).send().await {
+        assert_eq!(res.status(), 403);
+    }
+
+    // A 6 MiB part that reached the upload anyway.
+    let record = match gw
+        .state
+        .store
+        .get_file("a", &session, &file, true, upgate::model::now_ms())
+        .await
+        .expect("get_file")
+    {
+        upgate::store::Gate::Ok(f) => f,
+        _ => panic!("file not open"),
+    };
+    let upload_id = record.upload_id.clone().expect("presign opened the upload");
+    let big = upgate::storage::PartBody {
+        stream: Box::pin(futures_util::stream::iter([Ok::<_, std::io::Error>(
+            bytes::Bytes::from(vec![b'x'; 6 * MIB]),
+        )])),
+        len: (6 * MIB) as u64,
+    };
+    let etag = gw
+        .state
+        .storage
+        .put_part(&record.object_key, &upload_id, 1, big, None)
+        .await
+        .expect("put the oversized part");
+    for body in [
+        json!({"parts": [{"partNumber": 1, "etag": etag}]}),
+        json!({}),
+    ] {
+        let res = gw
+            .req(Method::POST, &format!("{fp}/complete"), KEY_A)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        let p = problem(res, 400, "partSizeMismatch").await;
+        assert_eq!(
+            (p["partNumber"].clone(), p["expectedSizeBytes"].clone()),
+            (json!(1), json!(1))
+        );
+    }
+
+    // The right size through the same URL replaces it and completes.
+    let res = plain.put(&url).body(vec![b'y']).send().await.expect("PUT");
+    assert_eq!(res.status(), 200);
+    let etag = res.headers()["etag"].to_str().expect("etag").to_owned();
+    let done = gw
+        .req(Method::POST, &format!("{fp}/complete"), KEY_A)
+        .json(&json!({"parts": [{"partNumber": 1, "etag": etag}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(done.status(), 200);
+    let done: Value = done.json().await.expect("json");
+    let stored = storage
+        .read(&gw, done["fileUrl"].as_str().expect("url"))
+        .await;
+    assert_eq!(stored, b"y");
+}
+
+/// Presigned URLs expire within the hour: a presign answer is not kept as an idempotency
+/// record, so a retry with the same key gets fresh URLs instead of a day-old replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presign_answers_are_not_replayed() {
+    let storage = Storage::s3();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = storage.gateway(config(""), dir.path()).await;
+    let s = gw.create_session(KEY_A, json!({})).await;
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    let f = register(&gw, &session, "p.bin", 10, None).await;
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    for _ in 0..2 {
+        let res = gw
+            .req(
+                Method::POST,
+                &format!("/v1/sessions/{session}/files/{file}/presigned-parts"),
+                KEY_A,
+            )
+            .header("idempotency-key", "presign-1")
+            .json(&json!({"partNumbers": [1]}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().get("idempotent-replayed").is_none());
+    }
+}

@@ -591,6 +591,40 @@ mod cases {
         c.register("t1", &s2, "a").await;
     }
 
+    /// A file's part size comes from its session (5 MiB here), not from the caller's
+    /// assumption (a replica configured with 8 MiB parts during a rolling deploy); a file
+    /// too large for 10,000 session-sized parts gets the smallest whole MiB that fits.
+    pub(crate) async fn part_size_comes_from_the_session(c: Ctx) {
+        const MIB: u64 = 1024 * 1024;
+        let s = c.session("t1", 10).await;
+        for (key, size, caller_part, want_part, want_count) in [
+            ("ps-a", 20 * MIB, 8 * MIB, 5 * MIB, 4),
+            ("ps-b", 20 * MIB, 5 * MIB, 5 * MIB, 4),
+            ("ps-c", 0, 8 * MIB, 5 * MIB, 1),
+            ("ps-d", 60_000 * MIB, 5 * MIB, 6 * MIB, 10_000),
+        ] {
+            let mut f = file(&s.id, key, c.t0);
+            f.size_bytes = size;
+            f.part_size_bytes = caller_part;
+            f.part_count = upgate::model::part_count(size, caller_part);
+            let created = match c.store.register_file("t1", &f, c.now()).await.unwrap() {
+                Gate::Ok(Registered::Created(x)) => x,
+                other => panic!("{key}: {other:?}"),
+            };
+            assert_eq!(
+                (created.part_size_bytes, created.part_count),
+                (want_part, want_count),
+                "{key}"
+            );
+            assert_eq!(
+                c.file("t1", &s, &created).await,
+                created,
+                "{key}: stored as returned"
+            );
+        }
+        assert_eq!(c.get("t1", &s).await.session.file_count, 4);
+    }
+
     pub(crate) async fn abort_file_repeatable(c: Ctx) {
         let s = c.session("t1", 3).await;
         let f = c.register("t1", &s, "a").await;
@@ -1365,6 +1399,7 @@ macro_rules! for_each_case {
             expired_concurrent_single_observer,
             not_active_after_finalize,
             register_uniqueness_and_limit,
+            part_size_comes_from_the_session,
             abort_file_repeatable,
             upload_id_first_wins,
             parts_recorded_sorted_and_replaced,

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
 use super::{file_json, new_id, open_gate, AppState, JsonBody, Tenant};
-use crate::error::AppError;
+use crate::error::{AppError, FieldError};
 use crate::model::{now_ms, part_count, part_size_for, FileRecord, FileStatus};
 use crate::store::Registered;
 
@@ -20,9 +20,9 @@ pub(super) async fn register(
     let t = &tenant.0;
     let req = crate::validate::register_file(&body, t)?;
     let now = now_ms();
-    // The file's part size is computed from this replica's configured part size, not read
-    // from the session: a replica with another `part_size_mb` gives the session's new files
-    // another part size than the session shows.
+    // Computed from this replica's configured part size, which is the session's unless the
+    // session was created under another `part_size_mb` (a rolling deploy): the store checks
+    // it against the session's in the same atomic step and uses the session's.
     let session_part_size = state.config.part_size_bytes();
     let part_size = part_size_for(session_part_size, req.size_bytes);
     let file = FileRecord {
@@ -44,6 +44,9 @@ pub(super) async fn register(
         etag: None,
     };
     tracing::Span::current().record("file_id", file.id.as_str());
+    if let Some(why) = crate::storage::object_key_problem(state.storage.kind(), &file.object_key) {
+        return Err(AppError::Validation(vec![FieldError::new("fileKey", why)]));
+    }
     let gate = state.store.register_file(&t.id, &file, now).await?;
     let outcome = open_gate(gate, &t.id, now);
     let result = match outcome {

@@ -2,6 +2,8 @@
 
 mod files;
 mod parts;
+
+pub use parts::Waiters;
 mod sessions;
 
 pub(crate) use sessions::abort_uploads;
@@ -32,6 +34,8 @@ pub struct AppState {
     pub storage: Arc<dyn ObjectStore>,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Completes of this replica waiting on another caller's completion, per file.
+    pub completion_waiters: Arc<Waiters>,
 }
 
 /// The authenticated tenant, put in the request extensions by [`crate::auth`].

@@ -41,9 +41,69 @@ use crate::store::{BeginComplete, UploadIdSet};
 /// complete timeout (15 min), and the lease is not renewed: a completion that takes longer
 /// can be started a second time by another caller.
 const COMPLETE_LEASE_MS: i64 = 10 * 60 * 1000;
-/// How long a concurrent `complete` waits for the lease holder before answering 503 (as long
-/// as the storage client gives the holder).
-const COMPLETE_WAIT: Duration = Duration::from_secs(15 * 60);
+/// How long a concurrent `complete` waits for the lease holder before answering 409
+/// `requestInProgress` with `Retry-After` (the holder's storage call can take minutes; the
+/// client retries instead of holding a request and polling Redis all that time).
+const COMPLETE_WAIT: Duration = Duration::from_secs(5);
+/// Longest pause between two looks at a file another caller is completing.
+const COMPLETE_POLL_MAX: Duration = Duration::from_millis(250);
+/// Completes of one file that may wait on this replica at once; more answer 409 at once.
+/// With [`COMPLETE_POLL_MAX`] this bounds the Redis calls the waiters of one file make.
+const MAX_WAITERS_PER_FILE: usize = 64;
+
+/// The completes of this replica waiting on another caller's completion, per file.
+#[derive(Debug, Default)]
+pub struct Waiters(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl Waiters {
+    /// A place among the waiters of `file_id`, or `None` when [`MAX_WAITERS_PER_FILE`]
+    /// wait already. The place is given back when the guard drops (a cancelled request
+    /// included); a file nobody waits on has no entry.
+    fn join(self: &Arc<Self>, file_id: &str) -> Option<WaiterGuard> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(file_id.to_owned()).or_insert(0);
+        if *n >= MAX_WAITERS_PER_FILE {
+            return None;
+        }
+        *n += 1;
+        Some(WaiterGuard {
+            waiters: self.clone(),
+            file_id: file_id.to_owned(),
+        })
+    }
+
+    /// Files with waiters right now.
+    pub fn files(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+}
+
+struct WaiterGuard {
+    waiters: Arc<Waiters>,
+    file_id: String,
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        let mut map = self
+            .waiters
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.file_id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.file_id);
+            }
+        }
+    }
+}
 /// Validity of presigned part URLs.
 const PRESIGN_TTL: Duration = Duration::from_secs(3600);
 
@@ -76,8 +136,15 @@ async fn ensure_upload(
         .await
         .map_err(AppError::from)
         .and_then(|g| open_gate(g, tenant, now));
-    let keep = matches!(outcome, Ok(UploadIdSet::Stored));
-    if !keep {
+    // Abort the new upload only when the store said for certain that it did not keep it. A
+    // store error (a timeout, say) leaves the outcome unknown: the store may have kept the
+    // id, and aborting it would leave the file pointing at a dead upload forever. Left
+    // alone, an upload the store did not keep is an orphan until the bucket's
+    // incomplete-upload lifecycle rule removes it (deploy/OPERATIONS.md).
+    if matches!(
+        outcome,
+        Ok(UploadIdSet::Existing(_) | UploadIdSet::FileNotOpen(_))
+    ) {
         if let Err(e) = state.storage.abort_upload(&file.object_key, &created).await {
             tracing::warn!(error = %e, "aborting a surplus storage upload failed");
         }
@@ -257,6 +324,7 @@ pub(super) async fn upload(
     };
     if len != expected {
         return Err(AppError::PartSizeMismatch {
+            part_number,
             expected,
             actual: len,
         });
@@ -355,7 +423,7 @@ pub(super) async fn presign(
     Extension(tenant): Extension<Tenant>,
     Path((session_id, file_id)): Path<(String, String)>,
     JsonBody(body): JsonBody,
-) -> Result<Json<Value>, AppError> {
+) -> Result<Response, AppError> {
     let t = &tenant.0.id;
     let now = now_ms();
     let file = open_gate(
@@ -376,16 +444,22 @@ pub(super) async fn presign(
     let upload_id = ensure_upload(&state, t, &file).await?;
     let mut parts = Vec::with_capacity(numbers.len());
     for n in numbers {
+        // The URL signs the part's exact length: storage refuses any other size.
+        let len = expected_part_len(file.size_bytes, file.part_size_bytes, n)
+            .ok_or_else(|| AppError::Internal(format!("part {n} out of range after validation")))?;
         let url = state
             .storage
-            .presign_part(&file.object_key, &upload_id, n, PRESIGN_TTL)
+            .presign_part(&file.object_key, &upload_id, n, len, PRESIGN_TTL)
             .await?;
         parts.push(json!({"partNumber": n, "url": url, "method": "PUT"}));
     }
     let expires_at = now / 1000 + PRESIGN_TTL.as_secs() as i64;
-    Ok(Json(
-        json!({"parts": parts, "expiresAt": crate::model::rfc3339(expires_at)}),
-    ))
+    let mut res = Json(json!({"parts": parts, "expiresAt": crate::model::rfc3339(expires_at)}))
+        .into_response();
+    // The URLs expire long before an idempotency record would: a retry gets fresh ones.
+    res.extensions_mut()
+        .insert(upgate_layers::idempotency::NotReplayable);
+    Ok(res)
 }
 
 /// Decides which parts to complete with: the client's list, or the parts the gateway
@@ -427,6 +501,64 @@ async fn parts_to_complete(
     Ok(chosen)
 }
 
+/// Checks every part to complete with against the part-size rule, which also makes them add
+/// up to `sizeBytes` (`../shared/API.md` v1.1): a presigned or client-listed part of another
+/// size is refused with 400 `partSizeMismatch` before storage assembles anything. Sizes come
+/// from the parts the gateway recorded (checked when they were PUT through it) when the ETag
+/// matches, else from storage's part list: one `ListParts` only when some part was not sent
+/// through the gateway. If the upload is gone from storage, the check is left to
+/// `complete_upload` (which then finds the object or reports the upload aborted).
+async fn check_part_sizes(
+    state: &AppState,
+    file: &FileRecord,
+    upload_id: &str,
+    chosen: &[(u32, String)],
+    recorded: &[PartRecord],
+) -> Result<(), AppError> {
+    let recorded_size = |n: u32, etag: &str| {
+        recorded
+            .iter()
+            .find(|p| p.part_number == n && p.etag.trim_matches('"') == etag.trim_matches('"'))
+            .map(|p| p.size_bytes)
+    };
+    let listed = if chosen.iter().all(|(n, e)| recorded_size(*n, e).is_some()) {
+        Vec::new()
+    } else {
+        match state.storage.list_parts(&file.object_key, upload_id).await {
+            Ok(listed) => listed,
+            Err(StorageError::NoSuchUpload) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut missing = Vec::new();
+    for (n, etag) in chosen {
+        let expected = expected_part_len(file.size_bytes, file.part_size_bytes, *n)
+            .ok_or_else(|| AppError::Internal(format!("part {n} out of range")))?;
+        let actual = recorded_size(*n, etag).or_else(|| {
+            listed
+                .iter()
+                .find(|p| p.part_number == *n)
+                .map(|p| p.size_bytes)
+        });
+        match actual {
+            None => missing.push(*n),
+            Some(actual) if actual != expected => {
+                return Err(AppError::PartSizeMismatch {
+                    part_number: *n,
+                    expected,
+                    actual,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(AppError::PartsMissing(missing))
+    }
+}
+
 /// The storage side of completion, run by the one caller holding the lease.
 async fn complete_in_storage(
     state: &AppState,
@@ -457,7 +589,8 @@ async fn complete_in_storage(
             size_bytes: 0,
         });
     }
-    let parts = parts_to_complete(state, file, &upload_id, client, recorded).await?;
+    let parts = parts_to_complete(state, file, &upload_id, client, recorded.clone()).await?;
+    check_part_sizes(state, file, &upload_id, &parts, &recorded).await?;
     match state
         .storage
         .complete_upload(&file.object_key, &upload_id, &parts)
@@ -486,7 +619,7 @@ pub(super) async fn complete(
     let token = new_id();
     let deadline = tokio::time::Instant::now() + COMPLETE_WAIT;
     let mut backoff = Duration::from_millis(5);
-    let mut waited = false;
+    let mut waiting: Option<WaiterGuard> = None;
     loop {
         let now = now_ms();
         let gate = state
@@ -495,7 +628,7 @@ pub(super) async fn complete(
             .await?;
         match open_gate(gate, t, now)? {
             BeginComplete::AlreadyCompleted(f) => {
-                if !waited {
+                if waiting.is_none() {
                     // Nothing was waited for: this is a repeated complete, not a concurrent one.
                     tracing::warn!(file_url = ?f.file_url, "file already completed: answering the idempotent re-completion with the stored result");
                 }
@@ -503,14 +636,19 @@ pub(super) async fn complete(
             }
             BeginComplete::Aborted => return Err(AppError::FileNotActive("aborted")),
             BeginComplete::InProgress => {
-                waited = true;
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(AppError::Unavailable(
-                        "timed out waiting for a concurrent completion".into(),
-                    ));
+                if waiting.is_none() {
+                    waiting = Some(
+                        state
+                            .completion_waiters
+                            .join(&file_id)
+                            .ok_or(AppError::CompletionInProgress)?,
+                    );
+                }
+                if tokio::time::Instant::now() + backoff > deadline {
+                    return Err(AppError::CompletionInProgress);
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(200));
+                backoff = (backoff * 2).min(COMPLETE_POLL_MAX);
             }
             BeginComplete::Acquired(file, recorded) => {
                 let parsed = crate::validate::complete_parts(&body, file.part_count);

@@ -400,6 +400,7 @@ impl ObjectStore for FsStore {
         _key: &str,
         _upload_id: &str,
         _part_number: u32,
+        _content_length: u64,
         _expires_in: Duration,
     ) -> Result<String, StorageError> {
         Err(StorageError::NotSupported)

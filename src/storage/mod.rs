@@ -38,6 +38,15 @@ pub enum StorageError {
     /// The operation is not available on this storage (presigned URLs on the filesystem).
     #[error("not supported by this storage")]
     NotSupported,
+    /// Storage refused the request for a reason retrying cannot fix (the object key is too
+    /// long, the entity too large): `field` is the client's input to blame.
+    #[error("refused by storage ({field}): {reason}")]
+    Refused {
+        /// The request field to blame (`fileKey`, `body`).
+        field: &'static str,
+        /// Storage's reason (its error code).
+        reason: String,
+    },
     /// Anything else: unreachable, timed out, refused. Logged, answered with 503.
     #[error("storage: {0}")]
     Unavailable(String),
@@ -88,6 +97,33 @@ pub struct ObjectInfo {
     pub etag: String,
     /// Size in bytes.
     pub size: u64,
+}
+
+/// Longest object key S3 accepts, in bytes.
+pub const S3_MAX_KEY_BYTES: usize = 1024;
+/// Longest file or directory name most filesystems accept, in bytes.
+pub const FS_MAX_SEGMENT_BYTES: usize = 255;
+
+/// Why `key` (a whole object key: prefixes, session id and fileKey) cannot be stored on this
+/// kind of storage, or `None`. Checked at registration, so a key that passes is never
+/// refused by storage later.
+pub fn object_key_problem(kind: StorageKind, key: &str) -> Option<String> {
+    match kind {
+        StorageKind::S3 if key.len() > S3_MAX_KEY_BYTES => Some(format!(
+            "with the storage prefix and session id the object key would be {} bytes; S3 allows {S3_MAX_KEY_BYTES}",
+            key.len()
+        )),
+        StorageKind::Filesystem => key
+            .split('/')
+            .find(|segment| segment.len() > FS_MAX_SEGMENT_BYTES)
+            .map(|segment| {
+                format!(
+                    "a path segment of {} bytes; filesystem storage allows {FS_MAX_SEGMENT_BYTES}",
+                    segment.len()
+                )
+            }),
+        _ => None,
+    }
 }
 
 /// Which implementation this is (drives `fileUrl` and feature support).
@@ -156,13 +192,15 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Deletes a completed object; a missing object is not an error.
     async fn delete_object(&self, key: &str) -> Result<(), StorageError>;
 
-    /// A presigned `PUT` URL for one part, valid for `expires_in`.
+    /// A presigned `PUT` URL for one part of exactly `content_length` bytes (the length is
+    /// signed: storage refuses a body of any other size), valid for `expires_in`.
     /// [`StorageError::NotSupported`] where storage cannot presign.
     async fn presign_part(
         &self,
         key: &str,
         upload_id: &str,
         part_number: u32,
+        content_length: u64,
         expires_in: Duration,
     ) -> Result<String, StorageError>;
 
@@ -245,15 +283,41 @@ impl ObjectStore for Timed {
         key: &str,
         upload_id: &str,
         n: u32,
+        content_length: u64,
         expires_in: Duration,
     ) -> Result<String, StorageError> {
         timed(
             "presign_part",
-            self.0.presign_part(key, upload_id, n, expires_in),
+            self.0
+                .presign_part(key, upload_id, n, content_length, expires_in),
         )
         .await
     }
     async fn ping(&self) -> Result<(), StorageError> {
         timed("ping", self.0.ping()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_keys_are_checked_against_each_storage_limit() {
+        let at_limit = "k".repeat(S3_MAX_KEY_BYTES);
+        assert_eq!(object_key_problem(StorageKind::S3, &at_limit), None);
+        assert!(object_key_problem(StorageKind::S3, &format!("{at_limit}k")).is_some());
+        // S3 keys have no segment limit; filesystem paths have no total limit here.
+        let segment = "s".repeat(FS_MAX_SEGMENT_BYTES + 1);
+        assert_eq!(
+            object_key_problem(StorageKind::S3, &format!("a/{segment}")),
+            None
+        );
+        assert!(object_key_problem(StorageKind::Filesystem, &format!("a/{segment}/b")).is_some());
+        let ok = "s".repeat(FS_MAX_SEGMENT_BYTES);
+        assert_eq!(
+            object_key_problem(StorageKind::Filesystem, &format!("a/{ok}/{ok}")),
+            None
+        );
     }
 }

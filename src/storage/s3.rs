@@ -257,14 +257,7 @@ where
         .map(str::to_owned)
         .or_else(|| err.raw_response().and_then(HasStatus::error_code));
     let mapped = match code.as_deref() {
-        Some("NoSuchUpload") => StorageError::NoSuchUpload,
-        Some("BadDigest" | "InvalidDigest" | "XAmzContentChecksumMismatch") => {
-            StorageError::BadDigest
-        }
-        Some(c @ ("InvalidPart" | "InvalidPartOrder" | "EntityTooSmall")) => {
-            StorageError::InvalidPart(c.to_owned())
-        }
-        Some(c) => StorageError::Unavailable(format!("S3 {op}: {c}")),
+        Some(c) => from_code(op, c),
         None => StorageError::Unavailable(format!(
             "S3 {op}: {}",
             match err {
@@ -282,6 +275,31 @@ where
         tracing::debug!(op, error = %DisplayErrorContext(err), "S3 call refused");
     }
     mapped
+}
+
+/// What an S3 error code means for the gateway.
+fn from_code(op: &'static str, code: &str) -> StorageError {
+    match code {
+        "NoSuchUpload" => StorageError::NoSuchUpload,
+        "BadDigest" | "InvalidDigest" | "XAmzContentChecksumMismatch" => StorageError::BadDigest,
+        c @ ("InvalidPart" | "InvalidPartOrder" | "EntityTooSmall") => {
+            StorageError::InvalidPart(c.to_owned())
+        }
+        // Errors a retry cannot fix: a 4xx for the client, not a 503 it retries forever.
+        c @ ("KeyTooLongError" | "KeyTooLong") => StorageError::Refused {
+            field: "fileKey",
+            reason: c.to_owned(),
+        },
+        c @ ("EntityTooLarge" | "MaxMessageLengthExceeded") => StorageError::Refused {
+            field: "body",
+            reason: c.to_owned(),
+        },
+        // S3 gave up waiting for the request body: the client sent too slowly.
+        "RequestTimeout" => {
+            StorageError::Body("storage timed out waiting for the request body".into())
+        }
+        c => StorageError::Unavailable(format!("S3 {op}: {c}")),
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
@@ -692,8 +710,11 @@ impl ObjectStore for S3Store {
         key: &str,
         upload_id: &str,
         part_number: u32,
+        content_length: u64,
         expires_in: Duration,
     ) -> Result<String, StorageError> {
+        let content_length = i64::try_from(content_length)
+            .map_err(|_| StorageError::unavailable("presign: part length out of range"))?;
         let config = PresigningConfig::expires_in(expires_in)
             .map_err(|e| StorageError::unavailable(format!("presign: {e}")))?;
         let presigned = self
@@ -703,6 +724,7 @@ impl ObjectStore for S3Store {
             .key(key)
             .upload_id(upload_id)
             .part_number(part_number_i32(part_number)?)
+            .content_length(content_length)
             .presigned(config)
             .await
             .map_err(|e| classify("presign UploadPart", &e, None))?;
@@ -770,6 +792,40 @@ mod tests {
             .region(Region::new("us-east-1"))
             .build();
         S3Store::from_client(Client::from_conf(conf), "bkt", prefix)
+    }
+
+    #[test]
+    fn errors_a_retry_cannot_fix_are_not_unavailable() {
+        assert!(matches!(
+            from_code("op", "NoSuchUpload"),
+            StorageError::NoSuchUpload
+        ));
+        assert!(matches!(
+            from_code("op", "KeyTooLongError"),
+            StorageError::Refused {
+                field: "fileKey",
+                ..
+            }
+        ));
+        assert!(matches!(
+            from_code("op", "EntityTooLarge"),
+            StorageError::Refused { field: "body", .. }
+        ));
+        assert!(matches!(
+            from_code("op", "RequestTimeout"),
+            StorageError::Body(_)
+        ));
+        assert!(matches!(
+            from_code("op", "InvalidPart"),
+            StorageError::InvalidPart(_)
+        ));
+        // Storage's own trouble stays retryable.
+        for code in ["InternalError", "SlowDown", "ServiceUnavailable"] {
+            assert!(
+                matches!(from_code("op", code), StorageError::Unavailable(_)),
+                "{code}"
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@ use super::{
     BeginComplete, ExpiredInfo, Finalized, Gate, Reaped, Registered, SessionStore, SessionView,
     StoreError, UploadIdSet,
 };
-use crate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
+use crate::model::{
+    part_count, part_size_for, FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus,
+};
 
 #[derive(Debug)]
 struct FileEntry {
@@ -208,6 +210,13 @@ impl SessionStore for MemoryStore {
                 file_count: entry.session.file_count,
             }));
         }
+        // The part size derives from the session's, whatever the caller assumed.
+        let part_size_bytes = part_size_for(entry.session.part_size_bytes, file.size_bytes);
+        let file = FileRecord {
+            part_size_bytes,
+            part_count: part_count(file.size_bytes, part_size_bytes),
+            ..file.clone()
+        };
         entry.session.file_count += 1;
         entry.keys.insert(file.file_key.clone(), file.id.clone());
         entry.order.push(file.id.clone());
@@ -219,7 +228,7 @@ impl SessionStore for MemoryStore {
                 lease: None,
             },
         );
-        Ok(Gate::Ok(Registered::Created(file.clone())))
+        Ok(Gate::Ok(Registered::Created(file)))
     }
 
     async fn get_file(

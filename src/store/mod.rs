@@ -166,7 +166,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Registers `file` (status `registered`) in one atomic step: gate (exists, not expired,
     /// active), then fileKey uniqueness among live files, then `file_count < file_limit`,
-    /// then write and increment `file_count`.
+    /// then write and increment `file_count`. The file's part size and count are those the
+    /// session's part size gives it (`model::part_size_for`), whatever `file` says; the
+    /// created file is returned as stored.
     async fn register_file(
         &self,
         tenant: &str,

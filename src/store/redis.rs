@@ -773,6 +773,29 @@ fn parse_reap_member(m: &str) -> Result<(String, String), StoreError> {
 // The trait
 // ---------------------------------------------------------------------------------------
 
+/// `f` with the part size (and count) its session's part size gives it.
+fn with_session_part_size(f: &FileRecord, session_part_size: u64) -> FileRecord {
+    let part_size_bytes = crate::model::part_size_for(session_part_size, f.size_bytes);
+    FileRecord {
+        part_size_bytes,
+        part_count: crate::model::part_count(f.size_bytes, part_size_bytes),
+        ..f.clone()
+    }
+}
+
+/// Decodes the registration script's reply past `ok`.
+fn registered(rest: &[Value], file: &FileRecord) -> Result<Gate<Registered>, StoreError> {
+    Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+        "created" => Registered::Created(file.clone()),
+        "dup" => Registered::DuplicateKey,
+        "full" => Registered::CountExceeded {
+            file_limit: u32::try_from(as_int(at(rest, 1)?)?).map_err(corrupt)?,
+            file_count: u32::try_from(as_int(at(rest, 2)?)?).map_err(corrupt)?,
+        },
+        other => return Err(corrupt(format_args!("register outcome {other:?}"))),
+    }))
+}
+
 #[async_trait]
 impl SessionStore for RedisStore {
     #[tracing::instrument(level = "debug", skip_all, fields(tenant = %session.tenant, session_id = %session.id))]
@@ -875,23 +898,31 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<Registered>, StoreError> {
         let k = self.keys_of(tenant, &file.session_id);
-        let mut inv = Call::new(
-            &self.scripts.register,
-            [k.session(), k.keys(), k.files(), k.file(&file.id)],
-        );
-        inv.arg(now_ms).arg(&file.file_key).arg(&file.id);
-        file_fields(&mut inv, file);
-        let reply = self.invoke("register_file", &inv).await?;
-        let rest = payload_or_return!(reply);
-        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
-            "created" => Registered::Created(file.clone()),
-            "dup" => Registered::DuplicateKey,
-            "full" => Registered::CountExceeded {
-                file_limit: u32::try_from(as_int(at(rest, 1)?)?).map_err(corrupt)?,
-                file_count: u32::try_from(as_int(at(rest, 2)?)?).map_err(corrupt)?,
-            },
-            other => return Err(corrupt(format_args!("register outcome {other:?}"))),
-        }))
+        let mut file = std::borrow::Cow::Borrowed(file);
+        // Twice at most: the second call uses the session's part size the first one named.
+        for attempt in 0..2 {
+            let mut inv = Call::new(
+                &self.scripts.register,
+                [k.session(), k.keys(), k.files(), k.file(&file.id)],
+            );
+            inv.arg(now_ms)
+                .arg(&file.file_key)
+                .arg(&file.id)
+                .arg(file.size_bytes)
+                .arg(file.part_size_bytes);
+            file_fields(&mut inv, &file);
+            let reply = self.invoke("register_file", &inv).await?;
+            let rest = payload_or_return!(reply);
+            if as_str(at(rest, 0)?)? == "ps" && attempt == 0 {
+                let session_ps: u64 = as_str(at(rest, 1)?)?.parse().map_err(corrupt)?;
+                file = std::borrow::Cow::Owned(with_session_part_size(&file, session_ps));
+                continue;
+            }
+            return registered(rest, &file);
+        }
+        Err(corrupt(
+            "register: part size still differs from the session's",
+        ))
     }
 
     #[tracing::instrument(level = "debug", skip(self))]

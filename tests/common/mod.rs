@@ -96,6 +96,8 @@ pub struct CountingStorage {
     pub inner: Arc<dyn ObjectStore>,
     pub completes: AtomicUsize,
     pub aborts: AtomicUsize,
+    /// While true, `complete_upload` waits (a storage completion that stalls).
+    pub hold_completes: tokio::sync::watch::Sender<bool>,
 }
 
 impl CountingStorage {
@@ -104,6 +106,7 @@ impl CountingStorage {
             inner,
             completes: AtomicUsize::new(0),
             aborts: AtomicUsize::new(0),
+            hold_completes: tokio::sync::watch::channel(false).0,
         })
     }
 }
@@ -142,6 +145,8 @@ impl ObjectStore for CountingStorage {
         parts: &[(u32, String)],
     ) -> Result<String, StorageError> {
         self.completes.fetch_add(1, Ordering::SeqCst);
+        let mut held = self.hold_completes.subscribe();
+        let _ = held.wait_for(|held| !*held).await;
         self.inner.complete_upload(key, id, parts).await
     }
     async fn abort_upload(&self, key: &str, id: &str) -> Result<(), StorageError> {
@@ -162,9 +167,10 @@ impl ObjectStore for CountingStorage {
         key: &str,
         id: &str,
         n: u32,
+        len: u64,
         d: Duration,
     ) -> Result<String, StorageError> {
-        self.inner.presign_part(key, id, n, d).await
+        self.inner.presign_part(key, id, n, len, d).await
     }
     async fn ping(&self) -> Result<(), StorageError> {
         self.inner.ping().await

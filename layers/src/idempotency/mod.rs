@@ -17,10 +17,10 @@
 //!    * the key was used with another fingerprint → `422`;
 //!    * a response is stored → it is replayed (status, stored headers, body) with
 //!      `Idempotent-Replayed: true`;
-//! 4. runs the inner service; `5xx` and `429` responses, responses with bodies over
-//!    the response limit, inner errors and dropped response futures (client gone)
-//!    release the reservation; any other response is stored for the TTL (default
-//!    24 hours).
+//! 4. runs the inner service; `5xx` and `429` responses, responses marked
+//!    [`NotReplayable`], responses with bodies over the response limit, inner errors and
+//!    dropped response futures (client gone) release the reservation; any other response is
+//!    stored for the TTL (default 24 hours).
 //!
 //! The `400`/`409`/`413`/`422` responses come from a [`RejectionBuilder`] so callers
 //! can render their own format. Store failures are returned as [`Error`]s.
@@ -81,6 +81,6 @@ pub use self::memory::InMemory;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 pub use self::response::{DefaultRejection, Rejection, RejectionBuilder};
-pub use self::service::{Idempotency, IdempotencyScope};
+pub use self::service::{Idempotency, IdempotencyScope, NotReplayable};
 pub use self::store::{IdempotencyStore, Reservation, StoredResponse};
 pub use crate::future::ResponseFuture;

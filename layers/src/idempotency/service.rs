@@ -20,6 +20,13 @@ use crate::BoxError;
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// A response extension that keeps a response out of the idempotency store: the layer passes
+/// it through and releases the key, so a retry with the same key runs again. For responses
+/// that are not worth replaying: ones that expire (presigned URLs) or that depend on state a
+/// retry may find changed (a conflict that a later request resolves).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NotReplayable;
+
 /// Maps a request to the scope its `Idempotency-Key` lives in (for example the
 /// tenant id), or `None` to let it pass through without deduplication.
 ///
@@ -308,12 +315,19 @@ where
         }
     };
     let status = res.status();
-    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+    if status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || res.extensions().get::<NotReplayable>().is_some()
+    {
         guard.release().await;
         return Ok(res);
     }
     let (res_parts, body) = res.into_parts();
     if body.size_hint().lower() > config.response_limit as u64 {
+        tracing::info!(
+            limit = config.response_limit,
+            "response larger than the idempotency record limit: not stored"
+        );
         guard.release().await;
         return Ok(Response::from_parts(res_parts, body));
     }
@@ -329,6 +343,11 @@ where
         }
     };
     if bytes.len() > config.response_limit {
+        tracing::info!(
+            limit = config.response_limit,
+            size = bytes.len(),
+            "response larger than the idempotency record limit: not stored"
+        );
         guard.release().await;
     } else {
         let headers = config

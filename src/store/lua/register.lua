@@ -1,8 +1,23 @@
--- register_file. KEYS: s, keys, files, f. ARGV: now, file_key, file_id, field, value, ...
--- Reply: {'ok','created'} | {'ok','dup'} | {'ok','full', limit, count} | gate reply.
--- One HMGET reads the gate's fields, the count and the retention deadline.
-local g, st = gate(NOW, true, 'file_limit', 'file_count', 'keep_until')
+-- register_file. KEYS: s, keys, files, f.
+-- ARGV: now, file_key, file_id, size_bytes, part_size_bytes, field, value, ...
+-- Reply: {'ok','created'} | {'ok','dup'} | {'ok','full', limit, count}
+--      | {'ok','ps', session part_size_bytes} | gate reply.
+-- One HMGET reads the gate's fields, the count, the retention deadline and the session's
+-- part size.
+local g, st = gate(NOW, true, 'file_limit', 'file_count', 'keep_until', 'part_size_bytes')
 if g then return g end
+-- A file's part size derives from its session's (fixed at creation), whatever the calling
+-- replica is configured with: the session's part size raised to the smallest whole MiB
+-- that keeps the file within 10,000 parts. The caller computed it from what it assumed;
+-- if that differs, it is told the session's and registers again (only compared here: the
+-- numbers stored come from ARGV, see the prelude).
+local session_ps, size, ps = tonumber(st[6]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if session_ps then
+  local want = session_ps
+  local needed = math.ceil(size / 10000)
+  if needed > session_ps then want = math.ceil(needed / 1048576) * 1048576 end
+  if want ~= ps then return {'ok', 'ps', st[6]} end
+end
 local limit, count = tonumber(st[3]), tonumber(st[4])
 if not limit or not count then error('upgate: corrupt session (file_limit/file_count)') end
 -- A taken fileKey is reported before a full session (both are refusals; `dup` is the more
@@ -14,7 +29,7 @@ end
 if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return {'ok', 'dup'} end
 redis.call('HINCRBY', SKEY, 'file_count', 1)
 -- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
-redis.call('HSET', KEYS[4], unpack(ARGV, 4))
+redis.call('HSET', KEYS[4], unpack(ARGV, 6))
 -- Retention: the file hash is new. `files` only grows (aborted files stay listed), so it is
 -- new exactly when this RPUSH made it one long. `keys` holds one field per live file (this
 -- script adds one with each HINCRBY; abort_file and abort_session remove one with each

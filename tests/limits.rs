@@ -1,0 +1,257 @@
+//! Per-tenant limits and bounded waiting (`../shared/API.md` v1.1, "Limits every deployment
+//! relies on"): metadata size, and completes waiting on a stalled completion.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt as _;
+use reqwest::Method;
+use serde_json::{json, Value};
+use upgate_testkit::RedisServer;
+
+/// Metadata of exactly `n` bytes as serialized JSON.
+fn metadata_of(n: usize) -> Value {
+    // {"k":"…"} is 8 bytes around the value.
+    json!({ "k": "x".repeat(n - 8) })
+}
+
+async fn create(gw: &TestGateway, key: &str, metadata: Value) -> reqwest::Response {
+    gw.req(Method::POST, "/v1/sessions", key)
+        .json(&json!({ "metadata": metadata }))
+        .send()
+        .await
+        .expect("send")
+}
+
+/// `max_metadata_bytes` (top level, default 16 KiB) with a tenant override: over it, 413
+/// `payloadTooLarge` with `maxSizeBytes`; tenant A at its limit does not change tenant B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_metadata_is_bounded_per_tenant() {
+    let mut cfg = config("");
+    assert_eq!(cfg.tenants[1].max_metadata_bytes, 16 * 1024, "the default");
+    cfg.tenants[0].max_metadata_bytes = 100;
+    let gw = TestGateway::start(cfg, memory_store()).await;
+    assert_eq!(create(&gw, KEY_A, metadata_of(100)).await.status(), 201);
+    let p = problem(
+        create(&gw, KEY_A, metadata_of(101)).await,
+        413,
+        "payloadTooLarge",
+    )
+    .await;
+    assert_eq!(p["maxSizeBytes"], 100);
+    assert_eq!(
+        create(&gw, KEY_B, metadata_of(16 * 1024)).await.status(),
+        201
+    );
+    let p = problem(
+        create(&gw, KEY_B, metadata_of(16 * 1024 + 1)).await,
+        413,
+        "payloadTooLarge",
+    )
+    .await;
+    assert_eq!(p["maxSizeBytes"], 16 * 1024);
+
+    // The top-level setting applies to tenants without their own.
+    let gw = TestGateway::start(config("max_metadata_bytes = 64\n"), memory_store()).await;
+    assert_eq!(create(&gw, KEY_B, metadata_of(64)).await.status(), 201);
+    problem(
+        create(&gw, KEY_B, metadata_of(65)).await,
+        413,
+        "payloadTooLarge",
+    )
+    .await;
+}
+
+fn memory_store() -> Arc<dyn upgate::store::SessionStore> {
+    Arc::new(upgate::store::memory::MemoryStore::new(
+        Duration::from_secs(3600),
+    ))
+}
+
+/// `EVALSHA` calls Redis has served so far (`INFO commandstats`).
+async fn evalsha_calls(redis: &RedisServer) -> u64 {
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut con)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 200 concurrent completes of one file whose storage completion is stalled: the lease
+/// holder waits on storage; up to 64 others wait a short while and the rest are refused at
+/// once, all with 409 `requestInProgress` and `Retry-After`; none hangs, and the waiters'
+/// polling of Redis stays bounded. Once storage answers, the holder and a retry get 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn completes_waiting_on_a_stalled_completion_get_409_and_poll_boundedly() {
+    let redis = RedisServer::start();
+    let gw = Arc::new(TestGateway::start(config(""), redis_store(&redis.url()).await).await);
+    let session = gw.create_session(KEY_A, json!({})).await["sessionId"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let f: Value = gw
+        .register_json(
+            KEY_A,
+            &session,
+            json!({"fileName": "s.bin", "sizeBytes": 1000}),
+        )
+        .await;
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    assert_eq!(
+        gw.put_part(KEY_A, &session, &file, 1, vec![1; 1000])
+            .await
+            .status(),
+        200
+    );
+
+    gw.counting.hold_completes.send_replace(true);
+    let calls_before = evalsha_calls(&redis).await;
+    let started = Instant::now();
+    let mut pending: futures_util::stream::FuturesUnordered<_> = (0..200)
+        .map(|_| {
+            let gw = gw.clone();
+            let (session, file) = (session.clone(), file.clone());
+            tokio::spawn(async move {
+                let res = gw.complete(KEY_A, &session, &file).await;
+                let retry_after = res.headers().get("retry-after").is_some();
+                let status = res.status().as_u16();
+                let body: Value = res.json().await.expect("json");
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    while refused < 199 {
+        let (status, retry_after, body) =
+            tokio::time::timeout(Duration::from_secs(30), pending.next())
+                .await
+                .expect("a waiting complete hung")
+                .expect("a result")
+                .expect("task");
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (409, Some("requestInProgress")),
+            "{body}"
+        );
+        assert!(retry_after, "409 without Retry-After");
+        refused += 1;
+    }
+    let window = started.elapsed();
+    let calls = evalsha_calls(&redis).await - calls_before;
+    println!("199 completes refused within {window:?}; {calls} EVALSHA calls meanwhile");
+    // 64 waiters polling at most every 250 ms for 5 s, plus one call per complete.
+    assert!(calls < 3_000, "{calls} Redis calls in {window:?}");
+    assert_eq!(
+        gw.state.completion_waiters.files(),
+        0,
+        "waiter places given back"
+    );
+
+    gw.counting.hold_completes.send_replace(false);
+    let (status, _, holder) = tokio::time::timeout(Duration::from_secs(30), pending.next())
+        .await
+        .expect("the holder finishes once storage answers")
+        .expect("a result")
+        .expect("task");
+    assert_eq!(status, 200, "{holder}");
+    let again = gw.complete(KEY_A, &session, &file).await;
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(again["fileUrl"], holder["fileUrl"]);
+}
+
+/// A fileKey that filesystem storage could never store (a path segment over 255 bytes) is
+/// refused at registration with 400 `validationFailed`, not later with a 503 on every part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_storage_would_refuse_are_refused_at_registration() {
+    let gw = TestGateway::start(config(""), memory_store()).await;
+    let session = gw.create_session(KEY_A, json!({})).await["sessionId"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let long = format!("dir/{}", "n".repeat(256));
+    let res = gw
+        .register(
+            KEY_A,
+            &session,
+            json!({"fileName": "x", "fileKey": long, "sizeBytes": 1}),
+        )
+        .await;
+    let p = problem(res, 400, "validationFailed").await;
+    assert_eq!(p["errors"][0]["field"], "fileKey", "{p}");
+    let ok = format!("dir/{}", "n".repeat(255));
+    let res = gw
+        .register(
+            KEY_A,
+            &session,
+            json!({"fileName": "x", "fileKey": ok, "sizeBytes": 1}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+}
+
+/// Idempotency records keep only answers a retry would get again: a `fileCountExceeded`
+/// (which a delete can change) is not replayed, a `validationFailed` is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_dependent_rejections_are_not_replayed() {
+    let gw = TestGateway::start(config(""), memory_store()).await;
+    let session = gw.create_session(KEY_A, json!({"maxFiles": 1})).await["sessionId"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let first: Value = gw
+        .register_json(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 1}))
+        .await;
+    let path = format!("/v1/sessions/{session}/files");
+    let with_key = |key: &'static str, body: Value| {
+        gw.req(Method::POST, &path, KEY_A)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    let full = with_key("k-full", json!({"fileName": "b", "sizeBytes": 1}))
+        .await
+        .expect("send");
+    problem(full, 400, "fileCountExceeded").await;
+    let del = gw
+        .req(
+            Method::DELETE,
+            &format!("{path}/{}", first["fileId"].as_str().expect("id")),
+            KEY_A,
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(del.status(), 204);
+    let retry = with_key("k-full", json!({"fileName": "b", "sizeBytes": 1}))
+        .await
+        .expect("send");
+    assert_eq!(retry.status(), 201, "the retry ran again");
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+
+    let bad = json!({"fileName": "", "sizeBytes": 1});
+    let first_bad = with_key("k-bad", bad.clone()).await.expect("send");
+    problem(first_bad, 400, "validationFailed").await;
+    let again = with_key("k-bad", bad).await.expect("send");
+    assert_eq!(again.status(), 400);
+    assert_eq!(
+        again
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+}
