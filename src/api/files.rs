@@ -1,11 +1,11 @@
 //! File endpoints: register, get, abort.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
-use super::{file_json, new_id, open_gate, AppState, JsonBody, Tenant};
+use super::{file_json, new_id, open_gate, ApiPath, AppState, JsonBody, Tenant};
 use crate::error::{AppError, FieldError};
 use crate::model::{now_ms, part_count, part_size_for, FileRecord, FileStatus};
 use crate::store::Registered;
@@ -14,7 +14,7 @@ use crate::store::Registered;
 pub(super) async fn register(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path(session_id): Path<String>,
+    ApiPath(session_id): ApiPath<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, AppError> {
     let t = &tenant.0;
@@ -83,7 +83,7 @@ pub(super) async fn register(
 pub(super) async fn get(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path((session_id, file_id)): Path<(String, String)>,
+    ApiPath((session_id, file_id)): ApiPath<(String, String)>,
 ) -> Result<Response, AppError> {
     let now = now_ms();
     let f = open_gate(
@@ -101,7 +101,7 @@ pub(super) async fn get(
 pub(super) async fn abort(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path((session_id, file_id)): Path<(String, String)>,
+    ApiPath((session_id, file_id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, AppError> {
     let now = now_ms();
     let before = open_gate(

@@ -106,6 +106,32 @@ impl FromRequest<AppState> for JsonBody {
     }
 }
 
+/// `axum::extract::Path` whose rejection (a segment that is not valid UTF-8 once
+/// percent-decoded, say) is the contract's problem document (400 `validationFailed`), not
+/// axum's plain text.
+pub(crate) struct ApiPath<T>(pub(crate) T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(_) => Err(AppError::Validation(vec![crate::error::FieldError::new(
+                "path",
+                "a path segment is not valid (percent-decoded UTF-8 expected)",
+            )])),
+        }
+    }
+}
+
 /// Turns a store gate into the contract's errors; logs the expiration event for the one
 /// request that observed the session's expiry first.
 pub(crate) fn open_gate<T>(gate: Gate<T>, tenant: &str, now_ms: i64) -> Result<T, AppError> {

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -30,7 +30,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::{json, Value};
 
-use super::{file_json, new_id, open_gate, AppState, JsonBody, Tenant};
+use super::{file_json, new_id, open_gate, ApiPath, AppState, JsonBody, Tenant};
 use crate::error::AppError;
 use crate::model::{expected_part_len, now_ms, FileRecord, FileStatus, PartRecord};
 use crate::storage::{PartBody, PartChecksum, StorageError, StorageKind};
@@ -285,7 +285,7 @@ impl Stream for BodyStream {
 pub(super) async fn upload(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path((session_id, file_id, part)): Path<(String, String, String)>,
+    ApiPath((session_id, file_id, part)): ApiPath<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
@@ -402,7 +402,7 @@ pub(super) async fn upload(
 pub(super) async fn list(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path((session_id, file_id)): Path<(String, String)>,
+    ApiPath((session_id, file_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, AppError> {
     let t = &tenant.0.id;
     let now = now_ms();
@@ -421,7 +421,7 @@ pub(super) async fn list(
 pub(super) async fn presign(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path((session_id, file_id)): Path<(String, String)>,
+    ApiPath((session_id, file_id)): ApiPath<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, AppError> {
     let t = &tenant.0.id;
@@ -612,7 +612,7 @@ async fn complete_in_storage(
 pub(super) async fn complete(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path((session_id, file_id)): Path<(String, String)>,
+    ApiPath((session_id, file_id)): ApiPath<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, AppError> {
     let t = &tenant.0.id;

@@ -1,12 +1,12 @@
 //! Session endpoints: create, get, abort, finalize.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::stream::{self, StreamExt};
 
-use super::{file_json, new_id, open_gate, session_json, AppState, JsonBody, Tenant};
+use super::{file_json, new_id, open_gate, session_json, ApiPath, AppState, JsonBody, Tenant};
 use crate::error::AppError;
 use crate::model::{now_ms, FileRecord, SessionRecord, SessionStatus};
 use crate::store::Finalized;
@@ -55,7 +55,7 @@ pub(super) async fn create(
 pub(super) async fn get(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path(session_id): Path<String>,
+    ApiPath(session_id): ApiPath<String>,
 ) -> Result<Response, AppError> {
     let now = now_ms();
     let view = open_gate(
@@ -75,7 +75,7 @@ pub(super) async fn get(
 pub(super) async fn abort(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path(session_id): Path<String>,
+    ApiPath(session_id): ApiPath<String>,
 ) -> Result<StatusCode, AppError> {
     let now = now_ms();
     let open = open_gate(
@@ -161,7 +161,7 @@ fn compatible(declared: &str, detected: &str) -> bool {
 pub(super) async fn finalize(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-    Path(session_id): Path<String>,
+    ApiPath(session_id): ApiPath<String>,
 ) -> Result<Response, AppError> {
     let t = &tenant.0.id;
     let now = now_ms();

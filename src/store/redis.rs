@@ -1306,6 +1306,85 @@ mod tests {
         assert!(parse_reap_member("nocolon").is_err());
     }
 
+    /// Reply values shaped like the scripts' (arrays of words the decoders look for,
+    /// numbers, field/value pairs) and garbage.
+    fn reply() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let word = prop_oneof![
+            Just("ok"),
+            Just("snf"),
+            Just("exp"),
+            Just("na"),
+            Just("fnf"),
+            Just("created"),
+            Just("dup"),
+            Just("full"),
+            Just("ps"),
+            Just("status"),
+            Just("active"),
+            Just("expires_at"),
+            Just("id"),
+            Just("part_size_bytes"),
+            Just("size_bytes"),
+            Just("1"),
+            Just("0"),
+            Just("-1"),
+            Just("99999999999999999999"),
+            Just("1:e"),
+        ]
+        .prop_map(|w| Value::BulkString(w.as_bytes().to_vec()));
+        let leaf = prop_oneof![
+            4 => word,
+            1 => Just(Value::Nil),
+            1 => any::<i64>().prop_map(Value::Int),
+            1 => proptest::collection::vec(any::<u8>(), 0..12).prop_map(Value::BulkString),
+        ];
+        leaf.prop_recursive(3, 40, 8, |inner| {
+            proptest::collection::vec(inner, 0..8).prop_map(Value::Array)
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+        ))]
+        /// No reply, however malformed, panics a decoder: it is a value or a StoreError.
+        #[test]
+        fn reply_decoders_never_panic(v in reply()) {
+            let _ = gated(&v);
+            let _ = parse_session(&v);
+            let _ = parse_file(&v);
+            let _ = parse_parts(&v);
+            if let Value::Array(items) = &v {
+                let _ = parse_files(items);
+                let _ = registered(items, &sample_file());
+                if let Ok(Ok(rest)) = gated(&v) {
+                    let _ = registered(rest, &sample_file());
+                    let _ = parse_files(rest);
+                }
+            }
+        }
+    }
+
+    fn sample_file() -> FileRecord {
+        FileRecord {
+            id: "f".into(),
+            session_id: "s".into(),
+            file_key: "k".into(),
+            file_name: "n".into(),
+            size_bytes: 1,
+            content_type: None,
+            status: FileStatus::Registered,
+            part_size_bytes: 5 * 1024 * 1024,
+            part_count: 1,
+            created_at: 0,
+            object_key: "o".into(),
+            upload_id: None,
+            file_url: None,
+            etag: None,
+        }
+    }
+
     #[test]
     fn parts_sort_and_keep_colons_in_etags() {
         let v = Value::Array(vec![
