@@ -1781,3 +1781,39 @@ async fn redis_handle_is_a_connection_like() {
     .is_err());
     assert!(RedisHandle::cluster(&[]).is_err());
 }
+
+/// `create_session` writes the reaper index entry before the session, so a call cut between
+/// the two leaves an entry for a session that does not exist. The reaper must drop such an
+/// entry (and not fail its pass on it): here one is written by hand, as the cut call would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_index_entry_without_its_session_is_dropped_by_the_reaper() {
+    let server = upgate_testkit::RedisServer::start();
+    let prefix = unique_prefix();
+    let store = Arc::new(redis_store(
+        RedisHandle::single(&server.url()).unwrap(),
+        prefix.clone(),
+    ));
+    let mut con = raw_conn(&server.url()).await;
+    let _: i64 = redis::cmd("ZADD")
+        .arg(store.reap_key())
+        .arg(1_000)
+        .arg("acme:no-such-session")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let now = 10_000_000;
+    let due = store.claim_expired(now, 60_000, 10).await.unwrap();
+    assert_eq!(due, vec![("acme".to_owned(), "no-such-session".to_owned())]);
+    assert!(store
+        .reap("acme", "no-such-session", now)
+        .await
+        .unwrap()
+        .is_none());
+    store.reap_done("acme", "no-such-session").await.unwrap();
+    let left: i64 = redis::cmd("ZCARD")
+        .arg(store.reap_key())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the dangling entry is gone");
+}

@@ -814,23 +814,27 @@ impl SessionStore for RedisStore {
         let member = reap_member(&session.tenant, &session.id);
         let reap_key = self.reap_key();
         let mut con = self.handle.clone();
+        // The reaper index entry is written before the session: if the call is cut between
+        // the two (a timeout, a dropped connection), the index names a session that does not
+        // exist, which the reaper drops (`reap` finds nothing, `reap_done`); the other order
+        // would leave a session the reaper never finds.
         let fut = async {
             if con.is_cluster() {
                 // Different slots: two commands.
-                inv.query(&mut con).await?;
                 redis::cmd("ZADD")
                     .arg(&reap_key)
                     .arg(due_ms)
                     .arg(&member)
                     .exec_async(&mut con)
-                    .await
+                    .await?;
+                inv.query(&mut con).await.map(drop)
             } else {
                 // One round trip; on NOSCRIPT (the ZADD ran anyway, it is idempotent) load
                 // the script and send the pipeline again.
                 let mut pipe = redis::pipe();
-                pipe.add_command(inv.cmd.clone())
+                pipe.zadd(&reap_key, &member, due_ms)
                     .ignore()
-                    .zadd(&reap_key, &member, due_ms)
+                    .add_command(inv.cmd.clone())
                     .ignore();
                 match pipe.exec_async(&mut con).await {
                     Err(e) if is_noscript(&e) => {
