@@ -4,45 +4,11 @@
 
 mod common;
 
+use common::strategies::json_value;
 use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, TestRunner};
 use serde_json::{json, Value};
-
-fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(Value::from),
-        "\\PC{0,20}".prop_map(Value::from),
-        Just(Value::from(u64::MAX)),
-    ];
-    leaf.prop_recursive(3, 24, 6, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map(
-                prop_oneof![
-                    Just("fileName".to_owned()),
-                    Just("fileKey".to_owned()),
-                    Just("sizeBytes".to_owned()),
-                    Just("contentType".to_owned()),
-                    Just("maxFiles".to_owned()),
-                    Just("ttlSeconds".to_owned()),
-                    Just("metadata".to_owned()),
-                    Just("parts".to_owned()),
-                    Just("partNumbers".to_owned()),
-                    "[a-z]{1,8}",
-                ],
-                inner,
-                0..5
-            )
-            .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
 
 #[derive(Debug, Clone)]
 enum Body {
