@@ -168,7 +168,8 @@ pub struct Config {
     /// arrive, within this (`header_read_timeout_seconds`, default 10): slowloris protection.
     pub header_read_timeout: Duration,
     /// A connection without a request in flight is closed this long after its last response
-    /// (`idle_timeout_seconds`, default 60).
+    /// (`idle_timeout_seconds`, default 60). On HTTP/1 hyper's header timeout also runs while
+    /// a keep-alive connection waits for its next request: the smaller of the two applies.
     pub idle_timeout: Duration,
     /// Bound on every Redis call (extra key `redis_timeout_ms`, default 2000).
     pub redis_timeout: Duration,

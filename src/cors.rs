@@ -2,7 +2,8 @@
 //! [`tower_http::cors`].
 //!
 //! The edge ([`crate::stack`]) lets a preflight through unauthenticated (browsers send no
-//! credential on one) and authenticates everything else before this layer sees it. The origin
+//! credential on one), authenticates everything else before this layer sees it, and sends
+//! requests without `Origin` past it (they get no CORS headers). The origin
 //! predicate therefore sees either a preflight, allowed for any origin that some tenant
 //! allows, or an authenticated request, allowed only for the owning tenant's origins. `ETag`
 //! is exposed so browsers can collect part ETags (for presigned uploads the bucket's own CORS
@@ -69,7 +70,10 @@ pub fn layer(tenants: &[TenantConfig]) -> CorsLayer {
         .allow_origin(AllowOrigin::predicate(move |origin, parts| {
             match parts.extensions.get::<Tenant>() {
                 Some(Tenant(tenant)) => allows(&tenant.cors_allowed_origins, origin),
-                None => allows(any_tenant.iter(), origin),
+                None => {
+                    any_tenant.contains("*")
+                        || origin.to_str().is_ok_and(|o| any_tenant.contains(o))
+                }
             }
         }))
         .allow_methods([

@@ -7,7 +7,8 @@
 //!   request in flight for `header_read_timeout` since it was opened (a client that sends
 //!   nothing, only the HTTP/2 preface, or trickles its first request head), or for
 //!   `idle_timeout` since its last response (an idle keep-alive connection, HTTP/1 or HTTP/2).
-//!   hyper's own HTTP/1 header timeout also bounds every later request head. A part body that
+//!   hyper's own HTTP/1 header timeout also bounds every later request head, and runs while
+//!   an HTTP/1 connection waits for its next request: there the smaller of the two applies. A part body that
 //!   stalls is cut off by the part handler's idle timeout.
 //! * **Bounded HTTP/2**: at most [`H2_MAX_STREAMS`] concurrent streams per connection and
 //!   [`H2_MAX_HEADER_LIST`] bytes of headers per request.

@@ -15,6 +15,7 @@
 //! and a part boundary can fall anywhere, so refusing a part would break honest uploads.
 //! `finalize` checks the assembled object's first bytes and refuses with 415.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ use super::{file_json, new_id, open_gate, ApiPath, AppState, JsonBody, Tenant};
 use crate::error::AppError;
 use crate::model::{expected_part_len, now_ms, FileRecord, FileStatus, PartRecord};
 use crate::storage::{PartBody, PartChecksum, StorageError, StorageKind};
-use crate::store::{BeginComplete, UploadIdSet};
+use crate::store::{BeginComplete, Gate, UploadIdSet};
 
 /// How long one caller may hold a file's completion lease before another may take over (a
 /// crashed replica must not block a file forever). It is shorter than the storage client's
@@ -130,26 +131,23 @@ async fn ensure_upload(
         .create_upload(&file.object_key, file.content_type.as_deref())
         .await?;
     let now = now_ms();
-    let outcome = state
+    let stored = state
         .store
         .set_upload_id(tenant, &file.session_id, &file.id, &created, now)
-        .await
-        .map_err(AppError::from)
-        .and_then(|g| open_gate(g, tenant, now));
-    // Abort the new upload only when the store said for certain that it did not keep it. A
-    // store error (a timeout, say) leaves the outcome unknown: the store may have kept the
-    // id, and aborting it would leave the file pointing at a dead upload forever. Left
-    // alone, an upload the store did not keep is an orphan until the bucket's
-    // incomplete-upload lifecycle rule removes it (deploy/OPERATIONS.md).
-    if matches!(
-        outcome,
-        Ok(UploadIdSet::Existing(_) | UploadIdSet::FileNotOpen(_))
-    ) {
+        .await;
+    // Abort the new upload whenever the store answered that it did not keep it (another id
+    // won, the file or session is gone, expired or not active). A store error (a timeout,
+    // say) leaves the outcome unknown: the store may have kept the id, and aborting it would
+    // leave the file pointing at a dead upload forever. Left alone, an upload the store did
+    // not keep is an orphan until the bucket's incomplete-upload lifecycle rule removes it
+    // (deploy/OPERATIONS.md).
+    let kept_or_unknown = matches!(stored, Ok(Gate::Ok(UploadIdSet::Stored)) | Err(_));
+    if !kept_or_unknown {
         if let Err(e) = state.storage.abort_upload(&file.object_key, &created).await {
             tracing::warn!(error = %e, "aborting a surplus storage upload failed");
         }
     }
-    match outcome? {
+    match open_gate(stored?, tenant, now)? {
         UploadIdSet::Stored => Ok(created),
         UploadIdSet::Existing(id) => Ok(id),
         UploadIdSet::FileNotOpen(f) => Err(file_not_open(&f)),
@@ -462,8 +460,19 @@ pub(super) async fn presign(
     Ok(res)
 }
 
-/// Decides which parts to complete with: the client's list, or the parts the gateway
-/// recorded, topped up from storage (parts PUT through presigned URLs bypass the gateway).
+/// The parts to complete with, checked against the part-size rule.
+///
+/// Which parts: the client's list (presigned uploads), or the parts the gateway recorded,
+/// topped up from storage's part list (parts PUT through presigned URLs bypass the gateway).
+///
+/// Their sizes: every part must have the length the part-size rule gives it, which also
+/// makes them add up to `sizeBytes` (`../shared/API.md` v1.1), so a presigned or
+/// client-listed part of another size is refused with 400 `partSizeMismatch` before storage
+/// assembles anything. A size comes from the recorded part when its ETag matches (checked
+/// when it was PUT through the gateway), else from storage's part list; storage is listed
+/// at most once, and only when some part did not come through the gateway. If the upload is
+/// gone from storage, unknown sizes are left to `complete_upload`, which then finds the
+/// object or reports the upload aborted.
 async fn parts_to_complete(
     state: &AppState,
     file: &FileRecord,
@@ -471,92 +480,78 @@ async fn parts_to_complete(
     client: Option<Vec<crate::validate::ClientPart>>,
     recorded: Vec<PartRecord>,
 ) -> Result<Vec<(u32, String)>, AppError> {
-    let chosen: Vec<(u32, String)> = match client {
-        Some(list) => list.into_iter().map(|p| (p.part_number, p.etag)).collect(),
+    let same_etag = |a: &str, b: &str| a.trim_matches('"') == b.trim_matches('"');
+    let mut known: BTreeMap<u32, PartRecord> =
+        recorded.into_iter().map(|p| (p.part_number, p)).collect();
+    let needs_listing = match &client {
+        Some(list) => list.iter().any(|c| {
+            known
+                .get(&c.part_number)
+                .is_none_or(|k| !same_etag(&k.etag, &c.etag))
+        }),
+        None => known.len() < file.part_count as usize,
+    };
+    let mut listed = BTreeMap::new();
+    let mut upload_gone = false;
+    if needs_listing {
+        match state.storage.list_parts(&file.object_key, upload_id).await {
+            Ok(parts) => listed = parts.into_iter().map(|p| (p.part_number, p)).collect(),
+            Err(StorageError::NoSuchUpload) => upload_gone = true,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // (number, ETag, size when known)
+    let chosen: Vec<(u32, String, Option<u64>)> = match client {
+        Some(list) => list
+            .into_iter()
+            .map(|c| {
+                let size = known
+                    .get(&c.part_number)
+                    .filter(|k| same_etag(&k.etag, &c.etag))
+                    .or_else(|| listed.get(&c.part_number))
+                    .map(|p| p.size_bytes);
+                (c.part_number, c.etag, size)
+            })
+            .collect(),
         None => {
-            let mut known = recorded;
-            if known.len() < file.part_count as usize {
-                match state.storage.list_parts(&file.object_key, upload_id).await {
-                    Ok(listed) => {
-                        for p in listed {
-                            if !known.iter().any(|k| k.part_number == p.part_number) {
-                                known.push(p);
-                            }
-                        }
-                    }
-                    Err(StorageError::NoSuchUpload) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                known.sort_by_key(|p| p.part_number);
+            for (n, p) in listed {
+                known.entry(n).or_insert(p);
             }
-            known.into_iter().map(|p| (p.part_number, p.etag)).collect()
+            // Parts past the file's last (none can be uploaded or presigned) never join in.
+            known
+                .into_values()
+                .filter(|p| p.part_number <= file.part_count)
+                .map(|p| (p.part_number, p.etag, Some(p.size_bytes)))
+                .collect()
         }
     };
-    let missing: Vec<u32> = (1..=file.part_count)
-        .filter(|n| !chosen.iter().any(|(c, _)| c == n))
+    let present: std::collections::BTreeSet<u32> = chosen.iter().map(|(n, _, _)| *n).collect();
+    let mut missing: Vec<u32> = (1..=file.part_count)
+        .filter(|n| !present.contains(n))
         .collect();
     if !missing.is_empty() {
         return Err(AppError::PartsMissing(missing));
     }
-    Ok(chosen)
-}
-
-/// Checks every part to complete with against the part-size rule, which also makes them add
-/// up to `sizeBytes` (`../shared/API.md` v1.1): a presigned or client-listed part of another
-/// size is refused with 400 `partSizeMismatch` before storage assembles anything. Sizes come
-/// from the parts the gateway recorded (checked when they were PUT through it) when the ETag
-/// matches, else from storage's part list: one `ListParts` only when some part was not sent
-/// through the gateway. If the upload is gone from storage, the check is left to
-/// `complete_upload` (which then finds the object or reports the upload aborted).
-async fn check_part_sizes(
-    state: &AppState,
-    file: &FileRecord,
-    upload_id: &str,
-    chosen: &[(u32, String)],
-    recorded: &[PartRecord],
-) -> Result<(), AppError> {
-    let recorded_size = |n: u32, etag: &str| {
-        recorded
-            .iter()
-            .find(|p| p.part_number == n && p.etag.trim_matches('"') == etag.trim_matches('"'))
-            .map(|p| p.size_bytes)
-    };
-    let listed = if chosen.iter().all(|(n, e)| recorded_size(*n, e).is_some()) {
-        Vec::new()
-    } else {
-        match state.storage.list_parts(&file.object_key, upload_id).await {
-            Ok(listed) => listed,
-            Err(StorageError::NoSuchUpload) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let mut missing = Vec::new();
-    for (n, etag) in chosen {
+    for (n, _, size) in &chosen {
         let expected = expected_part_len(file.size_bytes, file.part_size_bytes, *n)
             .ok_or_else(|| AppError::Internal(format!("part {n} out of range")))?;
-        let actual = recorded_size(*n, etag).or_else(|| {
-            listed
-                .iter()
-                .find(|p| p.part_number == *n)
-                .map(|p| p.size_bytes)
-        });
-        match actual {
+        match size {
+            None if upload_gone => {}
             None => missing.push(*n),
-            Some(actual) if actual != expected => {
+            Some(actual) if *actual != expected => {
                 return Err(AppError::PartSizeMismatch {
                     part_number: *n,
                     expected,
-                    actual,
+                    actual: *actual,
                 })
             }
             Some(_) => {}
         }
     }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(AppError::PartsMissing(missing))
+    if !missing.is_empty() {
+        return Err(AppError::PartsMissing(missing));
     }
+    Ok(chosen.into_iter().map(|(n, etag, _)| (n, etag)).collect())
 }
 
 /// The storage side of completion, run by the one caller holding the lease.
@@ -589,8 +584,7 @@ async fn complete_in_storage(
             size_bytes: 0,
         });
     }
-    let parts = parts_to_complete(state, file, &upload_id, client, recorded.clone()).await?;
-    check_part_sizes(state, file, &upload_id, &parts, &recorded).await?;
+    let parts = parts_to_complete(state, file, &upload_id, client, recorded).await?;
     match state
         .storage
         .complete_upload(&file.object_key, &upload_id, &parts)
@@ -620,6 +614,7 @@ pub(super) async fn complete(
     let deadline = tokio::time::Instant::now() + COMPLETE_WAIT;
     let mut backoff = Duration::from_millis(5);
     let mut waiting: Option<WaiterGuard> = None;
+    let mut waited = false;
     loop {
         let now = now_ms();
         let gate = state
@@ -628,7 +623,7 @@ pub(super) async fn complete(
             .await?;
         match open_gate(gate, t, now)? {
             BeginComplete::AlreadyCompleted(f) => {
-                if waiting.is_none() {
+                if !waited {
                     // Nothing was waited for: this is a repeated complete, not a concurrent one.
                     tracing::warn!(file_url = ?f.file_url, "file already completed: answering the idempotent re-completion with the stored result");
                 }
@@ -636,6 +631,7 @@ pub(super) async fn complete(
             }
             BeginComplete::Aborted => return Err(AppError::FileNotActive("aborted")),
             BeginComplete::InProgress => {
+                waited = true;
                 if waiting.is_none() {
                     waiting = Some(
                         state
@@ -651,6 +647,8 @@ pub(super) async fn complete(
                 backoff = (backoff * 2).min(COMPLETE_POLL_MAX);
             }
             BeginComplete::Acquired(file, recorded) => {
+                // The holder is no longer a waiter: its place goes to another caller.
+                waiting = None;
                 let parsed = crate::validate::complete_parts(&body, file.part_count);
                 let result = match parsed {
                     Ok(client) => complete_in_storage(&state, t, &file, recorded, client).await,

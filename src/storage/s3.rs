@@ -294,8 +294,9 @@ fn from_code(op: &'static str, code: &str) -> StorageError {
             field: "body",
             reason: c.to_owned(),
         },
-        // S3 gave up waiting for the request body: the client sent too slowly.
-        "RequestTimeout" => {
+        // S3 gave up waiting for a part's body, which the client streams: it sent too slowly.
+        // Other calls' bodies come from the gateway: a retryable storage failure.
+        "RequestTimeout" if op == "UploadPart" => {
             StorageError::Body("storage timed out waiting for the request body".into())
         }
         c => StorageError::Unavailable(format!("S3 {op}: {c}")),
@@ -812,12 +813,16 @@ mod tests {
             StorageError::Refused { field: "body", .. }
         ));
         assert!(matches!(
-            from_code("op", "RequestTimeout"),
+            from_code("UploadPart", "RequestTimeout"),
             StorageError::Body(_)
         ));
         assert!(matches!(
             from_code("op", "InvalidPart"),
             StorageError::InvalidPart(_)
+        ));
+        assert!(matches!(
+            from_code("CompleteMultipartUpload", "RequestTimeout"),
+            StorageError::Unavailable(_)
         ));
         // Storage's own trouble stays retryable.
         for code in ["InternalError", "SlowDown", "ServiceUnavailable"] {

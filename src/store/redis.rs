@@ -903,7 +903,8 @@ impl SessionStore for RedisStore {
     ) -> Result<Gate<Registered>, StoreError> {
         let k = self.keys_of(tenant, &file.session_id);
         let mut file = std::borrow::Cow::Borrowed(file);
-        // Twice at most: the second call uses the session's part size the first one named.
+        // Twice at most: the second call uses the session's part size the first one named;
+        // a second `ps` answer (the part size changed in between) is corrupt data.
         for attempt in 0..2 {
             let mut inv = Call::new(
                 &self.scripts.register,
@@ -917,16 +918,13 @@ impl SessionStore for RedisStore {
             file_fields(&mut inv, &file);
             let reply = self.invoke("register_file", &inv).await?;
             let rest = payload_or_return!(reply);
-            if as_str(at(rest, 0)?)? == "ps" && attempt == 0 {
-                let session_ps: u64 = as_str(at(rest, 1)?)?.parse().map_err(corrupt)?;
-                file = std::borrow::Cow::Owned(with_session_part_size(&file, session_ps));
-                continue;
+            if as_str(at(rest, 0)?)? != "ps" || attempt == 1 {
+                return registered(rest, &file);
             }
-            return registered(rest, &file);
+            let session_ps: u64 = as_str(at(rest, 1)?)?.parse().map_err(corrupt)?;
+            file = std::borrow::Cow::Owned(with_session_part_size(&file, session_ps));
         }
-        Err(corrupt(
-            "register: part size still differs from the session's",
-        ))
+        Err(corrupt("register: no answer"))
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
