@@ -162,7 +162,8 @@ pub struct Config {
     pub part_idle_timeout: Duration,
     /// In-flight requests get this long to finish on SIGTERM (extra key `shutdown_grace_seconds`, default 30).
     pub shutdown_grace: Duration,
-    /// Connections served at once; more wait in the accept queue (extra key `max_connections`, default 10000).
+    /// Connections served at once; one more is answered 503 `unavailable` with `Retry-After`
+    /// and closed (extra key `max_connections`, default 10000).
     pub max_connections: usize,
     /// A connection must have its first request under way, and every request head must
     /// arrive, within this (`header_read_timeout_seconds`, default 10): slowloris protection.

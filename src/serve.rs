@@ -1,8 +1,11 @@
 //! The accept loop: hyper connections (HTTP/1.1 and HTTP/2) serving an axum router, with the
 //! protections `axum::serve` does not offer. The API and the admin listener both use it.
 //!
-//! * **Connection limit**: at most `max_connections` connections are served at once; further
-//!   ones wait in the kernel's accept queue instead of exhausting memory or file descriptors.
+//! * **Connection limit and load shedding**: at most `max_connections` connections are
+//!   served at once. A connection beyond them is accepted and answered at once with 503
+//!   `unavailable` and `Retry-After: 1` (an HTTP/1.1 response, then closed), so clients
+//!   back off instead of waiting in the kernel's accept queue; at most [`SHED_AT_ONCE`] such
+//!   answers are in flight, and connections beyond those are closed unanswered.
 //! * **Silent and slow clients**: a watchdog per connection closes it when it has had no
 //!   request in flight for `header_read_timeout` since it was opened (a client that sends
 //!   nothing, only the HTTP/2 preface, or trickles its first request head), or for
@@ -37,6 +40,10 @@ use tower::ServiceExt;
 pub const H2_MAX_STREAMS: u32 = 100;
 /// Largest HTTP/2 header list of one request, in bytes.
 pub const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Overload answers being written at once; beyond them a connection is closed unanswered.
+pub const SHED_AT_ONCE: usize = 256;
+/// How long writing one overload answer may take.
+const SHED_WRITE: Duration = Duration::from_secs(1);
 /// How long a connection the watchdog closed gets to finish its close (HTTP/2 GOAWAY)
 /// before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -145,16 +152,10 @@ pub async fn serve(
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let shedding = Arc::new(Semaphore::new(SHED_AT_ONCE));
+    let overload = overload_answer();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             biased;
             _ = &mut shutdown => break,
@@ -167,6 +168,10 @@ pub async fn serve(
                     continue;
                 }
             },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shed(stream, &shedding, overload.clone());
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
@@ -203,6 +208,34 @@ pub async fn serve(
             tracing::warn!(grace_seconds = limits.grace.as_secs(), "grace period over: dropping the remaining connections");
         }
     }
+}
+
+/// The bytes of the overload answer: 503 `unavailable` as a problem document.
+fn overload_answer() -> bytes::Bytes {
+    let body = crate::error::AppError::Unavailable("connection limit reached".into())
+        .problem()
+        .to_string();
+    bytes::Bytes::from(format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+/// Answers a connection over the limit with the overload answer and closes it, or closes
+/// it at once when [`SHED_AT_ONCE`] answers are already being written.
+fn shed(mut stream: tokio::net::TcpStream, shedding: &Arc<Semaphore>, answer: bytes::Bytes) {
+    let Ok(permit) = shedding.clone().try_acquire_owned() else {
+        return; // dropped: closed unanswered
+    };
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        let _ = tokio::time::timeout(SHED_WRITE, async {
+            stream.write_all(&answer).await?;
+            stream.shutdown().await
+        })
+        .await;
+        drop(permit);
+    });
 }
 
 /// Drives one connection to its end, closing it when it has been without a request for too

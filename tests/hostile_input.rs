@@ -282,3 +282,74 @@ async fn idle_keep_alive_connections_are_closed() {
         "closed after only {idle:?}"
     );
 }
+
+/// Over `max_connections` (2 here), a new connection is answered at once with 503
+/// `unavailable`, `Retry-After` and a problem document, then closed, instead of waiting in
+/// the accept queue; once a slot is free, requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_get_503_with_retry_after() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let bin = Binary::start("max_connections = 2\n", &[]);
+    // Two keep-alive connections that were served (so each holds a slot; the start-up
+    // probes may hold one for a moment, so a shed attempt is tried again).
+    let mut held = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while held.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not take two slots"
+        );
+        let mut s = tokio::net::TcpStream::connect(&bin.api)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /v1/sessions/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .await
+            .expect("request");
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.expect("response");
+        if buf[..n].starts_with(b"HTTP/1.1 401") {
+            held.push(s);
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut extra = tokio::net::TcpStream::connect(&bin.api)
+        .await
+        .expect("connect");
+    let _ = extra
+        .write_all(b"GET /v1/sessions/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut answer))
+        .await
+        .expect("answered at once, not queued")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("retry-after: 1"),
+        "{text}"
+    );
+    assert!(text.contains("\"code\":\"unavailable\""), "{text}");
+    drop(held);
+    // The held connections are gone: a normal request is served again.
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client
+            .get(bin.url("/v1/sessions/00000000-0000-4000-8000-000000000000"))
+            .bearer_auth(common::KEY_A)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if status == 404 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
