@@ -252,12 +252,10 @@ async fn silent_connections_are_closed_after_the_header_timeout() {
     );
 }
 
-/// An HTTP/1.1 keep-alive connection is closed `idle_timeout_seconds` (2 s here) after its
-/// last response, and not before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_keep_alive_connections_are_closed() {
+/// Opens a connection, sends one unauthenticated HTTP/1.1 request and reads the start of
+/// the answer; the connection stays open (keep-alive).
+async fn keep_alive_request(bin: &Binary) -> (tokio::net::TcpStream, Vec<u8>) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let bin = Binary::start("idle_timeout_seconds = 2\n", &[]);
     let mut s = tokio::net::TcpStream::connect(&bin.api)
         .await
         .expect("connect");
@@ -266,10 +264,20 @@ async fn idle_keep_alive_connections_are_closed() {
         .expect("request");
     let mut buf = vec![0u8; 8192];
     let n = s.read(&mut buf).await.expect("response");
+    buf.truncate(n);
+    (s, buf)
+}
+
+/// An HTTP/1.1 keep-alive connection is closed `idle_timeout_seconds` (2 s here) after its
+/// last response, and not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    let bin = Binary::start("idle_timeout_seconds = 2\n", &[]);
+    let (mut s, head) = keep_alive_request(&bin).await;
     assert!(
-        buf[..n].starts_with(b"HTTP/1.1 401"),
+        head.starts_with(b"HTTP/1.1 401"),
         "{:?}",
-        String::from_utf8_lossy(&buf[..n])
+        String::from_utf8_lossy(&head)
     );
     let answered = std::time::Instant::now();
     assert!(
@@ -299,15 +307,8 @@ async fn connections_over_the_limit_get_503_with_retry_after() {
             std::time::Instant::now() < deadline,
             "could not take two slots"
         );
-        let mut s = tokio::net::TcpStream::connect(&bin.api)
-            .await
-            .expect("connect");
-        s.write_all(b"GET /v1/sessions/x HTTP/1.1\r\nhost: gw\r\n\r\n")
-            .await
-            .expect("request");
-        let mut buf = vec![0u8; 4096];
-        let n = s.read(&mut buf).await.expect("response");
-        if buf[..n].starts_with(b"HTTP/1.1 401") {
+        let (s, head) = keep_alive_request(&bin).await;
+        if head.starts_with(b"HTTP/1.1 401") {
             held.push(s);
         } else {
             tokio::time::sleep(Duration::from_millis(200)).await;
