@@ -33,6 +33,7 @@ pub mod stack;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
+pub mod uploads;
 pub mod validate;
 
 use std::future::Future;
@@ -98,13 +99,20 @@ impl Gateway {
     ) -> Gateway {
         let layers = stack::Layers::new(&config, store.clone(), None);
         let storage: Arc<dyn ObjectStore> = Arc::new(storage::Timed(storage));
+        let metrics = Arc::new(metrics::Metrics::default());
+        let uploads = Arc::new(uploads::Uploads::new(
+            store.clone(),
+            storage.clone(),
+            metrics.clone(),
+            uploads::Timing::default(),
+        ));
         Gateway {
             state: AppState {
                 config: Arc::new(config),
                 store,
                 storage,
-                metrics: Arc::new(metrics::Metrics::default()),
-                completion_waiters: Arc::default(),
+                metrics,
+                uploads,
             },
             layers,
         }

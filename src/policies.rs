@@ -344,7 +344,7 @@ impl upgate_layers::expiry::ExpiredResponse<SessionDeadline, Body> for ExpiredPr
                     .await
                 {
                     Ok(crate::store::Gate::Expired(e)) if e.first_observation => {
-                        crate::api::log_expiration(&e.session, &info.tenant, now_ms, "request");
+                        crate::uploads::log_expiration(&e.session, &info.tenant, now_ms, "request");
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "recording a session's expiry failed"),

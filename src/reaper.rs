@@ -1,4 +1,5 @@
-//! The reaper: aborts the storage uploads of expired sessions.
+//! The reaper: aborts the storage uploads of expired sessions and retries the storage
+//! cleanups of deleted files and sessions (the protocol is [`crate::uploads::reap`]).
 //!
 //! Every replica runs one. Each pass claims due sessions from the store's expiry index with a
 //! lease (an atomic re-scoring in the index), so two replicas never reap the same session at
@@ -18,12 +19,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
-use crate::model::now_ms;
-
-/// Lease on a claimed session: long enough to abort a session's uploads.
-const CLAIM_LEASE_MS: i64 = 60_000;
-/// Sessions claimed per store call.
-const BATCH: usize = 100;
 
 /// Runs passes every `interval` until `stop` is cancelled.
 pub async fn run(state: AppState, interval: Duration, stop: CancellationToken) {
@@ -43,37 +38,8 @@ pub async fn run(state: AppState, interval: Duration, stop: CancellationToken) {
     tracing::debug!("reaper stopped");
 }
 
-/// One pass: claims and reaps due sessions until none are left; returns how many it reaped.
+/// One pass (see [`crate::uploads::Uploads::reap_pass`]); returns how many expired sessions
+/// it finished.
 pub async fn pass(state: &AppState) -> Result<usize, crate::store::StoreError> {
-    let mut reaped = 0;
-    loop {
-        let now = now_ms();
-        let due = state
-            .store
-            .claim_expired(now, CLAIM_LEASE_MS, BATCH)
-            .await?;
-        if due.is_empty() {
-            return Ok(reaped);
-        }
-        for (tenant, session_id) in due {
-            let span = tracing::info_span!("reap", tenant = %tenant, session_id = %session_id);
-            let _enter = span.enter();
-            let Some(r) = state.store.reap(&tenant, &session_id, now).await? else {
-                state.store.reap_done(&tenant, &session_id).await?;
-                continue;
-            };
-            if r.first_observation {
-                crate::api::log_expiration(&r.session, &tenant, now, "reaper");
-                state.metrics.sessions_expired.inc();
-            }
-            let aborted = crate::api::abort_uploads(state, &r.open_uploads).await;
-            state.metrics.uploads_reaped.add(aborted as u64);
-            if aborted == r.open_uploads.len() {
-                state.store.reap_done(&tenant, &session_id).await?;
-                state.metrics.sessions_reaped.inc();
-                reaped += 1;
-            }
-            // Otherwise the claim's lease runs out and a later pass retries.
-        }
-    }
+    state.uploads.reap_pass().await
 }

@@ -155,7 +155,7 @@ async fn completes_waiting_on_a_stalled_completion_get_409_and_poll_boundedly() 
     // 64 waiters polling at most every 250 ms for 5 s, plus one call per complete.
     assert!(calls < 3_000, "{calls} Redis calls in {window:?}");
     assert_eq!(
-        gw.state.completion_waiters.files(),
+        gw.state.uploads.waiting_files(),
         0,
         "waiter places given back"
     );

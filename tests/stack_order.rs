@@ -126,7 +126,7 @@ impl SessionStore for Counted {
         s: &str,
         f: &str,
         n: i64,
-    ) -> Result<Gate<FileRecord>, StoreError> {
+    ) -> Result<Gate<FileAborted>, StoreError> {
         forward!(self.abort_file(t, s, f, n))
     }
     async fn abort_session(
@@ -134,11 +134,34 @@ impl SessionStore for Counted {
         t: &str,
         s: &str,
         n: i64,
-    ) -> Result<Gate<Vec<FileRecord>>, StoreError> {
+    ) -> Result<Gate<SessionAborted>, StoreError> {
         forward!(self.abort_session(t, s, n))
     }
-    async fn finalize(&self, t: &str, s: &str, n: i64) -> Result<Gate<Finalized>, StoreError> {
-        forward!(self.finalize(t, s, n))
+    async fn cleanup_done(&self, t: &str, s: &str, f: &[String]) -> Result<(), StoreError> {
+        forward!(self.cleanup_done(t, s, f))
+    }
+    async fn schedule_reap(&self, t: &str, s: &str, a: i64) -> Result<(), StoreError> {
+        forward!(self.schedule_reap(t, s, a))
+    }
+    async fn renew_complete(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        k: &str,
+        l: i64,
+        n: i64,
+    ) -> Result<bool, StoreError> {
+        forward!(self.renew_complete(t, s, f, k, l, n))
+    }
+    async fn finalize(
+        &self,
+        t: &str,
+        s: &str,
+        c: &[String],
+        n: i64,
+    ) -> Result<Gate<Finalized>, StoreError> {
+        forward!(self.finalize(t, s, c, n))
     }
     async fn claim_expired(
         &self,
@@ -151,8 +174,14 @@ impl SessionStore for Counted {
     async fn reap(&self, t: &str, s: &str, n: i64) -> Result<Option<Reaped>, StoreError> {
         self.inner.reap(t, s, n).await
     }
-    async fn reap_done(&self, t: &str, s: &str) -> Result<(), StoreError> {
-        self.inner.reap_done(t, s).await
+    async fn reap_done(
+        &self,
+        t: &str,
+        s: &str,
+        c: i64,
+        next: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.inner.reap_done(t, s, c, next).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await

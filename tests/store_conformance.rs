@@ -19,7 +19,10 @@ use futures_util::future::join_all;
 use upgate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
 use upgate::store::memory::MemoryStore;
 use upgate::store::redis::{RedisHandle, RedisStore, RedisStoreOptions};
-use upgate::store::{BeginComplete, Finalized, Gate, Registered, SessionStore, UploadIdSet};
+use upgate::store::{
+    BeginComplete, FileAborted, Finalized, Gate, Registered, SessionAborted, SessionStore,
+    UploadIdSet,
+};
 
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
 const TTL_S: i64 = 600;
@@ -328,7 +331,7 @@ mod cases {
             Gate::SessionNotFound
         );
         assert_eq!(
-            st.finalize("t2", &s.id, now).await.unwrap(),
+            st.finalize("t2", &s.id, &[], now).await.unwrap(),
             Gate::SessionNotFound
         );
         assert_eq!(st.reap("t2", &s.id, now).await.unwrap(), None);
@@ -401,7 +404,7 @@ mod cases {
             &c.store.abort_session("t1", &s.id, t).await.unwrap()
         ));
         assert!(!expired_first(
-            &c.store.finalize("t1", &s.id, t).await.unwrap()
+            &c.store.finalize("t1", &s.id, &[], t).await.unwrap()
         ));
         // Expired gate precedes the file check.
         assert!(!expired_first(
@@ -463,7 +466,10 @@ mod cases {
         let f = c.completed("t1", &s, "a").await;
         let now = c.now();
         assert!(matches!(
-            c.store.finalize("t1", &s.id, now).await.unwrap(),
+            c.store
+                .finalize("t1", &s.id, std::slice::from_ref(&f.id), now)
+                .await
+                .unwrap(),
             Gate::Ok(Finalized::Done(_))
         ));
         let na = Gate::NotActive(SessionStatus::Finalized);
@@ -507,11 +513,7 @@ mod cases {
             na.clone().map_unit2()
         );
         assert_eq!(
-            c.store.finalize("t1", &s.id, now).await.unwrap(),
-            na.clone().map_unit2()
-        );
-        assert_eq!(
-            c.store.abort_session("t1", &s.id, now).await.unwrap(),
+            c.store.finalize("t1", &s.id, &[], now).await.unwrap(),
             na.clone().map_unit2()
         );
         // Reads without the active check still work.
@@ -528,6 +530,15 @@ mod cases {
                 .await
                 .unwrap(),
             Gate::Ok(BeginComplete::AlreadyCompleted(f))
+        );
+        // Deleting a finalized session forgets it (API.md v1.1).
+        assert_eq!(
+            c.store.abort_session("t1", &s.id, now).await.unwrap(),
+            Gate::Ok(SessionAborted::Forgotten)
+        );
+        assert_eq!(
+            c.store.get_session("t1", &s.id, now).await.unwrap(),
+            Gate::SessionNotFound
         );
     }
 
@@ -561,7 +572,14 @@ mod cases {
         );
         // Aborting frees both the key and the slot.
         let before = c.store.abort_file("t1", &s.id, &a.id, now).await.unwrap();
-        assert_eq!(before, Gate::Ok(a.clone()));
+        assert_eq!(
+            before,
+            Gate::Ok(FileAborted::Aborted {
+                before: a.clone(),
+                cleanup: false
+            }),
+            "no storage state: nothing to clean, the key is free at once"
+        );
         assert_eq!(c.get("t1", &s).await.session.file_count, 1);
         let a2 = c.register("t1", &s, "a").await;
         assert_eq!(
@@ -644,8 +662,19 @@ mod cases {
                 .unwrap(),
             Gate::Ok(BeginComplete::Acquired(..))
         ));
-        let before = match c.store.abort_file("t1", &s.id, &f.id, now).await.unwrap() {
-            Gate::Ok(b) => b,
+        // The completion is in flight (its lease runs): nothing changes.
+        assert_eq!(
+            c.store.abort_file("t1", &s.id, &f.id, now).await.unwrap(),
+            Gate::Ok(FileAborted::CompletionInProgress)
+        );
+        assert_eq!(c.file("t1", &s, &f).await.status, FileStatus::Completing);
+        // Once the lease has run out (the holder died), the abort goes through.
+        let later = now + 60_001;
+        let before = match c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap() {
+            Gate::Ok(FileAborted::Aborted { before, cleanup }) => {
+                assert!(cleanup, "an upload id: its cleanup is queued");
+                before
+            }
             other => panic!("{other:?}"),
         };
         assert_eq!(
@@ -654,8 +683,11 @@ mod cases {
             "returns the file as it was"
         );
         assert_eq!(before.upload_id.as_deref(), Some("up"));
-        let again = match c.store.abort_file("t1", &s.id, &f.id, now).await.unwrap() {
-            Gate::Ok(b) => b,
+        let again = match c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap() {
+            Gate::Ok(FileAborted::Aborted { before, cleanup }) => {
+                assert!(cleanup, "still queued: a repeated DELETE drives it again");
+                before
+            }
             other => panic!("{other:?}"),
         };
         assert_eq!(again.status, FileStatus::Aborted);
@@ -664,6 +696,47 @@ mod cases {
             0,
             "slot freed once"
         );
+        // The key stays reserved until storage confirmed the cleanup.
+        assert_eq!(
+            c.store
+                .register_file("t1", &file(&s.id, "a", c.t0), later)
+                .await
+                .unwrap(),
+            Gate::Ok(Registered::KeyBusy)
+        );
+        let r = c
+            .store
+            .reap("t1", &s.id, later)
+            .await
+            .unwrap()
+            .expect("exists");
+        assert_eq!(r.cleanup.len(), 1, "the reaper sees the queued cleanup");
+        assert_eq!(r.cleanup[0].id, f.id);
+        assert!(r.open_uploads.is_empty(), "not expired");
+        c.store
+            .cleanup_done("t1", &s.id, std::slice::from_ref(&f.id))
+            .await
+            .unwrap();
+        match c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap() {
+            Gate::Ok(FileAborted::Aborted { cleanup, .. }) => assert!(!cleanup),
+            other => panic!("{other:?}"),
+        }
+        let r = c
+            .store
+            .reap("t1", &s.id, later)
+            .await
+            .unwrap()
+            .expect("exists");
+        assert!(r.cleanup.is_empty());
+        let reused = file(&s.id, "a", c.t0);
+        assert!(matches!(
+            c.store.register_file("t1", &reused, later).await.unwrap(),
+            Gate::Ok(Registered::Created(_))
+        ));
+        c.store
+            .abort_file("t1", &s.id, &reused.id, later)
+            .await
+            .unwrap();
         // The lease holder can no longer finish, begin reports Aborted.
         assert_eq!(
             c.store
@@ -995,32 +1068,45 @@ mod cases {
             .unwrap();
         st.abort_file("t1", &s.id, &gone.id, now).await.unwrap();
 
-        let open_uploads = match st.abort_session("t1", &s.id, now).await.unwrap() {
-            Gate::Ok(v) => v,
-            other => panic!("{other:?}"),
-        };
-        let got: Vec<_> = open_uploads
-            .iter()
-            .map(|f| (f.id.clone(), f.upload_id.clone()))
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                (open.id.clone(), Some("u-open".to_owned())),
-                (busy.id.clone(), Some("u-busy".to_owned()))
-            ]
-        );
-        // Repeatable.
+        // A completion in flight (the lease runs): nothing changes.
         assert_eq!(
             st.abort_session("t1", &s.id, now).await.unwrap(),
-            Gate::Ok(vec![])
+            Gate::Ok(SessionAborted::CompletionInProgress)
         );
+        assert_eq!(c.get("t1", &s).await.session.status, SessionStatus::Active);
+        let later = now + 60_001;
+        let ids = |files: &[FileRecord]| {
+            let mut v: Vec<_> = files
+                .iter()
+                .map(|f| (f.id.clone(), f.upload_id.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        let queued = match st.abort_session("t1", &s.id, later).await.unwrap() {
+            Gate::Ok(SessionAborted::Aborted(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        let mut want = vec![
+            (open.id.clone(), Some("u-open".to_owned())),
+            (busy.id.clone(), Some("u-busy".to_owned())),
+            (done.id.clone(), Some("up-1".to_owned())),
+            (gone.id.clone(), Some("u-gone".to_owned())),
+        ];
+        want.sort();
+        assert_eq!(
+            ids(&queued),
+            want,
+            "every file with storage state, the earlier deletion's too"
+        );
+        // Repeatable: the queued cleanups are reported again until done.
+        match st.abort_session("t1", &s.id, later).await.unwrap() {
+            Gate::Ok(SessionAborted::Aborted(again)) => assert_eq!(ids(&again), want),
+            other => panic!("{other:?}"),
+        }
         let v = c.get("t1", &s).await;
         assert_eq!(v.session.status, SessionStatus::Aborted);
-        assert_eq!(
-            v.session.file_count, 1,
-            "only the completed file keeps its slot"
-        );
+        assert_eq!(v.session.file_count, 0, "every slot freed");
         let statuses: Vec<_> = v.files.iter().map(|f| (f.id.clone(), f.status)).collect();
         assert_eq!(
             statuses,
@@ -1028,9 +1114,26 @@ mod cases {
                 (plain.id, FileStatus::Aborted),
                 (open.id, FileStatus::Aborted),
                 (busy.id.clone(), FileStatus::Aborted),
-                (done.id, FileStatus::Completed),
+                (done.id, FileStatus::Aborted),
                 (gone.id, FileStatus::Aborted),
             ]
+        );
+        let all: Vec<String> = want.iter().map(|(id, _)| id.clone()).collect();
+        st.cleanup_done("t1", &s.id, &all).await.unwrap();
+        assert_eq!(
+            st.abort_session("t1", &s.id, later).await.unwrap(),
+            Gate::Ok(SessionAborted::Aborted(vec![]))
+        );
+        // A finalized session is forgotten, its objects left alone.
+        let fin = c.session("t1", 1).await;
+        st.finalize("t1", &fin.id, &[], now).await.unwrap();
+        assert_eq!(
+            st.abort_session("t1", &fin.id, now).await.unwrap(),
+            Gate::Ok(SessionAborted::Forgotten)
+        );
+        assert_eq!(
+            st.get_session("t1", &fin.id, now).await.unwrap(),
+            Gate::SessionNotFound
         );
         // Mutations are refused, the old lease holder cannot finish.
         assert_eq!(
@@ -1040,7 +1143,7 @@ mod cases {
             Gate::Ok(None)
         );
         assert_eq!(
-            st.finalize("t1", &s.id, now).await.unwrap(),
+            st.finalize("t1", &s.id, &[], now).await.unwrap(),
             Gate::NotActive(SessionStatus::Aborted)
         );
         assert_eq!(
@@ -1053,7 +1156,7 @@ mod cases {
         let e = c.session("t1", 1).await;
         assert_eq!(
             st.abort_session("t1", &e.id, now).await.unwrap(),
-            Gate::Ok(vec![])
+            Gate::Ok(SessionAborted::Aborted(vec![]))
         );
         assert_eq!(c.get("t1", &e).await.session.status, SessionStatus::Aborted);
     }
@@ -1074,7 +1177,7 @@ mod cases {
             Gate::Ok(BeginComplete::Acquired(..))
         ));
         assert_eq!(
-            st.finalize("t1", &s.id, now).await.unwrap(),
+            st.finalize("t1", &s.id, &[], now).await.unwrap(),
             Gate::Ok(Finalized::Incomplete(vec![b.id.clone(), d.id.clone()]))
         );
         assert_eq!(
@@ -1086,7 +1189,16 @@ mod cases {
             .await
             .unwrap();
         st.abort_file("t1", &s.id, &b.id, now).await.unwrap();
-        let view = match st.finalize("t1", &s.id, now).await.unwrap() {
+        // A completed file the caller did not check is refused: nothing changes.
+        assert_eq!(
+            st.finalize("t1", &s.id, std::slice::from_ref(&a.id), now)
+                .await
+                .unwrap(),
+            Gate::Ok(Finalized::Unchecked(vec![d.id.clone()]))
+        );
+        assert_eq!(c.get("t1", &s).await.session.status, SessionStatus::Active);
+        let checked = [a.id.clone(), d.id.clone()];
+        let view = match st.finalize("t1", &s.id, &checked, now).await.unwrap() {
             Gate::Ok(Finalized::Done(v)) => v,
             other => panic!("{other:?}"),
         };
@@ -1096,13 +1208,13 @@ mod cases {
         assert_eq!(ids, vec![a.id, b.id, d.id, x.id]);
         assert_eq!(view, c.get("t1", &s).await);
         assert_eq!(
-            st.finalize("t1", &s.id, now).await.unwrap(),
+            st.finalize("t1", &s.id, &checked, now).await.unwrap(),
             Gate::NotActive(SessionStatus::Finalized)
         );
         // Empty session finalizes.
         let e = c.session("t1", 1).await;
         assert!(
-            matches!(st.finalize("t1", &e.id, now).await.unwrap(), Gate::Ok(Finalized::Done(ref v)) if v.files.is_empty())
+            matches!(st.finalize("t1", &e.id, &[], now).await.unwrap(), Gate::Ok(Finalized::Done(ref v)) if v.files.is_empty())
         );
     }
 
@@ -1136,14 +1248,30 @@ mod cases {
         );
         let rest = st.claim_expired(c.at(90), 60_000, 10).await.unwrap();
         assert_eq!(rest.len(), 1);
-        st.reap_done("t1", &s1.id).await.unwrap();
-        st.reap_done("t1", &s1.id).await.unwrap(); // repeatable
+        let claimed = c.at(90) + 60_000;
+        st.reap_done("t1", &s1.id, claimed, None).await.unwrap();
+        st.reap_done("t1", &s1.id, claimed, None).await.unwrap(); // repeatable
         assert_eq!(
             st.claim_expired(c.at(2000), 60_000, 10).await.unwrap(),
             vec![k(&s2), k(&s3)]
         );
-        st.reap_done("t2", &s2.id).await.unwrap();
-        st.reap_done("t1", &s3.id).await.unwrap();
+        let claimed = c.at(2000) + 60_000;
+        st.reap_done("t2", &s2.id, claimed, None).await.unwrap();
+        // Done with a later date: due again then, not before.
+        st.reap_done("t1", &s3.id, claimed, Some(c.at(5000)))
+            .await
+            .unwrap();
+        assert_eq!(
+            st.claim_expired(c.at(4999), 60_000, 10).await.unwrap(),
+            vec![]
+        );
+        assert_eq!(
+            st.claim_expired(c.at(5000), 60_000, 10).await.unwrap(),
+            vec![k(&s3)]
+        );
+        st.reap_done("t1", &s3.id, c.at(5000) + 60_000, None)
+            .await
+            .unwrap();
         assert_eq!(
             st.claim_expired(c.at(9000), 60_000, 10).await.unwrap(),
             vec![]
@@ -1254,7 +1382,7 @@ mod cases {
         assert!(!r.first_observation);
         // A finalized session past expiry stays finalized.
         let s3 = c.session("t1", 1).await;
-        st.finalize("t1", &s3.id, now).await.unwrap();
+        st.finalize("t1", &s3.id, &[], now).await.unwrap();
         let r = st
             .reap("t1", &s3.id, c.expiry())
             .await
@@ -1264,6 +1392,115 @@ mod cases {
         assert_eq!(r.session.status, SessionStatus::Finalized);
         // Gone.
         assert_eq!(st.reap("t1", "missing", c.expiry()).await.unwrap(), None);
+    }
+
+    /// The holder renews its lease; a renewal extends it from the renewal's time; anyone
+    /// else's token, a lost lease or an aborted file renews nothing.
+    pub(crate) async fn completion_lease_renewal(c: Ctx) {
+        let s = c.session("t1", 3).await;
+        let f = c.register("t1", &s, "a").await;
+        let now = c.now();
+        let st = &c.store;
+        let (sid, fid) = (&s.id, &f.id);
+        assert!(matches!(
+            st.begin_complete("t1", sid, fid, "tok1", 10_000, now)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        assert!(st
+            .renew_complete("t1", sid, fid, "tok1", 10_000, now + 8_000)
+            .await
+            .unwrap());
+        assert!(!st
+            .renew_complete("t1", sid, fid, "other", 10_000, now + 8_000)
+            .await
+            .unwrap());
+        // Without the renewal the lease would have run out at +10 s; now it runs to +18 s.
+        assert_eq!(
+            st.begin_complete("t1", sid, fid, "tok2", 10_000, now + 17_999)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::InProgress)
+        );
+        assert_eq!(
+            st.abort_file("t1", sid, fid, now + 17_999).await.unwrap(),
+            Gate::Ok(FileAborted::CompletionInProgress)
+        );
+        assert!(matches!(
+            st.begin_complete("t1", sid, fid, "tok2", 10_000, now + 18_000)
+                .await
+                .unwrap(),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        assert!(
+            !st.renew_complete("t1", sid, fid, "tok1", 10_000, now + 18_001)
+                .await
+                .unwrap(),
+            "taken over: the old holder cannot renew"
+        );
+        st.release_complete("t1", sid, fid, "tok2").await.unwrap();
+        assert!(!st
+            .renew_complete("t1", sid, fid, "tok2", 10_000, now + 18_002)
+            .await
+            .unwrap());
+        assert!(!st
+            .renew_complete("t1", sid, "nofile", "tok2", 10_000, now)
+            .await
+            .unwrap());
+    }
+
+    /// Past expiry a completion in flight is left alone and reported (`busy_until`); once
+    /// its lease ran out its upload is reported open. `reap_done` keeps an entry that
+    /// `schedule_reap` moved after the claim; `schedule_reap` only ever moves it earlier.
+    pub(crate) async fn reap_waits_for_completions_and_keeps_schedules(c: Ctx) {
+        let st = &c.store;
+        let s = c.session("t1", 10).await;
+        let now = c.now();
+        let busy = c.register("t1", &s, "busy").await;
+        st.set_upload_id("t1", &s.id, &busy.id, "u-busy", now)
+            .await
+            .unwrap();
+        let lease_end = c.expiry() + 5_000;
+        st.begin_complete("t1", &s.id, &busy.id, "k", lease_end - now, now)
+            .await
+            .unwrap();
+        let r = st
+            .reap("t1", &s.id, c.expiry())
+            .await
+            .unwrap()
+            .expect("exists");
+        assert!(r.open_uploads.is_empty(), "the completion may still land");
+        assert_eq!(r.busy_until, Some(lease_end));
+        let r = st
+            .reap("t1", &s.id, lease_end)
+            .await
+            .unwrap()
+            .expect("exists");
+        assert_eq!(r.busy_until, None);
+        let ids: Vec<_> = r.open_uploads.iter().map(|f| f.id.clone()).collect();
+        assert_eq!(ids, vec![busy.id.clone()], "the lease ran out: abort it");
+
+        // Claim, then a schedule moves the entry: the claim's done leaves it.
+        let s2 = c.session_ttl("t2", 1, 10).await;
+        let claimed_at = c.at(20);
+        let due = st.claim_expired(claimed_at, 60_000, 100).await.unwrap();
+        assert!(due.contains(&("t2".to_owned(), s2.id.clone())));
+        st.schedule_reap("t2", &s2.id, c.at(30)).await.unwrap();
+        st.schedule_reap("t2", &s2.id, c.at(40)).await.unwrap(); // later: no effect
+        st.reap_done("t2", &s2.id, claimed_at + 60_000, None)
+            .await
+            .unwrap();
+        let again = st.claim_expired(c.at(30), 60_000, 100).await.unwrap();
+        assert!(
+            again.contains(&("t2".to_owned(), s2.id.clone())),
+            "the schedule survived the stale done: {again:?}"
+        );
+        st.reap_done("t2", &s2.id, c.at(30) + 60_000, None)
+            .await
+            .unwrap();
+        let none = st.claim_expired(c.at(9_000), 60_000, 100).await.unwrap();
+        assert!(!none.contains(&("t2".to_owned(), s2.id.clone())));
     }
 
     pub(crate) async fn concurrent_register_respects_limit(c: Ctx) {
@@ -1404,6 +1641,7 @@ macro_rules! for_each_case {
             upload_id_first_wins,
             parts_recorded_sorted_and_replaced,
             completion_lease,
+            completion_lease_renewal,
             release_gives_the_lease_back,
             finish_complete_ignores_expiry,
             abort_session_semantics,
@@ -1411,6 +1649,7 @@ macro_rules! for_each_case {
             claim_expired_and_lease,
             claim_expired_exclusive,
             reap_semantics,
+            reap_waits_for_completions_and_keeps_schedules,
             concurrent_register_respects_limit,
             concurrent_register_same_key,
             concurrent_begin_complete_single_winner
@@ -1809,7 +2048,10 @@ async fn redis_an_index_entry_without_its_session_is_dropped_by_the_reaper() {
         .await
         .unwrap()
         .is_none());
-    store.reap_done("acme", "no-such-session").await.unwrap();
+    store
+        .reap_done("acme", "no-such-session", now + 60_000, None)
+        .await
+        .unwrap();
     let left: i64 = redis::cmd("ZCARD")
         .arg(store.reap_key())
         .query_async(&mut con)

@@ -52,6 +52,9 @@ pub(super) async fn register(
     let result = match outcome {
         Ok(Registered::Created(f)) => Ok(f),
         Ok(Registered::DuplicateKey) => Err(AppError::DuplicateFileKey(file.file_key.clone())),
+        Ok(Registered::KeyBusy) => Err(AppError::Unavailable(
+            "the fileKey's previous file is still being removed from storage".into(),
+        )),
         Ok(Registered::CountExceeded {
             file_limit,
             file_count,
@@ -103,27 +106,9 @@ pub(super) async fn abort(
     Extension(tenant): Extension<Tenant>,
     ApiPath((session_id, file_id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, AppError> {
-    let now = now_ms();
-    let before = open_gate(
-        state
-            .store
-            .abort_file(&tenant.0.id, &session_id, &file_id, now)
-            .await?,
-        &tenant.0.id,
-        now,
-    )?;
-    match (before.status, before.upload_id.as_deref()) {
-        (FileStatus::Registered | FileStatus::Completing, Some(upload_id)) => {
-            if let Err(e) = state
-                .storage
-                .abort_upload(&before.object_key, upload_id)
-                .await
-            {
-                tracing::warn!(error = %e, "aborting the storage upload failed; it stays open in storage (the reaper does not retry aborted files)");
-            }
-        }
-        (FileStatus::Completed, _) => state.storage.delete_object(&before.object_key).await?,
-        _ => {}
-    }
+    state
+        .uploads
+        .delete_file(&tenant.0.id, &session_id, &file_id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -2,11 +2,7 @@
 
 mod files;
 mod parts;
-
-pub use parts::Waiters;
 mod sessions;
-
-pub(crate) use sessions::abort_uploads;
 
 use std::sync::Arc;
 
@@ -21,7 +17,7 @@ use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::model::{FileRecord, SessionRecord};
 use crate::storage::ObjectStore;
-use crate::store::{ExpiredInfo, Gate, SessionStore};
+use crate::store::SessionStore;
 
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
@@ -34,8 +30,8 @@ pub struct AppState {
     pub storage: Arc<dyn ObjectStore>,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// Completes of this replica waiting on another caller's completion, per file.
-    pub completion_waiters: Arc<Waiters>,
+    /// The upload protocol (every multi-step exchange between `store` and `storage`).
+    pub uploads: Arc<crate::uploads::Uploads>,
 }
 
 /// The authenticated tenant, put in the request extensions by [`crate::auth`].
@@ -132,46 +128,7 @@ where
     }
 }
 
-/// Turns a store gate into the contract's errors; logs the expiration event for the one
-/// request that observed the session's expiry first.
-pub(crate) fn open_gate<T>(gate: Gate<T>, tenant: &str, now_ms: i64) -> Result<T, AppError> {
-    match gate {
-        Gate::Ok(v) => Ok(v),
-        Gate::SessionNotFound => Err(AppError::SessionNotFound),
-        Gate::FileNotFound => Err(AppError::FileNotFound),
-        Gate::NotActive(status) => Err(AppError::SessionNotActive(status)),
-        Gate::Expired(info) => Err(expired(&info, tenant, now_ms)),
-    }
-}
-
-/// The 410 for an expired session, logging the expiration event when this call was first.
-pub(crate) fn expired(info: &ExpiredInfo, tenant: &str, now_ms: i64) -> AppError {
-    let s = &info.session;
-    if info.first_observation {
-        log_expiration(s, tenant, now_ms, "request");
-    }
-    AppError::SessionExpired {
-        session_id: s.id.clone(),
-        expires_at: s.expires_at,
-        now: now_ms / 1000,
-    }
-}
-
-/// The expiration event STORY-01721 asks for: logged exactly once per session, by whichever
-/// request or reaper pass moved it to `expired`.
-pub(crate) fn log_expiration(s: &SessionRecord, tenant: &str, now_ms: i64, observed_by: &str) {
-    let now = now_ms / 1000;
-    tracing::info!(
-        event = "session_expired",
-        session_id = %s.id,
-        tenant = %tenant,
-        seconds_since_expiry = now - s.expires_at,
-        seconds_since_creation = now - s.created_at,
-        files_registered = s.file_count,
-        observed_by,
-        "session expired"
-    );
-}
+pub(crate) use crate::uploads::open_gate;
 
 /// The session resource, serialized straight from the record (no intermediate `Value`).
 #[derive(serde::Serialize)]

@@ -15,7 +15,6 @@
 //! and a part boundary can fall anywhere, so refusing a part would break honest uploads.
 //! `finalize` checks the assembled object's first bytes and refuses with 415.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,128 +30,10 @@ use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::{json, Value};
 
-use super::{file_json, new_id, open_gate, ApiPath, AppState, JsonBody, Tenant};
+use super::{file_json, ApiPath, AppState, JsonBody, Tenant};
 use crate::error::AppError;
-use crate::model::{expected_part_len, now_ms, FileRecord, FileStatus, PartRecord};
-use crate::storage::{PartBody, PartChecksum, StorageError, StorageKind};
-use crate::store::{BeginComplete, Gate, UploadIdSet};
-
-/// How long one caller may hold a file's completion lease before another may take over (a
-/// crashed replica must not block a file forever). It is shorter than the storage client's
-/// complete timeout (15 min), and the lease is not renewed: a completion that takes longer
-/// can be started a second time by another caller.
-const COMPLETE_LEASE_MS: i64 = 10 * 60 * 1000;
-/// How long a concurrent `complete` waits for the lease holder before answering 409
-/// `requestInProgress` with `Retry-After` (the holder's storage call can take minutes; the
-/// client retries instead of holding a request and polling Redis all that time).
-const COMPLETE_WAIT: Duration = Duration::from_secs(5);
-/// Longest pause between two looks at a file another caller is completing.
-const COMPLETE_POLL_MAX: Duration = Duration::from_millis(250);
-/// Completes of one file that may wait on this replica at once; more answer 409 at once.
-/// With [`COMPLETE_POLL_MAX`] this bounds the Redis calls the waiters of one file make.
-const MAX_WAITERS_PER_FILE: usize = 64;
-
-/// The completes of this replica waiting on another caller's completion, per file.
-#[derive(Debug, Default)]
-pub struct Waiters(std::sync::Mutex<std::collections::HashMap<String, usize>>);
-
-impl Waiters {
-    /// A place among the waiters of `file_id`, or `None` when [`MAX_WAITERS_PER_FILE`]
-    /// wait already. The place is given back when the guard drops (a cancelled request
-    /// included); a file nobody waits on has no entry.
-    fn join(self: &Arc<Self>, file_id: &str) -> Option<WaiterGuard> {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = map.entry(file_id.to_owned()).or_insert(0);
-        if *n >= MAX_WAITERS_PER_FILE {
-            return None;
-        }
-        *n += 1;
-        Some(WaiterGuard {
-            waiters: self.clone(),
-            file_id: file_id.to_owned(),
-        })
-    }
-
-    /// Files with waiters right now.
-    pub fn files(&self) -> usize {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
-    }
-}
-
-struct WaiterGuard {
-    waiters: Arc<Waiters>,
-    file_id: String,
-}
-
-impl Drop for WaiterGuard {
-    fn drop(&mut self) {
-        let mut map = self
-            .waiters
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.file_id) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.file_id);
-            }
-        }
-    }
-}
-/// Validity of presigned part URLs.
-const PRESIGN_TTL: Duration = Duration::from_secs(3600);
-
-fn file_not_open(f: &FileRecord) -> AppError {
-    AppError::FileNotActive(f.status.public_str())
-}
-
-/// The storage upload id of a file, creating the multipart upload on first use.
-///
-/// Uploads are created lazily (first part, presign or complete) rather than at
-/// registration: registration stays one Redis script with no storage round trip, and a
-/// rejected registration never leaves an orphan upload. Two first parts racing each create
-/// one; the store keeps the first and the loser aborts its own.
-async fn ensure_upload(
-    state: &AppState,
-    tenant: &str,
-    file: &FileRecord,
-) -> Result<String, AppError> {
-    if let Some(id) = &file.upload_id {
-        return Ok(id.clone());
-    }
-    let created = state
-        .storage
-        .create_upload(&file.object_key, file.content_type.as_deref())
-        .await?;
-    let now = now_ms();
-    let stored = state
-        .store
-        .set_upload_id(tenant, &file.session_id, &file.id, &created, now)
-        .await;
-    // Abort the new upload whenever the store answered that it did not keep it (another id
-    // won, the file or session is gone, expired or not active). A store error (a timeout,
-    // say) leaves the outcome unknown: the store may have kept the id, and aborting it would
-    // leave the file pointing at a dead upload forever. Left alone, an upload the store did
-    // not keep is an orphan until the bucket's incomplete-upload lifecycle rule removes it
-    // (deploy/OPERATIONS.md).
-    let kept_or_unknown = matches!(stored, Ok(Gate::Ok(UploadIdSet::Stored)) | Err(_));
-    if !kept_or_unknown {
-        if let Err(e) = state.storage.abort_upload(&file.object_key, &created).await {
-            tracing::warn!(error = %e, "aborting a surplus storage upload failed");
-        }
-    }
-    match open_gate(stored?, tenant, now)? {
-        UploadIdSet::Stored => Ok(created),
-        UploadIdSet::Existing(id) => Ok(id),
-        UploadIdSet::FileNotOpen(f) => Err(file_not_open(&f)),
-    }
-}
+use crate::storage::{PartBody, PartChecksum};
+use crate::uploads::parts::PartRequest;
 
 fn checksum(headers: &HeaderMap) -> Option<PartChecksum> {
     let get = |name: &str| {
@@ -279,31 +160,11 @@ impl Stream for BodyStream {
     }
 }
 
-#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id, part_number = %part))]
-pub(super) async fn upload(
-    State(state): State<AppState>,
-    Extension(tenant): Extension<Tenant>,
-    ApiPath((session_id, file_id, part)): ApiPath<(String, String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, AppError> {
-    let t = &tenant.0.id;
-    let now = now_ms();
-    let file = open_gate(
-        state
-            .store
-            .get_file(t, &session_id, &file_id, true, now)
-            .await?,
-        t,
-        now,
-    )?;
-    if file.status != FileStatus::Registered {
-        return Err(file_not_open(&file));
-    }
-    let part_number = crate::validate::part_number(&part, file.part_count)?;
-    let expected =
-        expected_part_len(file.size_bytes, file.part_size_bytes, part_number).unwrap_or(0);
-    let len = match headers.get(header::CONTENT_LENGTH) {
+/// The request's `Content-Length`: a request with neither it nor `Transfer-Encoding` has no
+/// body (RFC 9112 6.3), an empty part; a chunked body of unknown length is refused, since
+/// the part-size rule must be checked before the first byte is stored.
+fn content_length(headers: &HeaderMap) -> Result<u64, AppError> {
+    match headers.get(header::CONTENT_LENGTH) {
         Some(v) => v
             .to_str()
             .ok()
@@ -313,85 +174,49 @@ pub(super) async fn upload(
                     "Content-Length",
                     "must be a whole number",
                 )])
-            })?,
-        // A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112
-        // 6.3): an empty part. A chunked body of unknown length is refused: the part-size
-        // rule must be checked before the first byte is stored.
-        None if !headers.contains_key(header::TRANSFER_ENCODING) => 0,
-        None => return Err(AppError::LengthRequired),
-    };
-    if len != expected {
-        return Err(AppError::PartSizeMismatch {
-            part_number,
-            expected,
-            actual: len,
-        });
+            }),
+        None if !headers.contains_key(header::TRANSFER_ENCODING) => Ok(0),
+        None => Err(AppError::LengthRequired),
     }
-    if let (Some(declared), Some(sent)) = (
-        &file.content_type,
-        headers
+}
+
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id, part_number = %part))]
+pub(super) async fn upload(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    ApiPath((session_id, file_id, part)): ApiPath<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, AppError> {
+    let req = PartRequest {
+        part_number: &part,
+        length: content_length(&headers),
+        content_type: headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
-    ) {
-        let sent_essence = sent.split(';').next().unwrap_or("").trim();
-        let declared_essence = declared.split(';').next().unwrap_or("").trim();
-        if !sent_essence.eq_ignore_ascii_case(declared_essence)
-            && !sent_essence.eq_ignore_ascii_case("application/octet-stream")
-        {
-            tracing::warn!(declared = %declared, sent = %sent, "part Content-Type differs from the declared content type (advisory until finalize)");
-        }
-    }
-    let upload_id = ensure_upload(&state, t, &file).await?;
-    let sniff = match (&file.content_type, part_number) {
-        (Some(declared), 1) => Some(Sniff {
-            declared: declared.clone(),
-            file_id: file.id.clone(),
-        }),
-        _ => None,
+        checksum: checksum(&headers),
     };
-    let stream = BodyStream::new(
-        body,
-        state.config.part_idle_timeout,
-        sniff,
-        state.metrics.clone(),
-    );
-    let part_body = PartBody {
-        stream: Box::pin(stream),
-        len,
-    };
-    let etag = state
-        .storage
-        .put_part(
-            &file.object_key,
-            &upload_id,
-            part_number,
-            part_body,
-            checksum(&headers),
-        )
+    let idle = state.config.part_idle_timeout;
+    let metrics = state.metrics.clone();
+    let sniff_file = file_id.clone();
+    let record = state
+        .uploads
+        .upload_part(&tenant.0.id, &session_id, &file_id, req, |len, declared| {
+            let sniff = declared.map(|declared| Sniff {
+                declared,
+                file_id: sniff_file,
+            });
+            PartBody {
+                stream: Box::pin(BodyStream::new(body, idle, sniff, metrics)),
+                len,
+            }
+        })
         .await?;
-    state.metrics.bytes_stored.add(len);
-    let record = PartRecord {
-        part_number,
-        etag: etag.clone(),
-        size_bytes: len,
-    };
-    let now = now_ms();
-    let after = open_gate(
-        state
-            .store
-            .record_part(t, &session_id, &file_id, &record, now)
-            .await?,
-        t,
-        now,
-    )?;
-    if after.status != FileStatus::Registered {
-        return Err(file_not_open(&after));
-    }
-    let quoted = HeaderValue::from_str(&format!("\"{etag}\""))
+    let quoted = HeaderValue::from_str(&format!("\"{}\"", record.etag))
         .map_err(|e| AppError::Internal(format!("etag header: {e}")))?;
     Ok((
         [(header::ETAG, quoted)],
-        Json(json!({"partNumber": part_number, "etag": etag, "sizeBytes": len})),
+        Json(json!({"partNumber": record.part_number, "etag": record.etag, "sizeBytes": record.size_bytes})),
     )
         .into_response())
 }
@@ -402,16 +227,10 @@ pub(super) async fn list(
     Extension(tenant): Extension<Tenant>,
     ApiPath((session_id, file_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, AppError> {
-    let t = &tenant.0.id;
-    let now = now_ms();
-    let parts = open_gate(
-        state
-            .store
-            .list_parts(t, &session_id, &file_id, now)
-            .await?,
-        t,
-        now,
-    )?;
+    let parts = state
+        .uploads
+        .list_parts(&tenant.0.id, &session_id, &file_id)
+        .await?;
     Ok(Json(json!({ "parts": parts })))
 }
 
@@ -422,184 +241,24 @@ pub(super) async fn presign(
     ApiPath((session_id, file_id)): ApiPath<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, AppError> {
-    let t = &tenant.0.id;
-    let now = now_ms();
-    let file = open_gate(
-        state
-            .store
-            .get_file(t, &session_id, &file_id, true, now)
-            .await?,
-        t,
-        now,
-    )?;
-    if state.storage.kind() != StorageKind::S3 {
-        return Err(AppError::NotSupported);
-    }
-    if file.status != FileStatus::Registered {
-        return Err(file_not_open(&file));
-    }
-    let numbers = crate::validate::presign_numbers(&body, file.part_count)?;
-    let upload_id = ensure_upload(&state, t, &file).await?;
-    let mut parts = Vec::with_capacity(numbers.len());
-    for n in numbers {
-        // The URL signs the part's exact length: storage refuses any other size.
-        let len = expected_part_len(file.size_bytes, file.part_size_bytes, n)
-            .ok_or_else(|| AppError::Internal(format!("part {n} out of range after validation")))?;
-        let url = state
-            .storage
-            .presign_part(&file.object_key, &upload_id, n, len, PRESIGN_TTL)
-            .await?;
-        parts.push(json!({"partNumber": n, "url": url, "method": "PUT"}));
-    }
-    let expires_at = now / 1000 + PRESIGN_TTL.as_secs() as i64;
-    let mut res = Json(json!({"parts": parts, "expiresAt": crate::model::rfc3339(expires_at)}))
-        .into_response();
+    let presigned = state
+        .uploads
+        .presign(&tenant.0.id, &session_id, &file_id, &body)
+        .await?;
+    let parts: Vec<Value> = presigned
+        .parts
+        .iter()
+        .map(|(n, url)| json!({"partNumber": n, "url": url, "method": "PUT"}))
+        .collect();
+    let mut res = Json(json!({
+        "parts": parts,
+        "expiresAt": crate::model::rfc3339(presigned.expires_at),
+    }))
+    .into_response();
     // The URLs expire long before an idempotency record would: a retry gets fresh ones.
     res.extensions_mut()
         .insert(upgate_layers::idempotency::NotReplayable);
     Ok(res)
-}
-
-/// The parts to complete with, checked against the part-size rule.
-///
-/// Which parts: the client's list (presigned uploads), or the parts the gateway recorded,
-/// topped up from storage's part list (parts PUT through presigned URLs bypass the gateway).
-///
-/// Their sizes: every part must have the length the part-size rule gives it, which also
-/// makes them add up to `sizeBytes` (`../shared/API.md` v1.1), so a presigned or
-/// client-listed part of another size is refused with 400 `partSizeMismatch` before storage
-/// assembles anything. A size comes from the recorded part when its ETag matches (checked
-/// when it was PUT through the gateway), else from storage's part list; storage is listed
-/// at most once, and only when some part did not come through the gateway. If the upload is
-/// gone from storage, unknown sizes are left to `complete_upload`, which then finds the
-/// object or reports the upload aborted.
-async fn parts_to_complete(
-    state: &AppState,
-    file: &FileRecord,
-    upload_id: &str,
-    client: Option<Vec<crate::validate::ClientPart>>,
-    recorded: Vec<PartRecord>,
-) -> Result<Vec<(u32, String)>, AppError> {
-    let same_etag = |a: &str, b: &str| a.trim_matches('"') == b.trim_matches('"');
-    let mut known: BTreeMap<u32, PartRecord> =
-        recorded.into_iter().map(|p| (p.part_number, p)).collect();
-    let needs_listing = match &client {
-        Some(list) => list.iter().any(|c| {
-            known
-                .get(&c.part_number)
-                .is_none_or(|k| !same_etag(&k.etag, &c.etag))
-        }),
-        None => known.len() < file.part_count as usize,
-    };
-    let mut listed = BTreeMap::new();
-    let mut upload_gone = false;
-    if needs_listing {
-        match state.storage.list_parts(&file.object_key, upload_id).await {
-            Ok(parts) => listed = parts.into_iter().map(|p| (p.part_number, p)).collect(),
-            Err(StorageError::NoSuchUpload) => upload_gone = true,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    // (number, ETag, size when known)
-    let chosen: Vec<(u32, String, Option<u64>)> = match client {
-        Some(list) => list
-            .into_iter()
-            .map(|c| {
-                let size = known
-                    .get(&c.part_number)
-                    .filter(|k| same_etag(&k.etag, &c.etag))
-                    .or_else(|| listed.get(&c.part_number))
-                    .map(|p| p.size_bytes);
-                (c.part_number, c.etag, size)
-            })
-            .collect(),
-        None => {
-            for (n, p) in listed {
-                known.entry(n).or_insert(p);
-            }
-            // Parts past the file's last (none can be uploaded or presigned) never join in.
-            known
-                .into_values()
-                .filter(|p| p.part_number <= file.part_count)
-                .map(|p| (p.part_number, p.etag, Some(p.size_bytes)))
-                .collect()
-        }
-    };
-    let present: std::collections::BTreeSet<u32> = chosen.iter().map(|(n, _, _)| *n).collect();
-    let mut missing: Vec<u32> = (1..=file.part_count)
-        .filter(|n| !present.contains(n))
-        .collect();
-    if !missing.is_empty() {
-        return Err(AppError::PartsMissing(missing));
-    }
-    for (n, _, size) in &chosen {
-        let expected = expected_part_len(file.size_bytes, file.part_size_bytes, *n)
-            .ok_or_else(|| AppError::Internal(format!("part {n} out of range")))?;
-        match size {
-            None if upload_gone => {}
-            None => missing.push(*n),
-            Some(actual) if *actual != expected => {
-                return Err(AppError::PartSizeMismatch {
-                    part_number: *n,
-                    expected,
-                    actual: *actual,
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    if !missing.is_empty() {
-        return Err(AppError::PartsMissing(missing));
-    }
-    Ok(chosen.into_iter().map(|(n, etag, _)| (n, etag)).collect())
-}
-
-/// The storage side of completion, run by the one caller holding the lease.
-async fn complete_in_storage(
-    state: &AppState,
-    tenant: &str,
-    file: &FileRecord,
-    recorded: Vec<PartRecord>,
-    client: Option<Vec<crate::validate::ClientPart>>,
-) -> Result<String, AppError> {
-    if file.upload_id.is_none() && file.size_bytes > 0 {
-        // Not one byte was sent: no storage upload to create just to refuse it.
-        return Err(AppError::PartsMissing((1..=file.part_count).collect()));
-    }
-    let upload_id = ensure_upload(state, tenant, file).await?;
-    let mut recorded = recorded;
-    // A zero-byte file has one empty part; create it if the client did not bother.
-    if file.size_bytes == 0 && client.is_none() && recorded.is_empty() {
-        let body = PartBody {
-            stream: Box::pin(futures_util::stream::empty()),
-            len: 0,
-        };
-        let etag = state
-            .storage
-            .put_part(&file.object_key, &upload_id, 1, body, None)
-            .await?;
-        recorded.push(PartRecord {
-            part_number: 1,
-            etag,
-            size_bytes: 0,
-        });
-    }
-    let parts = parts_to_complete(state, file, &upload_id, client, recorded).await?;
-    match state
-        .storage
-        .complete_upload(&file.object_key, &upload_id, &parts)
-        .await
-    {
-        Ok(etag) => Ok(etag),
-        // Storage already completed this upload (an earlier holder crashed before recording
-        // it): the object is there, so the completion stands.
-        Err(StorageError::NoSuchUpload) => match state.storage.head_object(&file.object_key).await?
-        {
-            Some(info) => Ok(info.etag),
-            None => Err(AppError::FileNotActive("aborted")),
-        },
-        Err(e) => Err(e.into()),
-    }
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]
@@ -609,82 +268,11 @@ pub(super) async fn complete(
     ApiPath((session_id, file_id)): ApiPath<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, AppError> {
-    let t = &tenant.0.id;
-    let token = new_id();
-    let deadline = tokio::time::Instant::now() + COMPLETE_WAIT;
-    let mut backoff = Duration::from_millis(5);
-    let mut waiting: Option<WaiterGuard> = None;
-    let mut waited = false;
-    loop {
-        let now = now_ms();
-        let gate = state
-            .store
-            .begin_complete(t, &session_id, &file_id, &token, COMPLETE_LEASE_MS, now)
-            .await?;
-        match open_gate(gate, t, now)? {
-            BeginComplete::AlreadyCompleted(f) => {
-                if !waited {
-                    // Nothing was waited for: this is a repeated complete, not a concurrent one.
-                    tracing::warn!(file_url = ?f.file_url, "file already completed: answering the idempotent re-completion with the stored result");
-                }
-                return Ok(Json(file_json(&f)).into_response());
-            }
-            BeginComplete::Aborted => return Err(AppError::FileNotActive("aborted")),
-            BeginComplete::InProgress => {
-                waited = true;
-                if waiting.is_none() {
-                    waiting = Some(
-                        state
-                            .completion_waiters
-                            .join(&file_id)
-                            .ok_or(AppError::CompletionInProgress)?,
-                    );
-                }
-                if tokio::time::Instant::now() + backoff > deadline {
-                    return Err(AppError::CompletionInProgress);
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(COMPLETE_POLL_MAX);
-            }
-            BeginComplete::Acquired(file, recorded) => {
-                // The holder is no longer a waiter: its place goes to another caller.
-                waiting = None;
-                let parsed = crate::validate::complete_parts(&body, file.part_count);
-                let result = match parsed {
-                    Ok(client) => complete_in_storage(&state, t, &file, recorded, client).await,
-                    Err(e) => Err(e),
-                };
-                let etag = match result {
-                    Ok(etag) => etag,
-                    Err(e) => {
-                        // Give the lease back so the next attempt (or a waiter) can try again.
-                        if let Err(release) = state
-                            .store
-                            .release_complete(t, &session_id, &file_id, &token)
-                            .await
-                        {
-                            tracing::warn!(error = %release, "releasing the completion lease failed; it expires by itself");
-                        }
-                        return Err(e);
-                    }
-                };
-                let url = state.storage.file_url(&file.object_key);
-                let finished = state
-                    .store
-                    .finish_complete(t, &session_id, &file_id, &token, &url, &etag)
-                    .await?;
-                match open_gate(finished, t, now)? {
-                    Some(f) => {
-                        state.metrics.files_completed.inc();
-                        tracing::info!(file_url = %url, "file completed");
-                        return Ok(Json(file_json(&f)).into_response());
-                    }
-                    // Our lease ran out and someone else took over: their result stands.
-                    None => continue,
-                }
-            }
-        }
-    }
+    let file = state
+        .uploads
+        .complete(&tenant.0.id, &session_id, &file_id, &body)
+        .await?;
+    Ok(Json(file_json(&file)).into_response())
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    BeginComplete, ExpiredInfo, Finalized, Gate, Reaped, Registered, SessionStore, SessionView,
-    StoreError, UploadIdSet,
+    BeginComplete, ExpiredInfo, FileAborted, Finalized, Gate, Reaped, Registered, SessionAborted,
+    SessionStore, SessionView, StoreError, UploadIdSet,
 };
 use crate::model::{
     part_count, part_size_for, FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus,
@@ -32,6 +32,8 @@ struct SessionEntry {
     files: HashMap<String, FileEntry>,
     /// fileKey → fileId of live files.
     keys: HashMap<String, String>,
+    /// Queued storage cleanups of deleted files: fileId → the fileKey they keep reserved.
+    cleanup: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +114,26 @@ fn gate<'a>(
     Ok(entry)
 }
 
+/// A `completing` file whose lease has not run out: storage may be assembling it now.
+fn completion_in_flight(f: &FileEntry, now_ms: i64) -> bool {
+    f.file.status == FileStatus::Completing && f.lease.as_ref().is_some_and(|(_, u)| *u > now_ms)
+}
+
+/// The bookkeeping of aborting the live file `before` (already marked `aborted`): frees its
+/// count slot and, when it has storage state, queues its cleanup with its fileKey reserved
+/// (else frees the key). True when a cleanup was queued.
+fn abort_live(entry: &mut SessionEntry, before: &FileRecord) -> bool {
+    entry.keys.remove(&before.file_key);
+    entry.session.file_count = entry.session.file_count.saturating_sub(1);
+    let queue = before.upload_id.is_some() || before.status == FileStatus::Completed;
+    if queue {
+        entry
+            .cleanup
+            .insert(before.id.clone(), before.file_key.clone());
+    }
+    queue
+}
+
 fn regate<T>(g: Gate<()>) -> Gate<T> {
     match g {
         Gate::Ok(()) | Gate::SessionNotFound => Gate::SessionNotFound,
@@ -156,6 +178,7 @@ impl SessionStore for MemoryStore {
                 order: Vec::new(),
                 files: HashMap::new(),
                 keys: HashMap::new(),
+                cleanup: BTreeMap::new(),
             },
         );
         Ok(())
@@ -203,6 +226,9 @@ impl SessionStore for MemoryStore {
         let entry = gate_or_return!(&mut inner, tenant, &file.session_id, true, now_ms);
         if entry.keys.contains_key(&file.file_key) {
             return Ok(Gate::Ok(Registered::DuplicateKey));
+        }
+        if entry.cleanup.values().any(|k| *k == file.file_key) {
+            return Ok(Gate::Ok(Registered::KeyBusy));
         }
         if entry.session.file_count >= entry.session.file_limit {
             return Ok(Gate::Ok(Registered::CountExceeded {
@@ -366,6 +392,32 @@ impl SessionStore for MemoryStore {
         Ok(Gate::Ok(Some(f.file.clone())))
     }
 
+    async fn renew_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(f) = inner
+            .sessions
+            .get_mut(&key(tenant, session_id))
+            .and_then(|e| e.files.get_mut(file_id))
+        else {
+            return Ok(false);
+        };
+        match &mut f.lease {
+            Some((t, until)) if f.file.status == FileStatus::Completing && t == token => {
+                *until = now_ms.saturating_add(lease_ms);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn release_complete(
         &self,
         tenant: &str,
@@ -395,18 +447,22 @@ impl SessionStore for MemoryStore {
         session_id: &str,
         file_id: &str,
         now_ms: i64,
-    ) -> Result<Gate<FileRecord>, StoreError> {
+    ) -> Result<Gate<FileAborted>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
         let f = file_or_return!(entry, file_id);
-        let before = f.file.clone();
-        if f.file.status != FileStatus::Aborted {
-            f.file.status = FileStatus::Aborted;
-            f.lease = None;
-            entry.keys.remove(&before.file_key);
-            entry.session.file_count = entry.session.file_count.saturating_sub(1);
+        if completion_in_flight(f, now_ms) {
+            return Ok(Gate::Ok(FileAborted::CompletionInProgress));
         }
-        Ok(Gate::Ok(before))
+        let before = f.file.clone();
+        if before.status == FileStatus::Aborted {
+            let cleanup = entry.cleanup.contains_key(file_id);
+            return Ok(Gate::Ok(FileAborted::Aborted { before, cleanup }));
+        }
+        f.file.status = FileStatus::Aborted;
+        f.lease = None;
+        let cleanup = abort_live(entry, &before);
+        Ok(Gate::Ok(FileAborted::Aborted { before, cleanup }))
     }
 
     async fn abort_session(
@@ -414,47 +470,88 @@ impl SessionStore for MemoryStore {
         tenant: &str,
         session_id: &str,
         now_ms: i64,
-    ) -> Result<Gate<Vec<FileRecord>>, StoreError> {
+    ) -> Result<Gate<SessionAborted>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
         match entry.session.status {
-            SessionStatus::Finalized => return Ok(Gate::NotActive(SessionStatus::Finalized)),
-            SessionStatus::Aborted => return Ok(Gate::Ok(Vec::new())),
-            _ => {}
-        }
-        entry.session.status = SessionStatus::Aborted;
-        let mut open = Vec::new();
-        for id in &entry.order {
-            if let Some(f) = entry.files.get_mut(id) {
-                if matches!(
-                    f.file.status,
-                    FileStatus::Registered | FileStatus::Completing
-                ) {
-                    if f.file.upload_id.is_some() {
-                        open.push(f.file.clone());
+            SessionStatus::Finalized => {
+                inner.sessions.remove(&key(tenant, session_id));
+                return Ok(Gate::Ok(SessionAborted::Forgotten));
+            }
+            SessionStatus::Aborted => {}
+            _ => {
+                if entry
+                    .files
+                    .values()
+                    .any(|f| completion_in_flight(f, now_ms))
+                {
+                    return Ok(Gate::Ok(SessionAborted::CompletionInProgress));
+                }
+                entry.session.status = SessionStatus::Aborted;
+                for id in entry.order.clone() {
+                    let Some(f) = entry.files.get_mut(&id) else {
+                        continue;
+                    };
+                    if f.file.status == FileStatus::Aborted {
+                        continue;
                     }
+                    let before = f.file.clone();
                     f.file.status = FileStatus::Aborted;
                     f.lease = None;
-                    entry.keys.remove(&f.file.file_key);
-                    entry.session.file_count = entry.session.file_count.saturating_sub(1);
+                    abort_live(entry, &before);
                 }
             }
         }
-        Ok(Gate::Ok(open))
+        let queued = entry
+            .cleanup
+            .keys()
+            .filter_map(|id| entry.files.get(id))
+            .map(|f| f.file.clone())
+            .collect();
+        Ok(Gate::Ok(SessionAborted::Aborted(queued)))
+    }
+
+    async fn cleanup_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_ids: &[String],
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.sessions.get_mut(&key(tenant, session_id)) {
+            for id in file_ids {
+                entry.cleanup.remove(id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn schedule_reap(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let due = inner
+            .reap_index
+            .entry(key(tenant, session_id))
+            .or_insert(at_ms);
+        *due = (*due).min(at_ms);
+        Ok(())
     }
 
     async fn finalize(
         &self,
         tenant: &str,
         session_id: &str,
+        checked: &[String],
         now_ms: i64,
     ) -> Result<Gate<Finalized>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
-        let incomplete: Vec<String> = entry
-            .order
-            .iter()
-            .filter_map(|id| entry.files.get(id))
+        let live = || entry.order.iter().filter_map(|id| entry.files.get(id));
+        let incomplete: Vec<String> = live()
             .filter(|f| {
                 matches!(
                     f.file.status,
@@ -465,6 +562,13 @@ impl SessionStore for MemoryStore {
             .collect();
         if !incomplete.is_empty() {
             return Ok(Gate::Ok(Finalized::Incomplete(incomplete)));
+        }
+        let unchecked: Vec<String> = live()
+            .filter(|f| f.file.status == FileStatus::Completed && !checked.contains(&f.file.id))
+            .map(|f| f.file.id.clone())
+            .collect();
+        if !unchecked.is_empty() {
+            return Ok(Gate::Ok(Finalized::Unchecked(unchecked)));
         }
         entry.session.status = SessionStatus::Finalized;
         let files = entry
@@ -513,36 +617,58 @@ impl SessionStore for MemoryStore {
         let Some(entry) = inner.sessions.get_mut(&key(tenant, session_id)) else {
             return Ok(None);
         };
-        let first =
-            entry.session.status == SessionStatus::Active && entry.session.is_past_expiry(now_ms);
+        let past = entry.session.is_past_expiry(now_ms);
+        let first = entry.session.status == SessionStatus::Active && past;
         if first {
             entry.session.status = SessionStatus::Expired;
         }
-        let open_uploads = if entry.session.is_past_expiry(now_ms) {
-            entry
-                .order
-                .iter()
-                .filter_map(|id| entry.files.get(id))
-                .filter(|f| {
-                    matches!(
-                        f.file.status,
-                        FileStatus::Registered | FileStatus::Completing
-                    ) && f.file.upload_id.is_some()
-                })
-                .map(|f| f.file.clone())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let mut open_uploads = Vec::new();
+        let mut busy_until: Option<i64> = None;
+        if past {
+            for f in entry.order.iter().filter_map(|id| entry.files.get(id)) {
+                if completion_in_flight(f, now_ms) {
+                    let until = f.lease.as_ref().map_or(now_ms, |(_, u)| *u);
+                    busy_until = Some(busy_until.map_or(until, |b| b.min(until)));
+                } else if matches!(
+                    f.file.status,
+                    FileStatus::Registered | FileStatus::Completing
+                ) && f.file.upload_id.is_some()
+                {
+                    open_uploads.push(f.file.clone());
+                }
+            }
+        }
+        let cleanup = entry
+            .cleanup
+            .keys()
+            .filter_map(|id| entry.files.get(id))
+            .map(|f| f.file.clone())
+            .collect();
         Ok(Some(Reaped {
             session: entry.session.clone(),
             first_observation: first,
             open_uploads,
+            cleanup,
+            busy_until,
         }))
     }
 
-    async fn reap_done(&self, tenant: &str, session_id: &str) -> Result<(), StoreError> {
-        self.lock().reap_index.remove(&key(tenant, session_id));
+    async fn reap_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        claimed_until: i64,
+        next_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let k = key(tenant, session_id);
+        if inner.reap_index.get(&k) != Some(&claimed_until) {
+            return Ok(());
+        }
+        match next_ms {
+            Some(at) => inner.reap_index.insert(k, at),
+            None => inner.reap_index.remove(&k),
+        };
         Ok(())
     }
 

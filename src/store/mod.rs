@@ -89,6 +89,8 @@ pub enum Registered {
     },
     /// A live (not aborted) file of the session already has this fileKey.
     DuplicateKey,
+    /// A deleted file with this fileKey still waits for its storage cleanup: retry later.
+    KeyBusy,
 }
 
 /// Outcome of [`SessionStore::set_upload_id`].
@@ -119,6 +121,37 @@ pub enum BeginComplete {
     Aborted,
 }
 
+/// Outcome of [`SessionStore::abort_file`].
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // returned once per call, never stored in bulk
+pub enum FileAborted {
+    /// The file is `aborted`. `before` is the file as it was before this call (an aborted
+    /// file is returned unchanged: aborting is repeatable). `cleanup` is true while storage
+    /// work for it is queued (its upload to abort, its object to delete): the caller does it
+    /// and reports [`SessionStore::cleanup_done`]; until then the reaper retries it.
+    Aborted {
+        /// The file before the call.
+        before: FileRecord,
+        /// Storage cleanup is queued for this file.
+        cleanup: bool,
+    },
+    /// The file is `completing` under an unexpired lease: storage may be assembling it right
+    /// now, so nothing changed (the caller answers 409 and the client retries).
+    CompletionInProgress,
+}
+
+/// Outcome of [`SessionStore::abort_session`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionAborted {
+    /// The session is `aborted`; these files (every file of the session whose storage
+    /// cleanup is queued, from earlier file deletions too) need their storage cleaned.
+    Aborted(Vec<FileRecord>),
+    /// The session was finalized: it is forgotten (every key removed), its objects stay.
+    Forgotten,
+    /// A file is `completing` under an unexpired lease: nothing changed.
+    CompletionInProgress,
+}
+
 /// Outcome of [`SessionStore::finalize`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finalized {
@@ -126,6 +159,9 @@ pub enum Finalized {
     Done(SessionView),
     /// These live files are not completed; nothing changed.
     Incomplete(Vec<String>),
+    /// A live completed file is not among the files the caller checked (it was completed
+    /// after the caller looked): nothing changed; check again.
+    Unchecked(Vec<String>),
 }
 
 /// Outcome of [`SessionStore::reap`].
@@ -135,8 +171,16 @@ pub struct Reaped {
     pub session: SessionRecord,
     /// True when this call moved the session from `active` to `expired`.
     pub first_observation: bool,
-    /// Files whose storage uploads must be aborted (not completed, not aborted, with an upload id).
+    /// Past expiry: live files whose storage uploads must be aborted (registered, or
+    /// completing under a lease that ran out, with an upload id). Repeated on every call
+    /// until the session leaves the reaper index.
     pub open_uploads: Vec<FileRecord>,
+    /// Deleted files whose storage cleanup is queued ([`FileAborted::Aborted`]'s `cleanup`);
+    /// report each one done with [`SessionStore::cleanup_done`].
+    pub cleanup: Vec<FileRecord>,
+    /// Past expiry, files `completing` under an unexpired lease are left alone: the earliest
+    /// time (ms) their leases run out, when the session must be looked at again.
+    pub busy_until: Option<i64>,
 }
 
 /// The session store. Every method is atomic with respect to every other call on the same
@@ -246,6 +290,18 @@ pub trait SessionStore: Send + Sync + 'static {
         etag: &str,
     ) -> Result<Gate<Option<FileRecord>>, StoreError>;
 
+    /// Extends the lease `token` holds to `now_ms + lease_ms`. False when `token` no longer
+    /// holds it (taken over, file aborted or gone). No gate.
+    async fn renew_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
     /// Gives the lease back (file back to `registered`) if `token` holds it. No gate.
     async fn release_complete(
         &self,
@@ -255,35 +311,64 @@ pub trait SessionStore: Send + Sync + 'static {
         token: &str,
     ) -> Result<(), StoreError>;
 
-    /// Aborts one file: status `aborted`, its fileKey and count slot freed. Gate: exists, not
-    /// expired, active, file exists. Returns the file as it was before (its `upload_id` and
-    /// status tell the caller what to clean in storage); aborting an aborted file returns it
-    /// unchanged (repeatable).
+    /// Aborts one file: status `aborted`, its count slot freed. Gate: exists, not expired,
+    /// active, file exists. A file `completing` under an unexpired lease is left alone
+    /// ([`FileAborted::CompletionInProgress`]).
+    ///
+    /// A file with storage state (an upload id, or completed) gets its cleanup queued in the
+    /// same atomic step, and its fileKey stays reserved until [`SessionStore::cleanup_done`]
+    /// (registering it meanwhile is [`Registered::KeyBusy`]), so the cleanup can never
+    /// delete another file's object. A file without storage state frees its fileKey at once.
+    /// Aborting an aborted file changes nothing and reports whether its cleanup is still
+    /// queued (a repeated `DELETE` drives the cleanup again).
     async fn abort_file(
         &self,
         tenant: &str,
         session_id: &str,
         file_id: &str,
         now_ms: i64,
-    ) -> Result<Gate<FileRecord>, StoreError>;
+    ) -> Result<Gate<FileAborted>, StoreError>;
 
-    /// Aborts the session: status `aborted` (repeatable: an aborted session stays aborted and
-    /// returns `Ok`), every live not-completed file `aborted`. Gate: exists, not expired; a
-    /// finalized session is `NotActive(Finalized)`. Returns the files that had an open
-    /// storage upload, to abort in storage.
+    /// Aborts the session: status `aborted`, every live file `aborted` (completed ones
+    /// included: deleting a session that is not finalized removes everything it stored),
+    /// cleanup queued as for [`SessionStore::abort_file`]. Repeatable: an aborted session
+    /// reports its queued cleanups again. A finalized session is forgotten
+    /// ([`SessionAborted::Forgotten`]). Gate: exists, not expired.
     async fn abort_session(
         &self,
         tenant: &str,
         session_id: &str,
         now_ms: i64,
-    ) -> Result<Gate<Vec<FileRecord>>, StoreError>;
+    ) -> Result<Gate<SessionAborted>, StoreError>;
+
+    /// Storage confirmed the cleanup of these files: their queue entries go and their
+    /// fileKeys are free again. Unknown ids are ignored; no gate (a session that expired
+    /// meanwhile is still cleaned).
+    async fn cleanup_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_ids: &[String],
+    ) -> Result<(), StoreError>;
+
+    /// Asks the reaper to look at the session by `at_ms` (earlier if it was already due
+    /// earlier): used when a cleanup could not be done at once.
+    async fn schedule_reap(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// Finalizes: gate (exists, not expired, active), then every live file must be
-    /// `completed` (else [`Finalized::Incomplete`] with their ids), then status `finalized`.
+    /// `completed` (else [`Finalized::Incomplete`] with their ids) and among `checked`, the
+    /// files whose content the caller verified (else [`Finalized::Unchecked`]), then status
+    /// `finalized`.
     async fn finalize(
         &self,
         tenant: &str,
         session_id: &str,
+        checked: &[String],
         now_ms: i64,
     ) -> Result<Gate<Finalized>, StoreError>;
 
@@ -306,8 +391,17 @@ pub trait SessionStore: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Option<Reaped>, StoreError>;
 
-    /// Removes the session from the reaper index (its uploads are aborted).
-    async fn reap_done(&self, tenant: &str, session_id: &str) -> Result<(), StoreError>;
+    /// Ends a claim taken by [`SessionStore::claim_expired`] at `claimed_until` (the lease end
+    /// it set): removes the session from the reaper index (`next_ms` `None`: nothing left to
+    /// do) or makes it due again at `next_ms`. When the entry no longer carries the claim's
+    /// score (a [`SessionStore::schedule_reap`] moved it meanwhile), it is left as it is.
+    async fn reap_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        claimed_until: i64,
+        next_ms: Option<i64>,
+    ) -> Result<(), StoreError>;
 
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;

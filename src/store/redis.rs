@@ -12,15 +12,17 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `P:{t:s}:s` | hash | the session record (+ `keep_until`, ms, the retention deadline) |
-//! | `P:{t:s}:keys` | hash | fileKey → fileId of live files |
+//! | `P:{t:s}:keys` | hash | fileKey → fileId of live files; `~fileId` while a deleted file's cleanup is queued |
 //! | `P:{t:s}:files` | list | file ids in registration order |
 //! | `P:{t:s}:f:<fileId>` | hash | the file record (+ `lease_token`, `lease_until` while completing) |
 //! | `P:{t:s}:p:<fileId>` | hash | partNumber → `<sizeBytes>:<etag>` |
+//! | `P:{t:s}:c` | hash | queued storage cleanups of deleted files: fileId → fileKey |
 //! | `P:reap` | sorted set | reaper index: member `t:s`, score = ms when due |
 //!
 //! Every session key gets `PEXPIREAT expires_at*1000 + retention` when written, so nothing
 //! outlives the retention window. The reaper index is global (its own slot): members are
-//! removed by [`SessionStore::reap_done`].
+//! removed or re-scored by [`SessionStore::reap_done`], moved earlier by
+//! [`SessionStore::schedule_reap`].
 //!
 //! ## Failure behaviour
 //! Every call is bounded by [`RedisStoreOptions::command_timeout`] (connecting or pool wait
@@ -43,8 +45,8 @@ use redis::{
 use tracing::Instrument;
 
 use super::{
-    BeginComplete, ExpiredInfo, Finalized, Gate, Reaped, Registered, SessionStore, SessionView,
-    StoreError, UploadIdSet,
+    BeginComplete, ExpiredInfo, FileAborted, Finalized, Gate, Reaped, Registered, SessionAborted,
+    SessionStore, SessionView, StoreError, UploadIdSet,
 };
 use crate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
 
@@ -249,6 +251,9 @@ struct Scripts {
     finalize: Script,
     reap: Script,
     claim: Script,
+    cleanup_done: Script,
+    renew_complete: Script,
+    reschedule: Script,
 }
 
 fn session_script(body: &str) -> Script {
@@ -273,6 +278,9 @@ impl Scripts {
             finalize: session_script(include_str!("lua/finalize.lua")),
             reap: session_script(include_str!("lua/reap.lua")),
             claim: Script::new(include_str!("lua/claim.lua")),
+            cleanup_done: session_script(include_str!("lua/cleanup_done.lua")),
+            renew_complete: session_script(include_str!("lua/renew_complete.lua")),
+            reschedule: Script::new(include_str!("lua/reschedule.lua")),
         }
     }
 }
@@ -324,6 +332,10 @@ impl<'a> SessionKeys<'a> {
     }
     fn files(self) -> Key<'a> {
         self.key("files", "")
+    }
+    /// Queued storage cleanups: file id → fileKey.
+    fn cleanup(self) -> Key<'a> {
+        self.key("c", "")
     }
     fn file(self, file_id: &'a str) -> Key<'a> {
         self.key("f:", file_id)
@@ -788,6 +800,7 @@ fn registered(rest: &[Value], file: &FileRecord) -> Result<Gate<Registered>, Sto
     Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
         "created" => Registered::Created(file.clone()),
         "dup" => Registered::DuplicateKey,
+        "busy" => Registered::KeyBusy,
         "full" => Registered::CountExceeded {
             file_limit: u32::try_from(as_int(at(rest, 1)?)?).map_err(corrupt)?,
             file_count: u32::try_from(as_int(at(rest, 2)?)?).map_err(corrupt)?,
@@ -808,7 +821,10 @@ impl SessionStore for RedisStore {
         let k = self.keys_of(&session.tenant, &session.id);
         let due_ms = session.expires_at.saturating_mul(1000);
         let keep_until = due_ms.saturating_add(self.retention_ms);
-        let mut inv = Call::new(&self.scripts.create, [k.session(), k.keys(), k.files()]);
+        let mut inv = Call::new(
+            &self.scripts.create,
+            [k.session(), k.keys(), k.files(), k.cleanup()],
+        );
         inv.arg(0).arg(keep_until);
         session_fields(&mut inv, session)?;
         let member = reap_member(&session.tenant, &session.id);
@@ -1064,6 +1080,23 @@ impl SessionStore for RedisStore {
     }
 
     #[tracing::instrument(level = "debug", skip(self, token))]
+    async fn renew_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(&self.scripts.renew_complete, [k.session(), k.file(file_id)]);
+        inv.arg(0).arg(token).arg(now_ms.saturating_add(lease_ms));
+        let reply = self.invoke("renew_complete", &inv).await?;
+        Ok(as_int(&reply)? == 1)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, token))]
     async fn release_complete(
         &self,
         tenant: &str,
@@ -1087,16 +1120,23 @@ impl SessionStore for RedisStore {
         session_id: &str,
         file_id: &str,
         now_ms: i64,
-    ) -> Result<Gate<FileRecord>, StoreError> {
+    ) -> Result<Gate<FileAborted>, StoreError> {
         let k = self.keys_of(tenant, session_id);
         let mut inv = Call::new(
             &self.scripts.abort_file,
-            [k.session(), k.keys(), k.file(file_id)],
+            [k.session(), k.keys(), k.file(file_id), k.cleanup()],
         );
-        inv.arg(now_ms);
+        inv.arg(now_ms).arg(file_id);
         let reply = self.invoke("abort_file", &inv).await?;
         let rest = payload_or_return!(reply);
-        Ok(Gate::Ok(parse_file(at(rest, 0)?)?))
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "busy" => FileAborted::CompletionInProgress,
+            "aborted" => FileAborted::Aborted {
+                before: parse_file(at(rest, 1)?)?,
+                cleanup: as_int(at(rest, 2)?)? == 1,
+            },
+            other => return Err(corrupt(format_args!("abort_file outcome {other:?}"))),
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -1105,37 +1145,93 @@ impl SessionStore for RedisStore {
         tenant: &str,
         session_id: &str,
         now_ms: i64,
-    ) -> Result<Gate<Vec<FileRecord>>, StoreError> {
+    ) -> Result<Gate<SessionAborted>, StoreError> {
         let k = self.keys_of(tenant, session_id);
         let mut inv = Call::new(
             &self.scripts.abort_session,
-            [k.session(), k.keys(), k.files()],
+            [k.session(), k.keys(), k.files(), k.cleanup()],
         );
         inv.arg(now_ms);
         let reply = self.invoke("abort_session", &inv).await?;
         let rest = payload_or_return!(reply);
-        Ok(Gate::Ok(parse_files(rest)?))
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "busy" => SessionAborted::CompletionInProgress,
+            "forgot" => SessionAborted::Forgotten,
+            "aborted" => SessionAborted::Aborted(parse_files(rest.get(1..).unwrap_or_default())?),
+            other => return Err(corrupt(format_args!("abort_session outcome {other:?}"))),
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
+    async fn cleanup_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_ids: &[String],
+    ) -> Result<(), StoreError> {
+        if file_ids.is_empty() {
+            return Ok(());
+        }
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(
+            &self.scripts.cleanup_done,
+            [k.session(), k.keys(), k.cleanup()],
+        );
+        inv.arg(0);
+        for id in file_ids {
+            inv.arg(id);
+        }
+        self.invoke("cleanup_done", &inv).await.map(drop)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn schedule_reap(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let key = self.reap_key();
+        let member = reap_member(tenant, session_id);
+        let mut con = self.handle.clone();
+        self.bounded("schedule_reap", async move {
+            // LT: the entry only ever moves earlier (a missing one is added).
+            redis::cmd("ZADD")
+                .arg(&key)
+                .arg("LT")
+                .arg(at_ms)
+                .arg(&member)
+                .exec_async(&mut con)
+                .await
+        })
+        .await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, checked))]
     async fn finalize(
         &self,
         tenant: &str,
         session_id: &str,
+        checked: &[String],
         now_ms: i64,
     ) -> Result<Gate<Finalized>, StoreError> {
         let k = self.keys_of(tenant, session_id);
         let mut inv = Call::new(&self.scripts.finalize, [k.session(), k.files()]);
         inv.arg(now_ms);
+        for id in checked {
+            inv.arg(id);
+        }
         let reply = self.invoke("finalize", &inv).await?;
         let rest = payload_or_return!(reply);
+        let ids = |v: &Value| -> Result<Vec<String>, StoreError> {
+            as_array(v)?
+                .iter()
+                .map(|v| as_str(v).map(str::to_owned))
+                .collect()
+        };
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
-            "incomplete" => Finalized::Incomplete(
-                as_array(at(rest, 1)?)?
-                    .iter()
-                    .map(|v| as_str(v).map(str::to_owned))
-                    .collect::<Result<_, _>>()?,
-            ),
+            "incomplete" => Finalized::Incomplete(ids(at(rest, 1)?)?),
+            "unchecked" => Finalized::Unchecked(ids(at(rest, 1)?)?),
             "done" => Finalized::Done(SessionView {
                 session: parse_session(at(rest, 1)?)?,
                 files: parse_files(rest.get(2..).unwrap_or_default())?,
@@ -1173,7 +1269,7 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Option<Reaped>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(&self.scripts.reap, [k.session(), k.files()]);
+        let mut inv = Call::new(&self.scripts.reap, [k.session(), k.files(), k.cleanup()]);
         inv.arg(now_ms);
         let reply = self.invoke("reap", &inv).await?;
         let arr = as_array(&reply)?;
@@ -1183,13 +1279,20 @@ impl SessionStore for RedisStore {
         match as_str(code)? {
             "none" => Ok(None),
             "ok" => {
-                let [first, session, files @ ..] = rest else {
+                let [first, session, busy, open, queued] = rest else {
                     return Err(corrupt("short reap reply"));
                 };
+                let busy = as_str(busy)?;
                 Ok(Some(Reaped {
                     session: parse_session(session)?,
                     first_observation: as_int(first)? == 1,
-                    open_uploads: parse_files(files)?,
+                    open_uploads: parse_files(as_array(open)?)?,
+                    cleanup: parse_files(as_array(queued)?)?,
+                    busy_until: if busy.is_empty() {
+                        None
+                    } else {
+                        Some(busy.parse().map_err(corrupt)?)
+                    },
                 }))
             }
             other => Err(corrupt(format_args!("reap outcome {other:?}"))),
@@ -1197,18 +1300,20 @@ impl SessionStore for RedisStore {
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
-    async fn reap_done(&self, tenant: &str, session_id: &str) -> Result<(), StoreError> {
-        let key = self.reap_key();
-        let member = reap_member(tenant, session_id);
-        let mut con = self.handle.clone();
-        self.bounded("reap_done", async move {
-            redis::cmd("ZREM")
-                .arg(&key)
-                .arg(&member)
-                .exec_async(&mut con)
-                .await
-        })
-        .await
+    async fn reap_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        claimed_until: i64,
+        next_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut inv = Call::new(&self.scripts.reschedule, [self.reap_key()]);
+        inv.arg(reap_member(tenant, session_id)).arg(claimed_until);
+        match next_ms {
+            Some(at) => inv.arg(at),
+            None => inv.arg(""),
+        };
+        self.invoke("reap_done", &inv).await.map(drop)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

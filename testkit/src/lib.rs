@@ -5,6 +5,7 @@
 //! found on `PATH` or through `REDIS_SERVER`.
 #![forbid(unsafe_code)]
 
+pub mod fault;
 pub mod s3;
 
 use std::io::{Read, Write};

@@ -1,14 +1,31 @@
--- abort_file. KEYS: s, keys, f. ARGV: now.
--- Reply: {'ok', file-fields as before the call} | {'fnf'} | gate reply.
+-- abort_file. KEYS: s, keys, f, c. ARGV: now, file_id.
+-- Reply: {'ok','aborted', file-fields as before the call, cleanup(0|1)} | {'ok','busy'}
+--      | {'fnf'} | gate reply.
+-- A file with storage state (an upload id, or completed) is queued in `c` (file id →
+-- fileKey) and its fileKey stays reserved in `keys` as '~<file id>' until cleanup_done, so
+-- the cleanup can never delete the object of a file registered later under the same key.
 local g = gate(NOW, true)
 if g then return g end
 local f = redis.call('HGETALL', KEYS[3])
 if #f == 0 then return {'fnf'} end
-local st = redis.call('HMGET', KEYS[3], 'status', 'file_key')
-if st[1] ~= 'aborted' then
-  redis.call('HSET', KEYS[3], 'status', 'aborted')
-  redis.call('HDEL', KEYS[3], 'lease_token', 'lease_until')
-  if st[2] then redis.call('HDEL', KEYS[2], st[2]) end
-  release_slot()
+local st = redis.call('HMGET', KEYS[3], 'status', 'file_key', 'upload_id', 'lease_until')
+if st[1] == 'completing' then
+  local lease = tonumber(st[4])
+  if lease and lease > NOW then return {'ok', 'busy'} end
 end
-return {'ok', f}
+if st[1] == 'aborted' then
+  return {'ok', 'aborted', f, redis.call('HEXISTS', KEYS[4], ARGV[2])}
+end
+redis.call('HSET', KEYS[3], 'status', 'aborted')
+redis.call('HDEL', KEYS[3], 'lease_token', 'lease_until')
+local cleanup = 0
+if st[3] or st[1] == 'completed' then
+  cleanup = 1
+  redis.call('HSET', KEYS[4], ARGV[2], st[2] or '')
+  keep(KEYS[4])
+  if st[2] then redis.call('HSET', KEYS[2], st[2], '~' .. ARGV[2]) end
+elseif st[2] then
+  redis.call('HDEL', KEYS[2], st[2])
+end
+release_slot()
+return {'ok', 'aborted', f, cleanup}

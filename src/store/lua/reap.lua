@@ -1,5 +1,10 @@
--- reap. KEYS: s, files. ARGV: now.
--- Reply: {'none'} | {'ok', first(0|1), session-fields, open-file-fields...}.
+-- reap. KEYS: s, files, c. ARGV: now.
+-- Reply: {'none'}
+--      | {'ok', first(0|1), session-fields, busy_until ('' or ms), {open-file-fields...},
+--         {queued-file-fields...}}.
+-- Past expiry, open uploads are those of live files (registered, or completing under a
+-- lease that ran out) with an upload id; a completion still in flight is left alone and
+-- reported in busy_until. Queued cleanups (deleted files) are reported whatever the time.
 local st = redis.call('HMGET', SKEY, 'status', 'expires_at')
 if not st[1] then return {'none'} end
 local exp = tonumber(st[2])
@@ -10,14 +15,22 @@ if past and st[1] == 'active' then
   redis.call('HSET', SKEY, 'status', 'expired')
   first = 1
 end
-local out = {'ok', first, redis.call('HGETALL', SKEY)}
+local open, busy, busy_ms = {}, '', nil
 if past then
   for _, fid in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
     local fk = fkey(fid)
-    local fs = redis.call('HMGET', fk, 'status', 'upload_id')
-    if (fs[1] == 'registered' or fs[1] == 'completing') and fs[2] then
-      out[#out + 1] = redis.call('HGETALL', fk)
+    local fs = redis.call('HMGET', fk, 'status', 'upload_id', 'lease_until')
+    local lease = tonumber(fs[3])
+    if fs[1] == 'completing' and lease and lease > NOW then
+      if not busy_ms or lease < busy_ms then busy, busy_ms = fs[3], lease end
+    elseif (fs[1] == 'registered' or fs[1] == 'completing') and fs[2] then
+      open[#open + 1] = redis.call('HGETALL', fk)
     end
   end
 end
-return out
+local queued = {}
+for _, fid in ipairs(redis.call('HKEYS', KEYS[3])) do
+  local f = redis.call('HGETALL', fkey(fid))
+  if #f > 0 then queued[#queued + 1] = f end
+end
+return {'ok', first, redis.call('HGETALL', SKEY), busy, open, queued}

@@ -1,0 +1,107 @@
+//! Deleting files and sessions: the store queues the storage cleanup in the same atomic step
+//! as the state change; the caller does it at once, and whatever storage did not confirm is
+//! retried by the reaper until it is done.
+
+use futures_util::stream::{self, StreamExt};
+
+use super::{ms, open_gate, Uploads};
+use crate::error::AppError;
+use crate::model::{now_ms, FileRecord};
+use crate::store::{FileAborted, SessionAborted};
+
+/// Storage calls one cleanup runs at once.
+const CLEANUP_CONCURRENCY: usize = 8;
+
+impl Uploads {
+    /// `DELETE` of a file: aborted in the store (its count slot freed), then its upload
+    /// aborted and any object deleted in storage. `Ok` once storage confirmed it or the
+    /// cleanup is queued durably; a file whose completion is in flight is refused (409).
+    pub async fn delete_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<(), AppError> {
+        let now = now_ms();
+        let outcome = self
+            .store
+            .abort_file(tenant, session_id, file_id, now)
+            .await?;
+        match open_gate(outcome, tenant, now)? {
+            FileAborted::CompletionInProgress => Err(AppError::CompletionInProgress),
+            FileAborted::Aborted { cleanup: false, .. } => Ok(()),
+            FileAborted::Aborted {
+                before,
+                cleanup: true,
+            } => self.clean_now(tenant, session_id, &[before]).await,
+        }
+    }
+
+    /// `DELETE` of a session: a finalized one is forgotten (its objects were handed to the
+    /// application); any other is aborted and everything it stored is removed (open uploads
+    /// aborted, completed files' objects deleted), as for [`Uploads::delete_file`].
+    pub async fn delete_session(&self, tenant: &str, session_id: &str) -> Result<(), AppError> {
+        let now = now_ms();
+        let outcome = self.store.abort_session(tenant, session_id, now).await?;
+        match open_gate(outcome, tenant, now)? {
+            SessionAborted::CompletionInProgress => Err(AppError::CompletionInProgress),
+            SessionAborted::Forgotten => {
+                tracing::info!("finalized session forgotten; its objects stay");
+                Ok(())
+            }
+            SessionAborted::Aborted(queued) => self.clean_now(tenant, session_id, &queued).await,
+        }
+    }
+
+    /// Cleans `files` in storage and reports what storage confirmed. If anything is left,
+    /// the reaper is asked to retry soon; the queue entries themselves are already durable.
+    async fn clean_now(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        files: &[FileRecord],
+    ) -> Result<(), AppError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let done = self.clean(files).await;
+        self.store.cleanup_done(tenant, session_id, &done).await?;
+        if done.len() < files.len() {
+            tracing::warn!(
+                left = files.len() - done.len(),
+                "storage cleanup incomplete; queued for the reaper"
+            );
+            let at = now_ms().saturating_add(ms(self.timing.cleanup_retry));
+            self.store.schedule_reap(tenant, session_id, at).await?;
+        }
+        Ok(())
+    }
+
+    /// Aborts each file's storage upload and deletes its object (a few at a time); returns
+    /// the ids of the files storage confirmed clean. Both calls are idempotent, so a file
+    /// cleaned twice (a retry after a lost confirmation) costs two calls, nothing else.
+    pub(super) async fn clean(&self, files: &[FileRecord]) -> Vec<String> {
+        let storage = self.storage.clone();
+        stream::iter(files.to_vec())
+            .map(move |f| {
+                let storage = storage.clone();
+                async move {
+                    if let Some(upload_id) = &f.upload_id {
+                        if let Err(e) = storage.abort_upload(&f.object_key, upload_id).await {
+                            tracing::warn!(file_id = %f.id, error = %e, "aborting a storage upload failed; retried later");
+                            return None;
+                        }
+                    }
+                    if let Err(e) = storage.delete_object(&f.object_key).await {
+                        tracing::warn!(file_id = %f.id, error = %e, "deleting an object failed; retried later");
+                        return None;
+                    }
+                    Some(f.id)
+                }
+            })
+            .buffer_unordered(CLEANUP_CONCURRENCY)
+            .filter_map(|done| async move { done })
+            .collect()
+            .await
+    }
+}

@@ -1,0 +1,427 @@
+//! Completion: one caller per file assembles the object, under a lease it renews and a drop
+//! guard gives back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ms, open_gate, Uploads};
+use crate::error::AppError;
+use crate::model::{expected_part_len, now_ms, FileRecord, PartRecord};
+use crate::storage::{PartBody, StorageError};
+use crate::store::{BeginComplete, SessionStore};
+
+/// Longest pause between two looks at a file another caller is completing.
+const COMPLETE_POLL_MAX: Duration = Duration::from_millis(250);
+/// Completes of one file that may wait on this replica at once; more answer 409 at once.
+/// With [`COMPLETE_POLL_MAX`] this bounds the store calls the waiters of one file make.
+const MAX_WAITERS_PER_FILE: usize = 64;
+
+/// The completes of this replica waiting on another caller's completion, per file.
+#[derive(Debug, Default)]
+pub struct Waiters(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl Waiters {
+    /// A place among the waiters of `file_id`, or `None` when [`MAX_WAITERS_PER_FILE`]
+    /// wait already. The place is given back when the guard drops (a cancelled request
+    /// included); a file nobody waits on has no entry.
+    fn join(self: &Arc<Self>, file_id: &str) -> Option<WaiterGuard> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(file_id.to_owned()).or_insert(0);
+        if *n >= MAX_WAITERS_PER_FILE {
+            return None;
+        }
+        *n += 1;
+        Some(WaiterGuard {
+            waiters: self.clone(),
+            file_id: file_id.to_owned(),
+        })
+    }
+
+    /// Files with waiters right now.
+    pub fn files(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+}
+
+struct WaiterGuard {
+    waiters: Arc<Waiters>,
+    file_id: String,
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        let mut map = self
+            .waiters
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.file_id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.file_id);
+            }
+        }
+    }
+}
+
+/// A held completion lease. While it lives, a task renews it every `renew`; it stops when
+/// the lease is lost (taken over, file aborted). Dropped without [`Lease::finished`] (an
+/// error, or the request's future cancelled: an HTTP/2 reset, the end of the shutdown
+/// grace), it gives the lease back in the background, so the file is completable again at
+/// once instead of when the lease runs out.
+struct Lease {
+    store: Arc<dyn SessionStore>,
+    ids: Arc<(String, String, String, String)>,
+    renewer: tokio::task::JoinHandle<()>,
+    armed: bool,
+}
+
+impl Lease {
+    fn hold(
+        store: Arc<dyn SessionStore>,
+        ids: (String, String, String, String),
+        lease: Duration,
+        renew: Duration,
+    ) -> Lease {
+        let ids = Arc::new(ids);
+        let renewer = tokio::spawn({
+            let store = store.clone();
+            let ids = ids.clone();
+            async move {
+                let (tenant, session, file, token) = &*ids;
+                loop {
+                    tokio::time::sleep(renew).await;
+                    match store
+                        .renew_complete(tenant, session, file, token, ms(lease), now_ms())
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(file_id = %file, "completion lease lost while storage was completing");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(file_id = %file, error = %e, "renewing the completion lease failed; trying again")
+                        }
+                    }
+                }
+            }
+        });
+        Lease {
+            store,
+            ids,
+            renewer,
+            armed: true,
+        }
+    }
+
+    /// Storage is done: stop renewing; the store call that follows settles the lease.
+    fn finished(mut self) {
+        self.renewer.abort();
+        self.armed = false;
+    }
+
+    /// Gives the lease back now (the completion failed; the next attempt may start at once).
+    async fn release(mut self) {
+        self.renewer.abort();
+        self.armed = false;
+        let (tenant, session, file, token) = &*self.ids;
+        if let Err(e) = self
+            .store
+            .release_complete(tenant, session, file, token)
+            .await
+        {
+            tracing::warn!(error = %e, "releasing the completion lease failed; it runs out by itself");
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        if !self.armed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.store.clone();
+        let ids = self.ids.clone();
+        rt.spawn(async move {
+            let (tenant, session, file, token) = &*ids;
+            match store.release_complete(tenant, session, file, token).await {
+                Ok(()) => tracing::info!(file_id = %file, "completion cancelled: lease given back"),
+                Err(e) => {
+                    tracing::warn!(file_id = %file, error = %e, "giving back a cancelled completion's lease failed; it runs out by itself")
+                }
+            }
+        });
+    }
+}
+
+impl Uploads {
+    /// Completes a file (`body` is the request's JSON: an optional client part list).
+    ///
+    /// Idempotent: a completed file is answered with its stored result. Concurrent callers:
+    /// one takes the lease and completes in storage; the others wait up to
+    /// [`super::Timing::complete_wait`] for its result, then get 409 `requestInProgress`.
+    pub async fn complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        body: &serde_json::Value,
+    ) -> Result<FileRecord, AppError> {
+        let token = crate::api::new_id();
+        let deadline = tokio::time::Instant::now() + self.timing.complete_wait;
+        let mut backoff = Duration::from_millis(5);
+        let mut waiting: Option<WaiterGuard> = None;
+        let mut waited = false;
+        loop {
+            let now = now_ms();
+            let gate = self
+                .store
+                .begin_complete(
+                    tenant,
+                    session_id,
+                    file_id,
+                    &token,
+                    ms(self.timing.complete_lease),
+                    now,
+                )
+                .await?;
+            match open_gate(gate, tenant, now)? {
+                BeginComplete::AlreadyCompleted(f) => {
+                    if !waited {
+                        // Nothing was waited for: a repeated complete, not a concurrent one.
+                        tracing::warn!(file_url = ?f.file_url, "file already completed: answering the idempotent re-completion with the stored result");
+                    }
+                    return Ok(f);
+                }
+                BeginComplete::Aborted => return Err(AppError::FileNotActive("aborted")),
+                BeginComplete::InProgress => {
+                    waited = true;
+                    if waiting.is_none() {
+                        waiting = Some(
+                            self.waiters
+                                .join(file_id)
+                                .ok_or(AppError::CompletionInProgress)?,
+                        );
+                    }
+                    if tokio::time::Instant::now() + backoff > deadline {
+                        return Err(AppError::CompletionInProgress);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(COMPLETE_POLL_MAX);
+                }
+                BeginComplete::Acquired(file, recorded) => {
+                    // The holder is no longer a waiter: its place goes to another caller.
+                    waiting = None;
+                    let lease = Lease::hold(
+                        self.store.clone(),
+                        (
+                            tenant.to_owned(),
+                            session_id.to_owned(),
+                            file_id.to_owned(),
+                            token.clone(),
+                        ),
+                        self.timing.complete_lease,
+                        self.timing.complete_renew,
+                    );
+                    let result = match crate::validate::complete_parts(body, file.part_count) {
+                        Ok(client) => {
+                            self.complete_in_storage(tenant, &file, recorded, client)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let etag = match result {
+                        Ok(etag) => etag,
+                        Err(e) => {
+                            lease.release().await;
+                            return Err(e);
+                        }
+                    };
+                    lease.finished();
+                    let url = self.storage.file_url(&file.object_key);
+                    // A failure here leaves the file `completing` until the lease runs out;
+                    // the object is whole, and the next complete finds it (below).
+                    let finished = self
+                        .store
+                        .finish_complete(tenant, session_id, file_id, &token, &url, &etag)
+                        .await?;
+                    match open_gate(finished, tenant, now)? {
+                        Some(f) => {
+                            self.metrics.files_completed.inc();
+                            tracing::info!(file_url = %url, "file completed");
+                            return Ok(f);
+                        }
+                        // Our lease ran out and someone else took over: their result stands.
+                        None => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The storage side of completion, run by the one caller holding the lease.
+    async fn complete_in_storage(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        recorded: Vec<PartRecord>,
+        client: Option<Vec<crate::validate::ClientPart>>,
+    ) -> Result<String, AppError> {
+        if file.upload_id.is_none() && file.size_bytes > 0 {
+            // Not one byte was sent: no storage upload to create just to refuse it.
+            return Err(AppError::PartsMissing((1..=file.part_count).collect()));
+        }
+        let upload_id = self.open_upload(tenant, file).await?;
+        let mut recorded = recorded;
+        // A zero-byte file has one empty part; create it if the client did not bother.
+        if file.size_bytes == 0 && client.is_none() && recorded.is_empty() {
+            let body = PartBody {
+                stream: Box::pin(futures_util::stream::empty()),
+                len: 0,
+            };
+            let etag = self
+                .storage
+                .put_part(&file.object_key, &upload_id, 1, body, None)
+                .await?;
+            recorded.push(PartRecord {
+                part_number: 1,
+                etag,
+                size_bytes: 0,
+            });
+        }
+        let parts = self
+            .parts_to_complete(file, &upload_id, client, recorded)
+            .await?;
+        match self
+            .storage
+            .complete_upload(&file.object_key, &upload_id, &parts)
+            .await
+        {
+            Ok(etag) => Ok(etag),
+            // Storage already completed this upload (an earlier holder stopped before
+            // recording it): the object there stands if it is this file's, by its size.
+            Err(StorageError::NoSuchUpload) => {
+                match self.storage.head_object(&file.object_key).await? {
+                    Some(info) if info.size == file.size_bytes => Ok(info.etag),
+                    Some(info) => {
+                        tracing::warn!(
+                            object_size = info.size,
+                            size_bytes = file.size_bytes,
+                            "the upload is gone and the object at the key is not this file's"
+                        );
+                        Err(AppError::FileNotActive("aborted"))
+                    }
+                    None => Err(AppError::FileNotActive("aborted")),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The parts to complete with, checked against the part-size rule.
+    ///
+    /// Which parts: the client's list (presigned uploads), or the parts the gateway
+    /// recorded, topped up from storage's part list (parts PUT through presigned URLs
+    /// bypass the gateway).
+    ///
+    /// Their sizes: every part must have the length the part-size rule gives it, which also
+    /// makes them add up to `sizeBytes` (`../shared/API.md` v1.1), so a presigned or
+    /// client-listed part of another size is refused with 400 `partSizeMismatch` before
+    /// storage assembles anything. A size comes from the recorded part when its ETag
+    /// matches (checked when it was PUT through the gateway), else from storage's part
+    /// list; storage is listed at most once, and only when some part did not come through
+    /// the gateway. If the upload is gone from storage, unknown sizes are left to
+    /// `complete_upload`, which then finds the object or reports the upload aborted.
+    async fn parts_to_complete(
+        &self,
+        file: &FileRecord,
+        upload_id: &str,
+        client: Option<Vec<crate::validate::ClientPart>>,
+        recorded: Vec<PartRecord>,
+    ) -> Result<Vec<(u32, String)>, AppError> {
+        let same_etag = |a: &str, b: &str| a.trim_matches('"') == b.trim_matches('"');
+        let mut known: BTreeMap<u32, PartRecord> =
+            recorded.into_iter().map(|p| (p.part_number, p)).collect();
+        let needs_listing = match &client {
+            Some(list) => list.iter().any(|c| {
+                known
+                    .get(&c.part_number)
+                    .is_none_or(|k| !same_etag(&k.etag, &c.etag))
+            }),
+            None => known.len() < file.part_count as usize,
+        };
+        let mut listed = BTreeMap::new();
+        let mut upload_gone = false;
+        if needs_listing {
+            match self.storage.list_parts(&file.object_key, upload_id).await {
+                Ok(parts) => listed = parts.into_iter().map(|p| (p.part_number, p)).collect(),
+                Err(StorageError::NoSuchUpload) => upload_gone = true,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // (number, ETag, size when known)
+        let chosen: Vec<(u32, String, Option<u64>)> = match client {
+            Some(list) => list
+                .into_iter()
+                .map(|c| {
+                    let size = known
+                        .get(&c.part_number)
+                        .filter(|k| same_etag(&k.etag, &c.etag))
+                        .or_else(|| listed.get(&c.part_number))
+                        .map(|p| p.size_bytes);
+                    (c.part_number, c.etag, size)
+                })
+                .collect(),
+            None => {
+                for (n, p) in listed {
+                    known.entry(n).or_insert(p);
+                }
+                // Parts past the file's last (none can be uploaded or presigned) never join.
+                known
+                    .into_values()
+                    .filter(|p| p.part_number <= file.part_count)
+                    .map(|p| (p.part_number, p.etag, Some(p.size_bytes)))
+                    .collect()
+            }
+        };
+        let present: std::collections::BTreeSet<u32> = chosen.iter().map(|(n, _, _)| *n).collect();
+        let mut missing: Vec<u32> = (1..=file.part_count)
+            .filter(|n| !present.contains(n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(AppError::PartsMissing(missing));
+        }
+        for (n, _, size) in &chosen {
+            let expected = expected_part_len(file.size_bytes, file.part_size_bytes, *n)
+                .ok_or_else(|| AppError::Internal(format!("part {n} out of range")))?;
+            match size {
+                None if upload_gone => {}
+                None => missing.push(*n),
+                Some(actual) if *actual != expected => {
+                    return Err(AppError::PartSizeMismatch {
+                        part_number: *n,
+                        expected,
+                        actual: *actual,
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        if !missing.is_empty() {
+            return Err(AppError::PartsMissing(missing));
+        }
+        Ok(chosen.into_iter().map(|(n, etag, _)| (n, etag)).collect())
+    }
+}

@@ -1,0 +1,87 @@
+//! The reaper's pass: for every session the store's index says is due, abort the open
+//! uploads of an expired session, do the storage cleanups deleted files queued, and tell
+//! the index when to look again.
+
+use super::{log_expiration, ms, Uploads};
+use crate::model::now_ms;
+use crate::store::StoreError;
+
+/// Lease on a claimed session: long enough to clean a session's files.
+const CLAIM_LEASE_MS: i64 = 60_000;
+/// Sessions claimed per store call.
+const BATCH: usize = 100;
+
+impl Uploads {
+    /// One pass: claims and reaps due sessions until none are left; returns how many
+    /// expired sessions it finished (nothing left in storage, out of the index).
+    pub async fn reap_pass(&self) -> Result<usize, StoreError> {
+        let mut reaped = 0;
+        loop {
+            let now = now_ms();
+            let claimed_until = now.saturating_add(CLAIM_LEASE_MS);
+            let due = self.store.claim_expired(now, CLAIM_LEASE_MS, BATCH).await?;
+            if due.is_empty() {
+                return Ok(reaped);
+            }
+            for (tenant, session_id) in due {
+                let span = tracing::info_span!("reap", tenant = %tenant, session_id = %session_id);
+                let _enter = span.enter();
+                if self
+                    .reap_session(&tenant, &session_id, now, claimed_until)
+                    .await?
+                {
+                    reaped += 1;
+                }
+            }
+        }
+    }
+
+    /// Reaps one claimed session; true when it is finished with.
+    async fn reap_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now: i64,
+        claimed_until: i64,
+    ) -> Result<bool, StoreError> {
+        let Some(r) = self.store.reap(tenant, session_id, now).await? else {
+            // Gone (retention passed, or an index entry written before a session that was
+            // never created).
+            self.store
+                .reap_done(tenant, session_id, claimed_until, None)
+                .await?;
+            return Ok(false);
+        };
+        if r.first_observation {
+            log_expiration(&r.session, tenant, now, "reaper");
+            self.metrics.sessions_expired.inc();
+        }
+        let aborted = self.clean(&r.open_uploads).await;
+        self.metrics.uploads_reaped.add(aborted.len() as u64);
+        let cleaned = self.clean(&r.cleanup).await;
+        self.store
+            .cleanup_done(tenant, session_id, &cleaned)
+            .await?;
+        let left = r.open_uploads.len() - aborted.len() + r.cleanup.len() - cleaned.len();
+        let expired = r.session.is_past_expiry(now);
+        let next = if left > 0 {
+            Some(now.saturating_add(ms(self.timing.cleanup_retry)))
+        } else if let Some(until) = r.busy_until {
+            // A completion in flight: look again when its lease can have run out.
+            Some(until.max(now.saturating_add(1)))
+        } else if expired {
+            None
+        } else {
+            // Only queued cleanups brought it here early: back to its expiry.
+            Some(r.session.expires_at.saturating_mul(1000))
+        };
+        self.store
+            .reap_done(tenant, session_id, claimed_until, next)
+            .await?;
+        if next.is_none() {
+            self.metrics.sessions_reaped.inc();
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
