@@ -118,6 +118,18 @@ impl Gateway {
         }
     }
 
+    /// Runs the upload protocol on other clocks (tests shorten the completion lease and the
+    /// cleanup retry).
+    pub fn with_timing(mut self, timing: uploads::Timing) -> Gateway {
+        self.state.uploads = Arc::new(uploads::Uploads::new(
+            self.state.store.clone(),
+            self.state.storage.clone(),
+            self.state.metrics.clone(),
+            timing,
+        ));
+        self
+    }
+
     /// Keeps the rate-limit and idempotency state in Redis (shared by all replicas).
     pub fn with_redis_layers(mut self, handle: Option<store::redis::RedisHandle>) -> Gateway {
         if handle.is_some() {

@@ -207,6 +207,13 @@ impl S3Store {
         }
     }
 
+    /// The same store with other deadlines for the calls that set their own (parts and
+    /// completion; tests shorten them).
+    pub fn with_timeouts(mut self, timeouts: S3Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
     /// The underlying client.
     pub fn client(&self) -> &Client {
         &self.client

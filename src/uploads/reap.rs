@@ -16,10 +16,17 @@ impl Uploads {
     /// expired sessions it finished (nothing left in storage, out of the index).
     pub async fn reap_pass(&self) -> Result<usize, StoreError> {
         let mut reaped = 0;
+        // Claims take what was due when the pass started: a session this pass reschedules
+        // (a cleanup storage refused, retried after `cleanup_retry`) waits for the next pass
+        // instead of keeping this one busy for as long as storage is down.
+        let started = now_ms();
+        let claimed_until = started.saturating_add(CLAIM_LEASE_MS);
         loop {
+            let due = self
+                .store
+                .claim_expired(started, CLAIM_LEASE_MS, BATCH)
+                .await?;
             let now = now_ms();
-            let claimed_until = now.saturating_add(CLAIM_LEASE_MS);
-            let due = self.store.claim_expired(now, CLAIM_LEASE_MS, BATCH).await?;
             if due.is_empty() {
                 return Ok(reaped);
             }

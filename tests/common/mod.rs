@@ -99,6 +99,9 @@ pub struct CountingStorage {
     pub aborts: AtomicUsize,
     /// While true, `complete_upload` waits (a storage completion that stalls).
     pub hold_completes: tokio::sync::watch::Sender<bool>,
+    /// While true, `read_head` waits (finalize's content check stalls).
+    pub hold_reads: tokio::sync::watch::Sender<bool>,
+    pub reads: AtomicUsize,
 }
 
 impl CountingStorage {
@@ -108,6 +111,8 @@ impl CountingStorage {
             completes: AtomicUsize::new(0),
             aborts: AtomicUsize::new(0),
             hold_completes: tokio::sync::watch::channel(false).0,
+            hold_reads: tokio::sync::watch::channel(false).0,
+            reads: AtomicUsize::new(0),
         })
     }
 }
@@ -158,6 +163,9 @@ impl ObjectStore for CountingStorage {
         self.inner.head_object(key).await
     }
     async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let mut held = self.hold_reads.subscribe();
+        let _ = held.wait_for(|held| !*held).await;
         self.inner.read_head(key, n).await
     }
     async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
@@ -213,6 +221,20 @@ impl TestGateway {
         keep: Option<tempfile::TempDir>,
     ) -> TestGateway {
         let gw = upgate::Gateway::with_backends(config, store, counting.clone());
+        Self::serve(gw, counting, dir, keep).await
+    }
+
+    /// As [`TestGateway::start_with`], with the upload protocol on `timing`'s clocks.
+    pub async fn start_timed(
+        config: Config,
+        store: Arc<dyn SessionStore>,
+        counting: Arc<CountingStorage>,
+        dir: std::path::PathBuf,
+        keep: Option<tempfile::TempDir>,
+        timing: upgate::uploads::Timing,
+    ) -> TestGateway {
+        let gw =
+            upgate::Gateway::with_backends(config, store, counting.clone()).with_timing(timing);
         Self::serve(gw, counting, dir, keep).await
     }
 

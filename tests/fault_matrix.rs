@@ -1,0 +1,471 @@
+//! The fault matrix of issue 11: for each step of register, part, complete, delete (file and
+//! session), finalize and reap, Redis or S3 fails at that step: refused, stalled past the
+//! timeout, or cut mid-stream, through the testkit's fault proxy. Every client answer is a
+//! success or a retryable 503 with `Retry-After`; once the fault is gone, the step's retry
+//! succeeds, and after a reaper pass storage and the store agree:
+//! - no object exists that the store does not show as completed,
+//! - no multipart upload is open for a deleted, expired or aborted file,
+//! - no completed file lacks its object.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use upgate::model::{FileStatus, SessionStatus};
+use upgate::store::Gate;
+use upgate::uploads::Timing;
+use upgate_testkit::fault::{Fault, FaultProxy};
+use upgate_testkit::s3::S3Server;
+use upgate_testkit::RedisServer;
+
+const S3_PREFIX: &str = "pfx";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    Redis,
+    S3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    Register,
+    Part,
+    Complete,
+    DeleteFile,
+    DeleteSession,
+    Finalize,
+    Reap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Refuse,
+    Stall,
+    Cut,
+}
+
+struct Rig {
+    s3: S3Server,
+    _redis: RedisServer,
+    redis_proxy: FaultProxy,
+    s3_proxy: FaultProxy,
+    gw: TestGateway,
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        let s3 = S3Server::start("uploads");
+        let redis = RedisServer::start();
+        let redis_proxy =
+            FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().expect("addr")).await;
+        let s3_proxy = FaultProxy::start(s3.addr()).await;
+        let conf = s3
+            .client_config()
+            .endpoint_url(format!("http://{}", s3_proxy.addr()))
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(1))
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(1))
+                    .operation_timeout(Duration::from_secs(2))
+                    .build(),
+            )
+            .build();
+        let storage = upgate::storage::s3::S3Store::from_client(
+            aws_sdk_s3::Client::from_conf(conf),
+            s3.bucket(),
+            S3_PREFIX,
+        )
+        .with_timeouts(short_s3_timeouts());
+        let mut cfg = config("redis_timeout_ms = 500\n");
+        cfg.redis = Some(upgate::config::RedisTarget::Single(format!(
+            "redis://{}",
+            redis_proxy.addr()
+        )));
+        let store = upgate::build_store(&cfg).await.expect("store");
+        let gw = TestGateway::start_timed(
+            cfg,
+            store,
+            CountingStorage::new(Arc::new(storage)),
+            std::env::temp_dir(),
+            None,
+            Timing {
+                cleanup_retry: Duration::from_millis(100),
+                complete_lease: Duration::from_secs(3),
+                complete_renew: Duration::from_secs(1),
+                ..Timing::default()
+            },
+        )
+        .await;
+        Rig {
+            s3,
+            _redis: redis,
+            redis_proxy,
+            s3_proxy,
+            gw,
+        }
+    }
+
+    fn fault(&self, target: Target, kind: Kind, step: Step) {
+        let fault = match (kind, target, step) {
+            (Kind::Refuse, ..) => Fault::Refuse,
+            (Kind::Stall, ..) => Fault::Stall,
+            (Kind::Cut, Target::Redis, _) => Fault::CutResponseAfter(3),
+            (Kind::Cut, Target::S3, Step::Part) => Fault::CutRequestAfter(600),
+            (Kind::Cut, Target::S3, _) => Fault::CutResponseAfter(20),
+        };
+        match target {
+            Target::Redis => self.redis_proxy.set(fault),
+            Target::S3 => self.s3_proxy.set(fault),
+        }
+    }
+
+    fn heal(&self) {
+        self.redis_proxy.set(Fault::Pass);
+        self.s3_proxy.set(Fault::Pass);
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<Value>) -> (u16, bool, Value) {
+        let mut req = self.gw.req(method, path, KEY_A);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("send");
+        let status = res.status().as_u16();
+        let retry_after = res.headers().contains_key("retry-after");
+        let body = res.json::<Value>().await.unwrap_or(Value::Null);
+        (status, retry_after, body)
+    }
+
+    async fn put(&self, s: &str, f: &str, bytes: Vec<u8>) -> (u16, bool, Value) {
+        let res = self.gw.put_part(KEY_A, s, f, 1, bytes).await;
+        let status = res.status().as_u16();
+        let retry_after = res.headers().contains_key("retry-after");
+        (
+            status,
+            retry_after,
+            res.json::<Value>().await.unwrap_or(Value::Null),
+        )
+    }
+}
+
+const SIZE: usize = 1000;
+
+fn short_s3_timeouts() -> upgate::storage::s3::S3Timeouts {
+    upgate::storage::s3::S3Timeouts {
+        connect: Duration::from_secs(1),
+        attempt: Duration::from_secs(2),
+        operation: Duration::from_secs(2),
+        complete: Duration::from_secs(3),
+        part_base: Duration::from_secs(2),
+        part_min_rate: 256 * 1024,
+    }
+}
+
+/// The state a step starts from: a session, and for the later steps a file at the stage
+/// the step needs.
+struct Case {
+    session: String,
+    file: Option<String>,
+}
+
+async fn prepare(rig: &Rig, step: Step) -> Case {
+    let ttl = if step == Step::Reap { 3 } else { 1800 };
+    let created = std::time::Instant::now();
+    let (status, _, s) = rig
+        .send(
+            Method::POST,
+            "/v1/sessions",
+            Some(json!({"ttlSeconds": ttl})),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+    let session = s["sessionId"].as_str().expect("id").to_owned();
+    if step == Step::Register {
+        return Case {
+            session,
+            file: None,
+        };
+    }
+    let (status, _, f) = rig
+        .send(
+            Method::POST,
+            &format!("/v1/sessions/{session}/files"),
+            Some(json!({"fileName": "f.bin", "sizeBytes": SIZE, "contentType": "application/octet-stream"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{f}");
+    let file = f["fileId"].as_str().expect("id").to_owned();
+    if step != Step::Part {
+        assert_eq!(rig.put(&session, &file, vec![9; SIZE]).await.0, 200);
+    }
+    if matches!(step, Step::DeleteFile | Step::Finalize) {
+        assert_eq!(rig.gw.complete(KEY_A, &session, &file).await.status(), 200);
+    }
+    if step == Step::DeleteSession {
+        // One completed file and one open upload.
+        assert_eq!(rig.gw.complete(KEY_A, &session, &file).await.status(), 200);
+        let (_, _, g) = rig
+            .send(
+                Method::POST,
+                &format!("/v1/sessions/{session}/files"),
+                Some(json!({"fileName": "open.bin", "sizeBytes": SIZE})),
+            )
+            .await;
+        let open = g["fileId"].as_str().expect("id").to_owned();
+        assert_eq!(rig.put(&session, &open, vec![8; SIZE]).await.0, 200);
+    }
+    if step == Step::Reap {
+        let expiry = created + Duration::from_millis(3_100);
+        assert!(
+            std::time::Instant::now() < expiry,
+            "preparing took longer than the TTL"
+        );
+        tokio::time::sleep_until(expiry.into()).await;
+    }
+    Case {
+        session,
+        file: Some(file),
+    }
+}
+
+/// Runs the step once; `Ok` on success, `Err(retryable)` otherwise.
+async fn run_step(rig: &Rig, step: Step, case: &Case, attempt: usize) -> Result<(), bool> {
+    let s = &case.session;
+    let f = case.file.as_deref().unwrap_or("");
+    let (status, retry_after, body) = match step {
+        Step::Register => {
+            rig.send(
+                Method::POST,
+                &format!("/v1/sessions/{s}/files"),
+                Some(json!({"fileName": "r.bin", "sizeBytes": SIZE})),
+            )
+            .await
+        }
+        Step::Part => rig.put(s, f, vec![7; SIZE]).await,
+        Step::Complete => {
+            rig.send(
+                Method::POST,
+                &format!("/v1/sessions/{s}/files/{f}/complete"),
+                Some(json!({})),
+            )
+            .await
+        }
+        Step::DeleteFile => {
+            rig.send(Method::DELETE, &format!("/v1/sessions/{s}/files/{f}"), None)
+                .await
+        }
+        Step::DeleteSession => {
+            rig.send(Method::DELETE, &format!("/v1/sessions/{s}"), None)
+                .await
+        }
+        Step::Finalize => {
+            rig.send(Method::POST, &format!("/v1/sessions/{s}/finalize"), None)
+                .await
+        }
+        Step::Reap => {
+            return rig
+                .gw
+                .state
+                .uploads
+                .reap_pass()
+                .await
+                .map(drop)
+                .map_err(|_| true);
+        }
+    };
+    let done = match (step, status) {
+        (_, 200..=299) => true,
+        // A registration whose reply was lost ran: its retry finds the key taken.
+        (Step::Register, 409) if attempt > 0 && body["code"] == "duplicateFileKey" => true,
+        // A finalize whose reply was lost ran.
+        (Step::Finalize, 409) if attempt > 0 && body["sessionStatus"] == "finalized" => true,
+        _ => false,
+    };
+    if done {
+        return Ok(());
+    }
+    assert!(
+        status == 503 && retry_after,
+        "{step:?}: not a retryable answer: {status} {body}"
+    );
+    Err(true)
+}
+
+/// Storage and the store agree about the case's session.
+async fn check(rig: &Rig, label: &str, case: &Case) {
+    let now = upgate::model::now_ms();
+    let view = match rig
+        .gw
+        .state
+        .store
+        .get_session("a", &case.session, now)
+        .await
+        .expect("store")
+    {
+        Gate::Ok(v) => Some(v),
+        Gate::Expired(info) => {
+            // Read the files through reap (no gate).
+            let r = rig
+                .gw
+                .state
+                .store
+                .reap("a", &case.session, now)
+                .await
+                .expect("reap");
+            let _ = info;
+            r.map(|r| upgate::store::SessionView {
+                session: r.session,
+                files: Vec::new(),
+            })
+        }
+        other => panic!("{label}: {other:?}"),
+    };
+    let view = view.expect("session");
+    let expired = view.session.status == SessionStatus::Expired;
+    let files: HashMap<String, (FileStatus, bool)> = view
+        .files
+        .iter()
+        .map(|f| {
+            (
+                f.object_key.clone(),
+                (f.status, view.session.status == SessionStatus::Active),
+            )
+        })
+        .collect();
+    let prefix = format!("{S3_PREFIX}/a/{}/", case.session);
+    let client = rig.s3.client();
+    let objects = client
+        .list_objects_v2()
+        .bucket(rig.s3.bucket())
+        .prefix(&prefix)
+        .send()
+        .await
+        .expect("ListObjectsV2");
+    let object_keys: Vec<String> = objects
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .collect();
+    for key in &object_keys {
+        let status = files.get(key).map(|(s, _)| *s);
+        assert!(
+            expired || status == Some(FileStatus::Completed),
+            "{label}: object {key} but the store says {status:?}"
+        );
+    }
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(rig.s3.bucket())
+        .prefix(&prefix)
+        .send()
+        .await
+        .expect("ListMultipartUploads");
+    for u in uploads.uploads() {
+        let key = u.key().unwrap_or_default();
+        let live = files.get(key).is_some_and(|(s, active)| {
+            *active && matches!(s, FileStatus::Registered | FileStatus::Completing)
+        });
+        assert!(
+            live && !expired,
+            "{label}: upload open for {key} ({:?})",
+            files.get(key)
+        );
+    }
+    for (key, (status, _)) in &files {
+        if *status == FileStatus::Completed && view.session.status != SessionStatus::Aborted {
+            assert!(
+                object_keys.contains(key),
+                "{label}: completed file {key} has no object"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_step_survives_every_fault() {
+    let rig = Rig::start().await;
+    let steps = [
+        Step::Register,
+        Step::Part,
+        Step::Complete,
+        Step::DeleteFile,
+        Step::DeleteSession,
+        Step::Finalize,
+        Step::Reap,
+    ];
+    let mut cases = 0;
+    let mut faulted = 0;
+    for target in [Target::Redis, Target::S3] {
+        for step in steps {
+            for kind in [Kind::Refuse, Kind::Stall, Kind::Cut] {
+                let label = format!("{target:?}/{step:?}/{kind:?}");
+                if std::env::var("MATRIX_ONLY").is_ok_and(|only| !label.contains(&only)) {
+                    continue;
+                }
+                let case = prepare(&rig, step).await;
+                rig.fault(target, kind, step);
+                let first = match tokio::time::timeout(
+                    Duration::from_secs(15),
+                    run_step(&rig, step, &case, 0),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let buf = logs().lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        let text = String::from_utf8_lossy(&buf);
+                        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                        panic!(
+                            "{label}: hung; last logs:\n{}",
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        );
+                    }
+                };
+                rig.heal();
+                let first_failed = first.is_err();
+                // Registration never touches storage; a DELETE with storage down queues the
+                // cleanup and answers 204; the reaper reschedules what storage refused.
+                let reaches_client = target == Target::Redis
+                    || matches!(step, Step::Part | Step::Complete | Step::Finalize);
+                assert_eq!(first_failed, reaches_client, "{label}: {first:?}");
+                if first_failed {
+                    faulted += 1;
+                }
+                let mut attempt = 1;
+                let mut outcome = first;
+                while outcome.is_err() {
+                    assert!(attempt < 20, "{label}: the retry never succeeded");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    outcome = run_step(&rig, step, &case, attempt).await;
+                    attempt += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let mut passes = 0;
+                while rig.gw.state.uploads.reap_pass().await.is_err() {
+                    passes += 1;
+                    assert!(passes < 20, "{label}: the reaper never recovered");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                eprintln!(
+                    "  first answer faulted: {}, attempts: {attempt}",
+                    first_failed
+                );
+                check(&rig, &label, &case).await;
+                cases += 1;
+            }
+        }
+    }
+    println!("{cases} cases, {faulted} saw the fault as a retryable error");
+    if std::env::var("MATRIX_ONLY").is_err() {
+        assert_eq!(cases, 42);
+    }
+    assert!(
+        faulted >= 30,
+        "most faults must reach the client: {faulted}"
+    );
+}
