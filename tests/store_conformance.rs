@@ -1678,6 +1678,7 @@ fn redis_store(handle: RedisHandle, prefix: String) -> RedisStore {
             key_prefix: prefix,
             retention: RETENTION,
             command_timeout: Duration::from_secs(5),
+            strict_keys: true,
         },
     )
     .expect("redis store")
@@ -1907,6 +1908,7 @@ async fn redis_outage_errors_fast_and_recovers() {
                 key_prefix: unique_prefix(),
                 retention: RETENTION,
                 command_timeout: timeout,
+                strict_keys: true,
             },
         )
         .unwrap(),
@@ -1953,6 +1955,7 @@ async fn redis_hung_server_times_out() {
                 key_prefix: unique_prefix(),
                 retention: RETENTION,
                 command_timeout: timeout,
+                strict_keys: true,
             },
         )
         .unwrap(),

@@ -84,8 +84,54 @@ pub enum RedisHandle {
     /// serves any number of concurrent calls and is reconnected in the background when it
     /// drops.
     Single(ConnectionManager),
-    /// A Redis Cluster.
-    Cluster(deadpool_redis::cluster::Pool),
+    /// A Redis Cluster: a small pool of multiplexed cluster connections.
+    Cluster(ClusterPool),
+}
+
+/// The pool of Redis Cluster connections.
+pub type ClusterPool = deadpool::managed::Pool<ClusterManager>;
+
+/// Creates and checks Redis Cluster connections for the pool, with a connect and a
+/// response timeout on every node connection (deadpool-redis's own cluster manager sets
+/// neither, so a node that accepts a connection and never answers held a call until the
+/// store's outer timeout, and the connection stayed in the pool afterwards).
+pub struct ClusterManager {
+    client: redis::cluster::ClusterClient,
+    pings: std::sync::atomic::AtomicUsize,
+}
+
+impl fmt::Debug for ClusterManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterManager").finish_non_exhaustive()
+    }
+}
+
+impl deadpool::managed::Manager for ClusterManager {
+    type Type = redis::cluster_async::ClusterConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<Self::Type, RedisError> {
+        self.client.get_async_connection().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut Self::Type,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<RedisError> {
+        let n = self
+            .pings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
+        let echoed: String = redis::cmd("PING").arg(&n).query_async(conn).await?;
+        if echoed == n {
+            Ok(())
+        } else {
+            Err(deadpool::managed::RecycleError::message(
+                "unexpected PING reply",
+            ))
+        }
+    }
 }
 
 impl fmt::Debug for RedisHandle {
@@ -148,10 +194,16 @@ impl RedisHandle {
         if urls.is_empty() {
             return Err(StoreError::new("redis cluster: no node URLs"));
         }
-        let manager =
-            deadpool_redis::cluster::Manager::new(urls.iter().map(String::as_str).collect(), false)
-                .map_err(StoreError::new)?;
-        let pool = deadpool_redis::cluster::Pool::builder(manager)
+        let client = redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            .connection_timeout(opts.timeout)
+            .response_timeout(opts.timeout)
+            .build()
+            .map_err(StoreError::new)?;
+        let manager = ClusterManager {
+            client,
+            pings: std::sync::atomic::AtomicUsize::new(0),
+        };
+        let pool = ClusterPool::builder(manager)
             .max_size(opts.max_size.max(1))
             .timeouts(pool_timeouts(opts.timeout))
             .runtime(Runtime::Tokio1)
@@ -166,9 +218,9 @@ impl RedisHandle {
     }
 }
 
-fn cluster_pool_error(e: deadpool_redis::cluster::PoolError) -> RedisError {
+fn cluster_pool_error(e: deadpool::managed::PoolError<RedisError>) -> RedisError {
     match e {
-        deadpool_redis::cluster::PoolError::Backend(e) => e,
+        deadpool::managed::PoolError::Backend(e) => e,
         other => RedisError::from((ErrorKind::Io, "redis cluster pool", other.to_string())),
     }
 }
@@ -221,6 +273,10 @@ pub struct RedisStoreOptions {
     pub retention: Duration,
     /// Bound on every store call, pool wait included (default 2 s).
     pub command_timeout: Duration,
+    /// Scripts fail on any key they touch that is not declared in `KEYS` (default false;
+    /// the conformance suite turns it on, so a script that would misbehave during a Redis
+    /// Cluster slot migration fails its tests).
+    pub strict_keys: bool,
 }
 
 impl Default for RedisStoreOptions {
@@ -229,11 +285,20 @@ impl Default for RedisStoreOptions {
             key_prefix: "upgate".to_owned(),
             retention: Duration::from_secs(24 * 3600),
             command_timeout: Duration::from_secs(2),
+            strict_keys: false,
         }
     }
 }
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
+/// Times a session-wide call reads the file list again when registrations keep changing it
+/// between the read and the script.
+const STALE_RETRIES: usize = 5;
+/// How scripts reach Redis: straight through.
+const CALL: &str = "local call = redis.call";
+/// How scripts reach Redis with [`RedisStoreOptions::strict_keys`]: failing on any key not
+/// declared in `KEYS`.
+const CALL_STRICT: &str = include_str!("lua/call_strict.lua");
 
 struct Scripts {
     create: Script,
@@ -256,12 +321,11 @@ struct Scripts {
     reschedule: Script,
 }
 
-fn session_script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}\n{body}"))
-}
-
 impl Scripts {
-    fn new() -> Self {
+    fn new(strict: bool) -> Self {
+        let call = if strict { CALL_STRICT } else { CALL };
+        let session_script = |body: &str| Script::new(&format!("{call}\n{PRELUDE}\n{body}"));
+        let index_script = |body: &str| Script::new(&format!("{call}\n{body}"));
         Scripts {
             create: session_script(include_str!("lua/create.lua")),
             get_session: session_script(include_str!("lua/get_session.lua")),
@@ -277,10 +341,10 @@ impl Scripts {
             abort_session: session_script(include_str!("lua/abort_session.lua")),
             finalize: session_script(include_str!("lua/finalize.lua")),
             reap: session_script(include_str!("lua/reap.lua")),
-            claim: Script::new(include_str!("lua/claim.lua")),
+            claim: index_script(include_str!("lua/claim.lua")),
             cleanup_done: session_script(include_str!("lua/cleanup_done.lua")),
             renew_complete: session_script(include_str!("lua/renew_complete.lua")),
-            reschedule: Script::new(include_str!("lua/reschedule.lua")),
+            reschedule: index_script(include_str!("lua/reschedule.lua")),
         }
     }
 }
@@ -404,6 +468,16 @@ impl<'s> Call<'s> {
         Call { script, cmd }
     }
 
+    /// A call whose keys are only known at run time.
+    fn dynamic<K: ToRedisArgs>(script: &'s Script, keys: &[K]) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len());
+        for k in keys {
+            cmd.arg(k);
+        }
+        Call { script, cmd }
+    }
+
     fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
         self.cmd.arg(arg);
         self
@@ -440,7 +514,7 @@ impl RedisStore {
             prefix: options.key_prefix,
             retention_ms: i64::try_from(options.retention.as_millis()).unwrap_or(i64::MAX),
             timeout: options.command_timeout,
-            scripts: Scripts::new(),
+            scripts: Scripts::new(options.strict_keys),
         })
     }
 
@@ -493,6 +567,59 @@ impl RedisStore {
                 )))
             }
         }
+    }
+
+    /// Runs a session-wide script. Its keys are `fixed` followed by the `f:` key of every
+    /// file of the session (then their `p:` keys with `with_parts`), so that every key it
+    /// touches is declared; ARGV is `now, n (files), extra...`. The file list is read first
+    /// and the script refuses (`stale`) if it changed meanwhile; then it is read again.
+    #[allow(clippy::too_many_arguments)] // one private helper for four scripts
+    async fn session_wide(
+        &self,
+        what: &'static str,
+        k: SessionKeys<'_>,
+        script: &Script,
+        fixed: &[Key<'_>],
+        with_parts: bool,
+        now_ms: i64,
+        extra: &[String],
+    ) -> Result<Value, StoreError> {
+        for _ in 0..STALE_RETRIES {
+            let mut con = self.handle.clone();
+            let files = k.files();
+            let ids: Vec<String> = self
+                .bounded(what, async move {
+                    redis::cmd("LRANGE")
+                        .arg(files)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut con)
+                        .await
+                })
+                .await?;
+            let mut keys: Vec<Key<'_>> = fixed.to_vec();
+            keys.extend(ids.iter().map(|id| k.file(id)));
+            if with_parts {
+                keys.extend(ids.iter().map(|id| k.parts(id)));
+            }
+            let mut inv = Call::dynamic(script, &keys);
+            inv.arg(now_ms).arg(ids.len());
+            for e in extra {
+                inv.arg(e);
+            }
+            let reply = self.invoke(what, &inv).await?;
+            let stale = as_array(&reply)
+                .ok()
+                .and_then(|a| a.first())
+                .and_then(|v| as_str(v).ok())
+                == Some("stale");
+            if !stale {
+                return Ok(reply);
+            }
+        }
+        Err(StoreError::new(format_args!(
+            "redis {what}: the session's file list kept changing"
+        )))
     }
 
     /// Runs a script call (EVALSHA, NOSCRIPT → SCRIPT LOAD + retry) under the timeout.
@@ -872,9 +999,17 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<SessionView>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(&self.scripts.get_session, [k.session(), k.files()]);
-        inv.arg(now_ms);
-        let reply = self.invoke("get_session", &inv).await?;
+        let reply = self
+            .session_wide(
+                "get_session",
+                k,
+                &self.scripts.get_session,
+                &[k.session(), k.files()],
+                false,
+                now_ms,
+                &[],
+            )
+            .await?;
         let rest = payload_or_return!(reply);
         let (session, files) = rest
             .split_first()
@@ -1147,12 +1282,17 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<SessionAborted>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(
-            &self.scripts.abort_session,
-            [k.session(), k.keys(), k.files(), k.cleanup()],
-        );
-        inv.arg(now_ms);
-        let reply = self.invoke("abort_session", &inv).await?;
+        let reply = self
+            .session_wide(
+                "abort_session",
+                k,
+                &self.scripts.abort_session,
+                &[k.session(), k.keys(), k.files(), k.cleanup()],
+                true,
+                now_ms,
+                &[],
+            )
+            .await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
             "busy" => SessionAborted::CompletionInProgress,
@@ -1216,12 +1356,17 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<Finalized>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(&self.scripts.finalize, [k.session(), k.files()]);
-        inv.arg(now_ms);
-        for id in checked {
-            inv.arg(id);
-        }
-        let reply = self.invoke("finalize", &inv).await?;
+        let reply = self
+            .session_wide(
+                "finalize",
+                k,
+                &self.scripts.finalize,
+                &[k.session(), k.files()],
+                false,
+                now_ms,
+                checked,
+            )
+            .await?;
         let rest = payload_or_return!(reply);
         let ids = |v: &Value| -> Result<Vec<String>, StoreError> {
             as_array(v)?
@@ -1269,9 +1414,17 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Option<Reaped>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(&self.scripts.reap, [k.session(), k.files(), k.cleanup()]);
-        inv.arg(now_ms);
-        let reply = self.invoke("reap", &inv).await?;
+        let reply = self
+            .session_wide(
+                "reap",
+                k,
+                &self.scripts.reap,
+                &[k.session(), k.files(), k.cleanup()],
+                false,
+                now_ms,
+                &[],
+            )
+            .await?;
         let arr = as_array(&reply)?;
         let (code, rest) = arr
             .split_first()
@@ -1327,6 +1480,39 @@ impl SessionStore for RedisStore {
 
 #[cfg(test)]
 mod tests {
+    /// The strict `call` the conformance suite runs every script with: a command on a key
+    /// not declared in `KEYS` fails the script (and a declared one works), for one-key
+    /// commands and for the all-keys ones (`DEL`, `EXISTS`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn strict_call_refuses_undeclared_keys() {
+        let server = upgate_testkit::RedisServer::start();
+        let client = redis::Client::open(server.url()).expect("client");
+        let mut con = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let script = |body: &str| Script::new(&format!("{CALL_STRICT}\n{body}"));
+        let ok: String = script("call('SET', KEYS[1], 'v') return call('GET', KEYS[1])")
+            .key("{t}:a")
+            .invoke_async(&mut con)
+            .await
+            .expect("declared keys work");
+        assert_eq!(ok, "v");
+        for body in [
+            "return call('GET', KEYS[1] .. 'x')",
+            "return call('HGET', string.sub(KEYS[1], 1, -2) .. 'f:1', 'status')",
+            "return call('DEL', KEYS[1], '{t}:b')",
+            "return call('EXISTS', KEYS[1], '{t}:b')",
+        ] {
+            let err = script(body)
+                .key("{t}:a")
+                .invoke_async::<redis::Value>(&mut con)
+                .await
+                .expect_err(body);
+            assert!(err.to_string().contains("undeclared key"), "{body}: {err}");
+        }
+    }
+
     use super::*;
 
     /// Every key of a session carries the same `{tenant:session}` hash tag, and the bytes a

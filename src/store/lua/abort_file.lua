@@ -6,26 +6,26 @@
 -- the cleanup can never delete the object of a file registered later under the same key.
 local g = gate(NOW, true)
 if g then return g end
-local f = redis.call('HGETALL', KEYS[3])
+local f = call('HGETALL', KEYS[3])
 if #f == 0 then return {'fnf'} end
-local st = redis.call('HMGET', KEYS[3], 'status', 'file_key', 'upload_id', 'lease_until')
+local st = call('HMGET', KEYS[3], 'status', 'file_key', 'upload_id', 'lease_until')
 if st[1] == 'completing' then
   local lease = tonumber(st[4])
   if lease and lease > NOW then return {'ok', 'busy'} end
 end
 if st[1] == 'aborted' then
-  return {'ok', 'aborted', f, redis.call('HEXISTS', KEYS[4], ARGV[2])}
+  return {'ok', 'aborted', f, call('HEXISTS', KEYS[4], ARGV[2])}
 end
-redis.call('HSET', KEYS[3], 'status', 'aborted')
-redis.call('HDEL', KEYS[3], 'lease_token', 'lease_until')
+call('HSET', KEYS[3], 'status', 'aborted')
+call('HDEL', KEYS[3], 'lease_token', 'lease_until')
 local cleanup = 0
 if st[3] or st[1] == 'completed' then
   cleanup = 1
-  redis.call('HSET', KEYS[4], ARGV[2], st[2] or '')
+  call('HSET', KEYS[4], ARGV[2], st[2] or '')
   keep(KEYS[4])
-  if st[2] then redis.call('HSET', KEYS[2], st[2], '~' .. ARGV[2]) end
+  if st[2] then call('HSET', KEYS[2], st[2], '~' .. ARGV[2]) end
 elseif st[2] then
-  redis.call('HDEL', KEYS[2], st[2])
+  call('HDEL', KEYS[2], st[2])
 end
 release_slot()
 return {'ok', 'aborted', f, cleanup}

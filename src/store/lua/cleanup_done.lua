@@ -2,11 +2,11 @@
 -- Removes the files' cleanup entries and frees the fileKeys they still reserve.
 for i = 2, #ARGV do
   local fid = ARGV[i]
-  local fk = redis.call('HGET', KEYS[3], fid)
+  local fk = call('HGET', KEYS[3], fid)
   if fk then
-    redis.call('HDEL', KEYS[3], fid)
-    if fk ~= '' and redis.call('HGET', KEYS[2], fk) == '~' .. fid then
-      redis.call('HDEL', KEYS[2], fk)
+    call('HDEL', KEYS[3], fid)
+    if fk ~= '' and call('HGET', KEYS[2], fk) == '~' .. fid then
+      call('HDEL', KEYS[2], fk)
     end
   end
 end

@@ -2,6 +2,6 @@
 -- Reply: {'ok', file-fields} | {'fnf'} | gate reply.
 local g = gate(NOW, ARGV[2] == '1')
 if g then return g end
-local f = redis.call('HGETALL', KEYS[2])
+local f = call('HGETALL', KEYS[2])
 if #f == 0 then return {'fnf'} end
 return {'ok', f}

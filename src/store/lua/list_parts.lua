@@ -2,5 +2,5 @@
 -- Reply: {'ok', {part_number, "<size>:<etag>", ...}} | {'fnf'} | gate reply.
 local g = gate(NOW, false)
 if g then return g end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {'fnf'} end
-return {'ok', redis.call('HGETALL', KEYS[3])}
+if call('EXISTS', KEYS[2]) == 0 then return {'fnf'} end
+return {'ok', call('HGETALL', KEYS[3])}

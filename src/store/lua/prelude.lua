@@ -1,30 +1,50 @@
 -- upgate session-store prelude: prepended to every per-session script.
 --
 -- KEYS[1] is always the session hash `<prefix>:{<tenant>:<session>}:s`; every other key
--- of the session shares its hash tag and is derived from BASE, so a script only ever
--- touches one cluster slot. Arithmetic results are never turned back into strings here
--- (Lua 5.1 would print 1.7e+12): values to store come precomputed in ARGV.
+-- of the session shares its hash tag, so a script only ever touches one cluster slot, and
+-- every key a script touches is declared in KEYS, so Redis Cluster redirects (ASK,
+-- TRYAGAIN) a script whose keys are mid-migration instead of running it on missing data.
+-- Scripts call Redis through `call`, which the strict prelude (tests) replaces with one
+-- that fails on any undeclared key. Arithmetic results are never turned back into strings
+-- here (Lua 5.1 would print 1.7e+12): values to store come precomputed in ARGV.
 local SKEY = KEYS[1]
 local BASE = string.sub(SKEY, 1, -2)
 
-local function fkey(fid) return BASE .. 'f:' .. fid end
-local function pkey(fid) return BASE .. 'p:' .. fid end
+-- Session-wide scripts get the `f:` key of every file of the session declared after their
+-- fixed keys, from KEYS[first] on (with `with_parts`, the `p:` keys follow them), their
+-- count in ARGV[2], in the order of the `files` list. The caller read that list just
+-- before; this returns the file ids with their `f:` and `p:` key positions, or nil when the
+-- list changed meanwhile (the caller reads it again).
+local function declared_files(files_key, first, with_parts)
+  local ids = call('LRANGE', files_key, 0, -1)
+  local n = tonumber(ARGV[2])
+  if #ids ~= n then return nil end
+  for i, fid in ipairs(ids) do
+    if KEYS[first + i - 1] ~= BASE .. 'f:' .. fid then return nil end
+    if with_parts and KEYS[first + n + i - 1] ~= BASE .. 'p:' .. fid then return nil end
+  end
+  local out = {}
+  for i, fid in ipairs(ids) do
+    out[i] = {id = fid, f = KEYS[first + i - 1], p = with_parts and KEYS[first + n + i - 1] or nil}
+  end
+  return out
+end
 
 -- Sets the retention deadline `ku` (the session's `keep_until`, ms) on keys this script wrote.
 local function keep_until(ku, ...)
   if not ku then return end
-  for _, key in ipairs({...}) do redis.call('PEXPIREAT', key, ku) end
+  for _, key in ipairs({...}) do call('PEXPIREAT', key, ku) end
 end
 
 -- Sets the session's retention deadline on a key this script wrote.
 local function keep(key)
-  keep_until(redis.call('HGET', SKEY, 'keep_until'), key)
+  keep_until(call('HGET', SKEY, 'keep_until'), key)
 end
 
 -- Saturating decrement of the session's live-file count.
 local function release_slot()
-  local c = tonumber(redis.call('HGET', SKEY, 'file_count'))
-  if c and c > 0 then redis.call('HINCRBY', SKEY, 'file_count', -1) end
+  local c = tonumber(call('HGET', SKEY, 'file_count'))
+  if c and c > 0 then call('HINCRBY', SKEY, 'file_count', -1) end
 end
 
 -- The common gate. Returns nil when the session exists, is not past expiry and (when
@@ -35,17 +55,17 @@ end
 --   {'exp', first(0|1), session-fields}   past expiresAt (first: this call flipped it)
 --   {'na', status}                        not active
 local function gate(now, require_active, ...)
-  local st = redis.call('HMGET', SKEY, 'status', 'expires_at', ...)
+  local st = call('HMGET', SKEY, 'status', 'expires_at', ...)
   if not st[1] then return {'snf'} end
   local exp = tonumber(st[2])
   if not exp then error('upgate: corrupt session (expires_at)') end
   if now >= exp * 1000 then
     local first = 0
     if st[1] == 'active' then
-      redis.call('HSET', SKEY, 'status', 'expired')
+      call('HSET', SKEY, 'status', 'expired')
       first = 1
     end
-    return {'exp', first, redis.call('HGETALL', SKEY)}
+    return {'exp', first, call('HGETALL', SKEY)}
   end
   if require_active and st[1] ~= 'active' then return {'na', st[1]} end
   return nil, st

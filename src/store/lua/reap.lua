@@ -1,36 +1,45 @@
--- reap. KEYS: s, files, c. ARGV: now.
--- Reply: {'none'}
+-- reap. KEYS: s, files, c, f:<id>... (every file, see declared_files). ARGV: now, n.
+-- Reply: {'none'} | {'stale'}
 --      | {'ok', first(0|1), session-fields, busy_until ('' or ms), {open-file-fields...},
 --         {queued-file-fields...}}.
 -- Past expiry, open uploads are those of live files (registered, or completing under a
 -- lease that ran out) with an upload id; a completion still in flight is left alone and
 -- reported in busy_until. Queued cleanups (deleted files) are reported whatever the time.
-local st = redis.call('HMGET', SKEY, 'status', 'expires_at')
+local files = declared_files(KEYS[2], 4, false)
+if not files then return {'stale'} end
+local st = call('HMGET', SKEY, 'status', 'expires_at')
 if not st[1] then return {'none'} end
 local exp = tonumber(st[2])
 if not exp then error('upgate: corrupt session (expires_at)') end
 local past = NOW >= exp * 1000
 local first = 0
 if past and st[1] == 'active' then
-  redis.call('HSET', SKEY, 'status', 'expired')
+  call('HSET', SKEY, 'status', 'expired')
   first = 1
 end
 local open, busy, busy_ms = {}, '', nil
 if past then
-  for _, fid in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-    local fk = fkey(fid)
-    local fs = redis.call('HMGET', fk, 'status', 'upload_id', 'lease_until')
+  for _, file in ipairs(files) do
+    local fk = file.f
+    local fs = call('HMGET', fk, 'status', 'upload_id', 'lease_until')
     local lease = tonumber(fs[3])
     if fs[1] == 'completing' and lease and lease > NOW then
       if not busy_ms or lease < busy_ms then busy, busy_ms = fs[3], lease end
     elseif (fs[1] == 'registered' or fs[1] == 'completing') and fs[2] then
-      open[#open + 1] = redis.call('HGETALL', fk)
+      open[#open + 1] = call('HGETALL', fk)
     end
   end
 end
 local queued = {}
-for _, fid in ipairs(redis.call('HKEYS', KEYS[3])) do
-  local f = redis.call('HGETALL', fkey(fid))
-  if #f > 0 then queued[#queued + 1] = f end
+if call('EXISTS', KEYS[3]) == 1 then
+  local by_id = {}
+  for _, file in ipairs(files) do by_id[file.id] = file.f end
+  for _, fid in ipairs(call('HKEYS', KEYS[3])) do
+    local fk = by_id[fid]
+    if fk then
+      local f = call('HGETALL', fk)
+      if #f > 0 then queued[#queued + 1] = f end
+    end
+  end
 end
-return {'ok', first, redis.call('HGETALL', SKEY), busy, open, queued}
+return {'ok', first, call('HGETALL', SKEY), busy, open, queued}

@@ -3,10 +3,10 @@
 -- file is `registered`.
 local g = gate(NOW, true)
 if g then return g end
-local f = redis.call('HGETALL', KEYS[2])
+local f = call('HGETALL', KEYS[2])
 if #f == 0 then return {'fnf'} end
-if redis.call('HGET', KEYS[2], 'status') == 'registered' then
-  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+if call('HGET', KEYS[2], 'status') == 'registered' then
+  call('HSET', KEYS[3], ARGV[2], ARGV[3])
   keep(KEYS[3])
 end
 return {'ok', f}

@@ -25,7 +25,7 @@ if not limit or not count then error('upgate: corrupt session (file_limit/file_c
 -- A key held as '~<file id>' belongs to a deleted file whose storage cleanup is queued
 -- (abort_file): `busy` until cleanup_done frees it.
 local function taken()
-  local holder = redis.call('HGET', KEYS[2], ARGV[2])
+  local holder = call('HGET', KEYS[2], ARGV[2])
   if not holder then return nil end
   if string.byte(holder, 1) == 126 then return {'ok', 'busy'} end
   return {'ok', 'dup'}
@@ -35,10 +35,10 @@ if count >= limit then
   if t then return t end
   return {'ok', 'full', st[3], st[4]}
 end
-if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return taken() end
-redis.call('HINCRBY', SKEY, 'file_count', 1)
+if call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return taken() end
+call('HINCRBY', SKEY, 'file_count', 1)
 -- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
-redis.call('HSET', KEYS[4], unpack(ARGV, 6))
+call('HSET', KEYS[4], unpack(ARGV, 6))
 -- Retention: the file hash is new. `files` only grows (aborted files stay listed), so it is
 -- new exactly when this RPUSH made it one long. `keys` holds one field per live file (this
 -- script adds one with each HINCRBY; abort_file and abort_session turn one into a
@@ -46,7 +46,7 @@ redis.call('HSET', KEYS[4], unpack(ARGV, 6))
 -- cleanups, so it exists whenever the count is above 0, and may have been created by this
 -- HSETNX only when the count was 0 (then setting its deadline again is harmless); it can be
 -- emptied, deleted by Redis, and created again later, which the same test catches.
-local new_list = redis.call('RPUSH', KEYS[3], ARGV[3]) == 1
+local new_list = call('RPUSH', KEYS[3], ARGV[3]) == 1
 if count == 0 and new_list then
   keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])
 elseif count == 0 then
