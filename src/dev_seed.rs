@@ -65,16 +65,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let size = bytes.len() as u64;
     let part_size = part_size_for(config.part_size_bytes(), size);
     let key = "fixtures/hello.txt";
+    let file_id = uuid::Uuid::new_v4().to_string();
     let object_key = state
         .storage
-        .object_key(&tenant.storage_prefix, &done.id, key);
+        .object_key(&tenant.storage_prefix, &done.id, &file_id, key);
     let upload_id = state
         .storage
         .create_upload(&object_key, Some("text/plain"))
         .await
         .map_err(backend)?;
     let file = FileRecord {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: file_id,
         session_id: done.id.clone(),
         file_key: key.to_owned(),
         file_name: "hello.txt".to_owned(),

@@ -23,7 +23,8 @@ pub enum SessionStatus {
     Active,
     /// Every file completed and checked; no more mutations.
     Finalized,
-    /// Deleted by the client; its unfinished uploads were aborted.
+    /// Deleted by the client; everything it stored is removed from storage (at once, or by
+    /// the reaper's retries).
     Aborted,
     /// Past `expiresAt`.
     Expired,
@@ -63,7 +64,8 @@ pub enum FileStatus {
     Completing,
     /// The storage object exists; `fileUrl` and `etag` are set.
     Completed,
-    /// Deleted by the client (or its session was); its key and count slot are free.
+    /// Deleted by the client (or its session was); its key and count slot are free, and its
+    /// upload or object is removed from storage (at once, or by the reaper's retries).
     Aborted,
 }
 

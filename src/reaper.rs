@@ -2,9 +2,10 @@
 //! cleanups of deleted files and sessions (the protocol is [`crate::uploads::reap`]).
 //!
 //! Every replica runs one. Each pass claims due sessions from the store's expiry index with a
-//! lease (an atomic re-scoring in the index), so two replicas never reap the same session at
-//! once; a replica that dies mid-reap leaves the lease to run out and another one finishes
-//! the job. Aborting is idempotent, so a retried session costs nothing.
+//! lease (an atomic re-scoring in the index), so two replicas do not reap the same session at
+//! once (except when a `DELETE` moves a claimed session's entry earlier); a replica that dies
+//! mid-reap leaves the lease to run out and another one finishes the job. Every storage step
+//! (abort, delete) is idempotent, so a session reaped twice costs two calls, nothing else.
 //!
 //! ## Cleanup timing and the client's TTL buffer
 //! A session's uploads are aborted within `reaper_interval_seconds` after `expiresAt`, and

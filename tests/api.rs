@@ -239,7 +239,10 @@ async fn happy_path_create_register_upload_complete_finalize(backend: Backend) {
     assert_eq!(done["status"], "completed");
     let url = done["fileUrl"].as_str().expect("fileUrl");
     let path = url.strip_prefix("file://").expect("file url");
-    assert!(path.ends_with(&format!("a/{session}/dir/a.bin")), "{path}");
+    assert!(
+        path.ends_with(&format!("a/{session}/{file}/dir/a.bin")),
+        "{path}"
+    );
     assert_eq!(std::fs::read(path).expect("object"), data);
 
     let fin = gw

@@ -179,12 +179,15 @@ async fn what_is_deleted_while_storage_is_down_is_removed_once_it_is_back() {
         s3_has(&s3, &key).await,
         "storage was down: the object is still there"
     );
-    // The key is reserved until storage confirms: a new file under it would be deleted.
-    let res = gw
-        .register(KEY_A, &s, json!({"fileName": "a.bin", "sizeBytes": 1}))
+    // The key is free at once, and the newer file's object has a key of its own: the late
+    // cleanup of the deleted file cannot touch it. (Storage is down: register only.)
+    let newer = gw
+        .register_json(KEY_A, &s, json!({"fileName": "a.bin", "sizeBytes": 10}))
         .await;
-    assert!(res.headers().contains_key("retry-after"));
-    problem(res, 503, "unavailable").await;
+    let newer = newer["fileId"]
+        .as_str()
+        .expect("the key is free")
+        .to_owned();
     // The reaper's retry while storage is still down changes nothing and loses nothing.
     tokio::time::sleep(Duration::from_millis(250)).await;
     gw.state.uploads.reap_pass().await.expect("reap pass");
@@ -197,16 +200,27 @@ async fn what_is_deleted_while_storage_is_down_is_removed_once_it_is_back() {
         !s3_has(&s3, &key).await,
         "the reaper removed the deleted file's object"
     );
-    let res = gw
-        .register(KEY_A, &s, json!({"fileName": "a.bin", "sizeBytes": 1}))
-        .await;
-    assert_eq!(res.status(), 201, "the key is free again");
+    assert_eq!(
+        gw.put_part(KEY_A, &s, &newer, 1, vec![8; 10])
+            .await
+            .status(),
+        200
+    );
+    let res = gw.complete(KEY_A, &s, &newer).await;
+    assert_eq!(res.status(), 200);
+    let newer_url = res.json::<Value>().await.expect("json")["fileUrl"]
+        .as_str()
+        .expect("fileUrl")
+        .to_owned();
+    assert_ne!(s3_key(&newer_url), key, "each file has its own object key");
+    gw.state.uploads.reap_pass().await.expect("reap pass");
+    assert!(s3_has(&s3, &s3_key(&newer_url)).await);
 
     // A whole session: an open upload and a completed object, deleted while S3 is down.
     let s2 = session(&gw, json!({})).await;
     let (_, url2) = completed(&gw, &s2, "done.bin", &[1; 100]).await;
     let _open = uploaded(&gw, &s2, "open.bin", &[2; 100], None).await;
-    let prefix = format!("{S3_PREFIX}/a/{s2}");
+    let prefix = format!("{S3_PREFIX}/a/{s2}/");
     assert_eq!(s3_open_uploads(&s3, &prefix).await, 1);
     proxy.set(Fault::Refuse);
     assert_eq!(
@@ -229,11 +243,12 @@ async fn what_is_deleted_while_storage_is_down_is_removed_once_it_is_back() {
     );
 }
 
-/// Why, scenario "the lease is released only on Err": a complete whose request future is
-/// dropped mid-storage-call (an HTTP/2 reset, the end of the shutdown grace) gives its lease
-/// back at once, so the next complete works instead of waiting out the lease.
+/// Why, scenario "the lease is released only on Err": a complete whose request is dropped
+/// mid-storage-call (client gone, HTTP/2 reset) used to leave the file `completing` for the
+/// whole lease while retries polled. Now the storage completion runs on by itself, under its
+/// renewed lease, and lands: the next complete gets its result, and storage completed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_completion_gives_its_lease_back() {
+async fn a_cancelled_request_does_not_cut_its_completion() {
     let gw = memory_gateway(Timing::default()).await;
     let s = session(&gw, json!({})).await;
     let file = uploaded(&gw, &s, "c.bin", &[3; 10], None).await;
@@ -250,29 +265,33 @@ async fn a_cancelled_completion_gives_its_lease_back() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     task.abort();
-    let _ = task.await;
-    let released = Instant::now();
-    loop {
-        let f = gw
-            .state
-            .store
-            .get_file("a", &s, &file, false, upgate::model::now_ms())
-            .await
-            .expect("get_file");
-        match f {
-            Gate::Ok(f) if f.status == FileStatus::Registered => break,
-            Gate::Ok(f) => assert_eq!(f.status, FileStatus::Completing),
-            other => panic!("{other:?}"),
+    assert!(task.await.is_err(), "the request was cancelled");
+    let status = |gw: &TestGateway| {
+        let (store, s, file) = (gw.state.store.clone(), s.clone(), file.clone());
+        async move {
+            match store
+                .get_file("a", &s, &file, false, upgate::model::now_ms())
+                .await
+                .expect("get_file")
+            {
+                Gate::Ok(f) => f.status,
+                other => panic!("{other:?}"),
+            }
         }
+    };
+    assert_eq!(status(&gw).await, FileStatus::Completing, "still held");
+    gw.counting.hold_completes.send_replace(false);
+    let landed = Instant::now();
+    while status(&gw).await != FileStatus::Completed {
         assert!(
-            released.elapsed() < Duration::from_secs(5),
-            "the lease was not given back (it would run for 60 s)"
+            landed.elapsed() < Duration::from_secs(5),
+            "the completion did not land"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    gw.counting.hold_completes.send_replace(false);
     let res = gw.complete(KEY_A, &s, &file).await;
     assert_eq!(res.status(), 200);
+    assert_eq!(gw.counting.completes.load(Ordering::SeqCst), 1);
 }
 
 /// Why, scenario "the lease is shorter than the storage call": a completion that takes

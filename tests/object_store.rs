@@ -41,7 +41,8 @@ struct Harness {
 
 impl Harness {
     fn key(&self, file_key: &str) -> String {
-        self.store.object_key("acme/", &self.session, file_key)
+        self.store
+            .object_key("acme/", &self.session, "file-1", file_key)
     }
 
     fn s3(&self) -> Option<&S3Server> {
@@ -890,11 +891,11 @@ async fn s3_error_inside_200_is_mapped() {
 async fn s3_from_client_without_prefix() {
     let server = S3Server::start(BUCKET);
     let store = S3Store::from_client(server.client(), BUCKET, "");
-    let key = store.object_key("acme/", "session-1", "a.txt");
-    assert_eq!(key, "acme/session-1/a.txt");
+    let key = store.object_key("acme/", "session-1", "file-1", "a.txt");
+    assert_eq!(key, "acme/session-1/file-1/a.txt");
     assert_eq!(
         store.file_url(&key),
-        format!("s3://{BUCKET}/acme/session-1/a.txt")
+        format!("s3://{BUCKET}/acme/session-1/file-1/a.txt")
     );
     let data = pattern(10, 81);
     let upload_id = store

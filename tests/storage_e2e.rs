@@ -217,12 +217,16 @@ async fn a_64_mib_file_round_trips_byte_identical(storage: Storage) {
     let url = done["fileUrl"].as_str().expect("url").to_owned();
     match &storage {
         Storage::Fs => assert!(
-            url.ends_with(&format!("/a/{session}/in/video.bin")) && url.starts_with("file:///"),
+            url.ends_with(&format!("/a/{session}/{file}/in/video.bin"))
+                && url.starts_with("file:///"),
             "{url}"
         ),
         Storage::S3(s3, _) => assert_eq!(
             url,
-            format!("s3://{}/{S3_PREFIX}/a/{session}/in/video.bin", s3.bucket())
+            format!(
+                "s3://{}/{S3_PREFIX}/a/{session}/{file}/in/video.bin",
+                s3.bucket()
+            )
         ),
     }
     let stored = storage.read(&gw, &url).await;

@@ -696,14 +696,12 @@ mod cases {
             0,
             "slot freed once"
         );
-        // The key stays reserved until storage confirmed the cleanup.
-        assert_eq!(
-            c.store
-                .register_file("t1", &file(&s.id, "a", c.t0), later)
-                .await
-                .unwrap(),
-            Gate::Ok(Registered::KeyBusy)
-        );
+        // The key is free at once (object keys carry the file id); the cleanup stays queued.
+        let reused = file(&s.id, "a", c.t0);
+        assert!(matches!(
+            c.store.register_file("t1", &reused, later).await.unwrap(),
+            Gate::Ok(Registered::Created(_))
+        ));
         let r = c
             .store
             .reap("t1", &s.id, later)
@@ -728,11 +726,6 @@ mod cases {
             .unwrap()
             .expect("exists");
         assert!(r.cleanup.is_empty());
-        let reused = file(&s.id, "a", c.t0);
-        assert!(matches!(
-            c.store.register_file("t1", &reused, later).await.unwrap(),
-            Gate::Ok(Registered::Created(_))
-        ));
         c.store
             .abort_file("t1", &s.id, &reused.id, later)
             .await
@@ -1124,9 +1117,34 @@ mod cases {
             st.abort_session("t1", &s.id, later).await.unwrap(),
             Gate::Ok(SessionAborted::Aborted(vec![]))
         );
-        // A finalized session is forgotten, its objects left alone.
-        let fin = c.session("t1", 1).await;
+        // A finalized session is forgotten, its objects left alone; but not while a file
+        // deleted before finalize still waits for its storage cleanup.
+        let fin = c.session("t1", 2).await;
+        let dropped = c.register("t1", &fin, "dropped").await;
+        st.set_upload_id("t1", &fin.id, &dropped.id, "u-dropped", now)
+            .await
+            .unwrap();
+        st.abort_file("t1", &fin.id, &dropped.id, now)
+            .await
+            .unwrap();
         st.finalize("t1", &fin.id, &[], now).await.unwrap();
+        match st.abort_session("t1", &fin.id, now).await.unwrap() {
+            Gate::Ok(SessionAborted::CleanupFirst(q)) => {
+                assert_eq!(
+                    ids(&q),
+                    vec![(dropped.id.clone(), Some("u-dropped".to_owned()))]
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            c.get("t1", &fin).await.session.status,
+            SessionStatus::Finalized,
+            "nothing changed"
+        );
+        st.cleanup_done("t1", &fin.id, std::slice::from_ref(&dropped.id))
+            .await
+            .unwrap();
         assert_eq!(
             st.abort_session("t1", &fin.id, now).await.unwrap(),
             Gate::Ok(SessionAborted::Forgotten)

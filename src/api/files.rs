@@ -25,12 +25,13 @@ pub(super) async fn register(
     // it against the session's in the same atomic step and uses the session's.
     let session_part_size = state.config.part_size_bytes();
     let part_size = part_size_for(session_part_size, req.size_bytes);
+    let id = new_id();
     let file = FileRecord {
-        id: new_id(),
-        session_id: session_id.clone(),
         object_key: state
             .storage
-            .object_key(&t.storage_prefix, &session_id, &req.file_key),
+            .object_key(&t.storage_prefix, &session_id, &id, &req.file_key),
+        id,
+        session_id: session_id.clone(),
         file_key: req.file_key,
         file_name: req.file_name,
         size_bytes: req.size_bytes,
@@ -52,9 +53,6 @@ pub(super) async fn register(
     let result = match outcome {
         Ok(Registered::Created(f)) => Ok(f),
         Ok(Registered::DuplicateKey) => Err(AppError::DuplicateFileKey(file.file_key.clone())),
-        Ok(Registered::KeyBusy) => Err(AppError::Unavailable(
-            "the fileKey's previous file is still being removed from storage".into(),
-        )),
         Ok(Registered::CountExceeded {
             file_limit,
             file_count,

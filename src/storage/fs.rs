@@ -152,8 +152,14 @@ impl ObjectStore for FsStore {
         StorageKind::Filesystem
     }
 
-    fn object_key(&self, tenant_prefix: &str, session_id: &str, file_key: &str) -> String {
-        format!("{tenant_prefix}{session_id}/{file_key}")
+    fn object_key(
+        &self,
+        tenant_prefix: &str,
+        session_id: &str,
+        file_id: &str,
+        file_key: &str,
+    ) -> String {
+        format!("{tenant_prefix}{session_id}/{file_id}/{file_key}")
     }
 
     fn file_url(&self, key: &str) -> String {

@@ -142,9 +142,18 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Which implementation this is.
     fn kind(&self) -> StorageKind;
 
-    /// The full object key for a file: `<storage prefix>/<tenant prefix><session id>/<file key>`
-    /// (the storage prefix is the path of `s3://bucket/prefix` or empty).
-    fn object_key(&self, tenant_prefix: &str, session_id: &str, file_key: &str) -> String;
+    /// The full object key for a file:
+    /// `<storage prefix>/<tenant prefix><session id>/<file id>/<file key>` (the storage
+    /// prefix is the path of `s3://bucket/prefix` or empty). The file id makes every file's
+    /// key its own: a deleted file's late cleanup can never touch a newer file registered
+    /// under the same fileKey, and on the filesystem fileKeys `a` and `a/b` never collide.
+    fn object_key(
+        &self,
+        tenant_prefix: &str,
+        session_id: &str,
+        file_id: &str,
+        file_key: &str,
+    ) -> String;
 
     /// `s3://<bucket>/<key>` or `file://<absolute path>`.
     fn file_url(&self, key: &str) -> String;
@@ -224,8 +233,15 @@ impl ObjectStore for Timed {
     fn kind(&self) -> StorageKind {
         self.0.kind()
     }
-    fn object_key(&self, tenant_prefix: &str, session_id: &str, file_key: &str) -> String {
-        self.0.object_key(tenant_prefix, session_id, file_key)
+    fn object_key(
+        &self,
+        tenant_prefix: &str,
+        session_id: &str,
+        file_id: &str,
+        file_key: &str,
+    ) -> String {
+        self.0
+            .object_key(tenant_prefix, session_id, file_id, file_key)
     }
     fn file_url(&self, key: &str) -> String {
         self.0.file_url(key)

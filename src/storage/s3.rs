@@ -387,10 +387,23 @@ impl ObjectStore for S3Store {
         StorageKind::S3
     }
 
-    fn object_key(&self, tenant_prefix: &str, session_id: &str, file_key: &str) -> String {
+    fn object_key(
+        &self,
+        tenant_prefix: &str,
+        session_id: &str,
+        file_id: &str,
+        file_key: &str,
+    ) -> String {
         let tenant_prefix = tenant_prefix.trim_start_matches('/');
         let mut key = String::with_capacity(
-            self.prefix.len() + 1 + tenant_prefix.len() + session_id.len() + 1 + file_key.len(),
+            self.prefix.len()
+                + 1
+                + tenant_prefix.len()
+                + session_id.len()
+                + 1
+                + file_id.len()
+                + 1
+                + file_key.len(),
         );
         if !self.prefix.is_empty() {
             key.push_str(&self.prefix);
@@ -398,6 +411,8 @@ impl ObjectStore for S3Store {
         }
         key.push_str(tenant_prefix);
         key.push_str(session_id);
+        key.push('/');
+        key.push_str(file_id);
         key.push('/');
         key.push_str(file_key);
         key
@@ -843,15 +858,18 @@ mod tests {
     #[test]
     fn object_keys_have_no_stray_slashes() {
         assert_eq!(
-            store("").object_key("acme/", "s1", "a/b.png"),
-            "acme/s1/a/b.png"
+            store("").object_key("acme/", "s1", "f1", "a/b.png"),
+            "acme/s1/f1/a/b.png"
         );
-        assert_eq!(store("up").object_key("acme/", "s1", "f"), "up/acme/s1/f");
         assert_eq!(
-            store("/up/x/").object_key("acme/", "s1", "f"),
-            "up/x/acme/s1/f"
+            store("up").object_key("acme/", "s1", "f1", "f"),
+            "up/acme/s1/f1/f"
         );
-        assert_eq!(store("up").object_key("", "s1", "f"), "up/s1/f");
+        assert_eq!(
+            store("/up/x/").object_key("acme/", "s1", "f1", "f"),
+            "up/x/acme/s1/f1/f"
+        );
+        assert_eq!(store("up").object_key("", "s1", "f1", "f"), "up/s1/f1/f");
         assert_eq!(store("").file_url("acme/s1/f"), "s3://bkt/acme/s1/f");
     }
 

@@ -32,8 +32,8 @@ struct SessionEntry {
     files: HashMap<String, FileEntry>,
     /// fileKey → fileId of live files.
     keys: HashMap<String, String>,
-    /// Queued storage cleanups of deleted files: fileId → the fileKey they keep reserved.
-    cleanup: BTreeMap<String, String>,
+    /// Queued storage cleanups of deleted files: their ids.
+    cleanup: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -120,16 +120,14 @@ fn completion_in_flight(f: &FileEntry, now_ms: i64) -> bool {
 }
 
 /// The bookkeeping of aborting the live file `before` (already marked `aborted`): frees its
-/// count slot and, when it has storage state, queues its cleanup with its fileKey reserved
-/// (else frees the key). True when a cleanup was queued.
+/// fileKey and count slot and, when it has storage state, queues its cleanup. True when a
+/// cleanup was queued.
 fn abort_live(entry: &mut SessionEntry, before: &FileRecord) -> bool {
     entry.keys.remove(&before.file_key);
     entry.session.file_count = entry.session.file_count.saturating_sub(1);
     let queue = before.upload_id.is_some() || before.status == FileStatus::Completed;
     if queue {
-        entry
-            .cleanup
-            .insert(before.id.clone(), before.file_key.clone());
+        entry.cleanup.insert(before.id.clone());
     }
     queue
 }
@@ -178,7 +176,7 @@ impl SessionStore for MemoryStore {
                 order: Vec::new(),
                 files: HashMap::new(),
                 keys: HashMap::new(),
-                cleanup: BTreeMap::new(),
+                cleanup: std::collections::BTreeSet::new(),
             },
         );
         Ok(())
@@ -226,9 +224,6 @@ impl SessionStore for MemoryStore {
         let entry = gate_or_return!(&mut inner, tenant, &file.session_id, true, now_ms);
         if entry.keys.contains_key(&file.file_key) {
             return Ok(Gate::Ok(Registered::DuplicateKey));
-        }
-        if entry.cleanup.values().any(|k| *k == file.file_key) {
-            return Ok(Gate::Ok(Registered::KeyBusy));
         }
         if entry.session.file_count >= entry.session.file_limit {
             return Ok(Gate::Ok(Registered::CountExceeded {
@@ -456,7 +451,7 @@ impl SessionStore for MemoryStore {
         }
         let before = f.file.clone();
         if before.status == FileStatus::Aborted {
-            let cleanup = entry.cleanup.contains_key(file_id);
+            let cleanup = entry.cleanup.contains(file_id);
             return Ok(Gate::Ok(FileAborted::Aborted { before, cleanup }));
         }
         f.file.status = FileStatus::Aborted;
@@ -474,6 +469,15 @@ impl SessionStore for MemoryStore {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
         match entry.session.status {
+            SessionStatus::Finalized if !entry.cleanup.is_empty() => {
+                let queued = entry
+                    .cleanup
+                    .iter()
+                    .filter_map(|id| entry.files.get(id))
+                    .map(|f| f.file.clone())
+                    .collect();
+                return Ok(Gate::Ok(SessionAborted::CleanupFirst(queued)));
+            }
             SessionStatus::Finalized => {
                 inner.sessions.remove(&key(tenant, session_id));
                 return Ok(Gate::Ok(SessionAborted::Forgotten));
@@ -504,7 +508,7 @@ impl SessionStore for MemoryStore {
         }
         let queued = entry
             .cleanup
-            .keys()
+            .iter()
             .filter_map(|id| entry.files.get(id))
             .map(|f| f.file.clone())
             .collect();
@@ -640,7 +644,7 @@ impl SessionStore for MemoryStore {
         }
         let cleanup = entry
             .cleanup
-            .keys()
+            .iter()
             .filter_map(|id| entry.files.get(id))
             .map(|f| f.file.clone())
             .collect();

@@ -89,8 +89,6 @@ pub enum Registered {
     },
     /// A live (not aborted) file of the session already has this fileKey.
     DuplicateKey,
-    /// A deleted file with this fileKey still waits for its storage cleanup: retry later.
-    KeyBusy,
 }
 
 /// Outcome of [`SessionStore::set_upload_id`].
@@ -148,6 +146,10 @@ pub enum SessionAborted {
     Aborted(Vec<FileRecord>),
     /// The session was finalized: it is forgotten (every key removed), its objects stay.
     Forgotten,
+    /// The session is finalized but files deleted before finalize still wait for their
+    /// storage cleanup: nothing changed. Clean these, report them done, and ask again
+    /// (forgetting the session would drop the queue).
+    CleanupFirst(Vec<FileRecord>),
     /// A file is `completing` under an unexpired lease: nothing changed.
     CompletionInProgress,
 }
@@ -316,9 +318,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// ([`FileAborted::CompletionInProgress`]).
     ///
     /// A file with storage state (an upload id, or completed) gets its cleanup queued in the
-    /// same atomic step, and its fileKey stays reserved until [`SessionStore::cleanup_done`]
-    /// (registering it meanwhile is [`Registered::KeyBusy`]), so the cleanup can never
-    /// delete another file's object. A file without storage state frees its fileKey at once.
+    /// same atomic step, until [`SessionStore::cleanup_done`]. Its fileKey is free at once
+    /// (object keys carry the file id, so the cleanup cannot touch a later file's object).
     /// Aborting an aborted file changes nothing and reports whether its cleanup is still
     /// queued (a repeated `DELETE` drives the cleanup again).
     async fn abort_file(
@@ -333,7 +334,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// included: deleting a session that is not finalized removes everything it stored),
     /// cleanup queued as for [`SessionStore::abort_file`]. Repeatable: an aborted session
     /// reports its queued cleanups again. A finalized session is forgotten
-    /// ([`SessionAborted::Forgotten`]). Gate: exists, not expired.
+    /// ([`SessionAborted::Forgotten`]) once it has no queued cleanup
+    /// ([`SessionAborted::CleanupFirst`]). Gate: exists, not expired.
     async fn abort_session(
         &self,
         tenant: &str,
@@ -341,9 +343,8 @@ pub trait SessionStore: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Gate<SessionAborted>, StoreError>;
 
-    /// Storage confirmed the cleanup of these files: their queue entries go and their
-    /// fileKeys are free again. Unknown ids are ignored; no gate (a session that expired
-    /// meanwhile is still cleaned).
+    /// Storage confirmed the cleanup of these files: their queue entries go. Unknown ids are
+    /// ignored; no gate (a session that expired meanwhile is still cleaned).
     async fn cleanup_done(
         &self,
         tenant: &str,
@@ -372,9 +373,11 @@ pub trait SessionStore: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Gate<Finalized>, StoreError>;
 
-    /// Sessions due for reaping (`expires_at` passed), claimed for `lease_ms` so that no other
-    /// replica gets them until then: at most `limit` `(tenant, session_id)` pairs. A claimed
-    /// session that is not [`SessionStore::reap_done`] within the lease becomes due again.
+    /// Sessions due for reaping (past `expires_at`, or moved earlier by
+    /// [`SessionStore::schedule_reap`] or [`SessionStore::reap_done`]), claimed for `lease_ms`
+    /// so that no other replica gets them until then: at most `limit` `(tenant, session_id)`
+    /// pairs. A claimed session that is not [`SessionStore::reap_done`] within the lease
+    /// becomes due again.
     async fn claim_expired(
         &self,
         now_ms: i64,

@@ -12,7 +12,7 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `P:{t:s}:s` | hash | the session record (+ `keep_until`, ms, the retention deadline) |
-//! | `P:{t:s}:keys` | hash | fileKey → fileId of live files; `~fileId` while a deleted file's cleanup is queued |
+//! | `P:{t:s}:keys` | hash | fileKey → fileId of live files |
 //! | `P:{t:s}:files` | list | file ids in registration order |
 //! | `P:{t:s}:f:<fileId>` | hash | the file record (+ `lease_token`, `lease_until` while completing) |
 //! | `P:{t:s}:p:<fileId>` | hash | partNumber → `<sizeBytes>:<etag>` |
@@ -927,7 +927,6 @@ fn registered(rest: &[Value], file: &FileRecord) -> Result<Gate<Registered>, Sto
     Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
         "created" => Registered::Created(file.clone()),
         "dup" => Registered::DuplicateKey,
-        "busy" => Registered::KeyBusy,
         "full" => Registered::CountExceeded {
             file_limit: u32::try_from(as_int(at(rest, 1)?)?).map_err(corrupt)?,
             file_count: u32::try_from(as_int(at(rest, 2)?)?).map_err(corrupt)?,
@@ -1297,6 +1296,9 @@ impl SessionStore for RedisStore {
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
             "busy" => SessionAborted::CompletionInProgress,
             "forgot" => SessionAborted::Forgotten,
+            "pending" => {
+                SessionAborted::CleanupFirst(parse_files(rest.get(1..).unwrap_or_default())?)
+            }
             "aborted" => SessionAborted::Aborted(parse_files(rest.get(1..).unwrap_or_default())?),
             other => return Err(corrupt(format_args!("abort_session outcome {other:?}"))),
         }))
@@ -1313,10 +1315,7 @@ impl SessionStore for RedisStore {
             return Ok(());
         }
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(
-            &self.scripts.cleanup_done,
-            [k.session(), k.keys(), k.cleanup()],
-        );
+        let mut inv = Call::new(&self.scripts.cleanup_done, [k.session(), k.cleanup()]);
         inv.arg(0);
         for id in file_ids {
             inv.arg(id);

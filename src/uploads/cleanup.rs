@@ -40,17 +40,31 @@ impl Uploads {
     /// `DELETE` of a session: a finalized one is forgotten (its objects were handed to the
     /// application); any other is aborted and everything it stored is removed (open uploads
     /// aborted, completed files' objects deleted), as for [`Uploads::delete_file`].
+    ///
+    /// A finalized session with files deleted before finalize whose storage cleanup is still
+    /// queued is cleaned first, then forgotten; if storage cannot confirm the cleanup yet,
+    /// 503 (the queue stays, the reaper keeps at it, and the retry forgets the session).
     pub async fn delete_session(&self, tenant: &str, session_id: &str) -> Result<(), AppError> {
-        let now = now_ms();
-        let outcome = self.store.abort_session(tenant, session_id, now).await?;
-        match open_gate(outcome, tenant, now)? {
-            SessionAborted::CompletionInProgress => Err(AppError::CompletionInProgress),
-            SessionAborted::Forgotten => {
-                tracing::info!("finalized session forgotten; its objects stay");
-                Ok(())
+        for _ in 0..2 {
+            let now = now_ms();
+            let outcome = self.store.abort_session(tenant, session_id, now).await?;
+            match open_gate(outcome, tenant, now)? {
+                SessionAborted::CompletionInProgress => return Err(AppError::CompletionInProgress),
+                SessionAborted::Forgotten => {
+                    tracing::info!("finalized session forgotten; its objects stay");
+                    return Ok(());
+                }
+                SessionAborted::Aborted(queued) => {
+                    return self.clean_now(tenant, session_id, &queued).await
+                }
+                SessionAborted::CleanupFirst(queued) => {
+                    self.clean_now(tenant, session_id, &queued).await?;
+                }
             }
-            SessionAborted::Aborted(queued) => self.clean_now(tenant, session_id, &queued).await,
         }
+        Err(AppError::Unavailable(
+            "storage has not confirmed the cleanup of files deleted before finalize".into(),
+        ))
     }
 
     /// Cleans `files` in storage and reports what storage confirmed. If anything is left,

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use super::{ms, open_gate, Uploads};
 use crate::error::AppError;
 use crate::model::{expected_part_len, now_ms, FileRecord, PartRecord};
@@ -166,6 +168,29 @@ impl Drop for Lease {
     }
 }
 
+/// Why the storage side of a completion failed, and whether storage may still complete it.
+struct Failure {
+    error: AppError,
+    /// The `CompleteMultipartUpload` request may have reached storage (a timeout, a cut
+    /// connection, a 5xx): the object may still appear.
+    maybe_applied: bool,
+}
+
+impl From<AppError> for Failure {
+    fn from(error: AppError) -> Self {
+        Failure {
+            error,
+            maybe_applied: false,
+        }
+    }
+}
+
+impl From<StorageError> for Failure {
+    fn from(e: StorageError) -> Self {
+        AppError::from(e).into()
+    }
+}
+
 impl Uploads {
     /// Completes a file (`body` is the request's JSON: an optional client part list).
     ///
@@ -173,7 +198,7 @@ impl Uploads {
     /// one takes the lease and completes in storage; the others wait up to
     /// [`super::Timing::complete_wait`] for its result, then get 409 `requestInProgress`.
     pub async fn complete(
-        &self,
+        self: &Arc<Self>,
         tenant: &str,
         session_id: &str,
         file_id: &str,
@@ -224,51 +249,90 @@ impl Uploads {
                 BeginComplete::Acquired(file, recorded) => {
                     // The holder is no longer a waiter: its place goes to another caller.
                     waiting = None;
-                    let lease = Lease::hold(
-                        self.store.clone(),
-                        (
-                            tenant.to_owned(),
-                            session_id.to_owned(),
-                            file_id.to_owned(),
-                            token.clone(),
-                        ),
-                        self.timing.complete_lease,
-                        self.timing.complete_renew,
+                    // The storage side runs in a task of its own, which the request awaits:
+                    // a cancelled request (client gone, HTTP/2 reset) does not cut a storage
+                    // completion halfway, so the lease is never given back while storage
+                    // may still be assembling the object.
+                    let this = Arc::clone(self);
+                    let ids = (
+                        tenant.to_owned(),
+                        session_id.to_owned(),
+                        file_id.to_owned(),
+                        token.clone(),
                     );
-                    let result = match crate::validate::complete_parts(body, file.part_count) {
-                        Ok(client) => {
-                            self.complete_in_storage(tenant, &file, recorded, client)
-                                .await
-                        }
-                        Err(e) => Err(e),
-                    };
-                    let etag = match result {
-                        Ok(etag) => etag,
-                        Err(e) => {
-                            lease.release().await;
-                            return Err(e);
-                        }
-                    };
-                    lease.finished();
-                    let url = self.storage.file_url(&file.object_key);
-                    // A failure here leaves the file `completing` until the lease runs out;
-                    // the object is whole, and the next complete finds it (below).
-                    let finished = self
-                        .store
-                        .finish_complete(tenant, session_id, file_id, &token, &url, &etag)
-                        .await?;
+                    let body = body.clone();
+                    let task = tokio::spawn(
+                        async move { this.complete_held(ids, file, recorded, &body).await }
+                            .instrument(tracing::Span::current()),
+                    );
+                    let finished = task
+                        .await
+                        .map_err(|e| AppError::Internal(format!("completion task: {e}")))??;
                     match open_gate(finished, tenant, now)? {
-                        Some(f) => {
-                            self.metrics.files_completed.inc();
-                            tracing::info!(file_url = %url, "file completed");
-                            return Ok(f);
-                        }
+                        Some(f) => return Ok(f),
                         // Our lease ran out and someone else took over: their result stands.
                         None => continue,
                     }
                 }
             }
         }
+    }
+
+    /// The lease holder's part: assemble in storage, then record the completion.
+    async fn complete_held(
+        &self,
+        ids: (String, String, String, String),
+        file: FileRecord,
+        recorded: Vec<PartRecord>,
+        body: &serde_json::Value,
+    ) -> Result<crate::store::Gate<Option<FileRecord>>, AppError> {
+        let (tenant, session_id, file_id, token) = ids.clone();
+        let lease = Lease::hold(
+            self.store.clone(),
+            ids,
+            self.timing.complete_lease,
+            self.timing.complete_renew,
+        );
+        let result = match crate::validate::complete_parts(body, file.part_count) {
+            Ok(client) => {
+                self.complete_in_storage(&tenant, &file, recorded, client)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        let etag = match result {
+            Ok(etag) => etag,
+            Err(Failure {
+                error,
+                maybe_applied: false,
+            }) => {
+                lease.release().await;
+                return Err(error);
+            }
+            Err(Failure {
+                error,
+                maybe_applied: true,
+            }) => {
+                // Storage may still finish assembling (a timeout, a cut connection): the
+                // lease runs out by itself instead of being given back, so no `DELETE` or
+                // reaper acts on the file before that; a retry then finds the object.
+                lease.finished();
+                return Err(error);
+            }
+        };
+        lease.finished();
+        let url = self.storage.file_url(&file.object_key);
+        // A failure here leaves the file `completing` until the lease runs out; the object
+        // is whole, and the next complete finds it (`complete_in_storage`).
+        let finished = self
+            .store
+            .finish_complete(&tenant, &session_id, &file_id, &token, &url, &etag)
+            .await?;
+        if matches!(finished, crate::store::Gate::Ok(Some(_))) {
+            self.metrics.files_completed.inc();
+            tracing::info!(file_url = %url, "file completed");
+        }
+        Ok(finished)
     }
 
     /// The storage side of completion, run by the one caller holding the lease.
@@ -278,10 +342,10 @@ impl Uploads {
         file: &FileRecord,
         recorded: Vec<PartRecord>,
         client: Option<Vec<crate::validate::ClientPart>>,
-    ) -> Result<String, AppError> {
+    ) -> Result<String, Failure> {
         if file.upload_id.is_none() && file.size_bytes > 0 {
             // Not one byte was sent: no storage upload to create just to refuse it.
-            return Err(AppError::PartsMissing((1..=file.part_count).collect()));
+            return Err(AppError::PartsMissing((1..=file.part_count).collect()).into());
         }
         let upload_id = self.open_upload(tenant, file).await?;
         let mut recorded = recorded;
@@ -321,11 +385,17 @@ impl Uploads {
                             size_bytes = file.size_bytes,
                             "the upload is gone and the object at the key is not this file's"
                         );
-                        Err(AppError::FileNotActive("aborted"))
+                        Err(AppError::FileNotActive("aborted").into())
                     }
-                    None => Err(AppError::FileNotActive("aborted")),
+                    None => Err(AppError::FileNotActive("aborted").into()),
                 }
             }
+            // Unreachable, timed out, cut: storage may have received the request and still
+            // be assembling.
+            Err(e @ StorageError::Unavailable(_)) => Err(Failure {
+                error: e.into(),
+                maybe_applied: true,
+            }),
             Err(e) => Err(e.into()),
         }
     }
@@ -423,5 +493,118 @@ impl Uploads {
             return Err(AppError::PartsMissing(missing));
         }
         Ok(chosen.into_iter().map(|(n, etag, _)| (n, etag)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FileStatus, SessionRecord, SessionStatus};
+    use crate::store::{memory::MemoryStore, Gate, Registered};
+
+    /// A lease dropped without `finished` (its task cancelled, a panic) is given back at
+    /// once; one that `finished` is not; and the renewer keeps a held lease alive.
+    #[tokio::test]
+    async fn the_drop_guard_gives_back_what_a_cancelled_holder_held() {
+        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new(Duration::from_secs(60)));
+        let now = now_ms();
+        let session = SessionRecord {
+            id: "s".into(),
+            tenant: "t".into(),
+            status: SessionStatus::Active,
+            part_size_bytes: 5 << 20,
+            max_files: None,
+            file_limit: 10,
+            file_count: 0,
+            created_at: now / 1000,
+            expires_at: now / 1000 + 3600,
+            metadata: serde_json::Value::Null,
+        };
+        store.create_session(&session).await.expect("create");
+        let file = |id: &str| FileRecord {
+            id: id.into(),
+            session_id: "s".into(),
+            file_key: id.into(),
+            file_name: id.into(),
+            size_bytes: 1,
+            content_type: None,
+            status: FileStatus::Registered,
+            part_size_bytes: 5 << 20,
+            part_count: 1,
+            created_at: now / 1000,
+            object_key: id.into(),
+            upload_id: None,
+            file_url: None,
+            etag: None,
+        };
+        let status = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                match store
+                    .get_file("t", "s", id, false, now_ms())
+                    .await
+                    .expect("get")
+                {
+                    Gate::Ok(f) => f.status,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        for id in ["dropped", "finished", "renewed"] {
+            assert!(matches!(
+                store
+                    .register_file("t", &file(id), now)
+                    .await
+                    .expect("register"),
+                Gate::Ok(Registered::Created(_))
+            ));
+            assert!(matches!(
+                store
+                    .begin_complete("t", "s", id, id, 300, now_ms())
+                    .await
+                    .expect("begin"),
+                Gate::Ok(BeginComplete::Acquired(..))
+            ));
+        }
+        let ids = |id: &str| ("t".to_owned(), "s".to_owned(), id.to_owned(), id.to_owned());
+        let lease = |id: &str| {
+            Lease::hold(
+                store.clone(),
+                ids(id),
+                Duration::from_millis(300),
+                Duration::from_millis(100),
+            )
+        };
+        drop(lease("dropped"));
+        lease("finished").finished();
+        let renewed = lease("renewed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            status("dropped").await,
+            FileStatus::Registered,
+            "given back"
+        );
+        assert_eq!(
+            status("finished").await,
+            FileStatus::Completing,
+            "left alone"
+        );
+        // Well past the 300 ms lease: only the renewed one is still held.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            store
+                .begin_complete("t", "s", "renewed", "other", 300, now_ms())
+                .await
+                .expect("begin"),
+            Gate::Ok(BeginComplete::InProgress)
+        );
+        assert!(matches!(
+            store
+                .begin_complete("t", "s", "finished", "other", 300, now_ms())
+                .await
+                .expect("begin"),
+            Gate::Ok(BeginComplete::Acquired(..))
+        ));
+        drop(renewed);
     }
 }

@@ -31,6 +31,12 @@ impl Uploads {
                 return Ok(reaped);
             }
             for (tenant, session_id) in due {
+                // Past half the claims' lease, stop: a session claimed now would be claimable
+                // by another replica while this one still works on it. Claimed sessions not
+                // reached become due again when their lease runs out.
+                if now_ms().saturating_sub(started) > CLAIM_LEASE_MS / 2 {
+                    return Ok(reaped);
+                }
                 let span = tracing::info_span!("reap", tenant = %tenant, session_id = %session_id);
                 let _enter = span.enter();
                 if self

@@ -122,8 +122,8 @@ impl ObjectStore for CountingStorage {
     fn kind(&self) -> StorageKind {
         self.inner.kind()
     }
-    fn object_key(&self, t: &str, s: &str, f: &str) -> String {
-        self.inner.object_key(t, s, f)
+    fn object_key(&self, t: &str, s: &str, id: &str, f: &str) -> String {
+        self.inner.object_key(t, s, id, f)
     }
     fn file_url(&self, key: &str) -> String {
         self.inner.file_url(key)

@@ -2,8 +2,8 @@
 -- Reply: {'ok','aborted', file-fields as before the call, cleanup(0|1)} | {'ok','busy'}
 --      | {'fnf'} | gate reply.
 -- A file with storage state (an upload id, or completed) is queued in `c` (file id →
--- fileKey) and its fileKey stays reserved in `keys` as '~<file id>' until cleanup_done, so
--- the cleanup can never delete the object of a file registered later under the same key.
+-- fileKey) until cleanup_done. Its fileKey is free at once: object keys carry the file id,
+-- so the cleanup can never touch a file registered later under the same fileKey.
 local g = gate(NOW, true)
 if g then return g end
 local f = call('HGETALL', KEYS[3])
@@ -23,9 +23,7 @@ if st[3] or st[1] == 'completed' then
   cleanup = 1
   call('HSET', KEYS[4], ARGV[2], st[2] or '')
   keep(KEYS[4])
-  if st[2] then call('HSET', KEYS[2], st[2], '~' .. ARGV[2]) end
-elseif st[2] then
-  call('HDEL', KEYS[2], st[2])
 end
+if st[2] then call('HDEL', KEYS[2], st[2]) end
 release_slot()
 return {'ok', 'aborted', f, cleanup}

@@ -1,16 +1,34 @@
 -- abort_session. KEYS: s, keys, files, c, f:<id>..., p:<id>... (every file, see
 -- declared_files). ARGV: now, n.
--- Reply: {'ok','aborted', queued-file-fields...} | {'ok','forgot'} | {'ok','busy'}
---      | {'stale'} | gate reply.
+-- Reply: {'ok','aborted', queued-file-fields...} | {'ok','forgot'}
+--      | {'ok','pending', queued-file-fields...} | {'ok','busy'} | {'stale'} | gate reply.
 -- Every live file is aborted (completed ones too: their objects are deleted) and queued
 -- for cleanup as in abort_file; nothing changes while a file's completion is in flight. A
--- finalized session is forgotten: every key removed, its objects left to the application.
+-- finalized session is forgotten: every key removed, its objects left to the application;
+-- but not while cleanups of files deleted before finalize are queued (`pending`: the
+-- caller does them and asks again), since forgetting would drop the queue.
 local files = declared_files(KEYS[3], 5, true)
 if not files then return {'stale'} end
 local g = gate(NOW, false)
 if g then return g end
 local ss = call('HGET', SKEY, 'status')
+local function queued(out)
+  if call('EXISTS', KEYS[4]) == 1 then
+    local by_id = {}
+    for _, file in ipairs(files) do by_id[file.id] = file.f end
+    for _, fid in ipairs(call('HKEYS', KEYS[4])) do
+      local fk = by_id[fid]
+      if fk then
+        local f = call('HGETALL', fk)
+        if #f > 0 then out[#out + 1] = f end
+      end
+    end
+  end
+  return out
+end
 if ss == 'finalized' then
+  local pending = queued({'ok', 'pending'})
+  if #pending > 2 then return pending end
   for _, file in ipairs(files) do call('DEL', file.f, file.p) end
   call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
   return {'ok', 'forgot'}
@@ -34,25 +52,11 @@ if ss ~= 'aborted' then
       if st[2] or st[1] == 'completed' then
         call('HSET', KEYS[4], fid, st[3] or '')
         queued = true
-        if st[3] then call('HSET', KEYS[2], st[3], '~' .. fid) end
-      elseif st[3] then
-        call('HDEL', KEYS[2], st[3])
       end
+      if st[3] then call('HDEL', KEYS[2], st[3]) end
       release_slot()
     end
   end
   if queued then keep(KEYS[4]) end
 end
-local out = {'ok', 'aborted'}
-if call('EXISTS', KEYS[4]) == 1 then
-  local by_id = {}
-  for _, file in ipairs(files) do by_id[file.id] = file.f end
-  for _, fid in ipairs(call('HKEYS', KEYS[4])) do
-    local fk = by_id[fid]
-    if fk then
-      local f = call('HGETALL', fk)
-      if #f > 0 then out[#out + 1] = f end
-    end
-  end
-end
-return out
+return queued({'ok', 'aborted'})

@@ -22,30 +22,19 @@ local limit, count = tonumber(st[3]), tonumber(st[4])
 if not limit or not count then error('upgate: corrupt session (file_limit/file_count)') end
 -- A taken fileKey is reported before a full session (both are refusals; `dup` is the more
 -- specific one). On the common path one HSETNX both checks and claims the key.
--- A key held as '~<file id>' belongs to a deleted file whose storage cleanup is queued
--- (abort_file): `busy` until cleanup_done frees it.
-local function taken()
-  local holder = call('HGET', KEYS[2], ARGV[2])
-  if not holder then return nil end
-  if string.byte(holder, 1) == 126 then return {'ok', 'busy'} end
-  return {'ok', 'dup'}
-end
 if count >= limit then
-  local t = taken()
-  if t then return t end
+  if call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return {'ok', 'dup'} end
   return {'ok', 'full', st[3], st[4]}
 end
-if call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return taken() end
+if call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return {'ok', 'dup'} end
 call('HINCRBY', SKEY, 'file_count', 1)
 -- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
 call('HSET', KEYS[4], unpack(ARGV, 6))
 -- Retention: the file hash is new. `files` only grows (aborted files stay listed), so it is
 -- new exactly when this RPUSH made it one long. `keys` holds one field per live file (this
--- script adds one with each HINCRBY; abort_file and abort_session turn one into a
--- reservation or remove it with each release_slot) plus the reservations of queued
--- cleanups, so it exists whenever the count is above 0, and may have been created by this
--- HSETNX only when the count was 0 (then setting its deadline again is harmless); it can be
--- emptied, deleted by Redis, and created again later, which the same test catches.
+-- script adds one with each HINCRBY; abort_file and abort_session remove one with each
+-- release_slot), so it was just created exactly when the count was 0; it can be emptied by
+-- aborts, deleted by Redis, and created again later, which the same test catches.
 local new_list = call('RPUSH', KEYS[3], ARGV[3]) == 1
 if count == 0 and new_list then
   keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])
