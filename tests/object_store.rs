@@ -911,7 +911,7 @@ async fn s3_from_client_without_prefix() {
         .await
         .expect("complete");
     assert_eq!(
-        server.read_object("acme/session-1/a.txt"),
+        server.read_object("acme/session-1/file-1/a.txt"),
         Some(data.to_vec())
     );
     let head = server

@@ -111,7 +111,7 @@ async fn resume_after_the_gateway_is_killed() {
         .expect("json");
     assert_eq!(done["status"], "completed", "{done}");
     let stored = s3
-        .read_object(&format!("pfx/a/{session}/movie.mp4"))
+        .read_object(&format!("pfx/a/{session}/{file}/movie.mp4"))
         .expect("object in S3");
     assert_eq!(
         hex::encode(Sha256::digest(&stored)),
@@ -213,7 +213,7 @@ async fn a_1_gib_upload_keeps_gateway_memory_bounded() {
     );
     assert!(grew_mib < 64.0, "peak RSS grew by {grew_mib:.1} MiB");
     assert_eq!(
-        s3.object_path(&format!("pfx/a/{session}/one-gib.bin"))
+        s3.object_path(&format!("pfx/a/{session}/{file}/one-gib.bin"))
             .metadata()
             .map(|m| m.len())
             .ok(),
