@@ -494,3 +494,102 @@ async fn finalize_never_passes_a_file_completed_during_its_check() {
     assert_eq!(body["code"], "contentTypeMismatch");
     assert_eq!(body["fileId"], json!(liar));
 }
+
+/// Why, scenario "fileKeys `a` and `a/b` in one session collide on filesystem storage": both
+/// register, upload, complete and read back, each from an object of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_keys_that_nest_do_not_collide_on_the_filesystem() {
+    let gw = memory_gateway(Timing::default()).await;
+    let s = session(&gw, json!({})).await;
+    let mut urls = Vec::new();
+    for (key, bytes) in [("a", &b"outer"[..]), ("a/b", &b"inner"[..])] {
+        let f = gw
+            .register_json(
+                KEY_A,
+                &s,
+                json!({"fileName": "x.bin", "fileKey": key, "sizeBytes": bytes.len()}),
+            )
+            .await;
+        let id = f["fileId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{f}"))
+            .to_owned();
+        assert_eq!(
+            gw.put_part(KEY_A, &s, &id, 1, bytes.to_vec())
+                .await
+                .status(),
+            200
+        );
+        let res = gw.complete(KEY_A, &s, &id).await;
+        assert_eq!(res.status(), 200, "{key}");
+        let done: Value = res.json().await.expect("json");
+        urls.push(done["fileUrl"].as_str().expect("fileUrl").to_owned());
+    }
+    let (outer, inner) = (urls[0].clone(), urls[1].clone());
+    let read =
+        |url: &str| std::fs::read(url.strip_prefix("file://").expect("file url")).expect("object");
+    assert_eq!(read(&outer), b"outer");
+    assert_eq!(read(&inner), b"inner");
+    let res = gw
+        .req(Method::POST, &format!("/v1/sessions/{s}/finalize"), KEY_A)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 200);
+}
+
+/// Why, scenario "the edge timeout can cut `abort_uploads` halfway through a large
+/// session": a session `DELETE` whose storage calls outlast the request timeout (S3 stalls)
+/// is cut by the edge with 503; the cleanups stay queued, and once S3 answers again one
+/// reaper pass leaves nothing of the session in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_delete_cut_by_the_request_timeout_is_finished_by_the_reaper() {
+    let s3 = S3Server::start("uploads");
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(s3.addr()).await;
+    let storage = s3_through(&s3, &proxy);
+    let mut cfg = config("request_timeout_seconds = 1\n");
+    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
+    let store = upgate::build_store(&cfg).await.expect("store");
+    let gw = TestGateway::start_timed(
+        cfg,
+        store,
+        CountingStorage::new(Arc::new(storage)),
+        std::env::temp_dir(),
+        None,
+        fast_cleanup(),
+    )
+    .await;
+    let s = session(&gw, json!({})).await;
+    for i in 0..12 {
+        let name = format!("f{i}.bin");
+        if i % 2 == 0 {
+            completed(&gw, &s, &name, &[i as u8; 100]).await;
+        } else {
+            uploaded(&gw, &s, &name, &[i as u8; 100], None).await;
+        }
+    }
+    let prefix = format!("{S3_PREFIX}/a/{s}/");
+    assert_eq!(s3_open_uploads(&s3, &prefix).await, 6);
+    proxy.set(Fault::Stall);
+    let res = delete(&gw, &format!("/v1/sessions/{s}")).await;
+    assert_eq!(res.status(), 503, "cut by the 1 s request timeout");
+    assert!(res.headers().contains_key("retry-after"));
+    proxy.set(Fault::Pass);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    gw.state.uploads.reap_pass().await.expect("reap pass");
+    assert_eq!(
+        s3_open_uploads(&s3, &prefix).await,
+        0,
+        "every upload aborted"
+    );
+    let objects = s3
+        .client()
+        .list_objects_v2()
+        .bucket(s3.bucket())
+        .prefix(&prefix)
+        .send()
+        .await
+        .expect("ListObjectsV2");
+    assert_eq!(objects.key_count(), Some(0), "every object deleted");
+}

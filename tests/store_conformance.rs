@@ -2080,3 +2080,135 @@ async fn redis_an_index_entry_without_its_session_is_dropped_by_the_reaper() {
         .unwrap();
     assert_eq!(left, 0, "the dangling entry is gone");
 }
+
+async fn cmd<T: redis::FromRedisValue>(
+    con: &mut redis::aio::MultiplexedConnection,
+    args: &[&str],
+) -> T {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query_async(con)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// During a Redis Cluster slot migration (`rebalance`, which deploy/OPERATIONS.md
+/// recommends), keys of one slot move one at a time. Here the hash of the session's one
+/// unfinished file has moved while the session's other keys have not: a script that built
+/// that key itself would read it as missing and finalize a session with an unfinished file.
+/// Declared in `KEYS`, it makes Redis redirect instead; once the slot has moved, finalize
+/// sees the unfinished file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_finalize_mid_slot_migration_never_runs_on_missing_keys() {
+    let cluster = upgate_testkit::RedisCluster::start(3);
+    let urls = cluster.urls();
+    // Not strict: this is about what Redis does with the keys a script declares.
+    let store = Arc::new(
+        RedisStore::new(
+            RedisHandle::cluster(&urls).expect("cluster handle"),
+            RedisStoreOptions {
+                key_prefix: unique_prefix(),
+                retention: RETENTION,
+                command_timeout: Duration::from_secs(5),
+                strict_keys: false,
+            },
+        )
+        .expect("store"),
+    );
+    let c = Ctx::new(store.clone());
+    let s = c.session("t1", 10).await;
+    let done = c.completed("t1", &s, "done").await;
+    let open = c.register("t1", &s, "open").await;
+    let session_key = store.session_key("t1", &s.id);
+    let open_key = format!(
+        "{}f:{}",
+        session_key.strip_suffix('s').expect("…:s"),
+        open.id
+    );
+
+    let mut nodes = Vec::new();
+    for url in &urls {
+        nodes.push(raw_conn(url).await);
+    }
+    let slot: i64 = cmd(&mut nodes[0], &["CLUSTER", "KEYSLOT", &session_key]).await;
+    let slot = slot.to_string();
+    let mut source = None;
+    for (i, con) in nodes.iter_mut().enumerate() {
+        let n: i64 = cmd(con, &["CLUSTER", "COUNTKEYSINSLOT", &slot]).await;
+        if n > 0 {
+            source = Some(i);
+        }
+    }
+    let source = source.expect("the slot's owner");
+    let target = (source + 1) % nodes.len();
+    let source_id: String = cmd(&mut nodes[source], &["CLUSTER", "MYID"]).await;
+    let target_id: String = cmd(&mut nodes[target], &["CLUSTER", "MYID"]).await;
+    let target_port = urls[target].rsplit(':').next().expect("port").to_owned();
+    let _: () = cmd(
+        &mut nodes[target],
+        &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id],
+    )
+    .await;
+    let _: () = cmd(
+        &mut nodes[source],
+        &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
+    )
+    .await;
+    let _: () = cmd(
+        &mut nodes[source],
+        &[
+            "MIGRATE",
+            "127.0.0.1",
+            &target_port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            &open_key,
+        ],
+    )
+    .await;
+
+    let now = c.now();
+    let mid = store
+        .finalize("t1", &s.id, std::slice::from_ref(&done.id), now)
+        .await;
+    eprintln!("finalize mid-migration: {mid:?}");
+    assert!(
+        !matches!(mid, Ok(Gate::Ok(Finalized::Done(_)))),
+        "finalized with the unfinished file's key mid-migration: {mid:?}"
+    );
+
+    // Finish the migration: the rest of the slot's keys, then the slot itself.
+    let keys: Vec<String> = cmd(
+        &mut nodes[source],
+        &["CLUSTER", "GETKEYSINSLOT", &slot, "1000"],
+    )
+    .await;
+    if !keys.is_empty() {
+        let mut args = vec![
+            "MIGRATE",
+            "127.0.0.1",
+            &target_port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+        ];
+        args.extend(keys.iter().map(String::as_str));
+        let _: () = cmd(&mut nodes[source], &args).await;
+    }
+    for con in nodes.iter_mut() {
+        let _: () = cmd(con, &["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]).await;
+    }
+    let after = store
+        .finalize("t1", &s.id, std::slice::from_ref(&done.id), now)
+        .await
+        .expect("finalize after the migration");
+    assert_eq!(
+        after,
+        Gate::Ok(Finalized::Incomplete(vec![open.id.clone()]))
+    );
+}

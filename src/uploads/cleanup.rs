@@ -67,8 +67,11 @@ impl Uploads {
         ))
     }
 
-    /// Cleans `files` in storage and reports what storage confirmed. If anything is left,
-    /// the reaper is asked to retry soon; the queue entries themselves are already durable.
+    /// Cleans `files` in storage and reports what storage confirmed. The reaper is asked to
+    /// look at the session after `cleanup_retry` before storage is called, so a cleanup this
+    /// request does not finish (storage refuses, the request is cut by its timeout, the
+    /// replica dies) is retried then, not only at the session's expiry. The queue entries
+    /// themselves are already durable.
     async fn clean_now(
         &self,
         tenant: &str,
@@ -78,6 +81,8 @@ impl Uploads {
         if files.is_empty() {
             return Ok(());
         }
+        let at = now_ms().saturating_add(ms(self.timing.cleanup_retry));
+        self.store.schedule_reap(tenant, session_id, at).await?;
         let done = self.clean(files).await;
         self.store.cleanup_done(tenant, session_id, &done).await?;
         if done.len() < files.len() {
@@ -85,8 +90,6 @@ impl Uploads {
                 left = files.len() - done.len(),
                 "storage cleanup incomplete; queued for the reaper"
             );
-            let at = now_ms().saturating_add(ms(self.timing.cleanup_retry));
-            self.store.schedule_reap(tenant, session_id, at).await?;
         }
         Ok(())
     }
