@@ -123,6 +123,9 @@ pub struct TenantConfig {
     /// Largest `metadata` of a session, as serialized JSON (`max_metadata_bytes`: the
     /// tenant's, else the top-level setting, default 16 KiB).
     pub max_metadata_bytes: u64,
+    /// Live (not expired, finalized or deleted) sessions the tenant may hold at once
+    /// (`max_active_sessions`, default 10,000).
+    pub max_active_sessions: u64,
 }
 
 /// The whole, validated configuration.
@@ -464,6 +467,7 @@ struct RawTenant {
     max_concurrent_uploads: Setting<Int<1, 100_000, 64>>,
     cors_allowed_origins: Setting<Vec<String>>,
     max_metadata_bytes: Setting<MetadataBytes>,
+    max_active_sessions: Setting<Int<1, 10_000_000, 10_000>>,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -785,6 +789,7 @@ impl Check {
             max_metadata_bytes: self
                 .opt(t.max_metadata_bytes, &field("max_metadata_bytes"))
                 .map_or(max_metadata_bytes, |n| n.0),
+            max_active_sessions: self.int(t.max_active_sessions, &field("max_active_sessions")),
             id,
             api_keys_sha256: keys,
             session_ttl_seconds,
@@ -848,6 +853,7 @@ fn dev_tenant(max_metadata_bytes: u64) -> TenantConfig {
         max_concurrent_uploads: 64,
         cors_allowed_origins: vec!["*".to_owned()],
         max_metadata_bytes,
+        max_active_sessions: 10_000,
     }
 }
 
@@ -1076,6 +1082,24 @@ mod tests {
             Config::hash_key("k")
         );
         assert!(Config::from_toml(&text, no_env, false).is_ok());
+    }
+
+    #[test]
+    fn max_active_sessions_has_a_default_and_a_range() {
+        let tenant = |extra: &str| {
+            format!(
+                "[[tenants]]\nid = \"t\"\napi_keys_sha256 = [\"{}\"]\n{extra}",
+                Config::hash_key("k")
+            )
+        };
+        let c = Config::from_toml(&tenant(""), no_env, false).expect("valid");
+        assert_eq!(c.tenants[0].max_active_sessions, 10_000);
+        let c =
+            Config::from_toml(&tenant("max_active_sessions = 3\n"), no_env, false).expect("valid");
+        assert_eq!(c.tenants[0].max_active_sessions, 3);
+        let err = Config::from_toml(&tenant("max_active_sessions = 0\n"), no_env, false)
+            .expect_err("0 is out of range");
+        assert!(err.to_string().contains("max_active_sessions"), "{err}");
     }
 
     #[test]

@@ -143,6 +143,9 @@ pub enum AppError {
     /// 429 `tooManyConcurrentUploads`: the tenant's in-flight part uploads are at their cap.
     #[error("too many concurrent uploads")]
     TooManyConcurrentUploads,
+    /// 429 `quotaExceeded`: the tenant holds `max_active_sessions` live sessions.
+    #[error("active session quota exceeded")]
+    QuotaExceeded(u64),
     /// 501 `notSupported`.
     #[error("not supported")]
     NotSupported,
@@ -203,7 +206,9 @@ impl AppError {
             }
             ContentTypeMismatch { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            RateLimited { .. } | TooManyConcurrentUploads => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | TooManyConcurrentUploads | QuotaExceeded(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             NotSupported => StatusCode::NOT_IMPLEMENTED,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -238,6 +243,7 @@ impl AppError {
             IdempotencyKeyReused => "idempotencyKeyReused",
             RateLimited { .. } => "rateLimited",
             TooManyConcurrentUploads => "tooManyConcurrentUploads",
+            QuotaExceeded(_) => "quotaExceeded",
             NotSupported => "notSupported",
             Unavailable(_) => "unavailable",
             Internal(_) => "internal",
@@ -273,6 +279,7 @@ impl AppError {
             IdempotencyKeyReused => "The Idempotency-Key was used for a different request",
             RateLimited { .. } => "Too many requests",
             TooManyConcurrentUploads => "Too many part uploads in flight",
+            QuotaExceeded(_) => "Too many active sessions",
             NotSupported => "Not supported by this storage",
             Unavailable(_) => "A backing service is unavailable",
             Internal(_) => "Internal error",
@@ -365,6 +372,12 @@ impl AppError {
             MetadataTooLarge(max) => {
                 ext.insert("maxSizeBytes".into(), json!(max));
                 format!("metadata may be at most {max} bytes as JSON")
+            }
+            QuotaExceeded(limit) => {
+                ext.insert("limit".into(), json!(limit));
+                format!(
+                    "at most {limit} sessions may be live at once; finalize or delete one, or wait for one to expire"
+                )
             }
             ContentTypeMismatch {
                 file_id,

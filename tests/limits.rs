@@ -255,3 +255,64 @@ async fn state_dependent_rejections_are_not_replayed() {
         Some("true")
     );
 }
+
+/// `max_active_sessions` (API.md v1.1): over it, 429 `quotaExceeded` with `limit`; a
+/// deleted, a finalized and an expired session each free their place; another tenant's
+/// count is its own. Real Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_sessions_are_bounded_per_tenant() {
+    let redis = RedisServer::start();
+    let mut cfg = config("");
+    cfg.tenants[0].max_active_sessions = 3;
+    let gw = TestGateway::start(cfg, redis_store(&redis.url()).await).await;
+    let id = |v: Value| v["sessionId"].as_str().expect("sessionId").to_owned();
+    let short = id(gw.create_session(KEY_A, json!({"ttlSeconds": 1})).await);
+    let deleted = id(gw.create_session(KEY_A, json!({})).await);
+    let finalized = id(gw.create_session(KEY_A, json!({})).await);
+    let p = problem(create(&gw, KEY_A, json!({})).await, 429, "quotaExceeded").await;
+    assert_eq!(p["limit"], 3);
+    assert_eq!(
+        create(&gw, KEY_B, json!({})).await.status(),
+        201,
+        "tenant b counts apart"
+    );
+
+    let res = gw
+        .req(Method::DELETE, &format!("/v1/sessions/{deleted}"), KEY_A)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 204);
+    assert_eq!(
+        create(&gw, KEY_A, json!({})).await.status(),
+        201,
+        "freed by DELETE"
+    );
+    problem(create(&gw, KEY_A, json!({})).await, 429, "quotaExceeded").await;
+
+    let res = gw
+        .req(
+            Method::POST,
+            &format!("/v1/sessions/{finalized}/finalize"),
+            KEY_A,
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        create(&gw, KEY_A, json!({})).await.status(),
+        201,
+        "freed by finalize"
+    );
+    problem(create(&gw, KEY_A, json!({})).await, 429, "quotaExceeded").await;
+
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let _ = short;
+    assert_eq!(
+        create(&gw, KEY_A, json!({})).await.status(),
+        201,
+        "freed by expiry"
+    );
+    problem(create(&gw, KEY_A, json!({})).await, 429, "quotaExceeded").await;
+}

@@ -183,6 +183,19 @@ impl SessionStore for Counted {
     ) -> Result<(), StoreError> {
         self.inner.reap_done(t, s, c, next).await
     }
+    async fn reserve_live(
+        &self,
+        t: &str,
+        s: &str,
+        e: i64,
+        l: u64,
+        n: i64,
+    ) -> Result<bool, StoreError> {
+        forward!(self.reserve_live(t, s, e, l, n))
+    }
+    async fn release_live(&self, t: &str, s: &str) -> Result<(), StoreError> {
+        forward!(self.release_live(t, s))
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

@@ -1521,6 +1521,31 @@ mod cases {
         assert!(!none.contains(&("t2".to_owned(), s2.id.clone())));
     }
 
+    /// `max_active_sessions`: a tenant's live sessions are counted up to the limit; a
+    /// session stops counting when released (finalized, deleted) or at its expiry; tenants
+    /// count apart.
+    pub(crate) async fn live_sessions_are_bounded_per_tenant(c: Ctx) {
+        let st = &c.store;
+        let now = c.now();
+        let reserve = |t: &'static str, s: &'static str, until: i64, at: i64| {
+            let st = st.clone();
+            async move { st.reserve_live(t, s, until, 2, at).await.expect("reserve") }
+        };
+        assert!(reserve("t1", "a", c.at(100), now).await);
+        assert!(reserve("t1", "b", c.at(50), now).await);
+        assert!(reserve("t1", "a", c.at(100), now).await, "counted already");
+        assert!(!reserve("t1", "c", c.at(100), now).await, "at the limit");
+        assert!(reserve("t2", "c", c.at(100), now).await, "another tenant");
+        st.release_live("t1", "a").await.unwrap();
+        st.release_live("t1", "a").await.unwrap(); // repeatable
+        assert!(reserve("t1", "c", c.at(100), now).await, "a released slot");
+        assert!(!reserve("t1", "d", c.at(100), now).await);
+        assert!(
+            reserve("t1", "d", c.at(100), c.at(50)).await,
+            "b stops counting at its expiry"
+        );
+    }
+
     pub(crate) async fn concurrent_register_respects_limit(c: Ctx) {
         let s = c.session("t1", 50).await;
         let now = c.now();
@@ -1668,6 +1693,7 @@ macro_rules! for_each_case {
             claim_expired_exclusive,
             reap_semantics,
             reap_waits_for_completions_and_keeps_schedules,
+            live_sessions_are_bounded_per_tenant,
             concurrent_register_respects_limit,
             concurrent_register_same_key,
             concurrent_begin_complete_single_winner

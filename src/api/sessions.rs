@@ -35,7 +35,27 @@ pub(super) async fn create(
         metadata: req.metadata,
     };
     tracing::Span::current().record("session_id", session.id.as_str());
-    state.store.create_session(&session).await?;
+    // The quota counts the session first: a create cut after this step leaves a count that
+    // ends at the session's expiry, never a session the quota does not see.
+    let counted = state
+        .store
+        .reserve_live(
+            &t.id,
+            &session.id,
+            session.expires_at.saturating_mul(1000),
+            t.max_active_sessions,
+            now.saturating_mul(1000),
+        )
+        .await?;
+    if !counted {
+        return Err(AppError::QuotaExceeded(t.max_active_sessions));
+    }
+    if let Err(e) = state.store.create_session(&session).await {
+        if let Err(release) = state.store.release_live(&t.id, &session.id).await {
+            tracing::warn!(error = %release, "releasing the quota of a session not created failed; it ends at the session's expiry");
+        }
+        return Err(e.into());
+    }
     state.metrics.sessions_created.inc();
     let location = format!("/v1/sessions/{}", session.id);
     Ok((

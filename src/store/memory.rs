@@ -41,6 +41,8 @@ struct Inner {
     sessions: HashMap<(String, String), SessionEntry>,
     /// (tenant, session) → time (ms) at which the reaper may take it.
     reap_index: HashMap<(String, String), i64>,
+    /// tenant → live session → its expiry (ms).
+    live: HashMap<String, HashMap<String, i64>>,
 }
 
 /// In-memory [`SessionStore`]. State is lost on restart and not shared between replicas.
@@ -673,6 +675,38 @@ impl SessionStore for MemoryStore {
             Some(at) => inner.reap_index.insert(k, at),
             None => inner.reap_index.remove(&k),
         };
+        Ok(())
+    }
+
+    async fn reserve_live(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        expires_at_ms: i64,
+        limit: u64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let live = inner.live.entry(tenant.to_owned()).or_default();
+        live.retain(|_, until| *until > now_ms);
+        if live.contains_key(session_id) {
+            return Ok(true);
+        }
+        if live.len() as u64 >= limit {
+            return Ok(false);
+        }
+        live.insert(session_id.to_owned(), expires_at_ms);
+        Ok(true)
+    }
+
+    async fn release_live(&self, tenant: &str, session_id: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(live) = inner.live.get_mut(tenant) {
+            live.remove(session_id);
+            if live.is_empty() {
+                inner.live.remove(tenant);
+            }
+        }
         Ok(())
     }
 

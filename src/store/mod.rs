@@ -406,6 +406,22 @@ pub trait SessionStore: Send + Sync + 'static {
         next_ms: Option<i64>,
     ) -> Result<(), StoreError>;
 
+    /// Counts `session_id` (live until `expires_at_ms`) among the tenant's live sessions if
+    /// fewer than `limit` of them are live at `now_ms`: true when counted (or counted
+    /// already), false when the tenant is at its limit. A session stops counting at its
+    /// expiry, or at [`SessionStore::release_live`] (finalized or deleted).
+    async fn reserve_live(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        expires_at_ms: i64,
+        limit: u64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// The session no longer counts among the tenant's live sessions.
+    async fn release_live(&self, tenant: &str, session_id: &str) -> Result<(), StoreError>;
+
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

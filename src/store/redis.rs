@@ -317,6 +317,7 @@ struct Scripts {
     reap: Script,
     claim: Script,
     cleanup_done: Script,
+    live_reserve: Script,
     renew_complete: Script,
     reschedule: Script,
 }
@@ -343,6 +344,7 @@ impl Scripts {
             reap: session_script(include_str!("lua/reap.lua")),
             claim: index_script(include_str!("lua/claim.lua")),
             cleanup_done: session_script(include_str!("lua/cleanup_done.lua")),
+            live_reserve: index_script(include_str!("lua/live_reserve.lua")),
             renew_complete: session_script(include_str!("lua/renew_complete.lua")),
             reschedule: index_script(include_str!("lua/reschedule.lua")),
         }
@@ -526,6 +528,12 @@ impl RedisStore {
     /// The key of the reaper index (a sorted set).
     pub fn reap_key(&self) -> String {
         format!("{}:reap", self.prefix)
+    }
+
+    /// The key of a tenant's live-session set (a sorted set scored by expiry, in the
+    /// tenant's own hash slot).
+    pub fn live_key(&self, tenant: &str) -> String {
+        format!("{}:{{{tenant}}}:live", self.prefix)
     }
 
     /// The session hash key of a session (for diagnostics and tests).
@@ -1466,6 +1474,38 @@ impl SessionStore for RedisStore {
             None => inv.arg(""),
         };
         self.invoke("reap_done", &inv).await.map(drop)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn reserve_live(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        expires_at_ms: i64,
+        limit: u64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut inv = Call::new(&self.scripts.live_reserve, [self.live_key(tenant)]);
+        inv.arg(now_ms)
+            .arg(session_id)
+            .arg(expires_at_ms)
+            .arg(limit);
+        let reply = self.invoke("reserve_live", &inv).await?;
+        Ok(as_int(&reply)? == 1)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn release_live(&self, tenant: &str, session_id: &str) -> Result<(), StoreError> {
+        let key = self.live_key(tenant);
+        let mut con = self.handle.clone();
+        self.bounded("release_live", async move {
+            redis::cmd("ZREM")
+                .arg(&key)
+                .arg(session_id)
+                .exec_async(&mut con)
+                .await
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

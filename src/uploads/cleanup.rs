@@ -55,7 +55,8 @@ impl Uploads {
                     return Ok(());
                 }
                 SessionAborted::Aborted(queued) => {
-                    return self.clean_now(tenant, session_id, &queued).await
+                    self.release_live(tenant, session_id).await;
+                    return self.clean_now(tenant, session_id, &queued).await;
                 }
                 SessionAborted::CleanupFirst(queued) => {
                     self.clean_now(tenant, session_id, &queued).await?;
@@ -92,6 +93,14 @@ impl Uploads {
             );
         }
         Ok(())
+    }
+
+    /// The session no longer counts against the tenant's `max_active_sessions`. A failure
+    /// is logged, not returned: the count ends at the session's expiry anyway.
+    pub(super) async fn release_live(&self, tenant: &str, session_id: &str) {
+        if let Err(e) = self.store.release_live(tenant, session_id).await {
+            tracing::warn!(error = %e, "releasing a session's quota count failed; it ends at the session's expiry");
+        }
     }
 
     /// Aborts each file's storage upload and deletes its object (a few at a time); returns

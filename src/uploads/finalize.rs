@@ -51,6 +51,7 @@ impl Uploads {
             )? {
                 Finalized::Done(view) => {
                     self.metrics.sessions_finalized.inc();
+                    self.release_live(tenant, session_id).await;
                     return Ok(view);
                 }
                 Finalized::Incomplete(ids) => return Err(AppError::FilesIncomplete(ids)),
