@@ -64,23 +64,7 @@ impl Rig {
         let redis_proxy =
             FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().expect("addr")).await;
         let s3_proxy = FaultProxy::start(s3.addr()).await;
-        let conf = s3
-            .client_config()
-            .endpoint_url(format!("http://{}", s3_proxy.addr()))
-            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(1))
-            .timeout_config(
-                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(1))
-                    .operation_timeout(Duration::from_secs(2))
-                    .build(),
-            )
-            .build();
-        let storage = upgate::storage::s3::S3Store::from_client(
-            aws_sdk_s3::Client::from_conf(conf),
-            s3.bucket(),
-            S3_PREFIX,
-        )
-        .with_timeouts(short_s3_timeouts());
+        let storage = s3_through(&s3, &s3_proxy, S3_PREFIX);
         let mut cfg = config("redis_timeout_ms = 500\n");
         cfg.redis = Some(upgate::config::RedisTarget::Single(format!(
             "redis://{}",
@@ -154,17 +138,6 @@ impl Rig {
 }
 
 const SIZE: usize = 1000;
-
-fn short_s3_timeouts() -> upgate::storage::s3::S3Timeouts {
-    upgate::storage::s3::S3Timeouts {
-        connect: Duration::from_secs(1),
-        attempt: Duration::from_secs(2),
-        operation: Duration::from_secs(2),
-        complete: Duration::from_secs(3),
-        part_base: Duration::from_secs(2),
-        part_min_rate: 256 * 1024,
-    }
-}
 
 /// The state a step starts from: a session, and for the later steps a file at the stage
 /// the step needs.

@@ -28,33 +28,37 @@ fn fast_cleanup() -> Timing {
     }
 }
 
-/// An S3 store whose every request goes through `proxy`: one attempt, short timeouts, so a
-/// refused or stalled storage fails fast.
-fn s3_through(s3: &S3Server, proxy: &FaultProxy) -> upgate::storage::s3::S3Store {
-    let conf = s3
-        .client_config()
-        .endpoint_url(format!("http://{}", proxy.addr()))
-        .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(1))
-        .timeout_config(
-            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(1))
-                .operation_timeout(Duration::from_secs(2))
-                .build(),
-        )
-        .build();
-    upgate::storage::s3::S3Store::from_client(
-        aws_sdk_s3::Client::from_conf(conf),
-        s3.bucket(),
-        S3_PREFIX,
+/// A gateway on real Redis and on S3 behind a fault proxy, with fast cleanup retries.
+struct S3Rig {
+    s3: S3Server,
+    _redis: RedisServer,
+    proxy: FaultProxy,
+    gw: TestGateway,
+}
+
+async fn s3_rig(extra_config: &str) -> S3Rig {
+    let s3 = S3Server::start("uploads");
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(s3.addr()).await;
+    let storage = s3_through(&s3, &proxy, S3_PREFIX);
+    let mut cfg = config(extra_config);
+    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
+    let store = upgate::build_store(&cfg).await.expect("store");
+    let gw = TestGateway::start_timed(
+        cfg,
+        store,
+        CountingStorage::new(Arc::new(storage)),
+        std::env::temp_dir(),
+        None,
+        fast_cleanup(),
     )
-    .with_timeouts(upgate::storage::s3::S3Timeouts {
-        connect: Duration::from_secs(1),
-        attempt: Duration::from_secs(2),
-        operation: Duration::from_secs(2),
-        complete: Duration::from_secs(3),
-        part_base: Duration::from_secs(2),
-        part_min_rate: 256 * 1024,
-    })
+    .await;
+    S3Rig {
+        s3,
+        _redis: redis,
+        proxy,
+        gw,
+    }
 }
 
 async fn memory_gateway(timing: Timing) -> TestGateway {
@@ -145,27 +149,17 @@ async fn s3_open_uploads(s3: &S3Server, prefix: &str) -> usize {
 
 /// Why, scenario 2: a completed file deleted while S3 is down used to answer 503, then 204
 /// on the retry with the object left in the bucket for good. Now the `DELETE` answers 204
-/// at once (the cleanup is queued with the state change), the fileKey stays reserved until
-/// storage confirms, the reaper retries while S3 is down, and once it is back nothing of the
-/// file (nor of a deleted session) is left in the bucket.
+/// at once (the cleanup is queued with the state change), the reaper retries while S3 is
+/// down, and once it is back nothing of the file (nor of a deleted session) is left in the
+/// bucket, while a newer file under the same fileKey keeps its object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_is_deleted_while_storage_is_down_is_removed_once_it_is_back() {
-    let s3 = S3Server::start("uploads");
-    let redis = RedisServer::start();
-    let proxy = FaultProxy::start(s3.addr()).await;
-    let storage = s3_through(&s3, &proxy);
-    let mut cfg = config("");
-    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
-    let store = upgate::build_store(&cfg).await.expect("store");
-    let gw = TestGateway::start_timed(
-        cfg,
-        store,
-        CountingStorage::new(Arc::new(storage)),
-        std::env::temp_dir(),
-        None,
-        fast_cleanup(),
-    )
-    .await;
+    let S3Rig {
+        s3,
+        proxy,
+        gw,
+        _redis,
+    } = s3_rig("").await;
 
     let s = session(&gw, json!({})).await;
     let (file, url) = completed(&gw, &s, "a.bin", &[7; 1000]).await;
@@ -544,22 +538,12 @@ async fn file_keys_that_nest_do_not_collide_on_the_filesystem() {
 /// reaper pass leaves nothing of the session in the bucket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_delete_cut_by_the_request_timeout_is_finished_by_the_reaper() {
-    let s3 = S3Server::start("uploads");
-    let redis = RedisServer::start();
-    let proxy = FaultProxy::start(s3.addr()).await;
-    let storage = s3_through(&s3, &proxy);
-    let mut cfg = config("request_timeout_seconds = 1\n");
-    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
-    let store = upgate::build_store(&cfg).await.expect("store");
-    let gw = TestGateway::start_timed(
-        cfg,
-        store,
-        CountingStorage::new(Arc::new(storage)),
-        std::env::temp_dir(),
-        None,
-        fast_cleanup(),
-    )
-    .await;
+    let S3Rig {
+        s3,
+        proxy,
+        gw,
+        _redis,
+    } = s3_rig("request_timeout_seconds = 1\n").await;
     let s = session(&gw, json!({})).await;
     for i in 0..12 {
         let name = format!("f{i}.bin");

@@ -36,7 +36,9 @@ pub(super) async fn create(
     };
     tracing::Span::current().record("session_id", session.id.as_str());
     // The quota counts the session first: a create cut after this step leaves a count that
-    // ends at the session's expiry, never a session the quota does not see.
+    // ends at the session's expiry. A create that fails is released again; if it failed
+    // only in the reply (a timeout after Redis applied it), that session goes uncounted
+    // until its expiry: the quota can be exceeded by such timeouts, never leak a place.
     let counted = state
         .store
         .reserve_live(

@@ -592,7 +592,11 @@ impl RedisStore {
         now_ms: i64,
         extra: &[String],
     ) -> Result<Value, StoreError> {
-        for _ in 0..STALE_RETRIES {
+        for attempt in 0..STALE_RETRIES {
+            if attempt > 0 {
+                // Registrations are changing the list right now: let a few land.
+                tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+            }
             let mut con = self.handle.clone();
             let files = k.files();
             let ids: Vec<String> = self

@@ -52,6 +52,8 @@ impl Uploads {
                 SessionAborted::CompletionInProgress => return Err(AppError::CompletionInProgress),
                 SessionAborted::Forgotten => {
                     tracing::info!("finalized session forgotten; its objects stay");
+                    // Finalize released it already; again in case that release was lost.
+                    self.release_live(tenant, session_id).await;
                     return Ok(());
                 }
                 SessionAborted::Aborted(queued) => {

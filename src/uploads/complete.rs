@@ -73,11 +73,11 @@ impl Drop for WaiterGuard {
     }
 }
 
-/// A held completion lease. While it lives, a task renews it every `renew`; it stops when
-/// the lease is lost (taken over, file aborted). Dropped without [`Lease::finished`] (an
-/// error, or the request's future cancelled: an HTTP/2 reset, the end of the shutdown
-/// grace), it gives the lease back in the background, so the file is completable again at
-/// once instead of when the lease runs out.
+/// A held completion lease, owned by the completion's own task. While it lives, a task
+/// renews it every `renew`; it stops when the lease is lost (taken over, file aborted).
+/// Dropped without [`Lease::finished`] (the completion task panicked or was cancelled), it
+/// gives the lease back in the background, so the file is completable again at once; at
+/// runtime shutdown nothing can run any more, and the lease runs out by itself.
 struct Lease {
     store: Arc<dyn SessionStore>,
     ids: Arc<(String, String, String, String)>,

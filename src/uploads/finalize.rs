@@ -29,6 +29,10 @@ impl Uploads {
                 now,
             )?;
             if view.session.status != SessionStatus::Active {
+                if view.session.status == SessionStatus::Finalized {
+                    // A repeated finalize: make sure the quota count went (idempotent).
+                    self.release_live(tenant, session_id).await;
+                }
                 return Err(AppError::SessionNotActive(view.session.status));
             }
             let incomplete: Vec<String> = view

@@ -22,6 +22,9 @@ impl Uploads {
         let started = now_ms();
         let claimed_until = started.saturating_add(CLAIM_LEASE_MS);
         loop {
+            if now_ms().saturating_sub(started) > CLAIM_LEASE_MS / 2 {
+                return Ok(reaped);
+            }
             let due = self
                 .store
                 .claim_expired(started, CLAIM_LEASE_MS, BATCH)

@@ -186,6 +186,39 @@ impl ObjectStore for CountingStorage {
     }
 }
 
+/// An S3 store for `s3` whose every request goes through `proxy` (a fault proxy): one
+/// attempt and short deadlines, so a refused or stalled storage fails within seconds.
+pub fn s3_through(
+    s3: &upgate_testkit::s3::S3Server,
+    proxy: &upgate_testkit::fault::FaultProxy,
+    prefix: &str,
+) -> upgate::storage::s3::S3Store {
+    let conf = s3
+        .client_config()
+        .endpoint_url(format!("http://{}", proxy.addr()))
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(1))
+        .timeout_config(
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .operation_timeout(Duration::from_secs(2))
+                .build(),
+        )
+        .build();
+    upgate::storage::s3::S3Store::from_client(
+        aws_sdk_s3::Client::from_conf(conf),
+        s3.bucket(),
+        prefix,
+    )
+    .with_timeouts(upgate::storage::s3::S3Timeouts {
+        connect: Duration::from_secs(1),
+        attempt: Duration::from_secs(2),
+        operation: Duration::from_secs(2),
+        complete: Duration::from_secs(3),
+        part_base: Duration::from_secs(2),
+        part_min_rate: 256 * 1024,
+    })
+}
+
 /// A running gateway.
 pub struct TestGateway {
     pub base: String,

@@ -12,20 +12,7 @@ if not files then return {'stale'} end
 local g = gate(NOW, false)
 if g then return g end
 local ss = call('HGET', SKEY, 'status')
-local function queued(out)
-  if call('EXISTS', KEYS[4]) == 1 then
-    local by_id = {}
-    for _, file in ipairs(files) do by_id[file.id] = file.f end
-    for _, fid in ipairs(call('HKEYS', KEYS[4])) do
-      local fk = by_id[fid]
-      if fk then
-        local f = call('HGETALL', fk)
-        if #f > 0 then out[#out + 1] = f end
-      end
-    end
-  end
-  return out
-end
+local function queued(out) return queued_files(KEYS[4], files, out) end
 if ss == 'finalized' then
   local pending = queued({'ok', 'pending'})
   if #pending > 2 then return pending end

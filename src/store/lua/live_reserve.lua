@@ -6,9 +6,7 @@ call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
 if call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
 call('ZADD', KEYS[1], ARGV[3], ARGV[2])
--- The set lives as long as its longest-lived member.
-local ttl = call('PTTL', KEYS[1])
-if ttl < 0 or tonumber(ARGV[1]) + ttl < tonumber(ARGV[3]) then
-  call('PEXPIREAT', KEYS[1], ARGV[3])
-end
+-- The set lives as long as its longest-lived member (scores are whole milliseconds).
+local top = call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+call('PEXPIREAT', KEYS[1], top[2])
 return 1

@@ -30,6 +30,22 @@ local function declared_files(files_key, first, with_parts)
   return out
 end
 
+-- Appends to `out` the records of the files queued for storage cleanup in `c_key` (file
+-- ids), looked up among `files` (declared_files); returns `out`.
+local function queued_files(c_key, files, out)
+  if call('EXISTS', c_key) == 0 then return out end
+  local by_id = {}
+  for _, file in ipairs(files) do by_id[file.id] = file.f end
+  for _, fid in ipairs(call('HKEYS', c_key)) do
+    local fk = by_id[fid]
+    if fk then
+      local f = call('HGETALL', fk)
+      if #f > 0 then out[#out + 1] = f end
+    end
+  end
+  return out
+end
+
 -- Sets the retention deadline `ku` (the session's `keep_until`, ms) on keys this script wrote.
 local function keep_until(ku, ...)
   if not ku then return end

@@ -30,16 +30,5 @@ if past then
     end
   end
 end
-local queued = {}
-if call('EXISTS', KEYS[3]) == 1 then
-  local by_id = {}
-  for _, file in ipairs(files) do by_id[file.id] = file.f end
-  for _, fid in ipairs(call('HKEYS', KEYS[3])) do
-    local fk = by_id[fid]
-    if fk then
-      local f = call('HGETALL', fk)
-      if #f > 0 then queued[#queued + 1] = f end
-    end
-  end
-end
+local queued = queued_files(KEYS[3], files, {})
 return {'ok', first, call('HGETALL', SKEY), busy, open, queued}
