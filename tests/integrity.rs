@@ -61,6 +61,32 @@ async fn s3_rig(extra_config: &str) -> S3Rig {
     }
 }
 
+/// A `complete` of `file` sent in a task: its status and body once it answers.
+fn complete_in_background(
+    gw: &Arc<TestGateway>,
+    s: &str,
+    file: &str,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let (gw, s, file) = (gw.clone(), s.to_owned(), file.to_owned());
+    tokio::spawn(async move {
+        let res = gw.complete(KEY_A, &s, &file).await;
+        let status = res.status().as_u16();
+        (status, res.json::<Value>().await.expect("json"))
+    })
+}
+
+/// Waits until storage has been asked to complete an upload.
+async fn storage_completing(gw: &TestGateway) {
+    let started = Instant::now();
+    while gw.counting.completes.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "storage never called"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn memory_gateway(timing: Timing) -> TestGateway {
     let dir = tempfile::tempdir().expect("tempdir");
     let fs = upgate::storage::fs::FsStore::new(dir.path())
@@ -319,19 +345,8 @@ async fn a_completion_slower_than_its_lease_keeps_it_and_storage_completes_once(
     let s = session(&gw, json!({})).await;
     let file = uploaded(&gw, &s, "slow.bin", &[4; 10], None).await;
     gw.counting.hold_completes.send_replace(true);
-    let first = tokio::spawn({
-        let (gw, s, file) = (gw.clone(), s.clone(), file.clone());
-        async move {
-            let res = gw.complete(KEY_A, &s, &file).await;
-            (
-                res.status().as_u16(),
-                res.json::<Value>().await.expect("json"),
-            )
-        }
-    });
-    while gw.counting.completes.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let first = complete_in_background(&gw, &s, &file);
+    storage_completing(&gw).await;
     // Three lease periods: without renewal the lease would have run out twice over.
     tokio::time::sleep(Duration::from_millis(900)).await;
     let res = gw.complete(KEY_A, &s, &file).await;
@@ -361,19 +376,8 @@ async fn deleting_during_a_completion_is_refused_until_it_lands() {
     let s = session(&gw, json!({})).await;
     let file = uploaded(&gw, &s, "d.bin", &[5; 10], None).await;
     gw.counting.hold_completes.send_replace(true);
-    let completing = tokio::spawn({
-        let (gw, s, file) = (gw.clone(), s.clone(), file.clone());
-        async move {
-            let res = gw.complete(KEY_A, &s, &file).await;
-            (
-                res.status().as_u16(),
-                res.json::<Value>().await.expect("json"),
-            )
-        }
-    });
-    while gw.counting.completes.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let completing = complete_in_background(&gw, &s, &file);
+    storage_completing(&gw).await;
     for path in [
         format!("/v1/sessions/{s}/files/{file}"),
         format!("/v1/sessions/{s}"),
@@ -413,19 +417,8 @@ async fn the_reaper_leaves_a_completion_in_flight_alone() {
     let s = session(&gw, json!({"ttlSeconds": 2})).await;
     let file = uploaded(&gw, &s, "r.bin", &[6; 10], None).await;
     gw.counting.hold_completes.send_replace(true);
-    let completing = tokio::spawn({
-        let (gw, s, file) = (gw.clone(), s.clone(), file.clone());
-        async move {
-            let res = gw.complete(KEY_A, &s, &file).await;
-            (
-                res.status().as_u16(),
-                res.json::<Value>().await.expect("json"),
-            )
-        }
-    });
-    while gw.counting.completes.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let completing = complete_in_background(&gw, &s, &file);
+    storage_completing(&gw).await;
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     gw.state.uploads.reap_pass().await.expect("reap pass");
     assert_eq!(

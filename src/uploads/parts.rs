@@ -92,14 +92,7 @@ impl Uploads {
     where
         F: FnOnce(u64, Option<String>) -> PartBody,
     {
-        let now = now_ms();
-        let file = open_gate(
-            self.store
-                .get_file(tenant, session_id, file_id, true, now)
-                .await?,
-            tenant,
-            now,
-        )?;
+        let file = self.active_file(tenant, session_id, file_id).await?;
         if file.status != FileStatus::Registered {
             return Err(file_not_open(&file));
         }
@@ -159,6 +152,23 @@ impl Uploads {
         Ok(record)
     }
 
+    /// A file of an active session (gate: exists, not expired, active, file exists).
+    async fn active_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<FileRecord, AppError> {
+        let now = now_ms();
+        open_gate(
+            self.store
+                .get_file(tenant, session_id, file_id, true, now)
+                .await?,
+            tenant,
+            now,
+        )
+    }
+
     /// The parts recorded for a file (for resuming).
     pub async fn list_parts(
         &self,
@@ -185,14 +195,7 @@ impl Uploads {
         file_id: &str,
         body: &serde_json::Value,
     ) -> Result<Presigned, AppError> {
-        let now = now_ms();
-        let file = open_gate(
-            self.store
-                .get_file(tenant, session_id, file_id, true, now)
-                .await?,
-            tenant,
-            now,
-        )?;
+        let file = self.active_file(tenant, session_id, file_id).await?;
         if self.storage.kind() != StorageKind::S3 {
             return Err(AppError::NotSupported);
         }
@@ -215,7 +218,7 @@ impl Uploads {
         }
         Ok(Presigned {
             parts,
-            expires_at: now / 1000 + PRESIGN_TTL.as_secs() as i64,
+            expires_at: now_ms() / 1000 + PRESIGN_TTL.as_secs() as i64,
         })
     }
 }
