@@ -24,6 +24,15 @@ use sha2::{Digest, Sha256};
 pub const DEV_TENANT_ID: &str = "dev";
 /// The development tenant's API key (embedded default only; refused in production).
 pub const DEV_API_KEY: &str = "upgate-dev-key";
+/// API keys published in this repository's sample configurations (`config/`): anyone can
+/// read them, so a production configuration that accepts one is refused.
+pub const SAMPLE_API_KEYS: &[&str] = &[
+    DEV_API_KEY,
+    "acme-dev-key",
+    "acme-prod-key-1",
+    "acme-prod-key-2",
+    "globex-key",
+];
 
 /// `environment`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -805,7 +814,10 @@ impl Check {
         let mut ids = HashSet::new();
         let mut keys = HashSet::new();
         let mut prefixes = HashSet::new();
-        let dev_hash = Config::hash_key(DEV_API_KEY);
+        let samples: Vec<(String, &str)> = SAMPLE_API_KEYS
+            .iter()
+            .map(|k| (Config::hash_key(k), *k))
+            .collect();
         for t in tenants {
             if !ids.insert(t.id.as_str()) {
                 self.err(format!("tenant id {:?} is configured twice", t.id));
@@ -824,11 +836,16 @@ impl Check {
                     ));
                 }
             }
-            if environment == Environment::Production && t.api_keys_sha256.contains(&dev_hash) {
-                self.err(format!(
-                    "tenant {:?} uses the development API key, which is refused with environment = \"production\"",
-                    t.id
-                ));
+            if environment != Environment::Production {
+                continue;
+            }
+            for (digest, key) in &samples {
+                if t.api_keys_sha256.contains(digest) {
+                    self.err(format!(
+                        "tenant {:?} accepts the published sample API key {key:?}, which is refused with environment = \"production\"; make your own key and put its digest (`upgate hash-key <key>`) in api_keys_sha256",
+                        t.id
+                    ));
+                }
             }
         }
     }
@@ -949,7 +966,7 @@ mod tests {
         assert!(
             err.problems
                 .iter()
-                .any(|p| p.contains("development API key")),
+                .any(|p| p.contains("sample API key \"upgate-dev-key\"")),
             "{err}"
         );
     }
