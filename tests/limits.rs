@@ -316,3 +316,130 @@ async fn active_sessions_are_bounded_per_tenant() {
     );
     problem(create(&gw, KEY_A, json!({})).await, 429, "quotaExceeded").await;
 }
+
+/// Tenant a at every one of its quotas at once (live sessions, files per session, metadata,
+/// part uploads in flight, request rate) gets each quota's refusal; tenant b, on the same
+/// gateway and Redis, meanwhile does a whole upload with its own limits untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_every_quota_leaves_the_other_tenant_whole() {
+    let redis = RedisServer::start();
+    let mut cfg = config("");
+    {
+        let a = &mut cfg.tenants[0];
+        a.max_active_sessions = 2;
+        a.max_files_per_session = 1;
+        a.max_metadata_bytes = 64;
+        a.max_concurrent_uploads = 1;
+        a.rate_limit.requests_per_second = 1;
+        a.rate_limit.burst = 12;
+    }
+    let gw = TestGateway::start(cfg, redis_store(&redis.url()).await).await;
+    let id = |v: &Value, k: &str| v[k].as_str().unwrap_or_else(|| panic!("{v}")).to_owned();
+
+    // Sessions and files: at the limits.
+    let s1 = id(&gw.create_session(KEY_A, json!({})).await, "sessionId");
+    id(&gw.create_session(KEY_A, json!({})).await, "sessionId");
+    problem(create(&gw, KEY_A, json!({})).await, 429, "quotaExceeded").await;
+    problem(
+        create(&gw, KEY_A, metadata_of(65)).await,
+        413,
+        "payloadTooLarge",
+    )
+    .await;
+    let f = gw
+        .register_json(KEY_A, &s1, json!({"fileName": "a.bin", "sizeBytes": 8}))
+        .await;
+    let file = id(&f, "fileId");
+    problem(
+        gw.register(KEY_A, &s1, json!({"fileName": "b.bin", "sizeBytes": 8}))
+            .await,
+        400,
+        "fileCountExceeded",
+    )
+    .await;
+    // One part upload in flight (its body trickles): a second one is refused.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+    let slow = {
+        let req = gw
+            .req(
+                Method::PUT,
+                &format!("/v1/sessions/{s1}/files/{file}/parts/1"),
+                KEY_A,
+            )
+            .header("content-length", "8")
+            .body(reqwest::Body::wrap_stream(tokio_stream_from(rx)));
+        tokio::spawn(async move { req.send().await.expect("send").status().as_u16() })
+    };
+    tx.send(Ok(bytes::Bytes::from_static(b"1234")))
+        .await
+        .expect("chunk");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    problem(
+        gw.put_part(KEY_A, &s1, &file, 1, b"12345678".to_vec())
+            .await,
+        429,
+        "tooManyConcurrentUploads",
+    )
+    .await;
+    // Rate: the burst of 12 is spent within these requests.
+    let mut limited = false;
+    for _ in 0..20 {
+        let res = gw
+            .req(Method::GET, &format!("/v1/sessions/{s1}"), KEY_A)
+            .send()
+            .await
+            .expect("send");
+        if res.status() == 429 {
+            assert_eq!(
+                problem(res, 429, "rateLimited").await["code"],
+                "rateLimited"
+            );
+            limited = true;
+            break;
+        }
+    }
+    assert!(limited, "tenant a was never rate limited");
+
+    // Tenant b: a whole upload, with its default limits.
+    let s = id(
+        &gw.create_session(KEY_B, json!({"metadata": metadata_of(16 * 1024)}))
+            .await,
+        "sessionId",
+    );
+    let mut files = Vec::new();
+    for name in ["x.bin", "y.bin"] {
+        let f = gw
+            .register_json(KEY_B, &s, json!({"fileName": name, "sizeBytes": 8}))
+            .await;
+        files.push(id(&f, "fileId"));
+    }
+    for f in &files {
+        assert_eq!(
+            gw.put_part(KEY_B, &s, f, 1, b"abcdefgh".to_vec())
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(gw.complete(KEY_B, &s, f).await.status(), 200);
+    }
+    let res = gw
+        .req(Method::POST, &format!("/v1/sessions/{s}/finalize"), KEY_B)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 200);
+
+    // Tenant a's slow upload still finishes.
+    tx.send(Ok(bytes::Bytes::from_static(b"5678")))
+        .await
+        .expect("chunk");
+    drop(tx);
+    assert_eq!(slow.await.expect("task"), 200);
+}
+
+/// A stream over an mpsc receiver (the body of a part that trickles in).
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
