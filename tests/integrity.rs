@@ -75,6 +75,15 @@ fn complete_in_background(
     })
 }
 
+/// The filesystem path of a completed file resource's `fileUrl`.
+fn fs_path(file: &Value) -> String {
+    file["fileUrl"]
+        .as_str()
+        .and_then(|u| u.strip_prefix("file://"))
+        .unwrap_or_else(|| panic!("no file:// url in {file}"))
+        .to_owned()
+}
+
 /// Waits until storage has been asked to complete an upload.
 async fn storage_completing(gw: &TestGateway) {
     let started = Instant::now();
@@ -394,11 +403,7 @@ async fn deleting_during_a_completion_is_refused_until_it_lands() {
     gw.counting.hold_completes.send_replace(false);
     let (status, body) = completing.await.expect("task");
     assert_eq!(status, 200, "the completion landed: {body}");
-    let path = body["fileUrl"]
-        .as_str()
-        .and_then(|u| u.strip_prefix("file://"))
-        .expect("file url")
-        .to_owned();
+    let path = fs_path(&body);
     assert!(std::path::Path::new(&path).exists());
     let res = delete(&gw, &format!("/v1/sessions/{s}/files/{file}")).await;
     assert_eq!(res.status(), 204);
@@ -429,11 +434,7 @@ async fn the_reaper_leaves_a_completion_in_flight_alone() {
     gw.counting.hold_completes.send_replace(false);
     let (status, body) = completing.await.expect("task");
     assert_eq!(status, 200, "{body}");
-    let path = body["fileUrl"]
-        .as_str()
-        .and_then(|u| u.strip_prefix("file://"))
-        .expect("file url")
-        .to_owned();
+    let path = fs_path(&body);
     assert!(std::path::Path::new(&path).exists());
 }
 
