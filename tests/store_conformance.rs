@@ -2238,3 +2238,67 @@ async fn redis_cluster_finalize_mid_slot_migration_never_runs_on_missing_keys() 
         Gate::Ok(Finalized::Incomplete(vec![open.id.clone()]))
     );
 }
+
+/// A Redis Cluster node that stops answering mid-call holds a store call only for the
+/// connection's response timeout (300 ms here), not for the store's whole command timeout
+/// (20 s here), and calls work again once it answers. `CLIENT PAUSE … WRITE` makes the node
+/// hold the script (a write) while it still answers the pool's health-check `PING`, so the
+/// connection is handed out and the silence comes after the request was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_a_silent_node_fails_calls_at_the_response_timeout() {
+    let cluster = upgate_testkit::RedisCluster::start(3);
+    let urls = cluster.urls();
+    let handle = RedisHandle::cluster_with(
+        &urls,
+        &upgate::store::redis::RedisPoolOptions {
+            max_size: 4,
+            timeout: Duration::from_millis(300),
+        },
+    )
+    .expect("cluster handle");
+    let store = Arc::new(
+        RedisStore::new(
+            handle,
+            RedisStoreOptions {
+                key_prefix: unique_prefix(),
+                retention: RETENTION,
+                command_timeout: Duration::from_secs(20),
+                strict_keys: true,
+            },
+        )
+        .expect("store"),
+    );
+    let c = Ctx::new(store.clone());
+    let s = c.session("t1", 10).await;
+    let session_key = store.session_key("t1", &s.id);
+    let mut nodes = Vec::new();
+    for url in &urls {
+        nodes.push(raw_conn(url).await);
+    }
+    let slot: i64 = cmd(&mut nodes[0], &["CLUSTER", "KEYSLOT", &session_key]).await;
+    let slot = slot.to_string();
+    let mut owner = None;
+    for (i, con) in nodes.iter_mut().enumerate() {
+        let n: i64 = cmd(con, &["CLUSTER", "COUNTKEYSINSLOT", &slot]).await;
+        if n > 0 {
+            owner = Some(i);
+        }
+    }
+    let owner = owner.expect("the slot's owner");
+    let _: () = cmd(&mut nodes[owner], &["CLIENT", "PAUSE", "6000", "WRITE"]).await;
+    let started = Instant::now();
+    let during = store.finalize("t1", &s.id, &[], c.now()).await;
+    let took = started.elapsed();
+    eprintln!("call on a silent node: {during:?} after {took:?}");
+    assert!(during.is_err(), "{during:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "held for {took:?}: the 20 s store timeout, not the 300 ms response timeout"
+    );
+    let _: () = cmd(&mut nodes[owner], &["CLIENT", "UNPAUSE"]).await;
+    let after = store.finalize("t1", &s.id, &[], c.now()).await;
+    assert!(
+        matches!(after, Ok(Gate::Ok(Finalized::Done(_)))),
+        "{after:?}"
+    );
+}
