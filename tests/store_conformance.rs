@@ -2120,6 +2120,28 @@ async fn cmd<T: redis::FromRedisValue>(
         .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
+/// A raw connection to every cluster node, the slot of `key`, and the index of the node
+/// holding that slot's keys.
+async fn slot_owner(
+    urls: &[String],
+    key: &str,
+) -> (Vec<redis::aio::MultiplexedConnection>, String, usize) {
+    let mut nodes = Vec::new();
+    for url in urls {
+        nodes.push(raw_conn(url).await);
+    }
+    let slot: i64 = cmd(&mut nodes[0], &["CLUSTER", "KEYSLOT", key]).await;
+    let slot = slot.to_string();
+    let mut owner = None;
+    for (i, con) in nodes.iter_mut().enumerate() {
+        let n: i64 = cmd(con, &["CLUSTER", "COUNTKEYSINSLOT", &slot]).await;
+        if n > 0 {
+            owner = Some(i);
+        }
+    }
+    (nodes, slot, owner.expect("the slot's owner"))
+}
+
 /// During a Redis Cluster slot migration (`rebalance`, which deploy/OPERATIONS.md
 /// recommends), keys of one slot move one at a time. Here the hash of the session's one
 /// unfinished file has moved while the session's other keys have not: a script that built
@@ -2154,20 +2176,7 @@ async fn redis_cluster_finalize_mid_slot_migration_never_runs_on_missing_keys() 
         open.id
     );
 
-    let mut nodes = Vec::new();
-    for url in &urls {
-        nodes.push(raw_conn(url).await);
-    }
-    let slot: i64 = cmd(&mut nodes[0], &["CLUSTER", "KEYSLOT", &session_key]).await;
-    let slot = slot.to_string();
-    let mut source = None;
-    for (i, con) in nodes.iter_mut().enumerate() {
-        let n: i64 = cmd(con, &["CLUSTER", "COUNTKEYSINSLOT", &slot]).await;
-        if n > 0 {
-            source = Some(i);
-        }
-    }
-    let source = source.expect("the slot's owner");
+    let (mut nodes, slot, source) = slot_owner(&urls, &session_key).await;
     let target = (source + 1) % nodes.len();
     let source_id: String = cmd(&mut nodes[source], &["CLUSTER", "MYID"]).await;
     let target_id: String = cmd(&mut nodes[target], &["CLUSTER", "MYID"]).await;
@@ -2271,20 +2280,7 @@ async fn redis_cluster_a_silent_node_fails_calls_at_the_response_timeout() {
     let c = Ctx::new(store.clone());
     let s = c.session("t1", 10).await;
     let session_key = store.session_key("t1", &s.id);
-    let mut nodes = Vec::new();
-    for url in &urls {
-        nodes.push(raw_conn(url).await);
-    }
-    let slot: i64 = cmd(&mut nodes[0], &["CLUSTER", "KEYSLOT", &session_key]).await;
-    let slot = slot.to_string();
-    let mut owner = None;
-    for (i, con) in nodes.iter_mut().enumerate() {
-        let n: i64 = cmd(con, &["CLUSTER", "COUNTKEYSINSLOT", &slot]).await;
-        if n > 0 {
-            owner = Some(i);
-        }
-    }
-    let owner = owner.expect("the slot's owner");
+    let (mut nodes, _, owner) = slot_owner(&urls, &session_key).await;
     let _: () = cmd(&mut nodes[owner], &["CLIENT", "PAUSE", "6000", "WRITE"]).await;
     let started = Instant::now();
     let during = store.finalize("t1", &s.id, &[], c.now()).await;

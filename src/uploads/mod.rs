@@ -94,16 +94,6 @@ impl Uploads {
         }
     }
 
-    /// The session store.
-    pub fn store(&self) -> &Arc<dyn SessionStore> {
-        &self.store
-    }
-
-    /// The object store.
-    pub fn storage(&self) -> &Arc<dyn ObjectStore> {
-        &self.storage
-    }
-
     /// Files with completes waiting on this replica right now.
     pub fn waiting_files(&self) -> usize {
         self.waiters.files()
