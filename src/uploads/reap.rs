@@ -2,6 +2,8 @@
 //! uploads of an expired session, do the storage cleanups deleted files queued, and tell
 //! the index when to look again.
 
+use tracing::Instrument;
+
 use super::{log_expiration, ms, Uploads};
 use crate::model::now_ms;
 use crate::store::StoreError;
@@ -40,10 +42,12 @@ impl Uploads {
                 if now_ms().saturating_sub(started) > CLAIM_LEASE_MS / 2 {
                     return Ok(reaped);
                 }
+                // `instrument`, not `span.enter()`: an entered guard held across `.await`
+                // would be attached to whichever task the worker thread runs next.
                 let span = tracing::info_span!("reap", tenant = %tenant, session_id = %session_id);
-                let _enter = span.enter();
                 if self
                     .reap_session(&tenant, &session_id, now, claimed_until)
+                    .instrument(span)
                     .await?
                 {
                     reaped += 1;
