@@ -123,6 +123,7 @@ def session_commands(files, parts, now_s, with_upload_id=True, completed=False):
             "expires_at", expires_at,
             "metadata", metadata,
             "max_files", 50,
+            "file_seq", files,
         ],
         ["PEXPIREAT", base + "s", keep_until_ms],
         # The reaper index: one global sorted set, member "tenant:session", score = due ms.
@@ -131,7 +132,7 @@ def session_commands(files, parts, now_s, with_upload_id=True, completed=False):
     for i in range(files):
         fid = str(uuid.uuid4())
         file_key = "photos/2026/holiday/IMG_%04d.jpg" % i  # 32 bytes
-        object_key = "incoming/%s/%s/%s" % (TENANT, sid, file_key)  # ~83 bytes
+        object_key = "incoming/%s/%s/%s/%s" % (TENANT, sid, fid, file_key)  # ~120 bytes
         fields = [
             "id", fid,
             "session_id", sid,
@@ -153,7 +154,7 @@ def session_commands(files, parts, now_s, with_upload_id=True, completed=False):
             fields += ["file_url", "s3://uploads-bucket/" + object_key, "etag", rand_text(32, "0123456789abcdef") + "-20"]
         cmds += [
             ["HSET", base + "keys", file_key, fid],
-            ["RPUSH", base + "files", fid],
+            ["ZADD", base + "o", i + 1, fid],
             ["HSET", base + "f:" + fid] + fields,
             ["PEXPIREAT", base + "f:" + fid, keep_until_ms],
         ]
@@ -163,7 +164,7 @@ def session_commands(files, parts, now_s, with_upload_id=True, completed=False):
                 pfields += [n, "5242880:%s" % rand_text(32, "0123456789abcdef")]
             cmds += [["HSET", base + "p:" + fid] + pfields, ["PEXPIREAT", base + "p:" + fid, keep_until_ms]]
     if files:
-        cmds += [["PEXPIREAT", base + "keys", keep_until_ms], ["PEXPIREAT", base + "files", keep_until_ms]]
+        cmds += [["PEXPIREAT", base + "keys", keep_until_ms], ["PEXPIREAT", base + "o", keep_until_ms]]
     return base, cmds
 
 
@@ -240,7 +241,7 @@ def measure(r, sessions, label):
     print("| session without files (session hash + reaper index entry) | %.0f |" % s0)
     print("| session with 10 files, no parts yet | %.0f |" % s10)
     print("| session with 10 files x 20 parts | %.0f |" % s10x20)
-    print("| per file (keys + files entries, file hash with upload_id) | %.0f |" % per_file)
+    print("| per file (keys + order entries, file hash with upload_id) | %.0f |" % per_file)
     print("| per recorded part (files of 20 parts) | %.1f |" % per_part)
     print("| per recorded part (files of 200 parts) | %.1f |" % per_part_big)
     print("| per recorded part (files of 2,000 parts: over hash-max-listpack-entries) | %.1f |" % per_part_huge)

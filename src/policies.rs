@@ -14,6 +14,14 @@ use axum::http::{Method, Request, Response};
 use axum::response::IntoResponse;
 use upgate_layers::expiry::{DeadlineLookup, Expiring};
 use upgate_layers::idempotency::{IdempotencyStore, Rejection, Reservation, StoredResponse};
+
+use crate::store::Page;
+
+/// The smallest page: recording an expiry needs the session, not its files.
+const ONE_FILE: Page = Page {
+    after: None,
+    limit: 1,
+};
 use upgate_layers::rate_limit::{Decision, Quota, RateLimitBackend};
 use upgate_layers::BoxError;
 
@@ -340,7 +348,7 @@ impl upgate_layers::expiry::ExpiredResponse<SessionDeadline, Body> for ExpiredPr
         if let Some(permit) = self.should_record(&key) {
             tokio::spawn(async move {
                 match store
-                    .get_session(&info.tenant, &info.session_id, now_ms)
+                    .get_session(&info.tenant, &info.session_id, ONE_FILE, now_ms)
                     .await
                 {
                     Ok(crate::store::Gate::Expired(e)) if e.first_observation => {

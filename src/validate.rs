@@ -246,6 +246,40 @@ pub fn register_file(body: &Value, tenant: &TenantConfig) -> Result<RegisterFile
     }
 }
 
+/// Validates `GET .../files`' query: `limit` 1 to 1,000 (default 1,000) and `cursor` (a
+/// `nextCursor` this API returned). Unknown parameters are ignored; every problem is
+/// reported at once.
+pub fn files_page(query: Option<&str>) -> Result<crate::store::Page, AppError> {
+    use crate::store::FILES_PAGE_MAX;
+    let mut page = crate::store::Page::FIRST;
+    let mut errors = Vec::new();
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*name {
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=FILES_PAGE_MAX).contains(&n) => page.limit = n,
+                _ => errors.push(FieldError::new(
+                    "limit",
+                    format!("must be an integer between 1 and {FILES_PAGE_MAX}"),
+                )),
+            },
+            "cursor" if value.is_empty() => {}
+            "cursor" => match value.parse::<u64>() {
+                Ok(seq) => page.after = Some(seq),
+                Err(_) => errors.push(FieldError::new(
+                    "cursor",
+                    "must be a nextCursor returned by this API",
+                )),
+            },
+            _ => {}
+        }
+    }
+    if errors.is_empty() {
+        Ok(page)
+    } else {
+        Err(AppError::Validation(errors))
+    }
+}
+
 /// Validates a part number path segment against the file's part count.
 pub fn part_number(raw: &str, part_count: u32) -> Result<u32, AppError> {
     match raw.parse::<u32>() {

@@ -17,7 +17,7 @@ use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use upgate::model::{FileStatus, SessionStatus};
-use upgate::store::Gate;
+use upgate::store::{Gate, Page};
 use upgate::uploads::Timing;
 use upgate_testkit::fault::{Fault, FaultProxy};
 use upgate_testkit::s3::S3Server;
@@ -276,7 +276,7 @@ async fn check(rig: &Rig, label: &str, case: &Case) {
         .gw
         .state
         .store
-        .get_session("a", &case.session, now)
+        .get_session("a", &case.session, Page::FIRST, now)
         .await
         .expect("store")
     {
@@ -294,6 +294,7 @@ async fn check(rig: &Rig, label: &str, case: &Case) {
             r.map(|r| upgate::store::SessionView {
                 session: r.session,
                 files: Vec::new(),
+                next_cursor: None,
             })
         }
         other => panic!("{label}: {other:?}"),

@@ -443,3 +443,236 @@ fn tokio_stream_from(
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// `MEMORY USAGE` summed over every Redis key of `session`, and how many keys there are.
+async fn session_memory(redis: &RedisServer, session: &str) -> (u64, usize) {
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor = 0_u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("*{session}}}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await
+            .expect("SCAN");
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut bytes = 0;
+    for key in &keys {
+        let used: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .expect("MEMORY USAGE");
+        bytes += used.unwrap_or(0);
+    }
+    (bytes, keys.len())
+}
+
+/// 10,000 register/delete cycles in one session (every tenth file with a part uploaded, so
+/// its storage upload is aborted by the delete): GET session lists only the live files, and
+/// the session's Redis memory (`MEMORY USAGE` over its keys) and key count are what they
+/// were after the first 100 cycles: a deleted file costs nothing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn register_delete_cycles_leave_nothing_behind() {
+    const CYCLES: usize = 10_000;
+    const WORKERS: usize = 8;
+    let redis = RedisServer::start();
+    let gw = Arc::new(TestGateway::start(config(""), redis_store(&redis.url()).await).await);
+    let session = gw.create_session(KEY_A, json!({})).await["sessionId"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let mut live = Vec::new();
+    for name in ["keep-1", "keep-2", "keep-3"] {
+        let f = gw
+            .register_json(KEY_A, &session, json!({"fileName": name, "sizeBytes": 10}))
+            .await;
+        live.push(f["fileId"].as_str().expect("id").to_owned());
+    }
+    let cycle = |worker: usize, from: usize, to: usize| {
+        let (gw, session) = (gw.clone(), session.clone());
+        async move {
+            for i in (from..to).filter(|i| i % WORKERS == worker) {
+                let f = gw
+                    .register_json(
+                        KEY_A,
+                        &session,
+                        json!({"fileName": format!("cycle-{i}.bin"), "sizeBytes": 4}),
+                    )
+                    .await;
+                let id = f["fileId"].as_str().expect("id").to_owned();
+                if i % 10 == 0 {
+                    let res = gw.put_part(KEY_A, &session, &id, 1, vec![7; 4]).await;
+                    assert_eq!(res.status(), 200);
+                }
+                let res = gw
+                    .req(
+                        Method::DELETE,
+                        &format!("/v1/sessions/{session}/files/{id}"),
+                        KEY_A,
+                    )
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(res.status(), 204, "cycle {i}");
+            }
+        }
+    };
+    futures_util::future::join_all((0..WORKERS).map(|w| cycle(w, 0, 100))).await;
+    let (after_100, keys_100) = session_memory(&redis, &session).await;
+    futures_util::future::join_all((0..WORKERS).map(|w| cycle(w, 100, CYCLES))).await;
+    let (after_all, keys_all) = session_memory(&redis, &session).await;
+
+    let v: Value = gw
+        .req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let listed: Vec<&str> = v["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| f["fileId"].as_str().expect("fileId"))
+        .collect();
+    assert_eq!(listed, live, "only the live files, in registration order");
+    assert_eq!(v["fileCount"], 3);
+    assert_eq!(v["filesNextCursor"], Value::Null);
+    // The session hash, the fileKey index, the order set and three files' hashes.
+    assert_eq!(
+        keys_all, keys_100,
+        "no key left behind by the deleted files"
+    );
+    assert_eq!(keys_all, 6);
+    eprintln!("session memory: {after_100} B after 100 cycles, {after_all} B after {CYCLES}");
+    assert!(
+        after_all <= after_100 + 256,
+        "session memory grew from {after_100} to {after_all} bytes"
+    );
+    // Nothing of the deleted files' uploads is left in storage either.
+    let leftovers = walkdir_count(&gw.storage_dir);
+    assert_eq!(leftovers, 0, "storage holds nothing of the deleted files");
+}
+
+/// Regular files under `dir`.
+fn walkdir_count(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// `GET /v1/sessions/{id}/files?limit=&cursor=` pages through the files in registration
+/// order; `GET /v1/sessions/{id}` carries `filesNextCursor`; bad parameters are 400
+/// `validationFailed` naming each field; another tenant's session is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_paged_over_http() {
+    let gw = TestGateway::start(config(""), memory_store()).await;
+    let session = gw.create_session(KEY_A, json!({})).await["sessionId"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let f = gw
+            .register_json(
+                KEY_A,
+                &session,
+                json!({"fileName": format!("f{i}"), "sizeBytes": 1}),
+            )
+            .await;
+        ids.push(f["fileId"].as_str().expect("id").to_owned());
+    }
+    let get = |path: String, key: &'static str| {
+        let req = gw.req(Method::GET, &path, key);
+        async move { req.send().await.expect("send") }
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("?limit=2&cursor={c}"),
+            None => "?limit=2".to_owned(),
+        };
+        let res = get(format!("/v1/sessions/{session}/files{q}"), KEY_A).await;
+        assert_eq!(res.status(), 200);
+        let page: Value = res.json().await.expect("json");
+        pages += 1;
+        for f in page["files"].as_array().expect("files") {
+            seen.push(f["fileId"].as_str().expect("fileId").to_owned());
+        }
+        match &page["nextCursor"] {
+            Value::Null => break,
+            Value::String(c) => cursor = Some(c.clone()),
+            other => panic!("nextCursor {other:?}"),
+        }
+    }
+    assert_eq!(seen, ids);
+    assert_eq!(pages, 3);
+    let whole: Value = get(format!("/v1/sessions/{session}"), KEY_A)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(whole["files"].as_array().map(Vec::len), Some(5));
+    assert_eq!(whole["filesNextCursor"], Value::Null);
+
+    let p = problem(
+        get(
+            format!("/v1/sessions/{session}/files?limit=0&cursor=x"),
+            KEY_A,
+        )
+        .await,
+        400,
+        "validationFailed",
+    )
+    .await;
+    let fields: Vec<&str> = p["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["field"].as_str().expect("field"))
+        .collect();
+    assert_eq!(fields, vec!["limit", "cursor"]);
+    problem(
+        get(format!("/v1/sessions/{session}/files?limit=1001"), KEY_A).await,
+        400,
+        "validationFailed",
+    )
+    .await;
+    problem(
+        get(format!("/v1/sessions/{session}/files"), KEY_B).await,
+        404,
+        "sessionNotFound",
+    )
+    .await;
+}

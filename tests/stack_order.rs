@@ -37,8 +37,14 @@ impl SessionStore for Counted {
     async fn create_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
         forward!(self.create_session(s))
     }
-    async fn get_session(&self, t: &str, s: &str, n: i64) -> Result<Gate<SessionView>, StoreError> {
-        forward!(self.get_session(t, s, n))
+    async fn get_session(
+        &self,
+        t: &str,
+        s: &str,
+        p: Page,
+        n: i64,
+    ) -> Result<Gate<SessionView>, StoreError> {
+        forward!(self.get_session(t, s, p, n))
     }
     async fn session_deadline(&self, t: &str, s: &str) -> Result<Option<(i64, i64)>, StoreError> {
         forward!(self.session_deadline(t, s))

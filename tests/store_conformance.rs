@@ -20,8 +20,8 @@ use upgate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionSt
 use upgate::store::memory::MemoryStore;
 use upgate::store::redis::{RedisHandle, RedisStore, RedisStoreOptions};
 use upgate::store::{
-    BeginComplete, FileAborted, Finalized, Gate, Registered, SessionAborted, SessionStore,
-    UploadIdSet,
+    BeginComplete, Cleanup, FileAborted, Finalized, Gate, Page, Registered, SessionAborted,
+    SessionStore, UploadIdSet,
 };
 
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -97,7 +97,7 @@ impl Ctx {
     async fn get(&self, tenant: &str, s: &SessionRecord) -> upgate::store::SessionView {
         match self
             .store
-            .get_session(tenant, &s.id, self.now())
+            .get_session(tenant, &s.id, Page::FIRST, self.now())
             .await
             .expect("get_session")
         {
@@ -235,11 +235,13 @@ mod cases {
         let now = c.now();
         let st = &c.store;
         assert_eq!(
-            st.get_session("t2", &s.id, now).await.unwrap(),
+            st.get_session("t2", &s.id, Page::FIRST, now).await.unwrap(),
             Gate::SessionNotFound
         );
         assert_eq!(
-            st.get_session("t1", "nope", now).await.unwrap(),
+            st.get_session("t1", "nope", Page::FIRST, now)
+                .await
+                .unwrap(),
             Gate::SessionNotFound
         );
         assert_eq!(
@@ -347,7 +349,7 @@ mod cases {
         // One millisecond before expiry it is still fine.
         assert!(matches!(
             c.store
-                .get_session("t1", &s.id, c.expiry() - 1)
+                .get_session("t1", &s.id, Page::FIRST, c.expiry() - 1)
                 .await
                 .unwrap(),
             Gate::Ok(_)
@@ -365,10 +367,16 @@ mod cases {
             assert_eq!(info.session.file_count, 1);
         }
         assert!(!expired_first(
-            &c.store.get_session("t1", &s.id, t).await.unwrap()
+            &c.store
+                .get_session("t1", &s.id, Page::FIRST, t)
+                .await
+                .unwrap()
         ));
         assert!(!expired_first(
-            &c.store.get_session("t1", &s.id, t + 5000).await.unwrap()
+            &c.store
+                .get_session("t1", &s.id, Page::FIRST, t + 5000)
+                .await
+                .unwrap()
         ));
         assert!(!expired_first(
             &c.store
@@ -437,7 +445,11 @@ mod cases {
             let (sid, fid) = (s.id.clone(), f.id.clone());
             tokio::spawn(async move {
                 let g = match i % 3 {
-                    0 => st.get_session("t1", &sid, t).await.unwrap().map_unit(),
+                    0 => st
+                        .get_session("t1", &sid, Page::FIRST, t)
+                        .await
+                        .unwrap()
+                        .map_unit(),
                     1 => st
                         .get_file("t1", &sid, &fid, true, t)
                         .await
@@ -537,7 +549,10 @@ mod cases {
             Gate::Ok(SessionAborted::Forgotten)
         );
         assert_eq!(
-            c.store.get_session("t1", &s.id, now).await.unwrap(),
+            c.store
+                .get_session("t1", &s.id, Page::FIRST, now)
+                .await
+                .unwrap(),
             Gate::SessionNotFound
         );
     }
@@ -571,14 +586,24 @@ mod cases {
             })
         );
         // Aborting frees both the key and the slot.
-        let before = c.store.abort_file("t1", &s.id, &a.id, now).await.unwrap();
+        let deleted = c.store.abort_file("t1", &s.id, &a.id, now).await.unwrap();
         assert_eq!(
-            before,
-            Gate::Ok(FileAborted::Aborted {
-                before: a.clone(),
-                cleanup: false
-            }),
+            deleted,
+            Gate::Ok(FileAborted::Deleted { cleanup: None }),
             "no storage state: nothing to clean, the key is free at once"
+        );
+        assert_eq!(
+            c.store
+                .get_file("t1", &s.id, &a.id, false, now)
+                .await
+                .unwrap(),
+            Gate::FileNotFound,
+            "a deleted file is gone"
+        );
+        assert_eq!(
+            c.store.abort_file("t1", &s.id, &a.id, now).await.unwrap(),
+            Gate::FileNotFound,
+            "nothing queued: deleting it again finds nothing"
         );
         assert_eq!(c.get("t1", &s).await.session.file_count, 1);
         let a2 = c.register("t1", &s, "a").await;
@@ -598,11 +623,10 @@ mod cases {
         assert_eq!(
             ids,
             vec![
-                (a.id.clone(), FileStatus::Aborted),
                 (b.id.clone(), FileStatus::Registered),
                 (a2.id.clone(), FileStatus::Registered)
             ],
-            "files in registration order, aborted included"
+            "files in registration order, deleted ones not listed"
         );
         // Same key in another session is independent.
         let s2 = c.session("t1", 2).await;
@@ -670,27 +694,37 @@ mod cases {
         assert_eq!(c.file("t1", &s, &f).await.status, FileStatus::Completing);
         // Once the lease has run out (the holder died), the abort goes through.
         let later = now + 60_001;
-        let before = match c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap() {
-            Gate::Ok(FileAborted::Aborted { before, cleanup }) => {
-                assert!(cleanup, "an upload id: its cleanup is queued");
-                before
-            }
-            other => panic!("{other:?}"),
+        let want = Cleanup {
+            file_id: f.id.clone(),
+            object_key: f.object_key.clone(),
+            upload_id: Some("up".into()),
         };
         assert_eq!(
-            before.status,
-            FileStatus::Completing,
-            "returns the file as it was"
+            c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap(),
+            Gate::Ok(FileAborted::Deleted {
+                cleanup: Some(want.clone())
+            }),
+            "an upload id: its cleanup is queued"
         );
-        assert_eq!(before.upload_id.as_deref(), Some("up"));
-        let again = match c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap() {
-            Gate::Ok(FileAborted::Aborted { before, cleanup }) => {
-                assert!(cleanup, "still queued: a repeated DELETE drives it again");
-                before
-            }
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(again.status, FileStatus::Aborted);
+        assert_eq!(
+            c.store
+                .get_file("t1", &s.id, &f.id, false, later)
+                .await
+                .unwrap(),
+            Gate::FileNotFound,
+            "the record is gone at once"
+        );
+        assert_eq!(
+            c.store.list_parts("t1", &s.id, &f.id, later).await.unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap(),
+            Gate::Ok(FileAborted::Deleted {
+                cleanup: Some(want.clone())
+            }),
+            "still queued: a repeated DELETE drives it again"
+        );
         assert_eq!(
             c.get("t1", &s).await.session.file_count,
             0,
@@ -708,17 +742,17 @@ mod cases {
             .await
             .unwrap()
             .expect("exists");
-        assert_eq!(r.cleanup.len(), 1, "the reaper sees the queued cleanup");
-        assert_eq!(r.cleanup[0].id, f.id);
+        assert_eq!(r.cleanup, vec![want], "the reaper sees the queued cleanup");
         assert!(r.open_uploads.is_empty(), "not expired");
         c.store
             .cleanup_done("t1", &s.id, std::slice::from_ref(&f.id))
             .await
             .unwrap();
-        match c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap() {
-            Gate::Ok(FileAborted::Aborted { cleanup, .. }) => assert!(!cleanup),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            c.store.abort_file("t1", &s.id, &f.id, later).await.unwrap(),
+            Gate::FileNotFound,
+            "cleaned: nothing of the file is left"
+        );
         let r = c
             .store
             .reap("t1", &s.id, later)
@@ -730,41 +764,136 @@ mod cases {
             .abort_file("t1", &s.id, &reused.id, later)
             .await
             .unwrap();
-        // The lease holder can no longer finish, begin reports Aborted.
+        // The old lease holder cannot finish, and nothing else finds the deleted file.
         assert_eq!(
             c.store
                 .finish_complete("t1", &s.id, &f.id, tok, "u", "e")
                 .await
                 .unwrap(),
-            Gate::Ok(None)
+            Gate::FileNotFound
         );
         assert_eq!(
             c.store
                 .begin_complete("t1", &s.id, &f.id, "x", 1000, now)
                 .await
                 .unwrap(),
-            Gate::Ok(BeginComplete::Aborted)
+            Gate::FileNotFound
         );
-        // Aborted file: not open for upload ids, parts are not recorded.
-        match c
-            .store
-            .set_upload_id("t1", &s.id, &f.id, "up2", now)
+        assert_eq!(
+            c.store
+                .set_upload_id("t1", &s.id, &f.id, "up2", now)
+                .await
+                .unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            c.store
+                .record_part("t1", &s.id, &f.id, &part(1, "e", 1), now)
+                .await
+                .unwrap(),
+            Gate::FileNotFound
+        );
+        assert_eq!(
+            c.store.list_parts("t1", &s.id, &f.id, now).await.unwrap(),
+            Gate::FileNotFound
+        );
+    }
+
+    /// Files come in pages of registration order; a cursor stays valid while files are
+    /// deleted and registered between pages (nothing is skipped or listed twice); the
+    /// first page of a large session is bounded, and finalize embeds the same bound.
+    pub(crate) async fn files_are_paged_in_registration_order(c: Ctx) {
+        let st = &c.store;
+        let s = c.session("t1", 2000).await;
+        let mut files = Vec::new();
+        for i in 0..7 {
+            files.push(c.register("t1", &s, &format!("k{i}")).await);
+        }
+        let now = c.now();
+        let page = |after, limit| Page { after, limit };
+        let first = match st
+            .get_session("t1", &s.id, page(None, 3), now)
             .await
             .unwrap()
         {
-            Gate::Ok(UploadIdSet::FileNotOpen(ff)) => assert_eq!(ff.status, FileStatus::Aborted),
+            Gate::Ok(v) => v,
             other => panic!("{other:?}"),
-        }
-        let rp = c
-            .store
-            .record_part("t1", &s.id, &f.id, &part(1, "e", 1), now)
+        };
+        let ids = |v: &[FileRecord]| v.iter().map(|f| f.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&first.files), ids(&files[0..3]));
+        let cursor = first.next_cursor.expect("more files follow");
+        // Between pages: the page's last file and a later one are deleted, a new one added.
+        st.abort_file("t1", &s.id, &files[2].id, now).await.unwrap();
+        st.abort_file("t1", &s.id, &files[4].id, now).await.unwrap();
+        let late = c.register("t1", &s, "late").await;
+        let second = match st
+            .get_session("t1", &s.id, page(Some(cursor), 3), now)
+            .await
+            .unwrap()
+        {
+            Gate::Ok(v) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            ids(&second.files),
+            vec![
+                files[3].id.clone(),
+                files[5].id.clone(),
+                files[6].id.clone()
+            ]
+        );
+        let third = match st
+            .get_session("t1", &s.id, page(second.next_cursor, 3), now)
+            .await
+            .unwrap()
+        {
+            Gate::Ok(v) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ids(&third.files), vec![late.id.clone()]);
+        assert_eq!(third.next_cursor, None, "the last page");
+        // A page size of exactly what is left has no next page.
+        let all = st
+            .get_session("t1", &s.id, page(None, 6), now)
             .await
             .unwrap();
-        assert!(matches!(rp, Gate::Ok(ref ff) if ff.status == FileStatus::Aborted));
+        assert!(matches!(all, Gate::Ok(ref v) if v.files.len() == 6 && v.next_cursor.is_none()));
+        // Another tenant's session is not found, whatever the page.
         assert_eq!(
-            c.store.list_parts("t1", &s.id, &f.id, now).await.unwrap(),
-            Gate::Ok(vec![])
+            st.get_session("t2", &s.id, page(Some(cursor), 3), now)
+                .await
+                .unwrap(),
+            Gate::SessionNotFound
         );
+        // The bound: the first page holds FILES_PAGE_MAX files; finalize embeds as many.
+        let big = c.session("t1", 2000).await;
+        let mut big_ids = Vec::new();
+        for i in 0..(upgate::store::FILES_PAGE_MAX + 5) {
+            let f = c.register("t1", &big, &format!("b{i}")).await;
+            big_ids.push(f.id);
+        }
+        let v = c.get("t1", &big).await;
+        assert_eq!(v.files.len(), upgate::store::FILES_PAGE_MAX);
+        let rest = match st
+            .get_session("t1", &big.id, page(v.next_cursor, 1000), now)
+            .await
+            .unwrap()
+        {
+            Gate::Ok(v) => v,
+            other => panic!("{other:?}"),
+        };
+        let mut listed = ids(&v.files);
+        listed.extend(ids(&rest.files));
+        assert_eq!(listed, big_ids, "two pages hold every file once, in order");
+        for id in &big_ids {
+            assert_eq!(
+                st.abort_file("t1", &big.id, id, now).await.unwrap(),
+                Gate::Ok(FileAborted::Deleted { cleanup: None })
+            );
+        }
+        let empty = c.get("t1", &big).await;
+        assert!(empty.files.is_empty() && empty.next_cursor.is_none());
+        assert_eq!(empty.session.file_count, 0);
     }
 
     pub(crate) async fn upload_id_first_wins(c: Ctx) {
@@ -1018,7 +1147,10 @@ mod cases {
             Gate::Ok(BeginComplete::Acquired(..))
         ));
         assert!(expired_first(
-            &c.store.get_session("t1", &s.id, c.expiry()).await.unwrap()
+            &c.store
+                .get_session("t1", &s.id, Page::FIRST, c.expiry())
+                .await
+                .unwrap()
         ));
         match c
             .store
@@ -1029,7 +1161,12 @@ mod cases {
             Gate::Ok(Some(d)) => assert_eq!(d.status, FileStatus::Completed),
             other => panic!("{other:?}"),
         }
-        match c.store.get_session("t1", &s.id, c.expiry()).await.unwrap() {
+        match c
+            .store
+            .get_session("t1", &s.id, Page::FIRST, c.expiry())
+            .await
+            .unwrap()
+        {
             Gate::Expired(info) => assert!(!info.first_observation),
             other => panic!("{other:?}"),
         }
@@ -1068,10 +1205,10 @@ mod cases {
         );
         assert_eq!(c.get("t1", &s).await.session.status, SessionStatus::Active);
         let later = now + 60_001;
-        let ids = |files: &[FileRecord]| {
-            let mut v: Vec<_> = files
+        let ids = |queued: &[Cleanup]| {
+            let mut v: Vec<_> = queued
                 .iter()
-                .map(|f| (f.id.clone(), f.upload_id.clone()))
+                .map(|q| (q.file_id.clone(), q.upload_id.clone()))
                 .collect();
             v.sort();
             v
@@ -1108,8 +1245,8 @@ mod cases {
                 (open.id, FileStatus::Aborted),
                 (busy.id.clone(), FileStatus::Aborted),
                 (done.id, FileStatus::Aborted),
-                (gone.id, FileStatus::Aborted),
-            ]
+            ],
+            "the session's files, aborted; the one deleted before is not listed"
         );
         let all: Vec<String> = want.iter().map(|(id, _)| id.clone()).collect();
         st.cleanup_done("t1", &s.id, &all).await.unwrap();
@@ -1150,7 +1287,9 @@ mod cases {
             Gate::Ok(SessionAborted::Forgotten)
         );
         assert_eq!(
-            st.get_session("t1", &fin.id, now).await.unwrap(),
+            st.get_session("t1", &fin.id, Page::FIRST, now)
+                .await
+                .unwrap(),
             Gate::SessionNotFound
         );
         // Mutations are refused, the old lease holder cannot finish.
@@ -1223,7 +1362,8 @@ mod cases {
         assert_eq!(view.session.status, SessionStatus::Finalized);
         assert_eq!(view.session.file_count, 2);
         let ids: Vec<_> = view.files.iter().map(|f| f.id.clone()).collect();
-        assert_eq!(ids, vec![a.id, b.id, d.id, x.id]);
+        assert_eq!(ids, vec![a.id, d.id], "the deleted files are not listed");
+        assert_eq!(view.next_cursor, None);
         assert_eq!(view, c.get("t1", &s).await);
         assert_eq!(
             st.finalize("t1", &s.id, &checked, now).await.unwrap(),
@@ -1384,13 +1524,17 @@ mod cases {
             "repeatable: the uploads are still reported"
         );
         assert!(!expired_first(
-            &st.get_session("t1", &s.id, c.expiry()).await.unwrap()
+            &st.get_session("t1", &s.id, Page::FIRST, c.expiry())
+                .await
+                .unwrap()
         ));
 
         // Expired by a request first: the reaper does not observe it again.
         let s2 = c.session("t1", 1).await;
         assert!(expired_first(
-            &st.get_session("t1", &s2.id, c.expiry()).await.unwrap()
+            &st.get_session("t1", &s2.id, Page::FIRST, c.expiry())
+                .await
+                .unwrap()
         ));
         let r = st
             .reap("t1", &s2.id, c.expiry())
@@ -1681,6 +1825,7 @@ macro_rules! for_each_case {
             register_uniqueness_and_limit,
             part_size_comes_from_the_session,
             abort_file_repeatable,
+            files_are_paged_in_registration_order,
             upload_id_first_wins,
             parts_recorded_sorted_and_replaced,
             completion_lease,
@@ -1824,7 +1969,7 @@ async fn redis_keys_carry_the_retention_ttl() {
     for suffix in [
         "s",
         "keys",
-        "files",
+        "o",
         &format!("f:{}", f.id),
         &format!("p:{}", f.id),
     ] {
@@ -1909,7 +2054,11 @@ async fn redis_corrupt_data_is_a_store_error() {
         .query_async(&mut con)
         .await
         .unwrap();
-    assert!(c.store.get_session("acme", &s.id, c.now()).await.is_err());
+    assert!(c
+        .store
+        .get_session("acme", &s.id, Page::FIRST, c.now())
+        .await
+        .is_err());
     let _: () = redis::cmd("HSET")
         .arg(&key)
         .arg("status")
@@ -1924,7 +2073,11 @@ async fn redis_corrupt_data_is_a_store_error() {
         .query_async(&mut con)
         .await
         .unwrap();
-    assert!(c.store.get_session("acme", &s.id, c.now()).await.is_err());
+    assert!(c
+        .store
+        .get_session("acme", &s.id, Page::FIRST, c.now())
+        .await
+        .is_err());
     // Wrong type under a session key.
     let _: () = redis::cmd("DEL")
         .arg(&key)
@@ -1937,7 +2090,11 @@ async fn redis_corrupt_data_is_a_store_error() {
         .query_async(&mut con)
         .await
         .unwrap();
-    assert!(c.store.get_session("acme", &s.id, c.now()).await.is_err());
+    assert!(c
+        .store
+        .get_session("acme", &s.id, Page::FIRST, c.now())
+        .await
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1964,7 +2121,10 @@ async fn redis_outage_errors_fast_and_recovers() {
     server.stop();
     for _ in 0..3 {
         let started = Instant::now();
-        let r = c.store.get_session("acme", &s.id, c.now()).await;
+        let r = c
+            .store
+            .get_session("acme", &s.id, Page::FIRST, c.now())
+            .await;
         assert!(r.is_err(), "down: {r:?}");
         assert!(
             started.elapsed() < timeout + Duration::from_secs(2),
@@ -1983,7 +2143,10 @@ async fn redis_outage_errors_fast_and_recovers() {
     c.register("acme", &s2, "a").await;
     assert_eq!(c.get("acme", &s2).await.files.len(), 1);
     assert_eq!(
-        c.store.get_session("acme", &s.id, c.now()).await.unwrap(),
+        c.store
+            .get_session("acme", &s.id, Page::FIRST, c.now())
+            .await
+            .unwrap(),
         Gate::SessionNotFound
     );
 }
@@ -2019,7 +2182,10 @@ async fn redis_hung_server_times_out() {
         .await;
     for _ in 0..2 {
         let started = Instant::now();
-        let r = c.store.get_session("acme", &s.id, c.now()).await;
+        let r = c
+            .store
+            .get_session("acme", &s.id, Page::FIRST, c.now())
+            .await;
         assert!(r.is_err(), "{r:?}");
         assert!(
             started.elapsed() < timeout + Duration::from_secs(1),

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
-use super::{file_json, new_id, open_gate, ApiPath, AppState, JsonBody, Tenant};
+use super::{file_json, files_page_json, new_id, open_gate, ApiPath, AppState, JsonBody, Tenant};
 use crate::error::{AppError, FieldError};
 use crate::model::{now_ms, part_count, part_size_for, FileRecord, FileStatus};
 use crate::store::Registered;
@@ -96,6 +96,27 @@ pub(super) async fn get(
         now,
     )?;
     Ok(Json(file_json(&f)).into_response())
+}
+
+/// `GET /v1/sessions/{id}/files?limit=&cursor=`: one page of the session's files.
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    ApiPath(session_id): ApiPath<String>,
+    uri: axum::http::Uri,
+) -> Result<Response, AppError> {
+    let page = crate::validate::files_page(uri.query())?;
+    let now = now_ms();
+    let view = open_gate(
+        state
+            .store
+            .get_session(&tenant.0.id, &session_id, page, now)
+            .await?,
+        &tenant.0.id,
+        now,
+    )?;
+    Ok(Json(files_page_json(&view)).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]

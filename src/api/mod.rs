@@ -50,7 +50,10 @@ pub fn routes(state: AppState) -> Router {
             "/v1/sessions/{session_id}/finalize",
             post(sessions::finalize),
         )
-        .route("/v1/sessions/{session_id}/files", post(files::register))
+        .route(
+            "/v1/sessions/{session_id}/files",
+            post(files::register).get(files::list),
+        )
         .route(
             "/v1/sessions/{session_id}/files/{file_id}",
             get(files::get).delete(files::abort),
@@ -142,9 +145,36 @@ pub(crate) struct SessionView<'a> {
     created_at: String,
     expires_at: String,
     metadata: &'a Value,
-    /// Present on `GET /v1/sessions/{id}` and finalize.
+    /// Present on `GET /v1/sessions/{id}` and finalize: the first page of the files.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) files: Option<Vec<FileView<'a>>>,
+    /// With `files`: the cursor of their next page (`null` when `files` is all of them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) files_next_cursor: Option<Option<String>>,
+}
+
+/// The session resource with its first page of files (`GET` and finalize).
+pub(crate) fn session_with_files(view: &crate::store::SessionView) -> SessionView<'_> {
+    let mut v = session_json(&view.session);
+    v.files = Some(view.files.iter().map(file_json).collect());
+    v.files_next_cursor = Some(view.next_cursor.map(|c| c.to_string()));
+    v
+}
+
+/// A page of `GET /v1/sessions/{id}/files`.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct FilesPageView<'a> {
+    files: Vec<FileView<'a>>,
+    next_cursor: Option<String>,
+}
+
+/// The page view of a session view's files.
+pub(crate) fn files_page_json(view: &crate::store::SessionView) -> FilesPageView<'_> {
+    FilesPageView {
+        files: view.files.iter().map(file_json).collect(),
+        next_cursor: view.next_cursor.map(|c| c.to_string()),
+    }
 }
 
 /// The session resource (without `files`).
@@ -159,6 +189,7 @@ pub(crate) fn session_json(s: &SessionRecord) -> SessionView<'_> {
         expires_at: crate::model::rfc3339(s.expires_at),
         metadata: &s.metadata,
         files: None,
+        files_next_cursor: None,
     }
 }
 

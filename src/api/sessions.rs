@@ -5,9 +5,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
-use super::{file_json, new_id, open_gate, session_json, ApiPath, AppState, JsonBody, Tenant};
+use super::{
+    new_id, open_gate, session_json, session_with_files, ApiPath, AppState, JsonBody, Tenant,
+};
 use crate::error::AppError;
 use crate::model::{now_ms, SessionRecord, SessionStatus};
+use crate::store::Page;
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id))]
 pub(super) async fn create(
@@ -78,14 +81,12 @@ pub(super) async fn get(
     let view = open_gate(
         state
             .store
-            .get_session(&tenant.0.id, &session_id, now)
+            .get_session(&tenant.0.id, &session_id, Page::FIRST, now)
             .await?,
         &tenant.0.id,
         now,
     )?;
-    let mut v = session_json(&view.session);
-    v.files = Some(view.files.iter().map(file_json).collect());
-    Ok(Json(v).into_response())
+    Ok(Json(session_with_files(&view)).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
@@ -108,7 +109,5 @@ pub(super) async fn finalize(
     ApiPath(session_id): ApiPath<String>,
 ) -> Result<Response, AppError> {
     let view = state.uploads.finalize(&tenant.0.id, &session_id).await?;
-    let mut v = session_json(&view.session);
-    v.files = Some(view.files.iter().map(file_json).collect());
-    Ok(Json(v).into_response())
+    Ok(Json(session_with_files(&view)).into_response())
 }

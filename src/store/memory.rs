@@ -5,13 +5,14 @@
 //! are short (no I/O while the lock is held), so a plain `std::sync::Mutex` is right here.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
 use super::{
-    BeginComplete, ExpiredInfo, FileAborted, Finalized, Gate, Reaped, Registered, SessionAborted,
-    SessionStore, SessionView, StoreError, UploadIdSet,
+    BeginComplete, Cleanup, ExpiredInfo, FileAborted, Finalized, Gate, Page, Reaped, Registered,
+    SessionAborted, SessionStore, SessionView, StoreError, UploadIdSet,
 };
 use crate::model::{
     part_count, part_size_for, FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus,
@@ -20,6 +21,8 @@ use crate::model::{
 #[derive(Debug)]
 struct FileEntry {
     file: FileRecord,
+    /// Registration sequence number (the key of `SessionEntry::order`).
+    seq: u64,
     parts: BTreeMap<u32, PartRecord>,
     lease: Option<(String, i64)>,
 }
@@ -27,13 +30,39 @@ struct FileEntry {
 #[derive(Debug)]
 struct SessionEntry {
     session: SessionRecord,
-    /// File ids in registration order.
-    order: Vec<String>,
+    /// Registration sequence number → file id, of the files not deleted.
+    order: BTreeMap<u64, String>,
+    /// The last sequence number given out.
+    seq: u64,
     files: HashMap<String, FileEntry>,
     /// fileKey → fileId of live files.
     keys: HashMap<String, String>,
-    /// Queued storage cleanups of deleted files: their ids.
-    cleanup: std::collections::BTreeSet<String>,
+    /// Queued storage cleanups, by file id.
+    cleanup: BTreeMap<String, Cleanup>,
+}
+
+impl SessionEntry {
+    /// A page of the listed files and the next page's cursor (the sequence number of the
+    /// page's last file, when more follow).
+    fn page(&self, page: Page) -> (Vec<FileRecord>, Option<u64>) {
+        let from = page.after.map_or(Bound::Unbounded, Bound::Excluded);
+        let limit = page.limit();
+        let mut listed = self.order.range((from, Bound::Unbounded));
+        let taken: Vec<(u64, FileRecord)> = listed
+            .by_ref()
+            .take(limit)
+            .filter_map(|(seq, id)| self.files.get(id).map(|f| (*seq, f.file.clone())))
+            .collect();
+        let next = match listed.next() {
+            Some(_) => taken.last().map(|(seq, _)| *seq),
+            None => None,
+        };
+        (taken.into_iter().map(|(_, f)| f).collect(), next)
+    }
+
+    fn queued(&self) -> Vec<Cleanup> {
+        self.cleanup.values().cloned().collect()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -121,17 +150,17 @@ fn completion_in_flight(f: &FileEntry, now_ms: i64) -> bool {
     f.file.status == FileStatus::Completing && f.lease.as_ref().is_some_and(|(_, u)| *u > now_ms)
 }
 
-/// The bookkeeping of aborting the live file `before` (already marked `aborted`): frees its
-/// fileKey and count slot and, when it has storage state, queues its cleanup. True when a
-/// cleanup was queued.
-fn abort_live(entry: &mut SessionEntry, before: &FileRecord) -> bool {
+/// The bookkeeping of aborting the live file `before`: frees its fileKey and count slot
+/// and, when it has storage state, queues its cleanup (returned).
+fn abort_live(entry: &mut SessionEntry, before: &FileRecord) -> Option<Cleanup> {
     entry.keys.remove(&before.file_key);
     entry.session.file_count = entry.session.file_count.saturating_sub(1);
     let queue = before.upload_id.is_some() || before.status == FileStatus::Completed;
-    if queue {
-        entry.cleanup.insert(before.id.clone());
-    }
-    queue
+    queue.then(|| {
+        let c = Cleanup::from(before);
+        entry.cleanup.insert(before.id.clone(), c.clone());
+        c
+    })
 }
 
 fn regate<T>(g: Gate<()>) -> Gate<T> {
@@ -175,10 +204,11 @@ impl SessionStore for MemoryStore {
             k,
             SessionEntry {
                 session: session.clone(),
-                order: Vec::new(),
+                order: BTreeMap::new(),
+                seq: 0,
                 files: HashMap::new(),
                 keys: HashMap::new(),
-                cleanup: std::collections::BTreeSet::new(),
+                cleanup: BTreeMap::new(),
             },
         );
         Ok(())
@@ -188,19 +218,16 @@ impl SessionStore for MemoryStore {
         &self,
         tenant: &str,
         session_id: &str,
+        page: Page,
         now_ms: i64,
     ) -> Result<Gate<SessionView>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
-        let files = entry
-            .order
-            .iter()
-            .filter_map(|id| entry.files.get(id))
-            .map(|f| f.file.clone())
-            .collect();
+        let (files, next_cursor) = entry.page(page);
         Ok(Gate::Ok(SessionView {
             session: entry.session.clone(),
             files,
+            next_cursor,
         }))
     }
 
@@ -242,11 +269,13 @@ impl SessionStore for MemoryStore {
         };
         entry.session.file_count += 1;
         entry.keys.insert(file.file_key.clone(), file.id.clone());
-        entry.order.push(file.id.clone());
+        entry.seq += 1;
+        entry.order.insert(entry.seq, file.id.clone());
         entry.files.insert(
             file.id.clone(),
             FileEntry {
                 file: file.clone(),
+                seq: entry.seq,
                 parts: BTreeMap::new(),
                 lease: None,
             },
@@ -447,19 +476,26 @@ impl SessionStore for MemoryStore {
     ) -> Result<Gate<FileAborted>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
-        let f = file_or_return!(entry, file_id);
+        let Some(f) = entry.files.get(file_id) else {
+            return Ok(match entry.cleanup.get(file_id) {
+                Some(c) => Gate::Ok(FileAborted::Deleted {
+                    cleanup: Some(c.clone()),
+                }),
+                None => Gate::FileNotFound,
+            });
+        };
         if completion_in_flight(f, now_ms) {
             return Ok(Gate::Ok(FileAborted::CompletionInProgress));
         }
-        let before = f.file.clone();
-        if before.status == FileStatus::Aborted {
-            let cleanup = entry.cleanup.contains(file_id);
-            return Ok(Gate::Ok(FileAborted::Aborted { before, cleanup }));
-        }
-        f.file.status = FileStatus::Aborted;
-        f.lease = None;
-        let cleanup = abort_live(entry, &before);
-        Ok(Gate::Ok(FileAborted::Aborted { before, cleanup }))
+        let (before, seq) = (f.file.clone(), f.seq);
+        entry.files.remove(file_id);
+        entry.order.remove(&seq);
+        let cleanup = if before.status == FileStatus::Aborted {
+            entry.cleanup.get(file_id).cloned()
+        } else {
+            abort_live(entry, &before)
+        };
+        Ok(Gate::Ok(FileAborted::Deleted { cleanup }))
     }
 
     async fn abort_session(
@@ -472,13 +508,7 @@ impl SessionStore for MemoryStore {
         let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
         match entry.session.status {
             SessionStatus::Finalized if !entry.cleanup.is_empty() => {
-                let queued = entry
-                    .cleanup
-                    .iter()
-                    .filter_map(|id| entry.files.get(id))
-                    .map(|f| f.file.clone())
-                    .collect();
-                return Ok(Gate::Ok(SessionAborted::CleanupFirst(queued)));
+                return Ok(Gate::Ok(SessionAborted::CleanupFirst(entry.queued())));
             }
             SessionStatus::Finalized => {
                 inner.sessions.remove(&key(tenant, session_id));
@@ -494,7 +524,7 @@ impl SessionStore for MemoryStore {
                     return Ok(Gate::Ok(SessionAborted::CompletionInProgress));
                 }
                 entry.session.status = SessionStatus::Aborted;
-                for id in entry.order.clone() {
+                for id in entry.order.values().cloned().collect::<Vec<_>>() {
                     let Some(f) = entry.files.get_mut(&id) else {
                         continue;
                     };
@@ -508,13 +538,7 @@ impl SessionStore for MemoryStore {
                 }
             }
         }
-        let queued = entry
-            .cleanup
-            .iter()
-            .filter_map(|id| entry.files.get(id))
-            .map(|f| f.file.clone())
-            .collect();
-        Ok(Gate::Ok(SessionAborted::Aborted(queued)))
+        Ok(Gate::Ok(SessionAborted::Aborted(entry.queued())))
     }
 
     async fn cleanup_done(
@@ -556,7 +580,7 @@ impl SessionStore for MemoryStore {
     ) -> Result<Gate<Finalized>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
-        let live = || entry.order.iter().filter_map(|id| entry.files.get(id));
+        let live = || entry.order.values().filter_map(|id| entry.files.get(id));
         let incomplete: Vec<String> = live()
             .filter(|f| {
                 matches!(
@@ -577,15 +601,11 @@ impl SessionStore for MemoryStore {
             return Ok(Gate::Ok(Finalized::Unchecked(unchecked)));
         }
         entry.session.status = SessionStatus::Finalized;
-        let files = entry
-            .order
-            .iter()
-            .filter_map(|id| entry.files.get(id))
-            .map(|f| f.file.clone())
-            .collect();
+        let (files, next_cursor) = entry.page(Page::FIRST);
         Ok(Gate::Ok(Finalized::Done(SessionView {
             session: entry.session.clone(),
             files,
+            next_cursor,
         })))
     }
 
@@ -631,7 +651,7 @@ impl SessionStore for MemoryStore {
         let mut open_uploads = Vec::new();
         let mut busy_until: Option<i64> = None;
         if past {
-            for f in entry.order.iter().filter_map(|id| entry.files.get(id)) {
+            for f in entry.order.values().filter_map(|id| entry.files.get(id)) {
                 if completion_in_flight(f, now_ms) {
                     let until = f.lease.as_ref().map_or(now_ms, |(_, u)| *u);
                     busy_until = Some(busy_until.map_or(until, |b| b.min(until)));
@@ -644,12 +664,7 @@ impl SessionStore for MemoryStore {
                 }
             }
         }
-        let cleanup = entry
-            .cleanup
-            .iter()
-            .filter_map(|id| entry.files.get(id))
-            .map(|f| f.file.clone())
-            .collect();
+        let cleanup = entry.queued();
         Ok(Some(Reaped {
             session: entry.session.clone(),
             first_observation: first,

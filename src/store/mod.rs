@@ -65,13 +65,67 @@ pub enum Gate<T> {
     NotActive(SessionStatus),
 }
 
-/// A session with its files in registration order (aborted files included).
+/// The most files one call returns (a page of [`SessionStore::get_session`], the files
+/// [`Finalized::Done`] embeds): API.md's bound on `GET /v1/sessions/{id}`'s `files`.
+pub const FILES_PAGE_MAX: usize = 1000;
+
+/// Which of a session's files a [`SessionStore::get_session`] call returns: at most `limit`
+/// (capped at [`FILES_PAGE_MAX`]), in registration order, after the cursor `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// The `next_cursor` of the previous page; `None` for the first.
+    pub after: Option<u64>,
+    /// Page size (1 to [`FILES_PAGE_MAX`]).
+    pub limit: usize,
+}
+
+impl Page {
+    /// The first page of the largest size.
+    pub const FIRST: Page = Page {
+        after: None,
+        limit: FILES_PAGE_MAX,
+    };
+
+    /// `limit` within 1..=[`FILES_PAGE_MAX`].
+    pub fn limit(self) -> usize {
+        self.limit.clamp(1, FILES_PAGE_MAX)
+    }
+}
+
+/// A session with a page of its files, in registration order. Deleted files are not
+/// listed: a file `DELETE` removes its record (an aborted session keeps its files' records,
+/// `aborted`, until its retention ends).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionView {
     /// The session.
     pub session: SessionRecord,
-    /// Its files, oldest first.
+    /// The page's files, oldest first.
     pub files: Vec<FileRecord>,
+    /// The cursor of the next page (the registration sequence number of the page's last
+    /// file); `None` when this page holds the last file.
+    pub next_cursor: Option<u64>,
+}
+
+/// Storage work queued for a deleted file until [`SessionStore::cleanup_done`]: what the
+/// cleanup needs, kept after the file's record is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cleanup {
+    /// The deleted file's id.
+    pub file_id: String,
+    /// Its object key in storage (deleted if present).
+    pub object_key: String,
+    /// Its storage multipart upload (aborted), if one was opened.
+    pub upload_id: Option<String>,
+}
+
+impl From<&FileRecord> for Cleanup {
+    fn from(f: &FileRecord) -> Self {
+        Cleanup {
+            file_id: f.id.clone(),
+            object_key: f.object_key.clone(),
+            upload_id: f.upload_id.clone(),
+        }
+    }
 }
 
 /// Outcome of [`SessionStore::register_file`].
@@ -123,15 +177,14 @@ pub enum BeginComplete {
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)] // returned once per call, never stored in bulk
 pub enum FileAborted {
-    /// The file is `aborted`. `before` is the file as it was before this call (an aborted
-    /// file is returned unchanged: aborting is repeatable). `cleanup` is true while storage
-    /// work for it is queued (its upload to abort, its object to delete): the caller does it
-    /// and reports [`SessionStore::cleanup_done`]; until then the reaper retries it.
-    Aborted {
-        /// The file before the call.
-        before: FileRecord,
-        /// Storage cleanup is queued for this file.
-        cleanup: bool,
+    /// The file is deleted. `cleanup` is the storage work queued for it (its upload to abort,
+    /// its object to delete), if any: the caller does it and reports
+    /// [`SessionStore::cleanup_done`]; until then the reaper retries it. Deleting a deleted
+    /// file whose cleanup is still queued answers this again (a repeated `DELETE` drives the
+    /// cleanup); once the cleanup is done the file is unknown ([`Gate::FileNotFound`]).
+    Deleted {
+        /// Storage cleanup queued for this file.
+        cleanup: Option<Cleanup>,
     },
     /// The file is `completing` under an unexpired lease: storage may be assembling it right
     /// now, so nothing changed (the caller answers 409 and the client retries).
@@ -141,15 +194,15 @@ pub enum FileAborted {
 /// Outcome of [`SessionStore::abort_session`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum SessionAborted {
-    /// The session is `aborted`; these files (every file of the session whose storage
-    /// cleanup is queued, from earlier file deletions too) need their storage cleaned.
-    Aborted(Vec<FileRecord>),
+    /// The session is `aborted`; every storage cleanup queued for the session (from earlier
+    /// file deletions too) is to be done.
+    Aborted(Vec<Cleanup>),
     /// The session was finalized: it is forgotten (every key removed), its objects stay.
     Forgotten,
     /// The session is finalized but files deleted before finalize still wait for their
     /// storage cleanup: nothing changed. Clean these, report them done, and ask again
     /// (forgetting the session would drop the queue).
-    CleanupFirst(Vec<FileRecord>),
+    CleanupFirst(Vec<Cleanup>),
     /// A file is `completing` under an unexpired lease: nothing changed.
     CompletionInProgress,
 }
@@ -157,7 +210,7 @@ pub enum SessionAborted {
 /// Outcome of [`SessionStore::finalize`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finalized {
-    /// Session status is now `finalized`.
+    /// Session status is now `finalized`; the view holds the first page of its files.
     Done(SessionView),
     /// These live files are not completed; nothing changed.
     Incomplete(Vec<String>),
@@ -179,7 +232,7 @@ pub struct Reaped {
     pub open_uploads: Vec<FileRecord>,
     /// Deleted files whose storage cleanup is queued ([`FileAborted::Aborted`]'s `cleanup`);
     /// report each one done with [`SessionStore::cleanup_done`].
-    pub cleanup: Vec<FileRecord>,
+    pub cleanup: Vec<Cleanup>,
     /// Past expiry, files `completing` under an unexpired lease are left alone: the earliest
     /// time (ms) their leases run out, when the session must be looked at again.
     pub busy_until: Option<i64>,
@@ -194,11 +247,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// gateway can still answer 410 for a while after expiry.
     async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
 
-    /// The session and its files. Gate: exists, not expired (no active check).
+    /// The session and one page of its files. Gate: exists, not expired (no active check).
     async fn get_session(
         &self,
         tenant: &str,
         session_id: &str,
+        page: Page,
         now_ms: i64,
     ) -> Result<Gate<SessionView>, StoreError>;
 
@@ -313,15 +367,15 @@ pub trait SessionStore: Send + Sync + 'static {
         token: &str,
     ) -> Result<(), StoreError>;
 
-    /// Aborts one file: status `aborted`, its count slot freed. Gate: exists, not expired,
-    /// active, file exists. A file `completing` under an unexpired lease is left alone
+    /// Deletes one file: its record, parts and list entry removed, its count slot and
+    /// fileKey freed. Gate: exists, not expired, active, file exists (or its cleanup is
+    /// still queued). A file `completing` under an unexpired lease is left alone
     /// ([`FileAborted::CompletionInProgress`]).
     ///
     /// A file with storage state (an upload id, or completed) gets its cleanup queued in the
-    /// same atomic step, until [`SessionStore::cleanup_done`]. Its fileKey is free at once
-    /// (object keys carry the file id, so the cleanup cannot touch a later file's object).
-    /// Aborting an aborted file changes nothing and reports whether its cleanup is still
-    /// queued (a repeated `DELETE` drives the cleanup again).
+    /// same atomic step, until [`SessionStore::cleanup_done`]; after that nothing of the
+    /// file is left. Object keys carry the file id, so the cleanup cannot touch a file
+    /// registered later under the same fileKey.
     async fn abort_file(
         &self,
         tenant: &str,

@@ -11,12 +11,16 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `P:{t:s}:s` | hash | the session record (+ `keep_until`, ms, the retention deadline) |
+//! | `P:{t:s}:s` | hash | the session record (+ `keep_until`, ms, the retention deadline; `file_seq`, the last registration sequence number) |
 //! | `P:{t:s}:keys` | hash | fileKey → fileId of live files |
-//! | `P:{t:s}:files` | list | file ids in registration order |
+//! | `P:{t:s}:o` | sorted set | ids of the files not deleted, scored by registration sequence number (the page cursor) |
 //! | `P:{t:s}:f:<fileId>` | hash | the file record (+ `lease_token`, `lease_until` while completing) |
 //! | `P:{t:s}:p:<fileId>` | hash | partNumber → `<sizeBytes>:<etag>` |
-//! | `P:{t:s}:c` | hash | queued storage cleanups of deleted files: fileId → fileKey |
+//! | `P:{t:s}:c` | hash | queued storage cleanups: fileId → `<uploadId>\n<objectKey>` |
+//!
+//! A file `DELETE` removes the file's `f:`, `p:` and `o` entries in its script; what storage
+//! still has to do waits in `c` until [`SessionStore::cleanup_done`], so a register/delete
+//! loop leaves nothing behind.
 //! | `P:reap` | sorted set | reaper index: member `t:s`, score = ms when due |
 //!
 //! Every session key gets `PEXPIREAT expires_at*1000 + retention` when written, so nothing
@@ -45,8 +49,8 @@ use redis::{
 use tracing::Instrument;
 
 use super::{
-    BeginComplete, ExpiredInfo, FileAborted, Finalized, Gate, Reaped, Registered, SessionAborted,
-    SessionStore, SessionView, StoreError, UploadIdSet,
+    BeginComplete, Cleanup, ExpiredInfo, FileAborted, Finalized, Gate, Page, Reaped, Registered,
+    SessionAborted, SessionStore, SessionView, StoreError, UploadIdSet, FILES_PAGE_MAX,
 };
 use crate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
 
@@ -396,10 +400,12 @@ impl<'a> SessionKeys<'a> {
     fn keys(self) -> Key<'a> {
         self.key("keys", "")
     }
-    fn files(self) -> Key<'a> {
-        self.key("files", "")
+    /// The listed (not deleted) files: a sorted set of file ids scored by registration
+    /// sequence number.
+    fn order(self) -> Key<'a> {
+        self.key("o", "")
     }
-    /// Queued storage cleanups: file id → fileKey.
+    /// Queued storage cleanups: file id → `"<upload id>\n<object key>"`.
     fn cleanup(self) -> Key<'a> {
         self.key("c", "")
     }
@@ -588,34 +594,43 @@ impl RedisStore {
         k: SessionKeys<'_>,
         script: &Script,
         fixed: &[Key<'_>],
-        with_parts: bool,
+        read: IdRead,
         now_ms: i64,
         extra: &[String],
     ) -> Result<Value, StoreError> {
         for attempt in 0..STALE_RETRIES {
             if attempt > 0 {
-                // Registrations are changing the list right now: let a few land.
+                // Registrations or deletions are changing the list right now: let a few land.
                 tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
             }
             let mut con = self.handle.clone();
-            let files = k.files();
+            let order = k.order();
             let ids: Vec<String> = self
                 .bounded(what, async move {
-                    redis::cmd("LRANGE")
-                        .arg(files)
-                        .arg(0)
-                        .arg(-1)
-                        .query_async(&mut con)
-                        .await
+                    let mut cmd = redis::cmd("ZRANGEBYSCORE");
+                    cmd.arg(order);
+                    match read {
+                        IdRead::All { .. } => cmd.arg("-inf").arg("+inf"),
+                        IdRead::Page(page) => cmd
+                            .arg(score_after(page.after))
+                            .arg("+inf")
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(page.limit()),
+                    };
+                    cmd.query_async(&mut con).await
                 })
                 .await?;
             let mut keys: Vec<Key<'_>> = fixed.to_vec();
             keys.extend(ids.iter().map(|id| k.file(id)));
-            if with_parts {
+            if let IdRead::All { with_parts: true } = read {
                 keys.extend(ids.iter().map(|id| k.parts(id)));
             }
             let mut inv = Call::dynamic(script, &keys);
             inv.arg(now_ms).arg(ids.len());
+            if let IdRead::Page(page) = read {
+                inv.arg(score_after(page.after)).arg(page.limit());
+            }
             for e in extra {
                 inv.arg(e);
             }
@@ -822,6 +837,52 @@ fn parse_files(vs: &[Value]) -> Result<Vec<FileRecord>, StoreError> {
     vs.iter().map(parse_file).collect()
 }
 
+/// The file ids a session-wide script declares (see `session_wide`).
+#[derive(Clone, Copy)]
+enum IdRead {
+    /// Every listed file (with their `p:` keys too when `with_parts`).
+    All { with_parts: bool },
+    /// One page.
+    Page(Page),
+}
+
+/// The `ZRANGEBYSCORE` lower bound of the files after cursor `after`.
+fn score_after(after: Option<u64>) -> String {
+    after.map_or_else(|| "-inf".to_owned(), |seq| format!("({seq}"))
+}
+
+/// A next-page cursor as a script returns it ('' for none).
+fn parse_cursor(v: &Value) -> Result<Option<u64>, StoreError> {
+    let s = as_str(v)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| corrupt("bad cursor"))
+}
+
+/// A queued cleanup entry: `"<upload id or empty>\n<object key>"`.
+fn parse_cleanup(file_id: &Value, entry: &Value) -> Result<Cleanup, StoreError> {
+    let (upload_id, object_key) = as_str(entry)?
+        .split_once('\n')
+        .ok_or_else(|| corrupt("bad cleanup entry"))?;
+    Ok(Cleanup {
+        file_id: as_str(file_id)?.to_owned(),
+        object_key: object_key.to_owned(),
+        upload_id: (!upload_id.is_empty()).then(|| upload_id.to_owned()),
+    })
+}
+
+/// A cleanup hash as `HGETALL` returns it (file id, entry, ...).
+fn parse_cleanups(v: &Value) -> Result<Vec<Cleanup>, StoreError> {
+    let arr = as_array(v)?;
+    if arr.len() % 2 != 0 {
+        return Err(corrupt("odd cleanup reply"));
+    }
+    arr.chunks_exact(2)
+        .map(|pair| parse_cleanup(&pair[0], &pair[1]))
+        .collect()
+}
+
 /// A parts hash (`partNumber, "<size>:<etag>", ...`), sorted by part number.
 fn parse_parts(v: &Value) -> Result<Vec<PartRecord>, StoreError> {
     let arr = as_array(v)?;
@@ -961,7 +1022,7 @@ impl SessionStore for RedisStore {
         let keep_until = due_ms.saturating_add(self.retention_ms);
         let mut inv = Call::new(
             &self.scripts.create,
-            [k.session(), k.keys(), k.files(), k.cleanup()],
+            [k.session(), k.keys(), k.order(), k.cleanup()],
         );
         inv.arg(0).arg(keep_until);
         session_fields(&mut inv, session)?;
@@ -1007,6 +1068,7 @@ impl SessionStore for RedisStore {
         &self,
         tenant: &str,
         session_id: &str,
+        page: Page,
         now_ms: i64,
     ) -> Result<Gate<SessionView>, StoreError> {
         let k = self.keys_of(tenant, session_id);
@@ -1015,19 +1077,17 @@ impl SessionStore for RedisStore {
                 "get_session",
                 k,
                 &self.scripts.get_session,
-                &[k.session(), k.files()],
-                false,
+                &[k.session(), k.order()],
+                IdRead::Page(page),
                 now_ms,
                 &[],
             )
             .await?;
         let rest = payload_or_return!(reply);
-        let (session, files) = rest
-            .split_first()
-            .ok_or_else(|| corrupt("short get_session reply"))?;
         Ok(Gate::Ok(SessionView {
-            session: parse_session(session)?,
-            files: parse_files(files)?,
+            session: parse_session(at(rest, 0)?)?,
+            next_cursor: parse_cursor(at(rest, 1)?)?,
+            files: parse_files(as_array(at(rest, 2)?)?)?,
         }))
     }
 
@@ -1070,7 +1130,7 @@ impl SessionStore for RedisStore {
         for attempt in 0..2 {
             let mut inv = Call::new(
                 &self.scripts.register,
-                [k.session(), k.keys(), k.files(), k.file(&file.id)],
+                [k.session(), k.keys(), k.order(), k.file(&file.id)],
             );
             inv.arg(now_ms)
                 .arg(&file.file_key)
@@ -1270,17 +1330,33 @@ impl SessionStore for RedisStore {
         let k = self.keys_of(tenant, session_id);
         let mut inv = Call::new(
             &self.scripts.abort_file,
-            [k.session(), k.keys(), k.file(file_id), k.cleanup()],
+            [
+                k.session(),
+                k.keys(),
+                k.file(file_id),
+                k.cleanup(),
+                k.parts(file_id),
+                k.order(),
+            ],
         );
         inv.arg(now_ms).arg(file_id);
         let reply = self.invoke("abort_file", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
             "busy" => FileAborted::CompletionInProgress,
-            "aborted" => FileAborted::Aborted {
-                before: parse_file(at(rest, 1)?)?,
-                cleanup: as_int(at(rest, 2)?)? == 1,
-            },
+            "deleted" => {
+                let entry = at(rest, 1)?;
+                FileAborted::Deleted {
+                    cleanup: if as_str(entry)?.is_empty() {
+                        None
+                    } else {
+                        Some(parse_cleanup(
+                            &Value::SimpleString(file_id.to_owned()),
+                            entry,
+                        )?)
+                    },
+                }
+            }
             other => return Err(corrupt(format_args!("abort_file outcome {other:?}"))),
         }))
     }
@@ -1298,8 +1374,8 @@ impl SessionStore for RedisStore {
                 "abort_session",
                 k,
                 &self.scripts.abort_session,
-                &[k.session(), k.keys(), k.files(), k.cleanup()],
-                true,
+                &[k.session(), k.keys(), k.order(), k.cleanup()],
+                IdRead::All { with_parts: true },
                 now_ms,
                 &[],
             )
@@ -1308,10 +1384,8 @@ impl SessionStore for RedisStore {
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
             "busy" => SessionAborted::CompletionInProgress,
             "forgot" => SessionAborted::Forgotten,
-            "pending" => {
-                SessionAborted::CleanupFirst(parse_files(rest.get(1..).unwrap_or_default())?)
-            }
-            "aborted" => SessionAborted::Aborted(parse_files(rest.get(1..).unwrap_or_default())?),
+            "pending" => SessionAborted::CleanupFirst(parse_cleanups(at(rest, 1)?)?),
+            "aborted" => SessionAborted::Aborted(parse_cleanups(at(rest, 1)?)?),
             other => return Err(corrupt(format_args!("abort_session outcome {other:?}"))),
         }))
     }
@@ -1367,15 +1441,18 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<Finalized>, StoreError> {
         let k = self.keys_of(tenant, session_id);
+        let mut extra = Vec::with_capacity(checked.len() + 1);
+        extra.push(FILES_PAGE_MAX.to_string());
+        extra.extend_from_slice(checked);
         let reply = self
             .session_wide(
                 "finalize",
                 k,
                 &self.scripts.finalize,
-                &[k.session(), k.files()],
-                false,
+                &[k.session(), k.order()],
+                IdRead::All { with_parts: false },
                 now_ms,
-                checked,
+                &extra,
             )
             .await?;
         let rest = payload_or_return!(reply);
@@ -1390,7 +1467,8 @@ impl SessionStore for RedisStore {
             "unchecked" => Finalized::Unchecked(ids(at(rest, 1)?)?),
             "done" => Finalized::Done(SessionView {
                 session: parse_session(at(rest, 1)?)?,
-                files: parse_files(rest.get(2..).unwrap_or_default())?,
+                next_cursor: parse_cursor(at(rest, 2)?)?,
+                files: parse_files(as_array(at(rest, 3)?)?)?,
             }),
             other => return Err(corrupt(format_args!("finalize outcome {other:?}"))),
         }))
@@ -1430,8 +1508,8 @@ impl SessionStore for RedisStore {
                 "reap",
                 k,
                 &self.scripts.reap,
-                &[k.session(), k.files(), k.cleanup()],
-                false,
+                &[k.session(), k.order(), k.cleanup()],
+                IdRead::All { with_parts: false },
                 now_ms,
                 &[],
             )
@@ -1451,7 +1529,7 @@ impl SessionStore for RedisStore {
                     session: parse_session(session)?,
                     first_observation: as_int(first)? == 1,
                     open_uploads: parse_files(as_array(open)?)?,
-                    cleanup: parse_files(as_array(queued)?)?,
+                    cleanup: parse_cleanups(queued)?,
                     busy_until: if busy.is_empty() {
                         None
                     } else {
@@ -1570,7 +1648,8 @@ mod tests {
         let keys = [
             (k.session(), "upgate:{acme:s-1}:s"),
             (k.keys(), "upgate:{acme:s-1}:keys"),
-            (k.files(), "upgate:{acme:s-1}:files"),
+            (k.order(), "upgate:{acme:s-1}:o"),
+            (k.cleanup(), "upgate:{acme:s-1}:c"),
             (k.file("f-9"), "upgate:{acme:s-1}:f:f-9"),
             (k.parts("f-9"), "upgate:{acme:s-1}:p:f-9"),
         ];

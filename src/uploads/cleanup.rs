@@ -6,8 +6,8 @@ use futures_util::stream::{self, StreamExt};
 
 use super::{ms, open_gate, Uploads};
 use crate::error::AppError;
-use crate::model::{now_ms, FileRecord};
-use crate::store::{FileAborted, SessionAborted};
+use crate::model::now_ms;
+use crate::store::{Cleanup, FileAborted, SessionAborted};
 
 /// Storage calls one cleanup runs at once.
 const CLEANUP_CONCURRENCY: usize = 8;
@@ -29,11 +29,10 @@ impl Uploads {
             .await?;
         match open_gate(outcome, tenant, now)? {
             FileAborted::CompletionInProgress => Err(AppError::CompletionInProgress),
-            FileAborted::Aborted { cleanup: false, .. } => Ok(()),
-            FileAborted::Aborted {
-                before,
-                cleanup: true,
-            } => self.clean_now(tenant, session_id, &[before]).await,
+            FileAborted::Deleted { cleanup: None } => Ok(()),
+            FileAborted::Deleted {
+                cleanup: Some(queued),
+            } => self.clean_now(tenant, session_id, &[queued]).await,
         }
     }
 
@@ -70,7 +69,7 @@ impl Uploads {
         ))
     }
 
-    /// Cleans `files` in storage and reports what storage confirmed. The reaper is asked to
+    /// Does the `queued` cleanups in storage and reports what storage confirmed. The reaper is asked to
     /// look at the session after `cleanup_retry` before storage is called, so a cleanup this
     /// request does not finish (storage refuses, the request is cut by its timeout, the
     /// replica dies) is retried then, not only at the session's expiry. The queue entries
@@ -79,18 +78,18 @@ impl Uploads {
         &self,
         tenant: &str,
         session_id: &str,
-        files: &[FileRecord],
+        queued: &[Cleanup],
     ) -> Result<(), AppError> {
-        if files.is_empty() {
+        if queued.is_empty() {
             return Ok(());
         }
         let at = now_ms().saturating_add(ms(self.timing.cleanup_retry));
         self.store.schedule_reap(tenant, session_id, at).await?;
-        let done = self.clean(files).await;
+        let done = self.clean(queued).await;
         self.store.cleanup_done(tenant, session_id, &done).await?;
-        if done.len() < files.len() {
+        if done.len() < queued.len() {
             tracing::warn!(
-                left = files.len() - done.len(),
+                left = queued.len() - done.len(),
                 "storage cleanup incomplete; queued for the reaper"
             );
         }
@@ -108,7 +107,7 @@ impl Uploads {
     /// Aborts each file's storage upload and deletes its object (a few at a time); returns
     /// the ids of the files storage confirmed clean. Both calls are idempotent, so a file
     /// cleaned twice (a retry after a lost confirmation) costs two calls, nothing else.
-    pub(super) async fn clean(&self, files: &[FileRecord]) -> Vec<String> {
+    pub(super) async fn clean(&self, files: &[Cleanup]) -> Vec<String> {
         let storage = self.storage.clone();
         stream::iter(files.to_vec())
             .map(move |f| {
@@ -116,15 +115,15 @@ impl Uploads {
                 async move {
                     if let Some(upload_id) = &f.upload_id {
                         if let Err(e) = storage.abort_upload(&f.object_key, upload_id).await {
-                            tracing::warn!(file_id = %f.id, error = %e, "aborting a storage upload failed; retried later");
+                            tracing::warn!(file_id = %f.file_id, error = %e, "aborting a storage upload failed; retried later");
                             return None;
                         }
                     }
                     if let Err(e) = storage.delete_object(&f.object_key).await {
-                        tracing::warn!(file_id = %f.id, error = %e, "deleting an object failed; retried later");
+                        tracing::warn!(file_id = %f.file_id, error = %e, "deleting an object failed; retried later");
                         return None;
                     }
-                    Some(f.id)
+                    Some(f.file_id)
                 }
             })
             .buffer_unordered(CLEANUP_CONCURRENCY)

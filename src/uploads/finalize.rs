@@ -7,7 +7,7 @@ use futures_util::stream::{self, StreamExt};
 use super::{open_gate, Uploads};
 use crate::error::AppError;
 use crate::model::{now_ms, FileStatus, SessionStatus};
-use crate::store::{Finalized, SessionView};
+use crate::store::{Finalized, Page, SessionView, FILES_PAGE_MAX};
 
 /// Bytes read from each object at finalize for the magic-byte check.
 const SNIFF_BYTES: usize = 8192;
@@ -23,11 +23,7 @@ impl Uploads {
     pub async fn finalize(&self, tenant: &str, session_id: &str) -> Result<SessionView, AppError> {
         for _ in 0..ROUNDS {
             let now = now_ms();
-            let view = open_gate(
-                self.store.get_session(tenant, session_id, now).await?,
-                tenant,
-                now,
-            )?;
+            let view = self.whole_session(tenant, session_id, now).await?;
             if view.session.status != SessionStatus::Active {
                 if view.session.status == SessionStatus::Finalized {
                     // A repeated finalize: make sure the quota count went (idempotent).
@@ -68,6 +64,39 @@ impl Uploads {
             }
         }
         Err(AppError::CompletionInProgress)
+    }
+
+    /// The session with every file, page by page (the store's `finalize` checks again,
+    /// atomically, what changed between the pages).
+    async fn whole_session(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now: i64,
+    ) -> Result<SessionView, AppError> {
+        let mut view = open_gate(
+            self.store
+                .get_session(tenant, session_id, Page::FIRST, now)
+                .await?,
+            tenant,
+            now,
+        )?;
+        while let Some(after) = view.next_cursor {
+            let page = Page {
+                after: Some(after),
+                limit: FILES_PAGE_MAX,
+            };
+            let next = open_gate(
+                self.store
+                    .get_session(tenant, session_id, page, now)
+                    .await?,
+                tenant,
+                now,
+            )?;
+            view.files.extend(next.files);
+            view.next_cursor = next.next_cursor;
+        }
+        Ok(view)
     }
 
     /// Checks the first bytes of every completed, non-empty, typed file against its

@@ -6,7 +6,7 @@ use tracing::Instrument;
 
 use super::{log_expiration, ms, Uploads};
 use crate::model::now_ms;
-use crate::store::StoreError;
+use crate::store::{Cleanup, StoreError};
 
 /// Lease on a claimed session: long enough to clean a session's files.
 const CLAIM_LEASE_MS: i64 = 60_000;
@@ -76,7 +76,8 @@ impl Uploads {
             log_expiration(&r.session, tenant, now, "reaper");
             self.metrics.sessions_expired.inc();
         }
-        let aborted = self.clean(&r.open_uploads).await;
+        let open: Vec<Cleanup> = r.open_uploads.iter().map(Cleanup::from).collect();
+        let aborted = self.clean(&open).await;
         self.metrics.uploads_reaped.add(aborted.len() as u64);
         let cleaned = self.clean(&r.cleanup).await;
         self.store

@@ -1,29 +1,36 @@
--- abort_file. KEYS: s, keys, f, c. ARGV: now, file_id.
--- Reply: {'ok','aborted', file-fields as before the call, cleanup(0|1)} | {'ok','busy'}
---      | {'fnf'} | gate reply.
--- A file with storage state (an upload id, or completed) is queued in `c` (file id →
--- fileKey) until cleanup_done. Its fileKey is free at once: object keys carry the file id,
--- so the cleanup can never touch a file registered later under the same fileKey.
+-- abort_file (a file DELETE). KEYS: s, keys, f, c, p, o. ARGV: now, file_id.
+-- Reply: {'ok','deleted', cleanup entry ('' for none)} | {'ok','busy'} | {'fnf'} | gate reply.
+-- The file's record, parts and `o` entry are removed: a deleted file costs nothing once
+-- its cleanup is done. A file with storage state (an upload id, or completed) is queued in
+-- `c` (file id -> cleanup_entry) until cleanup_done; a file already deleted whose cleanup is
+-- still queued answers `deleted` again with it. Its fileKey is free at once: object keys
+-- carry the file id, so the cleanup can never touch a file registered later under the
+-- same fileKey.
 local g = gate(NOW, true)
 if g then return g end
-local f = call('HGETALL', KEYS[3])
-if #f == 0 then return {'fnf'} end
-local st = call('HMGET', KEYS[3], 'status', 'file_key', 'upload_id', 'lease_until')
+local st = call('HMGET', KEYS[3], 'status', 'file_key', 'upload_id', 'lease_until', 'object_key')
+if not st[1] then
+  local queued = call('HGET', KEYS[4], ARGV[2])
+  if queued then return {'ok', 'deleted', queued} end
+  return {'fnf'}
+end
 if st[1] == 'completing' then
   local lease = tonumber(st[4])
   if lease and lease > NOW then return {'ok', 'busy'} end
 end
+local entry = ''
 if st[1] == 'aborted' then
-  return {'ok', 'aborted', f, call('HEXISTS', KEYS[4], ARGV[2])}
+  entry = call('HGET', KEYS[4], ARGV[2]) or ''
+else
+  if st[3] or st[1] == 'completed' then
+    if not st[5] then error('upgate: corrupt file (object_key)') end
+    entry = cleanup_entry(st[3], st[5])
+    call('HSET', KEYS[4], ARGV[2], entry)
+    keep(KEYS[4])
+  end
+  if st[2] then call('HDEL', KEYS[2], st[2]) end
+  release_slot()
 end
-call('HSET', KEYS[3], 'status', 'aborted')
-call('HDEL', KEYS[3], 'lease_token', 'lease_until')
-local cleanup = 0
-if st[3] or st[1] == 'completed' then
-  cleanup = 1
-  call('HSET', KEYS[4], ARGV[2], st[2] or '')
-  keep(KEYS[4])
-end
-if st[2] then call('HDEL', KEYS[2], st[2]) end
-release_slot()
-return {'ok', 'aborted', f, cleanup}
+call('DEL', KEYS[3], KEYS[5])
+call('ZREM', KEYS[6], ARGV[2])
+return {'ok', 'deleted', entry}

@@ -1,15 +1,17 @@
--- finalize. KEYS: s, files, f:<id>... (every file, see declared_files).
--- ARGV: now, n, checked file id, ...
+-- finalize. KEYS: s, o, f:<id>... (every listed file, see declared_files).
+-- ARGV: now, n, embed (files in the reply), checked file id, ...
 -- Reply: {'ok','incomplete', {file ids}} | {'ok','unchecked', {file ids}}
---      | {'ok','done', session, file-fields...} | {'stale'} | gate reply.
+--      | {'ok','done', session, next cursor ('' if none), {file-fields...}} | {'stale'}
+--      | gate reply.
 -- `checked` are the completed files whose content the caller verified; a live completed
 -- file outside it was completed after the caller looked, and is refused until checked.
-local files = declared_files(KEYS[2], 3, false)
+local ids, _, scores = listed(KEYS[2], '-inf')
+local files = declared_files(ids, 3, false)
 if not files then return {'stale'} end
 local g = gate(NOW, true)
 if g then return g end
 local checked = {}
-for i = 3, #ARGV do checked[ARGV[i]] = true end
+for i = 4, #ARGV do checked[ARGV[i]] = true end
 local incomplete, unchecked = {}, {}
 for _, file in ipairs(files) do
   local fid = file.id
@@ -23,9 +25,7 @@ end
 if #incomplete > 0 then return {'ok', 'incomplete', incomplete} end
 if #unchecked > 0 then return {'ok', 'unchecked', unchecked} end
 call('HSET', SKEY, 'status', 'finalized')
-local out = {'ok', 'done', call('HGETALL', SKEY)}
-for _, file in ipairs(files) do
-  local f = call('HGETALL', file.f)
-  if #f > 0 then out[#out + 1] = f end
-end
-return out
+local embed = tonumber(ARGV[3])
+local cursor = ''
+if #files > embed then cursor = scores[embed] end
+return {'ok', 'done', call('HGETALL', SKEY), cursor, records(files, embed)}

@@ -1,13 +1,10 @@
--- get_session. KEYS: s, files, f:<id>... (every file, see declared_files). ARGV: now, n.
--- Reply: {'ok', session-fields, file-fields...} (files in registration order)
+-- get_session. KEYS: s, o, f:<id>... (the page's files, see declared_files).
+-- ARGV: now, n, after ('-inf' | '(<seq>'), limit.
+-- Reply: {'ok', session-fields, next cursor ('' on the last page), {file-fields...}}
 --      | {'stale'} | gate reply.
-local files = declared_files(KEYS[2], 3, false)
+local ids, cursor = listed(KEYS[2], ARGV[3], tonumber(ARGV[4]))
+local files = declared_files(ids, 3, false)
 if not files then return {'stale'} end
 local g = gate(NOW, false)
 if g then return g end
-local out = {'ok', call('HGETALL', SKEY)}
-for _, file in ipairs(files) do
-  local f = call('HGETALL', file.f)
-  if #f > 0 then out[#out + 1] = f end
-end
-return out
+return {'ok', call('HGETALL', SKEY), cursor, records(files, #files)}

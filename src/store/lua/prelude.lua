@@ -10,13 +10,12 @@
 local SKEY = KEYS[1]
 local BASE = string.sub(SKEY, 1, -2)
 
--- Session-wide scripts get the `f:` key of every file of the session declared after their
--- fixed keys, from KEYS[first] on (with `with_parts`, the `p:` keys follow them), their
--- count in ARGV[2], in the order of the `files` list. The caller read that list just
--- before; this returns the file ids with their `f:` and `p:` key positions, or nil when the
+-- Session-wide scripts get the `f:` key of every listed file (see `listed`) declared after
+-- their fixed keys, from KEYS[first] on (with `with_parts`, the `p:` keys follow them),
+-- their count in ARGV[2]. The caller read the ids just before; given the ids as this
+-- script reads them, this returns the files with their `f:` and `p:` keys, or nil when the
 -- list changed meanwhile (the caller reads it again).
-local function declared_files(files_key, first, with_parts)
-  local ids = call('LRANGE', files_key, 0, -1)
+local function declared_files(ids, first, with_parts)
   local n = tonumber(ARGV[2])
   if #ids ~= n then return nil end
   for i, fid in ipairs(ids) do
@@ -30,20 +29,44 @@ local function declared_files(files_key, first, with_parts)
   return out
 end
 
--- Appends to `out` the records of the files queued for storage cleanup in `c_key` (file
--- ids), looked up among `files` (declared_files); returns `out`.
-local function queued_files(c_key, files, out)
-  if call('EXISTS', c_key) == 0 then return out end
-  local by_id = {}
-  for _, file in ipairs(files) do by_id[file.id] = file.f end
-  for _, fid in ipairs(call('HKEYS', c_key)) do
-    local fk = by_id[fid]
-    if fk then
-      local f = call('HGETALL', fk)
-      if #f > 0 then out[#out + 1] = f end
-    end
+-- The listed files (every file not deleted) of the order set `o_key` (file id scored by
+-- registration sequence number): ids after the sequence number bound `after` ('-inf', or
+-- '(<seq>'), at most `limit` of them (nil: all), and the cursor of the next page (the last
+-- returned id's sequence number, '' when no file follows).
+local function listed(o_key, after, limit)
+  local r
+  if limit then
+    r = call('ZRANGEBYSCORE', o_key, after, '+inf', 'WITHSCORES', 'LIMIT', 0, limit + 1)
+  else
+    r = call('ZRANGEBYSCORE', o_key, after, '+inf', 'WITHSCORES')
+  end
+  local ids, scores = {}, {}
+  for i = 1, #r, 2 do
+    ids[#ids + 1] = r[i]
+    scores[#scores + 1] = r[i + 1]
+  end
+  local cursor = ''
+  if limit and #ids > limit then
+    ids[#ids] = nil
+    cursor = scores[limit]
+  end
+  return ids, cursor, scores
+end
+
+-- The records of `files` (declared_files) as HGETALL replies, the first `limit` of them.
+local function records(files, limit)
+  local out = {}
+  for i, file in ipairs(files) do
+    if i > limit then break end
+    local f = call('HGETALL', file.f)
+    if #f > 0 then out[#out + 1] = f end
   end
   return out
+end
+
+-- The queued cleanup entry of a file: "<upload id or empty>\n<object key>".
+local function cleanup_entry(upload_id, object_key)
+  return (upload_id or '') .. '\n' .. object_key
 end
 
 -- Sets the retention deadline `ku` (the session's `keep_until`, ms) on keys this script wrote.

@@ -1,11 +1,11 @@
--- reap. KEYS: s, files, c, f:<id>... (every file, see declared_files). ARGV: now, n.
+-- reap. KEYS: s, o, c, f:<id>... (every listed file, see declared_files). ARGV: now, n.
 -- Reply: {'none'} | {'stale'}
 --      | {'ok', first(0|1), session-fields, busy_until ('' or ms), {open-file-fields...},
---         {queued-file-fields...}}.
+--         {file id, cleanup entry, ...}}.
 -- Past expiry, open uploads are those of live files (registered, or completing under a
 -- lease that ran out) with an upload id; a completion still in flight is left alone and
 -- reported in busy_until. Queued cleanups (deleted files) are reported whatever the time.
-local files = declared_files(KEYS[2], 4, false)
+local files = declared_files((listed(KEYS[2], '-inf')), 4, false)
 if not files then return {'stale'} end
 local st = call('HMGET', SKEY, 'status', 'expires_at')
 if not st[1] then return {'none'} end
@@ -30,5 +30,4 @@ if past then
     end
   end
 end
-local queued = queued_files(KEYS[3], files, {})
-return {'ok', first, call('HGETALL', SKEY), busy, open, queued}
+return {'ok', first, call('HGETALL', SKEY), busy, open, call('HGETALL', KEYS[3])}

@@ -1,4 +1,4 @@
--- register_file. KEYS: s, keys, files, f.
+-- register_file. KEYS: s, keys, o, f.
 -- ARGV: now, file_key, file_id, size_bytes, part_size_bytes, field, value, ...
 -- Reply: {'ok','created'} | {'ok','dup'} | {'ok','full', limit, count}
 --      | {'ok','ps', session part_size_bytes} | gate reply.
@@ -28,20 +28,17 @@ if count >= limit then
 end
 if call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return {'ok', 'dup'} end
 call('HINCRBY', SKEY, 'file_count', 1)
+local seq = call('HINCRBY', SKEY, 'file_seq', 1)
 -- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
 call('HSET', KEYS[4], unpack(ARGV, 6))
--- Retention: the file hash is new. `files` only grows (aborted files stay listed), so it is
--- new exactly when this RPUSH made it one long. `keys` holds one field per live file (this
--- script adds one with each HINCRBY; abort_file and abort_session remove one with each
--- release_slot), so it was just created exactly when the count was 0; it can be emptied by
--- aborts, deleted by Redis, and created again later, which the same test catches.
-local new_list = call('RPUSH', KEYS[3], ARGV[3]) == 1
-if count == 0 and new_list then
+call('ZADD', KEYS[3], seq, ARGV[3])
+-- Retention: the file hash is new. `keys` and `o` hold one entry per live file while the
+-- session is active (this script adds one to each with each HINCRBY; abort_file removes
+-- them with each release_slot), so they were just created exactly when the count was 0;
+-- they can be emptied by deletions, deleted by Redis, and created again later, which the
+-- same test catches.
+if count == 0 then
   keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])
-elseif count == 0 then
-  keep_until(st[5], KEYS[2], KEYS[4])
-elseif new_list then
-  keep_until(st[5], KEYS[3], KEYS[4])
 else
   keep_until(st[5], KEYS[4])
 end
