@@ -14,8 +14,9 @@ use crate::api::AppState;
 /// How long `/readyz` waits for Redis and storage.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Extra metric text from components outside [`crate::metrics::Metrics`] (layer counters).
-pub type ExtraMetrics = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+/// Metrics of components outside [`crate::metrics::Metrics`] (the layers' counters), read
+/// on each scrape.
+pub type ExtraMetrics = std::sync::Arc<prometheus_client::registry::Registry>;
 
 /// The admin routes.
 pub fn routes(state: AppState, extra: ExtraMetrics) -> Router {
@@ -28,11 +29,8 @@ pub fn routes(state: AppState, extra: ExtraMetrics) -> Router {
                 let extra = extra.clone();
                 async move {
                     (
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        state.metrics.render(&extra()),
+                        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+                        state.metrics.render(&extra),
                     )
                 }
             }),

@@ -170,8 +170,7 @@ impl Gateway {
             stop.clone(),
         ));
         let admin_task = admin.map(|l| {
-            let layers = self.layers.clone();
-            let router = admin::routes(self.state.clone(), Arc::new(move || layers.metrics_text()));
+            let router = admin::routes(self.state.clone(), Arc::new(self.layers.metrics()));
             let stop = stop.clone();
             // The same accept loop as the API, with few connections: probes and scrapers.
             let limits = serve::ServeLimits {

@@ -143,17 +143,22 @@ impl Layers {
     }
 
     /// Prometheus text for the layers' counters.
-    pub fn metrics_text(&self) -> String {
+    pub fn metrics(&self) -> prometheus_client::registry::Registry {
         let s = self.rate_limit.stats();
-        format!(
-            "# HELP upgate_rate_limit_decisions_total Rate-limit decisions.\n# TYPE upgate_rate_limit_decisions_total counter\n\
-upgate_rate_limit_decisions_total{{decision=\"admitted\"}} {}\n\
-upgate_rate_limit_decisions_total{{decision=\"limited\"}} {}\n\
-upgate_rate_limit_decisions_total{{decision=\"bypassed\"}} {}\n",
-            s.admitted(),
-            s.limited(),
-            s.bypassed()
-        )
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(crate::metrics::ConstCounters::new(
+            "upgate_rate_limit_decisions",
+            "Rate-limit decisions",
+            "decision",
+            move || {
+                vec![
+                    ("admitted", s.admitted()),
+                    ("limited", s.limited()),
+                    ("bypassed", s.bypassed()),
+                ]
+            },
+        )));
+        r
     }
 }
 
@@ -266,19 +271,6 @@ fn bounded_id(segment: Option<&str>) -> &str {
 
 /// A method as a metric label or log field: the methods the API and CORS use, else
 /// `other`, so no client string becomes a label (`../shared/API.md`, v1.1 limits).
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
-}
-
 /// The API router with its whole middleware stack.
 pub fn build(state: AppState, layers: &Layers) -> Router {
     let edge = EdgeLayer {
@@ -323,7 +315,7 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
                 let span = tracing::info_span!(
                     "request",
                     request_id,
-                    method = method_label(req.method()),
+                    method = crate::metrics::method_label(req.method()),
                     route,
                     tenant = tracing::field::Empty,
                     session_id = bounded_id(session_id),
@@ -483,25 +475,24 @@ fn record_metrics(
     start: Instant,
 ) {
     if let Some(code) = res.extensions().get::<crate::error::ErrorCode>() {
-        metrics.rejections.inc_code(code.0);
+        metrics.rejection(code.0);
     }
     if res.headers().contains_key("idempotent-replayed") {
         metrics.idempotent_replays.inc();
     }
-    let method = method_label(method);
-    metrics.requests.inc(&[
-        ("method", method),
-        ("route", route),
-        ("status", res.status().as_str()),
-    ]);
-    metrics
-        .request_seconds
-        .observe(&[("method", method), ("route", route)], start.elapsed());
+    let method = crate::metrics::method_label(method);
+    metrics.request(
+        method,
+        crate::metrics::route_label(Some(route)),
+        res.status().as_u16(),
+        start.elapsed(),
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::method_label;
     use tower::ServiceExt as _;
 
     /// A stand-in for a policy layer (pure logic test): fails `poll_ready` or `call` on demand.

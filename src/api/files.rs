@@ -64,7 +64,7 @@ pub(super) async fn register(
     };
     match result {
         Ok(f) => {
-            state.metrics.registrations.inc_code("created");
+            state.metrics.registration("created");
             let location = format!("/v1/sessions/{session_id}/files/{}", f.id);
             Ok((
                 StatusCode::CREATED,
@@ -74,7 +74,7 @@ pub(super) async fn register(
                 .into_response())
         }
         Err(e) => {
-            state.metrics.registrations.inc_code(e.code());
+            state.metrics.registration(e.code());
             Err(e)
         }
     }

@@ -38,42 +38,44 @@ pub struct AppState {
 #[derive(Debug, Clone)]
 pub struct Tenant(pub Arc<TenantConfig>);
 
+/// Route templates, the values of the metrics' `route` label ([`crate::metrics::route_label`]).
+mod path {
+    pub(super) const SESSIONS: &str = "/v1/sessions";
+    pub(super) const SESSION: &str = "/v1/sessions/{session_id}";
+    pub(super) const FINALIZE: &str = "/v1/sessions/{session_id}/finalize";
+    pub(super) const FILES: &str = "/v1/sessions/{session_id}/files";
+    pub(super) const FILE: &str = "/v1/sessions/{session_id}/files/{file_id}";
+    pub(super) const PARTS: &str = "/v1/sessions/{session_id}/files/{file_id}/parts";
+    pub(super) const PART: &str = "/v1/sessions/{session_id}/files/{file_id}/parts/{part_number}";
+    pub(super) const PRESIGN: &str = "/v1/sessions/{session_id}/files/{file_id}/presigned-parts";
+    pub(super) const COMPLETE: &str = "/v1/sessions/{session_id}/files/{file_id}/complete";
+}
+
+/// Every route template of [`routes`].
+pub const ROUTES: [&str; 9] = [
+    path::SESSIONS,
+    path::SESSION,
+    path::FINALIZE,
+    path::FILES,
+    path::FILE,
+    path::PARTS,
+    path::PART,
+    path::PRESIGN,
+    path::COMPLETE,
+];
+
 /// The `/v1` routes (without middleware; see [`crate::stack`]).
 pub fn routes(state: AppState) -> Router {
     Router::new()
-        .route("/v1/sessions", post(sessions::create))
-        .route(
-            "/v1/sessions/{session_id}",
-            get(sessions::get).delete(sessions::abort),
-        )
-        .route(
-            "/v1/sessions/{session_id}/finalize",
-            post(sessions::finalize),
-        )
-        .route(
-            "/v1/sessions/{session_id}/files",
-            post(files::register).get(files::list),
-        )
-        .route(
-            "/v1/sessions/{session_id}/files/{file_id}",
-            get(files::get).delete(files::abort),
-        )
-        .route(
-            "/v1/sessions/{session_id}/files/{file_id}/parts",
-            get(parts::list),
-        )
-        .route(
-            "/v1/sessions/{session_id}/files/{file_id}/parts/{part_number}",
-            put(parts::upload),
-        )
-        .route(
-            "/v1/sessions/{session_id}/files/{file_id}/presigned-parts",
-            post(parts::presign),
-        )
-        .route(
-            "/v1/sessions/{session_id}/files/{file_id}/complete",
-            post(parts::complete),
-        )
+        .route(path::SESSIONS, post(sessions::create))
+        .route(path::SESSION, get(sessions::get).delete(sessions::abort))
+        .route(path::FINALIZE, post(sessions::finalize))
+        .route(path::FILES, post(files::register).get(files::list))
+        .route(path::FILE, get(files::get).delete(files::abort))
+        .route(path::PARTS, get(parts::list))
+        .route(path::PART, put(parts::upload))
+        .route(path::PRESIGN, post(parts::presign))
+        .route(path::COMPLETE, post(parts::complete))
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .fallback(|| async { AppError::RouteNotFound })
         .with_state(state)

@@ -131,7 +131,7 @@ impl Stream for BodyStream {
                 if let Some(s) = this.sniff.take() {
                     s.check(&chunk);
                 }
-                this.metrics.bytes_received.add(chunk.len() as u64);
+                this.metrics.bytes_received.inc_by(chunk.len() as u64);
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(e))) => {

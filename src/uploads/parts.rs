@@ -132,7 +132,7 @@ impl Uploads {
                 req.checksum,
             )
             .await?;
-        self.metrics.bytes_stored.add(len);
+        self.metrics.bytes_stored.inc_by(len);
         let record = PartRecord {
             part_number,
             etag,

@@ -78,7 +78,7 @@ impl Uploads {
         }
         let open: Vec<Cleanup> = r.open_uploads.iter().map(Cleanup::from).collect();
         let aborted = self.clean(&open).await;
-        self.metrics.uploads_reaped.add(aborted.len() as u64);
+        self.metrics.uploads_reaped.inc_by(aborted.len() as u64);
         let cleaned = self.clean(&r.cleanup).await;
         self.store
             .cleanup_done(tenant, session_id, &cleaned)
