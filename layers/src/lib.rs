@@ -9,6 +9,7 @@
 //! | `idempotency` | [`idempotency`]   | `Idempotency-Key` reservation, replay and conflict detection |
 //! | `expiry`      | [`expiry`]        | answers for resources whose deadline has passed            |
 //! | `count-limit` | [`count_limit`]   | "at most N of X per key" and per-key concurrency caps      |
+//! | `keys`        | [`key`]           | request keys: peer IP, client IP behind trusted proxies, a header |
 //! | `redis`       |                   | Redis backends for whichever of the above are enabled      |
 //! | `full`        |                   | everything                                                 |
 //!
@@ -59,5 +60,7 @@ pub mod count_limit;
 pub mod expiry;
 #[cfg(feature = "idempotency")]
 pub mod idempotency;
+#[cfg(feature = "keys")]
+pub mod key;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
