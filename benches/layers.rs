@@ -137,5 +137,39 @@ fn bench_layers(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_layers);
+/// The key extractors alone, per request: what a rate limit keyed by them adds before its
+/// decision.
+fn bench_keys(c: &mut Criterion) {
+    use std::net::SocketAddr;
+    use upgate_layers::key::{And, ClientIp, HeaderValue, KeyExtractor, PeerAddr, PeerIp};
+
+    let mut req = Request::get("/")
+        .header("x-tenant", "acme")
+        .header("x-forwarded-for", "198.51.100.7, 203.0.113.9, 10.0.0.7")
+        .header("forwarded", "for=203.0.113.9;proto=https, for=10.0.0.7")
+        .body(())
+        .expect("request");
+    req.extensions_mut().insert(PeerAddr(
+        "10.0.0.2:443".parse::<SocketAddr>().expect("addr"),
+    ));
+    let trusted = ["10.0.0.0/8".parse().expect("cidr")];
+    let mut g = c.benchmark_group("keys");
+    let peer = PeerIp::new();
+    g.bench_function("peer_ip", |b| b.iter(|| peer.extract(&req)));
+    let header = HeaderValue::new("x-tenant");
+    g.bench_function("header_value", |b| b.iter(|| header.extract(&req)));
+    let xff = ClientIp::new(trusted).header(upgate_layers::key::ProxyHeader::XForwardedFor);
+    g.bench_function("client_ip_x_forwarded_for_3_hops", |b| {
+        b.iter(|| xff.extract(&req))
+    });
+    let fwd = ClientIp::new(trusted);
+    g.bench_function("client_ip_forwarded_2_elements", |b| {
+        b.iter(|| fwd.extract(&req))
+    });
+    let both = And::new(HeaderValue::new("x-tenant"), ClientIp::new(trusted));
+    g.bench_function("tenant_and_client_ip", |b| b.iter(|| both.extract(&req)));
+    g.finish();
+}
+
+criterion_group!(benches, bench_layers, bench_keys);
 criterion_main!(benches);

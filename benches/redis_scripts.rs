@@ -62,6 +62,7 @@ fn bench_redis(c: &mut Criterion) {
             http::header::LOCATION,
             http::HeaderValue::from_static("/uploads/1"),
         )],
+        trailers: vec![],
         body: Bytes::from_static(b"{\"id\":\"1\"}"),
     };
     let counter = AtomicU64::new(0);

@@ -52,7 +52,7 @@ use tower_http::trace::TraceLayer;
 
 use upgate_layers::count_limit::{CountLimitLayer, Release};
 use upgate_layers::expiry::ExpiryLayer;
-use upgate_layers::idempotency::IdempotencyLayer;
+use upgate_layers::idempotency::{IdempotencyBody, IdempotencyLayer};
 use upgate_layers::rate_limit::{RateLimitLayer, RateLimitStats};
 use upgate_layers::BoxError;
 
@@ -339,6 +339,12 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
             ))
             .layer(LayerFailureLayer)
             .layer(layers.rate_limit.clone())
+            // The idempotency layer's body keeps trailers; the layers above take axum's.
+            .map_response(
+                |res: axum::http::Response<IdempotencyBody<axum::body::Body>>| {
+                    res.map(axum::body::Body::new)
+                },
+            )
             .layer(layers.idempotency.clone())
             .layer(layers.expiry.clone())
             .layer(layers.uploads.clone()),

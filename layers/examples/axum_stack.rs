@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tower::{BoxError, ServiceBuilder};
 use upgate_layers::count_limit::{self, CountLimitLayer, Release};
 use upgate_layers::expiry::{Expiring, ExpiryLayer};
-use upgate_layers::idempotency::{self, IdempotencyLayer};
+use upgate_layers::idempotency::{self, IdempotencyBody, IdempotencyLayer};
 use upgate_layers::rate_limit::{self, Quota, RateLimitLayer};
 
 /// What the gateway's auth layer inserts into the request extensions.
@@ -155,6 +155,8 @@ async fn main() -> Result<(), BoxError> {
                 .layer(rate_limit)
                 .layer(expiry)
                 .layer(parts_in_flight)
+                // The idempotency layer's body keeps trailers (gRPC); axum wants its own.
+                .map_response(|res: axum::http::Response<IdempotencyBody<Body>>| res.map(Body::new))
                 .layer(idempotency),
         );
 

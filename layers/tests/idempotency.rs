@@ -63,7 +63,11 @@ fn inner(
     })
 }
 
-async fn body_of(res: Response<Body>) -> Bytes {
+async fn body_of<B>(res: Response<B>) -> Bytes
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
     res.into_body().collect().await.unwrap().to_bytes()
 }
 
@@ -294,6 +298,10 @@ mod redis_store {
         let resp = StoredResponse {
             status: StatusCode::ACCEPTED,
             headers: vec![(http::header::ETAG, "\"x\"".parse().unwrap())],
+            trailers: vec![(
+                http::HeaderName::from_static("grpc-status"),
+                "0".parse().unwrap(),
+            )],
             body: Bytes::from_static(b"\x00binary\xff"),
         };
         store

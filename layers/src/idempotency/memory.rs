@@ -178,6 +178,7 @@ mod tests {
         let r = StoredResponse {
             status: http::StatusCode::OK,
             headers: vec![],
+            trailers: vec![],
             body: "x".into(),
         };
         s.finish("k", "a", Some((&r, Duration::from_secs(10))));

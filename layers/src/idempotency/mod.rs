@@ -65,6 +65,7 @@
 //! # }
 //! ```
 
+mod body;
 mod error;
 mod key;
 mod layer;
@@ -75,6 +76,7 @@ mod response;
 mod service;
 mod store;
 
+pub use self::body::{IdempotencyBody, MapBody};
 pub use self::error::Error;
 pub use self::layer::IdempotencyLayer;
 pub use self::memory::InMemory;

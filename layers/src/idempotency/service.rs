@@ -12,8 +12,8 @@ use tower::Service;
 use super::key::{fingerprint, validate};
 use super::layer::Config;
 use super::{
-    Error, IdempotencyStore, Rejection, RejectionBuilder, Reservation, ResponseFuture,
-    StoredResponse,
+    Error, IdempotencyBody, IdempotencyStore, MapBody, Rejection, RejectionBuilder, Reservation,
+    ResponseFuture, StoredResponse,
 };
 use crate::BoxError;
 
@@ -180,8 +180,15 @@ impl<St: IdempotencyStore> Drop for ReleaseGuard<St> {
     }
 }
 
-fn replay<B: From<Bytes>>(stored: StoredResponse) -> Response<B> {
-    let mut res = Response::new(B::from(stored.body));
+fn replay<B>(stored: StoredResponse) -> Response<IdempotencyBody<B>> {
+    let trailers = (!stored.trailers.is_empty()).then(|| {
+        let mut map = http::HeaderMap::with_capacity(stored.trailers.len());
+        for (name, value) in stored.trailers {
+            map.append(name, value);
+        }
+        map
+    });
+    let mut res = Response::new(IdempotencyBody::buffered(stored.body, trailers));
     *res.status_mut() = stored.status;
     let headers = res.headers_mut();
     for (name, value) in stored.headers {
@@ -204,12 +211,12 @@ where
     R: RejectionBuilder<ResBody>,
     ReqBody: Body<Data = Bytes> + From<Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + From<Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<IdempotencyBody<ResBody>>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, Response<ResBody>>;
+    type Future = ResponseFuture<MapBody<S::Future>, Response<IdempotencyBody<ResBody>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -219,10 +226,10 @@ where
         if !self.shared.config.methods.contains(req.method())
             || !req.headers().contains_key(&IDEMPOTENCY_KEY)
         {
-            return ResponseFuture::inner(self.inner.call(req));
+            return ResponseFuture::inner(MapBody::new(self.inner.call(req)));
         }
         let Some(scope) = self.shared.scope.scope(&req) else {
-            return ResponseFuture::inner(self.inner.call(req));
+            return ResponseFuture::inner(MapBody::new(self.inner.call(req)));
         };
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -235,7 +242,7 @@ async fn run<S, P, St, R, ReqBody, ResBody>(
     mut inner: S,
     req: Request<ReqBody>,
     scope: String,
-) -> Result<Response<ResBody>, BoxError>
+) -> Result<Response<IdempotencyBody<ResBody>>, BoxError>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
@@ -243,7 +250,7 @@ where
     R: RejectionBuilder<ResBody>,
     ReqBody: Body<Data = Bytes> + From<Bytes>,
     ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes> + From<Bytes>,
+    ResBody: Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
 {
     let config = &*shared.config;
@@ -253,7 +260,10 @@ where
         .get(&IDEMPOTENCY_KEY)
         .and_then(|v| validate(v.as_bytes()))
     else {
-        return Ok(shared.rejection.rejected(Rejection::InvalidKey, &parts));
+        return Ok(shared
+            .rejection
+            .rejected(Rejection::InvalidKey, &parts)
+            .map(IdempotencyBody::inner));
     };
     let mut storage_key = String::with_capacity(config.prefix.len() + scope.len() + key.len() + 1);
     storage_key.push_str(&config.prefix);
@@ -264,14 +274,16 @@ where
     if body.size_hint().lower() > config.body_limit as u64 {
         return Ok(shared
             .rejection
-            .rejected(Rejection::PayloadTooLarge, &parts));
+            .rejected(Rejection::PayloadTooLarge, &parts)
+            .map(IdempotencyBody::inner));
     }
     let bytes = match Limited::new(body, config.body_limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
             return Ok(shared
                 .rejection
-                .rejected(Rejection::PayloadTooLarge, &parts));
+                .rejected(Rejection::PayloadTooLarge, &parts)
+                .map(IdempotencyBody::inner));
         }
         Err(e) => return Err(Box::new(Error::request_body(e))),
     };
@@ -287,12 +299,16 @@ where
     {
         Reservation::Reserved => {}
         Reservation::InProgress => {
-            return Ok(shared.rejection.rejected(Rejection::InProgress, &parts));
+            return Ok(shared
+                .rejection
+                .rejected(Rejection::InProgress, &parts)
+                .map(IdempotencyBody::inner));
         }
         Reservation::FingerprintMismatch => {
             return Ok(shared
                 .rejection
-                .rejected(Rejection::FingerprintMismatch, &parts));
+                .rejected(Rejection::FingerprintMismatch, &parts)
+                .map(IdempotencyBody::inner));
         }
         Reservation::Completed(stored) => return Ok(replay(stored)),
     }
@@ -320,7 +336,7 @@ where
         || res.extensions().get::<NotReplayable>().is_some()
     {
         guard.release().await;
-        return Ok(res);
+        return Ok(res.map(IdempotencyBody::inner));
     }
     let (res_parts, body) = res.into_parts();
     if body.size_hint().lower() > config.response_limit as u64 {
@@ -329,14 +345,20 @@ where
             "response larger than the idempotency record limit: not stored"
         );
         guard.release().await;
-        return Ok(Response::from_parts(res_parts, body));
+        return Ok(Response::from_parts(
+            res_parts,
+            IdempotencyBody::inner(body),
+        ));
     }
     let collected = body
         .collect()
         .await
         .map_err(|e| Error::response_body(e.into()));
-    let bytes = match collected {
-        Ok(collected) => collected.to_bytes(),
+    let (bytes, trailers) = match collected {
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            (collected.to_bytes(), trailers)
+        }
         Err(e) => {
             guard.release().await;
             return Err(Box::new(e));
@@ -364,9 +386,16 @@ where
         let stored = StoredResponse {
             status,
             headers,
+            trailers: trailers
+                .iter()
+                .flat_map(|t| t.iter().map(|(n, v)| (n.clone(), v.clone())))
+                .collect(),
             body: bytes.clone(),
         };
         guard.complete(stored, config.ttl).await;
     }
-    Ok(Response::from_parts(res_parts, ResBody::from(bytes)))
+    Ok(Response::from_parts(
+        res_parts,
+        IdempotencyBody::buffered(bytes, trailers),
+    ))
 }

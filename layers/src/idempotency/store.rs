@@ -16,9 +16,16 @@ use crate::BoxError;
 /// let stored = StoredResponse {
 ///     status: StatusCode::CREATED,
 ///     headers: vec![(header::LOCATION, HeaderValue::from_static("/uploads/1"))],
+///     trailers: vec![],
 ///     body: Bytes::from_static(b"{}"),
 /// };
-/// assert_eq!(StoredResponse::decode(&stored.encode()), Some(stored));
+/// assert_eq!(StoredResponse::decode(&stored.encode()), Some(stored.clone()));
+/// // Trailers (gRPC's status) are kept too.
+/// let grpc = StoredResponse {
+///     trailers: vec![(header::HeaderName::from_static("grpc-status"), HeaderValue::from_static("0"))],
+///     ..stored.clone()
+/// };
+/// assert_eq!(StoredResponse::decode(&grpc.encode()), Some(grpc));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -26,34 +33,36 @@ pub struct StoredResponse {
     pub status: StatusCode,
     /// The stored headers (content-type, location, etag and configured extras).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The response's trailers (gRPC's `grpc-status`, for example), all of them.
+    pub trailers: Vec<(HeaderName, HeaderValue)>,
     /// The body.
     pub body: Bytes,
 }
+
+/// Leading marker of the encoding with trailers (an impossible status in the first one).
+const WITH_TRAILERS: u16 = 0xFFFF;
 
 impl StoredResponse {
     /// A compact binary encoding (used by stores that keep bytes).
     ///
     /// ```
     /// # use upgate_layers::idempotency::StoredResponse;
-    /// let s = StoredResponse { status: http::StatusCode::OK, headers: vec![], body: Default::default() };
+    /// let s = StoredResponse { status: http::StatusCode::OK, headers: vec![], trailers: vec![], body: Default::default() };
     /// assert_eq!(s.encode().len(), 4);
     /// ```
     pub fn encode(&self) -> Bytes {
-        let mut len = 4 + self.body.len();
-        for (n, v) in &self.headers {
+        let mut len = 8 + self.body.len();
+        for (n, v) in self.headers.iter().chain(&self.trailers) {
             len += 6 + n.as_str().len() + v.len();
         }
         let mut buf = BytesMut::with_capacity(len);
+        if !self.trailers.is_empty() {
+            buf.put_u16(WITH_TRAILERS);
+        }
         buf.put_u16(self.status.as_u16());
-        buf.put_u16(u16::try_from(self.headers.len()).unwrap_or(u16::MAX));
-        for (n, v) in self.headers.iter().take(usize::from(u16::MAX)) {
-            let name = n.as_str().as_bytes();
-            buf.put_u16(u16::try_from(name.len()).unwrap_or(0));
-            buf.put_slice(&name[..name.len().min(usize::from(u16::MAX))]);
-            buf.put_u32(u32::try_from(v.len()).unwrap_or(0));
-            buf.put_slice(
-                &v.as_bytes()[..usize::try_from(u32::MAX).map_or(v.len(), |m| v.len().min(m))],
-            );
+        put_fields(&mut buf, &self.headers);
+        if !self.trailers.is_empty() {
+            put_fields(&mut buf, &self.trailers);
         }
         buf.put_slice(&self.body);
         buf.freeze()
@@ -77,22 +86,52 @@ impl StoredResponse {
         fn u16_(data: &mut &[u8]) -> Option<u16> {
             take(data, 2).map(|b| u16::from_be_bytes([b[0], b[1]]))
         }
-        let status = StatusCode::from_u16(u16_(&mut data)?).ok()?;
-        let count = u16_(&mut data)?;
-        let mut headers = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            let n = usize::from(u16_(&mut data)?);
-            let name = HeaderName::from_bytes(take(&mut data, n)?).ok()?;
-            let l = take(&mut data, 4)?;
-            let vl = usize::try_from(u32::from_be_bytes([l[0], l[1], l[2], l[3]])).ok()?;
-            let value = HeaderValue::from_bytes(take(&mut data, vl)?).ok()?;
-            headers.push((name, value));
+        fn fields(data: &mut &[u8]) -> Option<Vec<(HeaderName, HeaderValue)>> {
+            let count = u16_(data)?;
+            let mut out = Vec::with_capacity(usize::from(count));
+            for _ in 0..count {
+                let n = usize::from(u16_(data)?);
+                let name = HeaderName::from_bytes(take(data, n)?).ok()?;
+                let l = take(data, 4)?;
+                let vl = usize::try_from(u32::from_be_bytes([l[0], l[1], l[2], l[3]])).ok()?;
+                let value = HeaderValue::from_bytes(take(data, vl)?).ok()?;
+                out.push((name, value));
+            }
+            Some(out)
         }
+        let mut first = u16_(&mut data)?;
+        let with_trailers = first == WITH_TRAILERS;
+        if with_trailers {
+            first = u16_(&mut data)?;
+        }
+        let status = StatusCode::from_u16(first).ok()?;
+        let headers = fields(&mut data)?;
+        let trailers = if with_trailers {
+            fields(&mut data)?
+        } else {
+            Vec::new()
+        };
         Some(Self {
             status,
             headers,
+            trailers,
             body: Bytes::copy_from_slice(data),
         })
+    }
+}
+
+/// Appends `fields` as a u16 count, then per field a u16 name length, the name, a u32 value
+/// length and the value (at most `u16::MAX` fields).
+fn put_fields(buf: &mut BytesMut, fields: &[(HeaderName, HeaderValue)]) {
+    buf.put_u16(u16::try_from(fields.len()).unwrap_or(u16::MAX));
+    for (n, v) in fields.iter().take(usize::from(u16::MAX)) {
+        let name = n.as_str().as_bytes();
+        buf.put_u16(u16::try_from(name.len()).unwrap_or(0));
+        buf.put_slice(&name[..name.len().min(usize::from(u16::MAX))]);
+        buf.put_u32(u32::try_from(v.len()).unwrap_or(0));
+        buf.put_slice(
+            &v.as_bytes()[..usize::try_from(u32::MAX).map_or(v.len(), |m| v.len().min(m))],
+        );
     }
 }
 
@@ -132,7 +171,7 @@ pub enum Reservation {
 /// assert_eq!(store.reserve("k", &fp, "owner-1", ttl).await?, Reservation::Reserved);
 /// assert_eq!(store.reserve("k", &fp, "owner-2", ttl).await?, Reservation::InProgress);
 /// assert_eq!(store.reserve("k", &[0; 32], "owner-2", ttl).await?, Reservation::FingerprintMismatch);
-/// let resp = StoredResponse { status: http::StatusCode::OK, headers: vec![], body: "hi".into() };
+/// let resp = StoredResponse { status: http::StatusCode::OK, headers: vec![], trailers: vec![], body: "hi".into() };
 /// store.complete("k", "owner-1", &resp, ttl).await?;
 /// assert_eq!(store.reserve("k", &fp, "owner-2", ttl).await?, Reservation::Completed(resp));
 /// # Ok(())

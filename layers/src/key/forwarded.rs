@@ -38,7 +38,9 @@ pub(super) fn forwarded_for(lines: GetAll<'_, HeaderValue>) -> Vec<Option<IpAddr
 fn element_for(element: &str) -> Option<IpAddr> {
     let value = split_outside_quotes(element, ';').find_map(|pair| {
         let (name, value) = pair.trim().split_once('=')?;
-        name.trim().eq_ignore_ascii_case("for").then_some(value.trim())
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then_some(value.trim())
     })?;
     let value = match value.strip_prefix('"') {
         Some(quoted) => quoted.strip_suffix('"')?,
@@ -96,13 +98,26 @@ mod tests {
 
     #[test]
     fn forwarded_elements() {
-        assert_eq!(element_for("for=192.0.2.60;proto=http;by=203.0.113.43"), ip("192.0.2.60"));
-        assert_eq!(element_for("For=\"[2001:db8:cafe::17]:4711\""), ip("2001:db8:cafe::17"));
+        assert_eq!(
+            element_for("for=192.0.2.60;proto=http;by=203.0.113.43"),
+            ip("192.0.2.60")
+        );
+        assert_eq!(
+            element_for("For=\"[2001:db8:cafe::17]:4711\""),
+            ip("2001:db8:cafe::17")
+        );
         assert_eq!(element_for("for=\"192.0.2.1:8080\""), ip("192.0.2.1"));
-        assert_eq!(element_for("proto=https;for=198.51.100.17"), ip("198.51.100.17"));
+        assert_eq!(
+            element_for("proto=https;for=198.51.100.17"),
+            ip("198.51.100.17")
+        );
         assert_eq!(element_for("for=unknown"), None);
         assert_eq!(element_for("for=_hidden"), None);
-        assert_eq!(element_for("for=2001:db8::1"), None, "IPv6 without brackets");
+        assert_eq!(
+            element_for("for=2001:db8::1"),
+            None,
+            "IPv6 without brackets"
+        );
         assert_eq!(element_for("for=\"[2001:db8::1]x\""), None);
         assert_eq!(element_for("for=\"192.0.2.1"), None, "unterminated quote");
         assert_eq!(element_for("by=192.0.2.1"), None);
@@ -111,7 +126,10 @@ mod tests {
     #[test]
     fn x_forwarded_for_entries() {
         assert_eq!(address("203.0.113.195"), ip("203.0.113.195"));
-        assert_eq!(address("2001:db8:85a3::8a2e:370:7334"), ip("2001:db8:85a3::8a2e:370:7334"));
+        assert_eq!(
+            address("2001:db8:85a3::8a2e:370:7334"),
+            ip("2001:db8:85a3::8a2e:370:7334")
+        );
         assert_eq!(address("203.0.113.195:41237"), ip("203.0.113.195"));
         assert_eq!(address("[2001:db8::1]:80"), ip("2001:db8::1"));
         assert_eq!(address("unknown"), None);

@@ -17,10 +17,7 @@ fn req(peer: &str, headers: &[(&str, &str)]) -> Request<()> {
 }
 
 fn trusted() -> ClientIp<()> {
-    ClientIp::new([
-        "10.0.0.0/8".parse().unwrap(),
-        "fd00::/8".parse().unwrap(),
-    ])
+    ClientIp::new(["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()])
 }
 
 #[test]
