@@ -19,7 +19,7 @@ redis-server --version
 cargo test --workspace --all-features --no-fail-fast
 
 # The layers crate must also build and pass with no features and with each feature alone.
-for features in "" rate-limit idempotency expiry count-limit redis; do
+for features in "" rate-limit idempotency expiry count-limit redis keys; do
   echo "== upgate-layers features: [${features}]"
   cargo test -p upgate-layers --no-default-features ${features:+--features "$features"} --quiet
 done

@@ -29,6 +29,7 @@
 //! let err: upgate_layers::BoxError = "backend down".into();
 //! assert_eq!(err.to_string(), "backend down");
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub)]
 #![deny(missing_docs)]
@@ -53,6 +54,18 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 mod future;
 mod util;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(all(
+    doctest,
+    feature = "rate-limit",
+    feature = "idempotency",
+    feature = "expiry",
+    feature = "count-limit",
+    feature = "keys"
+))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 #[cfg(feature = "count-limit")]
 pub mod count_limit;
