@@ -746,38 +746,17 @@ async fn aborting_a_file_frees_its_key_and_slot(backend: Backend) {
         204
     );
     // A deleted file is gone: nothing of it is kept once storage confirmed its cleanup.
-    problem(
-        gw.req(Method::DELETE, &path, KEY_A)
-            .send()
-            .await
-            .expect("send"),
-        404,
-        "fileNotFound",
-    )
-    .await;
-    problem(
-        gw.req(Method::GET, &path, KEY_A)
-            .send()
-            .await
-            .expect("send"),
-        404,
-        "fileNotFound",
-    )
-    .await;
+    for method in [Method::DELETE, Method::GET] {
+        let res = gw.req(method, &path, KEY_A).send().await.expect("send");
+        problem(res, 404, "fileNotFound").await;
+    }
     // The storage upload is gone and the key and slot are free again.
     assert!(gw.counting.aborts.load(Ordering::SeqCst) >= 1);
     let again = gw
         .register(KEY_A, &session, json!({"fileName": "k", "sizeBytes": 3}))
         .await;
     assert_eq!(again.status(), 201);
-    let view: Value = gw
-        .req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let view = gw.get_json(KEY_A, &format!("/v1/sessions/{session}")).await;
     assert_eq!(view["fileCount"], 1);
     let statuses: Vec<&str> = view["files"]
         .as_array()

@@ -98,10 +98,7 @@ async fn evalsha_calls(redis: &RedisServer) -> u64 {
 async fn completes_waiting_on_a_stalled_completion_get_409_and_poll_boundedly() {
     let redis = RedisServer::start();
     let gw = Arc::new(TestGateway::start(config(""), redis_store(&redis.url()).await).await);
-    let session = gw.create_session(KEY_A, json!({})).await["sessionId"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let session = gw.session_id(KEY_A, json!({})).await;
     let f: Value = gw
         .register_json(
             KEY_A,
@@ -178,10 +175,7 @@ async fn completes_waiting_on_a_stalled_completion_get_409_and_poll_boundedly() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_storage_would_refuse_are_refused_at_registration() {
     let gw = TestGateway::start(config(""), memory_store()).await;
-    let session = gw.create_session(KEY_A, json!({})).await["sessionId"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let session = gw.session_id(KEY_A, json!({})).await;
     let long = format!("dir/{}", "n".repeat(256));
     let res = gw
         .register(
@@ -208,10 +202,7 @@ async fn keys_storage_would_refuse_are_refused_at_registration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_dependent_rejections_are_not_replayed() {
     let gw = TestGateway::start(config(""), memory_store()).await;
-    let session = gw.create_session(KEY_A, json!({"maxFiles": 1})).await["sessionId"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let session = gw.session_id(KEY_A, json!({"maxFiles": 1})).await;
     let first: Value = gw
         .register_json(KEY_A, &session, json!({"fileName": "a", "sizeBytes": 1}))
         .await;
@@ -492,29 +483,18 @@ async fn register_delete_cycles_leave_nothing_behind() {
     const WORKERS: usize = 8;
     let redis = RedisServer::start();
     let gw = Arc::new(TestGateway::start(config(""), redis_store(&redis.url()).await).await);
-    let session = gw.create_session(KEY_A, json!({})).await["sessionId"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let session = gw.session_id(KEY_A, json!({})).await;
     let mut live = Vec::new();
     for name in ["keep-1", "keep-2", "keep-3"] {
-        let f = gw
-            .register_json(KEY_A, &session, json!({"fileName": name, "sizeBytes": 10}))
-            .await;
-        live.push(f["fileId"].as_str().expect("id").to_owned());
+        live.push(gw.register_id(KEY_A, &session, name, 10).await);
     }
     let cycle = |worker: usize, from: usize, to: usize| {
         let (gw, session) = (gw.clone(), session.clone());
         async move {
             for i in (from..to).filter(|i| i % WORKERS == worker) {
-                let f = gw
-                    .register_json(
-                        KEY_A,
-                        &session,
-                        json!({"fileName": format!("cycle-{i}.bin"), "sizeBytes": 4}),
-                    )
+                let id = gw
+                    .register_id(KEY_A, &session, &format!("cycle-{i}.bin"), 4)
                     .await;
-                let id = f["fileId"].as_str().expect("id").to_owned();
                 if i % 10 == 0 {
                     let res = gw.put_part(KEY_A, &session, &id, 1, vec![7; 4]).await;
                     assert_eq!(res.status(), 200);
@@ -537,14 +517,7 @@ async fn register_delete_cycles_leave_nothing_behind() {
     futures_util::future::join_all((0..WORKERS).map(|w| cycle(w, 100, CYCLES))).await;
     let (after_all, keys_all) = session_memory(&redis, &session).await;
 
-    let v: Value = gw
-        .req(Method::GET, &format!("/v1/sessions/{session}"), KEY_A)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let v = gw.get_json(KEY_A, &format!("/v1/sessions/{session}")).await;
     let listed: Vec<&str> = v["files"]
         .as_array()
         .expect("files")
@@ -596,20 +569,10 @@ fn walkdir_count(dir: &std::path::Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_paged_over_http() {
     let gw = TestGateway::start(config(""), memory_store()).await;
-    let session = gw.create_session(KEY_A, json!({})).await["sessionId"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let session = gw.session_id(KEY_A, json!({})).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let f = gw
-            .register_json(
-                KEY_A,
-                &session,
-                json!({"fileName": format!("f{i}"), "sizeBytes": 1}),
-            )
-            .await;
-        ids.push(f["fileId"].as_str().expect("id").to_owned());
+        ids.push(gw.register_id(KEY_A, &session, &format!("f{i}"), 1).await);
     }
     let get = |path: String, key: &'static str| {
         let req = gw.req(Method::GET, &path, key);
@@ -638,11 +601,7 @@ async fn files_are_paged_over_http() {
     }
     assert_eq!(seen, ids);
     assert_eq!(pages, 3);
-    let whole: Value = get(format!("/v1/sessions/{session}"), KEY_A)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let whole = gw.get_json(KEY_A, &format!("/v1/sessions/{session}")).await;
     assert_eq!(whole["files"].as_array().map(Vec::len), Some(5));
     assert_eq!(whole["filesNextCursor"], Value::Null);
 

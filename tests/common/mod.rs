@@ -333,6 +333,12 @@ impl TestGateway {
         res.json().await.expect("json")
     }
 
+    /// `create_session`'s `sessionId`.
+    pub async fn session_id(&self, key: &str, body: Value) -> String {
+        let v = self.create_session(key, body).await;
+        v["sessionId"].as_str().expect("sessionId").to_owned()
+    }
+
     pub async fn register(&self, key: &str, session: &str, body: Value) -> reqwest::Response {
         self.req(
             reqwest::Method::POST,
@@ -349,6 +355,32 @@ impl TestGateway {
     pub async fn register_json(&self, key: &str, session: &str, body: Value) -> Value {
         self.register(key, session, body)
             .await
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Registers `name` of `size` bytes and returns its `fileId` (201 expected).
+    pub async fn register_id(&self, key: &str, session: &str, name: &str, size: u64) -> String {
+        let f = self
+            .register_json(
+                key,
+                session,
+                serde_json::json!({"fileName": name, "sizeBytes": size}),
+            )
+            .await;
+        f["fileId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("register {name}: {f}"))
+            .to_owned()
+    }
+
+    /// `GET path`, its body read as JSON (whatever the status).
+    pub async fn get_json(&self, key: &str, path: &str) -> Value {
+        self.req(reqwest::Method::GET, path, key)
+            .send()
+            .await
+            .expect("send")
             .json()
             .await
             .expect("json")
