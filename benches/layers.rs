@@ -158,15 +158,18 @@ fn bench_keys(c: &mut Criterion) {
     g.bench_function("peer_ip", |b| b.iter(|| peer.extract(&req)));
     let header = HeaderValue::new("x-tenant");
     g.bench_function("header_value", |b| b.iter(|| header.extract(&req)));
-    let xff = ClientIp::new(trusted).header(upgate_layers::key::ProxyHeader::XForwardedFor);
+    let xff = ClientIp::x_forwarded_for(trusted);
     g.bench_function("client_ip_x_forwarded_for_3_hops", |b| {
         b.iter(|| xff.extract(&req))
     });
-    let fwd = ClientIp::new(trusted);
+    let fwd = ClientIp::forwarded(trusted);
     g.bench_function("client_ip_forwarded_2_elements", |b| {
         b.iter(|| fwd.extract(&req))
     });
-    let both = And::new(HeaderValue::new("x-tenant"), ClientIp::new(trusted));
+    let both = And::new(
+        HeaderValue::new("x-tenant"),
+        ClientIp::x_forwarded_for(trusted),
+    );
     g.bench_function("tenant_and_client_ip", |b| b.iter(|| both.extract(&req)));
     g.finish();
 }

@@ -1946,6 +1946,38 @@ async fn raw_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("raw connection")
 }
 
+/// A session an older build created kept its files in a list: its first registration on
+/// this layout creates the order set with a live file count above zero, and the set still
+/// gets the session's retention deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_order_set_of_an_older_session_gets_its_retention() {
+    let server = upgate_testkit::RedisServer::start();
+    let prefix = unique_prefix();
+    let store = Arc::new(redis_store(
+        RedisHandle::single(&server.url()).unwrap(),
+        prefix.clone(),
+    ));
+    let c = Ctx::new(store.clone());
+    let s = c.session("acme", 5).await;
+    let base = format!("{prefix}:{{acme:{}}}:", s.id);
+    let mut con = raw_conn(&server.url()).await;
+    // One file of the older layout: counted, in the old list, no sequence number.
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{base}s"))
+        .arg("file_count")
+        .arg(1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    c.register("acme", &s, "new").await;
+    let at: i64 = redis::cmd("PEXPIRETIME")
+        .arg(format!("{base}o"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(at, s.expires_at * 1000 + RETENTION.as_millis() as i64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keys_carry_the_retention_ttl() {
     let server = upgate_testkit::RedisServer::start();

@@ -66,8 +66,12 @@ impl tonic::server::UnaryService<HelloRequest> for Greeter {
     fn call(&mut self, req: tonic::Request<HelloRequest>) -> Self::Future {
         let calls = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         Box::pin(async move {
+            let name = req.into_inner().name;
+            if name.is_empty() {
+                return Err(Status::invalid_argument("name is empty"));
+            }
             Ok(tonic::Response::new(HelloReply {
-                message: format!("hello, {}", req.into_inner().name),
+                message: format!("hello, {name}"),
                 calls,
             }))
         })

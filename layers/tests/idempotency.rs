@@ -352,3 +352,53 @@ mod redis_store {
         assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 }
+
+/// A streamed response with no size hint and more bytes than the record limit is passed on
+/// whole (what was read, then the rest), trailers included, and not stored: the layer never
+/// holds more than the limit of it.
+#[tokio::test]
+async fn streamed_responses_over_the_limit_pass_through_unstored() {
+    use http_body::Frame;
+    type Streamed = http_body_util::StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>,
+    >;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let streamed = {
+        let calls = calls.clone();
+        service_fn(move |_req: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = (0..64)
+                    .map(|i| Ok(Frame::data(Bytes::from(format!("chunk-{i:02};")))))
+                    .collect();
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                frames.push(Ok(Frame::trailers(trailers)));
+                Ok::<_, BoxError>(Response::new(Streamed::new(futures_util::stream::iter(
+                    frames,
+                ))))
+            }
+        })
+    };
+    let store = Arc::new(InMemory::new());
+    let svc = IdempotencyLayer::with_shared_store(scope, store.clone())
+        .response_limit(100)
+        .rejection(|_r, _p: &http::request::Parts| {
+            Response::new(Streamed::new(futures_util::stream::iter(Vec::new())))
+        })
+        .layer(streamed);
+    for round in 1..=2 {
+        let res = svc
+            .clone()
+            .oneshot(req(Some("k-stream"), "{}"))
+            .await
+            .unwrap();
+        assert!(res.headers().get("idempotent-replayed").is_none());
+        let collected = res.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        let want: String = (0..64).map(|i| format!("chunk-{i:02};")).collect();
+        assert_eq!(collected.to_bytes(), want.as_bytes(), "round {round}");
+        assert!(store.is_empty(), "not stored");
+        assert_eq!(calls.load(Ordering::SeqCst), round, "runs again");
+    }
+}

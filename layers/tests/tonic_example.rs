@@ -100,3 +100,28 @@ async fn a_replayed_idempotency_key_returns_the_stored_response() {
     .expect("other tenant");
     assert_eq!(theirs.get_ref().calls, 2);
 }
+
+/// A failed call is stored too (gRPC reports it in a 200 response): its replay is the same
+/// failure, status and message, and the service does not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_failure_is_the_same_failure() {
+    let (addr, greeter) = start(Quota::new(100, 100)).await;
+    let md = [("x-tenant", "acme"), ("idempotency-key", "bad-1")];
+    let first = example::say_hello(addr, "", &md)
+        .await
+        .expect_err("empty name");
+    assert_eq!(first.code(), Code::InvalidArgument);
+    let again = example::say_hello(addr, "", &md)
+        .await
+        .expect_err("replayed");
+    assert_eq!(again.code(), Code::InvalidArgument);
+    assert_eq!(again.message(), first.message());
+    assert_eq!(
+        again
+            .metadata()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    assert_eq!(greeter.calls.load(Ordering::SeqCst), 1);
+}

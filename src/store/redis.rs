@@ -860,16 +860,20 @@ fn parse_cursor(v: &Value) -> Result<Option<u64>, StoreError> {
     s.parse().map(Some).map_err(|_| corrupt("bad cursor"))
 }
 
-/// A queued cleanup entry: `"<upload id or empty>\n<object key>"`.
-fn parse_cleanup(file_id: &Value, entry: &Value) -> Result<Cleanup, StoreError> {
-    let (upload_id, object_key) = as_str(entry)?
-        .split_once('\n')
-        .ok_or_else(|| corrupt("bad cleanup entry"))?;
-    Ok(Cleanup {
-        file_id: as_str(file_id)?.to_owned(),
+/// A queued cleanup entry: `"<upload id or empty>\n<object key>"`. An entry of the layout
+/// before it (file id -> fileKey only, written by an older build) names no object key: it is
+/// skipped with a warning (`None`), and storage's lifecycle rule is left to it.
+fn parse_cleanup(file_id: &Value, entry: &Value) -> Result<Option<Cleanup>, StoreError> {
+    let file_id = as_str(file_id)?;
+    let Some((upload_id, object_key)) = as_str(entry)?.split_once('\n') else {
+        tracing::warn!(file_id, "cleanup entry from an older layout skipped");
+        return Ok(None);
+    };
+    Ok(Some(Cleanup {
+        file_id: file_id.to_owned(),
         object_key: object_key.to_owned(),
         upload_id: (!upload_id.is_empty()).then(|| upload_id.to_owned()),
-    })
+    }))
 }
 
 /// A cleanup hash as `HGETALL` returns it (file id, entry, ...).
@@ -878,9 +882,11 @@ fn parse_cleanups(v: &Value) -> Result<Vec<Cleanup>, StoreError> {
     if arr.len() % 2 != 0 {
         return Err(corrupt("odd cleanup reply"));
     }
-    arr.chunks_exact(2)
-        .map(|pair| parse_cleanup(&pair[0], &pair[1]))
-        .collect()
+    let mut out = Vec::with_capacity(arr.len() / 2);
+    for pair in arr.chunks_exact(2) {
+        out.extend(parse_cleanup(&pair[0], &pair[1])?);
+    }
+    Ok(out)
 }
 
 /// A parts hash (`partNumber, "<size>:<etag>", ...`), sorted by part number.
@@ -1350,10 +1356,7 @@ impl SessionStore for RedisStore {
                     cleanup: if as_str(entry)?.is_empty() {
                         None
                     } else {
-                        Some(parse_cleanup(
-                            &Value::SimpleString(file_id.to_owned()),
-                            entry,
-                        )?)
+                        parse_cleanup(&Value::SimpleString(file_id.to_owned()), entry)?
                     },
                 }
             }
@@ -1698,6 +1701,32 @@ mod tests {
         .map(|s| s.as_bytes().to_vec())
         .collect();
         assert_eq!(args, want);
+    }
+
+    #[test]
+    fn cleanup_entries_parse_and_older_ones_are_skipped() {
+        let id = Value::BulkString(b"f-1".to_vec());
+        let entry = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(
+            parse_cleanup(&id, &entry("up-1\nt/s/f-1/a.bin")).unwrap(),
+            Some(Cleanup {
+                file_id: "f-1".into(),
+                object_key: "t/s/f-1/a.bin".into(),
+                upload_id: Some("up-1".into()),
+            })
+        );
+        assert_eq!(
+            parse_cleanup(&id, &entry("\nt/s/f-1/a.bin")).unwrap(),
+            Some(Cleanup {
+                file_id: "f-1".into(),
+                object_key: "t/s/f-1/a.bin".into(),
+                upload_id: None,
+            })
+        );
+        // The older layout (file id -> fileKey): skipped, not an error for the whole session.
+        assert_eq!(parse_cleanup(&id, &entry("a.bin")).unwrap(), None);
+        let hash = Value::Array(vec![id.clone(), entry("a.bin"), id, entry("u\nk")]);
+        assert_eq!(parse_cleanups(&hash).unwrap().len(), 1);
     }
 
     #[test]

@@ -45,12 +45,18 @@ impl Uploads {
                 // `instrument`, not `span.enter()`: an entered guard held across `.await`
                 // would be attached to whichever task the worker thread runs next.
                 let span = tracing::info_span!("reap", tenant = %tenant, session_id = %session_id);
-                if self
+                // One session's failure (corrupt data, a timeout) does not end the pass: the
+                // session is due again when its claim runs out.
+                match self
                     .reap_session(&tenant, &session_id, now, claimed_until)
-                    .instrument(span)
-                    .await?
+                    .instrument(span.clone())
+                    .await
                 {
-                    reaped += 1;
+                    Ok(true) => reaped += 1,
+                    Ok(false) => {}
+                    Err(e) => span.in_scope(|| {
+                        tracing::warn!(error = %e, "reaping a session failed; it is due again when its claim runs out");
+                    }),
                 }
             }
         }

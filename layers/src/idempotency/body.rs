@@ -47,6 +47,8 @@ pin_project! {
         Inner { #[pin] body: B },
         // A body held in memory, with its trailers (each taken once polled).
         Buffered { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // What was read of the inner body, then the rest of it.
+        Continued { prefix: Option<Bytes>, rest: Pin<Box<B>> },
     }
 }
 
@@ -64,6 +66,18 @@ impl<B> IdempotencyBody<B> {
             kind: Kind::Buffered {
                 data: (!data.is_empty()).then_some(data),
                 trailers,
+            },
+        }
+    }
+}
+
+impl<B> IdempotencyBody<B> {
+    /// `prefix` (already read from `rest`), then what `rest` still has.
+    pub(crate) fn continued(prefix: Bytes, rest: Pin<Box<B>>) -> Self {
+        IdempotencyBody {
+            kind: Kind::Continued {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                rest,
             },
         }
     }
@@ -88,6 +102,10 @@ where
                     .or_else(|| trailers.take().map(Frame::trailers))
                     .map(Ok),
             ),
+            BodyProj::Continued { prefix, rest } => match prefix.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => rest.as_mut().poll_frame(cx),
+            },
         }
     }
 
@@ -95,6 +113,7 @@ where
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Continued { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -103,6 +122,16 @@ where
             Kind::Inner { body } => body.size_hint(),
             Kind::Buffered { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Continued { prefix, rest } => {
+                let extra = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(extra));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(extra));
+                }
+                hint
             }
         }
     }

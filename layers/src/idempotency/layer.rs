@@ -27,7 +27,16 @@ impl Default for Config {
             ttl: Duration::from_secs(24 * 60 * 60),
             lock_ttl: Duration::from_secs(60),
             prefix: "idem:".to_owned(),
-            stored_headers: vec![header::CONTENT_TYPE, header::LOCATION, header::ETAG],
+            // gRPC sends a failed call as a "trailers-only" response: its status is in the
+            // headers, and a replay without them would be a call with no status at all.
+            stored_headers: vec![
+                header::CONTENT_TYPE,
+                header::LOCATION,
+                header::ETAG,
+                HeaderName::from_static("grpc-status"),
+                HeaderName::from_static("grpc-message"),
+                HeaderName::from_static("grpc-status-details-bin"),
+            ],
         }
     }
 }
@@ -40,7 +49,8 @@ impl Default for Config {
 ///
 /// Defaults: methods `POST` and `PATCH`, request body limit 1 MiB, stored response
 /// body limit 1 MiB, TTL 24 h, lock TTL 60 s, prefix `idem:`, stored headers
-/// `content-type`, `location`, `etag`.
+/// `content-type`, `location`, `etag` and gRPC's `grpc-status`, `grpc-message`,
+/// `grpc-status-details-bin` (every trailer is stored too).
 ///
 /// ```
 /// use std::time::Duration;

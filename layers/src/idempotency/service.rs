@@ -1,4 +1,5 @@
 use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -350,28 +351,33 @@ where
             IdempotencyBody::inner(body),
         ));
     }
-    let collected = body
-        .collect()
+    // Read up to the record limit; past it the response is passed on (what was read, then
+    // the rest as it streams) and not stored, so memory stays bounded by the limit.
+    let read = read_bounded(body, config.response_limit)
         .await
         .map_err(|e| Error::response_body(e.into()));
-    let (bytes, trailers) = match collected {
-        Ok(collected) => {
-            let trailers = collected.trailers().cloned();
-            (collected.to_bytes(), trailers)
-        }
+    let read = match read {
+        Ok(read) => read,
         Err(e) => {
             guard.release().await;
             return Err(Box::new(e));
         }
     };
-    if bytes.len() > config.response_limit {
-        tracing::info!(
-            limit = config.response_limit,
-            size = bytes.len(),
-            "response larger than the idempotency record limit: not stored"
-        );
-        guard.release().await;
-    } else {
+    let (bytes, trailers) = match read {
+        Bounded::Whole(bytes, trailers) => (bytes, trailers),
+        Bounded::TooLarge(prefix, rest) => {
+            tracing::info!(
+                limit = config.response_limit,
+                "response larger than the idempotency record limit: not stored"
+            );
+            guard.release().await;
+            return Ok(Response::from_parts(
+                res_parts,
+                IdempotencyBody::continued(prefix, rest),
+            ));
+        }
+    };
+    {
         let headers = config
             .stored_headers
             .iter()
@@ -398,4 +404,41 @@ where
         res_parts,
         IdempotencyBody::buffered(bytes, trailers),
     ))
+}
+
+/// A response body read up to a limit.
+enum Bounded<B> {
+    /// All of it, with its trailers.
+    Whole(Bytes, Option<http::HeaderMap>),
+    /// More than the limit: what was read, and the body to read the rest from.
+    TooLarge(Bytes, Pin<Box<B>>),
+}
+
+/// Reads `body` until it ends or more than `limit` bytes have arrived.
+async fn read_bounded<B>(body: B, limit: usize) -> Result<Bounded<B>, B::Error>
+where
+    B: Body<Data = Bytes>,
+{
+    let mut body = Box::pin(body);
+    let mut data = bytes::BytesMut::new();
+    let mut trailers: Option<http::HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        match frame?.into_data() {
+            Ok(chunk) => {
+                data.extend_from_slice(&chunk);
+                if data.len() > limit {
+                    return Ok(Bounded::TooLarge(data.freeze(), body));
+                }
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    match &mut trailers {
+                        Some(all) => all.extend(t),
+                        None => trailers = Some(t),
+                    }
+                }
+            }
+        }
+    }
+    Ok(Bounded::Whole(data.freeze(), trailers))
 }

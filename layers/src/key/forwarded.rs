@@ -27,7 +27,12 @@ pub(super) fn forwarded_for(lines: GetAll<'_, HeaderValue>) -> Vec<Option<IpAddr
     let mut out = Vec::new();
     for line in lines {
         match line.to_str() {
-            Ok(text) => out.extend(split_outside_quotes(text, ',').map(element_for)),
+            // A quote left open swallows what a proxy appended to the same line: the whole
+            // line is then one entry that is not an address.
+            Ok(text) => match split_outside_quotes(text, ',') {
+                Some(elements) => out.extend(elements.into_iter().map(element_for)),
+                None => out.push(None),
+            },
             Err(_) => out.push(None),
         }
     }
@@ -36,12 +41,14 @@ pub(super) fn forwarded_for(lines: GetAll<'_, HeaderValue>) -> Vec<Option<IpAddr
 
 /// The address of one element's `for=` pair (`None`: absent, `unknown`, obfuscated, bad).
 fn element_for(element: &str) -> Option<IpAddr> {
-    let value = split_outside_quotes(element, ';').find_map(|pair| {
-        let (name, value) = pair.trim().split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("for")
-            .then_some(value.trim())
-    })?;
+    let value = split_outside_quotes(element, ';')?
+        .into_iter()
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("for")
+                .then_some(value.trim())
+        })?;
     let value = match value.strip_prefix('"') {
         Some(quoted) => quoted.strip_suffix('"')?,
         None => value,
@@ -68,8 +75,9 @@ fn address(entry: &str) -> Option<IpAddr> {
         .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
 }
 
-/// `text` split at `sep` where it is not inside a quoted string.
-fn split_outside_quotes(text: &str, sep: char) -> impl Iterator<Item = &str> {
+/// `text` split at `sep` where it is not inside a quoted string; `None` when a quote is left
+/// open.
+fn split_outside_quotes(text: &str, sep: char) -> Option<Vec<&str>> {
     let mut parts = Vec::new();
     let (mut start, mut quoted, mut escaped) = (0, false, false);
     for (i, c) in text.char_indices() {
@@ -85,7 +93,7 @@ fn split_outside_quotes(text: &str, sep: char) -> impl Iterator<Item = &str> {
         }
     }
     parts.push(&text[start..]);
-    parts.into_iter()
+    (!quoted).then_some(parts)
 }
 
 #[cfg(test)]
@@ -138,9 +146,13 @@ mod tests {
 
     #[test]
     fn quotes_protect_separators() {
-        let parts: Vec<_> = split_outside_quotes(r#"for="a,b";x=1, for=c"#, ',').collect();
-        assert_eq!(parts, vec![r#"for="a,b";x=1"#, " for=c"]);
-        let parts: Vec<_> = split_outside_quotes(r#"for="a\"b,c", d"#, ',').collect();
-        assert_eq!(parts, vec![r#"for="a\"b,c""#, " d"]);
+        let parts = split_outside_quotes(r#"for="a,b";x=1, for=c"#, ',');
+        assert_eq!(parts, Some(vec![r#"for="a,b";x=1"#, " for=c"]));
+        let parts = split_outside_quotes(r#"for="a\"b,c", d"#, ',');
+        assert_eq!(parts, Some(vec![r#"for="a\"b,c""#, " d"]));
+        assert_eq!(
+            split_outside_quotes(r#"for=1.2.3.4;x=", for=5.6.7.8"#, ','),
+            None
+        );
     }
 }

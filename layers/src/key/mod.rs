@@ -10,7 +10,7 @@
 //! | extractor | key |
 //! |---|---|
 //! | [`PeerIp`] | the TCP peer's IP, from a [`PeerAddr`] extension (or any extension you name) |
-//! | [`ClientIp`] | the client's IP from `Forwarded` / `X-Forwarded-For`, believed only from trusted proxies |
+//! | [`ClientIp`] | the client's IP from `X-Forwarded-For` or `Forwarded` (the one your proxies write), believed only from trusted proxies |
 //! | [`HeaderValue`] | a header's value |
 //!
 //! # Behind proxies: never trust a header from anyone
@@ -26,7 +26,7 @@
 //! use http::Request;
 //! use upgate_layers::key::{ClientIp, KeyExtractor, PeerAddr};
 //!
-//! let key = ClientIp::new(["10.0.0.0/8".parse().unwrap()]);
+//! let key = ClientIp::x_forwarded_for(["10.0.0.0/8".parse().unwrap()]);
 //! let req = |peer: &str, xff: &str| {
 //!     let mut req = Request::builder().header("x-forwarded-for", xff).body(()).unwrap();
 //!     req.extensions_mut().insert(PeerAddr(peer.parse::<SocketAddr>().unwrap()));
@@ -257,14 +257,13 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Which proxy header [`ClientIp`] reads.
+/// Which proxy header [`ClientIp`] reads: the one your proxies write. There is no "either":
+/// a proxy passes on the header it does not write untouched, so a client could fill that one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyHeader {
-    /// RFC 7239 `Forwarded` (`for=` of each element) when present, else `X-Forwarded-For`.
-    Either,
-    /// Only `Forwarded`.
+    /// RFC 7239 `Forwarded` (`for=` of each element).
     Forwarded,
-    /// Only `X-Forwarded-For`.
+    /// `X-Forwarded-For` (nginx, HAProxy, the cloud load balancers).
     XForwardedFor,
 }
 
@@ -284,20 +283,25 @@ pub struct ClientIp<B> {
 }
 
 impl<B: 'static> ClientIp<B> {
-    /// Trusting the proxies in `trusted` (CIDRs), reading either header, the peer from
+    /// Trusting the proxies in `trusted` (CIDRs), which append to `X-Forwarded-For`; the
+    /// peer from [`PeerAddr`].
+    pub fn x_forwarded_for(trusted: impl IntoIterator<Item = IpNet>) -> Self {
+        Self::new(ProxyHeader::XForwardedFor, trusted)
+    }
+
+    /// Trusting the proxies in `trusted` (CIDRs), which append to `Forwarded`; the peer from
     /// [`PeerAddr`].
-    pub fn new(trusted: impl IntoIterator<Item = IpNet>) -> Self {
+    pub fn forwarded(trusted: impl IntoIterator<Item = IpNet>) -> Self {
+        Self::new(ProxyHeader::Forwarded, trusted)
+    }
+
+    /// Trusting the proxies in `trusted` (CIDRs), which append to `header`.
+    pub fn new(header: ProxyHeader, trusted: impl IntoIterator<Item = IpNet>) -> Self {
         ClientIp {
             peer: PeerIp::new(),
             trusted: trusted.into_iter().collect(),
-            header: ProxyHeader::Either,
+            header,
         }
-    }
-
-    /// Reads only `header`.
-    pub fn header(mut self, header: ProxyHeader) -> Self {
-        self.header = header;
-        self
     }
 
     /// Takes the peer address from another source (see [`PeerIp::from_extension`]).
@@ -317,15 +321,13 @@ impl<B: 'static> ClientIp<B> {
             return Some(peer);
         }
         let headers = req.headers();
-        let use_forwarded = match self.header {
-            ProxyHeader::Forwarded => true,
-            ProxyHeader::XForwardedFor => false,
-            ProxyHeader::Either => headers.contains_key(http::header::FORWARDED),
-        };
-        let hops = if use_forwarded {
-            forwarded::forwarded_for(headers.get_all(http::header::FORWARDED))
-        } else {
-            forwarded::x_forwarded_for(headers.get_all(&X_FORWARDED_FOR))
+        let hops = match self.header {
+            ProxyHeader::Forwarded => {
+                forwarded::forwarded_for(headers.get_all(http::header::FORWARDED))
+            }
+            ProxyHeader::XForwardedFor => {
+                forwarded::x_forwarded_for(headers.get_all(&X_FORWARDED_FOR))
+            }
         };
         let mut current = peer;
         for hop in hops.into_iter().rev().take(forwarded::MAX_HOPS) {

@@ -16,17 +16,26 @@ fn req(peer: &str, headers: &[(&str, &str)]) -> Request<()> {
     req
 }
 
+fn trusted_nets() -> [IpNet; 2] {
+    ["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]
+}
+
+/// Behind proxies that write `X-Forwarded-For`.
 fn trusted() -> ClientIp<()> {
-    ClientIp::new(["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()])
+    ClientIp::x_forwarded_for(trusted_nets())
+}
+
+/// Behind proxies that write `Forwarded`.
+fn trusted_fwd() -> ClientIp<()> {
+    ClientIp::forwarded(trusted_nets())
 }
 
 #[test]
 fn untrusted_peer_is_the_client_whatever_it_sends() {
-    let k = trusted();
-    for h in [
-        ("x-forwarded-for", "10.1.1.1"),
-        ("x-forwarded-for", "1.1.1.1, 10.0.0.1"),
-        ("forwarded", "for=10.0.0.9"),
+    for (k, h) in [
+        (trusted(), ("x-forwarded-for", "10.1.1.1")),
+        (trusted(), ("x-forwarded-for", "1.1.1.1, 10.0.0.1")),
+        (trusted_fwd(), ("forwarded", "for=10.0.0.9")),
     ] {
         assert_eq!(
             k.extract(&req("198.51.100.2:1000", &[h])).as_deref(),
@@ -72,8 +81,7 @@ fn trusted_chain_is_walked_from_the_right() {
 }
 
 #[test]
-fn forwarded_is_preferred_and_ipv6_is_canonical() {
-    let k = trusted();
+fn only_the_named_header_is_read_and_ipv6_is_canonical() {
     let r = req(
         "[fd00::1]:443",
         &[
@@ -81,20 +89,40 @@ fn forwarded_is_preferred_and_ipv6_is_canonical() {
             ("x-forwarded-for", "9.9.9.9"),
         ],
     );
-    assert_eq!(k.extract(&r).as_deref(), Some("2001:db8::5"));
-    let only_xff = trusted().header(ProxyHeader::XForwardedFor);
-    assert_eq!(only_xff.extract(&r).as_deref(), Some("9.9.9.9"));
+    assert_eq!(trusted_fwd().extract(&r).as_deref(), Some("2001:db8::5"));
+    assert_eq!(trusted().extract(&r).as_deref(), Some("9.9.9.9"));
+    // Behind an X-Forwarded-For proxy, a client's own `Forwarded` is never read.
+    let r = req(
+        "10.0.0.2:443",
+        &[
+            ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-for", "203.0.113.1"),
+        ],
+    );
+    assert_eq!(trusted().extract(&r).as_deref(), Some("203.0.113.1"));
     // An IPv4-mapped peer is its IPv4 address (and is trusted as such).
     let r = req(
         "[::ffff:10.0.0.2]:443",
         &[("x-forwarded-for", "203.0.113.1")],
     );
-    assert_eq!(k.extract(&r).as_deref(), Some("203.0.113.1"));
+    assert_eq!(trusted().extract(&r).as_deref(), Some("203.0.113.1"));
+}
+
+/// A quote the client leaves open would swallow what the proxy appends to the same line:
+/// the walk stops at the proxy instead.
+#[test]
+fn an_open_quote_cannot_hide_the_proxys_entry() {
+    let r = req(
+        "10.0.0.2:443",
+        &[("forwarded", "for=1.2.3.4;x=\", for=203.0.113.7")],
+    );
+    assert_eq!(trusted_fwd().extract(&r).as_deref(), Some("10.0.0.2"));
 }
 
 #[test]
 fn no_peer_no_key() {
     assert_eq!(trusted().extract(&Request::new(())), None);
+    assert_eq!(trusted_fwd().extract(&Request::new(())), None);
     assert_eq!(PeerIp::new().extract(&Request::new(())), None);
 }
 
@@ -156,7 +184,40 @@ proptest! {
         let fwd = chain.iter().map(|a| format!("for={a}")).collect::<Vec<_>>().join(", ");
         let mut r = Request::builder().header("forwarded", fwd).body(()).unwrap();
         r.extensions_mut().insert(PeerAddr(SocketAddr::new(IpAddr::V4(peer), 443)));
-        prop_assert_eq!(trusted().extract(&r), Some(client.to_string()));
+        prop_assert_eq!(trusted_fwd().extract(&r), Some(client.to_string()));
+    }
+
+    /// Whatever text the client sends in `Forwarded` (open quotes, `;`, `,`), with the
+    /// proxies' entries appended to the same line or on their own lines, the key is the
+    /// client the outermost trusted proxy saw or a trusted proxy: never an address the client
+    /// wrote.
+    #[test]
+    fn forwarded_junk_never_becomes_the_key(
+        client in ipv4().prop_filter("untrusted", |ip| ip.octets()[0] != 10),
+        junk in "[ -~]{0,60}",
+        proxies in proptest::collection::vec(any::<[u8; 3]>(), 1..4),
+        same_line in any::<bool>(),
+    ) {
+        let proxies: Vec<Ipv4Addr> =
+            proxies.iter().map(|b| Ipv4Addr::new(10, b[0], b[1], b[2])).collect();
+        let mut appended = vec![format!("for={client}")];
+        for p in &proxies[..proxies.len() - 1] {
+            appended.push(format!("for={p}"));
+        }
+        let peer = proxies[proxies.len() - 1];
+        let mut b = Request::builder();
+        if same_line {
+            b = b.header("forwarded", format!("{junk}, {}", appended.join(", ")));
+        } else {
+            b = b.header("forwarded", junk.as_str());
+            b = b.header("forwarded", appended.join(", "));
+        }
+        let Ok(mut r) = b.body(()) else { return Ok(()); };
+        r.extensions_mut().insert(PeerAddr(SocketAddr::new(IpAddr::V4(peer), 443)));
+        let key = trusted_fwd().ip(&r).expect("a peer");
+        let allowed = key == IpAddr::V4(client)
+            || matches!(key, IpAddr::V4(v4) if v4.octets()[0] == 10);
+        prop_assert!(allowed, "key {} from junk {:?}", key, junk);
     }
 
     /// Arbitrary header bytes never panic the parsers.
@@ -167,8 +228,8 @@ proptest! {
             r.headers_mut().insert("x-forwarded-for", v.clone());
             r.headers_mut().insert("forwarded", v);
             r.extensions_mut().insert(PeerAddr("10.0.0.1:1".parse().unwrap()));
-            let key = trusted().extract(&r);
-            prop_assert!(key.is_some());
+            prop_assert!(trusted().extract(&r).is_some());
+            prop_assert!(trusted_fwd().extract(&r).is_some());
         }
     }
 }
