@@ -15,8 +15,8 @@
 //!    (with a short lock TTL so a crashed replica cannot block the key forever):
 //!    * someone else holds the reservation → `409`;
 //!    * the key was used with another fingerprint → `422`;
-//!    * a response is stored → it is replayed (status, stored headers, body) with
-//!      `Idempotent-Replayed: true`;
+//!    * a response is stored → it is replayed (status, stored headers, body, trailers)
+//!      with `Idempotent-Replayed: true`;
 //! 4. runs the inner service; `5xx` and `429` responses, responses marked
 //!    [`NotReplayable`], responses with bodies over the response limit, inner errors and
 //!    dropped response futures (client gone) release the reservation; any other response is
@@ -25,8 +25,12 @@
 //! The `400`/`409`/`413`/`422` responses come from a [`RejectionBuilder`] so callers
 //! can render their own format. Store failures are returned as [`Error`]s.
 //!
-//! Responses of deduplicated requests are buffered in memory (to be stored); those
-//! announcing (`size_hint`) a length over the response limit are streamed instead.
+//! Responses of deduplicated requests are read into memory (to be stored) up to the response
+//! limit: one that announces (`size_hint`) more is streamed at once; one that turns out
+//! larger while being read is passed on (what was read, then the rest as it streams) and not
+//! stored. Responses keep their trailers ([`IdempotencyBody`]), so gRPC works through the
+//! layer (`grpc-status` of a failed call, sent in the headers, is among the stored headers by
+//! default).
 //!
 //! # Example
 //!
