@@ -67,6 +67,7 @@ fn file(session_id: &str, n: u64) -> FileRecord {
         upload_id: None,
         file_url: None,
         etag: None,
+        metadata: Default::default(),
     }
 }
 

@@ -89,6 +89,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         upload_id: Some(upload_id.clone()),
         file_url: None,
         etag: None,
+        metadata: Default::default(),
     };
     let ms = now_ms();
     match store

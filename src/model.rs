@@ -163,6 +163,8 @@ pub struct FileRecord {
     pub file_url: Option<String>,
     /// Set once completed (unquoted).
     pub etag: Option<String>,
+    /// The client's metadata (string values), empty when it sent none.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// One uploaded part as recorded by the gateway.

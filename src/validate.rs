@@ -66,6 +66,8 @@ pub struct RegisterFile {
     pub size_bytes: u64,
     /// Declared content type.
     pub content_type: Option<String>,
+    /// Client metadata (string values).
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// One entry of `complete`'s `parts`.
@@ -148,10 +150,7 @@ pub fn create_session(body: &Value, tenant: &TenantConfig) -> Result<CreateSessi
             Value::Null
         }
     };
-    // Counted as the JSON the gateway stores (`../shared/API.md` v1.1 limits).
-    if serde_json::to_vec(&metadata).map_or(0, |v| v.len() as u64) > tenant.max_metadata_bytes {
-        return Err(AppError::MetadataTooLarge(tenant.max_metadata_bytes));
-    }
+    metadata_within_limit(&metadata, tenant)?;
     if errors.is_empty() {
         Ok(CreateSession {
             max_files,
@@ -221,6 +220,22 @@ pub fn register_file(body: &Value, tenant: &TenantConfig) -> Result<RegisterFile
             }
         },
     };
+    let metadata = match present(o, "metadata") {
+        None => std::collections::BTreeMap::new(),
+        Some(v) => {
+            match serde_json::from_value::<std::collections::BTreeMap<String, String>>(v.clone()) {
+                Ok(m) => m,
+                Err(_) => {
+                    errors.push(FieldError::new(
+                        "metadata",
+                        "must be a JSON object of string values",
+                    ));
+                    std::collections::BTreeMap::new()
+                }
+            }
+        }
+    };
+    metadata_within_limit(&metadata, tenant)?;
     let content_type = string_field(o, "contentType", &mut errors);
     if let Some(ct) = &content_type {
         if !is_media_type(ct) {
@@ -240,6 +255,7 @@ pub fn register_file(body: &Value, tenant: &TenantConfig) -> Result<RegisterFile
                 file_key,
                 size_bytes,
                 content_type,
+                metadata,
             })
         }
         _ => Err(AppError::Validation(errors)),
@@ -278,6 +294,18 @@ pub fn files_page(query: Option<&str>) -> Result<crate::store::Page, AppError> {
     } else {
         Err(AppError::Validation(errors))
     }
+}
+
+/// Session and file `metadata` is at most the tenant's `max_metadata_bytes`, counted as the
+/// JSON the gateway stores (`../shared/API.md` v1.1 limits): else 413 `payloadTooLarge`.
+fn metadata_within_limit<T: serde::Serialize>(
+    metadata: &T,
+    tenant: &TenantConfig,
+) -> Result<(), AppError> {
+    if serde_json::to_vec(metadata).map_or(0, |v| v.len() as u64) > tenant.max_metadata_bytes {
+        return Err(AppError::MetadataTooLarge(tenant.max_metadata_bytes));
+    }
+    Ok(())
 }
 
 /// Validates a part number path segment against the file's part count.

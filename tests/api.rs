@@ -94,6 +94,7 @@ on_every_store!(
     other_tenants_sessions_are_404_on_every_endpoint,
     error_table_rows,
     aborting_a_file_frees_its_key_and_slot,
+    file_metadata_is_kept_and_bounded,
     deleting_a_session_aborts_uploads_and_is_repeatable,
     finalize_checks_magic_bytes,
     resume_lists_uploaded_parts,
@@ -719,6 +720,68 @@ async fn error_table_rows(backend: Backend) {
             .await,
         409,
         "sessionNotActive",
+    )
+    .await;
+}
+
+/// A file's `metadata` (`{string: string}`) is stored as sent and shown on the file
+/// resource; anything else is 400 `validationFailed` on `metadata`, more than
+/// `max_metadata_bytes` (16 KiB by default) is 413 `payloadTooLarge`.
+async fn file_metadata_is_kept_and_bounded(backend: Backend) {
+    let gw = gateway(&backend).await;
+    let session = gw.session_id(KEY_A, json!({})).await;
+    let metadata = json!({"camera": "X100 \"mk2\"", "tags": "a,b", "empty": ""});
+    let res = gw
+        .register(
+            KEY_A,
+            &session,
+            json!({"fileName": "m.jpg", "sizeBytes": 1, "metadata": metadata}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.expect("json");
+    assert_eq!(created["metadata"], metadata);
+    let file = created["fileId"].as_str().expect("fileId");
+    let got = gw
+        .get_json(KEY_A, &format!("/v1/sessions/{session}/files/{file}"))
+        .await;
+    assert_eq!(got["metadata"], metadata);
+    let listed = gw.get_json(KEY_A, &format!("/v1/sessions/{session}")).await;
+    assert_eq!(listed["files"][0]["metadata"], metadata);
+    // Without metadata: an empty object.
+    let plain = gw
+        .register_json(KEY_A, &session, json!({"fileName": "p", "sizeBytes": 1}))
+        .await;
+    assert_eq!(plain["metadata"], json!({}));
+    for bad in [
+        json!({"n": 1}),
+        json!(["x"]),
+        json!("x"),
+        json!({"o": {"a": "b"}}),
+    ] {
+        let p = problem(
+            gw.register(
+                KEY_A,
+                &session,
+                json!({"fileName": "b", "sizeBytes": 1, "metadata": bad}),
+            )
+            .await,
+            400,
+            "validationFailed",
+        )
+        .await;
+        assert_eq!(p["errors"][0]["field"], "metadata", "{bad}");
+    }
+    let big = json!({"k": "x".repeat(16 * 1024)});
+    problem(
+        gw.register(
+            KEY_A,
+            &session,
+            json!({"fileName": "big", "sizeBytes": 1, "metadata": big}),
+        )
+        .await,
+        413,
+        "payloadTooLarge",
     )
     .await;
 }

@@ -180,6 +180,12 @@ fn file(session_id: &str, key: &str, created_at: i64) -> FileRecord {
         upload_id: None,
         file_url: None,
         etag: None,
+        // Stored and returned as sent by every backend (JSON special characters included).
+        metadata: [
+            ("source".to_owned(), "camera \"A\", ü".to_owned()),
+            ("k".to_owned(), key.to_owned()),
+        ]
+        .into(),
     }
 }
 
@@ -1946,9 +1952,10 @@ async fn raw_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("raw connection")
 }
 
-/// A session an older build created kept its files in a list: its first registration on
-/// this layout creates the order set with a live file count above zero, and the set still
-/// gets the session's retention deadline.
+/// A session an older build created kept its files in a list: a registration on this layout
+/// that creates the order set with a live file count above zero still gives the set the
+/// session's retention deadline; and a cleanup entry of the older form is dropped, not a
+/// blocker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_order_set_of_an_older_session_gets_its_retention() {
     let server = upgate_testkit::RedisServer::start();
@@ -1969,13 +1976,56 @@ async fn redis_order_set_of_an_older_session_gets_its_retention() {
         .query_async(&mut con)
         .await
         .unwrap();
-    c.register("acme", &s, "new").await;
-    let at: i64 = redis::cmd("PEXPIRETIME")
-        .arg(format!("{base}o"))
+    let keep_until = s.expires_at * 1000 + RETENTION.as_millis() as i64;
+    let expiry_of_o = || {
+        let mut con = con.clone();
+        let key = format!("{base}o");
+        async move {
+            redis::cmd("PEXPIRETIME")
+                .arg(key)
+                .query_async::<i64>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    let first = c.register("acme", &s, "new").await;
+    assert_eq!(expiry_of_o().await, keep_until);
+    // Deleting it empties the set (Redis drops it); the next registration makes it again.
+    assert_eq!(
+        c.store
+            .abort_file("acme", &s.id, &first.id, c.now())
+            .await
+            .unwrap(),
+        Gate::Ok(FileAborted::Deleted { cleanup: None })
+    );
+    c.register("acme", &s, "again").await;
+    assert_eq!(expiry_of_o().await, keep_until);
+
+    // A cleanup the older build queued (file id -> fileKey, no object key) cannot be done:
+    // it does not hold up forgetting a finalized session.
+    let fin = c.session("acme", 5).await;
+    let fin_c = format!("{prefix}:{{acme:{}}}:c", fin.id);
+    let _: () = redis::cmd("HSET")
+        .arg(&fin_c)
+        .arg("old-file")
+        .arg("old/key.bin")
         .query_async(&mut con)
         .await
         .unwrap();
-    assert_eq!(at, s.expires_at * 1000 + RETENTION.as_millis() as i64);
+    assert!(matches!(
+        c.store
+            .finalize("acme", &fin.id, &[], c.now())
+            .await
+            .unwrap(),
+        Gate::Ok(Finalized::Done(_))
+    ));
+    assert_eq!(
+        c.store
+            .abort_session("acme", &fin.id, c.now())
+            .await
+            .unwrap(),
+        Gate::Ok(SessionAborted::Forgotten)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,7 @@ pub(super) async fn register(
         upload_id: None,
         file_url: None,
         etag: None,
+        metadata: req.metadata,
     };
     tracing::Span::current().record("file_id", file.id.as_str());
     if let Some(why) = crate::storage::object_key_problem(state.storage.kind(), &file.object_key) {

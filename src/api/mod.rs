@@ -214,6 +214,7 @@ pub(crate) struct FileView<'a> {
     /// Only once completed.
     #[serde(skip_serializing_if = "Option::is_none")]
     etag: Option<Option<&'a str>>,
+    metadata: &'a std::collections::BTreeMap<String, String>,
 }
 
 /// The file resource (`fileUrl` and `etag` only once completed).
@@ -231,6 +232,7 @@ pub(crate) fn file_json(f: &FileRecord) -> FileView<'_> {
         created_at: crate::model::rfc3339(f.created_at),
         file_url: completed.then_some(f.file_url.as_deref()),
         etag: completed.then_some(f.etag.as_deref()),
+        metadata: &f.metadata,
     }
 }
 

@@ -719,6 +719,12 @@ fn file_fields(call: &mut Call<'_>, f: &FileRecord) {
             call.arg(name).arg(x);
         }
     }
+    // Only when there is some: most files have none, and every field costs memory.
+    if !f.metadata.is_empty() {
+        if let Ok(json) = serde_json::to_string(&f.metadata) {
+            call.arg("metadata").arg(json);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -830,6 +836,11 @@ fn parse_file(v: &Value) -> Result<FileRecord, StoreError> {
         upload_id: f.opt("upload_id"),
         file_url: f.opt("file_url"),
         etag: f.opt("etag"),
+        metadata: match f.0.get("metadata") {
+            Some(json) => serde_json::from_str(json)
+                .map_err(|e| corrupt(format_args!("file metadata: {e}")))?,
+            None => Default::default(),
+        },
     })
 }
 
@@ -1826,6 +1837,7 @@ mod tests {
             upload_id: None,
             file_url: None,
             etag: None,
+            metadata: [("k".to_owned(), "v \"quoted\" é".to_owned())].into(),
         }
     }
 

@@ -536,6 +536,7 @@ mod tests {
             upload_id: None,
             file_url: None,
             etag: None,
+            metadata: Default::default(),
         };
         let status = |id: &'static str| {
             let store = store.clone();

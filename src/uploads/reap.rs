@@ -54,9 +54,18 @@ impl Uploads {
                 {
                     Ok(true) => reaped += 1,
                     Ok(false) => {}
-                    Err(e) => span.in_scope(|| {
-                        tracing::warn!(error = %e, "reaping a session failed; it is due again when its claim runs out");
-                    }),
+                    Err(e) => {
+                        span.in_scope(|| {
+                            tracing::warn!(error = %e, "reaping a session failed; it is tried again later");
+                        });
+                        // Back off like a refused cleanup; if even this fails, the claim runs
+                        // out and the session is due again then.
+                        let next = now_ms().saturating_add(ms(self.timing.cleanup_retry));
+                        let _ = self
+                            .store
+                            .reap_done(&tenant, &session_id, claimed_until, Some(next))
+                            .await;
+                    }
                 }
             }
         }

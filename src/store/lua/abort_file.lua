@@ -11,7 +11,8 @@ if g then return g end
 local st = call('HMGET', KEYS[3], 'status', 'file_key', 'upload_id', 'lease_until', 'object_key')
 if not st[1] then
   local queued = call('HGET', KEYS[4], ARGV[2])
-  if queued then return {'ok', 'deleted', queued} end
+  if queued and string.find(queued, '\n', 1, true) then return {'ok', 'deleted', queued} end
+  if queued then call('HDEL', KEYS[4], ARGV[2]) end -- older layout: see queued_cleanups
   return {'fnf'}
 end
 if st[1] == 'completing' then

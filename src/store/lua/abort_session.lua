@@ -14,7 +14,7 @@ local g = gate(NOW, false)
 if g then return g end
 local ss = call('HGET', SKEY, 'status')
 if ss == 'finalized' then
-  local pending = call('HGETALL', KEYS[4])
+  local pending = queued_cleanups(KEYS[4])
   if #pending > 0 then return {'ok', 'pending', pending} end
   for _, file in ipairs(files) do call('DEL', file.f, file.p) end
   call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
@@ -47,4 +47,4 @@ if ss ~= 'aborted' then
   end
   if queued then keep(KEYS[4]) end
 end
-return {'ok', 'aborted', call('HGETALL', KEYS[4])}
+return {'ok', 'aborted', queued_cleanups(KEYS[4])}

@@ -69,6 +69,23 @@ local function cleanup_entry(upload_id, object_key)
   return (upload_id or '') .. '\n' .. object_key
 end
 
+-- The queued cleanups of `c_key` as HGETALL returns them (file id, entry, ...). An entry of
+-- the layout before (file id -> fileKey, no object key) cannot be done: it is dropped here,
+-- so it never holds up a DELETE or the reaper (the bucket's lifecycle rule is left to it).
+local function queued_cleanups(c_key)
+  local all = call('HGETALL', c_key)
+  local out = {}
+  for i = 1, #all, 2 do
+    if string.find(all[i + 1], '\n', 1, true) then
+      out[#out + 1] = all[i]
+      out[#out + 1] = all[i + 1]
+    else
+      call('HDEL', c_key, all[i])
+    end
+  end
+  return out
+end
+
 -- Sets the retention deadline `ku` (the session's `keep_until`, ms) on keys this script wrote.
 local function keep_until(ku, ...)
   if not ku then return end

@@ -30,4 +30,4 @@ if past then
     end
   end
 end
-return {'ok', first, call('HGETALL', SKEY), busy, open, call('HGETALL', KEYS[3])}
+return {'ok', first, call('HGETALL', SKEY), busy, open, queued_cleanups(KEYS[3])}

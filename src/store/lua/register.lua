@@ -36,10 +36,12 @@ call('ZADD', KEYS[3], seq, ARGV[3])
 -- session is active (this script adds one to each with each HINCRBY; abort_file removes
 -- them with each release_slot), so they were just created exactly when the count was 0;
 -- they can be emptied by deletions, deleted by Redis, and created again later, which the
--- same test catches. `seq == 1` catches a session an older build created (it kept its files
--- in a list, so `o` starts with this file whatever the count).
-if count == 0 or seq == 1 then
+-- same test catches. A session an older build created kept its files in a list, so its `o`
+-- can be new whatever the count: then ZCARD (O(1)) tells.
+if count == 0 then
   keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])
+elseif call('ZCARD', KEYS[3]) == 1 then
+  keep_until(st[5], KEYS[3], KEYS[4])
 else
   keep_until(st[5], KEYS[4])
 end
