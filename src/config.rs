@@ -34,6 +34,18 @@ pub const SAMPLE_API_KEYS: &[&str] = &[
     "globex-key",
 ];
 
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisTarget::Single(u) => f.debug_tuple("Single").field(&redacted(u)).finish(),
+            RedisTarget::Cluster(urls) => f
+                .debug_tuple("Cluster")
+                .field(&urls.iter().map(|u| redacted(u)).collect::<Vec<_>>())
+                .finish(),
+        }
+    }
+}
+
 /// `environment`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,8 +66,33 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where session state lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `url` with any password replaced by `***`, for messages and logs.
+///
+/// ```
+/// assert_eq!(upgate::config::redacted("rediss://app:s3cret@redis:6380"), "rediss://app:***@redis:6380");
+/// assert_eq!(upgate::config::redacted("redis://:s3cret@redis"), "redis://:***@redis");
+/// assert_eq!(upgate::config::redacted("redis://redis:6379"), "redis://redis:6379");
+/// ```
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<not a URL>".to_owned();
+    };
+    // The userinfo ends at the last `@` before the host (a password may contain `@`).
+    let host_start = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_start].rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+            match userinfo.split_once(':') {
+                Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://***@{host}"),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Where session state lives. Its `Debug` hides passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub enum RedisTarget {
     /// `redis_url`.
     Single(String),
@@ -147,7 +184,12 @@ pub struct Config {
     /// `admin_listen` / `UPGATE_ADMIN_LISTEN`.
     pub admin_listen: SocketAddr,
     /// `redis_url` / `redis_cluster_urls` / `UPGATE_REDIS_URL`; `None`: in-memory store.
+    /// `rediss://` URLs connect over TLS (rustls), `user:password@` authenticates with a
+    /// Redis ACL user.
     pub redis: Option<RedisTarget>,
+    /// `redis_ca_file`: the PEM certificates that verify a `rediss://` server, instead of
+    /// the system's roots.
+    pub redis_ca: Option<Vec<u8>>,
     /// `storage` / `UPGATE_STORAGE`.
     pub storage: StorageTarget,
     /// `[s3]` (`UPGATE_S3_ENDPOINT`).
@@ -431,6 +473,7 @@ struct RawConfig {
     admin_listen: Setting<String>,
     redis_url: Setting<String>,
     redis_cluster_urls: Setting<Vec<String>>,
+    redis_ca_file: Setting<String>,
     storage: Setting<String>,
     part_size_mb: Setting<Int<5, 100, 5>>,
     idempotency_ttl_seconds: Setting<Secs<1, { 30 * DAY }, DAY>>,
@@ -580,6 +623,7 @@ impl Check {
         let listen = self.addr(raw.listen, "listen", "127.0.0.1:8080");
         let admin_listen = self.addr(raw.admin_listen, "admin_listen", "127.0.0.1:9090");
         let redis = self.redis(raw.redis_url, raw.redis_cluster_urls);
+        let redis_ca = self.redis_ca(raw.redis_ca_file, redis.as_ref());
         let storage_raw = self.text(raw.storage, "storage", "file://./data");
         let storage = parse_storage(&storage_raw).unwrap_or_else(|e| {
             self.err(format!("{}: {e}", display_name("storage")));
@@ -594,6 +638,7 @@ impl Check {
             listen,
             admin_listen,
             redis,
+            redis_ca,
             storage,
             s3,
             part_size_mb: self.int(raw.part_size_mb, "part_size_mb"),
@@ -669,16 +714,51 @@ impl Check {
             RedisTarget::Single(u) => std::slice::from_ref(u),
             RedisTarget::Cluster(u) => u.as_slice(),
         };
+        let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
         for u in urls {
-            if u.starts_with("rediss://") {
+            if !u.starts_with("redis://") && !u.starts_with("rediss://") {
+                // The URL may carry a password: name its position, not its text.
                 self.err(format!(
-                    "redis URL {u:?}: TLS to Redis (rediss://) is not supported by this build; use redis:// on a private network or a TLS sidecar"
+                    "redis URL {} must start with redis:// or rediss://",
+                    redacted(u)
                 ));
-            } else if !u.starts_with("redis://") {
-                self.err(format!("redis URL {u:?} must start with redis://"));
             }
         }
+        if tls != 0 && tls != urls.len() {
+            self.err("redis_cluster_urls: either every URL is rediss:// (TLS) or none".into());
+        }
         Some(target)
+    }
+
+    /// `redis_ca_file`: read and checked now, so a missing or empty file is a start-up error.
+    fn redis_ca(&mut self, file: Setting<String>, redis: Option<&RedisTarget>) -> Option<Vec<u8>> {
+        let path = self.opt(file, "redis_ca_file").filter(|p| !p.is_empty())?;
+        let tls = match redis {
+            Some(RedisTarget::Single(u)) => u.starts_with("rediss://"),
+            Some(RedisTarget::Cluster(urls)) => urls.iter().all(|u| u.starts_with("rediss://")),
+            None => false,
+        };
+        if !tls {
+            self.err(format!(
+                "redis_ca_file {path:?} is set, but Redis is not reached over TLS (rediss://)"
+            ));
+            return None;
+        }
+        match std::fs::read(&path) {
+            Ok(pem) if String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") => {
+                Some(pem)
+            }
+            Ok(_) => {
+                self.err(format!(
+                    "redis_ca_file {path:?}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it"
+                ));
+                None
+            }
+            Err(e) => {
+                self.err(format!("redis_ca_file {path:?}: {e}"));
+                None
+            }
+        }
     }
 
     fn s3(&mut self, raw: Setting<RawS3>) -> S3Config {

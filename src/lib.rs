@@ -228,6 +228,7 @@ pub fn redis_handle(
 ) -> Result<store::redis::RedisHandle, StartError> {
     let pool = store::redis::RedisPoolOptions {
         timeout: config.redis_timeout,
+        ca_pem: config.redis_ca.clone(),
         ..Default::default()
     };
     match target {

@@ -2510,6 +2510,7 @@ async fn redis_cluster_a_silent_node_fails_calls_at_the_response_timeout() {
         &upgate::store::redis::RedisPoolOptions {
             max_size: 4,
             timeout: Duration::from_millis(300),
+            ..Default::default()
         },
     )
     .expect("cluster handle");

@@ -67,6 +67,9 @@ pub struct RedisPoolOptions {
     /// Bound on opening a connection, on one response, and (Cluster) on waiting for a pooled
     /// connection and on its health check. Default 2 s.
     pub timeout: Duration,
+    /// For `rediss://` URLs: PEM certificates that verify the server, instead of the
+    /// system's roots. Default none.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for RedisPoolOptions {
@@ -74,8 +77,17 @@ impl Default for RedisPoolOptions {
         RedisPoolOptions {
             max_size: 16,
             timeout: Duration::from_secs(2),
+            ca_pem: None,
         }
     }
+}
+
+/// The certificates a TLS connection verifies the server with (`None`: the system's roots).
+fn tls_certificates(opts: &RedisPoolOptions) -> Option<redis::TlsCertificates> {
+    opts.ca_pem.as_ref().map(|pem| redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.clone()),
+    })
 }
 
 /// A cloneable handle on a single Redis server or a pooled Redis Cluster connection.
@@ -174,7 +186,12 @@ impl RedisHandle {
                 "a Redis handle must be created inside a Tokio runtime",
             ));
         }
-        let client = redis::Client::open(url).map_err(StoreError::new)?;
+        // `rediss://` speaks TLS (rustls), with the system's roots unless a CA is given.
+        let client = match tls_certificates(opts) {
+            Some(certs) => redis::Client::build_with_tls(url, certs),
+            None => redis::Client::open(url),
+        }
+        .map_err(StoreError::new)?;
         // A failed (re)connection is retried twice, quickly: a call waiting on it is bounded
         // by the store's command timeout, and the next call starts another attempt.
         let config = ConnectionManagerConfig::new()
@@ -198,11 +215,14 @@ impl RedisHandle {
         if urls.is_empty() {
             return Err(StoreError::new("redis cluster: no node URLs"));
         }
-        let client = redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
-            .connection_timeout(opts.timeout)
-            .response_timeout(opts.timeout)
-            .build()
-            .map_err(StoreError::new)?;
+        let mut builder =
+            redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                .connection_timeout(opts.timeout)
+                .response_timeout(opts.timeout);
+        if let Some(certs) = tls_certificates(opts) {
+            builder = builder.certs(certs);
+        }
+        let client = builder.build().map_err(StoreError::new)?;
         let manager = ClusterManager {
             client,
             pings: std::sync::atomic::AtomicUsize::new(0),

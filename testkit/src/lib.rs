@@ -7,6 +7,7 @@
 
 pub mod fault;
 pub mod s3;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
