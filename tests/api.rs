@@ -909,15 +909,7 @@ async fn finalize_checks_magic_bytes(backend: Backend) {
             200
         );
         assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
-        let res = gw
-            .req(
-                Method::POST,
-                &format!("/v1/sessions/{session}/finalize"),
-                KEY_A,
-            )
-            .send()
-            .await
-            .expect("send");
+        let res = gw.finalize(KEY_A, &session).await;
         if status == 415 {
             let p = problem(res, 415, "contentTypeMismatch").await;
             assert_eq!(p["fileId"], json!(file));

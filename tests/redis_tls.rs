@@ -19,6 +19,17 @@ async fn tls_gateway(url: String, ca: Option<Vec<u8>>) -> TestGateway {
     TestGateway::start(cfg, store).await
 }
 
+/// Creating a session answers 503 `unavailable` (Redis is out of reach).
+async fn create_is_unavailable(gw: &TestGateway) {
+    let res = gw
+        .req(Method::POST, "/v1/sessions", KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    problem(res, 503, "unavailable").await;
+}
+
 fn ca_of(redis: &TlsRedis) -> Vec<u8> {
     std::fs::read(redis.certs.ca_file()).expect("ca.pem")
 }
@@ -38,23 +49,8 @@ async fn a_whole_upload_over_tls() {
         200
     );
     assert_eq!(gw.complete(KEY_A, &session, &file).await.status(), 200);
-    let res = gw
-        .req(
-            Method::POST,
-            &format!("/v1/sessions/{session}/finalize"),
-            KEY_A,
-        )
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(res.status(), 200);
-    let ready = gw
-        .client
-        .get(format!("{}/readyz", gw.admin))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), 200);
+    assert_eq!(gw.finalize(KEY_A, &session).await.status(), 200);
+    assert_eq!(gw.readyz().await, 200);
 }
 
 /// An ACL user with a password in the URL works; a wrong password is 503 like an outage;
@@ -87,13 +83,7 @@ async fn acl_user_and_password_in_the_url_never_logged() {
         Some(ca_of(&redis)),
     )
     .await;
-    let res = wrong
-        .req(Method::POST, "/v1/sessions", KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("send");
-    problem(res, 503, "unavailable").await;
+    create_is_unavailable(&wrong).await;
     let logs =
         String::from_utf8_lossy(&logs().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     assert!(!logs.is_empty(), "the gateways logged");
@@ -117,20 +107,8 @@ async fn a_certificate_that_does_not_verify_is_an_outage_and_says_so() {
     let other = TestCerts::generate();
     let wrong_ca = std::fs::read(other.ca_file()).expect("other ca");
     let gw = tls_gateway(redis.url(None), Some(wrong_ca)).await;
-    let res = gw
-        .req(Method::POST, "/v1/sessions", KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("send");
-    problem(res, 503, "unavailable").await;
-    let ready = gw
-        .client
-        .get(format!("{}/readyz", gw.admin))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), 503);
+    create_is_unavailable(&gw).await;
+    assert_eq!(gw.readyz().await, 503);
     let mentions: Vec<_> = log_lines_with("certificate");
     assert!(
         !mentions.is_empty(),

@@ -375,6 +375,29 @@ impl TestGateway {
             .to_owned()
     }
 
+    /// `POST .../finalize`.
+    pub async fn finalize(&self, key: &str, session: &str) -> reqwest::Response {
+        self.req(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{session}/finalize"),
+            key,
+        )
+        .send()
+        .await
+        .expect("send")
+    }
+
+    /// The admin listener's `/readyz` status.
+    pub async fn readyz(&self) -> u16 {
+        self.client
+            .get(format!("{}/readyz", self.admin))
+            .send()
+            .await
+            .expect("readyz")
+            .status()
+            .as_u16()
+    }
+
     /// `GET path`, its body read as JSON (whatever the status).
     pub async fn get_json(&self, key: &str, path: &str) -> Value {
         self.req(reqwest::Method::GET, path, key)

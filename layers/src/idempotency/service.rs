@@ -340,17 +340,6 @@ where
         return Ok(res.map(IdempotencyBody::inner));
     }
     let (res_parts, body) = res.into_parts();
-    if body.size_hint().lower() > config.response_limit as u64 {
-        tracing::info!(
-            limit = config.response_limit,
-            "response larger than the idempotency record limit: not stored"
-        );
-        guard.release().await;
-        return Ok(Response::from_parts(
-            res_parts,
-            IdempotencyBody::inner(body),
-        ));
-    }
     // Read up to the record limit; past it the response is passed on (what was read, then
     // the rest as it streams) and not stored, so memory stays bounded by the limit.
     let read = read_bounded(body, config.response_limit)
@@ -414,12 +403,16 @@ enum Bounded<B> {
     TooLarge(Bytes, Pin<Box<B>>),
 }
 
-/// Reads `body` until it ends or more than `limit` bytes have arrived.
+/// Reads `body` until it ends or more than `limit` bytes have arrived (at once, reading
+/// nothing, when its size hint says it will be more).
 async fn read_bounded<B>(body: B, limit: usize) -> Result<Bounded<B>, B::Error>
 where
     B: Body<Data = Bytes>,
 {
     let mut body = Box::pin(body);
+    if body.size_hint().lower() > limit as u64 {
+        return Ok(Bounded::TooLarge(Bytes::new(), body));
+    }
     let mut data = bytes::BytesMut::new();
     let mut trailers: Option<http::HeaderMap> = None;
     while let Some(frame) = body.frame().await {
