@@ -487,14 +487,12 @@ impl SessionStore for MemoryStore {
         if completion_in_flight(f, now_ms) {
             return Ok(Gate::Ok(FileAborted::CompletionInProgress));
         }
+        // The gate required an active session, and only a session abort marks files
+        // aborted (the session with them), so the file is live here.
         let (before, seq) = (f.file.clone(), f.seq);
         entry.files.remove(file_id);
         entry.order.remove(&seq);
-        let cleanup = if before.status == FileStatus::Aborted {
-            entry.cleanup.get(file_id).cloned()
-        } else {
-            abort_live(entry, &before)
-        };
+        let cleanup = abort_live(entry, &before);
         Ok(Gate::Ok(FileAborted::Deleted { cleanup }))
     }
 

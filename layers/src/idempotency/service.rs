@@ -366,29 +366,27 @@ where
             ));
         }
     };
-    {
-        let headers = config
-            .stored_headers
-            .iter()
-            .flat_map(|name| {
-                res_parts
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .map(move |v| (name.clone(), v.clone()))
-            })
-            .collect();
-        let stored = StoredResponse {
-            status,
-            headers,
-            trailers: trailers
+    let headers = config
+        .stored_headers
+        .iter()
+        .flat_map(|name| {
+            res_parts
+                .headers
+                .get_all(name)
                 .iter()
-                .flat_map(|t| t.iter().map(|(n, v)| (n.clone(), v.clone())))
-                .collect(),
-            body: bytes.clone(),
-        };
-        guard.complete(stored, config.ttl).await;
-    }
+                .map(move |v| (name.clone(), v.clone()))
+        })
+        .collect();
+    let stored = StoredResponse {
+        status,
+        headers,
+        trailers: trailers
+            .iter()
+            .flat_map(|t| t.iter().map(|(n, v)| (n.clone(), v.clone())))
+            .collect(),
+        body: bytes.clone(),
+    };
+    guard.complete(stored, config.ttl).await;
     Ok(Response::from_parts(
         res_parts,
         IdempotencyBody::buffered(bytes, trailers),

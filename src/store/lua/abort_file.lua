@@ -19,19 +19,17 @@ if st[1] == 'completing' then
   local lease = tonumber(st[4])
   if lease and lease > NOW then return {'ok', 'busy'} end
 end
+-- The gate required an active session, and only a session DELETE marks files `aborted`
+-- (the session with them), so the file is live here.
 local entry = ''
-if st[1] == 'aborted' then
-  entry = call('HGET', KEYS[4], ARGV[2]) or ''
-else
-  if st[3] or st[1] == 'completed' then
-    if not st[5] then error('upgate: corrupt file (object_key)') end
-    entry = cleanup_entry(st[3], st[5])
-    call('HSET', KEYS[4], ARGV[2], entry)
-    keep(KEYS[4])
-  end
-  if st[2] then call('HDEL', KEYS[2], st[2]) end
-  release_slot()
+if st[3] or st[1] == 'completed' then
+  if not st[5] then error('upgate: corrupt file (object_key)') end
+  entry = cleanup_entry(st[3], st[5])
+  call('HSET', KEYS[4], ARGV[2], entry)
+  keep(KEYS[4])
 end
+if st[2] then call('HDEL', KEYS[2], st[2]) end
+release_slot()
 call('DEL', KEYS[3], KEYS[5])
 call('ZREM', KEYS[6], ARGV[2])
 return {'ok', 'deleted', entry}
