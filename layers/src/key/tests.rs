@@ -233,3 +233,17 @@ proptest! {
         }
     }
 }
+
+/// A chain longer than the hops looked at ends at a trusted proxy, never at the addresses a
+/// client put at its far left.
+#[test]
+fn a_chain_past_the_hop_bound_ends_at_a_trusted_proxy() {
+    let mut chain = vec!["6.6.6.6".to_owned()];
+    chain.extend((0..40).map(|i| format!("10.0.0.{i}")));
+    let r = req("10.0.1.1:443", &[("x-forwarded-for", &chain.join(", "))]);
+    let key = trusted().ip(&r).expect("a peer");
+    assert!(
+        matches!(key, IpAddr::V4(v4) if v4.octets()[0] == 10),
+        "key {key}"
+    );
+}
