@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::api::AppState;
 
-/// How long `/readyz` waits for Redis and storage.
+/// How long `/readyz` waits for Redis and each storage (they are asked at once).
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Metrics of components outside [`crate::metrics::Metrics`] (the layers' counters), read
@@ -39,15 +39,22 @@ pub fn routes(state: AppState, extra: ExtraMetrics) -> Router {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    let store = tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await;
-    let storage = tokio::time::timeout(READY_TIMEOUT, state.storage.ping()).await;
+    let pings = state.storages.distinct().iter().map(|(label, storage)| async move {
+        let result = tokio::time::timeout(READY_TIMEOUT, storage.ping()).await;
+        if !matches!(result, Ok(Ok(()))) {
+            tracing::warn!(storage = %label, result = ?result.map(|r| r.map_err(|e| e.to_string())), "readyz: storage not reachable");
+            return false;
+        }
+        true
+    });
+    let (store, storages) = tokio::join!(
+        tokio::time::timeout(READY_TIMEOUT, state.store.ping()),
+        futures_util::future::join_all(pings)
+    );
     let store_ok = matches!(store, Ok(Ok(())));
-    let storage_ok = matches!(storage, Ok(Ok(())));
+    let storage_ok = storages.iter().all(|ok| *ok);
     if !store_ok {
         tracing::warn!(result = ?store.map(|r| r.map_err(|e| e.to_string())), "readyz: session store not reachable");
-    }
-    if !storage_ok {
-        tracing::warn!(result = ?storage.map(|r| r.map_err(|e| e.to_string())), "readyz: storage not reachable");
     }
     let status = if store_ok && storage_ok {
         StatusCode::OK

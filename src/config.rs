@@ -20,6 +20,8 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 
+use crate::storage::attributes::{Disposition, ObjectSettings, Sse};
+
 /// The development tenant's id (embedded default only).
 pub const DEV_TENANT_ID: &str = "dev";
 /// The development tenant's API key (embedded default only; refused in production).
@@ -172,6 +174,62 @@ pub struct TenantConfig {
     /// Live (not expired, finalized or deleted) sessions the tenant may hold at once
     /// (`max_active_sessions`, default 10,000).
     pub max_active_sessions: u64,
+    /// The tenant's own storage (`storage`, `storage_endpoint`, `storage_region`); `None`:
+    /// the gateway's.
+    pub storage: Option<TenantStorageConfig>,
+    /// `content_disposition`, `sse` (+ `sse_kms_key_id`) and `storage_class` of the
+    /// objects the tenant completes.
+    pub objects: ObjectSettings,
+}
+
+/// A tenant's own `storage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantStorageConfig {
+    /// `storage`: `s3://bucket/prefix` (or `file://dir`).
+    pub target: StorageTarget,
+    /// `storage_endpoint`: the S3 endpoint when it is not the gateway's `[s3] endpoint`.
+    pub endpoint: Option<String>,
+    /// `storage_region`: the region when it is not the gateway's `[s3] region`.
+    pub region: Option<String>,
+}
+
+impl StorageTarget {
+    /// The storage's URL, with the S3 endpoint and region when given: names one storage
+    /// in logs and tells two apart (two tenants with equal labels share one client).
+    pub fn label(&self, endpoint: Option<&str>, region: Option<&str>) -> String {
+        match self {
+            StorageTarget::Filesystem(dir) => format!("file://{}", dir.display()),
+            StorageTarget::S3 { bucket, prefix } => {
+                let mut label = format!("s3://{bucket}/{prefix}");
+                if let Some(e) = endpoint {
+                    label.push_str(&format!(" at {e}"));
+                }
+                if let Some(r) = region {
+                    label.push_str(&format!(" in {r}"));
+                }
+                label
+            }
+        }
+    }
+}
+
+impl Config {
+    /// The label of the gateway's own storage (see [`StorageTarget::label`]).
+    pub fn storage_label(&self) -> String {
+        self.storage
+            .label(self.s3.endpoint.as_deref(), Some(&self.s3.region))
+    }
+
+    /// The label of `tenant`'s storage: its own, else the gateway's.
+    pub fn tenant_storage_label(&self, tenant: &TenantConfig) -> String {
+        match &tenant.storage {
+            None => self.storage_label(),
+            Some(own) => own.target.label(
+                own.endpoint.as_deref().or(self.s3.endpoint.as_deref()),
+                Some(own.region.as_deref().unwrap_or(&self.s3.region)),
+            ),
+        }
+    }
 }
 
 /// The whole, validated configuration.
@@ -520,6 +578,13 @@ struct RawTenant {
     cors_allowed_origins: Setting<Vec<String>>,
     max_metadata_bytes: Setting<MetadataBytes>,
     max_active_sessions: Setting<Int<1, 10_000_000, 10_000>>,
+    storage: Setting<String>,
+    storage_endpoint: Setting<String>,
+    storage_region: Setting<String>,
+    content_disposition: Setting<String>,
+    sse: Setting<String>,
+    sse_kms_key_id: Setting<String>,
+    storage_class: Setting<String>,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -684,6 +749,7 @@ impl Check {
                 "listen (UPGATE_LISTEN) is {listen}: the development tenant (no [[tenants]] configured, its key is published) is served only on a loopback address; configure [[tenants]] to listen on other addresses"
             ));
         }
+        self.tenants_storage(&config);
         if listen == admin_listen && listen.port() != 0 {
             self.err(format!("listen and admin_listen are both {listen}"));
         }
@@ -867,7 +933,18 @@ impl Check {
                 "{name}.storage_prefix: {storage_prefix:?} must end with '/', not start with '/' or '.', and have no . or .. segments"
             ));
         }
+        let storage =
+            self.tenant_storage(name, &id, t.storage, t.storage_endpoint, t.storage_region);
+        let objects = self.objects(
+            name,
+            t.content_disposition,
+            t.sse,
+            t.sse_kms_key_id,
+            t.storage_class,
+        );
         let tenant = TenantConfig {
+            storage,
+            objects,
             max_files_per_session: self
                 .int(t.max_files_per_session, &field("max_files_per_session"))
                 as u32,
@@ -889,11 +966,152 @@ impl Check {
         tenant
     }
 
+    /// Rules between tenants and their storage: two tenants on one storage have different
+    /// prefixes; `sse` and `storage_class` need S3 storage.
+    fn tenants_storage(&mut self, config: &Config) {
+        let mut prefixes = HashSet::new();
+        for t in &config.tenants {
+            let label = config.tenant_storage_label(t);
+            if !prefixes.insert((label.clone(), t.storage_prefix.clone())) {
+                self.err(format!(
+                    "storage_prefix {:?} is shared by two tenants on {label}",
+                    t.storage_prefix
+                ));
+            }
+            let target = t.storage.as_ref().map_or(&config.storage, |s| &s.target);
+            let s3 = matches!(target, StorageTarget::S3 { .. });
+            if !s3 && (t.objects.sse.is_some() || t.objects.storage_class.is_some()) {
+                self.err(format!(
+                    "tenant {:?}: sse and storage_class apply to S3 storage only, and its storage is {label}",
+                    t.id
+                ));
+            }
+        }
+    }
+
+    /// `storage`, `storage_endpoint` and `storage_region` of a tenant.
+    fn tenant_storage(
+        &mut self,
+        name: &str,
+        id: &str,
+        storage: Setting<String>,
+        endpoint: Setting<String>,
+        region: Setting<String>,
+    ) -> Option<TenantStorageConfig> {
+        let field = |key: &str| format!("{name}.{key}");
+        let storage = self.opt(storage, &field("storage"));
+        let endpoint = self
+            .opt(endpoint, &field("storage_endpoint"))
+            .filter(|e| !e.is_empty());
+        let region = self
+            .opt(region, &field("storage_region"))
+            .filter(|r| !r.is_empty());
+        let Some(raw) = storage.filter(|s| !s.is_empty()) else {
+            if endpoint.is_some() || region.is_some() {
+                self.err(format!(
+                    "{name} ({id}): storage_endpoint and storage_region need the tenant's own storage = \"s3://bucket/prefix\""
+                ));
+            }
+            return None;
+        };
+        let target = match parse_storage(&raw) {
+            Ok(t) => t,
+            Err(e) => {
+                self.err(format!("{}: {e}", field("storage")));
+                return None;
+            }
+        };
+        if matches!(target, StorageTarget::Filesystem(_))
+            && (endpoint.is_some() || region.is_some())
+        {
+            self.err(format!(
+                "{name} ({id}): storage_endpoint and storage_region apply to s3:// storage only"
+            ));
+        }
+        if endpoint.as_deref().is_some_and(|e| !e.starts_with("http")) {
+            self.err(format!(
+                "{}: must be an http:// or https:// URL",
+                field("storage_endpoint")
+            ));
+        }
+        Some(TenantStorageConfig {
+            target,
+            endpoint,
+            region,
+        })
+    }
+
+    /// `content_disposition`, `sse`, `sse_kms_key_id` and `storage_class` of a tenant.
+    fn objects(
+        &mut self,
+        name: &str,
+        disposition: Setting<String>,
+        sse: Setting<String>,
+        kms_key: Setting<String>,
+        storage_class: Setting<String>,
+    ) -> ObjectSettings {
+        let field = |key: &str| format!("{name}.{key}");
+        let disposition = match self
+            .opt(disposition, &field("content_disposition"))
+            .as_deref()
+        {
+            None | Some("attachment") => Disposition::Attachment,
+            Some("inline") => Disposition::Inline,
+            Some(other) => {
+                self.err(format!(
+                    "{}: {other:?} is not \"attachment\" or \"inline\"",
+                    field("content_disposition")
+                ));
+                Disposition::Attachment
+            }
+        };
+        let kms_key = self
+            .opt(kms_key, &field("sse_kms_key_id"))
+            .filter(|k| !k.is_empty());
+        let sse = match self.opt(sse, &field("sse")).as_deref() {
+            None | Some("") => None,
+            Some("AES256") => Some(Sse::Aes256),
+            Some("aws:kms") => Some(Sse::Kms {
+                key_id: kms_key.clone(),
+            }),
+            Some(other) => {
+                self.err(format!(
+                    "{}: {other:?} is not \"AES256\" or \"aws:kms\"",
+                    field("sse")
+                ));
+                None
+            }
+        };
+        if kms_key.is_some() && !matches!(sse, Some(Sse::Kms { .. })) {
+            self.err(format!(
+                "{}: needs sse = \"aws:kms\"",
+                field("sse_kms_key_id")
+            ));
+        }
+        let storage_class = self
+            .opt(storage_class, &field("storage_class"))
+            .filter(|c| !c.is_empty());
+        if let Some(class) = &storage_class {
+            let known = aws_sdk_s3::types::StorageClass::values();
+            if !known.contains(&class.as_str()) {
+                self.err(format!(
+                    "{}: {class:?} is not an S3 storage class ({})",
+                    field("storage_class"),
+                    known.join(", ")
+                ));
+            }
+        }
+        ObjectSettings {
+            disposition,
+            sse,
+            storage_class,
+        }
+    }
+
     /// Rules across tenants: unique ids, prefixes and keys; no development key in production.
     fn tenants_together(&mut self, tenants: &[TenantConfig], environment: Environment) {
         let mut ids = HashSet::new();
         let mut keys = HashSet::new();
-        let mut prefixes = HashSet::new();
         let samples: Vec<(String, &str)> = SAMPLE_API_KEYS
             .iter()
             .map(|k| (Config::hash_key(k), *k))
@@ -901,12 +1119,6 @@ impl Check {
         for t in tenants {
             if !ids.insert(t.id.as_str()) {
                 self.err(format!("tenant id {:?} is configured twice", t.id));
-            }
-            if !prefixes.insert(t.storage_prefix.as_str()) {
-                self.err(format!(
-                    "storage_prefix {:?} is shared by two tenants",
-                    t.storage_prefix
-                ));
             }
             for k in &t.api_keys_sha256 {
                 if !keys.insert(k.as_str()) {
@@ -951,6 +1163,8 @@ fn dev_tenant(max_metadata_bytes: u64) -> TenantConfig {
         cors_allowed_origins: vec!["*".to_owned()],
         max_metadata_bytes,
         max_active_sessions: 10_000,
+        storage: None,
+        objects: ObjectSettings::default(),
     }
 }
 

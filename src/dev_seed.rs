@@ -66,12 +66,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let part_size = part_size_for(config.part_size_bytes(), size);
     let key = "fixtures/hello.txt";
     let file_id = uuid::Uuid::new_v4().to_string();
-    let object_key = state
-        .storage
-        .object_key(&tenant.storage_prefix, &done.id, &file_id, key);
-    let upload_id = state
-        .storage
-        .create_upload(&object_key, Some("text/plain"))
+    let tenant_storage = state.storages.for_tenant(&tenant.id);
+    let storage = &tenant_storage.store;
+    let object_key = storage.object_key(&tenant.storage_prefix, &done.id, &file_id, key);
+    let attrs = crate::storage::ObjectAttributes::new(
+        &tenant_storage.objects,
+        "hello.txt",
+        Some("text/plain"),
+        &Default::default(),
+    );
+    let upload_id = storage
+        .create_upload(&object_key, &attrs)
         .await
         .map_err(backend)?;
     let file = FileRecord {
@@ -104,8 +109,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         stream: Box::pin(futures_util::stream::iter([Ok(bytes)])),
         len: size,
     };
-    let etag = state
-        .storage
+    let etag = storage
         .put_part(&object_key, &upload_id, 1, body, None)
         .await
         .map_err(backend)?;
@@ -118,12 +122,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Gate::Ok(BeginComplete::Acquired(..)) => {}
         other => return Err(backend(format!("completing the fixture file: {other:?}"))),
     }
-    let object_etag = state
-        .storage
+    let object_etag = storage
         .complete_upload(&object_key, &upload_id, &[(1, etag)])
         .await
         .map_err(backend)?;
-    let url = state.storage.file_url(&object_key);
+    let url = storage.file_url(&object_key);
     store
         .finish_complete(&tenant.id, &done.id, &file.id, &token, &url, &object_etag)
         .await

@@ -85,24 +85,41 @@ impl Gateway {
             ),
             None => Arc::new(store::memory::MemoryStore::new(config.session_retention)),
         };
-        let storage = build_storage(&config).await?;
-        Ok(Gateway::with_backends(config, store, storage).with_redis_layers(handle))
+        let storages = build_storages(&config).await?;
+        Ok(Gateway::with_storages(config, store, storages).with_redis_layers(handle))
     }
 
     /// A gateway over backends the caller built (tests wrap real backends this way); the
     /// rate-limit and idempotency layers keep their state in process (see
     /// [`Gateway::with_redis_layers`]).
+    ///
+    /// Every tenant's objects go to `storage` (a tenant's own `storage` setting is not
+    /// built here), with the tenant's object settings.
     pub fn with_backends(
         config: Config,
         store: Arc<dyn SessionStore>,
         storage: Arc<dyn ObjectStore>,
     ) -> Gateway {
-        let layers = stack::Layers::new(&config, store.clone(), None);
         let storage: Arc<dyn ObjectStore> = Arc::new(storage::Timed(storage));
+        let mut storages = storage::Storages::new(config.storage_label(), storage);
+        for t in &config.tenants {
+            storages = storages.tenant(&t.id, None, t.objects.clone());
+        }
+        Gateway::with_storages(config, store, storages)
+    }
+
+    /// A gateway over `store` and `storages` (see [`build_storages`]).
+    pub fn with_storages(
+        config: Config,
+        store: Arc<dyn SessionStore>,
+        storages: storage::Storages,
+    ) -> Gateway {
+        let layers = stack::Layers::new(&config, store.clone(), None);
+        let storages = Arc::new(storages);
         let metrics = Arc::new(metrics::Metrics::default());
         let uploads = Arc::new(uploads::Uploads::new(
             store.clone(),
-            storage.clone(),
+            storages.clone(),
             metrics.clone(),
             uploads::Timing::default(),
         ));
@@ -110,7 +127,7 @@ impl Gateway {
             state: AppState {
                 config: Arc::new(config),
                 store,
-                storage,
+                storages,
                 metrics,
                 uploads,
             },
@@ -123,7 +140,7 @@ impl Gateway {
     pub fn with_timing(mut self, timing: uploads::Timing) -> Gateway {
         self.state.uploads = Arc::new(uploads::Uploads::new(
             self.state.store.clone(),
-            self.state.storage.clone(),
+            self.state.storages.clone(),
             self.state.metrics.clone(),
             timing,
         ));
@@ -238,9 +255,55 @@ pub fn redis_handle(
     .map_err(|e| StartError::Backend(e.to_string()))
 }
 
-/// The object store the configuration names.
+/// The gateway's object store (`storage`).
 pub async fn build_storage(config: &Config) -> Result<Arc<dyn ObjectStore>, StartError> {
-    match &config.storage {
+    open_storage(
+        &config.storage,
+        config.s3.endpoint.as_deref(),
+        &config.s3.region,
+        config,
+    )
+    .await
+}
+
+/// Every storage the configuration names: the gateway's and each tenant's own (tenants
+/// whose storage settings are equal share one client), each call timed.
+pub async fn build_storages(config: &Config) -> Result<storage::Storages, StartError> {
+    let timed = |s: Arc<dyn ObjectStore>| -> Arc<dyn ObjectStore> { Arc::new(storage::Timed(s)) };
+    let mut storages =
+        storage::Storages::new(config.storage_label(), timed(build_storage(config).await?));
+    for t in &config.tenants {
+        let own = match &t.storage {
+            None => None,
+            Some(own) => {
+                let label = config.tenant_storage_label(t);
+                let store = match storages.find(&label) {
+                    Some(existing) => existing,
+                    None => timed(
+                        open_storage(
+                            &own.target,
+                            own.endpoint.as_deref().or(config.s3.endpoint.as_deref()),
+                            own.region.as_deref().unwrap_or(&config.s3.region),
+                            config,
+                        )
+                        .await?,
+                    ),
+                };
+                Some((label, store))
+            }
+        };
+        storages = storages.tenant(&t.id, own, t.objects.clone());
+    }
+    Ok(storages)
+}
+
+async fn open_storage(
+    target: &StorageTarget,
+    endpoint: Option<&str>,
+    region: &str,
+    config: &Config,
+) -> Result<Arc<dyn ObjectStore>, StartError> {
+    match target {
         StorageTarget::Filesystem(dir) => Ok(Arc::new(
             storage::fs::FsStore::new(dir)
                 .await
@@ -249,8 +312,8 @@ pub async fn build_storage(config: &Config) -> Result<Arc<dyn ObjectStore>, Star
         StorageTarget::S3 { bucket, prefix } => {
             let mut settings = storage::s3::S3Settings::new(bucket.clone());
             settings.prefix = prefix.clone();
-            settings.endpoint = config.s3.endpoint.clone();
-            settings.region = config.s3.region.clone();
+            settings.endpoint = endpoint.map(str::to_owned);
+            settings.region = region.to_owned();
             settings.force_path_style = config.s3.force_path_style;
             let s3 = storage::s3::S3Store::new(settings)
                 .await

@@ -1,6 +1,7 @@
 //! End-to-end tests of the HTTP contract (`../shared/API.md`) against real servers on port 0,
 //! run unchanged against every session store: in-memory, a real redis-server, and a real
-//! 3-master Redis Cluster.
+//! 3-master Redis Cluster, each Redis also over TLS (`rediss://`, certificates generated per
+//! test, verified against their CA through `redis_ca_file`).
 
 mod common;
 
@@ -19,6 +20,8 @@ enum Backend {
     Memory,
     Redis(upgate_testkit::RedisServer),
     Cluster(upgate_testkit::RedisCluster),
+    TlsRedis(upgate_testkit::tls::TlsRedis),
+    TlsCluster(upgate_testkit::tls::TlsRedisCluster),
 }
 
 impl Backend {
@@ -34,8 +37,40 @@ impl Backend {
         Backend::Cluster(upgate_testkit::RedisCluster::start(3))
     }
 
+    fn tls_redis() -> Self {
+        Backend::TlsRedis(upgate_testkit::tls::TlsRedis::start())
+    }
+
+    fn tls_cluster() -> Self {
+        Backend::TlsCluster(upgate_testkit::tls::TlsRedisCluster::start(3))
+    }
+
     async fn store(&self) -> Arc<dyn SessionStore> {
+        let over_tls = |target, ca: &std::path::Path| {
+            let mut cfg = config("");
+            cfg.redis = Some(target);
+            cfg.redis_ca = Some(std::fs::read(ca).expect("ca.pem"));
+            cfg
+        };
         match self {
+            Backend::TlsRedis(server) => {
+                let cfg = over_tls(
+                    upgate::config::RedisTarget::Single(server.url(None)),
+                    &server.certs.ca_file(),
+                );
+                upgate::build_store(&cfg)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
+            Backend::TlsCluster(cluster) => {
+                let cfg = over_tls(
+                    upgate::config::RedisTarget::Cluster(cluster.urls()),
+                    &cluster.certs.ca_file(),
+                );
+                upgate::build_store(&cfg)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
             Backend::Memory => Arc::new(upgate::store::memory::MemoryStore::new(
                 Duration::from_secs(3600),
             )),
@@ -79,6 +114,22 @@ macro_rules! on_every_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     super::$name(super::Backend::cluster()).await;
+                }
+            )*
+        }
+        mod redis_tls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::tls_redis()).await;
+                }
+            )*
+        }
+        mod redis_cluster_tls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::tls_cluster()).await;
                 }
             )*
         }

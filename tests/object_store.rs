@@ -18,7 +18,9 @@ use futures_util::StreamExt;
 use md5::Digest as _;
 use upgate::storage::fs::FsStore;
 use upgate::storage::s3::{S3Settings, S3Store, S3Timeouts};
-use upgate::storage::{ObjectStore, PartBody, PartChecksum, StorageError, StorageKind};
+use upgate::storage::{
+    ObjectAttributes, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind,
+};
 use upgate_testkit::s3::S3Server;
 
 const MIB: usize = 1024 * 1024;
@@ -191,7 +193,7 @@ fn multipart_etag(parts: &[&[u8]]) -> String {
 async fn upload(h: &Harness, key: &str, parts: &[&Bytes]) -> (String, Vec<(u32, String)>) {
     let upload_id = h
         .store
-        .create_upload(key, Some("application/octet-stream"))
+        .create_upload(key, &ObjectAttributes::default())
         .await
         .expect("create");
     let mut done = Vec::new();
@@ -372,7 +374,11 @@ async fn abort_removes_upload(h: Harness) {
     assert_eq!(h.store.head_object(&key).await.expect("head"), None);
 
     // Aborting an upload id that never existed is Ok too.
-    let never = h.store.create_upload(&key, None).await.expect("create");
+    let never = h
+        .store
+        .create_upload(&key, &ObjectAttributes::default())
+        .await
+        .expect("create");
     h.store.abort_upload(&key, &never).await.expect("abort");
     h.store
         .abort_upload(&key, &never)
@@ -450,7 +456,11 @@ both!(zero_byte_object);
 
 async fn list_parts_past_one_thousand(h: Harness) {
     let key = h.key("many-parts.bin");
-    let upload_id = h.store.create_upload(&key, None).await.expect("create");
+    let upload_id = h
+        .store
+        .create_upload(&key, &ObjectAttributes::default())
+        .await
+        .expect("create");
     const N: u32 = 1_003;
     let store = h.store.clone();
     let results: Vec<(u32, String)> = futures_util::stream::iter(1..=N)
@@ -510,7 +520,11 @@ async fn checksums_pass_through(h: Harness) {
     let key = h.key("checked.bin");
     let data = pattern(100_000, 41);
     let other = pattern(100_000, 42);
-    let upload_id = h.store.create_upload(&key, None).await.expect("create");
+    let upload_id = h
+        .store
+        .create_upload(&key, &ObjectAttributes::default())
+        .await
+        .expect("create");
 
     let ok = h
         .store
@@ -591,7 +605,11 @@ fn broken_body(good: Bytes, len: u64, fail: bool) -> PartBody {
 
 async fn failing_body_is_a_body_error(h: Harness) {
     let key = h.key("broken.bin");
-    let upload_id = h.store.create_upload(&key, None).await.expect("create");
+    let upload_id = h
+        .store
+        .create_upload(&key, &ObjectAttributes::default())
+        .await
+        .expect("create");
 
     let r = h
         .store
@@ -653,7 +671,11 @@ both!(failing_body_is_a_body_error);
 
 async fn presigned_part(h: Harness) {
     let key = h.key("presigned.bin");
-    let upload_id = h.store.create_upload(&key, None).await.expect("create");
+    let upload_id = h
+        .store
+        .create_upload(&key, &ObjectAttributes::default())
+        .await
+        .expect("create");
     let presigned = h
         .store
         .presign_part(
@@ -765,6 +787,67 @@ async fn ping_and_kind(h: Harness) {
 }
 both!(ping_and_kind);
 
+/// Attributes given at creation go with the object on S3 and can be replaced in place,
+/// bytes unchanged; filesystem storage keeps none and says so.
+async fn attributes_go_with_the_object(h: Harness) {
+    let key = h.key("attrs.bin");
+    let attrs = ObjectAttributes {
+        content_type: Some("text/csv".into()),
+        content_disposition: Some("attachment; filename=\"a.csv\"".into()),
+        metadata: [("k".to_owned(), "v".to_owned())].into(),
+        sse: None,
+        storage_class: None,
+    };
+    let upload_id = h.store.create_upload(&key, &attrs).await.expect("create");
+    let data = pattern(100, 3);
+    let etag = h
+        .store
+        .put_part(&key, &upload_id, 1, body(&data), None)
+        .await
+        .expect("put");
+    h.store
+        .complete_upload(&key, &upload_id, &[(1, etag)])
+        .await
+        .expect("complete");
+    let replaced = ObjectAttributes {
+        content_type: Some("image/png".into()),
+        ..attrs.clone()
+    };
+    let result = h.store.replace_attributes(&key, &replaced).await;
+    let Some(server) = h.s3() else {
+        assert!(
+            matches!(result, Err(StorageError::NotSupported)),
+            "{result:?}"
+        );
+        assert_eq!(h.read_object(&key).as_deref(), Some(&data[..]));
+        return;
+    };
+    let new_etag = result.expect("replace");
+    let out = server
+        .client()
+        .head_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(out.content_type(), Some("image/png"));
+    assert_eq!(
+        out.content_disposition(),
+        Some("attachment; filename=\"a.csv\"")
+    );
+    assert_eq!(
+        out.metadata().and_then(|m| m.get("k")).map(String::as_str),
+        Some("v")
+    );
+    assert_eq!(
+        out.e_tag().map(|e| e.trim_matches('"')),
+        Some(new_etag.as_str())
+    );
+    assert_eq!(h.read_object(&key).as_deref(), Some(&data[..]));
+}
+both!(attributes_go_with_the_object);
+
 // ---------------------------------------------------------------------------------------
 // S3 only
 
@@ -793,7 +876,11 @@ async fn s3_other_checksums_pass_through() {
     let key = h.key("crc.bin");
     let data = pattern(70_000, 71);
     let other = pattern(70_000, 72);
-    let upload_id = h.store.create_upload(&key, None).await.expect("create");
+    let upload_id = h
+        .store
+        .create_upload(&key, &ObjectAttributes::default())
+        .await
+        .expect("create");
     let digests = |d: &[u8]| {
         let mut hasher = s3s::checksum::ChecksumHasher {
             crc32: Some(s3s::crypto::Checksum::new()),
@@ -899,7 +986,7 @@ async fn s3_from_client_without_prefix() {
     );
     let data = pattern(10, 81);
     let upload_id = store
-        .create_upload(&key, Some("text/plain"))
+        .create_upload(&key, &ObjectAttributes::default())
         .await
         .expect("create");
     let etag = store
@@ -983,7 +1070,10 @@ async fn assert_all_unavailable(store: &S3Store, bound: Duration) {
         }};
     }
     check!("ping", store.ping());
-    check!("create_upload", store.create_upload(key, None));
+    check!(
+        "create_upload",
+        store.create_upload(key, &ObjectAttributes::default())
+    );
     check!("put_part", store.put_part(key, "u", 1, body(&data), None));
     check!("list_parts", store.list_parts(key, "u"));
     check!(
@@ -1005,7 +1095,11 @@ async fn s3_part_is_streamed_not_buffered() {
     let h = s3_harness().await;
     let server = h.s3().expect("s3");
     let key = h.key("streamed.bin");
-    let upload_id = h.store.create_upload(&key, None).await.expect("create");
+    let upload_id = h
+        .store
+        .create_upload(&key, &ObjectAttributes::default())
+        .await
+        .expect("create");
     let data = pattern(6 * MIB, 101);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {

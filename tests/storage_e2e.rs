@@ -12,7 +12,7 @@ use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use upgate::storage::ObjectStore;
+use upgate::storage::{ObjectAttributes, ObjectStore};
 use upgate_testkit::s3::S3Server;
 use upgate_testkit::RedisServer;
 
@@ -418,7 +418,7 @@ async fn unreachable_s3_is_unavailable_not_a_hang() {
         .await
         .expect("store");
     let started = Instant::now();
-    let r = store.create_upload("k", None).await;
+    let r = store.create_upload("k", &ObjectAttributes::default()).await;
     assert!(
         matches!(r, Err(upgate::storage::StorageError::Unavailable(_))),
         "{r:?}"
@@ -480,7 +480,9 @@ async fn presigned_parts_are_held_to_the_size_rule() {
     };
     let etag = gw
         .state
-        .storage
+        .storages
+        .for_tenant("a")
+        .store
         .put_part(&record.object_key, &upload_id, 1, big, None)
         .await
         .expect("put the oversized part");

@@ -26,10 +26,9 @@ pub(super) async fn register(
     let session_part_size = state.config.part_size_bytes();
     let part_size = part_size_for(session_part_size, req.size_bytes);
     let id = new_id();
+    let storage = &state.storages.for_tenant(&t.id).store;
     let file = FileRecord {
-        object_key: state
-            .storage
-            .object_key(&t.storage_prefix, &session_id, &id, &req.file_key),
+        object_key: storage.object_key(&t.storage_prefix, &session_id, &id, &req.file_key),
         id,
         session_id: session_id.clone(),
         file_key: req.file_key,
@@ -46,8 +45,11 @@ pub(super) async fn register(
         metadata: req.metadata,
     };
     tracing::Span::current().record("file_id", file.id.as_str());
-    if let Some(why) = crate::storage::object_key_problem(state.storage.kind(), &file.object_key) {
+    if let Some(why) = crate::storage::object_key_problem(storage.kind(), &file.object_key) {
         return Err(AppError::Validation(vec![FieldError::new("fileKey", why)]));
+    }
+    if let Some(why) = crate::storage::metadata_problem(storage.kind(), &file.metadata) {
+        return Err(AppError::Validation(vec![FieldError::new("metadata", why)]));
     }
     let gate = state.store.register_file(&t.id, &file, now).await?;
     let outcome = open_gate(gate, &t.id, now);

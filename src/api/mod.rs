@@ -16,7 +16,7 @@ use crate::config::{Config, TenantConfig};
 use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::model::{FileRecord, SessionRecord};
-use crate::storage::ObjectStore;
+use crate::storage::Storages;
 use crate::store::SessionStore;
 
 /// Everything a handler needs; cheap to clone.
@@ -26,8 +26,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Session state.
     pub store: Arc<dyn SessionStore>,
-    /// Bytes.
-    pub storage: Arc<dyn ObjectStore>,
+    /// Bytes: the gateway's storage and the tenants' own.
+    pub storages: Arc<Storages>,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     /// The upload protocol (every multi-step exchange between `store` and `storage`).

@@ -20,7 +20,9 @@ use futures_util::StreamExt;
 use md5::{Digest, Md5};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind};
+use super::{
+    ObjectAttributes, ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind,
+};
 use crate::model::PartRecord;
 
 /// Local-filesystem [`ObjectStore`].
@@ -166,10 +168,11 @@ impl ObjectStore for FsStore {
         format!("file://{}", self.object_path(key).display())
     }
 
+    /// The attributes are not kept: filesystem storage has no place for them (README).
     async fn create_upload(
         &self,
         key: &str,
-        _content_type: Option<&str>,
+        _attrs: &ObjectAttributes,
     ) -> Result<String, StorageError> {
         let id = nonce();
         let dir = self.upload_dir(&id)?;
@@ -180,6 +183,14 @@ impl ObjectStore for FsStore {
             .await
             .map_err(|e| io_err("create upload", e))?;
         Ok(id)
+    }
+
+    async fn replace_attributes(
+        &self,
+        _key: &str,
+        _attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        Err(StorageError::NotSupported)
     }
 
     async fn put_part(

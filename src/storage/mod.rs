@@ -8,10 +8,13 @@
 //! chunk by chunk, so memory stays bounded by the chunk size times the number of parts in
 //! flight and a slow storage write slows the client down (back-pressure).
 
+pub mod attributes;
 pub mod fs;
 pub mod s3;
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,6 +22,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 use crate::model::PartRecord;
+
+pub use attributes::{ObjectAttributes, ObjectSettings};
 
 /// An infrastructure failure of storage, or a storage answer the caller must act on.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +104,10 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// Largest object [`ObjectStore::replace_attributes`] is asked to rewrite: S3's CopyObject
+/// limit.
+pub const MAX_REWRITE_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+
 /// Longest object key S3 accepts, in bytes.
 pub const S3_MAX_KEY_BYTES: usize = 1024;
 /// Longest file or directory name most filesystems accept, in bytes.
@@ -124,6 +133,25 @@ pub fn object_key_problem(kind: StorageKind, key: &str) -> Option<String> {
             }),
         _ => None,
     }
+}
+
+/// Why a file's `metadata` cannot go with its object on this kind of storage, or `None`:
+/// S3 takes at most [`attributes::S3_MAX_METADATA_BYTES`] of user metadata. Checked at
+/// registration, like [`object_key_problem`].
+pub fn metadata_problem(
+    kind: StorageKind,
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Option<String> {
+    let len = match kind {
+        StorageKind::S3 => attributes::s3_metadata_len(metadata),
+        StorageKind::Filesystem => return None,
+    };
+    (len > attributes::S3_MAX_METADATA_BYTES).then(|| {
+        format!(
+            "stored as S3 user metadata it would be {len} bytes; S3 allows {}",
+            attributes::S3_MAX_METADATA_BYTES
+        )
+    })
 }
 
 /// Which implementation this is (drives `fileUrl` and feature support).
@@ -158,11 +186,22 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// `s3://<bucket>/<key>` or `file://<absolute path>`.
     fn file_url(&self, key: &str) -> String;
 
-    /// Starts a multipart upload; returns its id.
+    /// Starts a multipart upload of an object that will carry `attrs`; returns its id.
     async fn create_upload(
         &self,
         key: &str,
-        content_type: Option<&str>,
+        attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError>;
+
+    /// Gives a completed object `attrs` in place of the ones it was created with (the
+    /// Content-Type detected after completion); returns the object's new unquoted ETag.
+    /// [`StorageError::NotSupported`] where storage keeps no attributes. S3 rewrites the
+    /// object with CopyObject, which stops at 5 GiB ([`MAX_REWRITE_BYTES`]): callers do
+    /// not ask for larger objects.
+    async fn replace_attributes(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
     ) -> Result<String, StorageError>;
 
     /// Uploads (or replaces) one part by streaming `body`; returns the part's unquoted ETag.
@@ -217,9 +256,104 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StorageError>;
 }
 
+/// Where one tenant's objects go, and what they carry.
+#[derive(Clone)]
+pub struct TenantStorage {
+    /// The tenant's own storage, or the gateway's.
+    pub store: Arc<dyn ObjectStore>,
+    /// The tenant's `content_disposition`, `sse` and `storage_class`.
+    pub objects: ObjectSettings,
+}
+
+impl std::fmt::Debug for TenantStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantStorage")
+            .field("kind", &self.store.kind())
+            .field("objects", &self.objects)
+            .finish()
+    }
+}
+
+/// Every storage the gateway writes to: its own (`storage`) and the tenants' own
+/// (`[[tenants]] storage`), each tenant mapped to one. A tenant id the configuration does
+/// not name (a session left by a tenant since removed) maps to the gateway's storage.
+pub struct Storages {
+    default: TenantStorage,
+    tenants: HashMap<String, TenantStorage>,
+    distinct: Vec<(String, Arc<dyn ObjectStore>)>,
+}
+
+impl std::fmt::Debug for Storages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storages")
+            .field(
+                "distinct",
+                &self.distinct.iter().map(|(l, _)| l).collect::<Vec<_>>(),
+            )
+            .field("tenants", &self.tenants.len())
+            .finish()
+    }
+}
+
+impl Storages {
+    /// The gateway's storage, named `label` (its URL) in readiness logs; every tenant on it
+    /// with default object settings until [`Storages::tenant`] says otherwise.
+    pub fn new(label: impl Into<String>, store: Arc<dyn ObjectStore>) -> Self {
+        Storages {
+            default: TenantStorage {
+                store: store.clone(),
+                objects: ObjectSettings::default(),
+            },
+            tenants: HashMap::new(),
+            distinct: vec![(label.into(), store)],
+        }
+    }
+
+    /// Maps `tenant` to its own storage (`Some((label, store))`: a store already added is
+    /// recognised by its label and shared) or to the gateway's (`None`), with `objects`.
+    pub fn tenant(
+        mut self,
+        tenant: &str,
+        own: Option<(String, Arc<dyn ObjectStore>)>,
+        objects: ObjectSettings,
+    ) -> Self {
+        let store = match own {
+            None => self.default.store.clone(),
+            Some((label, store)) => match self.distinct.iter().find(|(l, _)| *l == label) {
+                Some((_, existing)) => existing.clone(),
+                None => {
+                    self.distinct.push((label, store.clone()));
+                    store
+                }
+            },
+        };
+        self.tenants
+            .insert(tenant.to_owned(), TenantStorage { store, objects });
+        self
+    }
+
+    /// The storage (already added under `label`) to share instead of building another.
+    pub fn find(&self, label: &str) -> Option<Arc<dyn ObjectStore>> {
+        self.distinct
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Where `tenant`'s objects go.
+    pub fn for_tenant(&self, tenant: &str) -> &TenantStorage {
+        self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+
+    /// Each distinct storage once, with its label (readiness checks every one).
+    pub fn distinct(&self) -> &[(String, Arc<dyn ObjectStore>)] {
+        &self.distinct
+    }
+}
+
 /// Any [`ObjectStore`], with each call's latency recorded in
 /// `upgate_backend_call_duration_seconds{backend="storage",op=...}`.
-pub struct Timed(pub std::sync::Arc<dyn ObjectStore>);
+pub struct Timed(pub Arc<dyn ObjectStore>);
 
 async fn timed<T>(op: &'static str, fut: impl std::future::Future<Output = T>) -> T {
     let started = std::time::Instant::now();
@@ -249,9 +383,16 @@ impl ObjectStore for Timed {
     async fn create_upload(
         &self,
         key: &str,
-        content_type: Option<&str>,
+        attrs: &ObjectAttributes,
     ) -> Result<String, StorageError> {
-        timed("create_upload", self.0.create_upload(key, content_type)).await
+        timed("create_upload", self.0.create_upload(key, attrs)).await
+    }
+    async fn replace_attributes(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        timed("replace_attributes", self.0.replace_attributes(key, attrs)).await
     }
     async fn put_part(
         &self,

@@ -32,13 +32,18 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, MetadataDirective, ServerSideEncryption, StorageClass,
+};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use http_body::{Frame, SizeHint};
 
-use super::{ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind};
+use super::attributes::{s3_metadata, Sse};
+use super::{
+    ObjectAttributes, ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind,
+};
 use crate::model::PartRecord;
 
 /// Timeouts of the S3 client.
@@ -228,6 +233,27 @@ impl S3Store {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+}
+
+/// Bytes of a key kept as they are in `x-amz-copy-source` (which is percent-encoded).
+const COPY_SOURCE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// `x-amz-server-side-encryption` and `x-amz-server-side-encryption-aws-kms-key-id`.
+fn sse_headers(sse: Option<&Sse>) -> (Option<ServerSideEncryption>, Option<String>) {
+    match sse {
+        None => (None, None),
+        Some(Sse::Aes256) => (Some(ServerSideEncryption::Aes256), None),
+        Some(Sse::Kms { key_id }) => (Some(ServerSideEncryption::AwsKms), key_id.clone()),
+    }
+}
+
+fn user_metadata(attrs: &ObjectAttributes) -> Option<std::collections::HashMap<String, String>> {
+    (!attrs.metadata.is_empty()).then(|| s3_metadata(&attrs.metadata).into_iter().collect())
 }
 
 fn unquote(etag: &str) -> String {
@@ -426,20 +452,72 @@ impl ObjectStore for S3Store {
     async fn create_upload(
         &self,
         key: &str,
-        content_type: Option<&str>,
+        attrs: &ObjectAttributes,
     ) -> Result<String, StorageError> {
+        let (sse, kms_key) = sse_headers(attrs.sse.as_ref());
         let out = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .set_content_type(content_type.map(str::to_owned))
+            .set_content_type(attrs.content_type.clone())
+            .set_content_disposition(attrs.content_disposition.clone())
+            .set_metadata(user_metadata(attrs))
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms_key)
+            .set_storage_class(attrs.storage_class.as_deref().map(StorageClass::from))
             .send()
             .await
             .map_err(|e| classify("CreateMultipartUpload", &e, None))?;
         out.upload_id
             .filter(|id| !id.is_empty())
             .ok_or_else(|| StorageError::unavailable("S3 CreateMultipartUpload: no upload id"))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, attrs), fields(bucket = %self.bucket))]
+    async fn replace_attributes(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        // CopyObject onto itself with REPLACE: S3 rewrites the object server-side (the bytes
+        // never pass through the gateway). The encryption and storage class are not copied,
+        // so they are sent again.
+        let (sse, kms_key) = sse_headers(attrs.sse.as_ref());
+        let source = format!(
+            "{}/{}",
+            self.bucket,
+            percent_encoding::utf8_percent_encode(key, COPY_SOURCE)
+        );
+        let out = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .copy_source(source)
+            .metadata_directive(MetadataDirective::Replace)
+            .set_content_type(attrs.content_type.clone())
+            .set_content_disposition(attrs.content_disposition.clone())
+            .set_metadata(user_metadata(attrs))
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms_key)
+            .set_storage_class(attrs.storage_class.as_deref().map(StorageClass::from))
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Config::builder().timeout_config(
+                    TimeoutConfig::builder()
+                        .operation_attempt_timeout(self.timeouts.complete)
+                        .operation_timeout(self.timeouts.complete)
+                        .build(),
+                ),
+            )
+            .send()
+            .await
+            .map_err(|e| classify("CopyObject", &e, None))?;
+        out.copy_object_result
+            .and_then(|r| r.e_tag)
+            .map(|e| unquote(&e))
+            .ok_or_else(|| StorageError::unavailable("S3 CopyObject: no ETag"))
     }
 
     #[tracing::instrument(level = "debug", skip(self, body, checksum), fields(bucket = %self.bucket, len = body.len))]

@@ -85,7 +85,7 @@ impl Uploads {
         }
         let at = now_ms().saturating_add(ms(self.timing.cleanup_retry));
         self.store.schedule_reap(tenant, session_id, at).await?;
-        let done = self.clean(queued).await;
+        let done = self.clean(tenant, queued).await;
         self.store.cleanup_done(tenant, session_id, &done).await?;
         if done.len() < queued.len() {
             tracing::warn!(
@@ -107,8 +107,8 @@ impl Uploads {
     /// Aborts each file's storage upload and deletes its object (a few at a time); returns
     /// the ids of the files storage confirmed clean. Both calls are idempotent, so a file
     /// cleaned twice (a retry after a lost confirmation) costs two calls, nothing else.
-    pub(super) async fn clean(&self, files: &[Cleanup]) -> Vec<String> {
-        let storage = self.storage.clone();
+    pub(super) async fn clean(&self, tenant: &str, files: &[Cleanup]) -> Vec<String> {
+        let storage = self.storage(tenant).clone();
         stream::iter(files.to_vec())
             .map(move |f| {
                 let storage = storage.clone();

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
+use super::finalize::SNIFF_BYTES;
 use super::{ms, open_gate, Uploads};
 use crate::error::AppError;
 use crate::model::{expected_part_len, now_ms, FileRecord, PartRecord};
-use crate::storage::{PartBody, StorageError};
+use crate::storage::{PartBody, StorageError, StorageKind, MAX_REWRITE_BYTES};
 use crate::store::{BeginComplete, SessionStore};
 
 /// Longest pause between two looks at a file another caller is completing.
@@ -320,8 +321,9 @@ impl Uploads {
                 return Err(error);
             }
         };
+        let etag = self.give_detected_type(&tenant, &file, etag).await;
         lease.finished();
-        let url = self.storage.file_url(&file.object_key);
+        let url = self.storage(&tenant).file_url(&file.object_key);
         // A failure here leaves the file `completing` until the lease runs out; the object
         // is whole, and the next complete finds it (`complete_in_storage`).
         let finished = self
@@ -333,6 +335,54 @@ impl Uploads {
             tracing::info!(file_url = %url, "file completed");
         }
         Ok(finished)
+    }
+
+    /// A completed file whose type was not declared gets the one its first bytes show
+    /// (`../shared/API.md` v1.1: declared, else detected, else `application/octet-stream`).
+    /// S3 takes attributes only when an object is written, so this rewrites the object's
+    /// attributes in place (one server-side CopyObject; no bytes pass through the gateway),
+    /// for objects up to CopyObject's 5 GiB; larger ones keep S3's
+    /// `application/octet-stream`. Returns the object's ETag, which the copy changes.
+    ///
+    /// Best effort: the object is whole either way, so a failure is logged and the
+    /// completion stands.
+    async fn give_detected_type(&self, tenant: &str, file: &FileRecord, etag: String) -> String {
+        let storage = self.storage(tenant);
+        if file.content_type.is_some()
+            || file.size_bytes == 0
+            || file.size_bytes > MAX_REWRITE_BYTES
+            || storage.kind() != StorageKind::S3
+        {
+            return etag;
+        }
+        let head = match storage.read_head(&file.object_key, SNIFF_BYTES).await {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the object's first bytes failed; its type stays application/octet-stream");
+                return etag;
+            }
+        };
+        let Some(detected) = infer::get(&head) else {
+            return etag;
+        };
+        let attrs = self.attributes(tenant, file, Some(detected.mime_type()));
+        match storage.replace_attributes(&file.object_key, &attrs).await {
+            Ok(new_etag) => {
+                tracing::debug!(
+                    content_type = detected.mime_type(),
+                    "object given its detected type"
+                );
+                new_etag
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, content_type = detected.mime_type(), "giving the object its detected type failed; it stays application/octet-stream");
+                // The copy may have happened with its answer lost: the ETag is storage's.
+                match storage.head_object(&file.object_key).await {
+                    Ok(Some(info)) => info.etag,
+                    _ => etag,
+                }
+            }
+        }
     }
 
     /// The storage side of completion, run by the one caller holding the lease.
@@ -356,7 +406,7 @@ impl Uploads {
                 len: 0,
             };
             let etag = self
-                .storage
+                .storage(tenant)
                 .put_part(&file.object_key, &upload_id, 1, body, None)
                 .await?;
             recorded.push(PartRecord {
@@ -366,10 +416,10 @@ impl Uploads {
             });
         }
         let parts = self
-            .parts_to_complete(file, &upload_id, client, recorded)
+            .parts_to_complete(tenant, file, &upload_id, client, recorded)
             .await?;
         match self
-            .storage
+            .storage(tenant)
             .complete_upload(&file.object_key, &upload_id, &parts)
             .await
         {
@@ -377,7 +427,7 @@ impl Uploads {
             // Storage already completed this upload (an earlier holder stopped before
             // recording it): the object there stands if it is this file's, by its size.
             Err(StorageError::NoSuchUpload) => {
-                match self.storage.head_object(&file.object_key).await? {
+                match self.storage(tenant).head_object(&file.object_key).await? {
                     Some(info) if info.size == file.size_bytes => Ok(info.etag),
                     Some(info) => {
                         tracing::warn!(
@@ -416,6 +466,7 @@ impl Uploads {
     /// `complete_upload`, which then finds the object or reports the upload aborted.
     async fn parts_to_complete(
         &self,
+        tenant: &str,
         file: &FileRecord,
         upload_id: &str,
         client: Option<Vec<crate::validate::ClientPart>>,
@@ -435,7 +486,11 @@ impl Uploads {
         let mut listed = BTreeMap::new();
         let mut upload_gone = false;
         if needs_listing {
-            match self.storage.list_parts(&file.object_key, upload_id).await {
+            match self
+                .storage(tenant)
+                .list_parts(&file.object_key, upload_id)
+                .await
+            {
                 Ok(parts) => listed = parts.into_iter().map(|p| (p.part_number, p)).collect(),
                 Err(StorageError::NoSuchUpload) => upload_gone = true,
                 Err(e) => return Err(e.into()),

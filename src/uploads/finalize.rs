@@ -10,7 +10,7 @@ use crate::model::{now_ms, FileStatus, SessionStatus};
 use crate::store::{Finalized, Page, SessionView, FILES_PAGE_MAX};
 
 /// Bytes read from each object at finalize for the magic-byte check.
-const SNIFF_BYTES: usize = 8192;
+pub(super) const SNIFF_BYTES: usize = 8192;
 /// Objects sniffed at once.
 const SNIFF_CONCURRENCY: usize = 8;
 /// Times finalize looks again when files were completed while it was checking. Each round
@@ -40,7 +40,7 @@ impl Uploads {
             if !incomplete.is_empty() {
                 return Err(AppError::FilesIncomplete(incomplete));
             }
-            let checked = self.check_contents(&view).await?;
+            let checked = self.check_contents(tenant, &view).await?;
             let now = now_ms();
             match open_gate(
                 self.store
@@ -104,7 +104,11 @@ impl Uploads {
     ///
     /// MIME types are advisory while uploading (a warning per mismatching part); this is the
     /// one place that enforces them.
-    async fn check_contents(&self, view: &SessionView) -> Result<Vec<String>, AppError> {
+    async fn check_contents(
+        &self,
+        tenant: &str,
+        view: &SessionView,
+    ) -> Result<Vec<String>, AppError> {
         let completed: Vec<_> = view
             .files
             .iter()
@@ -119,7 +123,7 @@ impl Uploads {
                     .map(|ct| (f.id.clone(), f.object_key.clone(), ct))
             })
             .collect();
-        let storage = self.storage.clone();
+        let storage = self.storage(tenant).clone();
         let checks = stream::iter(to_check)
             .map(move |(file_id, key, declared)| {
                 let storage = storage.clone();

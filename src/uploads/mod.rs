@@ -14,6 +14,8 @@
 //! | reap | [`reap`] | expired sessions' open uploads aborted, queued cleanups done, completions in flight waited for |
 //! | the expiry gate | [`open_gate`] | a store's gate becomes the contract's errors; the expiration event is logged once |
 //!
+//! Each tenant's storage calls go to its own storage ([`Storages`]).
+//!
 //! Everything here works on [`SessionStore`] and [`ObjectStore`] only, so it runs the same
 //! on memory, Redis and Redis Cluster, filesystem and S3.
 
@@ -28,7 +30,7 @@ use std::sync::Arc;
 use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::model::SessionRecord;
-use crate::storage::ObjectStore;
+use crate::storage::{ObjectStore, Storages, TenantStorage};
 use crate::store::{ExpiredInfo, Gate, SessionStore};
 
 pub use complete::Waiters;
@@ -36,7 +38,7 @@ pub use complete::Waiters;
 /// The upload protocol over one session store and one object store. Cheap to share.
 pub struct Uploads {
     store: Arc<dyn SessionStore>,
-    storage: Arc<dyn ObjectStore>,
+    storages: Arc<Storages>,
     metrics: Arc<Metrics>,
     waiters: Arc<Waiters>,
     timing: Timing,
@@ -78,20 +80,30 @@ impl std::fmt::Debug for Uploads {
 }
 
 impl Uploads {
-    /// The protocol over `store` and `storage`, counting into `metrics`.
+    /// The protocol over `store` and `storages`, counting into `metrics`.
     pub fn new(
         store: Arc<dyn SessionStore>,
-        storage: Arc<dyn ObjectStore>,
+        storages: Arc<Storages>,
         metrics: Arc<Metrics>,
         timing: Timing,
     ) -> Self {
         Uploads {
             store,
-            storage,
+            storages,
             metrics,
             waiters: Arc::default(),
             timing,
         }
+    }
+
+    /// Where `tenant`'s objects go.
+    fn tenant_storage(&self, tenant: &str) -> &TenantStorage {
+        self.storages.for_tenant(tenant)
+    }
+
+    /// `tenant`'s object store.
+    fn storage(&self, tenant: &str) -> &Arc<dyn ObjectStore> {
+        &self.storages.for_tenant(tenant).store
     }
 
     /// Files with completes waiting on this replica right now.

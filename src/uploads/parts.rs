@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::{open_gate, Uploads};
 use crate::error::AppError;
 use crate::model::{expected_part_len, now_ms, FileRecord, FileStatus, PartRecord};
-use crate::storage::{PartBody, PartChecksum, StorageKind};
+use crate::storage::{ObjectAttributes, PartBody, PartChecksum, StorageKind};
 use crate::store::{Gate, UploadIdSet};
 
 /// Validity of presigned part URLs.
@@ -49,9 +49,10 @@ impl Uploads {
         if let Some(id) = &file.upload_id {
             return Ok(id.clone());
         }
+        let attrs = self.attributes(tenant, file, file.content_type.as_deref());
         let created = self
-            .storage
-            .create_upload(&file.object_key, file.content_type.as_deref())
+            .storage(tenant)
+            .create_upload(&file.object_key, &attrs)
             .await?;
         let now = now_ms();
         let stored = self
@@ -66,7 +67,11 @@ impl Uploads {
         // lifecycle rule removes it (deploy/OPERATIONS.md).
         let kept_or_unknown = matches!(stored, Ok(Gate::Ok(UploadIdSet::Stored)) | Err(_));
         if !kept_or_unknown {
-            if let Err(e) = self.storage.abort_upload(&file.object_key, &created).await {
+            if let Err(e) = self
+                .storage(tenant)
+                .abort_upload(&file.object_key, &created)
+                .await
+            {
                 tracing::warn!(error = %e, "aborting a surplus storage upload failed");
             }
         }
@@ -75,6 +80,24 @@ impl Uploads {
             UploadIdSet::Existing(id) => Ok(id),
             UploadIdSet::FileNotOpen(f) => Err(file_not_open(&f)),
         }
+    }
+
+    /// What `file`'s object carries (`../shared/API.md` v1.1, "Deployments"): the type
+    /// (`content_type`: declared, or detected after completion), the tenant's
+    /// Content-Disposition for the file's name, the file's metadata, the tenant's
+    /// encryption and storage class.
+    pub(super) fn attributes(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        content_type: Option<&str>,
+    ) -> ObjectAttributes {
+        ObjectAttributes::new(
+            &self.tenant_storage(tenant).objects,
+            &file.file_name,
+            content_type,
+            &file.metadata,
+        )
     }
 
     /// Uploads one part through the gateway: the file must be `registered`, the part number
@@ -123,7 +146,7 @@ impl Uploads {
             None
         };
         let etag = self
-            .storage
+            .storage(tenant)
             .put_part(
                 &file.object_key,
                 &upload_id,
@@ -196,7 +219,7 @@ impl Uploads {
         body: &serde_json::Value,
     ) -> Result<Presigned, AppError> {
         let file = self.active_file(tenant, session_id, file_id).await?;
-        if self.storage.kind() != StorageKind::S3 {
+        if self.storage(tenant).kind() != StorageKind::S3 {
             return Err(AppError::NotSupported);
         }
         if file.status != FileStatus::Registered {
@@ -211,7 +234,7 @@ impl Uploads {
                     AppError::Internal(format!("part {n} out of range after validation"))
                 })?;
             let url = self
-                .storage
+                .storage(tenant)
                 .presign_part(&file.object_key, &upload_id, n, len, PRESIGN_TTL)
                 .await?;
             parts.push((n, url));

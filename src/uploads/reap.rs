@@ -92,9 +92,9 @@ impl Uploads {
             self.metrics.sessions_expired.inc();
         }
         let open: Vec<Cleanup> = r.open_uploads.iter().map(Cleanup::from).collect();
-        let aborted = self.clean(&open).await;
+        let aborted = self.clean(tenant, &open).await;
         self.metrics.uploads_reaped.inc_by(aborted.len() as u64);
-        let cleaned = self.clean(&r.cleanup).await;
+        let cleaned = self.clean(tenant, &r.cleanup).await;
         self.store
             .cleanup_done(tenant, session_id, &cleaned)
             .await?;

@@ -140,10 +140,7 @@ impl RedisCluster {
                 ])
             })
             .collect();
-        let cli = std::env::var_os("REDIS_CLI")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("redis-cli"));
-        let status = Command::new(cli)
+        let status = redis_cli()
             .arg("--cluster")
             .arg("create")
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())))
@@ -154,38 +151,48 @@ impl RedisCluster {
             .expect("run redis-cli --cluster create");
         assert!(status.success(), "redis-cli --cluster create failed");
         let cluster = RedisCluster { nodes };
-        cluster.wait_ok();
+        wait_cluster_ok(cluster.nodes.iter().map(RedisServer::port));
         cluster
-    }
-
-    fn wait_ok(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for node in &self.nodes {
-            loop {
-                let mut ok = false;
-                if let Ok(mut s) = TcpStream::connect(("127.0.0.1", node.port())) {
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                    if s.write_all(b"CLUSTER INFO\r\n").is_ok() {
-                        let mut buf = vec![0u8; 4096];
-                        if let Ok(n) = s.read(&mut buf) {
-                            ok = String::from_utf8_lossy(&buf[..n]).contains("cluster_state:ok");
-                        }
-                    }
-                }
-                if ok {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "redis cluster did not reach cluster_state:ok"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
     }
 
     /// `redis://127.0.0.1:<port>` of every node.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// `redis-cli`: `REDIS_CLI`, else from `PATH`.
+pub(crate) fn redis_cli() -> Command {
+    Command::new(
+        std::env::var_os("REDIS_CLI")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("redis-cli")),
+    )
+}
+
+/// Waits until every node (by its plain port) reports `cluster_state:ok`.
+pub(crate) fn wait_cluster_ok(ports: impl IntoIterator<Item = u16>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for port in ports {
+        loop {
+            let mut ok = false;
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                if s.write_all(b"CLUSTER INFO\r\n").is_ok() {
+                    let mut buf = vec![0u8; 4096];
+                    if let Ok(n) = s.read(&mut buf) {
+                        ok = String::from_utf8_lossy(&buf[..n]).contains("cluster_state:ok");
+                    }
+                }
+            }
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis cluster did not reach cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

@@ -20,7 +20,12 @@
 //!   upload before checking);
 //! * UploadPart verifies `Content-MD5` and `x-amz-checksum-{crc32,crc32c,sha1,sha256}`
 //!   (`BadDigest`), which s3s-fs does not;
-//! * ListMultipartUploads (not implemented by s3s-fs) lists the open uploads.
+//! * ListMultipartUploads (not implemented by s3s-fs) lists the open uploads;
+//! * server-side encryption (`x-amz-server-side-encryption`, its KMS key id) and the storage
+//!   class given to CreateMultipartUpload, or to CopyObject with `REPLACE`, are remembered
+//!   per object and reported by HeadObject, as S3 reports them (s3s-fs drops them). No
+//!   object is encrypted and no class changes where bytes are kept: the server reports
+//!   what it was asked for.
 //!
 //! Each server runs on a dedicated thread with its own Tokio runtime, so it outlives the
 //! runtime of any one `#[tokio::test]` and can be shared; it stops when dropped.
@@ -85,6 +90,7 @@ impl S3Server {
             inner: fs,
             root: root.clone(),
             uploads: Mutex::new(BTreeMap::new()),
+            stored: Mutex::new(BTreeMap::new()),
         };
         let service = {
             let mut b = s3s::service::S3ServiceBuilder::new(compat);
@@ -272,6 +278,15 @@ struct OpenUpload {
     bucket: String,
     key: String,
     initiated: SystemTime,
+    kept: Kept,
+}
+
+/// What S3 keeps of an object that s3s-fs does not: encryption and storage class.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Kept {
+    sse: Option<ServerSideEncryption>,
+    kms_key_id: Option<String>,
+    storage_class: Option<StorageClass>,
 }
 
 #[derive(Debug, Clone)]
@@ -288,6 +303,8 @@ pub struct CompatFs {
     inner: s3s_fs::FileSystem,
     root: PathBuf,
     uploads: Mutex<BTreeMap<String, OpenUpload>>,
+    /// (bucket, key) → what S3 would report for the object.
+    stored: Mutex<BTreeMap<(String, String), Kept>>,
 }
 
 impl CompatFs {
@@ -310,11 +327,20 @@ impl CompatFs {
         }
     }
 
-    fn forget(&self, upload_id: &str) {
+    fn forget(&self, upload_id: &str) -> Option<OpenUpload> {
         self.uploads
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(upload_id);
+            .remove(upload_id)
+    }
+
+    fn keep(&self, bucket: String, key: String, kept: Kept) {
+        let mut stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept == Kept::default() {
+            stored.remove(&(bucket, key));
+        } else {
+            stored.insert((bucket, key), kept);
+        }
     }
 
     /// The parts on disk of an upload, sorted, with their MD5 ETags.
@@ -407,14 +433,32 @@ impl S3 for CompatFs {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
-        self.inner.head_object(req).await
+        let at = (req.input.bucket.clone(), req.input.key.clone());
+        let mut resp = self.inner.head_object(req).await?;
+        let kept = self
+            .stored
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&at)
+            .cloned()
+            .unwrap_or_default();
+        resp.output.server_side_encryption = kept.sse;
+        resp.output.ssekms_key_id = kept.kms_key_id;
+        resp.output.storage_class = kept.storage_class;
+        Ok(resp)
     }
 
     async fn delete_object(
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
-        self.inner.delete_object(req).await
+        let at = (req.input.bucket.clone(), req.input.key.clone());
+        let resp = self.inner.delete_object(req).await?;
+        self.stored
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&at);
+        Ok(resp)
     }
 
     async fn delete_objects(
@@ -442,7 +486,16 @@ impl S3 for CompatFs {
         &self,
         req: S3Request<CopyObjectInput>,
     ) -> S3Result<S3Response<CopyObjectOutput>> {
-        self.inner.copy_object(req).await
+        // S3 does not carry encryption or storage class over: a copy has what it asks for.
+        let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
+        let kept = Kept {
+            sse: req.input.server_side_encryption.clone(),
+            kms_key_id: req.input.ssekms_key_id.clone(),
+            storage_class: req.input.storage_class.clone(),
+        };
+        let resp = self.inner.copy_object(req).await?;
+        self.keep(bucket, key, kept);
+        Ok(resp)
     }
 
     async fn create_multipart_upload(
@@ -454,6 +507,11 @@ impl S3 for CompatFs {
         if !self.root.join(&bucket).is_dir() {
             return Err(s3_error!(NoSuchBucket));
         }
+        let kept = Kept {
+            sse: req.input.server_side_encryption.clone(),
+            kms_key_id: req.input.ssekms_key_id.clone(),
+            storage_class: req.input.storage_class.clone(),
+        };
         let resp = self.inner.create_multipart_upload(req).await?;
         if let Some(id) = &resp.output.upload_id {
             self.uploads
@@ -465,6 +523,7 @@ impl S3 for CompatFs {
                         bucket,
                         key,
                         initiated: SystemTime::now(),
+                        kept,
                     },
                 );
         }
@@ -657,7 +716,9 @@ impl S3 for CompatFs {
             )
             .await;
         }
-        self.forget(&upload_id);
+        if let Some(done) = self.forget(&upload_id) {
+            self.keep(done.bucket, done.key, done.kept);
+        }
         Ok(resp)
     }
 

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use upgate::config::Config;
 use upgate::model::PartRecord;
-use upgate::storage::{ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind};
+use upgate::storage::{
+    ObjectAttributes, ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind,
+};
 use upgate::store::SessionStore;
 
 pub const KEY_A: &str = "key-tenant-a";
@@ -128,8 +130,19 @@ impl ObjectStore for CountingStorage {
     fn file_url(&self, key: &str) -> String {
         self.inner.file_url(key)
     }
-    async fn create_upload(&self, key: &str, ct: Option<&str>) -> Result<String, StorageError> {
-        self.inner.create_upload(key, ct).await
+    async fn create_upload(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        self.inner.create_upload(key, attrs).await
+    }
+    async fn replace_attributes(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        self.inner.replace_attributes(key, attrs).await
     }
     async fn put_part(
         &self,
@@ -273,7 +286,7 @@ impl TestGateway {
 
     /// Serves a gateway the test assembled itself (storage under `dir`).
     pub async fn from_gateway(gw: upgate::Gateway, dir: tempfile::TempDir) -> TestGateway {
-        let counting = CountingStorage::new(gw.state().storage.clone());
+        let counting = CountingStorage::new(gw.state().storages.distinct()[0].1.clone());
         let path = dir.path().to_owned();
         Self::serve(gw, counting, path, Some(dir)).await
     }
