@@ -733,14 +733,23 @@ impl Check {
         if config.rate_limit_bypass && environment == Environment::Production {
             self.err("RATE_LIMIT_BYPASS is enabled with environment = \"production\": refusing to run without rate limits in production".into());
         }
-        if matches!(config.storage, StorageTarget::S3 { .. })
+        let any_s3 = matches!(config.storage, StorageTarget::S3 { .. })
+            || config.tenants.iter().any(|t| {
+                t.storage.as_ref().is_some_and(|s| {
+                    matches!(s.target, StorageTarget::S3 { .. }) && s.endpoint.is_none()
+                })
+            });
+        if any_s3
             && config
                 .s3
                 .endpoint
                 .as_deref()
-                .is_some_and(|e| !e.starts_with("http"))
+                .is_some_and(|e| !is_http_url(e))
         {
-            self.err("s3.endpoint (UPGATE_S3_ENDPOINT): must be an http:// or https:// URL".into());
+            self.err(
+                "s3.endpoint (UPGATE_S3_ENDPOINT): must be an http:// or https:// URL with a host"
+                    .into(),
+            );
         }
         let dev_only =
             config.tenants.len() == 1 && config.tenants[0].id == DEV_TENANT_ID && embedded;
@@ -969,15 +978,43 @@ impl Check {
     /// Rules between tenants and their storage: two tenants on one storage have different
     /// prefixes; `sse` and `storage_class` need S3 storage.
     fn tenants_storage(&mut self, config: &Config) {
-        let mut prefixes = HashSet::new();
+        // (where, full key prefix) of each tenant: no tenant's keys may start inside
+        // another's on the same bucket or directory.
+        let mut places: Vec<(String, String, &str)> = Vec::new();
         for t in &config.tenants {
             let label = config.tenant_storage_label(t);
-            if !prefixes.insert((label.clone(), t.storage_prefix.clone())) {
-                self.err(format!(
-                    "storage_prefix {:?} is shared by two tenants on {label}",
-                    t.storage_prefix
-                ));
+            let (target, endpoint) = match &t.storage {
+                Some(own) => (
+                    &own.target,
+                    own.endpoint.as_deref().or(config.s3.endpoint.as_deref()),
+                ),
+                None => (&config.storage, config.s3.endpoint.as_deref()),
+            };
+            let (place, full) = match target {
+                StorageTarget::Filesystem(dir) => (
+                    format!("file://{}", dir.display()),
+                    t.storage_prefix.clone(),
+                ),
+                StorageTarget::S3 { bucket, prefix } => (
+                    format!("s3://{bucket} at {}", endpoint.unwrap_or("AWS")),
+                    if prefix.is_empty() {
+                        t.storage_prefix.clone()
+                    } else {
+                        format!("{prefix}/{}", t.storage_prefix)
+                    },
+                ),
+            };
+            for (other_place, other_full, other_id) in &places {
+                if *other_place == place
+                    && (full.starts_with(other_full.as_str()) || other_full.starts_with(&full))
+                {
+                    self.err(format!(
+                        "storage_prefix {:?} is shared by two tenants on {label}: the keys of {:?} and {other_id:?} would overlap",
+                        t.storage_prefix, t.id
+                    ));
+                }
             }
+            places.push((place, full, t.id.as_str()));
             let target = t.storage.as_ref().map_or(&config.storage, |s| &s.target);
             let s3 = matches!(target, StorageTarget::S3 { .. });
             if !s3 && (t.objects.sse.is_some() || t.objects.storage_class.is_some()) {
@@ -1028,11 +1065,25 @@ impl Check {
                 "{name} ({id}): storage_endpoint and storage_region apply to s3:// storage only"
             ));
         }
-        if endpoint.as_deref().is_some_and(|e| !e.starts_with("http")) {
-            self.err(format!(
-                "{}: must be an http:// or https:// URL",
-                field("storage_endpoint")
-            ));
+        if let Some(e) = &endpoint {
+            if !is_http_url(e) {
+                self.err(format!(
+                    "{}: {e:?} must be an http:// or https:// URL with a host",
+                    field("storage_endpoint")
+                ));
+            }
+        }
+        if let Some(r) = &region {
+            if r.len() > 64
+                || !r
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                self.err(format!(
+                    "{}: {r:?} is not a region name (lower-case letters, digits and -)",
+                    field("storage_region")
+                ));
+            }
         }
         Some(TenantStorageConfig {
             target,
@@ -1068,6 +1119,16 @@ impl Check {
         let kms_key = self
             .opt(kms_key, &field("sse_kms_key_id"))
             .filter(|k| !k.is_empty());
+        if let Some(k) = &kms_key {
+            // Key ids, aliases and ARNs: letters, digits and `-_/:.`.
+            let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_/:.".contains(&b);
+            if k.len() > 2048 || !k.bytes().all(plain) {
+                self.err(format!(
+                    "{}: expected a KMS key id, alias or ARN (letters, digits and - _ / : .)",
+                    field("sse_kms_key_id")
+                ));
+            }
+        }
         let sse = match self.opt(sse, &field("sse")).as_deref() {
             None | Some("") => None,
             Some("AES256") => Some(Sse::Aes256),
@@ -1092,12 +1153,11 @@ impl Check {
             .opt(storage_class, &field("storage_class"))
             .filter(|c| !c.is_empty());
         if let Some(class) = &storage_class {
-            let known = aws_sdk_s3::types::StorageClass::values();
-            if !known.contains(&class.as_str()) {
+            if !READABLE_STORAGE_CLASSES.contains(&class.as_str()) {
                 self.err(format!(
-                    "{}: {class:?} is not an S3 storage class ({})",
+                    "{}: {class:?} is not one of {} (archive classes cannot be read back for finalize's content check, and the others need special buckets)",
                     field("storage_class"),
-                    known.join(", ")
+                    READABLE_STORAGE_CLASSES.join(", ")
                 ));
             }
         }
@@ -1166,6 +1226,24 @@ fn dev_tenant(max_metadata_bytes: u64) -> TenantConfig {
         storage: None,
         objects: ObjectSettings::default(),
     }
+}
+
+/// S3 storage classes a tenant may choose: the ones whose objects can be read at once from
+/// an ordinary bucket (finalize reads every completed object's first bytes).
+pub const READABLE_STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "REDUCED_REDUNDANCY",
+];
+
+/// `http://host...` or `https://host...`.
+fn is_http_url(s: &str) -> bool {
+    s.parse::<http::Uri>().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+    })
 }
 
 fn parse_storage(raw: &str) -> Result<StorageTarget, String> {

@@ -108,7 +108,8 @@ impl Gateway {
         Gateway::with_storages(config, store, storages)
     }
 
-    /// A gateway over `store` and `storages` (see [`build_storages`]).
+    /// A gateway over `store` and `storages` (see [`build_storages`]; stores wrapped in
+    /// [`storage::Timed`] have their calls' latency in the metrics).
     pub fn with_storages(
         config: Config,
         store: Arc<dyn SessionStore>,
@@ -262,6 +263,7 @@ pub async fn build_storage(config: &Config) -> Result<Arc<dyn ObjectStore>, Star
         config.s3.endpoint.as_deref(),
         &config.s3.region,
         config,
+        &mut None,
     )
     .await
 }
@@ -270,8 +272,17 @@ pub async fn build_storage(config: &Config) -> Result<Arc<dyn ObjectStore>, Star
 /// whose storage settings are equal share one client), each call timed.
 pub async fn build_storages(config: &Config) -> Result<storage::Storages, StartError> {
     let timed = |s: Arc<dyn ObjectStore>| -> Arc<dyn ObjectStore> { Arc::new(storage::Timed(s)) };
-    let mut storages =
-        storage::Storages::new(config.storage_label(), timed(build_storage(config).await?));
+    // One AWS configuration (one credential cache) for every S3 client.
+    let mut sdk = None;
+    let gateway = open_storage(
+        &config.storage,
+        config.s3.endpoint.as_deref(),
+        &config.s3.region,
+        config,
+        &mut sdk,
+    )
+    .await?;
+    let mut storages = storage::Storages::new(config.storage_label(), timed(gateway));
     for t in &config.tenants {
         let own = match &t.storage {
             None => None,
@@ -285,6 +296,7 @@ pub async fn build_storages(config: &Config) -> Result<storage::Storages, StartE
                             own.endpoint.as_deref().or(config.s3.endpoint.as_deref()),
                             own.region.as_deref().unwrap_or(&config.s3.region),
                             config,
+                            &mut sdk,
                         )
                         .await?,
                     ),
@@ -297,11 +309,14 @@ pub async fn build_storages(config: &Config) -> Result<storage::Storages, StartE
     Ok(storages)
 }
 
+/// The store `target` names; S3 clients share `sdk` (the AWS configuration, loaded from the
+/// standard chain by the first one).
 async fn open_storage(
     target: &StorageTarget,
     endpoint: Option<&str>,
     region: &str,
     config: &Config,
+    sdk: &mut Option<aws_config::SdkConfig>,
 ) -> Result<Arc<dyn ObjectStore>, StartError> {
     match target {
         StorageTarget::Filesystem(dir) => Ok(Arc::new(
@@ -315,9 +330,14 @@ async fn open_storage(
             settings.endpoint = endpoint.map(str::to_owned);
             settings.region = region.to_owned();
             settings.force_path_style = config.s3.force_path_style;
-            let s3 = storage::s3::S3Store::new(settings)
-                .await
-                .map_err(|e| StartError::Backend(e.to_string()))?;
+            if sdk.is_none() {
+                *sdk = Some(storage::s3::S3Store::load_sdk_config(region).await);
+            }
+            let s3 = match sdk {
+                Some(sdk) => storage::s3::S3Store::with_sdk_config(sdk, settings),
+                None => storage::s3::S3Store::new(settings).await,
+            }
+            .map_err(|e| StartError::Backend(e.to_string()))?;
             Ok(Arc::new(s3))
         }
     }

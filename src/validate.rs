@@ -41,7 +41,8 @@ pub fn file_key_problem(key: &str) -> Option<&'static str> {
 
 /// True when `s` looks like `type/subtype` (parameters allowed).
 fn is_media_type(s: &str) -> bool {
-    s.parse::<mime::Mime>().is_ok() && !s.chars().any(char::is_control)
+    // ASCII only: it becomes the object's Content-Type header.
+    s.is_ascii() && s.parse::<mime::Mime>().is_ok() && !s.chars().any(char::is_control)
 }
 
 /// `POST /v1/sessions`.

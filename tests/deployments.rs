@@ -145,6 +145,50 @@ async fn each_tenant_uses_its_own_bucket() {
         );
         assert_eq!(object(&s3, other, &object_key).await, None);
 
+        // DELETE of one completed file removes its object from the tenant's bucket.
+        let doomed = upload(
+            &gw,
+            key,
+            &session,
+            json!({"fileName": "doomed.txt", "sizeBytes": 4}),
+            b"gone",
+        )
+        .await;
+        let (_, doomed_key) = location(doomed["fileUrl"].as_str().expect("fileUrl"));
+        assert!(object(&s3, bucket, &doomed_key).await.is_some());
+        let res = gw
+            .req(
+                Method::DELETE,
+                &format!(
+                    "/v1/sessions/{session}/files/{}",
+                    doomed["fileId"].as_str().expect("id")
+                ),
+                key,
+            )
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(res.status(), 204);
+        assert_eq!(object(&s3, bucket, &doomed_key).await, None);
+
+        // Finalize reads the first bytes of typed files from the tenant's bucket: a PDF
+        // declared as PNG is refused there.
+        let finalize_session = gw.session_id(key, json!({})).await;
+        upload(
+            &gw,
+            key,
+            &finalize_session,
+            json!({"fileName": "x.png", "sizeBytes": 8, "contentType": "image/png"}),
+            b"%PDF-1.7",
+        )
+        .await;
+        problem(
+            gw.finalize(key, &finalize_session).await,
+            415,
+            "contentTypeMismatch",
+        )
+        .await;
+
         // Presigned URLs point at the tenant's bucket, and a part PUT there is taken.
         let presigned_file = gw.register_id(key, &session, "presigned.bin", 10).await;
         let res = gw
@@ -205,6 +249,43 @@ async fn each_tenant_uses_its_own_bucket() {
             "the reaper aborted both tenants' uploads"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+}
+
+/// A tenant whose storage is another S3 endpoint (`storage_endpoint`) and region: its
+/// objects land there, the gateway's own tenant stays on the gateway's server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_on_another_endpoint() {
+    let s3 = S3Server::start("bucket-a");
+    let elsewhere = S3Server::start("far-bucket");
+    let cfg = s3_config(
+        &s3,
+        "",
+        "",
+        &format!(
+            "storage = \"s3://far-bucket/far\"\nstorage_endpoint = \"{}\"\nstorage_region = \"eu-west-1\"",
+            elsewhere.endpoint()
+        ),
+    );
+    let gw = start(cfg).await;
+    assert_eq!(gw.readyz().await, 200);
+    for (key, server, bucket) in [(KEY_A, &s3, "bucket-a"), (KEY_B, &elsewhere, "far-bucket")] {
+        let session = gw.session_id(key, json!({})).await;
+        let done = upload(
+            &gw,
+            key,
+            &session,
+            json!({"fileName": "f.txt", "sizeBytes": 5}),
+            b"there",
+        )
+        .await;
+        let (at, object_key) = location(done["fileUrl"].as_str().expect("fileUrl"));
+        assert_eq!(at, bucket);
+        assert_eq!(
+            object(server, bucket, &object_key).await.as_deref(),
+            Some(&b"there"[..])
+        );
     }
     gw.stop().await;
 }
@@ -327,17 +408,29 @@ async fn completed_objects_carry_their_attributes() {
     // No declared type: the first bytes decide (a PNG), and the bytes stay as sent.
     let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
     png.extend((0..5000u32).map(|i| (i % 256) as u8));
+    // A fileKey with characters `x-amz-copy-source` must percent-encode.
     let done = upload(
         &gw,
         KEY_A,
         &session,
-        json!({"fileName": "picture", "sizeBytes": png.len()}),
+        json!({"fileName": "picture", "fileKey": "dir/a b+c%d?é=&.png", "sizeBytes": png.len()}),
         &png,
     )
     .await;
     let url = done["fileUrl"].as_str().expect("url");
     let h = head(&s3, url).await;
     assert_eq!(h.content_type(), Some("image/png"));
+    // The copy's ETag, not the multipart upload's `<md5>-1`.
+    let etag = done["etag"].as_str().expect("etag");
+    assert!(!etag.contains('-'), "{etag}");
+    assert_eq!(
+        h.server_side_encryption(),
+        Some(&aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+    );
+    assert_eq!(
+        h.ssekms_key_id(),
+        Some("arn:aws:kms:us-east-1:111122223333:key/test")
+    );
     // The rewrite keeps the other attributes and reports its own ETag.
     assert_eq!(
         h.content_disposition(),
@@ -390,15 +483,21 @@ async fn completed_objects_carry_their_attributes() {
     assert_eq!(h.storage_class(), None);
 
     // Metadata S3 could not take is refused at registration, naming the field.
-    let res = gw
-        .register(
-            KEY_A,
-            &session,
-            json!({"fileName": "big", "sizeBytes": 1, "metadata": {"k": "v".repeat(3000)}}),
-        )
-        .await;
-    let p = problem(res, 400, "validationFailed").await;
-    assert!(p.to_string().contains("metadata"), "{p}");
+    for metadata in [
+        json!({"k": "v".repeat(3000)}),
+        json!({"": "empty key"}),
+        json!({"Owner": "a", "owner": "b"}),
+    ] {
+        let res = gw
+            .register(
+                KEY_A,
+                &session,
+                json!({"fileName": "m", "sizeBytes": 1, "metadata": metadata}),
+            )
+            .await;
+        let p = problem(res, 400, "validationFailed").await;
+        assert_eq!(p["errors"][0]["field"], "metadata", "{p}");
+    }
     gw.stop().await;
 }
 
@@ -408,12 +507,16 @@ fn bad_tenant_storage_settings_are_reported_together() {
     let toml = config_toml("")
         .replace(
             "id = \"a\"",
-            "id = \"a\"\nstorage = \"s3://Bad_Bucket\"\nsse = \"des\"\nstorage_class = \"COLD\"\ncontent_disposition = \"download\"",
+            "id = \"a\"\nstorage = \"s3://Bad_Bucket\"\nsse = \"des\"\nstorage_class = \"GLACIER\"\ncontent_disposition = \"download\"",
         )
         .replace(
             "id = \"b\"",
             "id = \"b\"\nstorage_endpoint = \"ftp://x\"\nsse_kms_key_id = \"k\"\nsse = \"AES256\"",
         );
+    let toml = format!(
+        "{toml}\n[[tenants]]\nid = \"c\"\napi_keys_sha256 = [\"{}\"]\nstorage = \"s3://c-bucket\"\nstorage_endpoint = \"https://\"\nstorage_region = \"EU West\"\nsse = \"aws:kms\"\nsse_kms_key_id = \"key with spaces\"\n",
+        "0".repeat(64)
+    );
     let err = upgate::config::Config::from_toml(&toml, |_| None, false)
         .expect_err("refused")
         .to_string();
@@ -425,7 +528,34 @@ fn bad_tenant_storage_settings_are_reported_together() {
         "storage_endpoint and storage_region need the tenant's own storage",
         "tenants[1].sse_kms_key_id: needs sse = \"aws:kms\"",
         "sse and storage_class apply to S3 storage only",
+        "storage_endpoint: \"https://\" must be an http:// or https:// URL with a host",
+        "storage_region: \"EU West\" is not a region name",
+        "sse_kms_key_id: expected a KMS key id, alias or ARN",
     ] {
         assert!(err.contains(needle), "{needle:?} missing in:\n{err}");
     }
+}
+
+/// Two tenants whose keys would overlap in one bucket are refused, whichever way the
+/// bucket's prefix and the tenant's are split.
+#[test]
+fn overlapping_tenant_prefixes_in_one_bucket_are_refused() {
+    let toml = config_toml("storage = \"s3://shared/t\"")
+        .replace("id = \"a\"", "id = \"a\"\nstorage_prefix = \"x/\"")
+        .replace(
+            "id = \"b\"",
+            "id = \"b\"\nstorage = \"s3://shared\"\nstorage_prefix = \"t/x/\"",
+        );
+    let err = upgate::config::Config::from_toml(&toml, |_| None, false)
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("would overlap"), "{err}");
+    // On two buckets the same prefix is fine.
+    let toml = config_toml("storage = \"s3://one\"")
+        .replace("id = \"a\"", "id = \"a\"\nstorage_prefix = \"p/\"")
+        .replace(
+            "id = \"b\"",
+            "id = \"b\"\nstorage = \"s3://two\"\nstorage_prefix = \"p/\"",
+        );
+    upgate::config::Config::from_toml(&toml, |_| None, false).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -985,10 +985,11 @@ async fn s3_from_client_without_prefix() {
         format!("s3://{BUCKET}/acme/session-1/file-1/a.txt")
     );
     let data = pattern(10, 81);
-    let upload_id = store
-        .create_upload(&key, &ObjectAttributes::default())
-        .await
-        .expect("create");
+    let attrs = ObjectAttributes {
+        content_type: Some("text/plain".into()),
+        ..ObjectAttributes::default()
+    };
+    let upload_id = store.create_upload(&key, &attrs).await.expect("create");
     let etag = store
         .put_part(&key, &upload_id, 1, body(&data), None)
         .await

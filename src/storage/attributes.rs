@@ -116,7 +116,8 @@ pub fn content_disposition(disposition: Disposition, file_name: &str) -> String 
         Disposition::Attachment => "attachment",
         Disposition::Inline => "inline",
     };
-    // Browsers take only the last path segment; so does the fallback.
+    // Path separators and quoting characters become `_` in the fallback; `filename*` keeps
+    // them, percent-encoded.
     let fallback: String = file_name
         .chars()
         .map(|c| match c {

@@ -136,16 +136,30 @@ pub fn object_key_problem(kind: StorageKind, key: &str) -> Option<String> {
 }
 
 /// Why a file's `metadata` cannot go with its object on this kind of storage, or `None`:
-/// S3 takes at most [`attributes::S3_MAX_METADATA_BYTES`] of user metadata. Checked at
-/// registration, like [`object_key_problem`].
+/// S3 takes at most [`attributes::S3_MAX_METADATA_BYTES`] of user metadata, no empty key,
+/// and no two keys equal but for case. Checked at registration, like
+/// [`object_key_problem`].
 pub fn metadata_problem(
     kind: StorageKind,
     metadata: &std::collections::BTreeMap<String, String>,
 ) -> Option<String> {
-    let len = match kind {
-        StorageKind::S3 => attributes::s3_metadata_len(metadata),
-        StorageKind::Filesystem => return None,
-    };
+    if kind == StorageKind::Filesystem {
+        return None;
+    }
+    // S3 compares metadata keys without case and needs a name after `x-amz-meta-`.
+    if metadata.contains_key("") {
+        return Some("an empty key cannot be stored as S3 user metadata".into());
+    }
+    let mut lower = std::collections::HashSet::new();
+    if let Some(k) = metadata
+        .keys()
+        .find(|k| !lower.insert(k.to_ascii_lowercase()))
+    {
+        return Some(format!(
+            "key {k:?} differs from another only in case; S3 keeps one of them"
+        ));
+    }
+    let len = attributes::s3_metadata_len(metadata);
     (len > attributes::S3_MAX_METADATA_BYTES).then(|| {
         format!(
             "stored as S3 user metadata it would be {len} bytes; S3 allows {}",

@@ -159,11 +159,18 @@ impl S3Store {
     /// Builds the client from the standard AWS configuration chain (environment, profile,
     /// web identity, ECS/IMDS credentials) and `settings`.
     pub async fn new(settings: S3Settings) -> Result<Self, StorageError> {
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(settings.region.clone()))
-            .load()
-            .await;
+        let sdk = Self::load_sdk_config(&settings.region).await;
         Self::with_sdk_config(&sdk, settings)
+    }
+
+    /// The standard AWS configuration chain's result for `region`: what
+    /// [`S3Store::with_sdk_config`] needs; one can serve several stores (they then share
+    /// one credential cache).
+    pub async fn load_sdk_config(region: &str) -> aws_config::SdkConfig {
+        aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(region.to_owned()))
+            .load()
+            .await
     }
 
     /// Builds the client from an already loaded AWS configuration (its credentials, HTTP

@@ -35,7 +35,8 @@ use crate::store::{ExpiredInfo, Gate, SessionStore};
 
 pub use complete::Waiters;
 
-/// The upload protocol over one session store and one object store. Cheap to share.
+/// The upload protocol over one session store and the object stores of the tenants. Cheap
+/// to share.
 pub struct Uploads {
     store: Arc<dyn SessionStore>,
     storages: Arc<Storages>,

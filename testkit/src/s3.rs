@@ -25,7 +25,9 @@
 //!   class given to CreateMultipartUpload, or to CopyObject with `REPLACE`, are remembered
 //!   per object and reported by HeadObject, as S3 reports them (s3s-fs drops them). No
 //!   object is encrypted and no class changes where bytes are kept: the server reports
-//!   what it was asked for.
+//!   what it was asked for;
+//! * CopyObject gives the copy a new ETag (the MD5 of its bytes), as S3 does for objects
+//!   without KMS encryption (s3s-fs keeps the source's, multipart `<md5>-<n>` included).
 //!
 //! Each server runs on a dedicated thread with its own Tokio runtime, so it outlives the
 //! runtime of any one `#[tokio::test]` and can be shared; it stops when dropped.
@@ -281,12 +283,16 @@ struct OpenUpload {
     kept: Kept,
 }
 
-/// What S3 keeps of an object that s3s-fs does not: encryption and storage class.
+/// What S3 keeps of an object that s3s-fs does not: encryption, storage class, and the
+/// ETag of a copy.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Kept {
     sse: Option<ServerSideEncryption>,
     kms_key_id: Option<String>,
     storage_class: Option<StorageClass>,
+    /// S3 gives a copied object a new ETag (the MD5 of its bytes, for one without KMS);
+    /// s3s-fs keeps the source's (a multipart `<md5>-<n>` stays one).
+    etag: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -445,6 +451,9 @@ impl S3 for CompatFs {
         resp.output.server_side_encryption = kept.sse;
         resp.output.ssekms_key_id = kept.kms_key_id;
         resp.output.storage_class = kept.storage_class;
+        if let Some(etag) = kept.etag {
+            resp.output.e_tag = Some(ETag::Strong(etag));
+        }
         Ok(resp)
     }
 
@@ -488,12 +497,21 @@ impl S3 for CompatFs {
     ) -> S3Result<S3Response<CopyObjectOutput>> {
         // S3 does not carry encryption or storage class over: a copy has what it asks for.
         let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
-        let kept = Kept {
+        let mut kept = Kept {
             sse: req.input.server_side_encryption.clone(),
             kms_key_id: req.input.ssekms_key_id.clone(),
             storage_class: req.input.storage_class.clone(),
+            etag: None,
         };
-        let resp = self.inner.copy_object(req).await?;
+        let mut resp = self.inner.copy_object(req).await?;
+        let bytes = tokio::fs::read(self.root.join(&bucket).join(&key))
+            .await
+            .map_err(|e| s3_error!(e, InternalError))?;
+        let etag = hex::encode(Md5::digest(&bytes));
+        if let Some(result) = resp.output.copy_object_result.as_mut() {
+            result.e_tag = Some(ETag::Strong(etag.clone()));
+        }
+        kept.etag = Some(etag);
         self.keep(bucket, key, kept);
         Ok(resp)
     }
@@ -511,6 +529,7 @@ impl S3 for CompatFs {
             sse: req.input.server_side_encryption.clone(),
             kms_key_id: req.input.ssekms_key_id.clone(),
             storage_class: req.input.storage_class.clone(),
+            etag: None,
         };
         let resp = self.inner.create_multipart_upload(req).await?;
         if let Some(id) = &resp.output.upload_id {

@@ -174,11 +174,6 @@ impl TlsRedisCluster {
             .map(|(_, tls)| format!("rediss://127.0.0.1:{tls}"))
             .collect()
     }
-
-    /// `redis://127.0.0.1:<plain port>` of every node (for the harness).
-    pub fn plain_urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|(n, _)| n.url()).collect()
-    }
 }
 
 fn path_str(p: &Path) -> &str {
