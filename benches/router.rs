@@ -8,6 +8,9 @@
 //! `get_session/*` does the same for `GET /v1/sessions/{id}` on a session without files: no
 //! state grows, so it is the steadier figure for comparing two builds of the stack.
 //!
+//! `*/full_stack_upload_token` make the same requests with the session's upload token
+//! instead of the API key, and `upload_token/verify` checks one token alone.
+//!
 //! `cargo bench --bench router`
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,8 +47,12 @@ fn config() -> Config {
 }
 
 fn register_request(session: &str, n: u64) -> Request<Body> {
+    register_request_with(session, n, KEY)
+}
+
+fn register_request_with(session: &str, n: u64, credential: &str) -> Request<Body> {
     Request::post(format!("/v1/sessions/{session}/files"))
-        .header("authorization", format!("Bearer {KEY}"))
+        .header("authorization", format!("Bearer {credential}"))
         .header("content-type", "application/json")
         .body(Body::from(format!(
             r#"{{"fileName":"file-{n}.bin","sizeBytes":10485760,"contentType":"application/octet-stream"}}"#
@@ -65,7 +72,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (router, sessions, empty_session) = rt.block_on(async {
+    let (router, sessions, tokens, empty_session, empty_token) = rt.block_on(async {
         let config = config();
         let store = Arc::new(upgate::store::memory::MemoryStore::new(
             config.session_retention,
@@ -81,6 +88,7 @@ fn bench(c: &mut Criterion) {
         // tenant's 1,000,000-file cap, so long runs do not hit fileCountExceeded), and one
         // that stays empty for the GET pair.
         let mut ids = Vec::new();
+        let mut tokens = Vec::new();
         for _ in 0..=FILLED_SESSIONS {
             let res = router
                 .clone()
@@ -100,9 +108,11 @@ fn bench(c: &mut Criterion) {
                 .to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
             ids.push(v["sessionId"].as_str().expect("sessionId").to_owned());
+            tokens.push(v["uploadToken"].as_str().expect("uploadToken").to_owned());
         }
         let empty = ids.pop().expect("an empty session");
-        (router, ids, empty)
+        let empty_token = tokens.pop().expect("its token");
+        (router, ids, tokens, empty, empty_token)
     });
     let n = AtomicU64::new(0);
     let mut group = c.benchmark_group("router");
@@ -111,6 +121,18 @@ fn bench(c: &mut Criterion) {
             let i = n.fetch_add(1, Ordering::Relaxed);
             let session = &sessions[(i / FILES_PER_SESSION) as usize % sessions.len()];
             call(&router, register_request(session, i), StatusCode::CREATED).await
+        })
+    });
+    group.bench_function("register_file/full_stack_upload_token", |b| {
+        b.to_async(&rt).iter(|| async {
+            let i = n.fetch_add(1, Ordering::Relaxed);
+            let k = (i / FILES_PER_SESSION) as usize % sessions.len();
+            call(
+                &router,
+                register_request_with(&sessions[k], i, &tokens[k]),
+                StatusCode::CREATED,
+            )
+            .await
         })
     });
     let bare = axum::Router::new().route(
@@ -147,6 +169,16 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { call(&router, get_request(&empty_session), StatusCode::OK).await })
     });
+    group.bench_function("get_session/full_stack_upload_token", |b| {
+        b.to_async(&rt).iter(|| async {
+            call(
+                &router,
+                get_request_with(&empty_session, &empty_token),
+                StatusCode::OK,
+            )
+            .await
+        })
+    });
     let bare_get = axum::Router::new().route(
         "/v1/sessions/{id}",
         axum::routing::get(
@@ -170,6 +202,19 @@ fn bench(c: &mut Criterion) {
             .iter(|| async { call(&bare_get, get_request(&empty_session), StatusCode::OK).await })
     });
     group.finish();
+
+    let mut group = c.benchmark_group("upload_token");
+    let keys = upgate::tokens::UploadTokens::configured(&[vec![7u8; 32]]);
+    let token = keys
+        .mint("bench", &empty_session, i64::MAX / 2)
+        .expect("mint");
+    group.bench_function("verify", |b| {
+        b.iter(|| keys.verify(std::hint::black_box(&token), 0).expect("valid"))
+    });
+    group.bench_function("mint", |b| {
+        b.iter(|| keys.mint("bench", &empty_session, i64::MAX / 2))
+    });
+    group.finish();
 }
 
 /// One request through `router`, its status checked and its body read to the end.
@@ -183,8 +228,12 @@ async fn call(router: &axum::Router, req: Request<Body>, expected: StatusCode) -
 }
 
 fn get_request(session: &str) -> Request<Body> {
+    get_request_with(session, KEY)
+}
+
+fn get_request_with(session: &str, credential: &str) -> Request<Body> {
     Request::get(format!("/v1/sessions/{session}"))
-        .header("authorization", format!("Bearer {KEY}"))
+        .header("authorization", format!("Bearer {credential}"))
         .body(Body::empty())
         .expect("request")
 }

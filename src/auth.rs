@@ -1,7 +1,8 @@
-//! Bearer API-key authentication: a key belongs to exactly one tenant.
+//! Bearer authentication: an API key (belongs to exactly one tenant) or an upload token
+//! (one session of one tenant, [`crate::tokens`]).
 //!
 //! Keys are configured as SHA-256 digests, so the configuration never holds a usable key;
-//! the presented key is hashed and looked up. The key itself is never logged.
+//! the presented key is hashed and looked up. No credential is ever logged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use axum::http::header::AUTHORIZATION;
 use sha2::{Digest, Sha256};
 
 use crate::config::TenantConfig;
+use crate::error::AppError;
+use crate::tokens::{Invalid, UploadTokens};
 
 /// API-key digest → tenant.
 #[derive(Debug, Clone, Default)]
@@ -53,4 +56,133 @@ fn bearer(req: &Request) -> Option<&str> {
 /// The tenant whose API key the request's `Authorization: Bearer` header carries.
 pub fn tenant_of(tenants: &Tenants, req: &Request) -> Option<Arc<TenantConfig>> {
     bearer(req).and_then(|k| tenants.resolve(k))
+}
+
+/// The one session an upload token covers, in the request extensions of a request it
+/// authenticated (the idempotency scope includes it).
+#[derive(Debug, Clone)]
+pub struct SessionScope(pub String);
+
+/// In a response's extensions: the session it is about was deleted (`aborted`). An upload
+/// token's request then answers 404 `sessionNotFound` instead (API.md v1.1: after `DELETE`
+/// of the session, 404); the API key keeps the answer.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionGone;
+
+/// Who a request is: its tenant, and the session its credential is limited to (`None`:
+/// an API key, every session of the tenant).
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The tenant.
+    pub tenant: Arc<TenantConfig>,
+    /// The upload token's session.
+    pub session: Option<String>,
+}
+
+/// Why [`Authenticator::authenticate`] did not admit a request.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The answer to send.
+    Error(AppError),
+    /// An upload token that may be signed with a key this replica has not loaded yet: ask
+    /// the store ([`crate::tokens::UploadTokens::reload`]) and authenticate again.
+    ReloadKeys,
+}
+
+/// Resolves a request's credential and checks that it covers the route.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    keys: Tenants,
+    by_id: Arc<HashMap<String, Arc<TenantConfig>>>,
+    /// The upload token keys.
+    pub tokens: Arc<UploadTokens>,
+}
+
+impl Authenticator {
+    /// For `tenants`, verifying upload tokens with `tokens`.
+    pub fn new(tenants: &[TenantConfig], tokens: Arc<UploadTokens>) -> Self {
+        Authenticator {
+            keys: Tenants::new(tenants),
+            by_id: Arc::new(
+                tenants
+                    .iter()
+                    .map(|t| (t.id.clone(), Arc::new(t.clone())))
+                    .collect(),
+            ),
+            tokens,
+        }
+    }
+
+    /// The request's principal, or why it has none. `route` is the matched route template
+    /// (`None`: no route matched; the router answers 404 after authentication).
+    ///
+    /// An upload token admits only the routes under its own session: creating a session or
+    /// minting tokens is 403 `insufficientScope`; another session's route is 404
+    /// `sessionNotFound`, as another tenant's session is (its files are under it, so they
+    /// are 404 too). `reloaded` says the keys were just asked for: a token that still does
+    /// not verify is refused instead of asking again.
+    pub fn authenticate(
+        &self,
+        req: &Request,
+        route: Option<&str>,
+        reloaded: bool,
+    ) -> Result<Principal, Refusal> {
+        let Some(credential) = bearer(req) else {
+            return Err(Refusal::Error(AppError::Unauthorized));
+        };
+        if !credential.starts_with(crate::tokens::PREFIX) {
+            return self
+                .keys
+                .resolve(credential)
+                .map(|tenant| Principal {
+                    tenant,
+                    session: None,
+                })
+                .ok_or(Refusal::Error(AppError::InvalidToken));
+        }
+        let now = crate::model::now_ms() / 1000;
+        let claims = match self.tokens.verify(credential, now) {
+            Ok(claims) => claims,
+            Err(Invalid::KeysUnavailable) if !reloaded => return Err(Refusal::ReloadKeys),
+            Err(Invalid::KeysUnavailable) => {
+                return Err(Refusal::Error(AppError::Unavailable(
+                    "the upload token keys could not be loaded from the session store".into(),
+                )))
+            }
+            Err(Invalid::BadSignature)
+                if !reloaded
+                    && self
+                        .tokens
+                        .needs_reload(crate::tokens::RELOAD_ON_FAILURE_AFTER) =>
+            {
+                return Err(Refusal::ReloadKeys)
+            }
+            Err(why) => {
+                tracing::debug!(reason = ?why, "upload token refused");
+                return Err(Refusal::Error(AppError::InvalidToken));
+            }
+        };
+        let tenant = self
+            .by_id
+            .get(&claims.tenant)
+            .cloned()
+            .ok_or(Refusal::Error(AppError::InvalidToken))?;
+        match route {
+            Some(crate::api::path::SESSIONS | crate::api::path::UPLOAD_TOKENS) => {
+                return Err(Refusal::Error(AppError::InsufficientScope));
+            }
+            Some(r) if r.starts_with(crate::api::path::SESSION) => {
+                // `/v1/sessions/{session_id}...`: the third segment is the session id.
+                let session = req.uri().path().split('/').nth(3).unwrap_or("");
+                if session != claims.session_id {
+                    return Err(Refusal::Error(AppError::SessionNotFound));
+                }
+            }
+            _ => {}
+        }
+        Ok(Principal {
+            tenant,
+            session: Some(claims.session_id),
+        })
+    }
 }

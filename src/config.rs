@@ -286,8 +286,21 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Bound on every Redis call (extra key `redis_timeout_ms`, default 2000).
     pub redis_timeout: Duration,
+    /// `upload_token_secrets`: the keys upload tokens are signed with (the first signs,
+    /// all verify); empty: a key the session store holds ([`crate::tokens`]).
+    pub upload_token_secrets: Secrets,
     /// The tenants.
     pub tenants: Vec<TenantConfig>,
+}
+
+/// Secret byte strings whose `Debug` shows only how many there are.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secrets(pub Vec<Vec<u8>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets({} redacted)", self.0.len())
+    }
 }
 
 impl Config {
@@ -545,6 +558,7 @@ struct RawConfig {
     shutdown_grace_seconds: Setting<Secs<0, 3_600, 30>>,
     max_connections: Setting<Int<1, 1_000_000, 10_000>>,
     redis_timeout_ms: Setting<Int<10, 60_000, 2_000>>,
+    upload_token_secrets: Setting<Vec<String>>,
     header_read_timeout_seconds: Setting<Secs<1, 600, 10>>,
     idle_timeout_seconds: Setting<Secs<1, 3_600, 60>>,
     max_metadata_bytes: Setting<MetadataBytes>,
@@ -727,6 +741,7 @@ impl Check {
             redis_timeout: Duration::from_millis(
                 self.int(raw.redis_timeout_ms, "redis_timeout_ms"),
             ),
+            upload_token_secrets: self.secrets(raw.upload_token_secrets),
             tenants: self.tenants(raw.tenants, embedded, environment, max_metadata_bytes),
         };
         self.unknown("", raw.unknown);
@@ -803,6 +818,21 @@ impl Check {
             self.err("redis_cluster_urls: either every URL is rediss:// (TLS) or none".into());
         }
         Some(target)
+    }
+
+    /// `upload_token_secrets`: each at least 32 bytes (256 bits); never echoed in messages.
+    fn secrets(&mut self, raw: Setting<Vec<String>>) -> Secrets {
+        let secrets = self.opt(raw, "upload_token_secrets").unwrap_or_default();
+        for (i, secret) in secrets.iter().enumerate() {
+            if secret.len() < crate::tokens::KEY_LEN {
+                self.err(format!(
+                    "upload_token_secrets[{i}]: {} bytes; a secret needs at least {} (for example `openssl rand -hex 32`)",
+                    secret.len(),
+                    crate::tokens::KEY_LEN
+                ));
+            }
+        }
+        Secrets(secrets.into_iter().map(String::into_bytes).collect())
     }
 
     /// `redis_ca_file`: read and checked now, so a missing or empty file is a start-up error.

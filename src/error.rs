@@ -66,9 +66,18 @@ pub enum AppError {
     /// 400 `bodyIncomplete`: the part body ended early or failed.
     #[error("request body incomplete")]
     BodyIncomplete,
-    /// 401 `unauthorized`.
+    /// 401 `unauthorized`: no credential (`WWW-Authenticate: Bearer`).
     #[error("unauthorized")]
     Unauthorized,
+    /// 401 `unauthorized`: a credential that is not valid: an unknown API key, an upload
+    /// token that is malformed, tampered or expired (`WWW-Authenticate: Bearer
+    /// error="invalid_token"`, RFC 6750).
+    #[error("invalid credential")]
+    InvalidToken,
+    /// 403 `insufficientScope`: an upload token on an endpoint it does not cover (creating
+    /// sessions, minting tokens).
+    #[error("insufficient scope")]
+    InsufficientScope,
     /// 404 `sessionNotFound`.
     #[error("session not found")]
     SessionNotFound,
@@ -194,7 +203,8 @@ impl AppError {
             | PartsMissing(_)
             | ChecksumMismatch
             | BodyIncomplete => StatusCode::BAD_REQUEST,
-            Unauthorized => StatusCode::UNAUTHORIZED,
+            Unauthorized | InvalidToken => StatusCode::UNAUTHORIZED,
+            InsufficientScope => StatusCode::FORBIDDEN,
             SessionNotFound | FileNotFound | RouteNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             DuplicateFileKey(_) | SessionNotActive(_) | FileNotActive(_) | FilesIncomplete(_)
@@ -225,7 +235,8 @@ impl AppError {
             PartsMissing(_) => "partsMissing",
             ChecksumMismatch => "checksumMismatch",
             BodyIncomplete => "bodyIncomplete",
-            Unauthorized => "unauthorized",
+            Unauthorized | InvalidToken => "unauthorized",
+            InsufficientScope => "insufficientScope",
             SessionNotFound => "sessionNotFound",
             FileNotFound => "fileNotFound",
             RouteNotFound => "notFound",
@@ -259,7 +270,9 @@ impl AppError {
             PartsMissing(_) => "Parts are missing",
             ChecksumMismatch => "The part's checksum does not match its bytes",
             BodyIncomplete => "The request body ended early",
-            Unauthorized => "Missing or unknown API key",
+            Unauthorized => "Missing credential",
+            InvalidToken => "Unknown API key, or an invalid or expired token",
+            InsufficientScope => "This credential does not cover this endpoint",
             SessionNotFound => "Session not found",
             FileNotFound => "File not found",
             RouteNotFound => "Not found",
@@ -440,6 +453,18 @@ impl IntoResponse for AppError {
             AppError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            AppError::InvalidToken => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            AppError::InsufficientScope => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+                );
+            }
             AppError::RateLimited { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after.max(&1)));
             }
@@ -454,6 +479,9 @@ impl IntoResponse for AppError {
             _ => {}
         }
         res.extensions_mut().insert(ErrorCode(self.code()));
+        if matches!(self, AppError::SessionNotActive(SessionStatus::Aborted)) {
+            res.extensions_mut().insert(crate::auth::SessionGone);
+        }
         if !self.replayable() {
             res.extensions_mut()
                 .insert(upgate_layers::idempotency::NotReplayable);
@@ -477,6 +505,8 @@ impl AppError {
                 | PayloadTooLarge(_)
                 | MetadataTooLarge(_)
                 | Unauthorized
+                | InvalidToken
+                | InsufficientScope
                 | SessionNotFound
                 | FileNotFound
                 | SessionExpired { .. }

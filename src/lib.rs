@@ -33,6 +33,7 @@ pub mod stack;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;
 pub mod uploads;
 pub mod validate;
 
@@ -124,11 +125,17 @@ impl Gateway {
             metrics.clone(),
             uploads::Timing::default(),
         ));
+        let tokens = Arc::new(if config.upload_token_secrets.0.is_empty() {
+            tokens::UploadTokens::pending()
+        } else {
+            tokens::UploadTokens::configured(&config.upload_token_secrets.0)
+        });
         Gateway {
             state: AppState {
                 config: Arc::new(config),
                 store,
                 storages,
+                tokens,
                 metrics,
                 uploads,
             },

@@ -92,8 +92,14 @@ impl RateLimitBackend for Limiter {
 pub struct TenantScope;
 
 impl upgate_layers::idempotency::IdempotencyScope<Body> for TenantScope {
+    /// The tenant; for an upload token, the tenant and its session (a token's requests
+    /// never meet another credential's records).
     fn scope(&self, req: &Request<Body>) -> Option<String> {
-        tenant(req).map(|t| t.0.id.clone())
+        let tenant = tenant(req)?;
+        Some(match req.extensions().get::<crate::auth::SessionScope>() {
+            Some(session) => format!("{}/upt/{}", tenant.0.id, session.0),
+            None => tenant.0.id.clone(),
+        })
     }
 }
 

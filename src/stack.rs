@@ -57,7 +57,7 @@ use upgate_layers::rate_limit::{RateLimitLayer, RateLimitStats};
 use upgate_layers::BoxError;
 
 use crate::api::AppState;
-use crate::auth::Tenants;
+use crate::auth::{Authenticator, Principal, Refusal};
 use crate::config::Config;
 use crate::error::AppError;
 use crate::policies::{
@@ -277,7 +277,8 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
         cors: crate::cors::layer(&state.config.tenants),
         state: Arc::new(EdgeState {
             metrics: state.metrics.clone(),
-            tenants: Tenants::new(&state.config.tenants),
+            auth: Authenticator::new(&state.config.tenants, state.tokens.clone()),
+            store: state.store.clone(),
             timeout: state.config.request_timeout,
         }),
     };
@@ -354,7 +355,9 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
 /// What the edge middleware needs, behind one `Arc` (cloned per request).
 struct EdgeState {
     metrics: Arc<crate::metrics::Metrics>,
-    tenants: Tenants,
+    auth: Authenticator,
+    /// Asked for the upload token key when a token needs one not loaded yet.
+    store: Arc<dyn crate::store::SessionStore>,
     timeout: Duration,
 }
 
@@ -394,7 +397,10 @@ struct EdgeService<S> {
 
 impl<S, B> Service<Request> for EdgeService<S>
 where
-    S: Service<Request, Response = axum::http::Response<B>, Error = Infallible>,
+    S: Service<Request, Response = axum::http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: axum::body::HttpBody<Data = axum::body::Bytes> + Default + Send + 'static,
     B::Error: Into<BoxError>,
@@ -417,20 +423,54 @@ where
         // inner service; a preflight goes to the CORS layer below unauthenticated.
         let preflight = crate::cors::is_preflight(&req);
         let mut call = |req: Request| {
+            use futures_util::FutureExt as _;
+            let body = |res: Result<axum::http::Response<B>, Infallible>| {
+                res.map(|res| res.map(axum::body::Body::new))
+            };
             if preflight || req.headers().contains_key(axum::http::header::ORIGIN) {
-                futures_util::future::Either::Left(self.inner.call(req))
+                futures_util::future::Either::Left(self.inner.call(req).map(body))
             } else {
-                futures_util::future::Either::Right(self.inner.get_mut().call(req))
+                futures_util::future::Either::Right(self.inner.get_mut().call(req).map(body))
             }
         };
+        let route_str = route.as_ref().map(MatchedPath::as_str);
+        let mut scoped = false;
         let admitted = if preflight {
-            Ok(call(req))
-        } else if let Some(tenant) = crate::auth::tenant_of(&edge.tenants, &req) {
-            tracing::Span::current().record("tenant", tenant.id.as_str());
-            req.extensions_mut().insert(crate::api::Tenant(tenant));
-            Ok(call(req))
+            Ok(futures_util::future::Either::Left(call(req)))
         } else {
-            Err(AppError::Unauthorized.into_response())
+            match edge.auth.authenticate(&req, route_str, false) {
+                Ok(principal) => {
+                    scoped = admit(&mut req, principal);
+                    Ok(futures_util::future::Either::Left(call(req)))
+                }
+                Err(Refusal::Error(e)) => Err(e.into_response()),
+                // Rare (the first token after start, or one signed with a key the store
+                // replaced): the keys are asked for, then the request goes to a clone of
+                // the service below, driven with `oneshot`.
+                Err(Refusal::ReloadKeys) => {
+                    let inner = self.inner.clone();
+                    let edge = edge.clone();
+                    let route = route_str.map(str::to_owned);
+                    Ok(futures_util::future::Either::Right(async move {
+                        if let Err(e) = edge.auth.tokens.reload(&*edge.store).await {
+                            tracing::warn!(error = %e, "loading the upload token key failed");
+                        }
+                        match edge.auth.authenticate(&req, route.as_deref(), true) {
+                            Ok(principal) => {
+                                let scoped = admit(&mut req, principal);
+                                tower::ServiceExt::oneshot(inner, req)
+                                    .await
+                                    .map(|res| hide_gone(res.map(axum::body::Body::new), scoped))
+                            }
+                            Err(Refusal::Error(e)) => Ok(e.into_response()),
+                            Err(Refusal::ReloadKeys) => Ok(AppError::Unavailable(
+                                "the upload token keys are not loaded".into(),
+                            )
+                            .into_response()),
+                        }
+                    }))
+                }
+            }
         };
         Box::pin(async move {
             let res = match admitted {
@@ -442,7 +482,7 @@ where
                     };
                     match outcome {
                         Ok(Ok(res)) => {
-                            let mut res = res.map(axum::body::Body::new);
+                            let mut res = hide_gone(res, scoped);
                             // A preflight has no content: 204 (tower-http answers 200).
                             if preflight && res.status() == axum::http::StatusCode::OK {
                                 *res.status_mut() = axum::http::StatusCode::NO_CONTENT;
@@ -464,6 +504,31 @@ where
             Ok(res)
         })
     }
+}
+
+/// Puts the principal in the request extensions (the tenant for every layer below; the
+/// session scope of an upload token) and in the request's span; true for an upload token.
+fn admit(req: &mut Request, principal: Principal) -> bool {
+    tracing::Span::current().record("tenant", principal.tenant.id.as_str());
+    req.extensions_mut()
+        .insert(crate::api::Tenant(principal.tenant));
+    match principal.session {
+        Some(session) => {
+            req.extensions_mut()
+                .insert(crate::auth::SessionScope(session));
+            true
+        }
+        None => false,
+    }
+}
+
+/// An upload token's answer about a deleted session is 404 `sessionNotFound`
+/// ([`crate::auth::SessionGone`]).
+fn hide_gone(res: Response, scoped: bool) -> Response {
+    if scoped && res.extensions().get::<crate::auth::SessionGone>().is_some() {
+        return AppError::SessionNotFound.into_response();
+    }
+    res
 }
 
 /// Part uploads are bounded by their body's idle timeout instead; completion can take

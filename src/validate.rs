@@ -102,6 +102,21 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, AppError> {
     })
 }
 
+/// The `ttlSeconds` of a token-minting body: absent, or an integer >= 1.
+pub fn token_ttl(body: &Value) -> Result<Option<u64>, AppError> {
+    let o = object(body)?;
+    match present(o, "ttlSeconds") {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(AppError::Validation(vec![FieldError::new(
+                "ttlSeconds",
+                "must be an integer >= 1",
+            )])),
+        },
+    }
+}
+
 /// Validates a create-session body against the tenant's bounds.
 pub fn create_session(body: &Value, tenant: &TenantConfig) -> Result<CreateSession, AppError> {
     let o = object(body)?;

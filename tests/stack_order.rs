@@ -202,6 +202,9 @@ impl SessionStore for Counted {
     async fn release_live(&self, t: &str, s: &str) -> Result<(), StoreError> {
         forward!(self.release_live(t, s))
     }
+    async fn upload_token_key(&self) -> Result<Vec<u8>, StoreError> {
+        self.inner.upload_token_key().await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

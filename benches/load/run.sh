@@ -200,10 +200,10 @@ if want register; then
 # CPU seconds (user + system) each process spent in the measured window (sampled after the
 # warm-up and again DURATION s later), divided by the requests served in it: steadier than
 # req/s on a shared 2-core machine.
-register_run() { # label target server-pid
+register_run() { # label target server-pid [credential]
   local g0 r0 g1 r1 bpid
   "$BENCH" register --target "$2" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
-    --label "$1" --json-out "$OUT/register-$1.json" >/dev/null &
+    --credential "${4:-key}" --label "$1" --json-out "$OUT/register-$1.json" >/dev/null &
   bpid=$!
   sleep "$WARMUP"
   g0=$(cpu_ticks "$3"); r0=$(cpu_ticks "$REDIS_PID")
@@ -217,6 +217,10 @@ log "register: gateway, concurrency $REG_CONC"
 register_run gateway "$GW" "$GW_PID"
 log "register: baseline, concurrency $REG_CONC"
 register_run baseline "$BL" "$BL_PID"
+# The same registrations with each session's upload token instead of the API key (what a
+# browser sends), right after the API-key run on the same gateway.
+log "register: gateway with upload tokens, concurrency $REG_CONC"
+register_run gateway-token "$GW" "$GW_PID" token
 
 fi
 

@@ -98,7 +98,12 @@ pub(super) async fn get(
         &tenant.0.id,
         now,
     )?;
-    Ok(Json(file_json(&f)).into_response())
+    let mut res = Json(file_json(&f)).into_response();
+    if f.status == FileStatus::Aborted {
+        // Only a deleted session leaves an aborted file to find.
+        res.extensions_mut().insert(crate::auth::SessionGone);
+    }
+    Ok(res)
 }
 
 /// `GET /v1/sessions/{id}/files?limit=&cursor=`: one page of the session's files.
@@ -119,7 +124,11 @@ pub(super) async fn list(
         &tenant.0.id,
         now,
     )?;
-    Ok(Json(files_page_json(&view)).into_response())
+    let mut res = Json(files_page_json(&view)).into_response();
+    if view.session.status == crate::model::SessionStatus::Aborted {
+        res.extensions_mut().insert(crate::auth::SessionGone);
+    }
+    Ok(res)
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]

@@ -32,6 +32,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The upload protocol (every multi-step exchange between `store` and `storage`).
     pub uploads: Arc<crate::uploads::Uploads>,
+    /// The keys upload tokens are signed with.
+    pub tokens: Arc<crate::tokens::UploadTokens>,
 }
 
 /// The authenticated tenant, put in the request extensions by [`crate::auth`].
@@ -39,20 +41,21 @@ pub struct AppState {
 pub struct Tenant(pub Arc<TenantConfig>);
 
 /// Route templates, the values of the metrics' `route` label ([`crate::metrics::route_label`]).
-mod path {
-    pub(super) const SESSIONS: &str = "/v1/sessions";
-    pub(super) const SESSION: &str = "/v1/sessions/{session_id}";
-    pub(super) const FINALIZE: &str = "/v1/sessions/{session_id}/finalize";
-    pub(super) const FILES: &str = "/v1/sessions/{session_id}/files";
-    pub(super) const FILE: &str = "/v1/sessions/{session_id}/files/{file_id}";
-    pub(super) const PARTS: &str = "/v1/sessions/{session_id}/files/{file_id}/parts";
-    pub(super) const PART: &str = "/v1/sessions/{session_id}/files/{file_id}/parts/{part_number}";
-    pub(super) const PRESIGN: &str = "/v1/sessions/{session_id}/files/{file_id}/presigned-parts";
-    pub(super) const COMPLETE: &str = "/v1/sessions/{session_id}/files/{file_id}/complete";
+pub(crate) mod path {
+    pub(crate) const SESSIONS: &str = "/v1/sessions";
+    pub(crate) const SESSION: &str = "/v1/sessions/{session_id}";
+    pub(crate) const FINALIZE: &str = "/v1/sessions/{session_id}/finalize";
+    pub(crate) const FILES: &str = "/v1/sessions/{session_id}/files";
+    pub(crate) const FILE: &str = "/v1/sessions/{session_id}/files/{file_id}";
+    pub(crate) const PARTS: &str = "/v1/sessions/{session_id}/files/{file_id}/parts";
+    pub(crate) const PART: &str = "/v1/sessions/{session_id}/files/{file_id}/parts/{part_number}";
+    pub(crate) const PRESIGN: &str = "/v1/sessions/{session_id}/files/{file_id}/presigned-parts";
+    pub(crate) const COMPLETE: &str = "/v1/sessions/{session_id}/files/{file_id}/complete";
+    pub(crate) const UPLOAD_TOKENS: &str = "/v1/sessions/{session_id}/upload-tokens";
 }
 
 /// Every route template of [`routes`].
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 10] = [
     path::SESSIONS,
     path::SESSION,
     path::FINALIZE,
@@ -62,6 +65,7 @@ pub const ROUTES: [&str; 9] = [
     path::PART,
     path::PRESIGN,
     path::COMPLETE,
+    path::UPLOAD_TOKENS,
 ];
 
 /// The `/v1` routes (without middleware; see [`crate::stack`]).
@@ -70,6 +74,7 @@ pub fn routes(state: AppState) -> Router {
         .route(path::SESSIONS, post(sessions::create))
         .route(path::SESSION, get(sessions::get).delete(sessions::abort))
         .route(path::FINALIZE, post(sessions::finalize))
+        .route(path::UPLOAD_TOKENS, post(sessions::mint_token))
         .route(path::FILES, post(files::register).get(files::list))
         .route(path::FILE, get(files::get).delete(files::abort))
         .route(path::PARTS, get(parts::list))
@@ -153,6 +158,12 @@ pub(crate) struct SessionView<'a> {
     /// With `files`: the cursor of their next page (`null` when `files` is all of them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) files_next_cursor: Option<Option<String>>,
+    /// Only in the answer to `POST /v1/sessions`: an upload token for the session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) upload_token: Option<String>,
+    /// With `upload_token`: when it stops working.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) upload_token_expires_at: Option<String>,
 }
 
 /// The session resource with its first page of files (`GET` and finalize).
@@ -192,6 +203,8 @@ pub(crate) fn session_json(s: &SessionRecord) -> SessionView<'_> {
         metadata: &s.metadata,
         files: None,
         files_next_cursor: None,
+        upload_token: None,
+        upload_token_expires_at: None,
     }
 }
 

@@ -20,6 +20,8 @@ pub(super) async fn create(
 ) -> Result<Response, AppError> {
     let t = &tenant.0;
     let req = crate::validate::create_session(&body, t)?;
+    // The token is minted after the session is stored: the keys must be there first.
+    ensure_token_keys(&state).await?;
     let now = now_ms() / 1000;
     let ttl = i64::try_from(req.ttl_seconds).unwrap_or(i64::MAX);
     let session = SessionRecord {
@@ -63,10 +65,83 @@ pub(super) async fn create(
     }
     state.metrics.sessions_created.inc();
     let location = format!("/v1/sessions/{}", session.id);
+    let mut view = session_json(&session);
+    view.upload_token = Some(mint(&state, &t.id, &session.id, session.expires_at)?);
+    view.upload_token_expires_at = Some(crate::model::rfc3339(session.expires_at));
     Ok((
         StatusCode::CREATED,
         [(axum::http::header::LOCATION, location)],
-        Json(session_json(&session)),
+        Json(view),
+    )
+        .into_response())
+}
+
+/// The upload token keys are loaded (asked of the store when none are, and again every
+/// [`crate::tokens::RELOAD_AFTER`], so a replica picks up a key the store replaced).
+async fn ensure_token_keys(state: &AppState) -> Result<(), AppError> {
+    if !state.tokens.needs_reload(crate::tokens::RELOAD_AFTER) {
+        return Ok(());
+    }
+    match state.tokens.reload(&*state.store).await {
+        Ok(()) => Ok(()),
+        // Loaded before: keep signing with that key rather than fail the request.
+        Err(e) if state.tokens.ready() => {
+            tracing::warn!(error = %e, "reloading the upload token key failed; the loaded one is kept");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn mint(
+    state: &AppState,
+    tenant: &str,
+    session_id: &str,
+    expires_at: i64,
+) -> Result<String, AppError> {
+    state
+        .tokens
+        .mint(tenant, session_id, expires_at)
+        .ok_or_else(|| AppError::Internal("an upload token could not be minted".into()))
+}
+
+/// `POST /v1/sessions/{id}/upload-tokens`: another upload token for the session, valid for
+/// `ttlSeconds` (default: the session's remaining lifetime), never past `expiresAt`.
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
+pub(super) async fn mint_token(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    ApiPath(session_id): ApiPath<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, AppError> {
+    let ttl = crate::validate::token_ttl(&body)?;
+    ensure_token_keys(&state).await?;
+    let now = now_ms();
+    let page = Page {
+        after: None,
+        limit: 1,
+    };
+    let view = open_gate(
+        state
+            .store
+            .get_session(&tenant.0.id, &session_id, page, now)
+            .await?,
+        &tenant.0.id,
+        now,
+    )?;
+    let expires_at = match ttl {
+        Some(ttl) => (now / 1000)
+            .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
+            .min(view.session.expires_at),
+        None => view.session.expires_at,
+    };
+    let token = mint(&state, &tenant.0.id, &session_id, expires_at)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "uploadToken": token,
+            "uploadTokenExpiresAt": crate::model::rfc3339(expires_at),
+        })),
     )
         .into_response())
 }
@@ -86,15 +161,40 @@ pub(super) async fn get(
         &tenant.0.id,
         now,
     )?;
-    Ok(Json(session_with_files(&view)).into_response())
+    let mut res = Json(session_with_files(&view)).into_response();
+    if view.session.status == SessionStatus::Aborted {
+        res.extensions_mut().insert(crate::auth::SessionGone);
+    }
+    Ok(res)
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
 pub(super) async fn abort(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
+    scope: Option<Extension<crate::auth::SessionScope>>,
     ApiPath(session_id): ApiPath<String>,
 ) -> Result<StatusCode, AppError> {
+    if scope.is_some() {
+        // A token's repeated DELETE: 404 once the session is deleted (the API key's
+        // repeat is 204). One more store read, on this rare request only.
+        let now = now_ms();
+        let page = Page {
+            after: None,
+            limit: 1,
+        };
+        let view = open_gate(
+            state
+                .store
+                .get_session(&tenant.0.id, &session_id, page, now)
+                .await?,
+            &tenant.0.id,
+            now,
+        )?;
+        if view.session.status == SessionStatus::Aborted {
+            return Err(AppError::SessionNotFound);
+        }
+    }
     state
         .uploads
         .delete_session(&tenant.0.id, &session_id)

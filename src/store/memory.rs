@@ -84,6 +84,7 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     retention_ms: i64,
+    token_key: [u8; crate::tokens::KEY_LEN],
 }
 
 impl MemoryStore {
@@ -92,6 +93,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner::default()),
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            token_key: crate::tokens::random_key(),
         }
     }
 
@@ -721,6 +723,10 @@ impl SessionStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn upload_token_key(&self) -> Result<Vec<u8>, StoreError> {
+        Ok(self.token_key.to_vec())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

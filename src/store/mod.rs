@@ -476,6 +476,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The session no longer counts among the tenant's live sessions.
     async fn release_live(&self, tenant: &str, session_id: &str) -> Result<(), StoreError>;
 
+    /// The key upload tokens are signed with when `upload_token_secrets` is not configured:
+    /// [`crate::tokens::KEY_LEN`] random bytes, created by the first replica to ask and the
+    /// same for every replica sharing this store from then on.
+    async fn upload_token_key(&self) -> Result<Vec<u8>, StoreError>;
+
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

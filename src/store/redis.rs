@@ -344,6 +344,7 @@ struct Scripts {
     live_reserve: Script,
     renew_complete: Script,
     reschedule: Script,
+    token_key: Script,
 }
 
 impl Scripts {
@@ -371,6 +372,10 @@ impl Scripts {
             live_reserve: index_script(include_str!("lua/live_reserve.lua")),
             renew_complete: session_script(include_str!("lua/renew_complete.lua")),
             reschedule: index_script(include_str!("lua/reschedule.lua")),
+            // The first replica's key wins; every later call reads it.
+            token_key: index_script(
+                "local k = call('GET', KEYS[1]) if k then return k end call('SET', KEYS[1], ARGV[1]) return ARGV[1]",
+            ),
         }
     }
 }
@@ -1622,6 +1627,19 @@ impl SessionStore for RedisStore {
                 .await
         })
         .await
+    }
+
+    async fn upload_token_key(&self) -> Result<Vec<u8>, StoreError> {
+        let key = format!("{}:upload-token-key", self.prefix);
+        let mut inv = Call::new(&self.scripts.token_key, [key]);
+        inv.arg(hex::encode(crate::tokens::random_key()));
+        let reply = self.invoke("upload_token_key", &inv).await?;
+        hex::decode(as_str(&reply)?)
+            .ok()
+            .filter(|k| k.len() == crate::tokens::KEY_LEN)
+            .ok_or_else(|| {
+                StoreError::new("the upload token key in Redis is not 32 hex-encoded bytes")
+            })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -80,6 +80,15 @@ impl Http {
         Http { client, auth }
     }
 
+    /// The same client (its connection pool included) sending `credential` instead of the
+    /// API key: an upload token.
+    pub fn with_credential(&self, credential: &str) -> Http {
+        Http {
+            client: self.client.clone(),
+            auth: HeaderValue::from_str(&format!("Bearer {credential}")).ok(),
+        }
+    }
+
     /// Sends one request (with the API key unless `with_auth` is false) and reads the whole
     /// response body. Transport errors and timeouts come back as an error bucket name.
     pub async fn send(

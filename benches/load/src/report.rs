@@ -100,6 +100,20 @@ pub fn report(dir: &Path) -> String {
                     "| – | CPU per registration: server / Redis, gateway vs baseline | {gs:.0} / {gr:.0} µs vs {bs:.0} / {br:.0} µs | – | – |\n"
                 ));
             }
+            if let Some(t) = load(dir, "register-gateway-token.json") {
+                if let Some(te) = endpoint(&t, REGISTER) {
+                    let ratio = f(te, "reqPerSec") / f(ge, "reqPerSec");
+                    out.push_str(&format!(
+                        "| 1 | register-file throughput, upload token / API key (same gateway) | {ratio:.2}× | ≥ 0.90× | {} |\n",
+                        verdict(ratio >= 0.9)
+                    ));
+                    absolute.push((
+                        "register file, gateway, upload token".to_owned(),
+                        t.clone(),
+                        te.clone(),
+                    ));
+                }
+            }
             absolute.push((
                 "register file, gateway (full stack)".to_owned(),
                 g.clone(),

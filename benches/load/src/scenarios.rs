@@ -175,6 +175,17 @@ fn url(c: &Common, path: &str) -> String {
 }
 
 async fn create_session(c: &Common, w: &mut Worker, max_files: u64) -> Option<String> {
+    create_session_with_token(c, w, max_files)
+        .await
+        .map(|(sid, _)| sid)
+}
+
+/// [`create_session`], with the session's `uploadToken`.
+async fn create_session_with_token(
+    c: &Common,
+    w: &mut Worker,
+    max_files: u64,
+) -> Option<(String, String)> {
     let start = Instant::now();
     let r = c
         .http
@@ -182,7 +193,12 @@ async fn create_session(c: &Common, w: &mut Worker, max_files: u64) -> Option<St
         .await;
     w.record_reply("create session", start, &r, 0);
     match r {
-        Ok(rep) if rep.ok() => rep.json()["sessionId"].as_str().map(str::to_owned),
+        Ok(rep) if rep.ok() => {
+            let v = rep.json();
+            let sid = v["sessionId"].as_str().map(str::to_owned)?;
+            let token = v["uploadToken"].as_str().unwrap_or_default().to_owned();
+            Some((sid, token))
+        }
         Ok(rep) if rep.status == 401 || rep.status == 400 => {
             w.fatal(format!(
                 "POST /v1/sessions answered {}: {}",
@@ -335,15 +351,23 @@ pub async fn flow(c: Common, files: u64, file_size: u64) -> RunResult {
 }
 
 /// `register`: register-file throughput, one session per worker (renewed when full).
-pub async fn register(c: Common, per_session: u64) -> RunResult {
+pub async fn register(c: Common, per_session: u64, with_token: bool) -> RunResult {
     let c2 = c.clone();
     run_workers(&c, move |mut w| {
         let c = c2.clone();
         async move {
             let mut seq = 0u64;
             'sessions: while w.budget.open() {
-                let Some(sid) = create_session(&c, &mut w, per_session).await else {
+                let Some((sid, token)) = create_session_with_token(&c, &mut w, per_session).await
+                else {
                     continue;
+                };
+                // With `with_token`, registrations carry the session's upload token (what a
+                // browser sends) instead of the API key.
+                let http = if with_token {
+                    c.http.with_credential(&token)
+                } else {
+                    c.http.clone()
                 };
                 let files_url = url(&c, &format!("/v1/sessions/{sid}/files"));
                 for _ in 0..per_session {
@@ -353,7 +377,7 @@ pub async fn register(c: Common, per_session: u64) -> RunResult {
                     seq += 1;
                     let name = format!("w{}-{seq}.bin", w.id);
                     let start = Instant::now();
-                    let r = c.http.post_json(&files_url, &file_doc(&name, 1024)).await;
+                    let r = http.post_json(&files_url, &file_doc(&name, 1024)).await;
                     w.record_reply("register file", start, &r, 0);
                     match r {
                         Ok(rep) if rep.ok() => {}
