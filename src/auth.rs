@@ -84,6 +84,8 @@ pub struct Principal {
 pub enum Refusal {
     /// The answer to send.
     Error(AppError),
+    /// The answer to send to a known tenant's credential (its CORS origins apply).
+    Denied(AppError, Arc<TenantConfig>),
     /// An upload token that may be signed with a key this replica has not loaded yet: ask
     /// the store ([`crate::tokens::UploadTokens::reload`]) and authenticate again.
     ReloadKeys,
@@ -143,7 +145,14 @@ impl Authenticator {
         let now = crate::model::now_ms() / 1000;
         let claims = match self.tokens.verify(credential, now) {
             Ok(claims) => claims,
-            Err(Invalid::KeysUnavailable) if !reloaded => return Err(Refusal::ReloadKeys),
+            Err(Invalid::KeysUnavailable)
+                if !reloaded
+                    && self
+                        .tokens
+                        .needs_reload(crate::tokens::RELOAD_ON_FAILURE_AFTER) =>
+            {
+                return Err(Refusal::ReloadKeys)
+            }
             Err(Invalid::KeysUnavailable) => {
                 return Err(Refusal::Error(AppError::Unavailable(
                     "the upload token keys could not be loaded from the session store".into(),
@@ -167,18 +176,22 @@ impl Authenticator {
             .get(&claims.tenant)
             .cloned()
             .ok_or(Refusal::Error(AppError::InvalidToken))?;
+        // An allow-list: the routes under one session, minting excepted. Any other route
+        // (creating sessions, minting, whatever tenant-wide route comes later) is 403; no
+        // route matched is the router's 404.
         match route {
-            Some(crate::api::path::SESSIONS | crate::api::path::UPLOAD_TOKENS) => {
-                return Err(Refusal::Error(AppError::InsufficientScope));
-            }
-            Some(r) if r.starts_with(crate::api::path::SESSION) => {
+            Some(r)
+                if r.starts_with(crate::api::path::SESSION)
+                    && r != crate::api::path::UPLOAD_TOKENS =>
+            {
                 // `/v1/sessions/{session_id}...`: the third segment is the session id.
                 let session = req.uri().path().split('/').nth(3).unwrap_or("");
                 if session != claims.session_id {
-                    return Err(Refusal::Error(AppError::SessionNotFound));
+                    return Err(Refusal::Denied(AppError::SessionNotFound, tenant));
                 }
             }
-            _ => {}
+            Some(_) => return Err(Refusal::Denied(AppError::InsufficientScope, tenant)),
+            None => {}
         }
         Ok(Principal {
             tenant,

@@ -822,6 +822,14 @@ impl Check {
 
     /// `upload_token_secrets`: each at least 32 bytes (256 bits); never echoed in messages.
     fn secrets(&mut self, raw: Setting<Vec<String>>) -> Secrets {
+        // A value of the wrong type is reported without serde's message, which would quote it.
+        let raw = match raw {
+            Setting::Bad(_) => {
+                self.err("upload_token_secrets: must be an array of strings".into());
+                Setting::Unset
+            }
+            other => other,
+        };
         let secrets = self.opt(raw, "upload_token_secrets").unwrap_or_default();
         for (i, secret) in secrets.iter().enumerate() {
             if secret.len() < crate::tokens::KEY_LEN {

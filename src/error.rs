@@ -479,7 +479,11 @@ impl IntoResponse for AppError {
             _ => {}
         }
         res.extensions_mut().insert(ErrorCode(self.code()));
-        if matches!(self, AppError::SessionNotActive(SessionStatus::Aborted)) {
+        // Only a session's DELETE leaves a file `aborted` (a deleted file is gone).
+        if matches!(
+            self,
+            AppError::SessionNotActive(SessionStatus::Aborted) | AppError::FileNotActive("aborted")
+        ) {
             res.extensions_mut().insert(crate::auth::SessionGone);
         }
         if !self.replayable() {

@@ -189,6 +189,14 @@ impl Gateway {
     ) -> Result<(), StartError> {
         let config = self.state.config.clone();
         let stop = CancellationToken::new();
+        // The upload token key is asked for once now, so the first token request does not
+        // wait for it (if the store is down, the first request that needs it asks again).
+        let (tokens, store) = (self.state.tokens.clone(), self.state.store.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tokens.reload(&*store).await {
+                tracing::warn!(error = %e, "loading the upload token key at start failed; retried when a request needs it");
+            }
+        });
         let reaper = tokio::spawn(reaper::run(
             self.state.clone(),
             config.reaper_interval,

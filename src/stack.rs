@@ -273,9 +273,11 @@ fn bounded_id(segment: Option<&str>) -> &str {
 /// `other`, so no client string becomes a label (`../shared/API.md`, v1.1 limits).
 /// The API router with its whole middleware stack.
 pub fn build(state: AppState, layers: &Layers) -> Router {
+    let cors = crate::cors::layer(&state.config.tenants);
     let edge = EdgeLayer {
-        cors: crate::cors::layer(&state.config.tenants),
+        cors: cors.clone(),
         state: Arc::new(EdgeState {
+            cors,
             metrics: state.metrics.clone(),
             auth: Authenticator::new(&state.config.tenants, state.tokens.clone()),
             store: state.store.clone(),
@@ -354,6 +356,8 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
 
 /// What the edge middleware needs, behind one `Arc` (cloned per request).
 struct EdgeState {
+    /// The CORS layer, also put around the edge's own refusals of browser requests.
+    cors: tower_http::cors::CorsLayer,
     metrics: Arc<crate::metrics::Metrics>,
     auth: Authenticator,
     /// Asked for the upload token key when a token needs one not loaded yet.
@@ -443,7 +447,7 @@ where
                     scoped = admit(&mut req, principal);
                     Ok(futures_util::future::Either::Left(call(req)))
                 }
-                Err(Refusal::Error(e)) => Err(e.into_response()),
+                Err(refusal @ (Refusal::Error(_) | Refusal::Denied(..))) => Err((refusal, req)),
                 // Rare (the first token after start, or one signed with a key the store
                 // replaced): the keys are asked for, then the request goes to a clone of
                 // the service below, driven with `oneshot`.
@@ -451,7 +455,7 @@ where
                     let inner = self.inner.clone();
                     let edge = edge.clone();
                     let route = route_str.map(str::to_owned);
-                    Ok(futures_util::future::Either::Right(async move {
+                    Ok(futures_util::future::Either::Right(Box::pin(async move {
                         if let Err(e) = edge.auth.tokens.reload(&*edge.store).await {
                             tracing::warn!(error = %e, "loading the upload token key failed");
                         }
@@ -462,19 +466,19 @@ where
                                     .await
                                     .map(|res| hide_gone(res.map(axum::body::Body::new), scoped))
                             }
-                            Err(Refusal::Error(e)) => Ok(e.into_response()),
-                            Err(Refusal::ReloadKeys) => Ok(AppError::Unavailable(
-                                "the upload token keys are not loaded".into(),
-                            )
-                            .into_response()),
+                            Err(refusal) => Ok(refuse(&edge.cors, refusal, req).await),
                         }
-                    }))
+                    })
+                        as futures_util::future::BoxFuture<
+                            'static,
+                            Result<Response, Infallible>,
+                        >))
                 }
             }
         };
         Box::pin(async move {
             let res = match admitted {
-                Err(res) => res,
+                Err((refusal, req)) => refuse(&edge.cors, refusal, req).await,
                 Ok(fut) => {
                     let outcome = match deadline {
                         None => Ok(fut.await),
@@ -523,12 +527,51 @@ fn admit(req: &mut Request, principal: Principal) -> bool {
 }
 
 /// An upload token's answer about a deleted session is 404 `sessionNotFound`
-/// ([`crate::auth::SessionGone`]).
+/// ([`crate::auth::SessionGone`]), with the CORS and rate-limit headers the answer had.
 fn hide_gone(res: Response, scoped: bool) -> Response {
-    if scoped && res.extensions().get::<crate::auth::SessionGone>().is_some() {
-        return AppError::SessionNotFound.into_response();
+    if !scoped || res.extensions().get::<crate::auth::SessionGone>().is_none() {
+        return res;
     }
-    res
+    let mut hidden = AppError::SessionNotFound.into_response();
+    for (name, value) in res.headers() {
+        let n = name.as_str();
+        if n.starts_with("access-control-") || n == "vary" || n.starts_with("ratelimit") {
+            hidden.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    hidden
+}
+
+/// The edge's answer to a request it does not admit. A browser's request (with `Origin`)
+/// gets it through the CORS layer, so the page can read it: a known tenant's origins
+/// apply, else those some tenant allows.
+async fn refuse(
+    cors: &tower_http::cors::CorsLayer,
+    refusal: Refusal,
+    mut req: Request,
+) -> Response {
+    let res = match refusal {
+        Refusal::Error(e) => e.into_response(),
+        Refusal::Denied(e, tenant) => {
+            req.extensions_mut().insert(crate::api::Tenant(tenant));
+            e.into_response()
+        }
+        Refusal::ReloadKeys => {
+            AppError::Unavailable("the upload token keys are not loaded".into()).into_response()
+        }
+    };
+    if !req.headers().contains_key(axum::http::header::ORIGIN) {
+        return res;
+    }
+    let mut res = Some(res);
+    let answer = tower::service_fn(move |_: Request| {
+        let res = res.take().unwrap_or_default();
+        async move { Ok::<_, Infallible>(res) }
+    });
+    match tower::ServiceExt::oneshot(cors.layer(answer), req).await {
+        Ok(res) => res.map(axum::body::Body::new),
+        Err(never) => match never {},
+    }
 }
 
 /// Part uploads are bounded by their body's idle timeout instead; completion can take

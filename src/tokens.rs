@@ -6,7 +6,7 @@
 //! ```text
 //! version (1 byte, 1) ‖ expires at (8 bytes, Unix seconds, big-endian)
 //!   ‖ session id (16 bytes, the UUID) ‖ nonce (16 random bytes) ‖ tenant id (1 to 64 bytes)
-//!   ‖ HMAC-SHA256(key, everything before)
+//!   ‖ HMAC-SHA256(key, "upgate upload token v1\0" ‖ everything before)
 //! ```
 //!
 //! Checking one costs a base64 decode and one HMAC (about a microsecond,
@@ -32,6 +32,8 @@ use sha2::Sha256;
 pub const PREFIX: &str = "upt_";
 
 const VERSION: u8 = 1;
+/// Signed before the token's bytes: a MAC made for anything else never verifies here.
+const CONTEXT: &[u8] = b"upgate upload token v1\0";
 const MAC_LEN: usize = 32;
 const FIXED: usize = 1 + 8 + 16 + 16;
 /// Longest token accepted (a 64-byte tenant id gives 183 characters).
@@ -75,13 +77,17 @@ pub const RELOAD_ON_FAILURE_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 struct Loaded {
     keys: Arc<Vec<[u8; KEY_LEN]>>,
-    at: Instant,
 }
 
 /// The signing keys: the first signs, every one verifies.
 #[derive(Debug, Default)]
 pub struct UploadTokens {
     keys: RwLock<Option<Loaded>>,
+    /// When the store was last asked (successfully or not): requests never make it ask more
+    /// often than [`RELOAD_ON_FAILURE_AFTER`], whatever they send.
+    asked: std::sync::Mutex<Option<Instant>>,
+    /// One ask at a time; the others wait for its answer.
+    asking: tokio::sync::Mutex<()>,
     /// Configured keys are final: the store's key is not loaded over them.
     configured: bool,
 }
@@ -94,9 +100,9 @@ impl UploadTokens {
         UploadTokens {
             keys: RwLock::new(Some(Loaded {
                 keys: Arc::new(keys),
-                at: Instant::now(),
             })),
             configured: true,
+            ..UploadTokens::default()
         }
     }
 
@@ -129,24 +135,24 @@ impl UploadTokens {
         };
         *keys = Some(Loaded {
             keys: Arc::new(next),
-            at: Instant::now(),
         });
     }
 
-    /// True when the store's key should be asked for again: none loaded yet, or the last
-    /// ask is older than `age`. Never for configured keys.
+    /// True when the store's key should be asked for again: never asked, or the last ask
+    /// (answered or failed) is older than `age`. Never for configured keys.
     pub fn needs_reload(&self, age: Duration) -> bool {
         if self.configured {
             return false;
         }
-        self.keys
-            .read()
+        self.asked
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_none_or(|l| l.at.elapsed() >= age)
+            .is_none_or(|at| at.elapsed() >= age)
     }
 
-    /// Asks `store` for its key and takes it ([`UploadTokens::load`]).
+    /// Asks `store` for its key and takes it ([`UploadTokens::load`]). One ask at a time:
+    /// a caller that waited for another's ask, answered within
+    /// [`RELOAD_ON_FAILURE_AFTER`], takes that answer instead of asking again.
     pub async fn reload(
         &self,
         store: &dyn crate::store::SessionStore,
@@ -154,6 +160,17 @@ impl UploadTokens {
         if self.configured {
             return Ok(());
         }
+        let _one = self.asking.lock().await;
+        if !self.needs_reload(RELOAD_ON_FAILURE_AFTER) {
+            return if self.ready() {
+                Ok(())
+            } else {
+                Err(crate::store::StoreError::new(
+                    "the upload token key could not be read a moment ago",
+                ))
+            };
+        }
+        *self.asked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let key = store.upload_token_key().await?;
         self.load(&key);
         Ok(())
@@ -189,6 +206,7 @@ impl UploadTokens {
         raw.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
         raw.extend_from_slice(tenant.as_bytes());
         let mut mac = HmacSha256::new_from_slice(&keys[0]).ok()?;
+        mac.update(CONTEXT);
         mac.update(&raw);
         raw.extend_from_slice(&mac.finalize().into_bytes());
         let mut token = String::with_capacity(PREFIX.len() + raw.len() * 4 / 3 + 4);
@@ -214,6 +232,7 @@ impl UploadTokens {
         let keys = self.current().ok_or(Invalid::KeysUnavailable)?;
         let verified = keys.iter().any(|key| {
             HmacSha256::new_from_slice(key).is_ok_and(|mut mac| {
+                mac.update(CONTEXT);
                 mac.update(signed);
                 // Constant time.
                 mac.verify_slice(tag).is_ok()
@@ -323,6 +342,8 @@ mod tests {
         let t = UploadTokens::pending();
         assert_eq!(t.mint("acme", SESSION, 1_000), None);
         assert_eq!(t.verify("upt_AAAA", 0), Err(Invalid::Malformed));
+        let other = tokens().mint("acme", SESSION, 1_000).expect("mint");
+        assert_eq!(t.verify(&other, 0), Err(Invalid::KeysUnavailable));
         t.load(&[1u8; 32]);
         let first = t.mint("acme", SESSION, 1_000).expect("mint");
         t.load(&[2u8; 32]);
@@ -334,6 +355,25 @@ mod tests {
         t.load(&[3u8; 32]);
         assert!(t.verify(&second, 0).is_ok());
         assert_eq!(t.verify(&first, 0), Err(Invalid::BadSignature));
+    }
+
+    /// A hundred concurrent reloads (one asks, the others wait for its answer) all end with
+    /// the key, and no reload is due right after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reloads_all_get_the_key() {
+        let store = Arc::new(crate::store::memory::MemoryStore::new(Duration::from_secs(
+            60,
+        )));
+        let t = Arc::new(UploadTokens::pending());
+        let asks = (0..100).map(|_| {
+            let (t, store) = (t.clone(), store.clone());
+            tokio::spawn(async move { t.reload(&*store).await.is_ok() })
+        });
+        for ask in asks {
+            assert!(ask.await.expect("join"), "every caller gets the key");
+        }
+        assert!(t.ready());
+        assert!(!t.needs_reload(RELOAD_ON_FAILURE_AFTER));
     }
 
     proptest! {

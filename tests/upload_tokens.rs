@@ -53,10 +53,12 @@ async fn backend_creates_session(gw: &Binary, client: &reqwest::Client) -> Value
 }
 
 fn start(redis: Option<&RedisServer>, extra: &str) -> Binary {
-    let mut config = extra.to_owned();
+    // Top-level keys first: `extra` may open a `[[tenants]]` table.
+    let mut config = String::new();
     if let Some(r) = redis {
-        config.push_str(&format!("\nredis_url = \"{}\"\n", r.url()));
+        config.push_str(&format!("redis_url = \"{}\"\n", r.url()));
     }
+    config.push_str(extra);
     Binary::start(
         &config,
         &[("UPGATE_LOG_FORMAT", "json"), ("RUST_LOG", "debug")],
@@ -198,7 +200,18 @@ async fn browser_flow(redis: Option<RedisServer>) {
     let short: Value = res.json().await.expect("json");
     let short = short["uploadToken"].as_str().expect("token").to_owned();
     seen.push(short.clone());
-    seen.push(long["uploadToken"].as_str().expect("token").to_owned());
+    let long = long["uploadToken"].as_str().expect("token").to_owned();
+    seen.push(long.clone());
+    // Both minted tokens work on their session until they expire.
+    for minted in [&short, &long] {
+        let res = client
+            .get(gw.url(&format!("/v1/sessions/{other_id}")))
+            .bearer_auth(minted)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(res.status(), 200);
+    }
 
     // Bad tokens: 401 with `invalid_token`; no credential: plain `Bearer`.
     let valid = short.clone();
@@ -245,15 +258,53 @@ async fn browser_flow(redis: Option<RedisServer>) {
     seen.push(third_browser.token.clone());
     let third_id = third["sessionId"].as_str().expect("id");
     let path = format!("/v1/sessions/{third_id}");
+    // A file with one part uploaded and one completed, so every file route has a file.
+    let mut files = Vec::new();
+    for name in ["open.bin", "done.bin"] {
+        let res = send(
+            third_browser
+                .req(&gw, Method::POST, &format!("{path}/files"))
+                .json(&json!({"fileName": name, "sizeBytes": 3})),
+        )
+        .await;
+        let f: Value = res.json().await.expect("json");
+        let fp = format!("{path}/files/{}", f["fileId"].as_str().expect("fileId"));
+        let res = send(
+            third_browser
+                .req(&gw, Method::PUT, &format!("{fp}/parts/1"))
+                .body(b"abc".to_vec()),
+        )
+        .await;
+        assert_eq!(res.status(), 200);
+        files.push(fp);
+    }
+    let res = send(
+        third_browser
+            .req(&gw, Method::POST, &format!("{}/complete", files[1]))
+            .json(&json!({})),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
     let res = send(third_browser.req(&gw, Method::DELETE, &path)).await;
     assert_eq!(res.status(), 204);
-    for (method, path) in [
+    let mut gone = vec![
         (Method::GET, path.clone()),
         (Method::DELETE, path.clone()),
         (Method::GET, format!("{path}/files")),
         (Method::POST, format!("{path}/files")),
         (Method::POST, format!("{path}/finalize")),
-    ] {
+    ];
+    for fp in &files {
+        gone.extend([
+            (Method::GET, fp.clone()),
+            (Method::DELETE, fp.clone()),
+            (Method::GET, format!("{fp}/parts")),
+            (Method::PUT, format!("{fp}/parts/1")),
+            (Method::POST, format!("{fp}/presigned-parts")),
+            (Method::POST, format!("{fp}/complete")),
+        ]);
+    }
+    for (method, path) in gone {
         let res = send(
             third_browser
                 .req(&gw, method.clone(), &path)
@@ -289,6 +340,106 @@ async fn a_browser_with_an_upload_token_on_the_memory_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_with_an_upload_token_on_redis() {
     browser_flow(Some(RedisServer::start())).await;
+}
+
+/// Browsers read every answer, refusals included: the CORS headers of the tenant's origins
+/// are on 200, 401, 403 and 404 alike. A token's idempotency keys are its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_can_read_refusals_and_idempotency_keys_stay_apart() {
+    const KEY_C: &str = "key-tenant-c";
+    const ORIGIN: &str = "https://app.example";
+    let gw = start(
+        None,
+        &format!(
+            "[[tenants]]\nid = \"c\"\napi_keys_sha256 = [\"{}\"]\ncors_allowed_origins = [\"{ORIGIN}\"]\nrate_limit = {{ requests_per_second = 100000, burst = 100000 }}\n",
+            upgate::config::Config::hash_key(KEY_C)
+        ),
+    );
+    let client = reqwest::Client::new();
+    let create = || {
+        client
+            .post(gw.url("/v1/sessions"))
+            .bearer_auth(KEY_C)
+            .json(&json!({}))
+            .send()
+    };
+    let mine: Value = create().await.expect("send").json().await.expect("json");
+    let theirs: Value = create().await.expect("send").json().await.expect("json");
+    let session = mine["sessionId"].as_str().expect("id");
+    let token = mine["uploadToken"].as_str().expect("token");
+    let acao = |res: &reqwest::Response| {
+        res.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let browser = |credential: &str, method: Method, path: String| {
+        client
+            .request(method, gw.url(&path))
+            .bearer_auth(credential)
+            .header("Origin", ORIGIN)
+            .json(&json!({}))
+            .send()
+    };
+    let last = if token.ends_with('A') { 'B' } else { 'A' };
+    let tampered = format!("{}{last}", &token[..token.len() - 1]);
+    let cases = [
+        (token, Method::GET, format!("/v1/sessions/{session}"), 200),
+        (
+            tampered.as_str(),
+            Method::GET,
+            format!("/v1/sessions/{session}"),
+            401,
+        ),
+        (token, Method::POST, "/v1/sessions".to_owned(), 403),
+        (
+            token,
+            Method::GET,
+            format!("/v1/sessions/{}", theirs["sessionId"].as_str().expect("id")),
+            404,
+        ),
+    ];
+    for (credential, method, path, status) in cases {
+        let res = browser(credential, method.clone(), path.clone())
+            .await
+            .expect("send");
+        assert_eq!(res.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            acao(&res).as_deref(),
+            Some(ORIGIN),
+            "{method} {path} ({status})"
+        );
+    }
+
+    // The API key registers a file with an Idempotency-Key; the token sending the same key
+    // and body is not given the API key's stored answer: it runs (and finds the fileKey
+    // taken).
+    let register = |credential: &str| {
+        client
+            .post(gw.url(&format!("/v1/sessions/{session}/files")))
+            .bearer_auth(credential)
+            .header("Idempotency-Key", "same-key")
+            .json(&json!({"fileName": "a.txt", "sizeBytes": 1}))
+            .send()
+    };
+    let first = register(KEY_C).await.expect("send");
+    assert_eq!(first.status(), 201);
+    let again = register(KEY_C).await.expect("send");
+    assert!(again.headers().contains_key("idempotent-replayed"));
+    let token_try = register(token).await.expect("send");
+    assert!(!token_try.headers().contains_key("idempotent-replayed"));
+    problem(token_try, 409, "duplicateFileKey").await;
+
+    // After DELETE, the token's 404 keeps the CORS headers too.
+    let res = browser(token, Method::DELETE, format!("/v1/sessions/{session}"))
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 204);
+    let res = browser(token, Method::GET, format!("/v1/sessions/{session}"))
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 404);
+    assert_eq!(acao(&res).as_deref(), Some(ORIGIN));
 }
 
 /// Two replicas on one Redis, no configured secret: a token minted by either works on the

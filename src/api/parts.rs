@@ -225,8 +225,22 @@ pub(super) async fn upload(
 pub(super) async fn list(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
+    scope: Option<Extension<crate::auth::SessionScope>>,
     ApiPath((session_id, file_id)): ApiPath<(String, String)>,
 ) -> Result<Json<Value>, AppError> {
+    if scope.is_some() {
+        // An upload token on a deleted session gets 404; the part list answers for any
+        // file, so the file's status is read first (only for tokens).
+        let now = crate::model::now_ms();
+        let gate = state
+            .store
+            .get_file(&tenant.0.id, &session_id, &file_id, false, now)
+            .await?;
+        let file = super::open_gate(gate, &tenant.0.id, now)?;
+        if file.status == crate::model::FileStatus::Aborted {
+            return Err(AppError::SessionNotFound);
+        }
+    }
     let parts = state
         .uploads
         .list_parts(&tenant.0.id, &session_id, &file_id)

@@ -79,7 +79,7 @@ pub(super) async fn create(
 /// The upload token keys are loaded (asked of the store when none are, and again every
 /// [`crate::tokens::RELOAD_AFTER`], so a replica picks up a key the store replaced).
 async fn ensure_token_keys(state: &AppState) -> Result<(), AppError> {
-    if !state.tokens.needs_reload(crate::tokens::RELOAD_AFTER) {
+    if state.tokens.ready() && !state.tokens.needs_reload(crate::tokens::RELOAD_AFTER) {
         return Ok(());
     }
     match state.tokens.reload(&*state.store).await {
@@ -129,6 +129,9 @@ pub(super) async fn mint_token(
         &tenant.0.id,
         now,
     )?;
+    if view.session.status == SessionStatus::Aborted {
+        return Err(AppError::SessionNotActive(SessionStatus::Aborted));
+    }
     let expires_at = match ttl {
         Some(ttl) => (now / 1000)
             .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
