@@ -191,8 +191,14 @@ impl Gateway {
         let stop = CancellationToken::new();
         // The upload token key is asked for once now, so the first token request does not
         // wait for it (if the store is down, the first request that needs it asks again).
+        // The session store is also pinged once now: a Redis that cannot be reached, or whose
+        // TLS certificate does not verify, is reported at start (the gateway still starts,
+        // not ready, as in any outage).
         let (tokens, store) = (self.state.tokens.clone(), self.state.store.clone());
         tokio::spawn(async move {
+            if let Err(e) = store.ping().await {
+                tracing::error!(error = %e, "the session store is not reachable at start; the gateway is not ready until it is");
+            }
             if let Err(e) = tokens.reload(&*store).await {
                 tracing::warn!(error = %e, "loading the upload token key at start failed; retried when a request needs it");
             }

@@ -107,6 +107,22 @@ async fn a_certificate_that_does_not_verify_is_an_outage_and_says_so() {
     let other = TestCerts::generate();
     let wrong_ca = std::fs::read(other.ca_file()).expect("other ca");
     let gw = tls_gateway(redis.url(None), Some(wrong_ca)).await;
+    // Reported at start, before any request.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let at_start = log_lines_with("not reachable at start");
+        if at_start
+            .iter()
+            .any(|l| l.to_string().to_ascii_lowercase().contains("certificate"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no start-up log line says the certificate did not verify: {at_start:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     create_is_unavailable(&gw).await;
     assert_eq!(gw.readyz().await, 503);
     let mentions: Vec<_> = log_lines_with("certificate");

@@ -102,11 +102,26 @@ pub fn report(dir: &Path) -> String {
             }
             if let Some(t) = load(dir, "register-gateway-token.json") {
                 if let Some(te) = endpoint(&t, REGISTER) {
-                    let ratio = f(te, "reqPerSec") / f(ge, "reqPerSec");
+                    // The API-key runs before and after the token run (run.sh), averaged.
+                    let again = load(dir, "register-gateway-key-again.json");
+                    let key_rate = match again.as_ref().and_then(|a| endpoint(a, REGISTER)) {
+                        Some(ae) => (f(ge, "reqPerSec") + f(ae, "reqPerSec")) / 2.0,
+                        None => f(ge, "reqPerSec"),
+                    };
+                    let ratio = f(te, "reqPerSec") / key_rate;
                     out.push_str(&format!(
-                        "| 1 | register-file throughput, upload token / API key (same gateway) | {ratio:.2}× | ≥ 0.90× | {} |\n",
+                        "| 1 | register-file throughput, upload token / API key (same gateway, key runs before and after averaged) | {ratio:.2}× | ≥ 0.90× | {} |\n",
                         verdict(ratio >= 0.9)
                     ));
+                    if let Some(a) = &again {
+                        if let Some(ae) = endpoint(a, REGISTER) {
+                            absolute.push((
+                                "register file, gateway, API key again".to_owned(),
+                                a.clone(),
+                                ae.clone(),
+                            ));
+                        }
+                    }
                     absolute.push((
                         "register file, gateway, upload token".to_owned(),
                         t.clone(),
