@@ -105,6 +105,29 @@ fn mint(
         .ok_or_else(|| AppError::Internal("an upload token could not be minted".into()))
 }
 
+/// The session's record through the store's gate (404 unknown, 410 expired), without its
+/// files.
+async fn session_record(
+    state: &AppState,
+    tenant: &str,
+    session_id: &str,
+) -> Result<SessionRecord, AppError> {
+    let now = now_ms();
+    let page = Page {
+        after: None,
+        limit: 1,
+    };
+    let view = open_gate(
+        state
+            .store
+            .get_session(tenant, session_id, page, now)
+            .await?,
+        tenant,
+        now,
+    )?;
+    Ok(view.session)
+}
+
 /// `POST /v1/sessions/{id}/upload-tokens`: another upload token for the session, valid for
 /// `ttlSeconds` (default: the session's remaining lifetime), never past `expiresAt`.
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
@@ -117,26 +140,15 @@ pub(super) async fn mint_token(
     let ttl = crate::validate::token_ttl(&body)?;
     ensure_token_keys(&state).await?;
     let now = now_ms();
-    let page = Page {
-        after: None,
-        limit: 1,
-    };
-    let view = open_gate(
-        state
-            .store
-            .get_session(&tenant.0.id, &session_id, page, now)
-            .await?,
-        &tenant.0.id,
-        now,
-    )?;
-    if view.session.status == SessionStatus::Aborted {
+    let session = session_record(&state, &tenant.0.id, &session_id).await?;
+    if session.status == SessionStatus::Aborted {
         return Err(AppError::SessionNotActive(SessionStatus::Aborted));
     }
     let expires_at = match ttl {
         Some(ttl) => (now / 1000)
             .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
-            .min(view.session.expires_at),
-        None => view.session.expires_at,
+            .min(session.expires_at),
+        None => session.expires_at,
     };
     let token = mint(&state, &tenant.0.id, &session_id, expires_at)?;
     Ok((
@@ -181,20 +193,8 @@ pub(super) async fn abort(
     if scope.is_some() {
         // A token's repeated DELETE: 404 once the session is deleted (the API key's
         // repeat is 204). One more store read, on this rare request only.
-        let now = now_ms();
-        let page = Page {
-            after: None,
-            limit: 1,
-        };
-        let view = open_gate(
-            state
-                .store
-                .get_session(&tenant.0.id, &session_id, page, now)
-                .await?,
-            &tenant.0.id,
-            now,
-        )?;
-        if view.session.status == SessionStatus::Aborted {
+        let session = session_record(&state, &tenant.0.id, &session_id).await?;
+        if session.status == SessionStatus::Aborted {
             return Err(AppError::SessionNotFound);
         }
     }

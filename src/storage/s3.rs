@@ -226,6 +226,18 @@ impl S3Store {
         self
     }
 
+    /// The deadlines of a call S3 may take minutes over (completing or copying an object of
+    /// thousands of parts): `complete` per attempt and in all.
+    fn long_call(&self) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::default().timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(self.timeouts.connect)
+                .operation_attempt_timeout(self.timeouts.complete)
+                .operation_timeout(self.timeouts.complete)
+                .build(),
+        )
+    }
+
     /// The underlying client.
     pub fn client(&self) -> &Client {
         &self.client
@@ -510,14 +522,7 @@ impl ObjectStore for S3Store {
             .set_ssekms_key_id(kms_key)
             .set_storage_class(attrs.storage_class.as_deref().map(StorageClass::from))
             .customize()
-            .config_override(
-                aws_sdk_s3::config::Config::builder().timeout_config(
-                    TimeoutConfig::builder()
-                        .operation_attempt_timeout(self.timeouts.complete)
-                        .operation_timeout(self.timeouts.complete)
-                        .build(),
-                ),
-            )
+            .config_override(self.long_call())
             .send()
             .await
             .map_err(|e| classify("CopyObject", &e, None))?;
@@ -683,15 +688,7 @@ impl ObjectStore for S3Store {
                     .build(),
             )
             .customize()
-            .config_override(
-                aws_sdk_s3::config::Builder::default().timeout_config(
-                    TimeoutConfig::builder()
-                        .connect_timeout(self.timeouts.connect)
-                        .operation_attempt_timeout(self.timeouts.complete)
-                        .operation_timeout(self.timeouts.complete)
-                        .build(),
-                ),
-            )
+            .config_override(self.long_call())
             .send()
             .await
             .map_err(|e| classify("CompleteMultipartUpload", &e, None))?;
