@@ -53,11 +53,6 @@ fn bearer(req: &Request) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// The tenant whose API key the request's `Authorization: Bearer` header carries.
-pub fn tenant_of(tenants: &Tenants, req: &Request) -> Option<Arc<TenantConfig>> {
-    bearer(req).and_then(|k| tenants.resolve(k))
-}
-
 /// The one session an upload token covers, in the request extensions of a request it
 /// authenticated (the idempotency scope includes it).
 #[derive(Debug, Clone)]
@@ -145,25 +140,15 @@ impl Authenticator {
         let now = crate::model::now_ms() / 1000;
         let claims = match self.tokens.verify(credential, now) {
             Ok(claims) => claims,
-            Err(Invalid::KeysUnavailable)
-                if !reloaded
-                    && self
-                        .tokens
-                        .needs_reload(crate::tokens::RELOAD_ON_FAILURE_AFTER) =>
-            {
-                return Err(Refusal::ReloadKeys)
-            }
+            // `reload` decides, under its lock, whether the store is asked (at most once a
+            // second) or an ask in flight is waited for.
+            Err(Invalid::KeysUnavailable) if !reloaded => return Err(Refusal::ReloadKeys),
             Err(Invalid::KeysUnavailable) => {
                 return Err(Refusal::Error(AppError::Unavailable(
                     "the upload token keys could not be loaded from the session store".into(),
                 )))
             }
-            Err(Invalid::BadSignature)
-                if !reloaded
-                    && self
-                        .tokens
-                        .needs_reload(crate::tokens::RELOAD_ON_FAILURE_AFTER) =>
-            {
+            Err(Invalid::BadSignature) if !reloaded && !self.tokens.is_configured() => {
                 return Err(Refusal::ReloadKeys)
             }
             Err(why) => {

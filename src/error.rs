@@ -99,6 +99,11 @@ pub enum AppError {
     /// 409 `fileNotActive`: parts sent to a completed or aborted file.
     #[error("file not active")]
     FileNotActive(&'static str),
+    /// 409 `fileNotActive` for a file the store holds as `aborted`: only a session's
+    /// `DELETE` leaves one (a deleted file is gone), so an upload token gets 404 instead
+    /// ([`crate::auth::SessionGone`]). Storage losing an upload is `FileNotActive("aborted")`.
+    #[error("file aborted")]
+    FileAborted,
     /// 409 `filesIncomplete`: finalize before every file is completed.
     #[error("files incomplete")]
     FilesIncomplete(Vec<String>),
@@ -207,8 +212,8 @@ impl AppError {
             InsufficientScope => StatusCode::FORBIDDEN,
             SessionNotFound | FileNotFound | RouteNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            DuplicateFileKey(_) | SessionNotActive(_) | FileNotActive(_) | FilesIncomplete(_)
-            | RequestInProgress | CompletionInProgress => StatusCode::CONFLICT,
+            DuplicateFileKey(_) | SessionNotActive(_) | FileNotActive(_) | FileAborted
+            | FilesIncomplete(_) | RequestInProgress | CompletionInProgress => StatusCode::CONFLICT,
             SessionExpired { .. } => StatusCode::GONE,
             LengthRequired => StatusCode::LENGTH_REQUIRED,
             FileTooLarge(_) | PayloadTooLarge(_) | MetadataTooLarge(_) => {
@@ -243,7 +248,7 @@ impl AppError {
             MethodNotAllowed => "methodNotAllowed",
             DuplicateFileKey(_) => "duplicateFileKey",
             SessionNotActive(_) => "sessionNotActive",
-            FileNotActive(_) => "fileNotActive",
+            FileNotActive(_) | FileAborted => "fileNotActive",
             FilesIncomplete(_) => "filesIncomplete",
             RequestInProgress | CompletionInProgress => "requestInProgress",
             SessionExpired { .. } => "sessionExpired",
@@ -279,7 +284,7 @@ impl AppError {
             MethodNotAllowed => "Method not allowed",
             DuplicateFileKey(_) => "The fileKey is already registered in this session",
             SessionNotActive(_) => "The session is not active",
-            FileNotActive(_) => "The file no longer accepts parts",
+            FileNotActive(_) | FileAborted => "The file no longer accepts parts",
             FilesIncomplete(_) => "Some files are not completed",
             RequestInProgress => "A request with this Idempotency-Key is still running",
             CompletionInProgress => "Another request is completing this file",
@@ -351,6 +356,10 @@ impl AppError {
                 ext.insert("status".into(), json!(status.as_str()));
                 ext.insert("sessionStatus".into(), json!(status.as_str()));
                 format!("the session is {}", status.as_str())
+            }
+            FileAborted => {
+                ext.insert("fileStatus".into(), json!("aborted"));
+                "the file is aborted".to_owned()
             }
             FileNotActive(status) => {
                 ext.insert("fileStatus".into(), json!(status));
@@ -479,10 +488,9 @@ impl IntoResponse for AppError {
             _ => {}
         }
         res.extensions_mut().insert(ErrorCode(self.code()));
-        // Only a session's DELETE leaves a file `aborted` (a deleted file is gone).
         if matches!(
             self,
-            AppError::SessionNotActive(SessionStatus::Aborted) | AppError::FileNotActive("aborted")
+            AppError::SessionNotActive(SessionStatus::Aborted) | AppError::FileAborted
         ) {
             res.extensions_mut().insert(crate::auth::SessionGone);
         }

@@ -9,7 +9,7 @@
 //!   ‖ HMAC-SHA256(key, "upgate upload token v1\0" ‖ everything before)
 //! ```
 //!
-//! Checking one costs a base64 decode and one HMAC (about a microsecond,
+//! Checking one costs a base64 decode and one HMAC (about a third of a microsecond,
 //! `benches/router.rs` group `upload_token`), with no store round trip: the session's own
 //! state (finalized, expired, deleted) is then answered by the store call the request
 //! makes anyway. Storing tokens with the session would have added a lookup to every
@@ -36,7 +36,7 @@ const VERSION: u8 = 1;
 const CONTEXT: &[u8] = b"upgate upload token v1\0";
 const MAC_LEN: usize = 32;
 const FIXED: usize = 1 + 8 + 16 + 16;
-/// Longest token accepted (a 64-byte tenant id gives 183 characters).
+/// Longest token accepted (a 64-byte tenant id gives 187 characters, `upt_` included).
 const MAX_TOKEN_LEN: usize = 256;
 /// Bytes of a signing key.
 pub const KEY_LEN: usize = 32;
@@ -67,20 +67,26 @@ pub enum Invalid {
     KeysUnavailable,
 }
 
-/// How often a replica asks the store for its key again while minting, and the least time
-/// between two asks when a token does not verify: a store that lost its key (an emptied
-/// Redis) gets a new one from the next replica that starts, and the others pick it up.
+/// How often a replica asks the store for its key again while minting: a store that lost
+/// its key (an emptied Redis) gets a new one from the next replica that asks, and the
+/// others pick it up.
 pub const RELOAD_AFTER: Duration = Duration::from_secs(60);
-/// See [`RELOAD_AFTER`].
+/// The least time between two asks, whatever requests send (a token that does not verify
+/// makes a replica ask again, at most this often).
 pub const RELOAD_ON_FAILURE_AFTER: Duration = Duration::from_secs(1);
 
 /// The keys, each also as an HMAC already keyed with the context label absorbed: a check
 /// clones one instead of deriving the key pads again (409 → 327 ns a verification,
 /// `benches/router.rs` group `upload_token`).
-#[derive(Debug)]
 struct Loaded {
     keys: Vec<[u8; KEY_LEN]>,
     macs: Vec<HmacSha256>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Loaded({} keys, redacted)", self.keys.len())
+    }
 }
 
 impl Loaded {
@@ -122,14 +128,15 @@ impl UploadTokens {
         }
     }
 
+    /// True when the keys come from `upload_token_secrets` (the store's key is never
+    /// loaded).
+    pub fn is_configured(&self) -> bool {
+        self.configured
+    }
+
     /// No keys until [`UploadTokens::load`] gives the store's.
     pub fn pending() -> Self {
         UploadTokens::default()
-    }
-
-    /// True when the keys come from the configuration (nothing to load).
-    pub fn is_configured(&self) -> bool {
-        self.configured
     }
 
     /// Takes the store's key: it signs from now on; the previous one (if different) still
@@ -375,10 +382,12 @@ mod tests {
             60,
         )));
         let t = Arc::new(UploadTokens::pending());
-        let asks = (0..100).map(|_| {
-            let (t, store) = (t.clone(), store.clone());
-            tokio::spawn(async move { t.reload(&*store).await.is_ok() })
-        });
+        let asks: Vec<_> = (0..100)
+            .map(|_| {
+                let (t, store) = (t.clone(), store.clone());
+                tokio::spawn(async move { t.reload(&*store).await.is_ok() })
+            })
+            .collect();
         for ask in asks {
             assert!(ask.await.expect("join"), "every caller gets the key");
         }

@@ -504,3 +504,35 @@ async fn configured_secrets_rotate_and_revoke() {
         "the removed secret's tokens are revoked"
     );
 }
+
+/// Storage losing a live session's upload (a lifecycle rule, say) is the API key's 409
+/// `fileNotActive` for a token too, not the 404 of a deleted session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_storage_upload_is_409_for_a_token_as_for_the_key() {
+    let gw = TestGateway::start(
+        config(""),
+        std::sync::Arc::new(upgate::store::memory::MemoryStore::new(
+            Duration::from_secs(3600),
+        )),
+    )
+    .await;
+    let created = gw.create_session(KEY_A, json!({})).await;
+    let session = created["sessionId"].as_str().expect("id");
+    let token = created["uploadToken"].as_str().expect("token");
+    let size = 5 * 1024 * 1024 + 1;
+    let file = gw.register_id(token, session, "lost.bin", size).await;
+    let res = gw
+        .put_part(token, session, &file, 1, vec![1; 5 * 1024 * 1024])
+        .await;
+    assert_eq!(res.status(), 200);
+    // The upload disappears from storage behind the gateway's back.
+    let uploads = gw.storage_dir.join(".uploads");
+    for entry in std::fs::read_dir(&uploads).expect("uploads") {
+        std::fs::remove_dir_all(entry.expect("entry").path()).expect("remove");
+    }
+    for credential in [token, KEY_A] {
+        let res = gw.put_part(credential, session, &file, 2, vec![2]).await;
+        let p = problem(res, 409, "fileNotActive").await;
+        assert_eq!(p["fileStatus"], "aborted");
+    }
+}

@@ -218,9 +218,9 @@ register_run gateway "$GW" "$GW_PID"
 log "register: baseline, concurrency $REG_CONC"
 register_run baseline "$BL" "$BL_PID"
 # The same registrations with each session's upload token instead of the API key (what a
-# browser sends), bracketed by a second API-key run: each run meets the Redis state the
-# runs before it left (that alone slows the gateway), so the token run is compared with
-# the mean of the API-key runs before and after it.
+# browser sends), then the API key again: runs with one credential differ by several per
+# cent on shared cores, so the token run is compared with the mean of the two API-key runs
+# (benches/README.md).
 log "register: gateway with upload tokens, concurrency $REG_CONC"
 register_run gateway-token "$GW" "$GW_PID" token
 log "register: gateway with the API key again, concurrency $REG_CONC"

@@ -105,8 +105,8 @@ fn mint(
         .ok_or_else(|| AppError::Internal("an upload token could not be minted".into()))
 }
 
-/// The session's record through the store's gate (404 unknown, 410 expired), without its
-/// files.
+/// The session's record through the store's gate (404 unknown, 410 expired); one page of
+/// one file is read with it.
 async fn session_record(
     state: &AppState,
     tenant: &str,
@@ -144,9 +144,12 @@ pub(super) async fn mint_token(
     if session.status == SessionStatus::Aborted {
         return Err(AppError::SessionNotActive(SessionStatus::Aborted));
     }
+    // Rounded up to the second: a token of `ttlSeconds` works for at least that long.
     let expires_at = match ttl {
-        Some(ttl) => (now / 1000)
-            .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))
+        Some(ttl) => now
+            .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX).saturating_mul(1000))
+            .saturating_add(999)
+            .div_euclid(1000)
             .min(session.expires_at),
         None => session.expires_at,
     };

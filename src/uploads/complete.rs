@@ -231,7 +231,7 @@ impl Uploads {
                     }
                     return Ok(f);
                 }
-                BeginComplete::Aborted => return Err(AppError::FileNotActive("aborted")),
+                BeginComplete::Aborted => return Err(AppError::FileAborted),
                 BeginComplete::InProgress => {
                     waited = true;
                     if waiting.is_none() {

@@ -35,7 +35,10 @@ pub struct Presigned {
 }
 
 pub(super) fn file_not_open(f: &FileRecord) -> AppError {
-    AppError::FileNotActive(f.status.public_str())
+    match f.status {
+        FileStatus::Aborted => AppError::FileAborted,
+        status => AppError::FileNotActive(status.public_str()),
+    }
 }
 
 impl Uploads {
