@@ -262,6 +262,22 @@ const COPY_SOURCE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUM
     .remove(b'.')
     .remove(b'~');
 
+/// Sets an object's attributes on a CreateMultipartUpload or CopyObject request: two builder
+/// types with the same setters.
+macro_rules! with_attributes {
+    ($request:expr, $attrs:expr) => {{
+        let attrs: &ObjectAttributes = $attrs;
+        let (sse, kms_key) = sse_headers(attrs.sse.as_ref());
+        $request
+            .set_content_type(attrs.content_type.clone())
+            .set_content_disposition(attrs.content_disposition.clone())
+            .set_metadata(user_metadata(attrs))
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(kms_key)
+            .set_storage_class(attrs.storage_class.as_deref().map(StorageClass::from))
+    }};
+}
+
 /// `x-amz-server-side-encryption` and `x-amz-server-side-encryption-aws-kms-key-id`.
 fn sse_headers(sse: Option<&Sse>) -> (Option<ServerSideEncryption>, Option<String>) {
     match sse {
@@ -467,24 +483,18 @@ impl ObjectStore for S3Store {
         format!("s3://{}/{}", self.bucket, key)
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(bucket = %self.bucket))]
+    #[tracing::instrument(level = "debug", skip(self, attrs), fields(bucket = %self.bucket))]
     async fn create_upload(
         &self,
         key: &str,
         attrs: &ObjectAttributes,
     ) -> Result<String, StorageError> {
-        let (sse, kms_key) = sse_headers(attrs.sse.as_ref());
-        let out = self
+        let request = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
-            .key(key)
-            .set_content_type(attrs.content_type.clone())
-            .set_content_disposition(attrs.content_disposition.clone())
-            .set_metadata(user_metadata(attrs))
-            .set_server_side_encryption(sse)
-            .set_ssekms_key_id(kms_key)
-            .set_storage_class(attrs.storage_class.as_deref().map(StorageClass::from))
+            .key(key);
+        let out = with_attributes!(request, attrs)
             .send()
             .await
             .map_err(|e| classify("CreateMultipartUpload", &e, None))?;
@@ -502,25 +512,19 @@ impl ObjectStore for S3Store {
         // CopyObject onto itself with REPLACE: S3 rewrites the object server-side (the bytes
         // never pass through the gateway). The encryption and storage class are not copied,
         // so they are sent again.
-        let (sse, kms_key) = sse_headers(attrs.sse.as_ref());
         let source = format!(
             "{}/{}",
             self.bucket,
             percent_encoding::utf8_percent_encode(key, COPY_SOURCE)
         );
-        let out = self
+        let request = self
             .client
             .copy_object()
             .bucket(&self.bucket)
             .key(key)
             .copy_source(source)
-            .metadata_directive(MetadataDirective::Replace)
-            .set_content_type(attrs.content_type.clone())
-            .set_content_disposition(attrs.content_disposition.clone())
-            .set_metadata(user_metadata(attrs))
-            .set_server_side_encryption(sse)
-            .set_ssekms_key_id(kms_key)
-            .set_storage_class(attrs.storage_class.as_deref().map(StorageClass::from))
+            .metadata_directive(MetadataDirective::Replace);
+        let out = with_attributes!(request, attrs)
             .customize()
             .config_override(self.long_call())
             .send()
