@@ -439,11 +439,19 @@ where
         };
         let route_str = route.as_ref().map(MatchedPath::as_str);
         let mut scoped = false;
+        // A browser's `Origin` and the tenant, kept for a timeout's answer (the request
+        // itself is gone into the service below by then).
+        let mut origin = req.headers().get(axum::http::header::ORIGIN).cloned();
+        let mut origin_tenant = None;
         let admitted = if preflight {
+            origin = None;
             Ok(futures_util::future::Either::Left(call(req)))
         } else {
             match edge.auth.authenticate(&req, route_str, false) {
                 Ok(principal) => {
+                    if origin.is_some() {
+                        origin_tenant = Some(principal.tenant.clone());
+                    }
                     scoped = admit(&mut req, principal);
                     Ok(futures_util::future::Either::Left(call(req)))
                 }
@@ -494,7 +502,25 @@ where
                             res
                         }
                         Ok(Err(never)) => match never {},
-                        Err(_) => AppError::Unavailable("request timed out".into()).into_response(),
+                        Err(_) => {
+                            let timed_out = AppError::Unavailable("request timed out".into());
+                            match origin {
+                                // Through the CORS layer, like the edge's other refusals.
+                                Some(origin) => {
+                                    let mut probe = Request::new(axum::body::Body::empty());
+                                    *probe.method_mut() = method.clone();
+                                    probe
+                                        .headers_mut()
+                                        .insert(axum::http::header::ORIGIN, origin);
+                                    let refusal = match origin_tenant {
+                                        Some(t) => Refusal::Denied(timed_out, t),
+                                        None => Refusal::Error(timed_out),
+                                    };
+                                    refuse(&edge.cors, refusal, probe).await
+                                }
+                                None => timed_out.into_response(),
+                            }
+                        }
                     }
                 }
             };

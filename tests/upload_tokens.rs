@@ -536,3 +536,55 @@ async fn a_lost_storage_upload_is_409_for_a_token_as_for_the_key() {
         assert_eq!(p["fileStatus"], "aborted");
     }
 }
+
+/// The edge's request timeout (here: finalize waiting on a stalled storage read) answers a
+/// browser through the CORS layer too, so the page can read the 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_request_is_readable_by_the_browser() {
+    const ORIGIN: &str = "https://app.example";
+    let mut cfg = config("request_timeout_seconds = 1");
+    cfg.tenants[0].cors_allowed_origins = vec![ORIGIN.to_owned()];
+    let gw = TestGateway::start(
+        cfg,
+        std::sync::Arc::new(upgate::store::memory::MemoryStore::new(
+            Duration::from_secs(3600),
+        )),
+    )
+    .await;
+    let created = gw.create_session(KEY_A, json!({})).await;
+    let session = created["sessionId"].as_str().expect("id");
+    let token = created["uploadToken"].as_str().expect("token");
+    let f = gw
+        .register_json(
+            token,
+            session,
+            json!({"fileName": "a.png", "sizeBytes": 8, "contentType": "image/png"}),
+        )
+        .await;
+    let file = f["fileId"].as_str().expect("fileId");
+    let png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    assert_eq!(
+        gw.put_part(token, session, file, 1, png).await.status(),
+        200
+    );
+    assert_eq!(gw.complete(token, session, file).await.status(), 200);
+    gw.counting.hold_reads.send_replace(true);
+    let res = gw
+        .req(
+            Method::POST,
+            &format!("/v1/sessions/{session}/finalize"),
+            token,
+        )
+        .header("Origin", ORIGIN)
+        .send()
+        .await
+        .expect("send");
+    gw.counting.hold_reads.send_replace(false);
+    assert_eq!(
+        res.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some(ORIGIN)
+    );
+    problem(res, 503, "unavailable").await;
+}
