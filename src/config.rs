@@ -220,15 +220,26 @@ impl Config {
             .label(self.s3.endpoint.as_deref(), Some(&self.s3.region))
     }
 
-    /// The label of `tenant`'s storage: its own, else the gateway's.
-    pub fn tenant_storage_label(&self, tenant: &TenantConfig) -> String {
+    /// Where `tenant`'s objects go: its own storage, endpoint and region, each falling back
+    /// to the gateway's (`storage`, `[s3] endpoint`, `[s3] region`).
+    pub fn tenant_storage<'a>(
+        &'a self,
+        tenant: &'a TenantConfig,
+    ) -> (&'a StorageTarget, Option<&'a str>, &'a str) {
         match &tenant.storage {
-            None => self.storage_label(),
-            Some(own) => own.target.label(
+            None => (&self.storage, self.s3.endpoint.as_deref(), &self.s3.region),
+            Some(own) => (
+                &own.target,
                 own.endpoint.as_deref().or(self.s3.endpoint.as_deref()),
-                Some(own.region.as_deref().unwrap_or(&self.s3.region)),
+                own.region.as_deref().unwrap_or(&self.s3.region),
             ),
         }
+    }
+
+    /// The label of `tenant`'s storage: its own, else the gateway's.
+    pub fn tenant_storage_label(&self, tenant: &TenantConfig) -> String {
+        let (target, endpoint, region) = self.tenant_storage(tenant);
+        target.label(endpoint, Some(region))
     }
 }
 
@@ -1021,13 +1032,7 @@ impl Check {
         let mut places: Vec<(String, String, &str)> = Vec::new();
         for t in &config.tenants {
             let label = config.tenant_storage_label(t);
-            let (target, endpoint) = match &t.storage {
-                Some(own) => (
-                    &own.target,
-                    own.endpoint.as_deref().or(config.s3.endpoint.as_deref()),
-                ),
-                None => (&config.storage, config.s3.endpoint.as_deref()),
-            };
+            let (target, endpoint, _) = config.tenant_storage(t);
             let (place, full) = match target {
                 StorageTarget::Filesystem(dir) => (
                     format!("file://{}", dir.display()),

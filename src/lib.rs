@@ -307,20 +307,14 @@ pub async fn build_storages(config: &Config) -> Result<storage::Storages, StartE
     for t in &config.tenants {
         let own = match &t.storage {
             None => None,
-            Some(own) => {
+            Some(_) => {
                 let label = config.tenant_storage_label(t);
                 let store = match storages.find(&label) {
                     Some(existing) => existing,
-                    None => timed(
-                        open_storage(
-                            &own.target,
-                            own.endpoint.as_deref().or(config.s3.endpoint.as_deref()),
-                            own.region.as_deref().unwrap_or(&config.s3.region),
-                            config,
-                            &mut sdk,
-                        )
-                        .await?,
-                    ),
+                    None => {
+                        let (target, endpoint, region) = config.tenant_storage(t);
+                        timed(open_storage(target, endpoint, region, config, &mut sdk).await?)
+                    }
                 };
                 Some((label, store))
             }

@@ -98,12 +98,11 @@ pub(super) async fn get(
         &tenant.0.id,
         now,
     )?;
-    let mut res = Json(file_json(&f)).into_response();
-    if f.status == FileStatus::Aborted {
-        // Only a deleted session leaves an aborted file to find.
-        res.extensions_mut().insert(crate::auth::SessionGone);
-    }
-    Ok(res)
+    // Only a deleted session leaves an aborted file to find.
+    Ok(super::gone_if(
+        Json(file_json(&f)).into_response(),
+        f.status == FileStatus::Aborted,
+    ))
 }
 
 /// `GET /v1/sessions/{id}/files?limit=&cursor=`: one page of the session's files.
@@ -124,11 +123,10 @@ pub(super) async fn list(
         &tenant.0.id,
         now,
     )?;
-    let mut res = Json(files_page_json(&view)).into_response();
-    if view.session.status == crate::model::SessionStatus::Aborted {
-        res.extensions_mut().insert(crate::auth::SessionGone);
-    }
-    Ok(res)
+    Ok(super::gone_if(
+        Json(files_page_json(&view)).into_response(),
+        view.session.status == crate::model::SessionStatus::Aborted,
+    ))
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id, file_id = %file_id))]

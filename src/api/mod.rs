@@ -166,6 +166,18 @@ pub(crate) struct SessionView<'a> {
     pub(crate) upload_token_expires_at: Option<String>,
 }
 
+/// `res` marked [`crate::auth::SessionGone`] when `deleted` (its session was deleted): an
+/// upload token then gets 404 instead.
+pub(crate) fn gone_if(
+    mut res: axum::response::Response,
+    deleted: bool,
+) -> axum::response::Response {
+    if deleted {
+        res.extensions_mut().insert(crate::auth::SessionGone);
+    }
+    res
+}
+
 /// The session resource with its first page of files (`GET` and finalize).
 pub(crate) fn session_with_files(view: &crate::store::SessionView) -> SessionView<'_> {
     let mut v = session_json(&view.session);

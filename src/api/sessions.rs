@@ -179,11 +179,10 @@ pub(super) async fn get(
         &tenant.0.id,
         now,
     )?;
-    let mut res = Json(session_with_files(&view)).into_response();
-    if view.session.status == SessionStatus::Aborted {
-        res.extensions_mut().insert(crate::auth::SessionGone);
-    }
-    Ok(res)
+    Ok(super::gone_if(
+        Json(session_with_files(&view)).into_response(),
+        view.session.status == SessionStatus::Aborted,
+    ))
 }
 
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id = %session_id))]
