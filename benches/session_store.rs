@@ -48,6 +48,7 @@ fn session(tenant: &str) -> SessionRecord {
         created_at: now,
         expires_at: now + 3600,
         metadata: serde_json::json!({"bench": true}),
+        owner: None,
     }
 }
 

@@ -1,5 +1,6 @@
-//! Bearer authentication: an API key (belongs to exactly one tenant) or an upload token
-//! (one session of one tenant, [`crate::tokens`]).
+//! Bearer authentication: an API key (belongs to exactly one tenant), an upload token
+//! (one session of one tenant, [`crate::tokens`]) or an end-user JWT (the sessions one
+//! user of a tenant owns, [`crate::jwt`]).
 //!
 //! Keys are configured as SHA-256 digests, so the configuration never holds a usable key;
 //! the presented key is hashed and looked up. No credential is ever logged.
@@ -9,11 +10,13 @@ use std::sync::Arc;
 
 use axum::extract::Request;
 use axum::http::header::AUTHORIZATION;
+use axum::http::Method;
 
 use sha2::{Digest, Sha256};
 
 use crate::config::TenantConfig;
 use crate::error::AppError;
+use crate::jwt::{EndUser, EndUserTokens};
 use crate::tokens::{Invalid, UploadTokens};
 
 /// API-key digest → tenant.
@@ -64,14 +67,22 @@ pub struct SessionScope(pub String);
 #[derive(Debug, Clone, Copy)]
 pub struct SessionGone;
 
-/// Who a request is: its tenant, and the session its credential is limited to (`None`:
-/// an API key, every session of the tenant).
+/// The end user of a request authenticated by a JWT, in its extensions: handlers apply
+/// the token's limits and make the user the owner of the sessions it creates; the
+/// ownership check ([`crate::stack`]) answers 404 on other users' sessions.
+#[derive(Debug, Clone)]
+pub struct User(pub Arc<EndUser>);
+
+/// Who a request is: its tenant, and the session or user its credential is limited to
+/// (neither: an API key, every session of the tenant).
 #[derive(Debug, Clone)]
 pub struct Principal {
     /// The tenant.
     pub tenant: Arc<TenantConfig>,
     /// The upload token's session.
     pub session: Option<String>,
+    /// The JWT's end user.
+    pub user: Option<Arc<EndUser>>,
 }
 
 /// Why [`Authenticator::authenticate`] did not admit a request.
@@ -93,21 +104,57 @@ pub struct Authenticator {
     by_id: Arc<HashMap<String, Arc<TenantConfig>>>,
     /// The upload token keys.
     pub tokens: Arc<UploadTokens>,
+    end_users: Arc<EndUserTokens>,
 }
 
 impl Authenticator {
     /// For `tenants`, verifying upload tokens with `tokens`.
     pub fn new(tenants: &[TenantConfig], tokens: Arc<UploadTokens>) -> Self {
+        let shared: Vec<Arc<TenantConfig>> = tenants.iter().map(|t| Arc::new(t.clone())).collect();
         Authenticator {
             keys: Tenants::new(tenants),
-            by_id: Arc::new(
-                tenants
-                    .iter()
-                    .map(|t| (t.id.clone(), Arc::new(t.clone())))
-                    .collect(),
-            ),
+            by_id: Arc::new(shared.iter().map(|t| (t.id.clone(), t.clone())).collect()),
             tokens,
+            end_users: Arc::new(EndUserTokens::new(&shared)),
         }
+    }
+
+    /// An end-user JWT's principal, when `credential` is one (three dot-separated parts,
+    /// and some tenant takes JWTs): `None` when it is not a JWT of any tenant's issuer
+    /// (then it may still be an API key).
+    fn end_user(
+        &self,
+        req: &Request,
+        route: Option<&str>,
+        credential: &str,
+    ) -> Option<Result<Principal, Refusal>> {
+        if !self.end_users.any() || credential.bytes().filter(|b| *b == b'.').count() != 2 {
+            return None;
+        }
+        let now = u64::try_from(crate::model::now_ms() / 1000).unwrap_or(0);
+        let (tenant, user) = match self.end_users.verify(credential, now) {
+            Ok(found) => found,
+            Err(crate::jwt::Refused::Malformed | crate::jwt::Refused::UnknownIssuer) => {
+                return None
+            }
+            Err(why) => {
+                tracing::debug!(reason = ?why, "end-user token refused");
+                return Some(Err(Refusal::Error(AppError::InvalidToken)));
+            }
+        };
+        // An allow-list: creating sessions and the routes under one session (minting
+        // included); the user's ownership of that session is checked in the stack.
+        match route {
+            Some(r) if r == crate::api::path::SESSIONS && req.method() == Method::POST => {}
+            Some(r) if r.starts_with(crate::api::path::SESSION) => {}
+            Some(_) => return Some(Err(Refusal::Denied(AppError::InsufficientScope, tenant))),
+            None => {}
+        }
+        Some(Ok(Principal {
+            tenant,
+            session: None,
+            user: Some(Arc::new(user)),
+        }))
     }
 
     /// The request's principal, or why it has none. `route` is the matched route template
@@ -128,12 +175,16 @@ impl Authenticator {
             return Err(Refusal::Error(AppError::Unauthorized));
         };
         if !credential.starts_with(crate::tokens::PREFIX) {
+            if let Some(verified) = self.end_user(req, route, credential) {
+                return verified;
+            }
             return self
                 .keys
                 .resolve(credential)
                 .map(|tenant| Principal {
                     tenant,
                     session: None,
+                    user: None,
                 })
                 .ok_or(Refusal::Error(AppError::InvalidToken));
         }
@@ -181,6 +232,7 @@ impl Authenticator {
         Ok(Principal {
             tenant,
             session: Some(claims.session_id),
+            user: None,
         })
     }
 }

@@ -180,6 +180,39 @@ pub struct TenantConfig {
     /// `content_disposition`, `sse` (+ `sse_kms_key_id`) and `storage_class` of the
     /// objects the tenant completes.
     pub objects: ObjectSettings,
+    /// `[tenants.jwt]`: end-user tokens the tenant signs (`None`: the tenant has none).
+    pub jwt: Option<JwtConfig>,
+    /// `end_user_rate_limit`: the request rate of one end user (`tenant:sub`), on top of
+    /// the tenant's; default a tenth of `rate_limit` (at least 1).
+    pub end_user_rate_limit: RateLimitConfig,
+}
+
+/// The JWT algorithms a tenant may allow (`algorithms`).
+pub const JWT_ALGORITHMS: &[(&str, jsonwebtoken::Algorithm)] = &[
+    ("EdDSA", jsonwebtoken::Algorithm::EdDSA),
+    ("ES256", jsonwebtoken::Algorithm::ES256),
+    ("ES384", jsonwebtoken::Algorithm::ES384),
+    ("RS256", jsonwebtoken::Algorithm::RS256),
+    ("PS256", jsonwebtoken::Algorithm::PS256),
+    ("HS256", jsonwebtoken::Algorithm::HS256),
+];
+
+/// `[tenants.jwt]`: how the tenant's end-user tokens are verified ([`crate::jwt`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtConfig {
+    /// The `iss` of the tenant's tokens; unique across tenants.
+    pub issuer: String,
+    /// The `aud` a token must name, when set.
+    pub audience: Option<String>,
+    /// The algorithms a token may be signed with.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// `keys_file`, as configured (for messages).
+    pub keys_file: PathBuf,
+    /// The keys of the JWK Set in `keys_file`, read at start; each one builds a
+    /// verification key and fits at least one of `algorithms`.
+    pub keys: Vec<jsonwebtoken::jwk::Jwk>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    pub leeway_seconds: u64,
 }
 
 /// A tenant's own `storage`.
@@ -610,6 +643,20 @@ struct RawTenant {
     sse: Setting<String>,
     sse_kms_key_id: Setting<String>,
     storage_class: Setting<String>,
+    jwt: Setting<RawJwt>,
+    end_user_rate_limit: Setting<RawRateLimit>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawJwt {
+    issuer: Setting<String>,
+    audience: Setting<String>,
+    algorithms: Setting<Vec<String>>,
+    keys_file: Setting<String>,
+    leeway_seconds: Setting<Secs<0, 600, 30>>,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -785,6 +832,17 @@ impl Check {
             ));
         }
         self.tenants_storage(&config);
+        let mut issuers = std::collections::HashMap::new();
+        for t in &config.tenants {
+            if let Some(jwt) = &t.jwt {
+                if let Some(other) = issuers.insert(jwt.issuer.as_str(), t.id.as_str()) {
+                    self.err(format!(
+                        "tenants {other:?} and {:?} have the same jwt.issuer {:?}: the issuer picks the tenant",
+                        t.id, jwt.issuer
+                    ));
+                }
+            }
+        }
         if listen == admin_listen && listen.port() != 0 {
             self.err(format!("listen and admin_listen are both {listen}"));
         }
@@ -973,6 +1031,26 @@ impl Check {
             burst: self.int(rl.burst, &format!("{rl_name}.burst")) as u32,
         };
         self.unknown(&rl_name, rl.unknown);
+        let end_user_rate_limit = match t.end_user_rate_limit {
+            Setting::Unset => RateLimitConfig {
+                requests_per_second: (rate_limit.requests_per_second / 10).max(1),
+                burst: (rate_limit.burst / 10).max(1),
+            },
+            raw => {
+                let name = field("end_user_rate_limit");
+                let rl = self.get(raw, &name);
+                let limit = RateLimitConfig {
+                    requests_per_second: self.int(
+                        rl.requests_per_second,
+                        &format!("{name}.requests_per_second"),
+                    ) as u32,
+                    burst: self.int(rl.burst, &format!("{name}.burst")) as u32,
+                };
+                self.unknown(&name, rl.unknown);
+                limit
+            }
+        };
+        let jwt = self.jwt(&field("jwt"), t.jwt);
 
         let storage_prefix = self.text(
             t.storage_prefix,
@@ -1019,9 +1097,121 @@ impl Check {
             session_ttl_seconds,
             rate_limit,
             storage_prefix,
+            jwt,
+            end_user_rate_limit,
         };
         self.unknown(name, t.unknown);
         tenant
+    }
+
+    /// `[tenants.jwt]`, its JWK Set read and checked: every key builds a verification key,
+    /// fits one of `algorithms` (by its `alg`, else by its type), and `kid`s are unique.
+    fn jwt(&mut self, name: &str, raw: Setting<RawJwt>) -> Option<JwtConfig> {
+        let raw = self.opt(raw, name)?;
+        let field = |key: &str| format!("{name}.{key}");
+        let issuer = self.text(raw.issuer, &field("issuer"), "");
+        if issuer.is_empty() {
+            self.err(format!(
+                "{}: required (the iss of the tenant's tokens)",
+                field("issuer")
+            ));
+        }
+        let audience = self.opt(raw.audience, &field("audience"));
+        if audience.as_deref() == Some("") {
+            self.err(format!("{}: must not be empty", field("audience")));
+        }
+        let names: Vec<String> = self.get(raw.algorithms, &field("algorithms"));
+        let mut algorithms = Vec::new();
+        for n in &names {
+            match JWT_ALGORITHMS.iter().find(|(a, _)| a == n) {
+                Some((_, alg)) if !algorithms.contains(alg) => algorithms.push(*alg),
+                Some(_) => {}
+                None => self.err(format!(
+                    "{}: {n:?} is not one of EdDSA, ES256, ES384, RS256, PS256, HS256",
+                    field("algorithms")
+                )),
+            }
+        }
+        if names.is_empty() {
+            self.err(format!(
+                "{}: name at least one algorithm",
+                field("algorithms")
+            ));
+        }
+        let leeway_seconds = self.int(raw.leeway_seconds, &field("leeway_seconds"));
+        let keys_file = PathBuf::from(self.text(raw.keys_file, &field("keys_file"), ""));
+        self.unknown(name, raw.unknown);
+        let keys = if keys_file.as_os_str().is_empty() {
+            self.err(format!("{}: required (a JWK Set file)", field("keys_file")));
+            Vec::new()
+        } else {
+            self.jwks(&field("keys_file"), &keys_file, &algorithms)
+        };
+        Some(JwtConfig {
+            issuer,
+            audience,
+            algorithms,
+            keys_file,
+            keys,
+            leeway_seconds,
+        })
+    }
+
+    /// The keys of the JWK Set at `path`, each checked against `algorithms`.
+    fn jwks(
+        &mut self,
+        name: &str,
+        path: &Path,
+        algorithms: &[jsonwebtoken::Algorithm],
+    ) -> Vec<jsonwebtoken::jwk::Jwk> {
+        let shown = path.display();
+        let set: jsonwebtoken::jwk::JwkSet = match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+        {
+            Ok(set) => set,
+            Err(e) => {
+                self.err(format!("{name}: {shown:?} is not a readable JWK Set: {e}"));
+                return Vec::new();
+            }
+        };
+        if set.keys.is_empty() {
+            self.err(format!("{name}: {shown:?} holds no key"));
+        }
+        let mut kids = std::collections::HashSet::new();
+        for (i, jwk) in set.keys.iter().enumerate() {
+            let which = match &jwk.common.key_id {
+                Some(kid) => format!("key {kid:?}"),
+                None => format!("key #{}", i + 1),
+            };
+            if let Some(kid) = &jwk.common.key_id {
+                if !kids.insert(kid.clone()) {
+                    self.err(format!("{name}: {shown:?}: two keys have the kid {kid:?}"));
+                }
+            } else if set.keys.len() > 1 {
+                self.err(format!(
+                    "{name}: {shown:?}: {which} has no kid (with several keys, kid picks one)"
+                ));
+            }
+            if let Err(e) = jsonwebtoken::DecodingKey::from_jwk(jwk) {
+                self.err(format!("{name}: {shown:?}: {which} is not usable: {e}"));
+                continue;
+            }
+            if let jsonwebtoken::jwk::AlgorithmParameters::OctetKey(k) = &jwk.algorithm {
+                // 256 bits at least for HS256 (RFC 7518 section 3.2).
+                if k.value.len() < 43 {
+                    self.err(format!(
+                        "{name}: {shown:?}: {which} (an HS256 secret) is shorter than 32 bytes"
+                    ));
+                }
+            }
+            if crate::jwt::fitting(jwk, algorithms).is_empty() {
+                self.err(format!(
+                    "{name}: {shown:?}: {which} fits none of the tenant's algorithms"
+                ));
+            }
+        }
+        set.keys
     }
 
     /// Rules between tenants and their storage: two tenants on one storage have different
@@ -1268,6 +1458,11 @@ fn dev_tenant(max_metadata_bytes: u64) -> TenantConfig {
         max_active_sessions: 10_000,
         storage: None,
         objects: ObjectSettings::default(),
+        jwt: None,
+        end_user_rate_limit: RateLimitConfig {
+            requests_per_second: 10,
+            burst: 20,
+        },
     }
 }
 
@@ -1514,6 +1709,65 @@ mod tests {
             Config::hash_key("k")
         );
         assert!(Config::from_toml(&text, no_env, false).is_ok());
+    }
+
+    #[test]
+    fn jwt_settings_are_checked_together_and_keys_read_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let jwks = dir.path().join("jwks.json");
+        // An Ed25519 key with a kid; an RSA key whose `alg` names HS256 (fits nothing).
+        std::fs::write(
+            &jwks,
+            r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"a","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#,
+        )
+        .expect("write");
+        let tenant = |id: &str, jwt: &str| {
+            format!(
+                "[[tenants]]\nid = \"{id}\"\napi_keys_sha256 = [\"{}\"]\nrate_limit = {{ requests_per_second = 50, burst = 80 }}\n[tenants.jwt]\n{jwt}\n",
+                Config::hash_key(id)
+            )
+        };
+        let good = format!(
+            "issuer = \"https://i\"\nalgorithms = [\"EdDSA\"]\nkeys_file = \"{}\"",
+            jwks.display()
+        );
+        let c = Config::from_toml(&tenant("t", &good), no_env, false).expect("valid");
+        let jwt = c.tenants[0].jwt.as_ref().expect("jwt");
+        assert_eq!(jwt.keys.len(), 1);
+        assert_eq!(jwt.leeway_seconds, 30);
+        assert_eq!(jwt.audience, None);
+        // The per-user limit defaults to a tenth of the tenant's.
+        assert_eq!(
+            c.tenants[0].end_user_rate_limit,
+            RateLimitConfig {
+                requests_per_second: 5,
+                burst: 8
+            }
+        );
+        // Every problem at once: an unknown algorithm, an unreadable set, a duplicate issuer.
+        let text = format!(
+            "{}{}",
+            tenant(
+                "t",
+                "issuer = \"https://i\"\nalgorithms = [\"none\"]\nkeys_file = \"/no/such/jwks.json\""
+            ),
+            tenant("u", &good)
+        );
+        let err = Config::from_toml(&text, no_env, false)
+            .expect_err("bad jwt settings")
+            .to_string();
+        assert!(err.contains("\"none\" is not one of"), "{err}");
+        assert!(err.contains("not a readable JWK Set"), "{err}");
+        assert!(err.contains("the same jwt.issuer"), "{err}");
+        // A key that fits none of the algorithms.
+        let only_rs = good.replace("EdDSA", "RS256");
+        let err = Config::from_toml(&tenant("t", &only_rs), no_env, false)
+            .expect_err("no key fits")
+            .to_string();
+        assert!(
+            err.contains("fits none of the tenant's algorithms"),
+            "{err}"
+        );
     }
 
     #[test]

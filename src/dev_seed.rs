@@ -34,6 +34,7 @@ fn session(
         created_at,
         expires_at: created_at + ttl,
         metadata: serde_json::json!({"fixture": true}),
+        owner: None,
     }
 }
 

@@ -135,6 +135,10 @@ pub enum AppError {
     /// 413 `payloadTooLarge`: `metadata` over `max_metadata_bytes` (serialized JSON).
     #[error("metadata too large")]
     MetadataTooLarge(u64),
+    /// 415 `contentTypeNotAllowed`: the declared content type is outside the end-user
+    /// token's `allowedContentTypes`.
+    #[error("content type not allowed")]
+    ContentTypeNotAllowed(Vec<String>),
     /// 415 `contentTypeMismatch`.
     #[error("content type mismatch")]
     ContentTypeMismatch {
@@ -219,7 +223,9 @@ impl AppError {
             FileTooLarge(_) | PayloadTooLarge(_) | MetadataTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ContentTypeMismatch { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ContentTypeMismatch { .. } | ContentTypeNotAllowed(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             RateLimited { .. } | TooManyConcurrentUploads | QuotaExceeded(_) => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -256,6 +262,7 @@ impl AppError {
             FileTooLarge(_) => "fileTooLarge",
             PayloadTooLarge(_) | MetadataTooLarge(_) => "payloadTooLarge",
             ContentTypeMismatch { .. } => "contentTypeMismatch",
+            ContentTypeNotAllowed(_) => "contentTypeNotAllowed",
             IdempotencyKeyReused => "idempotencyKeyReused",
             RateLimited { .. } => "rateLimited",
             TooManyConcurrentUploads => "tooManyConcurrentUploads",
@@ -294,6 +301,7 @@ impl AppError {
             PayloadTooLarge(_) => "The request body is larger than allowed",
             MetadataTooLarge(_) => "The metadata is larger than allowed",
             ContentTypeMismatch { .. } => "The content does not match its declared type",
+            ContentTypeNotAllowed(_) => "This token does not allow the declared content type",
             IdempotencyKeyReused => "The Idempotency-Key was used for a different request",
             RateLimited { .. } => "Too many requests",
             TooManyConcurrentUploads => "Too many part uploads in flight",
@@ -399,6 +407,13 @@ impl AppError {
                 ext.insert("limit".into(), json!(limit));
                 format!(
                     "at most {limit} sessions may be live at once; finalize or delete one, or wait for one to expire"
+                )
+            }
+            ContentTypeNotAllowed(allowed) => {
+                ext.insert("allowed".into(), json!(allowed));
+                format!(
+                    "files may declare only these content types: {}",
+                    allowed.join(", ")
                 )
             }
             ContentTypeMismatch {

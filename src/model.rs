@@ -123,6 +123,10 @@ pub struct SessionRecord {
     pub expires_at: i64,
     /// Client metadata (a JSON object), stored as given.
     pub metadata: serde_json::Value,
+    /// The end user (a JWT's `sub`) the session belongs to; `None` for a session created
+    /// with the tenant's API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl SessionRecord {

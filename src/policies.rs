@@ -48,13 +48,30 @@ impl upgate_layers::rate_limit::RateLimitPolicy<Body> for TenantQuota {
     }
 }
 
+/// Key = `tenant:user` (the user's [`crate::jwt::EndUser::key`]), quota = the tenant's
+/// `end_user_rate_limit`; requests without an end user are not limited by it.
+#[derive(Debug, Clone, Copy)]
+pub struct EndUserQuota;
+
+impl upgate_layers::rate_limit::RateLimitPolicy<Body> for EndUserQuota {
+    fn classify(&self, req: &Request<Body>) -> Option<(String, Quota)> {
+        let user = req.extensions().get::<crate::auth::User>()?;
+        let t = tenant(req)?;
+        let q = t.0.end_user_rate_limit;
+        Some((
+            format!("{}:{}", t.0.id, user.0.key),
+            Quota::new(q.requests_per_second, q.burst),
+        ))
+    }
+}
+
 /// 429 `rateLimited` with `Retry-After`.
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimited;
 
 impl upgate_layers::rate_limit::RejectionBuilder<Body> for RateLimited {
     fn rejected(&self, key: &str, decision: &Decision) -> Response<Body> {
-        tracing::info!(tenant = %key, "rate limited");
+        tracing::info!(key = %key, "rate limited");
         AppError::RateLimited {
             retry_after: decision.retry_after_secs().unwrap_or(1).max(1),
         }
@@ -92,10 +109,14 @@ impl RateLimitBackend for Limiter {
 pub struct TenantScope;
 
 impl upgate_layers::idempotency::IdempotencyScope<Body> for TenantScope {
-    /// The tenant; for an upload token, the tenant and its session (a token's requests
-    /// never meet another credential's records).
+    /// The tenant; for an upload token, the tenant and its session; for an end user, the
+    /// tenant and the user (a token's or user's requests never meet another credential's
+    /// records).
     fn scope(&self, req: &Request<Body>) -> Option<String> {
         let tenant = tenant(req)?;
+        if let Some(user) = req.extensions().get::<crate::auth::User>() {
+            return Some(format!("{}/user/{}", tenant.0.id, user.0.key));
+        }
         Some(match req.extensions().get::<crate::auth::SessionScope>() {
             Some(session) => format!("{}/upt/{}", tenant.0.id, session.0),
             None => tenant.0.id.clone(),

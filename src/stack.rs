@@ -27,13 +27,18 @@
 //! decisions are synchronous): no per-request clone of the stack below and no boxed future.
 //! (As `axum::middleware::from_fn` and `HandleErrorLayer` they cloned everything below them
 //! and boxed twice per request, ~6 % of the gateway's CPU under the register load.)
-//! 7. **Rate limit** (per tenant): before anything that touches Redis session scripts or
-//!    storage, so a limited request costs one limiter decision and nothing else.
-//! 8. **Idempotency** (POST with `Idempotency-Key`, scoped per tenant): after the rate limit
+//! 7. **Rate limits**: per end user (`tenant:sub`, JWT requests only), then per tenant;
+//!    before anything that touches Redis session scripts or storage, so a limited request
+//!    costs one limiter decision and nothing else. The user's comes first, so a user over
+//!    its own limit spends none of the tenant's quota.
+//! 8. **Ownership** ([`crate::ownership`], JWT requests only): another user's session is
+//!    404 before idempotency (nothing reserved for it) and before expiry (no 410 telling
+//!    that it exists).
+//! 9. **Idempotency** (POST with `Idempotency-Key`, scoped per tenant): after the rate limit
 //!    (a rejected request must not reserve a key) and before the handlers, so a replay never
 //!    re-runs registration or completion.
-//! 9. **Expiry**: answers 410 from the session's immutable deadline before any handler work.
-//! 10. **Count limit**: per-tenant cap on part uploads in flight, innermost so a slot is held
+//! 10. **Expiry**: answers 410 from the session's immutable deadline before any handler work.
+//! 11. **Count limit**: per-tenant cap on part uploads in flight, innermost so a slot is held
 //!    only while the upload itself runs.
 
 use std::convert::Infallible;
@@ -61,7 +66,7 @@ use crate::auth::{Authenticator, Principal, Refusal};
 use crate::config::Config;
 use crate::error::AppError;
 use crate::policies::{
-    ExpiredProblem, IdempotencyProblems, IdempotencyRecords, Limiter, RateLimited,
+    EndUserQuota, ExpiredProblem, IdempotencyProblems, IdempotencyRecords, Limiter, RateLimited,
     SessionDeadlines, TenantQuota, TenantScope, TooManyUploads, UploadsInFlight,
 };
 use crate::store::redis::RedisHandle;
@@ -77,7 +82,9 @@ const RATE_LIMIT_LEASE_TTL: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 pub struct Layers {
+    end_user_rate_limit: RateLimitLayer<EndUserQuota, Limiter, RateLimited>,
     rate_limit: RateLimitLayer<TenantQuota, Limiter, RateLimited>,
+    ownership: crate::ownership::OwnershipLayer,
     idempotency: IdempotencyLayer<TenantScope, IdempotencyRecords, IdempotencyProblems>,
     expiry: ExpiryLayer<SessionDeadlines, ExpiredProblem>,
     uploads:
@@ -113,9 +120,15 @@ impl Layers {
         };
         let max_body = config.max_json_body_bytes;
         Layers {
+            end_user_rate_limit: RateLimitLayer::new(EndUserQuota, limiter.clone())
+                .bypass(config.rate_limit_bypass)
+                .rejection(RateLimited),
             rate_limit: RateLimitLayer::new(TenantQuota, limiter)
                 .bypass(config.rate_limit_bypass)
                 .rejection(RateLimited),
+            ownership: crate::ownership::OwnershipLayer::new(crate::ownership::Owners::new(
+                store.clone(),
+            )),
             idempotency: IdempotencyLayer::new(TenantScope, records)
                 .methods([Method::POST])
                 .body_limit(max_body)
@@ -341,7 +354,9 @@ pub fn build(state: AppState, layers: &Layers) -> Router {
                 },
             ))
             .layer(LayerFailureLayer)
+            .layer(layers.end_user_rate_limit.clone())
             .layer(layers.rate_limit.clone())
+            .layer(layers.ownership.clone())
             // The idempotency layer's body keeps trailers; the layers above take axum's.
             .map_response(
                 |res: axum::http::Response<IdempotencyBody<axum::body::Body>>| {
@@ -542,6 +557,10 @@ fn admit(req: &mut Request, principal: Principal) -> bool {
     tracing::Span::current().record("tenant", principal.tenant.id.as_str());
     req.extensions_mut()
         .insert(crate::api::Tenant(principal.tenant));
+    if let Some(user) = principal.user {
+        req.extensions_mut().insert(crate::auth::User(user));
+        return true;
+    }
     match principal.session {
         Some(session) => {
             req.extensions_mut()

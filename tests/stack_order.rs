@@ -49,6 +49,9 @@ impl SessionStore for Counted {
     async fn session_deadline(&self, t: &str, s: &str) -> Result<Option<(i64, i64)>, StoreError> {
         forward!(self.session_deadline(t, s))
     }
+    async fn session_owner(&self, t: &str, s: &str) -> Result<Option<Option<String>>, StoreError> {
+        forward!(self.session_owner(t, s))
+    }
     async fn register_file(
         &self,
         t: &str,

@@ -73,6 +73,7 @@ impl Ctx {
             created_at: self.t0,
             expires_at: self.t0 + ttl,
             metadata: serde_json::json!({"project": "x", "n": 3, "nested": {"a": [1, 2.5, null, true]}}),
+            owner: None,
         };
         self.store.create_session(&s).await.expect("create_session");
         s
@@ -232,6 +233,22 @@ mod cases {
         s2.metadata = serde_json::json!({});
         c.store.create_session(&s2).await.unwrap();
         assert_eq!(c.get("t1", &s2).await.session, s2);
+        // An end user's session keeps its owner; the owner lookup tells the three cases apart.
+        let mut s3 = s.clone();
+        s3.id = uuid::Uuid::new_v4().to_string();
+        s3.owner = Some("user {a}:1".into());
+        c.store.create_session(&s3).await.unwrap();
+        assert_eq!(c.get("t1", &s3).await.session, s3);
+        assert_eq!(
+            c.store.session_owner("t1", &s3.id).await.unwrap(),
+            Some(Some("user {a}:1".into()))
+        );
+        assert_eq!(
+            c.store.session_owner("t1", &s.id).await.unwrap(),
+            Some(None)
+        );
+        assert_eq!(c.store.session_owner("t2", &s3.id).await.unwrap(), None);
+        assert_eq!(c.store.session_owner("t1", "missing").await.unwrap(), None);
         c.store.ping().await.unwrap();
     }
 

@@ -14,11 +14,20 @@ use crate::store::Registered;
 pub(super) async fn register(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
+    user: Option<Extension<crate::auth::User>>,
     ApiPath(session_id): ApiPath<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, AppError> {
-    let t = &tenant.0;
+    // An end user's token limits apply under the tenant's own.
+    let limits = user.as_ref().map(|Extension(u)| &u.0.limits);
+    let limited = limits.and_then(|l| l.under(&tenant.0));
+    let t = limited.as_ref().unwrap_or(&tenant.0);
     let req = crate::validate::register_file(&body, t)?;
+    if let Some(l) = limits.filter(|l| !l.allows_content_type(req.content_type.as_deref())) {
+        return Err(AppError::ContentTypeNotAllowed(
+            l.allowed_content_types.clone().unwrap_or_default(),
+        ));
+    }
     let now = now_ms();
     // Computed from this replica's configured part size, which is the session's unless the
     // session was created under another `part_size_mb` (a rolling deploy): the store checks

@@ -152,6 +152,8 @@ pub(crate) struct SessionView<'a> {
     created_at: String,
     expires_at: String,
     metadata: &'a Value,
+    /// The end user (JWT `sub`) owning the session; `null` for the API key's sessions.
+    owner: Option<&'a str>,
     /// Present on `GET /v1/sessions/{id}` and finalize: the first page of the files.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) files: Option<Vec<FileView<'a>>>,
@@ -213,6 +215,7 @@ pub(crate) fn session_json(s: &SessionRecord) -> SessionView<'_> {
         created_at: crate::model::rfc3339(s.created_at),
         expires_at: crate::model::rfc3339(s.expires_at),
         metadata: &s.metadata,
+        owner: s.owner.as_deref(),
         files: None,
         files_next_cursor: None,
         upload_token: None,

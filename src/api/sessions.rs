@@ -16,9 +16,13 @@ use crate::store::Page;
 pub(super) async fn create(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
+    user: Option<Extension<crate::auth::User>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, AppError> {
-    let t = &tenant.0;
+    let user = user.map(|Extension(u)| u.0);
+    // An end user's token limits apply under the tenant's own.
+    let limited = user.as_ref().and_then(|u| u.limits.under(&tenant.0));
+    let t = limited.as_ref().unwrap_or(&tenant.0);
     let req = crate::validate::create_session(&body, t)?;
     // The token is minted after the session is stored: the keys must be there first.
     ensure_token_keys(&state).await?;
@@ -38,6 +42,7 @@ pub(super) async fn create(
         created_at: now,
         expires_at: now.saturating_add(ttl),
         metadata: req.metadata,
+        owner: user.as_ref().map(|u| u.sub.clone()),
     };
     tracing::Span::current().record("session_id", session.id.as_str());
     // The quota counts the session first: a create cut after this step leaves a count that
@@ -57,10 +62,34 @@ pub(super) async fn create(
     if !counted {
         return Err(AppError::QuotaExceeded(t.max_active_sessions));
     }
-    if let Err(e) = state.store.create_session(&session).await {
-        if let Err(release) = state.store.release_live(&t.id, &session.id).await {
-            tracing::warn!(error = %release, "releasing the quota of a session not created failed; it ends at the session's expiry");
+    // The user's own `maxSessions`, counted the same way under the user's scope.
+    let user_scope = user.as_ref().and_then(|u| {
+        u.limits
+            .max_sessions
+            .map(|n| (crate::uploads::user_live_scope(&t.id, &u.key), n))
+    });
+    if let Some((scope, limit)) = &user_scope {
+        let counted = state
+            .store
+            .reserve_live(
+                scope,
+                &session.id,
+                session.expires_at.saturating_mul(1000),
+                *limit,
+                now.saturating_mul(1000),
+            )
+            .await;
+        if !matches!(counted, Ok(true)) {
+            release_quota(&state, &t.id, &session.id, None).await;
+            return Err(match counted {
+                Ok(_) => AppError::QuotaExceeded(*limit),
+                Err(e) => e.into(),
+            });
         }
+    }
+    if let Err(e) = state.store.create_session(&session).await {
+        let scope = user_scope.as_ref().map(|(scope, _)| scope.as_str());
+        release_quota(&state, &t.id, &session.id, scope).await;
         return Err(e.into());
     }
     state.metrics.sessions_created.inc();
@@ -74,6 +103,16 @@ pub(super) async fn create(
         Json(view),
     )
         .into_response())
+}
+
+/// Gives back the quota places a session that was not created took (the tenant's, and the
+/// user's under `user_scope`). A failure is logged: the place ends at the session's expiry.
+async fn release_quota(state: &AppState, tenant: &str, session_id: &str, user_scope: Option<&str>) {
+    for scope in std::iter::once(tenant).chain(user_scope) {
+        if let Err(release) = state.store.release_live(scope, session_id).await {
+            tracing::warn!(error = %release, "releasing the quota of a session not created failed; it ends at the session's expiry");
+        }
+    }
 }
 
 /// The upload token keys are loaded (asked of the store when none are, and again every

@@ -245,6 +245,18 @@ impl SessionStore for MemoryStore {
             .map(|e| (e.session.expires_at, e.session.created_at)))
     }
 
+    async fn session_owner(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<Option<String>>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .sessions
+            .get(&key(tenant, session_id))
+            .map(|e| e.session.owner.clone()))
+    }
+
     async fn register_file(
         &self,
         tenant: &str,

@@ -264,6 +264,14 @@ pub trait SessionStore: Send + Sync + 'static {
         session_id: &str,
     ) -> Result<Option<(i64, i64)>, StoreError>;
 
+    /// The session's `owner` (cheap; cached per replica by the ownership check): `None`
+    /// when there is no such session, `Some(None)` for a session without an owner. No gate.
+    async fn session_owner(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<Option<String>>, StoreError>;
+
     /// Registers `file` (status `registered`) in one atomic step: gate (exists, not expired,
     /// active), then fileKey uniqueness among live files, then `file_count < file_limit`,
     /// then write and increment `file_count`. The file's part size and count are those the

@@ -710,6 +710,9 @@ fn session_fields(call: &mut Call<'_>, s: &SessionRecord) -> Result<(), StoreErr
     if let Some(m) = s.max_files {
         call.arg("max_files").arg(m);
     }
+    if let Some(owner) = &s.owner {
+        call.arg("owner").arg(owner);
+    }
     Ok(())
 }
 
@@ -839,6 +842,7 @@ fn parse_session(v: &Value) -> Result<SessionRecord, StoreError> {
         expires_at: f.num("expires_at")?,
         metadata: serde_json::from_str(f.str("metadata")?)
             .map_err(|e| corrupt(format_args!("metadata: {e}")))?,
+        owner: f.opt("owner"),
     })
 }
 
@@ -1156,6 +1160,26 @@ impl SessionStore for RedisStore {
             (None, None) => Ok(None),
             _ => Err(corrupt("session hash without expires_at/created_at")),
         }
+    }
+
+    async fn session_owner(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<Option<Option<String>>, StoreError> {
+        let key = self.keys_of(tenant, session_id).session();
+        let mut con = self.handle.clone();
+        let (id, owner): (Option<String>, Option<String>) = self
+            .bounded("session_owner", async move {
+                redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("id")
+                    .arg("owner")
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        Ok(id.map(|_| owner))
     }
 
     #[tracing::instrument(level = "debug", skip(self, file), fields(session_id = %file.session_id, file_id = %file.id))]

@@ -44,6 +44,13 @@ impl Uploads {
     /// queued is cleaned first, then forgotten; if storage cannot confirm the cleanup yet,
     /// 503 (the queue stays, the reaper keeps at it, and the retry forgets the session).
     pub async fn delete_session(&self, tenant: &str, session_id: &str) -> Result<(), AppError> {
+        // The owner, for the user's quota count: read before the session is forgotten.
+        let owner = self
+            .store
+            .session_owner(tenant, session_id)
+            .await?
+            .flatten();
+        let owner = owner.as_deref();
         for _ in 0..2 {
             let now = now_ms();
             let outcome = self.store.abort_session(tenant, session_id, now).await?;
@@ -52,11 +59,11 @@ impl Uploads {
                 SessionAborted::Forgotten => {
                     tracing::info!("finalized session forgotten; its objects stay");
                     // Finalize released it already; again in case that release was lost.
-                    self.release_live(tenant, session_id).await;
+                    self.release_live(tenant, session_id, owner).await;
                     return Ok(());
                 }
                 SessionAborted::Aborted(queued) => {
-                    self.release_live(tenant, session_id).await;
+                    self.release_live(tenant, session_id, owner).await;
                     return self.clean_now(tenant, session_id, &queued).await;
                 }
                 SessionAborted::CleanupFirst(queued) => {
@@ -98,9 +105,15 @@ impl Uploads {
 
     /// The session no longer counts against the tenant's `max_active_sessions`. A failure
     /// is logged, not returned: the count ends at the session's expiry anyway.
-    pub(super) async fn release_live(&self, tenant: &str, session_id: &str) {
-        if let Err(e) = self.store.release_live(tenant, session_id).await {
-            tracing::warn!(error = %e, "releasing a session's quota count failed; it ends at the session's expiry");
+    /// An end user's session (`owner`) also stops counting against the user's
+    /// `maxSessions`.
+    pub(super) async fn release_live(&self, tenant: &str, session_id: &str, owner: Option<&str>) {
+        let user_scope =
+            owner.map(|sub| super::user_live_scope(tenant, &crate::jwt::user_key(sub)));
+        for scope in std::iter::once(tenant).chain(user_scope.as_deref()) {
+            if let Err(e) = self.store.release_live(scope, session_id).await {
+                tracing::warn!(error = %e, "releasing a session's quota count failed; it ends at the session's expiry");
+            }
         }
     }
 

@@ -574,6 +574,7 @@ mod tests {
             created_at: now / 1000,
             expires_at: now / 1000 + 3600,
             metadata: serde_json::Value::Null,
+            owner: None,
         };
         store.create_session(&session).await.expect("create");
         let file = |id: &str| FileRecord {

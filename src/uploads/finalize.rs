@@ -27,7 +27,8 @@ impl Uploads {
             if view.session.status != SessionStatus::Active {
                 if view.session.status == SessionStatus::Finalized {
                     // A repeated finalize: make sure the quota count went (idempotent).
-                    self.release_live(tenant, session_id).await;
+                    self.release_live(tenant, session_id, view.session.owner.as_deref())
+                        .await;
                 }
                 return Err(AppError::SessionNotActive(view.session.status));
             }
@@ -51,7 +52,8 @@ impl Uploads {
             )? {
                 Finalized::Done(view) => {
                     self.metrics.sessions_finalized.inc();
-                    self.release_live(tenant, session_id).await;
+                    self.release_live(tenant, session_id, view.session.owner.as_deref())
+                        .await;
                     return Ok(view);
                 }
                 Finalized::Incomplete(ids) => return Err(AppError::FilesIncomplete(ids)),

@@ -117,6 +117,13 @@ fn ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The store's live-session scope of one end user of `tenant` (`user_key`:
+/// [`crate::jwt::user_key`]): counts the user's sessions for the token's `maxSessions`.
+/// `~` is not in tenant ids, so no scope is a tenant's.
+pub fn user_live_scope(tenant: &str, user_key: &str) -> String {
+    format!("{tenant}~user~{user_key}")
+}
+
 /// Turns a store gate into the contract's errors; logs the expiration event for the one
 /// request that observed the session's expiry first.
 pub fn open_gate<T>(gate: Gate<T>, tenant: &str, now_ms: i64) -> Result<T, AppError> {
