@@ -10,6 +10,9 @@
 //!
 //! `*/full_stack_upload_token` make the same requests with the session's upload token
 //! instead of the API key, and `upload_token/verify` checks one token alone.
+//! `end_user_jwt/verify_*` verifies one end-user JWT per algorithm (keys made by `openssl`
+//! for the run), `verify_cached` a token verified before (what every request of an upload
+//! after the first costs), `get_session/full_stack_end_user_jwt` is the GET with an EdDSA JWT.
 //!
 //! `cargo bench --bench router`
 
@@ -28,6 +31,103 @@ use upgate::config::Config;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const KEY: &str = "bench-key";
+const ISSUER: &str = "https://auth.bench.example";
+
+/// The tenant's JWT signing keys (one per algorithm, made by `openssl` once per run) and
+/// the JWK Set file of their public halves.
+struct JwtKeys {
+    signers: Vec<(jsonwebtoken::Algorithm, String, jsonwebtoken::EncodingKey)>,
+    jwks: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn jwt_keys() -> &'static JwtKeys {
+    static KEYS: std::sync::OnceLock<JwtKeys> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        use jsonwebtoken::{Algorithm, EncodingKey};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gen = |name: &str, args: &[&str]| {
+            let path = dir.path().join(name);
+            let status = std::process::Command::new("openssl")
+                .arg("genpkey")
+                .args(args)
+                .arg("-out")
+                .arg(&path)
+                .status()
+                .expect("openssl");
+            assert!(status.success());
+            std::fs::read(path).expect("key")
+        };
+        let ed = gen("ed.pem", &["-algorithm", "ed25519"]);
+        let ec = gen(
+            "ec.pem",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        );
+        let rsa = gen(
+            "rsa.pem",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        );
+        let signers = vec![
+            (
+                Algorithm::EdDSA,
+                "ed".to_owned(),
+                EncodingKey::from_ed_pem(&ed).expect("ed"),
+            ),
+            (
+                Algorithm::ES256,
+                "ec".to_owned(),
+                EncodingKey::from_ec_pem(&ec).expect("ec"),
+            ),
+            (
+                Algorithm::RS256,
+                "rsa".to_owned(),
+                EncodingKey::from_rsa_pem(&rsa).expect("rsa"),
+            ),
+            (
+                Algorithm::HS256,
+                "hmac".to_owned(),
+                EncodingKey::from_secret(&[9u8; 32]).expect("secret"),
+            ),
+        ];
+        let keys = signers
+            .iter()
+            .map(|(alg, kid, key)| {
+                let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(key, *alg).expect("jwk");
+                jwk.common.key_id = Some(kid.clone());
+                jwk
+            })
+            .collect();
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(
+            &jwks,
+            serde_json::to_vec(&jsonwebtoken::jwk::JwkSet { keys }).expect("json"),
+        )
+        .expect("write");
+        JwtKeys {
+            signers,
+            jwks,
+            _dir: dir,
+        }
+    })
+}
+
+/// An end-user token of `sub` signed by the key of `alg`, valid for a day.
+fn jwt(alg: jsonwebtoken::Algorithm, sub: &str) -> String {
+    let (_, kid, key) = jwt_keys()
+        .signers
+        .iter()
+        .find(|(a, _, _)| *a == alg)
+        .expect("a key of alg");
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.clone());
+    let exp = upgate::model::now_ms() / 1000 + 86_400;
+    jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"iss": ISSUER, "sub": sub, "exp": exp}),
+        key,
+    )
+    .expect("sign")
+}
 
 fn config() -> Config {
     let toml = format!(
@@ -40,8 +140,14 @@ fn config() -> Config {
         api_keys_sha256 = ["{}"]
         max_files_per_session = 1000000
         rate_limit = {{ requests_per_second = 1000000, burst = 10000000 }}
+        end_user_rate_limit = {{ requests_per_second = 1000000, burst = 10000000 }}
+        [tenants.jwt]
+        issuer = "{ISSUER}"
+        algorithms = ["EdDSA", "ES256", "RS256", "HS256"]
+        keys_file = "{}"
         "#,
-        Config::hash_key(KEY)
+        Config::hash_key(KEY),
+        jwt_keys().jwks.display()
     );
     Config::from_toml(&toml, |_| None, false).expect("bench config")
 }
@@ -179,6 +285,37 @@ fn bench(c: &mut Criterion) {
             .await
         })
     });
+    let user_jwt = jwt(jsonwebtoken::Algorithm::EdDSA, "user-1");
+    let owned_session = rt.block_on(async {
+        let res = router
+            .clone()
+            .oneshot(
+                Request::post("/v1/sessions")
+                    .header("authorization", format!("Bearer {user_jwt}"))
+                    .header("content-type", "application/json")
+                    .body(Body::from(r#"{"ttlSeconds":3600}"#))
+                    .expect("request"),
+            )
+            .await
+            .expect("create");
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        v["sessionId"].as_str().expect("sessionId").to_owned()
+    });
+    group.bench_function("get_session/full_stack_end_user_jwt", |b| {
+        b.to_async(&rt).iter(|| async {
+            call(
+                &router,
+                get_request_with(&owned_session, &user_jwt),
+                StatusCode::OK,
+            )
+            .await
+        })
+    });
     let bare_get = axum::Router::new().route(
         "/v1/sessions/{id}",
         axum::routing::get(
@@ -200,6 +337,37 @@ fn bench(c: &mut Criterion) {
     group.bench_function("get_session/bare_axum_same_json", |b| {
         b.to_async(&rt)
             .iter(|| async { call(&bare_get, get_request(&empty_session), StatusCode::OK).await })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("end_user_jwt");
+    let tenants: Vec<Arc<upgate::config::TenantConfig>> =
+        config().tenants.into_iter().map(Arc::new).collect();
+    let end_users = upgate::jwt::EndUserTokens::new(&tenants);
+    let now = u64::try_from(upgate::model::now_ms() / 1000).expect("time");
+    for (name, alg) in [
+        ("verify_eddsa", jsonwebtoken::Algorithm::EdDSA),
+        ("verify_es256", jsonwebtoken::Algorithm::ES256),
+        ("verify_rs256", jsonwebtoken::Algorithm::RS256),
+        ("verify_hs256", jsonwebtoken::Algorithm::HS256),
+    ] {
+        let token = jwt(alg, "user-1");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                end_users
+                    .verify_uncached(std::hint::black_box(&token), now)
+                    .expect("valid")
+            })
+        });
+    }
+    // A token seen before: one SHA-256 and one lookup.
+    let token = jwt(jsonwebtoken::Algorithm::EdDSA, "user-1");
+    group.bench_function("verify_cached", |b| {
+        b.iter(|| {
+            end_users
+                .verify(std::hint::black_box(&token), now)
+                .expect("valid")
+        })
     });
     group.finish();
 

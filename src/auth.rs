@@ -153,7 +153,7 @@ impl Authenticator {
         Some(Ok(Principal {
             tenant,
             session: None,
-            user: Some(Arc::new(user)),
+            user: Some(user),
         }))
     }
 

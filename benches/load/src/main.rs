@@ -3,7 +3,7 @@
 //! ```text
 //! upgate-bench flow            --target URL --key KEY [--concurrency N] [--duration S] [--files F] [--file-size BYTES]
 //! upgate-bench register        --target URL [--key KEY] [--concurrency N] [--duration S]
-//!                              [--credential key|token] (token: register with the session's upload token)
+//!                              [--credential key|token|jwt] [--jwt TOKEN] (token: register with the session's upload token; jwt: create and register with an end-user JWT)
 //! upgate-bench parts           --target URL --key KEY [--concurrency N] [--duration S] [--part-size BYTES] [--parts-per-file P]
 //! upgate-bench parts-presigned --target URL --key KEY   (same options; bytes go straight to S3)
 //!                              [--via HOST:PORT]        (connect to an L4 proxy in front of S3)
@@ -240,10 +240,17 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                 "register" => {
                     let per_session: u64 = a.get("per-session", 100_000)?;
                     let credential = a.get("credential", "key".to_owned())?;
-                    if credential != "key" && credential != "token" {
-                        return Err("--credential must be key or token".into());
-                    }
+                    let jwt = a.opt("jwt");
                     a.finish()?;
+                    let mut common = common;
+                    match (credential.as_str(), jwt) {
+                        ("key" | "token", _) => {}
+                        // Every request (session creation too) carries the end user's JWT,
+                        // so the sessions are the user's.
+                        ("jwt", Some(jwt)) => common.http = common.http.with_credential(&jwt),
+                        ("jwt", None) => return Err("--credential jwt needs --jwt TOKEN".into()),
+                        _ => return Err("--credential must be key, token or jwt".into()),
+                    }
                     let with_token = credential == "token";
                     let r = rt.block_on(scenarios::register(common, per_session, with_token));
                     let params = json!({"concurrency": concurrency, "durationSeconds": duration, "credential": credential});

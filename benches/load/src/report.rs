@@ -102,7 +102,8 @@ pub fn report(dir: &Path) -> String {
             }
             if let Some(t) = load(dir, "register-gateway-token.json") {
                 if let Some(te) = endpoint(&t, REGISTER) {
-                    // The API-key runs before and after the token run (run.sh), averaged.
+                    // The API-key runs before and after the token and JWT runs (run.sh),
+                    // averaged.
                     let again = load(dir, "register-gateway-key-again.json");
                     let key_rate = match again.as_ref().and_then(|a| endpoint(a, REGISTER)) {
                         Some(ae) => (f(ge, "reqPerSec") + f(ae, "reqPerSec")) / 2.0,
@@ -113,6 +114,20 @@ pub fn report(dir: &Path) -> String {
                         "| 1 | register-file throughput, upload token / API key (same gateway, key runs before and after averaged) | {ratio:.2}× | ≥ 0.90× | {} |\n",
                         verdict(ratio >= 0.9)
                     ));
+                    if let Some(j) = load(dir, "register-gateway-jwt.json") {
+                        if let Some(je) = endpoint(&j, REGISTER) {
+                            let ratio = f(je, "reqPerSec") / key_rate;
+                            out.push_str(&format!(
+                                "| 1 | register-file throughput, end-user JWT (EdDSA) / API key (same gateway, key runs before and after averaged) | {ratio:.2}× | ≥ 0.90× | {} |\n",
+                                verdict(ratio >= 0.9)
+                            ));
+                            absolute.push((
+                                "register file, gateway, end-user JWT".to_owned(),
+                                j.clone(),
+                                je.clone(),
+                            ));
+                        }
+                    }
                     if let Some(a) = &again {
                         if let Some(ae) = endpoint(a, REGISTER) {
                             absolute.push((
