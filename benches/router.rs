@@ -196,23 +196,7 @@ fn bench(c: &mut Criterion) {
         let mut ids = Vec::new();
         let mut tokens = Vec::new();
         for _ in 0..=FILLED_SESSIONS {
-            let res = router
-                .clone()
-                .oneshot(
-                    Request::post("/v1/sessions")
-                        .header("authorization", format!("Bearer {KEY}"))
-                        .header("content-type", "application/json")
-                        .body(Body::from(r#"{"ttlSeconds":3600}"#))
-                        .expect("request"),
-                )
-                .await
-                .expect("create");
-            assert_eq!(res.status(), StatusCode::CREATED);
-            let body = http_body_util::BodyExt::collect(res.into_body())
-                .await
-                .expect("body")
-                .to_bytes();
-            let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            let v = create_session(&router, KEY).await;
             ids.push(v["sessionId"].as_str().expect("sessionId").to_owned());
             tokens.push(v["uploadToken"].as_str().expect("uploadToken").to_owned());
         }
@@ -287,23 +271,7 @@ fn bench(c: &mut Criterion) {
     });
     let user_jwt = jwt(jsonwebtoken::Algorithm::EdDSA, "user-1");
     let owned_session = rt.block_on(async {
-        let res = router
-            .clone()
-            .oneshot(
-                Request::post("/v1/sessions")
-                    .header("authorization", format!("Bearer {user_jwt}"))
-                    .header("content-type", "application/json")
-                    .body(Body::from(r#"{"ttlSeconds":3600}"#))
-                    .expect("request"),
-            )
-            .await
-            .expect("create");
-        assert_eq!(res.status(), StatusCode::CREATED);
-        let body = http_body_util::BodyExt::collect(res.into_body())
-            .await
-            .expect("body")
-            .to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let v = create_session(&router, &user_jwt).await;
         v["sessionId"].as_str().expect("sessionId").to_owned()
     });
     group.bench_function("get_session/full_stack_end_user_jwt", |b| {
@@ -383,6 +351,17 @@ fn bench(c: &mut Criterion) {
         b.iter(|| keys.mint("bench", &empty_session, i64::MAX / 2))
     });
     group.finish();
+}
+
+/// `POST /v1/sessions` (one hour) with `credential`; the created session's JSON.
+async fn create_session(router: &axum::Router, credential: &str) -> serde_json::Value {
+    let req = Request::post("/v1/sessions")
+        .header("authorization", format!("Bearer {credential}"))
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"ttlSeconds":3600}"#))
+        .expect("request");
+    let body = call(router, req, StatusCode::CREATED).await;
+    serde_json::from_slice(&body).expect("json")
 }
 
 /// One request through `router`, its status checked and its body read to the end.

@@ -49,6 +49,8 @@ fn session(tenant: &str) -> SessionRecord {
         expires_at: now + 3600,
         metadata: serde_json::json!({"bench": true}),
         owner: None,
+        max_file_size_bytes: None,
+        allowed_content_types: None,
     }
 }
 

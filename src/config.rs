@@ -1021,34 +1021,13 @@ impl Check {
             self.err(format!("{ttl_name}: needs min <= default <= max"));
         }
 
-        let rl_name = field("rate_limit");
-        let rl = self.get(t.rate_limit, &rl_name);
-        let rate_limit = RateLimitConfig {
-            requests_per_second: self.int(
-                rl.requests_per_second,
-                &format!("{rl_name}.requests_per_second"),
-            ) as u32,
-            burst: self.int(rl.burst, &format!("{rl_name}.burst")) as u32,
-        };
-        self.unknown(&rl_name, rl.unknown);
+        let rate_limit = self.rate_limit(t.rate_limit, &field("rate_limit"));
         let end_user_rate_limit = match t.end_user_rate_limit {
             Setting::Unset => RateLimitConfig {
                 requests_per_second: (rate_limit.requests_per_second / 10).max(1),
                 burst: (rate_limit.burst / 10).max(1),
             },
-            raw => {
-                let name = field("end_user_rate_limit");
-                let rl = self.get(raw, &name);
-                let limit = RateLimitConfig {
-                    requests_per_second: self.int(
-                        rl.requests_per_second,
-                        &format!("{name}.requests_per_second"),
-                    ) as u32,
-                    burst: self.int(rl.burst, &format!("{name}.burst")) as u32,
-                };
-                self.unknown(&name, rl.unknown);
-                limit
-            }
+            raw => self.rate_limit(raw, &field("end_user_rate_limit")),
         };
         let jwt = self.jwt(&field("jwt"), t.jwt);
 
@@ -1102,6 +1081,20 @@ impl Check {
         };
         self.unknown(name, t.unknown);
         tenant
+    }
+
+    /// A `{ requests_per_second, burst }` table named `name`.
+    fn rate_limit(&mut self, raw: Setting<RawRateLimit>, name: &str) -> RateLimitConfig {
+        let rl = self.get(raw, name);
+        let limit = RateLimitConfig {
+            requests_per_second: self.int(
+                rl.requests_per_second,
+                &format!("{name}.requests_per_second"),
+            ) as u32,
+            burst: self.int(rl.burst, &format!("{name}.burst")) as u32,
+        };
+        self.unknown(name, rl.unknown);
+        limit
     }
 
     /// `[tenants.jwt]`, its JWK Set read and checked: every key builds a verification key,

@@ -35,6 +35,8 @@ fn session(
         expires_at: created_at + ttl,
         metadata: serde_json::json!({"fixture": true}),
         owner: None,
+        max_file_size_bytes: None,
+        allowed_content_types: None,
     }
 }
 

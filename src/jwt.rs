@@ -252,12 +252,11 @@ impl EndUserTokens {
                     v.validate_nbf = true;
                     v.set_issuer(&[&jwt.issuer]);
                     let mut required = vec!["exp", "sub", "iss"];
-                    match &jwt.audience {
-                        Some(aud) => {
-                            v.set_audience(&[aud]);
-                            required.push("aud");
-                        }
-                        None => v.validate_aud = false,
+                    // Without `audience`, a token naming any audience is refused (RFC 7519
+                    // 4.1.3: it was meant for someone else).
+                    if let Some(aud) = &jwt.audience {
+                        v.set_audience(&[aud]);
+                        required.push("aud");
                     }
                     v.set_required_spec_claims(&required);
                     (*alg, v)

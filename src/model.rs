@@ -127,6 +127,14 @@ pub struct SessionRecord {
     /// with the tenant's API key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The largest file the session takes, when the end-user token that created it set
+    /// one under the tenant's (`upgate.maxFileSizeBytes`); every credential meets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_size_bytes: Option<u64>,
+    /// The content types the session's files may declare (lower case, `type/*` patterns),
+    /// when the end-user token that created it set them (`upgate.allowedContentTypes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_content_types: Option<Vec<String>>,
 }
 
 impl SessionRecord {

@@ -82,33 +82,20 @@ fn make_keys() -> Keys {
     let rsa_path = d.join("rsa.pem");
     let rsa_public_pem = openssl(&["pkey", "-in", rsa_path.to_str().expect("utf-8"), "-pubout"]);
     let secret: Vec<u8> = (0..32).map(|_| rand_byte()).collect();
-    let signers = vec![
-        Signer {
-            alg: Algorithm::EdDSA,
-            kid: "ed-old",
-            key: EncodingKey::from_ed_pem(&ed1).expect("ed1"),
-        },
-        Signer {
-            alg: Algorithm::EdDSA,
-            kid: "ed-new",
-            key: EncodingKey::from_ed_pem(&ed2).expect("ed2"),
-        },
-        Signer {
-            alg: Algorithm::ES256,
-            kid: "ec",
-            key: EncodingKey::from_ec_pem(&ec).expect("ec"),
-        },
-        Signer {
-            alg: Algorithm::RS256,
-            kid: "rsa",
-            key: EncodingKey::from_rsa_pem(&rsa).expect("rsa"),
-        },
-        Signer {
-            alg: Algorithm::HS256,
-            kid: "hmac",
-            key: EncodingKey::from_secret(&secret).expect("secret"),
-        },
-    ];
+    let signers = [
+        (Algorithm::EdDSA, "ed-old", EncodingKey::from_ed_pem(&ed1)),
+        (Algorithm::EdDSA, "ed-new", EncodingKey::from_ed_pem(&ed2)),
+        (Algorithm::ES256, "ec", EncodingKey::from_ec_pem(&ec)),
+        (Algorithm::RS256, "rsa", EncodingKey::from_rsa_pem(&rsa)),
+        (Algorithm::HS256, "hmac", EncodingKey::from_secret(&secret)),
+    ]
+    .into_iter()
+    .map(|(alg, kid, key)| Signer {
+        alg,
+        kid,
+        key: key.unwrap_or_else(|e| panic!("{kid}: {e}")),
+    })
+    .collect::<Vec<_>>();
     let keys = signers
         .iter()
         .map(|s| {
@@ -597,6 +584,36 @@ async fn end_user_flow(redis: Option<RedisServer>) {
     .await;
     let p = problem(res, 415, "contentTypeNotAllowed").await;
     assert_eq!(p["allowed"], json!(["image/*"]));
+    // The session keeps the token's file limits: its upload token (and the API key) meet
+    // them too.
+    let upload_token = s["uploadToken"].as_str().expect("uploadToken").to_owned();
+    seen.push(upload_token.clone());
+    for credential in [upload_token.as_str(), KEY_J] {
+        let res = call(
+            &client,
+            &gw,
+            credential,
+            Method::POST,
+            &files,
+            Some(json!({"fileName": "big.png", "sizeBytes": 11, "contentType": "image/png"})),
+        )
+        .await;
+        let p = problem(res, 413, "fileTooLarge").await;
+        assert_eq!(p["maxSizeBytes"], 10);
+        for ct in [json!("text/plain"), Value::Null] {
+            let res = call(
+                &client,
+                &gw,
+                credential,
+                Method::POST,
+                &files,
+                Some(json!({"fileName": "a.txt", "sizeBytes": 5, "contentType": ct})),
+            )
+            .await;
+            let p = problem(res, 415, "contentTypeNotAllowed").await;
+            assert_eq!(p["allowed"], json!(["image/*"]));
+        }
+    }
     let res = call(
         &client,
         &gw,

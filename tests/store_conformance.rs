@@ -74,6 +74,8 @@ impl Ctx {
             expires_at: self.t0 + ttl,
             metadata: serde_json::json!({"project": "x", "n": 3, "nested": {"a": [1, 2.5, null, true]}}),
             owner: None,
+            max_file_size_bytes: None,
+            allowed_content_types: None,
         };
         self.store.create_session(&s).await.expect("create_session");
         s
@@ -249,6 +251,50 @@ mod cases {
         );
         assert_eq!(c.store.session_owner("t2", &s3.id).await.unwrap(), None);
         assert_eq!(c.store.session_owner("t1", "missing").await.unwrap(), None);
+        // A session with an end user's file limits refuses files outside them.
+        let mut s4 = s.clone();
+        s4.id = uuid::Uuid::new_v4().to_string();
+        s4.max_file_size_bytes = Some(10);
+        s4.allowed_content_types = Some(vec!["image/*".into(), "application/pdf".into()]);
+        c.store.create_session(&s4).await.unwrap();
+        assert_eq!(c.get("t1", &s4).await.session, s4);
+        let file = |size: u64, ct: Option<&str>| {
+            let mut f = file(&s4.id, &format!("k{size}{ct:?}"), s4.created_at);
+            f.size_bytes = size;
+            f.part_size_bytes = s4.part_size_bytes;
+            f.part_count = 1;
+            f.content_type = ct.map(str::to_owned);
+            f
+        };
+        let now = c.now();
+        for (f, expected) in [
+            (file(11, Some("image/png")), Some(Registered::TooLarge(10))),
+            (
+                file(5, Some("text/plain")),
+                Some(Registered::ContentTypeNotAllowed(vec![
+                    "image/*".into(),
+                    "application/pdf".into(),
+                ])),
+            ),
+            (
+                file(5, None),
+                Some(Registered::ContentTypeNotAllowed(vec![
+                    "image/*".into(),
+                    "application/pdf".into(),
+                ])),
+            ),
+            (file(10, Some("IMAGE/PNG; x=1")), None),
+            (file(3, Some("application/pdf")), None),
+        ] {
+            match (
+                c.store.register_file("t1", &f, now).await.unwrap(),
+                expected,
+            ) {
+                (Gate::Ok(Registered::Created(_)), None) => {}
+                (Gate::Ok(got), Some(want)) => assert_eq!(got, want, "{:?}", f.content_type),
+                (other, want) => panic!("{:?}: {other:?}, expected {want:?}", f.content_type),
+            }
+        }
         c.store.ping().await.unwrap();
     }
 

@@ -65,6 +65,10 @@ pub(super) async fn register(
     let result = match outcome {
         Ok(Registered::Created(f)) => Ok(f),
         Ok(Registered::DuplicateKey) => Err(AppError::DuplicateFileKey(file.file_key.clone())),
+        Ok(Registered::TooLarge(max)) => Err(AppError::FileTooLarge(max)),
+        Ok(Registered::ContentTypeNotAllowed(allowed)) => {
+            Err(AppError::ContentTypeNotAllowed(allowed))
+        }
         Ok(Registered::CountExceeded {
             file_limit,
             file_count,

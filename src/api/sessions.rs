@@ -43,6 +43,16 @@ pub(super) async fn create(
         expires_at: now.saturating_add(ttl),
         metadata: req.metadata,
         owner: user.as_ref().map(|u| u.sub.clone()),
+        // Kept with the session so that every credential meets them (an upload token
+        // minted for it included).
+        max_file_size_bytes: user
+            .as_ref()
+            .and_then(|u| u.limits.max_file_size_bytes)
+            .map(|n| n.min(tenant.0.max_file_size_bytes)),
+        allowed_content_types: user
+            .as_ref()
+            .and_then(|u| u.limits.allowed_content_types.as_ref())
+            .map(|list| list.iter().map(|t| t.to_ascii_lowercase()).collect()),
     };
     tracing::Span::current().record("session_id", session.id.as_str());
     // The quota counts the session first: a create cut after this step leaves a count that
@@ -63,10 +73,13 @@ pub(super) async fn create(
         return Err(AppError::QuotaExceeded(t.max_active_sessions));
     }
     // The user's own `maxSessions`, counted the same way under the user's scope.
-    let user_scope = user.as_ref().and_then(|u| {
-        u.limits
-            .max_sessions
-            .map(|n| (crate::uploads::user_live_scope(&t.id, &u.key), n))
+    // Every session a user creates counts there, so a token with `maxSessions` sees the
+    // sessions the user's earlier tokens created.
+    let user_scope = user.as_ref().map(|u| {
+        (
+            crate::uploads::user_live_scope(&t.id, &u.key),
+            u.limits.max_sessions.unwrap_or(u64::MAX),
+        )
     });
     if let Some((scope, limit)) = &user_scope {
         let counted = state
@@ -80,7 +93,9 @@ pub(super) async fn create(
             )
             .await;
         if !matches!(counted, Ok(true)) {
-            release_quota(&state, &t.id, &session.id, None).await;
+            // An error may come after Redis counted it: give that place back too.
+            let scope = counted.is_err().then_some(scope.as_str());
+            release_quota(&state, &t.id, &session.id, scope).await;
             return Err(match counted {
                 Ok(_) => AppError::QuotaExceeded(*limit),
                 Err(e) => e.into(),
@@ -229,11 +244,12 @@ pub(super) async fn abort(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
     scope: Option<Extension<crate::auth::SessionScope>>,
+    user: Option<Extension<crate::auth::User>>,
     ApiPath(session_id): ApiPath<String>,
 ) -> Result<StatusCode, AppError> {
-    if scope.is_some() {
-        // A token's repeated DELETE: 404 once the session is deleted (the API key's
-        // repeat is 204). One more store read, on this rare request only.
+    if scope.is_some() || user.is_some() {
+        // A token's or end user's repeated DELETE: 404 once the session is deleted (the
+        // API key's repeat is 204). One more store read, on this rare request only.
         let session = session_record(&state, &tenant.0.id, &session_id).await?;
         if session.status == SessionStatus::Aborted {
             return Err(AppError::SessionNotFound);

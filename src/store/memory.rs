@@ -265,6 +265,22 @@ impl SessionStore for MemoryStore {
     ) -> Result<Gate<Registered>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, &file.session_id, true, now_ms);
+        if let Some(max) = entry
+            .session
+            .max_file_size_bytes
+            .filter(|max| file.size_bytes > *max)
+        {
+            return Ok(Gate::Ok(Registered::TooLarge(max)));
+        }
+        if let Some(allowed) = &entry.session.allowed_content_types {
+            let limits = crate::jwt::Limits {
+                allowed_content_types: Some(allowed.clone()),
+                ..Default::default()
+            };
+            if !limits.allows_content_type(file.content_type.as_deref()) {
+                return Ok(Gate::Ok(Registered::ContentTypeNotAllowed(allowed.clone())));
+            }
+        }
         if entry.keys.contains_key(&file.file_key) {
             return Ok(Gate::Ok(Registered::DuplicateKey));
         }

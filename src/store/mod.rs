@@ -143,6 +143,10 @@ pub enum Registered {
     },
     /// A live (not aborted) file of the session already has this fileKey.
     DuplicateKey,
+    /// Larger than the session's own `max_file_size_bytes` (the end user's limit).
+    TooLarge(u64),
+    /// A content type outside the session's own `allowed_content_types` (or none).
+    ContentTypeNotAllowed(Vec<String>),
 }
 
 /// Outcome of [`SessionStore::set_upload_id`].
@@ -209,6 +213,7 @@ pub enum SessionAborted {
 
 /// Outcome of [`SessionStore::finalize`].
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // returned once per call, never stored in bulk
 pub enum Finalized {
     /// Session status is now `finalized`; the view holds the first page of its files.
     Done(SessionView),

@@ -713,6 +713,15 @@ fn session_fields(call: &mut Call<'_>, s: &SessionRecord) -> Result<(), StoreErr
     if let Some(owner) = &s.owner {
         call.arg("owner").arg(owner);
     }
+    if let Some(max) = s.max_file_size_bytes {
+        call.arg("max_file_size").arg(max);
+    }
+    if let Some(types) = &s.allowed_content_types {
+        // One line per type between newlines, so register.lua finds one with a plain
+        // search for "\n<type>\n" (content types hold no newline).
+        call.arg("allowed_types")
+            .arg(format!("\n{}\n", types.join("\n")));
+    }
     Ok(())
 }
 
@@ -823,6 +832,35 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// What register.lua looks for in a session's `allowed_types`: the declared content type
+/// (lower case, parameters dropped) and its `type/*` pattern, each between newlines; two
+/// empty strings when the file declares none (no line matches).
+fn content_type_keys(content_type: Option<&str>) -> (String, String) {
+    let Some(essence) = content_type
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|e| e.contains('/') && !e.ends_with('/'))
+    else {
+        return (String::new(), String::new());
+    };
+    let major = essence.split('/').next().unwrap_or("");
+    (format!("\n{essence}\n"), format!("\n{major}/*\n"))
+}
+
+/// The `allowed_types` field's types ([`session_fields`]).
+fn allowed_types(field: &str) -> Vec<String> {
+    field
+        .split('\n')
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn parse_session(v: &Value) -> Result<SessionRecord, StoreError> {
     let f = Fields::parse(v)?;
     let status = f.str("status")?;
@@ -843,6 +881,11 @@ fn parse_session(v: &Value) -> Result<SessionRecord, StoreError> {
         metadata: serde_json::from_str(f.str("metadata")?)
             .map_err(|e| corrupt(format_args!("metadata: {e}")))?,
         owner: f.opt("owner"),
+        max_file_size_bytes: match f.0.get("max_file_size") {
+            Some(s) => Some(s.parse().map_err(|_| corrupt("bad max_file_size"))?),
+            None => None,
+        },
+        allowed_content_types: f.0.get("allowed_types").map(|s| allowed_types(s)),
     })
 }
 
@@ -1046,6 +1089,8 @@ fn registered(rest: &[Value], file: &FileRecord) -> Result<Gate<Registered>, Sto
     Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
         "created" => Registered::Created(file.clone()),
         "dup" => Registered::DuplicateKey,
+        "big" => Registered::TooLarge(as_str(at(rest, 1)?)?.parse().map_err(corrupt)?),
+        "type" => Registered::ContentTypeNotAllowed(allowed_types(as_str(at(rest, 1)?)?)),
         "full" => Registered::CountExceeded {
             file_limit: u32::try_from(as_int(at(rest, 1)?)?).map_err(corrupt)?,
             file_count: u32::try_from(as_int(at(rest, 2)?)?).map_err(corrupt)?,
@@ -1198,11 +1243,14 @@ impl SessionStore for RedisStore {
                 &self.scripts.register,
                 [k.session(), k.keys(), k.order(), k.file(&file.id)],
             );
+            let (essence, any_subtype) = content_type_keys(file.content_type.as_deref());
             inv.arg(now_ms)
                 .arg(&file.file_key)
                 .arg(&file.id)
                 .arg(file.size_bytes)
-                .arg(file.part_size_bytes);
+                .arg(file.part_size_bytes)
+                .arg(essence)
+                .arg(any_subtype);
             file_fields(&mut inv, &file);
             let reply = self.invoke("register_file", &inv).await?;
             let rest = payload_or_return!(reply);

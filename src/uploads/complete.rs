@@ -575,6 +575,8 @@ mod tests {
             expires_at: now / 1000 + 3600,
             metadata: serde_json::Value::Null,
             owner: None,
+            max_file_size_bytes: None,
+            allowed_content_types: None,
         };
         store.create_session(&session).await.expect("create");
         let file = |id: &str| FileRecord {

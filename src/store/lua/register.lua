@@ -1,11 +1,22 @@
 -- register_file. KEYS: s, keys, o, f.
--- ARGV: now, file_key, file_id, size_bytes, part_size_bytes, field, value, ...
+-- ARGV: now, file_key, file_id, size_bytes, part_size_bytes, "\n<content type>\n",
+--       "\n<type>/*\n" (both empty without a content type), field, value, ...
 -- Reply: {'ok','created'} | {'ok','dup'} | {'ok','full', limit, count}
---      | {'ok','ps', session part_size_bytes} | gate reply.
--- One HMGET reads the gate's fields, the count, the retention deadline and the session's
--- part size.
-local g, st = gate(NOW, true, 'file_limit', 'file_count', 'keep_until', 'part_size_bytes')
+--      | {'ok','ps', session part_size_bytes} | {'ok','big', max_file_size}
+--      | {'ok','type', allowed_types} | gate reply.
+-- One HMGET reads the gate's fields, the count, the retention deadline, the session's
+-- part size and the end user's file limits the session was created with.
+local g, st = gate(NOW, true, 'file_limit', 'file_count', 'keep_until', 'part_size_bytes',
+  'max_file_size', 'allowed_types')
 if g then return g end
+-- The session's own file limits (set when an end user's token created it) hold for every
+-- credential. `allowed_types` is one type per line between newlines.
+if st[7] and tonumber(ARGV[4]) > tonumber(st[7]) then return {'ok', 'big', st[7]} end
+if st[8] then
+  local plain = ARGV[6] ~= '' and (string.find(st[8], ARGV[6], 1, true)
+    or string.find(st[8], ARGV[7], 1, true))
+  if not plain then return {'ok', 'type', st[8]} end
+end
 -- A file's part size derives from its session's (fixed at creation), whatever the calling
 -- replica is configured with: the session's part size raised to the smallest whole MiB
 -- that keeps the file within 10,000 parts. The caller computed it from what it assumed;
@@ -30,7 +41,7 @@ if call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return {'ok', 'dup'} end
 call('HINCRBY', SKEY, 'file_count', 1)
 local seq = call('HINCRBY', SKEY, 'file_seq', 1)
 -- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
-call('HSET', KEYS[4], unpack(ARGV, 6))
+call('HSET', KEYS[4], unpack(ARGV, 8))
 call('ZADD', KEYS[3], seq, ARGV[3])
 -- Retention: the file hash is new. `keys` and `o` hold one entry per live file while the
 -- session is active (this script adds one to each with each HINCRBY; abort_file removes
