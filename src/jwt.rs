@@ -63,7 +63,8 @@ pub struct Limits {
     pub max_ttl_seconds: Option<u64>,
     /// Content types files registered with the token may declare (`type/*` patterns).
     pub allowed_content_types: Option<Vec<String>>,
-    /// Live sessions the user may hold at once (sessions created with a token naming it).
+    /// Live sessions the user may hold at once (every session the user created with a JWT
+    /// counts).
     pub max_sessions: Option<u64>,
 }
 
@@ -87,11 +88,6 @@ impl Limits {
                     .is_some_and(|(t, sub)| t.eq_ignore_ascii_case(ty) && !sub.is_empty()),
                 None => pattern.eq_ignore_ascii_case(essence),
             })
-    }
-
-    /// True when the claim limits anything.
-    pub fn any(&self) -> bool {
-        *self != Limits::default()
     }
 
     /// The tenant's limits with this token's applied under them (`None`: the claim
