@@ -142,16 +142,13 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         use futures_util::TryFutureExt;
-        let target = match (
-            req.extensions().get::<User>(),
-            req.extensions().get::<crate::api::Tenant>(),
-            session_id_of(req.uri().path()),
-        ) {
-            (Some(user), Some(tenant), Some(session)) => {
-                Some((tenant.0.id.clone(), session, user.0.clone()))
-            }
-            _ => None,
-        };
+        // Requests without an end user (the API key's, upload tokens') pay one extension
+        // lookup here: the path is decoded only for a user's.
+        let target = req.extensions().get::<User>().and_then(|user| {
+            let tenant = req.extensions().get::<crate::api::Tenant>()?;
+            let session = session_id_of(req.uri().path())?;
+            Some((tenant.0.id.clone(), session, user.0.clone()))
+        });
         let Some((tenant, session, user)) = target else {
             return Either::Left(self.inner.call(req).err_into());
         };
