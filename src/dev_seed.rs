@@ -111,6 +111,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let body = PartBody {
         stream: Box::pin(futures_util::stream::iter([Ok(bytes)])),
         len: size,
+        offset: Some(0),
     };
     let etag = storage
         .put_part(&object_key, &upload_id, 1, body, None)

@@ -477,6 +477,7 @@ async fn presigned_parts_are_held_to_the_size_rule() {
             bytes::Bytes::from(vec![b'x'; 6 * MIB]),
         )])),
         len: (6 * MIB) as u64,
+        offset: Some(0),
     };
     let etag = gw
         .state

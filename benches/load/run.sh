@@ -9,9 +9,10 @@
 #
 # Knobs (environment): DURATION (s per scenario, default 12), WARMUP (s, default 2),
 # PART_MB (8), CONC_HIGH (64), CONC_LOW (16), REG_CONC (64), FLOW_CONC (8), FLOW_FILES (4),
-# FLOW_FILE_SIZE (bytes, 20 MiB), MEM_SESSIONS (1000), MEM_FILES (10), SKIP_BUILD=1,
+# FLOW_FILE_SIZE (bytes, 20 MiB), MEM_SESSIONS (1000), MEM_FILES (10), FS_FILE_MB (256: the
+# filesystem-storage uploads, in PART_MB parts), SKIP_BUILD=1,
 # OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX),
-# SCENARIOS (any of "parts register flow rtt mem"; default all of them),
+# SCENARIOS (any of "parts register flow rtt mem fs"; default all of them),
 # RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits),
 # ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc),
 # GATEWAY_THREADS (the gateway's Tokio worker threads, through TOKIO_WORKER_THREADS; default:
@@ -32,7 +33,7 @@ FLOW_FILES=${FLOW_FILES:-4}
 FLOW_FILE_SIZE=${FLOW_FILE_SIZE:-$((20 * 1024 * 1024))}
 MEM_SESSIONS=${MEM_SESSIONS:-1000}
 MEM_FILES=${MEM_FILES:-10}
-SCENARIOS=${SCENARIOS:-parts register flow rtt mem}
+SCENARIOS=${SCENARIOS:-parts register flow rtt mem fs}
 RATE_LIMIT=${RATE_LIMIT:-"{ requests_per_second = 1000000, burst = 10000000 }"}
 want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-$(mktemp -d /tmp/upgate-bench.XXXXXX)}
@@ -406,6 +407,35 @@ log "redis memory: $MEM_SESSIONS sessions x $MEM_FILES files"
 "$BENCH" redis-mem --target "$GW" --key "$KEY" --redis "$REDIS_URL" --concurrency 8 \
   --sessions "$MEM_SESSIONS" --files "$MEM_FILES" --json-out "$OUT/redis-mem.json" >/dev/null
 
+fi
+
+# --- 6. filesystem storage: part PUTs alone vs upload + complete ---------------------------
+# A second gateway on the same Redis with filesystem storage (the embedded default) in
+# $WORK/fsdata; FS_FILE_MB-MiB files in PART_MB-MiB parts, 1 and 4 at a time. The parts-only
+# run deletes each file's upload after its last part, the other completes the file first
+# (then deletes it): the ratio of their part MB/s is what completing costs.
+if want fs; then
+FS_FILE_MB=${FS_FILE_MB:-256}
+FS_PORT=$(free_port)
+FS_ADMIN_PORT=$(free_port)
+sed -e "s|^listen = .*|listen = \"127.0.0.1:$FS_PORT\"|" \
+  -e "s|^admin_listen = .*|admin_listen = \"127.0.0.1:$FS_ADMIN_PORT\"|" \
+  -e "s|^storage = .*|storage = \"file://$WORK/fsdata\"|" \
+  "$OUT/gateway.toml" >"$OUT/gateway-fs.toml"
+RUST_LOG=warn "$UPGATE" --config "$OUT/gateway-fs.toml" >"$OUT/gateway-fs.log" 2>&1 &
+PIDS+=($!)
+FS_PID=$!
+wait_port "$FS_PORT" "gateway (filesystem storage)" "$FS_PID" || { tail -20 "$OUT/gateway-fs.log" >&2; exit 1; }
+for c in 1 4; do
+  for variant in parts complete; do
+    log "filesystem storage: $c x ${FS_FILE_MB} MiB uploads, $variant"
+    complete=false
+    [ "$variant" = complete ] && complete=true
+    "$BENCH" parts --target "http://127.0.0.1:$FS_PORT" --key "$KEY" --concurrency "$c" \
+      --part-size "$PART_SIZE" --parts-per-file $((FS_FILE_MB / PART_MB)) --complete "$complete" \
+      "${COMMON[@]}" --label "filesystem, $variant" --json-out "$OUT/fs-$variant-c$c.json" >/dev/null
+  done
+done
 fi
 
 # --- report --------------------------------------------------------------------------------

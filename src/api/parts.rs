@@ -209,6 +209,7 @@ pub(super) async fn upload(
             PartBody {
                 stream: Box::pin(BodyStream::new(body, idle, sniff, metrics)),
                 len,
+                offset: None,
             }
         })
         .await?;

@@ -70,12 +70,18 @@ pub struct PartBody {
     pub stream: Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
     /// Exact length (the request's Content-Length, already checked against the part-size rule).
     pub len: u64,
+    /// Where the part starts in the finished object, when the caller knows it (the gateway
+    /// does: part `n` of a file starts at `(n - 1) × partSizeBytes`). Filesystem storage
+    /// writes such a part straight into the object's file at that offset, so `complete`
+    /// moves no bytes; S3 ignores it.
+    pub offset: Option<u64>,
 }
 
 impl std::fmt::Debug for PartBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartBody")
             .field("len", &self.len)
+            .field("offset", &self.offset)
             .finish_non_exhaustive()
     }
 }

@@ -404,6 +404,7 @@ impl Uploads {
             let body = PartBody {
                 stream: Box::pin(futures_util::stream::empty()),
                 len: 0,
+                offset: Some(0),
             };
             let etag = self
                 .storage(tenant)

@@ -148,13 +148,15 @@ impl Uploads {
         } else {
             None
         };
+        let mut body = body(len, sniff);
+        body.offset = Some(u64::from(part_number.saturating_sub(1)) * file.part_size_bytes);
         let etag = self
             .storage(tenant)
             .put_part(
                 &file.object_key,
                 &upload_id,
                 part_number,
-                body(len, sniff),
+                body,
                 req.checksum,
             )
             .await?;

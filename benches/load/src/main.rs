@@ -4,7 +4,7 @@
 //! upgate-bench flow            --target URL --key KEY [--concurrency N] [--duration S] [--files F] [--file-size BYTES]
 //! upgate-bench register        --target URL [--key KEY] [--concurrency N] [--duration S]
 //!                              [--credential key|token|jwt] [--jwt TOKEN] (token: register with the session's upload token; jwt: create and register with an end-user JWT)
-//! upgate-bench parts           --target URL --key KEY [--concurrency N] [--duration S] [--part-size BYTES] [--parts-per-file P]
+//! upgate-bench parts           --target URL --key KEY [--concurrency N] [--duration S] [--part-size BYTES] [--parts-per-file P] [--complete true] (complete each file before deleting it)
 //! upgate-bench parts-presigned --target URL --key KEY   (same options; bytes go straight to S3)
 //!                              [--via HOST:PORT]        (connect to an L4 proxy in front of S3)
 //! upgate-bench tcp-proxy       --to HOST:PORT [--listen ADDR] [--buffer BYTES] [--splice true]
@@ -267,6 +267,7 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                     let part_size: u64 = a.get("part-size", 8 * 1024 * 1024)?;
                     let per_file: u64 = a.get("parts-per-file", 4)?;
                     let via = a.opt("via");
+                    let complete: bool = a.get("complete", false)?;
                     a.finish()?;
                     if let Some(v) = &via {
                         if !presigned {
@@ -280,9 +281,9 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                         );
                     }
                     let r = rt.block_on(scenarios::parts(
-                        common, part_size, per_file, presigned, via,
+                        common, part_size, per_file, presigned, via, complete,
                     ));
-                    let params = json!({"concurrency": concurrency, "partSizeBytes": part_size, "partsPerFile": per_file, "durationSeconds": duration});
+                    let params = json!({"concurrency": concurrency, "partSizeBytes": part_size, "partsPerFile": per_file, "durationSeconds": duration, "complete": complete});
                     scenario_json(
                         cmd,
                         &label,
@@ -293,6 +294,7 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                             "upload part (presigned, direct to S3)",
                             "register file",
                             "presign parts",
+                            "complete file",
                             "abort file",
                             "create session",
                         ],

@@ -8,7 +8,8 @@
 //! for every N present, `flow.json`, `rss.json`
 //! (`{"idleKiB","peakKiB","concurrency","partSizeBytes"}`, from run.sh), `rtt.json`
 //! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
-//! and `redis-mem.json`.
+//! `redis-mem.json`, and `fs-parts-c{1,4}.json` / `fs-complete-c{1,4}.json` (filesystem
+//! storage, part PUTs alone and upload + complete).
 
 use std::path::Path;
 
@@ -372,6 +373,33 @@ pub fn report(dir: &Path) -> String {
         out.push('\n');
         out.push_str(&redis_mem_markdown(m));
     }
+    let fs_rows: Vec<String> = [1u64, 4]
+        .iter()
+        .filter_map(|c| {
+            let parts = load(dir, &format!("fs-parts-c{c}.json"))?;
+            let whole = load(dir, &format!("fs-complete-c{c}.json"))?;
+            let p = f(endpoint(&parts, PROXIED)?, "mbPerSec");
+            let w = f(endpoint(&whole, PROXIED)?, "mbPerSec");
+            let done = endpoint(&whole, "complete file")
+                .map(|e| format!("{} completes, p50 {:.1} ms", e["ok"], f(e, "p50Ms")))
+                .unwrap_or_else(|| "no completion".into());
+            let ratio = w / p;
+            Some(format!(
+                "| {c} | {p:.1} | {w:.1} ({done}) | {ratio:.2}× | ≥ 0.90× | {} |\n",
+                verdict(ratio >= 0.9)
+            ))
+        })
+        .collect();
+    if !fs_rows.is_empty() {
+        out.push_str(
+            "\n### Filesystem storage: 256 MiB uploads, part PUTs alone vs upload + complete\n\n",
+        );
+        out.push_str("MB/s of part bytes over the measured window; the upload + complete run spends part of the window completing.\n\n");
+        out.push_str("| concurrent uploads | part PUTs only MB/s | upload + complete MB/s | ratio | target | verdict |\n|---:|---:|---:|---:|---|---|\n");
+        for row in fs_rows {
+            out.push_str(&row);
+        }
+    }
 
     out.push_str("\n### Per-scenario tables\n\n");
     let mut names = vec![
@@ -385,6 +413,10 @@ pub fn report(dir: &Path) -> String {
         names.push(format!("l4splice-c{c}.json"));
         names.push(format!("pinned-parts-c{c}.json"));
         names.push(format!("pinned-presigned-c{c}.json"));
+    }
+    for c in [1, 4] {
+        names.push(format!("fs-parts-c{c}.json"));
+        names.push(format!("fs-complete-c{c}.json"));
     }
     names.push("flow.json".into());
     for n in names {

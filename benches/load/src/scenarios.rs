@@ -420,6 +420,7 @@ pub async fn parts(
     parts_per_file: u64,
     presigned: bool,
     via: Option<String>,
+    complete: bool,
 ) -> RunResult {
     let buf = payload(part_size as usize);
     let c2 = c.clone();
@@ -513,7 +514,13 @@ pub async fn parts(
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                // Abort the file's upload so storage does not fill up (measured, both paths alike).
+                if complete && w.budget.open() {
+                    let start = Instant::now();
+                    let r = c.http.post_json(&format!("{file_url}/complete"), &json!({})).await;
+                    w.record_reply("complete file", start, &r, 0);
+                }
+                // Delete the file (its upload, or its object once completed) so storage does
+                // not fill up (measured, every variant alike).
                 let start = Instant::now();
                 let r = c.http.send(Method::DELETE, &file_url, true, None, Bytes::new()).await;
                 w.record_reply("abort file", start, &r, 0);
