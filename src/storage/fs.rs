@@ -16,8 +16,9 @@
 //! racing another upload of the same part) goes to a blob. `complete` copies only blobs
 //! into their ranges (normally none), fsyncs `data` and renames it to the object's key.
 //! The ranges are the object's only when the completed parts sit at the offsets their
-//! sizes give them, which is always so through the gateway (fixed part size); a part list
-//! that skips parts (S3 allows it) is assembled into a new file instead.
+//! sizes give them and every stored part is completed, which is always so through the
+//! gateway (fixed part size, every part); a part list that skips parts (S3 allows it) is
+//! assembled into a new file instead.
 //!
 //! Writers of ranges hold a shared lock on `data` and `complete` takes it exclusively, so
 //! no write lands in a published object; a writer that finds `data` locked or renamed
@@ -381,10 +382,15 @@ fn complete_blocking(
         start += len;
     }
     let total = start;
-    let in_place_fits = pieces.iter().all(|p| match p.at {
-        PartAt::InPlace { offset, .. } => offset == p.start,
-        PartAt::Blob(_) => true,
-    });
+    // `data` becomes the object when every chosen in-place part already sits where it goes,
+    // and every stored part is chosen: moving blobs into their ranges and truncating then
+    // touches no range a later completion could still choose (should this one fail before
+    // the rename). Through the gateway both always hold: it completes with every part.
+    let in_place_fits = stored.len() == pieces.len()
+        && pieces.iter().all(|p| match p.at {
+            PartAt::InPlace { offset, .. } => offset == p.start,
+            PartAt::Blob(_) => true,
+        });
     let has_in_place = pieces
         .iter()
         .any(|p| matches!(p.at, PartAt::InPlace { .. }));
@@ -411,7 +417,8 @@ fn complete_blocking(
             (data, data_path)
         }
         data => {
-            // Parts off their offsets (a list that skips parts): a new file, copied.
+            // Parts off their offsets, or a list that leaves parts out: a new file, copied
+            // (`data` is only read).
             let path = dir.join(format!("assembled-{}", nonce()));
             let mut out = std::fs::File::create(&path).map_err(|e| io_err("assemble object", e))?;
             for piece in &pieces {
