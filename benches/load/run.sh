@@ -15,7 +15,9 @@
 # SCENARIOS (any of "parts register flow rtt mem fs"; default all of them),
 # RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits),
 # ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc),
-# GATEWAY_THREADS (the gateway's Tokio worker threads, through TOKIO_WORKER_THREADS; default:
+# CRED_ROUNDS (rounds of upload-token, JWT and API-key registration runs, default 3),
+# WRK_THREADS (wrk's threads for the wrk-driven register runs, default 2; they run only when
+# wrk is installed), GATEWAY_THREADS (the gateway's Tokio worker threads, through TOKIO_WORKER_THREADS; default:
 # one per core), PINNED_PARTS=0 (skip the parts runs with the S3 server alone on one core).
 set -euo pipefail
 
@@ -236,15 +238,39 @@ register_run gateway "$GW" "$GW_PID"
 log "register: baseline, concurrency $REG_CONC"
 register_run baseline "$BL" "$BL_PID"
 # The same registrations with each session's upload token instead of the API key (what a
-# browser sends), then the API key again: runs with one credential differ by several per
-# cent on shared cores, so the token run is compared with the mean of the two API-key runs
-# (benches/README.md).
-log "register: gateway with upload tokens, concurrency $REG_CONC"
-register_run gateway-token "$GW" "$GW_PID" token
-log "register: gateway with an end user's JWT, concurrency $REG_CONC"
-register_run gateway-jwt "$GW" "$GW_PID" jwt
-log "register: gateway with the API key again, concurrency $REG_CONC"
-register_run gateway-key-again "$GW" "$GW_PID"
+# browser sends) and with an end user's JWT, in CRED_ROUNDS rounds of token, JWT, API key:
+# each credential run sits between two API-key runs and is compared with their mean, and the
+# report gives the median over the rounds. Two runs with the same credential differ by up to
+# ~25 % on these shared cores (benches/README.md), more than one pair of runs can resolve.
+for round in $(seq 1 "${CRED_ROUNDS:-3}"); do
+  log "register: round $round of ${CRED_ROUNDS:-3}: upload tokens, an end user's JWT, the API key; concurrency $REG_CONC"
+  register_run "gateway-token-$round" "$GW" "$GW_PID" token
+  register_run "gateway-jwt-$round" "$GW" "$GW_PID" jwt
+  register_run "gateway-key-$round" "$GW" "$GW_PID"
+done
+
+# The same comparison driven by wrk (another load generator, written in C: it takes less of
+# the shared cores than upgate-bench, so the ratio it gives is compressed less). One session
+# each, every request a new fileName; WRK_THREADS threads, REG_CONC connections.
+if command -v wrk >/dev/null 2>&1; then
+  wrk_run() { # name base-url credential
+    local sid
+    sid=$(curl -fsS -X POST "$2/v1/sessions" -H "Authorization: Bearer $3" \
+      -H 'Content-Type: application/json' -d '{"maxFiles": 1000000}' | sed -n 's/.*"sessionId":"\([^"]*\)".*/\1/p')
+    [ -n "$sid" ] || { log "wrk: no session from $2"; return 1; }
+    wrk -t"${WRK_THREADS:-2}" -c"$REG_CONC" -d"${DURATION}s" --latency -s "$ROOT/benches/load/wrk-register.lua" \
+      "$2/v1/sessions/$sid/files" -- "$3" >"$OUT/wrk-$1.txt"
+    awk -F= '/^WRK_/ { v[$1] = $2 } END {
+      printf "{\"reqPerSec\": %s, \"p50Ms\": %s, \"p99Ms\": %s, \"not201\": %s}\n",
+        v["WRK_REQ_PER_SEC"], v["WRK_P50_MS"], v["WRK_P99_MS"], v["WRK_NOT_201"] }' \
+      "$OUT/wrk-$1.txt" >"$OUT/wrk-register-$1.json"
+  }
+  log "register with wrk: gateway, then baseline, $REG_CONC connections"
+  wrk_run gateway "$GW" "$KEY"
+  wrk_run baseline "$BL" ""
+else
+  log "wrk not installed (apt-get install wrk): the wrk-driven register ratio is skipped"
+fi
 
 fi
 
