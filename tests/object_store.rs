@@ -1235,6 +1235,14 @@ impl FsUpload {
         out
     }
 
+    /// The completed object holds exactly `parts`, in order.
+    fn assert_object(&self, parts: &[&Bytes]) {
+        let whole: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let stored = std::fs::read(self.object_path()).expect("object");
+        assert_eq!(stored.len(), whole.len());
+        assert_eq!(sha256_hex(&stored), sha256_hex(&whole));
+    }
+
     async fn put(&self, n: u32, data: &Bytes, offset: u64) -> String {
         self.store
             .put_part(&self.key, &self.upload_id, n, body_at(data, offset), None)
@@ -1286,12 +1294,7 @@ async fn fs_parts_land_in_place_and_complete_copies_nothing() {
         data_inode,
         "the data file became the object"
     );
-    let mut whole = p1.to_vec();
-    whole.extend_from_slice(&p2);
-    whole.extend_from_slice(&p3);
-    let stored = std::fs::read(u.object_path()).expect("object");
-    assert_eq!(stored.len(), whole.len());
-    assert_eq!(sha256_hex(&stored), sha256_hex(&whole));
+    u.assert_object(&[&p1, &p2, &p3]);
     assert!(!u.upload_dir().exists(), "the upload is gone");
 }
 
@@ -1327,12 +1330,7 @@ async fn fs_a_resent_part_is_kept_apart_and_wins() {
         .complete_upload(&u.key, &u.upload_id, &[(1, e1), (2, newer)])
         .await
         .expect("complete");
-    let mut whole = p1.to_vec();
-    whole.extend_from_slice(&newer2);
-    assert_eq!(
-        sha256_hex(&std::fs::read(u.object_path()).expect("object")),
-        sha256_hex(&whole)
-    );
+    u.assert_object(&[&p1, &newer2]);
 }
 
 /// A part still being written into its range holds `complete` back: nothing is written
@@ -1391,12 +1389,7 @@ async fn fs_complete_waits_for_a_part_being_written_in_place() {
         .complete_upload(&u.key, &u.upload_id, &[(1, e1), (2, e2_slow)])
         .await
         .expect("complete");
-    let mut whole = p1.to_vec();
-    whole.extend_from_slice(&slow2);
-    assert_eq!(
-        sha256_hex(&std::fs::read(u.object_path()).expect("object")),
-        sha256_hex(&whole)
-    );
+    u.assert_object(&[&p1, &slow2]);
 }
 
 /// A completion that published the object but stopped before removing the upload (a
@@ -1417,8 +1410,5 @@ async fn fs_complete_after_an_interrupted_publish() {
     assert!(matches!(r, Err(StorageError::NoSuchUpload)), "{r:?}");
     // A late part goes to a file of its own, never into the published object.
     u.put(1, &pattern(MIB, 152), 0).await;
-    assert_eq!(
-        sha256_hex(&std::fs::read(u.object_path()).expect("object")),
-        sha256_hex(&p1)
-    );
+    u.assert_object(&[&p1]);
 }

@@ -99,16 +99,7 @@ async fn resume_after_the_gateway_is_killed() {
             .expect("send");
         assert_eq!(res.status(), 200);
     }
-    let done: Value = client
-        .post(second.url(&format!("/v1/sessions/{session}/files/{file}/complete")))
-        .bearer_auth(KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let done = complete(&second, &client, &session, &file).await;
     assert_eq!(done["status"], "completed", "{done}");
     let stored = s3
         .read_object(&format!("pfx/a/{session}/{file}/movie.mp4"))
@@ -273,16 +264,12 @@ async fn upload_all_parts(
 }
 
 async fn complete(bin: &Binary, client: &reqwest::Client, session: &str, file: &str) -> Value {
-    client
-        .post(bin.url(&format!("/v1/sessions/{session}/files/{file}/complete")))
-        .bearer_auth(KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json")
+    bin.post_json(
+        client,
+        &format!("/v1/sessions/{session}/files/{file}/complete"),
+        json!({}),
+    )
+    .await
 }
 
 /// Filesystem storage writes each byte once: the part PUTs write the file's bytes, and
