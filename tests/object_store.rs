@@ -1412,3 +1412,54 @@ async fn fs_complete_after_an_interrupted_publish() {
     u.put(1, &pattern(MIB, 152), 0).await;
     u.assert_object(&[&p1]);
 }
+
+/// Two completions waiting for the same range writer (a lease taken over, or two callers of
+/// the store): one publishes, the other then finds the upload gone (`NoSuchUpload`, on which
+/// the gateway finds the object) and writes nothing into the published object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_two_completions_publish_once() {
+    let u = FsUpload::new().await;
+    let (p1, p2) = (pattern(MIB, 161), pattern(MIB, 162));
+    let e1 = u.put(1, &p1, 0).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let slow = PartBody {
+        stream: Box::pin(stream),
+        len: MIB as u64,
+        offset: Some(MIB as u64),
+    };
+    let (store, key, id) = (u.store.clone(), u.key.clone(), u.upload_id.clone());
+    let slow_put = tokio::spawn(async move { store.put_part(&key, &id, 2, slow, None).await });
+    tx.send(Ok(p2.slice(..MIB / 2))).await.expect("send");
+    let parts = vec![(1, e1), (2, md5_hex(&p2))];
+    let completions: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, key, id, parts) = (
+                u.store.clone(),
+                u.key.clone(),
+                u.upload_id.clone(),
+                parts.clone(),
+            );
+            tokio::spawn(async move { store.complete_upload(&key, &id, &parts).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.send(Ok(p2.slice(MIB / 2..))).await.expect("send");
+    drop(tx);
+    slow_put.await.expect("join").expect("part 2");
+    let mut published = 0;
+    for c in completions {
+        match c.await.expect("join") {
+            Ok(etag) => {
+                published += 1;
+                assert_eq!(etag, multipart_etag(&[&p1, &p2]));
+            }
+            Err(StorageError::NoSuchUpload) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(published, 1, "exactly one completion publishes");
+    u.assert_object(&[&p1, &p2]);
+}

@@ -44,7 +44,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use md5::{Digest, Md5};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     ObjectAttributes, ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind,
@@ -216,7 +216,6 @@ struct RangeClaim {
 /// range, or the part is already stored (its link exists: a re-send must not overwrite
 /// bytes a completion may choose).
 fn claim_range(dir: &Path, number: u32) -> std::io::Result<Option<RangeClaim>> {
-    use std::os::unix::fs::MetadataExt as _;
     let data_path = dir.join(DATA);
     let data = match std::fs::OpenOptions::new().write(true).open(&data_path) {
         Ok(f) => f,
@@ -230,12 +229,8 @@ fn claim_range(dir: &Path, number: u32) -> std::io::Result<Option<RangeClaim>> {
     }
     // `complete` renames `data` while holding it: the file locked must still be the one at
     // the path, or it is an object now.
-    let (held, current) = (data.metadata()?, std::fs::metadata(&data_path));
-    match current {
-        Ok(m) if m.ino() == held.ino() && m.dev() == held.dev() => {}
-        Ok(_) => return Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+    if !same_file(&data, &data_path)? {
+        return Ok(None);
     }
     let slot = std::fs::OpenOptions::new()
         .create(true)
@@ -285,10 +280,64 @@ async fn link_part(dir: &Path, number: u32, target: &str) -> Result<(), StorageE
     Ok(())
 }
 
-/// Streams `body` into `file` (positioned where the part goes), checking its length and
-/// computing its MD5 and SHA-256.
+/// Where a part's chunks are written.
+trait PartSink {
+    /// Writes the next chunk.
+    async fn put(&mut self, chunk: Bytes) -> std::io::Result<()>;
+    /// Waits until every chunk is written.
+    async fn done(&mut self) -> std::io::Result<()>;
+}
+
+impl PartSink for tokio::fs::File {
+    async fn put(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.write_all(&chunk).await
+    }
+
+    async fn done(&mut self) -> std::io::Result<()> {
+        self.flush().await
+    }
+}
+
+/// Writes a part into its claimed range of `data` with `pwrite`, one chunk in flight while
+/// the next is received. Each write's blocking task holds the claim, so the slot lock is
+/// released only after the last write has landed, even when the request is dropped
+/// mid-part: a retry of the part can never claim the range while a write of this attempt
+/// is still on its way.
+struct RangeWriter {
+    claim: std::sync::Arc<RangeClaim>,
+    pos: u64,
+    pending: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl RangeWriter {
+    async fn wait(&mut self) -> std::io::Result<()> {
+        match self.pending.take() {
+            Some(write) => write.await.map_err(std::io::Error::other)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl PartSink for RangeWriter {
+    async fn put(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        self.wait().await?;
+        let (claim, pos) = (self.claim.clone(), self.pos);
+        self.pos += chunk.len() as u64;
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            claim.data.write_all_at(&chunk, pos)
+        }));
+        Ok(())
+    }
+
+    async fn done(&mut self) -> std::io::Result<()> {
+        self.wait().await
+    }
+}
+
+/// Streams `body` into `sink`, checking its length and computing its MD5 and SHA-256.
 async fn write_body(
-    file: &mut tokio::fs::File,
+    sink: &mut impl PartSink,
     body: &mut PartBody,
 ) -> Result<(md5::digest::Output<Md5>, sha2::digest::Output<sha2::Sha256>), StorageError> {
     let mut md5 = Md5::new();
@@ -302,9 +351,7 @@ async fn write_body(
         }
         md5.update(&chunk);
         sha.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| io_err("write part", e))?;
+        sink.put(chunk).await.map_err(|e| io_err("write part", e))?;
     }
     if written != body.len {
         return Err(StorageError::Body(format!(
@@ -312,16 +359,39 @@ async fn write_body(
             body.len
         )));
     }
-    file.flush().await.map_err(|e| io_err("write part", e))?;
+    sink.done().await.map_err(|e| io_err("write part", e))?;
     Ok((md5.finalize(), sha.finalize()))
 }
 
 /// A chosen part at its place in the object being completed.
 struct Piece {
+    number: u32,
     etag: String,
     at: PartAt,
     /// Where the part starts in the object.
     start: u64,
+}
+
+/// Whether `file` is still the file at `path` (same inode): `complete` renames `data` to
+/// the object's key, so a `data` file opened before that is an object now.
+fn same_file(file: &std::fs::File, path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let held = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.ino() == held.ino() && m.dev() == held.dev()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A chosen part's own file that is gone was replaced by a newer upload of the part while
+/// `complete` ran (its ETag is no longer the part's): the part list is stale, as S3 says.
+fn replaced_or_io(number: u32, e: std::io::Error) -> StorageError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        StorageError::InvalidPart(format!("part {number} was replaced while completing"))
+    } else {
+        io_err("read part", e)
+    }
 }
 
 /// The storage side of `complete_upload`, blocking (run on the blocking pool): waits for
@@ -343,6 +413,11 @@ fn complete_blocking(
             // Waits for in-place writers in flight: none writes into the object once it is
             // published, and a part they finish meanwhile is seen below.
             f.lock().map_err(|e| io_err("lock upload", e))?;
+            // A completion that held the lock before this one published the upload (and
+            // removed its directory) meanwhile: the caller finds the object.
+            if !same_file(&f, &data_path).map_err(|e| io_err("stat upload", e))? {
+                return Err(StorageError::NoSuchUpload);
+            }
             Some(f)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -371,10 +446,11 @@ fn complete_blocking(
         let len = match &part.at {
             PartAt::InPlace { len, .. } => *len,
             PartAt::Blob(path) => std::fs::metadata(path)
-                .map_err(|e| io_err("stat part", e))?
+                .map_err(|e| replaced_or_io(*number, e))?
                 .len(),
         };
         pieces.push(Piece {
+            number: *number,
             etag: etag.to_owned(),
             at: part.at.clone(),
             start,
@@ -405,7 +481,8 @@ fn complete_blocking(
             // Only blobs move: each into its range (normally there are none).
             for piece in &pieces {
                 if let PartAt::Blob(path) = &piece.at {
-                    let mut src = std::fs::File::open(path).map_err(|e| io_err("read part", e))?;
+                    let mut src =
+                        std::fs::File::open(path).map_err(|e| replaced_or_io(piece.number, e))?;
                     let mut dst = &data;
                     dst.seek(SeekFrom::Start(piece.start))
                         .map_err(|e| io_err("assemble object", e))?;
@@ -424,9 +501,10 @@ fn complete_blocking(
             for piece in &pieces {
                 match &piece.at {
                     PartAt::Blob(blob) => {
-                        let mut src =
-                            std::fs::File::open(blob).map_err(|e| io_err("read part", e))?;
+                        let mut src = std::fs::File::open(blob)
+                            .map_err(|e| replaced_or_io(piece.number, e))?;
                         std::io::copy(&mut src, &mut out)
+                            .map_err(|e| io_err("assemble object", e))?;
                     }
                     PartAt::InPlace { offset, len } => {
                         let Some(data) = data.as_ref() else {
@@ -435,10 +513,15 @@ fn complete_blocking(
                         let mut src = data;
                         src.seek(SeekFrom::Start(*offset))
                             .map_err(|e| io_err("assemble object", e))?;
-                        std::io::copy(&mut std::io::Read::take(src, *len), &mut out)
+                        let copied = std::io::copy(&mut std::io::Read::take(src, *len), &mut out)
+                            .map_err(|e| io_err("assemble object", e))?;
+                        if copied != *len {
+                            return Err(StorageError::unavailable(format!(
+                                "assemble object: a part's range holds {copied} of its {len} bytes"
+                            )));
+                        }
                     }
                 }
-                .map_err(|e| io_err("assemble object", e))?;
             }
             locked_data = data;
             (out, path)
@@ -469,9 +552,11 @@ fn complete_blocking(
     std::fs::File::open(parent)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err("publish object", e))?;
+    // The upload goes while the lock is still held, so a completion waiting for it finds
+    // the upload gone (`same_file`) rather than a published object to write into.
+    let _ = std::fs::remove_dir_all(dir);
     drop(object);
     drop(locked_data);
-    let _ = std::fs::remove_dir_all(dir);
     Ok(etag)
 }
 
@@ -563,30 +648,37 @@ impl ObjectStore for FsStore {
         if let Some((claim, offset)) = claim {
             // In place: the bytes go straight into their range of `data`. A failure leaves
             // the range unlinked (garbage nobody chooses) and the part's previous state.
-            let RangeClaim { data, _slot: slot } = claim;
-            let mut file = tokio::fs::File::from_std(data);
-            file.seek(SeekFrom::Start(offset))
-                .await
-                .map_err(|e| io_err("write part", e))?;
-            let (md5, sha) = write_body(&mut file, &mut body).await?;
+            let mut writer = RangeWriter {
+                claim: std::sync::Arc::new(claim),
+                pos: offset,
+                pending: None,
+            };
+            let written = write_body(&mut writer, &mut body).await;
+            // On failure too: no write of this attempt may land after the slot is free.
+            let waited = writer.wait().await;
+            let (md5, sha) = written?;
+            waited.map_err(|e| io_err("write part", e))?;
             verify_checksum(checksum.as_ref(), &md5, &sha)?;
             let etag = hex::encode(md5);
             let target = PartAt::in_place_target(&etag, offset, body.len);
             link_part(&dir, part_number, &target).await?;
-            let data = file.into_std().await;
-            let len = body.len;
+            let (claim, len) = (writer.claim, body.len);
             tokio::task::spawn_blocking(move || {
                 // Starts writing the part's range back now (DONTNEED writes dirty pages back
                 // without waiting, then drops them from the cache: nothing reads them
                 // again), so `complete`'s fsync finds little left to write. Advice only: a
                 // failure changes nothing.
                 if let Some(len) = std::num::NonZeroU64::new(len) {
-                    let _ =
-                        rustix::fs::fadvise(&data, offset, Some(len), rustix::fs::Advice::DontNeed);
+                    let _ = rustix::fs::fadvise(
+                        &claim.data,
+                        offset,
+                        Some(len),
+                        rustix::fs::Advice::DontNeed,
+                    );
                 }
-                // The locks go only now: `complete`, waiting for `data`, sees the link.
-                drop(data);
-                drop(slot);
+                // The locks go only now (the last holder of the claim): `complete`, waiting
+                // for `data`, sees the link.
+                drop(claim);
             })
             .await
             .map_err(|e| StorageError::unavailable(format!("store part: {e}")))?;
