@@ -176,6 +176,27 @@ fn body_at(data: &Bytes, offset: u64) -> PartBody {
     }
 }
 
+/// A part body of `len` bytes at `offset` whose chunks the test sends through the returned
+/// sender (a client that sends when the test says so, or stalls).
+fn channel_body(
+    len: u64,
+    offset: u64,
+) -> (
+    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    PartBody,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let body = PartBody {
+        stream: Box::pin(stream),
+        len,
+        offset: Some(offset),
+    };
+    (tx, body)
+}
+
 fn md5_hex(data: &[u8]) -> String {
     hex::encode(md5::Md5::digest(data))
 }
@@ -1117,15 +1138,7 @@ async fn s3_part_is_streamed_not_buffered() {
         .await
         .expect("create");
     let data = pattern(6 * MIB, 101);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let part = PartBody {
-        stream: Box::pin(stream),
-        len: data.len() as u64,
-        offset: Some(0),
-    };
+    let (tx, part) = channel_body(data.len() as u64, 0);
     let store = h.store.clone();
     let (k, u) = (key.clone(), upload_id.clone());
     let upload = tokio::spawn(async move { store.put_part(&k, &u, 1, part, None).await });
@@ -1341,15 +1354,7 @@ async fn fs_complete_waits_for_a_part_being_written_in_place() {
     let (p1, slow2, fast2) = (pattern(MIB, 141), pattern(MIB, 142), pattern(MIB, 143));
     let e1 = u.put(1, &p1, 0).await;
     // The first upload of part 2 takes the range and stalls halfway.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let slow = PartBody {
-        stream: Box::pin(stream),
-        len: MIB as u64,
-        offset: Some(MIB as u64),
-    };
+    let (tx, slow) = channel_body(MIB as u64, MIB as u64);
     let (store, key, id) = (u.store.clone(), u.key.clone(), u.upload_id.clone());
     let slow_put = tokio::spawn(async move { store.put_part(&key, &id, 2, slow, None).await });
     tx.send(Ok(slow2.slice(..MIB / 2))).await.expect("send");
@@ -1421,15 +1426,7 @@ async fn fs_two_completions_publish_once() {
     let u = FsUpload::new().await;
     let (p1, p2) = (pattern(MIB, 161), pattern(MIB, 162));
     let e1 = u.put(1, &p1, 0).await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let slow = PartBody {
-        stream: Box::pin(stream),
-        len: MIB as u64,
-        offset: Some(MIB as u64),
-    };
+    let (tx, slow) = channel_body(MIB as u64, MIB as u64);
     let (store, key, id) = (u.store.clone(), u.key.clone(), u.upload_id.clone());
     let slow_put = tokio::spawn(async move { store.put_part(&key, &id, 2, slow, None).await });
     tx.send(Ok(p2.slice(..MIB / 2))).await.expect("send");

@@ -174,7 +174,7 @@ struct StoredPart {
 }
 
 /// Where a part's bytes are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum PartAt {
     /// A range of the upload's `data` file.
     InPlace { offset: u64, len: u64 },
@@ -210,6 +210,15 @@ struct RangeClaim {
     _slot: std::fs::File,
 }
 
+/// Whether a non-blocking lock was taken (`false`: someone else holds it).
+fn taken(attempt: Result<(), std::fs::TryLockError>) -> std::io::Result<bool> {
+    match attempt {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Claims part `number`'s range of the upload's `data`, or `None` when the part goes to a
 /// blob: the upload has no `data` (created before parts were written in place, or already
 /// published by `complete`), `complete` holds it, another upload of the part holds the
@@ -222,10 +231,8 @@ fn claim_range(dir: &Path, number: u32) -> std::io::Result<Option<RangeClaim>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    match data.try_lock_shared() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    if !taken(data.try_lock_shared())? {
+        return Ok(None);
     }
     // `complete` renames `data` while holding it: the file locked must still be the one at
     // the path, or it is an object now.
@@ -237,10 +244,8 @@ fn claim_range(dir: &Path, number: u32) -> std::io::Result<Option<RangeClaim>> {
         .truncate(false)
         .write(true)
         .open(dir.join(format!("slot-{number}")))?;
-    match slot.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    if !taken(slot.try_lock())? {
+        return Ok(None);
     }
     // Only a holder of the slot lock writes an in-place link, so with the lock held a
     // missing link stays missing until this writer makes it.
