@@ -1358,15 +1358,21 @@ async fn fs_complete_waits_for_a_part_being_written_in_place() {
     let (store, key, id) = (u.store.clone(), u.key.clone(), u.upload_id.clone());
     let slow_put = tokio::spawn(async move { store.put_part(&key, &id, 2, slow, None).await });
     tx.send(Ok(slow2.slice(..MIB / 2))).await.expect("send");
-    // Wait until the slow upload holds the range: a second upload of part 2 then goes to
-    // a file of its own.
-    let slot = u.upload_dir().join("slot-2");
+    // Wait until the slow upload's first bytes are in its range of `data`: it holds the
+    // range then (the claim comes before the first write), so a second upload of part 2
+    // goes to a file of its own. The slot file alone is no sign: it is created before it
+    // is locked.
+    let data = u.upload_dir().join("data");
+    let probe = slow2.slice(..4096);
+    let mut in_range = false;
     for _ in 0..500 {
-        if slot.exists() {
+        if range_holds(&data, MIB as u64, &probe) {
+            in_range = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(in_range, "the slow upload writes in place");
     let e2_fast = u.put(2, &fast2, MIB as u64).await;
     assert_eq!(
         u.names("blob-").len(),
@@ -1395,6 +1401,16 @@ async fn fs_complete_waits_for_a_part_being_written_in_place() {
         .await
         .expect("complete");
     u.assert_object(&[&p1, &slow2]);
+}
+
+/// Whether `path` holds `want` at `offset`.
+fn range_holds(path: &std::path::Path, offset: u64, want: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut got = vec![0; want.len()];
+    file.read_exact_at(&mut got, offset).is_ok() && got == want
 }
 
 /// A completion that published the object but stopped before removing the upload (a
