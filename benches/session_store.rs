@@ -51,6 +51,7 @@ fn session(tenant: &str) -> SessionRecord {
         owner: None,
         max_file_size_bytes: None,
         allowed_content_types: None,
+        outbox_keep_ms: None,
     }
 }
 

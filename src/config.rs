@@ -185,6 +185,58 @@ pub struct TenantConfig {
     /// `end_user_rate_limit`: the request rate of one end user (`tenant:sub`), on top of
     /// the tenant's; default a tenth of `rate_limit` (at least 1).
     pub end_user_rate_limit: RateLimitConfig,
+    /// `[[tenants.webhooks]]`: where the tenant's events are delivered ([`crate::events`]).
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One `[[tenants.webhooks]]` endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookConfig {
+    /// `url`: `https://` (or `http://` with `environment = "development"`).
+    pub url: String,
+    /// The decoded bytes of `secret` (`whsec_<base64>`), the HMAC key.
+    pub secret: Secrets,
+    /// `events`: the event types delivered here (`None`: all).
+    pub events: Option<Vec<crate::events::EventType>>,
+}
+
+impl WebhookConfig {
+    /// A short stable name of the endpoint (from its URL): an event remembers which
+    /// endpoints took it by these.
+    pub fn endpoint_id(&self) -> String {
+        use sha2::Digest as _;
+        hex::encode(&sha2::Sha256::digest(self.url.as_bytes())[..6])
+    }
+
+    /// Whether events of type `t` go to this endpoint.
+    pub fn wants(&self, t: crate::events::EventType) -> bool {
+        self.events.as_ref().is_none_or(|list| list.contains(&t))
+    }
+}
+
+/// How webhook deliveries are retried (top-level `webhook_*` settings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookRetry {
+    /// `webhook_retry_initial_seconds` (default 5): the wait after the first failure.
+    pub initial: Duration,
+    /// `webhook_retry_max_interval_seconds` (default 3600): the longest wait.
+    pub max_interval: Duration,
+    /// `webhook_retry_hours` (default 24), or `webhook_retry_window_seconds` when set: how
+    /// long an event is retried before it is dead-lettered.
+    pub window: Duration,
+    /// `webhook_dead_letter_days` (default 7): how long dead-lettered and undelivered
+    /// events are kept (the outbox's retention is the window plus this).
+    pub dead_letter: Duration,
+    /// `webhook_recheck_seconds` (default 30): how often a replica looks for events another
+    /// replica recorded and did not deliver (it died, or its wake-up was lost).
+    pub recheck: Duration,
+}
+
+impl WebhookRetry {
+    /// How long a session's outbox outlives its last event.
+    pub fn outbox_keep(&self) -> Duration {
+        self.window + self.dead_letter
+    }
 }
 
 /// The JWT algorithms a tenant may allow (`algorithms`).
@@ -335,6 +387,8 @@ pub struct Config {
     pub upload_token_secrets: Secrets,
     /// The tenants.
     pub tenants: Vec<TenantConfig>,
+    /// Webhook retry settings.
+    pub webhook_retry: WebhookRetry,
 }
 
 /// Secret byte strings whose `Debug` shows only how many there are.
@@ -606,6 +660,12 @@ struct RawConfig {
     header_read_timeout_seconds: Setting<Secs<1, 600, 10>>,
     idle_timeout_seconds: Setting<Secs<1, 3_600, 60>>,
     max_metadata_bytes: Setting<MetadataBytes>,
+    webhook_retry_initial_seconds: Setting<Secs<1, DAY, 5>>,
+    webhook_retry_max_interval_seconds: Setting<Secs<1, DAY, 3_600>>,
+    webhook_retry_hours: Setting<Int<1, 720, 24>>,
+    webhook_retry_window_seconds: Setting<Secs<1, { 30 * DAY }, DAY>>,
+    webhook_dead_letter_days: Setting<Int<1, 90, 7>>,
+    webhook_recheck_seconds: Setting<Secs<1, 3_600, 30>>,
     s3: Setting<RawS3>,
     tenants: Setting<Vec<Setting<RawTenant>>>,
     #[serde(flatten)]
@@ -645,6 +705,17 @@ struct RawTenant {
     storage_class: Setting<String>,
     jwt: Setting<RawJwt>,
     end_user_rate_limit: Setting<RawRateLimit>,
+    webhooks: Setting<Vec<Setting<RawWebhook>>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawWebhook {
+    url: Setting<String>,
+    secret: Setting<String>,
+    events: Setting<Vec<String>>,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -801,6 +872,29 @@ impl Check {
             ),
             upload_token_secrets: self.secrets(raw.upload_token_secrets),
             tenants: self.tenants(raw.tenants, embedded, environment, max_metadata_bytes),
+            webhook_retry: WebhookRetry {
+                initial: self.secs(
+                    raw.webhook_retry_initial_seconds,
+                    "webhook_retry_initial_seconds",
+                ),
+                max_interval: self.secs(
+                    raw.webhook_retry_max_interval_seconds,
+                    "webhook_retry_max_interval_seconds",
+                ),
+                window: match self.opt(
+                    raw.webhook_retry_window_seconds,
+                    "webhook_retry_window_seconds",
+                ) {
+                    Some(secs) => Duration::from_secs(secs.0),
+                    None => Duration::from_secs(
+                        3_600 * self.int(raw.webhook_retry_hours, "webhook_retry_hours"),
+                    ),
+                },
+                dead_letter: Duration::from_secs(
+                    DAY * self.int(raw.webhook_dead_letter_days, "webhook_dead_letter_days"),
+                ),
+                recheck: self.secs(raw.webhook_recheck_seconds, "webhook_recheck_seconds"),
+            },
         };
         self.unknown("", raw.unknown);
         if config.rate_limit_bypass && environment == Environment::Production {
@@ -845,6 +939,16 @@ impl Check {
         }
         if listen == admin_listen && listen.port() != 0 {
             self.err(format!("listen and admin_listen are both {listen}"));
+        }
+        for t in &config.tenants {
+            for (i, hook) in t.webhooks.iter().enumerate() {
+                if crate::events::deliver::is_admin_target(&hook.url, admin_listen) {
+                    self.err(format!(
+                        "tenant {:?} webhooks[{i}].url {:?} is the gateway's own admin listener",
+                        t.id, hook.url
+                    ));
+                }
+            }
         }
         config
     }
@@ -1030,6 +1134,7 @@ impl Check {
             raw => self.rate_limit(raw, &field("end_user_rate_limit")),
         };
         let jwt = self.jwt(&field("jwt"), t.jwt);
+        let webhooks = self.webhooks(&field("webhooks"), t.webhooks);
 
         let storage_prefix = self.text(
             t.storage_prefix,
@@ -1078,9 +1183,72 @@ impl Check {
             storage_prefix,
             jwt,
             end_user_rate_limit,
+            webhooks,
         };
         self.unknown(name, t.unknown);
         tenant
+    }
+
+    /// `[[tenants.webhooks]]`: URLs, secrets and event filters checked. Whether `http://` is
+    /// allowed depends on the environment, checked with the tenants together.
+    fn webhooks(
+        &mut self,
+        name: &str,
+        raw: Setting<Vec<Setting<RawWebhook>>>,
+    ) -> Vec<WebhookConfig> {
+        let mut out = Vec::new();
+        for (i, hook) in self.get(raw, name).into_iter().enumerate() {
+            let name = format!("{name}[{i}]");
+            let Some(hook) = self.opt(hook, &name) else {
+                continue;
+            };
+            let url = self.text(hook.url, &format!("{name}.url"), "");
+            if !is_http_url(&url) {
+                self.err(format!(
+                    "{name}.url: {url:?} must be an https:// (or, in development, http://) URL with a host"
+                ));
+            }
+            let raw_secret = self.text(hook.secret, &format!("{name}.secret"), "");
+            let secret = raw_secret
+                .strip_prefix("whsec_")
+                .and_then(|b| {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD.decode(b).ok()
+                })
+                .filter(|k| (24..=64).contains(&k.len()));
+            if secret.is_none() {
+                self.err(format!(
+                    "{name}.secret: must be whsec_ followed by the base64 of 24 to 64 random bytes"
+                ));
+            }
+            let events = match self.opt(hook.events, &format!("{name}.events")) {
+                None => None,
+                Some(list) => {
+                    let mut types = Vec::new();
+                    for e in list {
+                        match crate::events::EventType::parse(&e) {
+                            Some(t) => types.push(t),
+                            None => self.err(format!(
+                                "{name}.events: {e:?} is not an event type (one of {})",
+                                crate::events::EventType::ALL
+                                    .iter()
+                                    .map(|t| t.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )),
+                        }
+                    }
+                    Some(types)
+                }
+            };
+            self.unknown(&name, hook.unknown);
+            out.push(WebhookConfig {
+                url,
+                secret: Secrets(secret.into_iter().collect()),
+                events,
+            });
+        }
+        out
     }
 
     /// A `{ requests_per_second, burst }` table named `name`.
@@ -1417,6 +1585,14 @@ impl Check {
             if environment != Environment::Production {
                 continue;
             }
+            for (i, hook) in t.webhooks.iter().enumerate() {
+                if !hook.url.starts_with("https://") {
+                    self.err(format!(
+                        "tenant {:?} webhooks[{i}].url {:?}: environment = \"production\" requires https://",
+                        t.id, hook.url
+                    ));
+                }
+            }
             for (digest, key) in &samples {
                 if t.api_keys_sha256.contains(digest) {
                     self.err(format!(
@@ -1456,6 +1632,7 @@ fn dev_tenant(max_metadata_bytes: u64) -> TenantConfig {
             requests_per_second: 10,
             burst: 20,
         },
+        webhooks: Vec::new(),
     }
 }
 

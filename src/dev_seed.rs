@@ -37,6 +37,7 @@ fn session(
         owner: None,
         max_file_size_bytes: None,
         allowed_content_types: None,
+        outbox_keep_ms: None,
     }
 }
 
@@ -132,7 +133,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .map_err(backend)?;
     let url = storage.file_url(&object_key);
     store
-        .finish_complete(&tenant.id, &done.id, &file.id, &token, &url, &object_etag)
+        .finish_complete(
+            &tenant.id,
+            &done.id,
+            &file.id,
+            &token,
+            &url,
+            &object_etag,
+            ms,
+        )
         .await
         .map_err(backend)?;
 

@@ -84,6 +84,9 @@ pub enum AppError {
     /// 404 `fileNotFound`.
     #[error("file not found")]
     FileNotFound,
+    /// 404 `eventNotFound`: no such (dead-lettered) webhook event.
+    #[error("event not found")]
+    EventNotFound,
     /// 404 `notFound`: no such route.
     #[error("no such route")]
     RouteNotFound,
@@ -214,7 +217,7 @@ impl AppError {
             | BodyIncomplete => StatusCode::BAD_REQUEST,
             Unauthorized | InvalidToken => StatusCode::UNAUTHORIZED,
             InsufficientScope => StatusCode::FORBIDDEN,
-            SessionNotFound | FileNotFound | RouteNotFound => StatusCode::NOT_FOUND,
+            SessionNotFound | FileNotFound | EventNotFound | RouteNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             DuplicateFileKey(_) | SessionNotActive(_) | FileNotActive(_) | FileAborted
             | FilesIncomplete(_) | RequestInProgress | CompletionInProgress => StatusCode::CONFLICT,
@@ -250,6 +253,7 @@ impl AppError {
             InsufficientScope => "insufficientScope",
             SessionNotFound => "sessionNotFound",
             FileNotFound => "fileNotFound",
+            EventNotFound => "eventNotFound",
             RouteNotFound => "notFound",
             MethodNotAllowed => "methodNotAllowed",
             DuplicateFileKey(_) => "duplicateFileKey",
@@ -287,6 +291,7 @@ impl AppError {
             InsufficientScope => "This credential does not cover this endpoint",
             SessionNotFound => "Session not found",
             FileNotFound => "File not found",
+            EventNotFound => "No such dead-lettered event",
             RouteNotFound => "Not found",
             MethodNotAllowed => "Method not allowed",
             DuplicateFileKey(_) => "The fileKey is already registered in this session",

@@ -24,6 +24,7 @@ pub mod config;
 pub mod cors;
 pub mod dev_seed;
 pub mod error;
+pub mod events;
 pub mod jwt;
 pub mod metrics;
 pub mod model;
@@ -210,6 +211,13 @@ impl Gateway {
             config.reaper_interval,
             stop.clone(),
         ));
+        let webhooks = tokio::spawn(events::deliver::run(
+            config.clone(),
+            self.state.store.clone(),
+            self.state.metrics.clone(),
+            self.state.uploads.waker(),
+            stop.clone(),
+        ));
         let admin_task = admin.map(|l| {
             let router = admin::routes(self.state.clone(), Arc::new(self.layers.metrics()));
             let stop = stop.clone();
@@ -233,6 +241,7 @@ impl Gateway {
         serve::serve(listener, self.router(), limits, shutdown).await;
         stop.cancel();
         let _ = reaper.await;
+        let _ = webhooks.await;
         if let Some(t) = admin_task {
             let _ = t.await;
         }

@@ -140,6 +140,21 @@ pub struct Metrics {
     pub idempotent_replays: Counter,
     /// Part bytes acknowledged by storage.
     pub bytes_stored: Counter,
+    /// Webhook attempts by outcome (`delivered`, `retried`, `dead`).
+    pub webhook_deliveries: Family<OutcomeLabels, Counter>,
+    /// Seconds from an event to its delivery.
+    pub webhook_delivery_seconds: Histogram,
+    /// Events pending in the outboxes this replica looked at last.
+    pub webhook_queue_depth: prometheus_client::metrics::gauge::Gauge,
+    /// Age in seconds of the oldest event this replica knows to be undelivered.
+    pub webhook_oldest_pending_seconds: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Labels of `upgate_webhook_deliveries_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `delivered`, `retried` or `dead`.
+    pub outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -159,6 +174,12 @@ impl Default for Metrics {
             bytes_received: Counter::default(),
             idempotent_replays: Counter::default(),
             bytes_stored: Counter::default(),
+            webhook_deliveries: Family::default(),
+            webhook_delivery_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0, 3600.0,
+            ]),
+            webhook_queue_depth: Default::default(),
+            webhook_oldest_pending_seconds: Default::default(),
         };
         let mut r = Registry::default();
         // Counter names get `_total` appended by the encoder; help texts get a full stop.
@@ -186,6 +207,26 @@ impl Default for Metrics {
             "upgate_backend_call_duration_seconds",
             "Latency of Redis and storage calls by backend and operation",
             backend_calls().clone(),
+        );
+        r.register(
+            "upgate_webhook_deliveries",
+            "Webhook delivery attempts by outcome",
+            m.webhook_deliveries.clone(),
+        );
+        r.register(
+            "upgate_webhook_delivery_seconds",
+            "Time from an event to its delivery",
+            m.webhook_delivery_seconds.clone(),
+        );
+        r.register(
+            "upgate_webhook_queue_depth",
+            "Events pending in the outboxes this replica looked at last",
+            m.webhook_queue_depth.clone(),
+        );
+        r.register(
+            "upgate_webhook_oldest_pending_seconds",
+            "Age of the oldest event this replica knows to be undelivered",
+            m.webhook_oldest_pending_seconds.clone(),
         );
         for (name, help, c) in [
             (

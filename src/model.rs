@@ -135,6 +135,11 @@ pub struct SessionRecord {
     /// when the end-user token that created it set them (`upgate.allowedContentTypes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_content_types: Option<Vec<String>>,
+    /// Set when the tenant had webhooks at the session's creation: the session's changes
+    /// are recorded as events ([`crate::events`]), and its outbox is kept this long (ms)
+    /// after its last event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox_keep_ms: Option<i64>,
 }
 
 impl SessionRecord {
@@ -243,6 +248,14 @@ pub fn rfc3339(secs: i64) -> String {
         t.minute(),
         t.second()
     );
+    out
+}
+
+/// Renders milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let mut out = rfc3339(ms.div_euclid(1000));
+    out.pop();
+    out.push_str(&format!(".{:03}Z", ms.rem_euclid(1000)));
     out
 }
 

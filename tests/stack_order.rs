@@ -33,6 +33,7 @@ macro_rules! forward {
 }
 
 #[async_trait]
+#[allow(clippy::too_many_arguments)]
 impl SessionStore for Counted {
     async fn create_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
         forward!(self.create_session(s))
@@ -123,8 +124,9 @@ impl SessionStore for Counted {
         k: &str,
         u: &str,
         e: &str,
+        now: i64,
     ) -> Result<Gate<Option<FileRecord>>, StoreError> {
-        forward!(self.finish_complete(t, s, f, k, u, e))
+        forward!(self.finish_complete(t, s, f, k, u, e, now))
     }
     async fn release_complete(&self, t: &str, s: &str, f: &str, k: &str) -> Result<(), StoreError> {
         forward!(self.release_complete(t, s, f, k))
@@ -210,6 +212,59 @@ impl SessionStore for Counted {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+    // The outbox (not counted: these tenants have no webhooks, so only the worker's
+    // bookkeeping would call them).
+    async fn claim_event_sessions(
+        &self,
+        t: &str,
+        n: i64,
+        l: i64,
+        k: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner.claim_event_sessions(t, n, l, k).await
+    }
+    async fn event_session_done(
+        &self,
+        t: &str,
+        s: &str,
+        c: i64,
+        n: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.inner.event_session_done(t, s, c, n).await
+    }
+    async fn claim_events(
+        &self,
+        t: &str,
+        s: &str,
+        n: i64,
+        l: i64,
+        k: usize,
+    ) -> Result<upgate::store::ClaimedEvents, StoreError> {
+        self.inner.claim_events(t, s, n, l, k).await
+    }
+    async fn event_attempted(
+        &self,
+        t: &str,
+        s: &str,
+        q: u64,
+        d: &upgate::events::Delivery,
+        o: upgate::store::Attempted,
+        n: i64,
+    ) -> Result<(), StoreError> {
+        self.inner.event_attempted(t, s, q, d, o, n).await
+    }
+    async fn list_events(
+        &self,
+        t: &str,
+        f: bool,
+        a: Option<(&str, u64)>,
+        l: usize,
+    ) -> Result<Vec<upgate::events::StoredEvent>, StoreError> {
+        self.inner.list_events(t, f, a, l).await
+    }
+    async fn retry_event(&self, t: &str, s: &str, q: u64, n: i64) -> Result<bool, StoreError> {
+        self.inner.retry_event(t, s, q, n).await
     }
 }
 

@@ -20,8 +20,8 @@ use upgate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionSt
 use upgate::store::memory::MemoryStore;
 use upgate::store::redis::{RedisHandle, RedisStore, RedisStoreOptions};
 use upgate::store::{
-    BeginComplete, Cleanup, FileAborted, Finalized, Gate, Page, Registered, SessionAborted,
-    SessionStore, UploadIdSet,
+    Attempted, BeginComplete, ClaimedEvents, Cleanup, FileAborted, Finalized, Gate, Page,
+    Registered, SessionAborted, SessionStore, UploadIdSet,
 };
 
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -62,7 +62,13 @@ impl Ctx {
     }
 
     async fn session_ttl(&self, tenant: &str, file_limit: u32, ttl: i64) -> SessionRecord {
-        let s = SessionRecord {
+        let s = self.session_record(tenant, file_limit, ttl);
+        self.store.create_session(&s).await.expect("create_session");
+        s
+    }
+
+    fn session_record(&self, tenant: &str, file_limit: u32, ttl: i64) -> SessionRecord {
+        SessionRecord {
             id: uuid::Uuid::new_v4().to_string(),
             tenant: tenant.to_owned(),
             status: SessionStatus::Active,
@@ -76,9 +82,8 @@ impl Ctx {
             owner: None,
             max_file_size_bytes: None,
             allowed_content_types: None,
-        };
-        self.store.create_session(&s).await.expect("create_session");
-        s
+            outbox_keep_ms: None,
+        }
     }
 
     async fn register(&self, tenant: &str, s: &SessionRecord, key: &str) -> FileRecord {
@@ -150,7 +155,7 @@ impl Ctx {
         );
         let done = self
             .store
-            .finish_complete(tenant, &s.id, &f.id, &tok, "file:///x", "etag-final")
+            .finish_complete(tenant, &s.id, &f.id, &tok, "file:///x", "etag-final", 0)
             .await
             .unwrap();
         match done {
@@ -377,13 +382,13 @@ mod cases {
             Gate::FileNotFound
         );
         assert_eq!(
-            st.finish_complete("t2", &s.id, &f.id, "k", "u", "e")
+            st.finish_complete("t2", &s.id, &f.id, "k", "u", "e", 0)
                 .await
                 .unwrap(),
             Gate::SessionNotFound
         );
         assert_eq!(
-            st.finish_complete("t1", &s.id, "nofile", "k", "u", "e")
+            st.finish_complete("t1", &s.id, "nofile", "k", "u", "e", 0)
                 .await
                 .unwrap(),
             Gate::FileNotFound
@@ -836,7 +841,7 @@ mod cases {
         // The old lease holder cannot finish, and nothing else finds the deleted file.
         assert_eq!(
             c.store
-                .finish_complete("t1", &s.id, &f.id, tok, "u", "e")
+                .finish_complete("t1", &s.id, &f.id, tok, "u", "e", 0)
                 .await
                 .unwrap(),
             Gate::FileNotFound
@@ -1112,7 +1117,7 @@ mod cases {
         ));
         // The old holder lost it: finish is None, release is a no-op.
         assert_eq!(
-            st.finish_complete("t1", sid, fid, "tok1", "u1", "e1")
+            st.finish_complete("t1", sid, fid, "tok1", "u1", "e1", 0)
                 .await
                 .unwrap(),
             Gate::Ok(None)
@@ -1125,7 +1130,7 @@ mod cases {
             Gate::Ok(BeginComplete::InProgress)
         );
         let done = match st
-            .finish_complete("t1", sid, fid, "tok2", "file:///data/a", "etag-a")
+            .finish_complete("t1", sid, fid, "tok2", "file:///data/a", "etag-a", 0)
             .await
             .unwrap()
         {
@@ -1144,7 +1149,7 @@ mod cases {
             Gate::Ok(BeginComplete::AlreadyCompleted(done.clone()))
         );
         assert_eq!(
-            st.finish_complete("t1", sid, fid, "tok1", "other", "other")
+            st.finish_complete("t1", sid, fid, "tok1", "other", "other", 0)
                 .await
                 .unwrap(),
             Gate::Ok(Some(done.clone()))
@@ -1185,7 +1190,7 @@ mod cases {
         assert_eq!(c.file("t1", &s, &f).await.status, FileStatus::Registered);
         // Released before completing: finish with the released token fails.
         assert_eq!(
-            st.finish_complete("t1", &s.id, &f.id, "tok1", "u", "e")
+            st.finish_complete("t1", &s.id, &f.id, "tok1", "u", "e", 0)
                 .await
                 .unwrap(),
             Gate::Ok(None)
@@ -1223,7 +1228,7 @@ mod cases {
         ));
         match c
             .store
-            .finish_complete("t1", &s.id, &f.id, "tok", "u", "e")
+            .finish_complete("t1", &s.id, &f.id, "tok", "u", "e", 0)
             .await
             .unwrap()
         {
@@ -1363,7 +1368,7 @@ mod cases {
         );
         // Mutations are refused, the old lease holder cannot finish.
         assert_eq!(
-            st.finish_complete("t1", &s.id, &busy.id, "k", "u", "e")
+            st.finish_complete("t1", &s.id, &busy.id, "k", "u", "e", 0)
                 .await
                 .unwrap(),
             Gate::Ok(None)
@@ -1411,7 +1416,7 @@ mod cases {
             SessionStatus::Active,
             "nothing changed"
         );
-        st.finish_complete("t1", &s.id, &d.id, "k", "u", "e")
+        st.finish_complete("t1", &s.id, &d.id, "k", "u", "e", 0)
             .await
             .unwrap();
         st.abort_file("t1", &s.id, &b.id, now).await.unwrap();
@@ -1851,6 +1856,351 @@ mod cases {
             .count();
         assert_eq!((acquired, busy), (1, 49));
     }
+
+    // --- The outbox ------------------------------------------------------------------
+
+    const KEEP_MS: i64 = 3_600_000;
+
+    /// A session of a tenant with webhooks (its changes are recorded as events).
+    async fn hooked(c: &Ctx, tenant: &str) -> SessionRecord {
+        let s = SessionRecord {
+            outbox_keep_ms: Some(KEEP_MS),
+            ..c.session_record(tenant, 5, TTL_S)
+        };
+        c.store.create_session(&s).await.expect("create_session");
+        s
+    }
+
+    async fn claim_all(c: &Ctx, tenant: &str, s: &SessionRecord, now: i64) -> ClaimedEvents {
+        c.store
+            .claim_events(tenant, &s.id, now, 60_000, 100)
+            .await
+            .expect("claim_events")
+    }
+
+    pub(crate) async fn events_record_every_change_in_order(c: Ctx) {
+        let s = hooked(&c, "t1").await;
+        let kept = c.completed("t1", &s, "a").await;
+        let gone = c.register("t1", &s, "b").await;
+        assert!(matches!(
+            c.store
+                .abort_file("t1", &s.id, &gone.id, c.now())
+                .await
+                .unwrap(),
+            Gate::Ok(FileAborted::Deleted { .. })
+        ));
+        // A repeated DELETE records nothing more.
+        let _ = c
+            .store
+            .abort_file("t1", &s.id, &gone.id, c.now())
+            .await
+            .unwrap();
+        assert!(matches!(
+            c.store
+                .finalize("t1", &s.id, std::slice::from_ref(&kept.id), c.now())
+                .await
+                .unwrap(),
+            Gate::Ok(Finalized::Done(_))
+        ));
+        assert_eq!(
+            c.store.abort_session("t1", &s.id, c.now()).await.unwrap(),
+            Gate::Ok(SessionAborted::Forgotten)
+        );
+        // A session of a tenant without webhooks records nothing.
+        let quiet = c.session("t1", 5).await;
+        c.register("t1", &quiet, "q").await;
+        let none = claim_all(&c, "t1", &quiet, c.now()).await;
+        assert!(none.events.is_empty() && none.pending == 0 && !none.drained);
+
+        let got = claim_all(&c, "t1", &s, c.now()).await;
+        let kinds: Vec<&str> = got.events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "session.created",
+                "file.registered",
+                "file.completed",
+                "file.registered",
+                "file.deleted",
+                "session.finalized",
+                "session.deleted"
+            ]
+        );
+        let seqs: Vec<u64> = got.events.iter().map(|e| e.sequence).collect();
+        assert_eq!(seqs, (1..=7).collect::<Vec<_>>(), "gap-free from 1");
+        assert_eq!(got.pending, 7);
+        let e = &got.events;
+        assert_eq!(e[0].session.id, s.id);
+        assert_eq!(e[0].session.status, SessionStatus::Active);
+        assert_eq!(
+            e[0].session.metadata, s.metadata,
+            "the session's copy is whole"
+        );
+        assert_eq!(
+            e[1].file.as_ref().map(|f| f.id.as_str()),
+            Some(kept.id.as_str())
+        );
+        assert_eq!(e[1].session.file_count, 1);
+        let done = e[2].file.as_ref().expect("file");
+        assert_eq!(done.status, FileStatus::Completed);
+        assert_eq!(done.file_url.as_deref(), Some("file:///x"));
+        let deleted = e[4].file.as_ref().expect("file");
+        assert_eq!(
+            (deleted.id.as_str(), deleted.status),
+            (gone.id.as_str(), FileStatus::Aborted)
+        );
+        assert_eq!(
+            e[4].session.file_count, 1,
+            "the copy is taken after the change"
+        );
+        assert_eq!(e[5].session.status, SessionStatus::Finalized);
+        assert!(e[5].file.is_none());
+        assert!(e.iter().all(|e| e.delivery.attempts == 0));
+        // The session is forgotten; its events are not, and the outbox drains only once
+        // they are delivered.
+        assert!(!got.drained);
+        for ev in &got.events {
+            c.store
+                .event_attempted(
+                    "t1",
+                    &s.id,
+                    ev.sequence,
+                    &ev.delivery,
+                    Attempted::Delivered,
+                    c.now(),
+                )
+                .await
+                .unwrap();
+        }
+        let after = claim_all(&c, "t1", &s, c.at(120)).await;
+        assert!(after.events.is_empty());
+        assert_eq!(
+            (after.pending, after.next_due_ms, after.drained),
+            (0, None, true)
+        );
+    }
+
+    pub(crate) async fn events_expiry_is_recorded_once(c: Ctx) {
+        let s = hooked(&c, "t1").await;
+        let t = c.expiry();
+        assert!(expired_first(
+            &c.store
+                .get_session("t1", &s.id, Page::FIRST, t)
+                .await
+                .unwrap()
+        ));
+        let _ = c
+            .store
+            .get_session("t1", &s.id, Page::FIRST, t + 1)
+            .await
+            .unwrap();
+        let r = c
+            .store
+            .reap("t1", &s.id, t + 2)
+            .await
+            .unwrap()
+            .expect("reap");
+        assert!(!r.first_observation);
+        let other = hooked(&c, "t1").await;
+        let r = c
+            .store
+            .reap("t1", &other.id, t)
+            .await
+            .unwrap()
+            .expect("reap");
+        assert!(r.first_observation);
+        let _ = c
+            .store
+            .get_session("t1", &other.id, Page::FIRST, t)
+            .await
+            .unwrap();
+        for (session, how) in [(&s, "a gate"), (&other, "the reaper")] {
+            let got = claim_all(&c, "t1", session, t + 5).await;
+            let kinds: Vec<&str> = got.events.iter().map(|e| e.kind.as_str()).collect();
+            assert_eq!(kinds, ["session.created", "session.expired"], "{how}");
+            assert_eq!(got.events[1].session.status, SessionStatus::Expired);
+            assert_eq!(got.events[1].at_ms, t.max(got.events[1].at_ms));
+        }
+    }
+
+    pub(crate) async fn event_claims_lease_retry_and_dead_letter(c: Ctx) {
+        let s = hooked(&c, "t1").await;
+        let now = c.now();
+        let first = claim_all(&c, "t1", &s, now).await;
+        assert_eq!(first.events.len(), 1);
+        assert_eq!(
+            first.next_due_ms,
+            Some(now + 60_000),
+            "leased until the lease end"
+        );
+        // Leased: nobody else gets it until the lease ends, then it is due again.
+        assert!(claim_all(&c, "t1", &s, now + 59_999)
+            .await
+            .events
+            .is_empty());
+        let again = claim_all(&c, "t1", &s, now + 60_000).await;
+        assert_eq!(again.events.len(), 1);
+        let ev = &again.events[0];
+        // A failed attempt: retried at the time given, with its state kept.
+        let failed = upgate::events::Delivery {
+            attempts: 1,
+            last_attempt_ms: Some(now + 60_000),
+            last_status: Some(503),
+            delivered_to: vec!["aaaa".into()],
+            window_start_ms: ev.delivery.window_start_ms,
+        };
+        c.store
+            .event_attempted(
+                "t1",
+                &s.id,
+                1,
+                &failed,
+                Attempted::RetryAt(now + 90_000),
+                now + 60_000,
+            )
+            .await
+            .unwrap();
+        assert!(claim_all(&c, "t1", &s, now + 89_999)
+            .await
+            .events
+            .is_empty());
+        let retried = claim_all(&c, "t1", &s, now + 90_000).await;
+        assert_eq!(retried.events[0].delivery, failed);
+        // Dead-lettered: listed as failed, no longer pending, until retried.
+        c.store
+            .event_attempted("t1", &s.id, 1, &failed, Attempted::Dead, now + 90_000)
+            .await
+            .unwrap();
+        let gone = claim_all(&c, "t1", &s, now + 999_000).await;
+        assert!(gone.events.is_empty() && gone.pending == 0);
+        let dead = c.store.list_events("t1", true, None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            dead[0].status,
+            upgate::events::EventStatus::Failed(now + 90_000)
+        );
+        assert_eq!(dead[0].delivery, failed);
+        assert!(c
+            .store
+            .list_events("t1", false, None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(c
+            .store
+            .list_events("t2", true, None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        // An attempt recorded for an event that is not pending changes nothing.
+        c.store
+            .event_attempted("t1", &s.id, 1, &failed, Attempted::Delivered, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            c.store
+                .list_events("t1", true, None, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(!c.store.retry_event("t1", &s.id, 2, now).await.unwrap());
+        assert!(!c.store.retry_event("t2", &s.id, 1, now).await.unwrap());
+        assert!(c
+            .store
+            .retry_event("t1", &s.id, 1, now + 100_000)
+            .await
+            .unwrap());
+        assert!(!c
+            .store
+            .retry_event("t1", &s.id, 1, now + 100_000)
+            .await
+            .unwrap());
+        let back = claim_all(&c, "t1", &s, now + 100_000).await;
+        assert_eq!(back.events.len(), 1);
+        assert_eq!(
+            back.events[0].delivery.window_start_ms,
+            now + 100_000,
+            "a new window"
+        );
+        assert_eq!(back.events[0].delivery.attempts, 1);
+        assert!(c
+            .store
+            .list_events("t1", true, None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    pub(crate) async fn event_index_claims_and_listing(c: Ctx) {
+        let now = c.now();
+        let a = hooked(&c, "t1").await;
+        let b = hooked(&c, "t1").await;
+        let _quiet = c.session("t1", 5).await;
+        let mut claimed = c
+            .store
+            .claim_event_sessions("t1", now, 10_000, 10)
+            .await
+            .unwrap();
+        claimed.sort();
+        let mut want = vec![a.id.clone(), b.id.clone()];
+        want.sort();
+        assert_eq!(claimed, want, "sessions with an outbox, due at creation");
+        assert!(c
+            .store
+            .claim_event_sessions("t1", now, 10_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(c
+            .store
+            .claim_event_sessions("t2", now, 10_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        // Ended with a next time: due then; with none: gone from the index. An end whose
+        // claim is stale changes nothing.
+        c.store
+            .event_session_done("t1", &a.id, now + 10_000, Some(now + 30_000))
+            .await
+            .unwrap();
+        c.store
+            .event_session_done("t1", &b.id, now + 10_000, None)
+            .await
+            .unwrap();
+        c.store
+            .event_session_done("t1", &a.id, now + 10_000, None)
+            .await
+            .unwrap();
+        assert!(c
+            .store
+            .claim_event_sessions("t1", now + 29_999, 10_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            c.store
+                .claim_event_sessions("t1", now + 30_000, 10_000, 10)
+                .await
+                .unwrap(),
+            vec![a.id.clone()]
+        );
+        // Listing: pending events of the sessions in the index, by session then sequence,
+        // paged by the last one listed.
+        c.register("t1", &a, "x").await;
+        let all = c.store.list_events("t1", false, None, 10).await.unwrap();
+        assert_eq!(all.len(), 2, "b left the index; a has two events");
+        assert!(all.iter().all(|e| e.session.id == a.id));
+        let one = c.store.list_events("t1", false, None, 1).await.unwrap();
+        assert_eq!(one[0].sequence, 1);
+        let rest = c
+            .store
+            .list_events("t1", false, Some((&a.id, 1)), 10)
+            .await
+            .unwrap();
+        assert_eq!(rest.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2]);
+    }
 }
 
 /// Small helpers to compare gates of different payload types.
@@ -1910,7 +2260,11 @@ macro_rules! for_each_case {
             live_sessions_are_bounded_per_tenant,
             concurrent_register_respects_limit,
             concurrent_register_same_key,
-            concurrent_begin_complete_single_winner
+            concurrent_begin_complete_single_winner,
+            events_record_every_change_in_order,
+            events_expiry_is_recorded_once,
+            event_claims_lease_retry_and_dead_letter,
+            event_index_claims_and_listing
         );
     };
 }

@@ -61,6 +61,7 @@ pub(super) async fn register(
         return Err(AppError::Validation(vec![FieldError::new("metadata", why)]));
     }
     let gate = state.store.register_file(&t.id, &file, now).await?;
+    state.uploads.wake(&t.id, &file.session_id);
     let outcome = open_gate(gate, &t.id, now);
     let result = match outcome {
         Ok(Registered::Created(f)) => Ok(f),

@@ -3,6 +3,7 @@
 mod files;
 mod parts;
 mod sessions;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -52,10 +53,12 @@ pub(crate) mod path {
     pub(crate) const PRESIGN: &str = "/v1/sessions/{session_id}/files/{file_id}/presigned-parts";
     pub(crate) const COMPLETE: &str = "/v1/sessions/{session_id}/files/{file_id}/complete";
     pub(crate) const UPLOAD_TOKENS: &str = "/v1/sessions/{session_id}/upload-tokens";
+    pub(crate) const EVENTS: &str = "/v1/webhooks/events";
+    pub(crate) const EVENT_RETRY: &str = "/v1/webhooks/events/{event_id}/retry";
 }
 
 /// Every route template of [`routes`].
-pub const ROUTES: [&str; 10] = [
+pub const ROUTES: [&str; 12] = [
     path::SESSIONS,
     path::SESSION,
     path::FINALIZE,
@@ -66,6 +69,8 @@ pub const ROUTES: [&str; 10] = [
     path::PRESIGN,
     path::COMPLETE,
     path::UPLOAD_TOKENS,
+    path::EVENTS,
+    path::EVENT_RETRY,
 ];
 
 /// The `/v1` routes (without middleware; see [`crate::stack`]).
@@ -81,6 +86,8 @@ pub fn routes(state: AppState) -> Router {
         .route(path::PART, put(parts::upload))
         .route(path::PRESIGN, post(parts::presign))
         .route(path::COMPLETE, post(parts::complete))
+        .route(path::EVENTS, get(webhooks::list))
+        .route(path::EVENT_RETRY, post(webhooks::retry))
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .fallback(|| async { AppError::RouteNotFound })
         .with_state(state)

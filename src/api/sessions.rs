@@ -53,6 +53,9 @@ pub(super) async fn create(
             .as_ref()
             .and_then(|u| u.limits.allowed_content_types.as_ref())
             .map(|list| list.iter().map(|t| t.to_ascii_lowercase()).collect()),
+        outbox_keep_ms: (!tenant.0.webhooks.is_empty()).then(|| {
+            i64::try_from(state.config.webhook_retry.outbox_keep().as_millis()).unwrap_or(i64::MAX)
+        }),
     };
     tracing::Span::current().record("session_id", session.id.as_str());
     // The quota counts the session first: a create cut after this step leaves a count that
@@ -107,6 +110,7 @@ pub(super) async fn create(
         release_quota(&state, &t.id, &session.id, scope).await;
         return Err(e.into());
     }
+    state.uploads.wake(&t.id, &session.id);
     state.metrics.sessions_created.inc();
     let location = format!("/v1/sessions/{}", session.id);
     let mut view = session_json(&session);

@@ -11,9 +11,10 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    BeginComplete, Cleanup, ExpiredInfo, FileAborted, Finalized, Gate, Page, Reaped, Registered,
-    SessionAborted, SessionStore, SessionView, StoreError, UploadIdSet,
+    Attempted, BeginComplete, ClaimedEvents, Cleanup, ExpiredInfo, FileAborted, Finalized, Gate,
+    Page, Reaped, Registered, SessionAborted, SessionStore, SessionView, StoreError, UploadIdSet,
 };
+use crate::events::{Delivery, EventStatus, EventType, StoredEvent};
 use crate::model::{
     part_count, part_size_for, FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus,
 };
@@ -72,6 +73,55 @@ struct Inner {
     reap_index: HashMap<(String, String), i64>,
     /// tenant → live session → its expiry (ms).
     live: HashMap<String, HashMap<String, i64>>,
+    /// (tenant, session) → its events (kept after the session is gone).
+    outboxes: HashMap<(String, String), Outbox>,
+    /// tenant → session → when the delivery worker looks at it (ms).
+    event_index: HashMap<String, HashMap<String, i64>>,
+}
+
+/// A session's events.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// The last sequence number given out.
+    seq: u64,
+    events: BTreeMap<u64, StoredEvent>,
+    /// Forgotten at this time (ms): its last event's time plus the session's
+    /// `outbox_keep_ms`.
+    keep_until: i64,
+}
+
+/// Records event `kind` of `session` (its state after the change) when the session has an
+/// outbox (its tenant had webhooks when it was created).
+fn record(
+    outboxes: &mut HashMap<(String, String), Outbox>,
+    session: &SessionRecord,
+    kind: EventType,
+    file: Option<FileRecord>,
+    now_ms: i64,
+) {
+    let Some(keep) = session.outbox_keep_ms else {
+        return;
+    };
+    let ob = outboxes
+        .entry(key(&session.tenant, &session.id))
+        .or_default();
+    ob.seq += 1;
+    ob.keep_until = now_ms.saturating_add(keep);
+    ob.events.insert(
+        ob.seq,
+        StoredEvent {
+            sequence: ob.seq,
+            kind,
+            at_ms: now_ms,
+            session: session.clone(),
+            file,
+            delivery: Delivery {
+                window_start_ms: now_ms,
+                ..Delivery::default()
+            },
+            status: EventStatus::Pending(now_ms),
+        },
+    );
 }
 
 /// In-memory [`SessionStore`]. State is lost on restart and not shared between replicas.
@@ -103,7 +153,8 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops sessions whose retention has passed (called opportunistically).
+    /// Drops sessions whose retention has passed, and outboxes past theirs (called
+    /// opportunistically).
     fn evict(&self, inner: &mut Inner, now_ms: i64) {
         let retention = self.retention_ms;
         inner.sessions.retain(|_, e| {
@@ -113,6 +164,7 @@ impl MemoryStore {
                     .saturating_mul(1000)
                     .saturating_add(retention)
         });
+        inner.outboxes.retain(|_, ob| now_ms < ob.keep_until);
     }
 }
 
@@ -136,8 +188,18 @@ fn gate<'a>(
         if first {
             entry.session.status = SessionStatus::Expired;
         }
+        let session = entry.session.clone();
+        if first {
+            record(
+                &mut inner.outboxes,
+                &session,
+                EventType::SessionExpired,
+                None,
+                now_ms,
+            );
+        }
         return Err(Gate::Expired(Box::new(ExpiredInfo {
-            session: entry.session.clone(),
+            session,
             first_observation: first,
         })));
     }
@@ -193,6 +255,7 @@ macro_rules! file_or_return {
 }
 
 #[async_trait]
+#[allow(clippy::too_many_arguments)]
 impl SessionStore for MemoryStore {
     async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
         let mut inner = self.lock();
@@ -213,6 +276,20 @@ impl SessionStore for MemoryStore {
                 cleanup: BTreeMap::new(),
             },
         );
+        if session.outbox_keep_ms.is_some() {
+            inner
+                .event_index
+                .entry(session.tenant.clone())
+                .or_default()
+                .insert(session.id.clone(), now);
+            record(
+                &mut inner.outboxes,
+                session,
+                EventType::SessionCreated,
+                None,
+                now,
+            );
+        }
         Ok(())
     }
 
@@ -309,6 +386,14 @@ impl SessionStore for MemoryStore {
                 parts: BTreeMap::new(),
                 lease: None,
             },
+        );
+        let session = entry.session.clone();
+        record(
+            &mut inner.outboxes,
+            &session,
+            EventType::FileRegistered,
+            Some(file.clone()),
+            now_ms,
         );
         Ok(Gate::Ok(Registered::Created(file)))
     }
@@ -427,6 +512,7 @@ impl SessionStore for MemoryStore {
         token: &str,
         file_url: &str,
         etag: &str,
+        now_ms: i64,
     ) -> Result<Gate<Option<FileRecord>>, StoreError> {
         let mut inner = self.lock();
         let Some(entry) = inner.sessions.get_mut(&key(tenant, session_id)) else {
@@ -445,7 +531,16 @@ impl SessionStore for MemoryStore {
         f.file.file_url = Some(file_url.to_owned());
         f.file.etag = Some(etag.to_owned());
         f.lease = None;
-        Ok(Gate::Ok(Some(f.file.clone())))
+        let file = f.file.clone();
+        let session = entry.session.clone();
+        record(
+            &mut inner.outboxes,
+            &session,
+            EventType::FileCompleted,
+            Some(file.clone()),
+            now_ms,
+        );
+        Ok(Gate::Ok(Some(file)))
     }
 
     async fn renew_complete(
@@ -523,6 +618,14 @@ impl SessionStore for MemoryStore {
         entry.files.remove(file_id);
         entry.order.remove(&seq);
         let cleanup = abort_live(entry, &before);
+        let session = entry.session.clone();
+        record(
+            &mut inner.outboxes,
+            &session,
+            EventType::FileDeleted,
+            Some(crate::events::deleted_view(before)),
+            now_ms,
+        );
         Ok(Gate::Ok(FileAborted::Deleted { cleanup }))
     }
 
@@ -539,7 +642,15 @@ impl SessionStore for MemoryStore {
                 return Ok(Gate::Ok(SessionAborted::CleanupFirst(entry.queued())));
             }
             SessionStatus::Finalized => {
+                let session = entry.session.clone();
                 inner.sessions.remove(&key(tenant, session_id));
+                record(
+                    &mut inner.outboxes,
+                    &session,
+                    EventType::SessionDeleted,
+                    None,
+                    now_ms,
+                );
                 return Ok(Gate::Ok(SessionAborted::Forgotten));
             }
             SessionStatus::Aborted => {}
@@ -564,6 +675,15 @@ impl SessionStore for MemoryStore {
                     f.lease = None;
                     abort_live(entry, &before);
                 }
+                let (session, queued) = (entry.session.clone(), entry.queued());
+                record(
+                    &mut inner.outboxes,
+                    &session,
+                    EventType::SessionDeleted,
+                    None,
+                    now_ms,
+                );
+                return Ok(Gate::Ok(SessionAborted::Aborted(queued)));
             }
         }
         Ok(Gate::Ok(SessionAborted::Aborted(entry.queued())))
@@ -630,8 +750,16 @@ impl SessionStore for MemoryStore {
         }
         entry.session.status = SessionStatus::Finalized;
         let (files, next_cursor) = entry.page(Page::FIRST);
+        let session = entry.session.clone();
+        record(
+            &mut inner.outboxes,
+            &session,
+            EventType::SessionFinalized,
+            None,
+            now_ms,
+        );
         Ok(Gate::Ok(Finalized::Done(SessionView {
-            session: entry.session.clone(),
+            session,
             files,
             next_cursor,
         })))
@@ -693,8 +821,18 @@ impl SessionStore for MemoryStore {
             }
         }
         let cleanup = entry.queued();
+        let session = entry.session.clone();
+        if first {
+            record(
+                &mut inner.outboxes,
+                &session,
+                EventType::SessionExpired,
+                None,
+                now_ms,
+            );
+        }
         Ok(Some(Reaped {
-            session: entry.session.clone(),
+            session,
             first_observation: first,
             open_uploads,
             cleanup,
@@ -751,6 +889,196 @@ impl SessionStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn claim_event_sessions(
+        &self,
+        tenant: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut inner = self.lock();
+        self.evict(&mut inner, now_ms);
+        let Some(index) = inner.event_index.get_mut(tenant) else {
+            return Ok(Vec::new());
+        };
+        let mut due: Vec<(String, i64)> = index
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(s, at)| (s.clone(), *at))
+            .collect();
+        due.sort_by_key(|(_, at)| *at);
+        due.truncate(limit);
+        for (s, _) in &due {
+            index.insert(s.clone(), now_ms.saturating_add(lease_ms));
+        }
+        Ok(due.into_iter().map(|(s, _)| s).collect())
+    }
+
+    async fn event_session_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        claimed_until: i64,
+        next_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let Some(index) = inner.event_index.get_mut(tenant) else {
+            return Ok(());
+        };
+        if index.get(session_id) != Some(&claimed_until) {
+            return Ok(());
+        }
+        match next_ms {
+            Some(at) => {
+                index.insert(session_id.to_owned(), at);
+            }
+            None => {
+                index.remove(session_id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn claim_events(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<ClaimedEvents, StoreError> {
+        let mut inner = self.lock();
+        self.evict(&mut inner, now_ms);
+        let k = key(tenant, session_id);
+        let session_gone = !inner.sessions.contains_key(&k);
+        let Some(ob) = inner.outboxes.get_mut(&k) else {
+            return Ok(ClaimedEvents {
+                drained: session_gone,
+                ..ClaimedEvents::default()
+            });
+        };
+        let lease_end = now_ms.saturating_add(lease_ms);
+        let mut out = ClaimedEvents::default();
+        for e in ob.events.values_mut() {
+            let EventStatus::Pending(due) = e.status else {
+                continue;
+            };
+            if due <= now_ms && out.events.len() < limit {
+                e.status = EventStatus::Pending(lease_end);
+                out.events.push(e.clone());
+            }
+        }
+        for e in ob.events.values() {
+            if let EventStatus::Pending(due) = e.status {
+                out.pending += 1;
+                out.next_due_ms = Some(out.next_due_ms.map_or(due, |d: i64| d.min(due)));
+            }
+        }
+        out.drained = session_gone && out.pending == 0;
+        Ok(out)
+    }
+
+    async fn event_attempted(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        sequence: u64,
+        delivery: &Delivery,
+        outcome: Attempted,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let Some(ob) = inner.outboxes.get_mut(&key(tenant, session_id)) else {
+            return Ok(());
+        };
+        let Some(e) = ob.events.get_mut(&sequence) else {
+            return Ok(());
+        };
+        if !matches!(e.status, EventStatus::Pending(_)) {
+            return Ok(());
+        }
+        e.delivery = delivery.clone();
+        match outcome {
+            Attempted::Delivered => {
+                ob.events.remove(&sequence);
+            }
+            Attempted::RetryAt(at) => e.status = EventStatus::Pending(at),
+            Attempted::Dead => e.status = EventStatus::Failed(now_ms),
+        }
+        Ok(())
+    }
+
+    async fn list_events(
+        &self,
+        tenant: &str,
+        failed: bool,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let inner = self.lock();
+        // As on Redis: pending events are found through the outbox index (a session leaves
+        // it once drained), dead letters through every outbox.
+        let indexed = inner.event_index.get(tenant);
+        let mut sessions: Vec<&String> = inner
+            .outboxes
+            .keys()
+            .filter(|(t, s)| t == tenant && (failed || indexed.is_some_and(|i| i.contains_key(s))))
+            .map(|(_, s)| s)
+            .collect();
+        sessions.sort();
+        let mut out = Vec::new();
+        for s in sessions {
+            if after.is_some_and(|(a, _)| s.as_str() < a) {
+                continue;
+            }
+            let Some(ob) = inner.outboxes.get(&key(tenant, s)) else {
+                continue;
+            };
+            for e in ob.events.values() {
+                if after.is_some_and(|(a, seq)| s == a && e.sequence <= seq) {
+                    continue;
+                }
+                if matches!(e.status, EventStatus::Failed(_)) != failed {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                out.push(e.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn retry_event(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        sequence: u64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let k = key(tenant, session_id);
+        let Some(e) = inner
+            .outboxes
+            .get_mut(&k)
+            .and_then(|ob| ob.events.get_mut(&sequence))
+        else {
+            return Ok(false);
+        };
+        if !matches!(e.status, EventStatus::Failed(_)) {
+            return Ok(false);
+        }
+        e.status = EventStatus::Pending(now_ms);
+        e.delivery.window_start_ms = now_ms;
+        inner
+            .event_index
+            .entry(tenant.to_owned())
+            .or_default()
+            .insert(session_id.to_owned(), now_ms);
+        Ok(true)
     }
 
     async fn upload_token_key(&self) -> Result<Vec<u8>, StoreError> {

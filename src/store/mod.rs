@@ -243,9 +243,37 @@ pub struct Reaped {
     pub busy_until: Option<i64>,
 }
 
+/// Due events of one session, handed to a delivery attempt
+/// ([`SessionStore::claim_events`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClaimedEvents {
+    /// The due events, oldest first, each leased to the caller (no other claim gets it
+    /// until the lease ends).
+    pub events: Vec<crate::events::StoredEvent>,
+    /// Events of the session still pending after the claim (the claimed ones included).
+    pub pending: u64,
+    /// When the earliest pending event is due next (ms; a claimed one at its lease end).
+    pub next_due_ms: Option<i64>,
+    /// The session is gone and nothing of its outbox is pending or dead-lettered: it can
+    /// leave the outbox index.
+    pub drained: bool,
+}
+
+/// What an attempt at an event came to ([`SessionStore::event_attempted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempted {
+    /// Every endpoint took it: it leaves the outbox.
+    Delivered,
+    /// Attempt again at this time (ms).
+    RetryAt(i64),
+    /// Its retry window is over: dead-lettered.
+    Dead,
+}
+
 /// The session store. Every method is atomic with respect to every other call on the same
 /// session, across all gateway replicas sharing the backend.
 #[async_trait]
+#[allow(clippy::too_many_arguments)] // `finish_complete`, `event_attempted`
 pub trait SessionStore: Send + Sync + 'static {
     /// Stores a new session (status `active`, `file_count` 0) and indexes it for the reaper
     /// at its `expires_at`. State lives at least until `expires_at + retention` so the
@@ -357,6 +385,7 @@ pub trait SessionStore: Send + Sync + 'static {
         token: &str,
         file_url: &str,
         etag: &str,
+        now_ms: i64,
     ) -> Result<Gate<Option<FileRecord>>, StoreError>;
 
     /// Extends the lease `token` holds to `now_ms + lease_ms`. False when `token` no longer
@@ -496,4 +525,78 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // --- Events (the outbox, [`crate::events`]) -----------------------------------------
+    //
+    // Every method above that changes a session whose record has `outbox_keep_ms` records
+    // the event of the change in the same atomic step: `create_session` (session.created),
+    // `register_file` (file.registered), `finish_complete` (file.completed, once),
+    // `abort_file` (file.deleted, once), `finalize` (session.finalized),
+    // `abort_session` (session.deleted, once), and whichever call first finds the session
+    // past expiry (session.expired). `create_session` also puts the session in its
+    // tenant's outbox index, due at once.
+
+    /// Sessions of `tenant` in the outbox index due at `now_ms`, claimed for `lease_ms` (as
+    /// [`SessionStore::claim_expired`] does for the reaper): at most `limit` session ids.
+    async fn claim_event_sessions(
+        &self,
+        tenant: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Ends a claim of [`SessionStore::claim_event_sessions`] (score `claimed_until`):
+    /// the session is looked at again at `next_ms`, or leaves the index (`None`). Left as
+    /// it is when the entry no longer carries the claim's score.
+    async fn event_session_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        claimed_until: i64,
+        next_ms: Option<i64>,
+    ) -> Result<(), StoreError>;
+
+    /// The session's pending events due at `now_ms` (at most `limit`, oldest first), each
+    /// leased until `now_ms + lease_ms`. No gate: events outlive their session.
+    async fn claim_events(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<ClaimedEvents, StoreError>;
+
+    /// Records an attempt at pending event `sequence`: its new delivery state and what
+    /// follows. Ignored when the event is no longer pending.
+    async fn event_attempted(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        sequence: u64,
+        delivery: &crate::events::Delivery,
+        outcome: Attempted,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Events of `tenant`, pending (`failed` false) or dead-lettered, ordered by session id
+    /// then sequence, after `after` (a session id and sequence), at most `limit`.
+    async fn list_events(
+        &self,
+        tenant: &str,
+        failed: bool,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<crate::events::StoredEvent>, StoreError>;
+
+    /// Makes dead-lettered event `sequence` pending again, due at `now_ms`, with a new
+    /// retry window. False when there is no such dead-lettered event.
+    async fn retry_event(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        sequence: u64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
 }

@@ -345,6 +345,10 @@ struct Scripts {
     renew_complete: Script,
     reschedule: Script,
     token_key: Script,
+    ev_claim: Script,
+    ev_done: Script,
+    ev_list: Script,
+    ev_retry: Script,
 }
 
 impl Scripts {
@@ -372,6 +376,10 @@ impl Scripts {
             live_reserve: index_script(include_str!("lua/live_reserve.lua")),
             renew_complete: session_script(include_str!("lua/renew_complete.lua")),
             reschedule: index_script(include_str!("lua/reschedule.lua")),
+            ev_claim: session_script(include_str!("lua/ev_claim.lua")),
+            ev_done: session_script(include_str!("lua/ev_done.lua")),
+            ev_list: session_script(include_str!("lua/ev_list.lua")),
+            ev_retry: session_script(include_str!("lua/ev_retry.lua")),
             // The first replica's key wins; every later call reads it.
             token_key: index_script(
                 "local k = call('GET', KEYS[1]) if k then return k end call('SET', KEYS[1], ARGV[1]) return ARGV[1]",
@@ -436,6 +444,22 @@ impl<'a> SessionKeys<'a> {
     }
     fn file(self, file_id: &'a str) -> Key<'a> {
         self.key("f:", file_id)
+    }
+    /// The outbox: `seq` (the last sequence number) and sequence number → event (JSON).
+    fn events(self) -> Key<'a> {
+        self.key("ev", "")
+    }
+    /// Pending events: sequence numbers scored by when due (ms).
+    fn event_queue(self) -> Key<'a> {
+        self.key("evq", "")
+    }
+    /// Delivery states: sequence number → `events::Delivery::encode`.
+    fn event_states(self) -> Key<'a> {
+        self.key("evs", "")
+    }
+    /// Dead-lettered events: sequence numbers scored by when (ms).
+    fn event_dead(self) -> Key<'a> {
+        self.key("evd", "")
     }
     fn parts(self, file_id: &'a str) -> Key<'a> {
         self.key("p:", file_id)
@@ -567,6 +591,17 @@ impl RedisStore {
         format!("{}:{{{tenant}}}:live", self.prefix)
     }
 
+    /// The key of a tenant's outbox index: a sorted set of session ids scored by when the
+    /// delivery worker looks at them (ms), in the tenant's own hash slot.
+    pub fn event_index_key(&self, tenant: &str) -> String {
+        format!("{}:{{{tenant}}}:evx", self.prefix)
+    }
+
+    /// The key of a tenant's sessions with dead-lettered events (scored by when, ms).
+    pub fn dead_index_key(&self, tenant: &str) -> String {
+        format!("{}:{{{tenant}}}:evdead", self.prefix)
+    }
+
     /// The session hash key of a session (for diagnostics and tests).
     pub fn session_key(&self, tenant: &str, session_id: &str) -> String {
         self.keys_of(tenant, session_id).session().to_string()
@@ -651,6 +686,9 @@ impl RedisStore {
             if let IdRead::All { with_parts: true } = read {
                 keys.extend(ids.iter().map(|id| k.parts(id)));
             }
+            // The outbox keys come last (prelude `record_event`).
+            keys.push(k.events());
+            keys.push(k.event_queue());
             let mut inv = Call::dynamic(script, &keys);
             inv.arg(now_ms).arg(ids.len());
             if let IdRead::Page(page) = read {
@@ -721,6 +759,10 @@ fn session_fields(call: &mut Call<'_>, s: &SessionRecord) -> Result<(), StoreErr
         // search for "\n<type>\n" (content types hold no newline).
         call.arg("allowed_types")
             .arg(format!("\n{}\n", types.join("\n")));
+    }
+    if let Some(keep) = s.outbox_keep_ms {
+        // The scripts record events of sessions with this field (prelude `record_event`).
+        call.arg("wh").arg(keep);
     }
     Ok(())
 }
@@ -886,6 +928,10 @@ fn parse_session(v: &Value) -> Result<SessionRecord, StoreError> {
             None => None,
         },
         allowed_content_types: f.0.get("allowed_types").map(|s| allowed_types(s)),
+        outbox_keep_ms: match f.0.get("wh") {
+            Some(s) => Some(s.parse().map_err(|_| corrupt("bad wh"))?),
+            None => None,
+        },
     })
 }
 
@@ -1046,6 +1092,74 @@ fn gated(v: &Value) -> Result<Result<&[Value], Early>, StoreError> {
     }
 }
 
+/// An event as the prelude's `record_event` stores it.
+#[derive(serde::Deserialize)]
+struct RawEvent {
+    t: String,
+    at: String,
+    s: Vec<String>,
+    #[serde(default)]
+    f: Option<Vec<String>>,
+}
+
+/// A sorted-set score holding a time in ms (Redis may print it in exponent form).
+fn score_ms(s: &str) -> Result<i64, StoreError> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite())
+        .map(|f| f as i64)
+        .ok_or_else(|| corrupt(format_args!("score {s:?}")))
+}
+
+/// A flat field list as the `HGETALL` reply it was copied from.
+fn as_hash_reply(fields: Vec<String>) -> Value {
+    Value::Array(
+        fields
+            .into_iter()
+            .map(|f| Value::BulkString(f.into_bytes()))
+            .collect(),
+    )
+}
+
+/// Event `seq` of an outbox: its stored JSON and delivery state (`status` given).
+fn parse_event(
+    seq: &Value,
+    json: &Value,
+    state: &Value,
+    status: impl FnOnce(i64) -> crate::events::EventStatus,
+    score: i64,
+) -> Result<crate::events::StoredEvent, StoreError> {
+    let sequence: u64 = as_str(seq)?
+        .parse()
+        .map_err(|_| corrupt("event sequence number"))?;
+    let raw: RawEvent =
+        serde_json::from_str(as_str(json)?).map_err(|e| corrupt(format_args!("event: {e}")))?;
+    let kind = crate::events::EventType::parse(&raw.t)
+        .ok_or_else(|| corrupt(format_args!("event type {:?}", raw.t)))?;
+    let at_ms: i64 = raw.at.parse().map_err(|_| corrupt("event time"))?;
+    let session = parse_session(&as_hash_reply(raw.s))?;
+    let file = match raw.f {
+        Some(f) => {
+            let file = parse_file(&as_hash_reply(f))?;
+            Some(if kind == crate::events::EventType::FileDeleted {
+                crate::events::deleted_view(file)
+            } else {
+                file
+            })
+        }
+        None => None,
+    };
+    Ok(crate::events::StoredEvent {
+        sequence,
+        kind,
+        at_ms,
+        session,
+        file,
+        delivery: crate::events::Delivery::decode(as_str(state)?, at_ms),
+        status: status(score),
+    })
+}
+
 /// Payload element `i`.
 fn at(rest: &[Value], i: usize) -> Result<&Value, StoreError> {
     rest.get(i).ok_or_else(|| corrupt("short script reply"))
@@ -1100,6 +1214,7 @@ fn registered(rest: &[Value], file: &FileRecord) -> Result<Gate<Registered>, Sto
 }
 
 #[async_trait]
+#[allow(clippy::too_many_arguments)]
 impl SessionStore for RedisStore {
     #[tracing::instrument(level = "debug", skip_all, fields(tenant = %session.tenant, session_id = %session.id))]
     async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
@@ -1113,9 +1228,17 @@ impl SessionStore for RedisStore {
         let keep_until = due_ms.saturating_add(self.retention_ms);
         let mut inv = Call::new(
             &self.scripts.create,
-            [k.session(), k.keys(), k.order(), k.cleanup()],
+            [
+                k.session(),
+                k.keys(),
+                k.order(),
+                k.cleanup(),
+                k.events(),
+                k.event_queue(),
+            ],
         );
-        inv.arg(0).arg(keep_until);
+        inv.arg(session.created_at.saturating_mul(1000))
+            .arg(keep_until);
         session_fields(&mut inv, session)?;
         let member = reap_member(&session.tenant, &session.id);
         let reap_key = self.reap_key();
@@ -1124,24 +1247,41 @@ impl SessionStore for RedisStore {
         // the two (a timeout, a dropped connection), the index names a session that does not
         // exist, which the reaper drops (`reap` finds nothing, `reap_done`); the other order
         // would leave a session the reaper never finds.
+        // The outbox index entry likewise: due at once, so a replica finds the session's
+        // first event even if this one dies before delivering it.
+        let outbox_index = session.outbox_keep_ms.map(|_| {
+            (
+                self.event_index_key(&session.tenant),
+                session.created_at.saturating_mul(1000),
+            )
+        });
         let fut = async {
             if con.is_cluster() {
-                // Different slots: two commands.
+                // Different slots: separate commands.
                 redis::cmd("ZADD")
                     .arg(&reap_key)
                     .arg(due_ms)
                     .arg(&member)
                     .exec_async(&mut con)
                     .await?;
+                if let Some((key, at)) = &outbox_index {
+                    redis::cmd("ZADD")
+                        .arg(key)
+                        .arg(at)
+                        .arg(&session.id)
+                        .exec_async(&mut con)
+                        .await?;
+                }
                 inv.query(&mut con).await.map(drop)
             } else {
-                // One round trip; on NOSCRIPT (the ZADD ran anyway, it is idempotent) load
-                // the script and send the pipeline again.
+                // One round trip; on NOSCRIPT (the ZADDs ran anyway, they are idempotent)
+                // load the script and send the pipeline again.
                 let mut pipe = redis::pipe();
-                pipe.zadd(&reap_key, &member, due_ms)
-                    .ignore()
-                    .add_command(inv.cmd.clone())
-                    .ignore();
+                pipe.zadd(&reap_key, &member, due_ms).ignore();
+                if let Some((key, at)) = &outbox_index {
+                    pipe.zadd(key, &session.id, at).ignore();
+                }
+                pipe.add_command(inv.cmd.clone()).ignore();
                 match pipe.exec_async(&mut con).await {
                     Err(e) if is_noscript(&e) => {
                         inv.script.load_async(&mut con).await?;
@@ -1241,7 +1381,14 @@ impl SessionStore for RedisStore {
         for attempt in 0..2 {
             let mut inv = Call::new(
                 &self.scripts.register,
-                [k.session(), k.keys(), k.order(), k.file(&file.id)],
+                [
+                    k.session(),
+                    k.keys(),
+                    k.order(),
+                    k.file(&file.id),
+                    k.events(),
+                    k.event_queue(),
+                ],
             );
             let (essence, any_subtype) = content_type_keys(file.content_type.as_deref());
             inv.arg(now_ms)
@@ -1273,7 +1420,10 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<FileRecord>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(&self.scripts.get_file, [k.session(), k.file(file_id)]);
+        let mut inv = Call::new(
+            &self.scripts.get_file,
+            [k.session(), k.file(file_id), k.events(), k.event_queue()],
+        );
         inv.arg(now_ms).arg(if require_active { "1" } else { "0" });
         let reply = self.invoke("get_file", &inv).await?;
         let rest = payload_or_return!(reply);
@@ -1290,7 +1440,10 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<Gate<UploadIdSet>, StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(&self.scripts.set_upload_id, [k.session(), k.file(file_id)]);
+        let mut inv = Call::new(
+            &self.scripts.set_upload_id,
+            [k.session(), k.file(file_id), k.events(), k.event_queue()],
+        );
         inv.arg(now_ms).arg(upload_id);
         let reply = self.invoke("set_upload_id", &inv).await?;
         let rest = payload_or_return!(reply);
@@ -1314,7 +1467,13 @@ impl SessionStore for RedisStore {
         let k = self.keys_of(tenant, session_id);
         let mut inv = Call::new(
             &self.scripts.record_part,
-            [k.session(), k.file(file_id), k.parts(file_id)],
+            [
+                k.session(),
+                k.file(file_id),
+                k.parts(file_id),
+                k.events(),
+                k.event_queue(),
+            ],
         );
         inv.arg(now_ms)
             .arg(part.part_number)
@@ -1335,7 +1494,13 @@ impl SessionStore for RedisStore {
         let k = self.keys_of(tenant, session_id);
         let mut inv = Call::new(
             &self.scripts.list_parts,
-            [k.session(), k.file(file_id), k.parts(file_id)],
+            [
+                k.session(),
+                k.file(file_id),
+                k.parts(file_id),
+                k.events(),
+                k.event_queue(),
+            ],
         );
         inv.arg(now_ms);
         let reply = self.invoke("list_parts", &inv).await?;
@@ -1356,7 +1521,13 @@ impl SessionStore for RedisStore {
         let k = self.keys_of(tenant, session_id);
         let mut inv = Call::new(
             &self.scripts.begin_complete,
-            [k.session(), k.file(file_id), k.parts(file_id)],
+            [
+                k.session(),
+                k.file(file_id),
+                k.parts(file_id),
+                k.events(),
+                k.event_queue(),
+            ],
         );
         inv.arg(now_ms)
             .arg(token)
@@ -1383,13 +1554,14 @@ impl SessionStore for RedisStore {
         token: &str,
         file_url: &str,
         etag: &str,
+        now_ms: i64,
     ) -> Result<Gate<Option<FileRecord>>, StoreError> {
         let k = self.keys_of(tenant, session_id);
         let mut inv = Call::new(
             &self.scripts.finish_complete,
-            [k.session(), k.file(file_id)],
+            [k.session(), k.file(file_id), k.events(), k.event_queue()],
         );
-        inv.arg(0).arg(token).arg(file_url).arg(etag);
+        inv.arg(now_ms).arg(token).arg(file_url).arg(etag);
         let reply = self.invoke("finish_complete", &inv).await?;
         let rest = payload_or_return!(reply);
         Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
@@ -1451,6 +1623,8 @@ impl SessionStore for RedisStore {
                 k.cleanup(),
                 k.parts(file_id),
                 k.order(),
+                k.events(),
+                k.event_queue(),
             ],
         );
         inv.arg(now_ms).arg(file_id);
@@ -1699,6 +1873,233 @@ impl SessionStore for RedisStore {
                 .await
         })
         .await
+    }
+
+    async fn claim_event_sessions(
+        &self,
+        tenant: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut inv = Call::new(&self.scripts.claim, [self.event_index_key(tenant)]);
+        inv.arg(now_ms)
+            .arg(now_ms.saturating_add(lease_ms))
+            .arg(i64::try_from(limit).unwrap_or(i64::MAX));
+        let reply = self.invoke("claim_event_sessions", &inv).await?;
+        as_array(&reply)?
+            .iter()
+            .map(|v| as_str(v).map(str::to_owned))
+            .collect()
+    }
+
+    async fn event_session_done(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        claimed_until: i64,
+        next_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut inv = Call::new(&self.scripts.reschedule, [self.event_index_key(tenant)]);
+        inv.arg(session_id).arg(claimed_until);
+        match next_ms {
+            Some(at) => inv.arg(at),
+            None => inv.arg(""),
+        };
+        self.invoke("event_session_done", &inv).await.map(drop)
+    }
+
+    async fn claim_events(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<super::ClaimedEvents, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(
+            &self.scripts.ev_claim,
+            [k.session(), k.events(), k.event_queue(), k.event_states()],
+        );
+        let lease_end = now_ms.saturating_add(lease_ms);
+        inv.arg(now_ms)
+            .arg(lease_end)
+            .arg(i64::try_from(limit).unwrap_or(i64::MAX));
+        let reply = self.invoke("claim_events", &inv).await?;
+        let r = as_array(&reply)?;
+        let exists = as_int(at(r, 0)?)? == 1;
+        let pending = u64::try_from(as_int(at(r, 1)?)?).unwrap_or(0);
+        let next_due_ms = match as_str(at(r, 2)?)? {
+            "" => None,
+            n => Some(score_ms(n)?),
+        };
+        let rows = as_array(at(r, 3)?)?;
+        let mut events = Vec::with_capacity(rows.len() / 3);
+        for row in rows.chunks(3) {
+            let [seq, json, state] = row else {
+                return Err(corrupt("short claim_events reply"));
+            };
+            events.push(parse_event(
+                seq,
+                json,
+                state,
+                crate::events::EventStatus::Pending,
+                lease_end,
+            )?);
+        }
+        Ok(super::ClaimedEvents {
+            events,
+            pending,
+            next_due_ms,
+            drained: !exists && pending == 0,
+        })
+    }
+
+    async fn event_attempted(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        sequence: u64,
+        delivery: &crate::events::Delivery,
+        outcome: super::Attempted,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(
+            &self.scripts.ev_done,
+            [
+                k.session(),
+                k.events(),
+                k.event_queue(),
+                k.event_states(),
+                k.event_dead(),
+            ],
+        );
+        inv.arg(now_ms).arg(sequence).arg(delivery.encode());
+        match outcome {
+            super::Attempted::Delivered => inv.arg("done"),
+            super::Attempted::Dead => inv.arg("dead"),
+            super::Attempted::RetryAt(at) => inv.arg(at),
+        };
+        if outcome == super::Attempted::Dead {
+            // Listed among the tenant's dead letters: written first, so a cut between the
+            // two leaves an entry naming nothing dead (skipped by the listing), never a dead
+            // letter the listing cannot find.
+            let mut con = self.handle.clone();
+            let key = self.dead_index_key(tenant);
+            self.bounded("event_attempted", async move {
+                redis::cmd("ZADD")
+                    .arg(key)
+                    .arg(now_ms)
+                    .arg(session_id)
+                    .exec_async(&mut con)
+                    .await
+            })
+            .await?;
+        }
+        self.invoke("event_attempted", &inv).await.map(drop)
+    }
+
+    async fn list_events(
+        &self,
+        tenant: &str,
+        failed: bool,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<crate::events::StoredEvent>, StoreError> {
+        let index = if failed {
+            self.dead_index_key(tenant)
+        } else {
+            self.event_index_key(tenant)
+        };
+        let mut con = self.handle.clone();
+        let mut sessions: Vec<String> = self
+            .bounded("list_events", async move {
+                redis::cmd("ZRANGE")
+                    .arg(index)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        sessions.sort();
+        let mut out = Vec::new();
+        for session_id in &sessions {
+            let from = match after {
+                Some((s, _)) if session_id.as_str() < s => continue,
+                Some((s, seq)) if session_id == s => seq,
+                _ => 0,
+            };
+            if out.len() >= limit {
+                break;
+            }
+            let k = self.keys_of(tenant, session_id);
+            let mut inv = Call::new(
+                &self.scripts.ev_list,
+                [
+                    k.session(),
+                    k.events(),
+                    k.event_queue(),
+                    k.event_states(),
+                    k.event_dead(),
+                ],
+            );
+            inv.arg(0)
+                .arg(if failed { "failed" } else { "pending" })
+                .arg(from)
+                .arg(limit - out.len());
+            let reply = self.invoke("list_events", &inv).await?;
+            for row in as_array(&reply)?.chunks(4) {
+                let [seq, json, state, score] = row else {
+                    return Err(corrupt("short list_events reply"));
+                };
+                let score = score_ms(as_str(score)?)?;
+                let status = if failed {
+                    crate::events::EventStatus::Failed
+                } else {
+                    crate::events::EventStatus::Pending
+                };
+                out.push(parse_event(seq, json, state, status, score)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn retry_event(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        sequence: u64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        // Back in the outbox index first (an entry naming nothing due is harmless).
+        let mut con = self.handle.clone();
+        let key = self.event_index_key(tenant);
+        self.bounded("retry_event", async move {
+            redis::cmd("ZADD")
+                .arg(key)
+                .arg(now_ms)
+                .arg(session_id)
+                .exec_async(&mut con)
+                .await
+        })
+        .await?;
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(
+            &self.scripts.ev_retry,
+            [
+                k.session(),
+                k.events(),
+                k.event_queue(),
+                k.event_states(),
+                k.event_dead(),
+            ],
+        );
+        inv.arg(now_ms).arg(sequence);
+        let reply = self.invoke("retry_event", &inv).await?;
+        Ok(as_int(&reply)? == 1)
     }
 
     async fn upload_token_key(&self) -> Result<Vec<u8>, StoreError> {

@@ -27,6 +27,7 @@ impl Uploads {
             .store
             .abort_file(tenant, session_id, file_id, now)
             .await?;
+        self.wake(tenant, session_id);
         match open_gate(outcome, tenant, now)? {
             FileAborted::CompletionInProgress => Err(AppError::CompletionInProgress),
             FileAborted::Deleted { cleanup: None } => Ok(()),
@@ -54,6 +55,7 @@ impl Uploads {
         for _ in 0..2 {
             let now = now_ms();
             let outcome = self.store.abort_session(tenant, session_id, now).await?;
+            self.wake(tenant, session_id);
             match open_gate(outcome, tenant, now)? {
                 SessionAborted::CompletionInProgress => return Err(AppError::CompletionInProgress),
                 SessionAborted::Forgotten => {

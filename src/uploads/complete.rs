@@ -328,8 +328,17 @@ impl Uploads {
         // is whole, and the next complete finds it (`complete_in_storage`).
         let finished = self
             .store
-            .finish_complete(&tenant, &session_id, &file_id, &token, &url, &etag)
+            .finish_complete(
+                &tenant,
+                &session_id,
+                &file_id,
+                &token,
+                &url,
+                &etag,
+                crate::model::now_ms(),
+            )
             .await?;
+        self.wake(&tenant, &session_id);
         if matches!(finished, crate::store::Gate::Ok(Some(_))) {
             self.metrics.files_completed.inc();
             tracing::info!(file_url = %url, "file completed");
@@ -578,6 +587,7 @@ mod tests {
             owner: None,
             max_file_size_bytes: None,
             allowed_content_types: None,
+            outbox_keep_ms: None,
         };
         store.create_session(&session).await.expect("create");
         let file = |id: &str| FileRecord {

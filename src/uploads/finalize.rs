@@ -43,13 +43,12 @@ impl Uploads {
             }
             let checked = self.check_contents(tenant, &view).await?;
             let now = now_ms();
-            match open_gate(
-                self.store
-                    .finalize(tenant, session_id, &checked, now)
-                    .await?,
-                tenant,
-                now,
-            )? {
+            let outcome = self
+                .store
+                .finalize(tenant, session_id, &checked, now)
+                .await?;
+            self.wake(tenant, session_id);
+            match open_gate(outcome, tenant, now)? {
                 Finalized::Done(view) => {
                     self.metrics.sessions_finalized.inc();
                     self.release_live(tenant, session_id, view.session.owner.as_deref())

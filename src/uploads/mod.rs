@@ -43,6 +43,7 @@ pub struct Uploads {
     metrics: Arc<Metrics>,
     waiters: Arc<Waiters>,
     timing: Timing,
+    events: crate::events::deliver::Waker,
 }
 
 /// The protocol's clocks. [`Timing::default`] is what the gateway runs with; tests shorten
@@ -94,7 +95,19 @@ impl Uploads {
             metrics,
             waiters: Arc::default(),
             timing,
+            events: crate::events::deliver::Waker::default(),
         }
+    }
+
+    /// Tells this replica's webhook worker to look at the session: a call that may have
+    /// recorded an event was made.
+    pub fn wake(&self, tenant: &str, session_id: &str) {
+        self.events.wake(tenant, session_id);
+    }
+
+    /// The webhook worker's wake-ups ([`crate::events::deliver::run`] takes them).
+    pub fn waker(&self) -> crate::events::deliver::Waker {
+        self.events.clone()
     }
 
     /// Where `tenant`'s objects go.

@@ -79,7 +79,9 @@ impl Uploads {
         now: i64,
         claimed_until: i64,
     ) -> Result<bool, StoreError> {
-        let Some(r) = self.store.reap(tenant, session_id, now).await? else {
+        let reaped = self.store.reap(tenant, session_id, now).await?;
+        self.wake(tenant, session_id);
+        let Some(r) = reaped else {
             // Gone (retention passed, or an index entry written before a session that was
             // never created).
             self.store

@@ -1,5 +1,5 @@
 -- abort_session. KEYS: s, keys, o, c, f:<id>..., p:<id>... (every listed file, see
--- declared_files). ARGV: now, n.
+-- declared_files), ev, evq. ARGV: now, n.
 -- Reply: {'ok','aborted', {file id, cleanup entry, ...}} | {'ok','forgot'}
 --      | {'ok','pending', {file id, cleanup entry, ...}} | {'ok','busy'} | {'stale'}
 --      | gate reply.
@@ -16,6 +16,7 @@ local ss = call('HGET', SKEY, 'status')
 if ss == 'finalized' then
   local pending = queued_cleanups(KEYS[4])
   if #pending > 0 then return {'ok', 'pending', pending} end
+  record_event('session.deleted')
   for _, file in ipairs(files) do call('DEL', file.f, file.p) end
   call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
   return {'ok', 'forgot'}
@@ -46,5 +47,6 @@ if ss ~= 'aborted' then
     end
   end
   if queued then keep(KEYS[4]) end
+  record_event('session.deleted')
 end
 return {'ok', 'aborted', queued_cleanups(KEYS[4])}

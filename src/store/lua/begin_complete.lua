@@ -1,4 +1,4 @@
--- begin_complete. KEYS: s, f, p. ARGV: now, token, lease_until (ms, precomputed).
+-- begin_complete. KEYS: s, f, p, ev, evq. ARGV: now, token, lease_until (ms, precomputed).
 -- Reply: {'ok','done', file} | {'ok','aborted'} | {'ok','busy'}
 --      | {'ok','acquired', file, parts} | {'fnf'} | gate reply.
 local g = gate(NOW, false)

@@ -1,4 +1,4 @@
--- finalize. KEYS: s, o, f:<id>... (every listed file, see declared_files).
+-- finalize. KEYS: s, o, f:<id>... (every listed file, see declared_files), ev, evq.
 -- ARGV: now, n, embed (files in the reply), checked file id, ...
 -- Reply: {'ok','incomplete', {file ids}} | {'ok','unchecked', {file ids}}
 --      | {'ok','done', session, next cursor ('' if none), {file-fields...}} | {'stale'}
@@ -25,6 +25,7 @@ end
 if #incomplete > 0 then return {'ok', 'incomplete', incomplete} end
 if #unchecked > 0 then return {'ok', 'unchecked', unchecked} end
 call('HSET', SKEY, 'status', 'finalized')
+record_event('session.finalized')
 local embed = tonumber(ARGV[3])
 local cursor = ''
 if #files > embed then cursor = scores[embed] end

@@ -1,4 +1,4 @@
--- get_file. KEYS: s, f. ARGV: now, require_active ('1'|'0').
+-- get_file. KEYS: s, f, ev, evq. ARGV: now, require_active ('1'|'0').
 -- Reply: {'ok', file-fields} | {'fnf'} | gate reply.
 local g = gate(NOW, ARGV[2] == '1')
 if g then return g end

@@ -1,4 +1,4 @@
--- get_session. KEYS: s, o, f:<id>... (the page's files, see declared_files).
+-- get_session. KEYS: s, o, f:<id>... (the page's files, see declared_files), ev, evq.
 -- ARGV: now, n, after ('-inf' | '(<seq>'), limit.
 -- Reply: {'ok', session-fields, next cursor ('' on the last page), {file-fields...}}
 --      | {'stale'} | gate reply.

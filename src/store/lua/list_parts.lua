@@ -1,4 +1,4 @@
--- list_parts. KEYS: s, f, p. ARGV: now.
+-- list_parts. KEYS: s, f, p, ev, evq. ARGV: now.
 -- Reply: {'ok', {part_number, "<size>:<etag>", ...}} | {'fnf'} | gate reply.
 local g = gate(NOW, false)
 if g then return g end

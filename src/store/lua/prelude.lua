@@ -103,6 +103,32 @@ local function release_slot()
   if c and c > 0 then call('HINCRBY', SKEY, 'file_count', -1) end
 end
 
+-- Records event `etype` of the session, with copies of the session hash and (`fkey`) the
+-- file hash as they are now, when the session has an outbox (its `wh` field, the outbox's
+-- retention in ms, set at creation when the tenant had webhooks). The outbox keys are the
+-- last two declared: `ev` (hash: `seq`, the last sequence number; sequence number -> the
+-- event as JSON) and `evq` (sorted set: pending sequence numbers scored by when due, ms).
+-- Every script that can record an event gets them after all its other keys. The event's
+-- time is ARGV[1] (now, ms), kept as the string it came as.
+local function record_event(etype, fkey)
+  local keep = call('HGET', SKEY, 'wh')
+  if not keep then return end
+  local ev, evq = KEYS[#KEYS - 1], KEYS[#KEYS]
+  if ev ~= BASE .. 'ev' or evq ~= BASE .. 'evq' then
+    error('upgate: the outbox keys are not declared')
+  end
+  local seq = call('HINCRBY', ev, 'seq', 1)
+  local e = {t = etype, at = ARGV[1], s = call('HGETALL', SKEY)}
+  if fkey then
+    local f = call('HGETALL', fkey)
+    if #f > 0 then e.f = f end
+  end
+  call('HSET', ev, seq, cjson.encode(e))
+  call('ZADD', evq, ARGV[1], seq)
+  call('PEXPIRE', ev, keep)
+  call('PEXPIRE', evq, keep)
+end
+
 -- The common gate. Returns nil when the session exists, is not past expiry and (when
 -- asked) is active, plus the session fields {status, expires_at, ...} read in the same
 -- HMGET (the extra field names given after `require_active`); otherwise the reply to
@@ -119,6 +145,7 @@ local function gate(now, require_active, ...)
     local first = 0
     if st[1] == 'active' then
       call('HSET', SKEY, 'status', 'expired')
+      record_event('session.expired')
       first = 1
     end
     return {'exp', first, call('HGETALL', SKEY)}

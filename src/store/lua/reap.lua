@@ -1,4 +1,5 @@
--- reap. KEYS: s, o, c, f:<id>... (every listed file, see declared_files). ARGV: now, n.
+-- reap. KEYS: s, o, c, f:<id>... (every listed file, see declared_files), ev, evq.
+-- ARGV: now, n.
 -- Reply: {'none'} | {'stale'}
 --      | {'ok', first(0|1), session-fields, busy_until ('' or ms), {open-file-fields...},
 --         {file id, cleanup entry, ...}}.
@@ -15,6 +16,7 @@ local past = NOW >= exp * 1000
 local first = 0
 if past and st[1] == 'active' then
   call('HSET', SKEY, 'status', 'expired')
+  record_event('session.expired')
   first = 1
 end
 local open, busy, busy_ms = {}, '', nil

@@ -1,4 +1,4 @@
--- record_part. KEYS: s, f, p. ARGV: now, part_number, "<size>:<etag>".
+-- record_part. KEYS: s, f, p, ev, evq. ARGV: now, part_number, "<size>:<etag>".
 -- Reply: {'ok', file-fields} | {'fnf'} | gate reply. The part is stored only while the
 -- file is `registered`.
 local g = gate(NOW, true)

@@ -1,4 +1,4 @@
--- register_file. KEYS: s, keys, o, f.
+-- register_file. KEYS: s, keys, o, f, ev, evq.
 -- ARGV: now, file_key, file_id, size_bytes, part_size_bytes, "\n<content type>\n",
 --       "\n<type>/*\n" (both empty without a content type), field, value, ...
 -- Reply: {'ok','created'} | {'ok','dup'} | {'ok','full', limit, count}
@@ -56,4 +56,5 @@ elseif call('ZCARD', KEYS[3]) == 1 then
 else
   keep_until(st[5], KEYS[4])
 end
+record_event('file.registered', KEYS[4])
 return {'ok', 'created'}

@@ -1,4 +1,4 @@
--- set_upload_id. KEYS: s, f. ARGV: now, upload_id.
+-- set_upload_id. KEYS: s, f, ev, evq. ARGV: now, upload_id.
 -- Reply: {'ok','stored'} | {'ok','existing', id} | {'ok','notopen', file-fields} | {'fnf'} | gate.
 local g = gate(NOW, true)
 if g then return g end
