@@ -22,6 +22,16 @@ impl Binary {
     /// Starts the binary with the test tenants, `extra_config` at the top level of the file
     /// (filesystem storage in a tempdir unless it sets `storage`), and extra environment.
     pub fn start(extra_config: &str, env: &[(&str, &str)]) -> Binary {
+        Self::start_edited(extra_config, env, |cfg| cfg)
+    }
+
+    /// As [`Binary::start`], with the whole config file passed through `edit` (to add
+    /// tables inside a tenant's).
+    pub fn start_edited(
+        extra_config: &str,
+        env: &[(&str, &str)],
+        edit: impl FnOnce(String) -> String,
+    ) -> Binary {
         let dir = tempfile::tempdir().expect("tempdir");
         let api_port = upgate_testkit::free_port();
         let admin_port = upgate_testkit::free_port();
@@ -43,6 +53,7 @@ impl Binary {
                 "ADMIN_LISTEN",
                 &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
             );
+        let cfg = edit(cfg);
         let path = dir.path().join("upgate.toml");
         std::fs::write(&path, cfg).expect("write config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_upgate"));
