@@ -23,6 +23,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -92,11 +98,7 @@ pub fn is_admin_target(url: &str, admin: SocketAddr) -> bool {
     let Ok(uri) = url.parse::<http::Uri>() else {
         return false;
     };
-    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
-        Some("https") => 443,
-        _ => 80,
-    });
-    if port != admin.port() {
+    if port_of(&uri) != admin.port() {
         return false;
     }
     let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
@@ -114,13 +116,29 @@ fn reaches(ip: std::net::IpAddr, admin: SocketAddr) -> bool {
 
 /// A DNS resolver that drops the admin listener's addresses for the webhook hosts whose
 /// URL port is the admin port (a name that resolves to it, or comes to).
+#[derive(Clone)]
 struct AdminGuard {
     admin: SocketAddr,
-    hosts: HashSet<String>,
+    hosts: Arc<HashSet<String>>,
 }
 
-impl reqwest::dns::Resolve for AdminGuard {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+type Resolving = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::io::Result<std::vec::IntoIter<SocketAddr>>> + Send>,
+>;
+
+impl tower::Service<Name> for AdminGuard {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Resolving;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let host = name.as_str().to_owned();
         let guarded = self.hosts.contains(&host.to_ascii_lowercase());
         let admin = self.admin;
@@ -130,39 +148,96 @@ impl reqwest::dns::Resolve for AdminGuard {
                 .filter(|a| !(guarded && reaches(a.ip(), admin)))
                 .collect();
             if addrs.is_empty() {
-                return Err(
-                    "the webhook host resolves only to the gateway's admin listener".into(),
-                );
+                return Err(std::io::Error::other(
+                    "the webhook host resolves only to the gateway's admin listener",
+                ));
             }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+            Ok(addrs.into_iter())
         })
     }
 }
 
-/// The HTTP client webhooks are sent with.
-fn client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<AdminGuard>>;
+type HttpClient = Client<Connector, Full<Bytes>>;
+
+/// The port `uri` connects to.
+fn port_of(uri: &http::Uri) -> u16 {
+    uri.port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        })
+}
+
+/// The HTTP client webhooks are sent with: HTTP/1.1 over TCP or rustls (aws-lc-rs, the
+/// system's roots), pooled, redirects not followed (hyper's client never follows them).
+fn client(config: &Config) -> Result<HttpClient, String> {
     let admin = config.admin_listen;
     let hosts = config
         .tenants
         .iter()
         .flat_map(|t| &t.webhooks)
         .filter_map(|h| h.url.parse::<http::Uri>().ok())
-        .filter(|u| {
-            u.port_u16().unwrap_or(if u.scheme_str() == Some("https") {
-                443
-            } else {
-                80
-            }) == admin.port()
+        .filter(|u| port_of(u) == admin.port())
+        .filter_map(|u| {
+            u.host()
+                .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
         })
-        .filter_map(|u| u.host().map(|h| h.to_ascii_lowercase()))
         .collect();
-    reqwest::Client::builder()
-        .timeout(ATTEMPT_TIMEOUT)
-        .connect_timeout(ATTEMPT_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("upgate-webhooks/", env!("CARGO_PKG_VERSION")))
-        .dns_resolver(Arc::new(AdminGuard { admin, hosts }))
-        .build()
+    let mut http = HttpConnector::new_with_resolver(AdminGuard {
+        admin,
+        hosts: Arc::new(hosts),
+    });
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(ATTEMPT_TIMEOUT));
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        tracing::warn!("no system CA certificates found: https:// webhooks will not verify");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(https))
+}
+
+/// POSTs `body` to `url` with `headers`: the status, or why there is none. The response
+/// body is never read; the whole exchange up to the status line is bounded by
+/// [`ATTEMPT_TIMEOUT`].
+async fn post(
+    http: &HttpClient,
+    url: &str,
+    headers: [(&'static str, String); 3],
+    body: Bytes,
+) -> Result<http::StatusCode, String> {
+    let mut req = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(
+            http::header::USER_AGENT,
+            concat!("upgate-webhooks/", env!("CARGO_PKG_VERSION")),
+        );
+    for (name, value) in headers {
+        req = req.header(name, value);
+    }
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, http.request(req)).await {
+        Ok(Ok(res)) => Ok(res.status()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+    }
 }
 
 /// The worker's shared parts.
@@ -171,7 +246,7 @@ struct Worker {
     tenants: HashMap<String, Arc<TenantConfig>>,
     store: Arc<dyn SessionStore>,
     metrics: Arc<Metrics>,
-    http: reqwest::Client,
+    http: HttpClient,
     /// Sessions a task is working on, and whether it must look again when done.
     busy: Mutex<HashMap<SessionKey, bool>>,
     /// Local retry timers: when → sessions.
@@ -412,7 +487,7 @@ impl Worker {
         let id = event.id();
         let span = tracing::info_span!("webhook", tenant = %t.id, session_id = %event.session.id, event_id = %id, kind = event.kind.as_str());
         let _enter = span.enter();
-        let payload = body(&event);
+        let payload = Bytes::from(body(&event));
         let mut delivery = Delivery {
             attempts: event.delivery.attempts.saturating_add(1),
             ..event.delivery.clone()
@@ -432,24 +507,19 @@ impl Worker {
                 .first()
                 .map(|k| signature(k, &id, ts, &payload))
                 .unwrap_or_default();
-            let sent = self
-                .http
-                .post(&hook.url)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header("webhook-id", &id)
-                .header("webhook-timestamp", ts.to_string())
-                .header("webhook-signature", sig)
-                .body(payload.clone())
-                .send()
-                .await;
-            match sent {
-                Ok(res) if res.status().is_success() => {
+            let headers = [
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.to_string()),
+                ("webhook-signature", sig),
+            ];
+            match post(&self.http, &hook.url, headers, payload.clone()).await {
+                Ok(status) if status.is_success() => {
                     delivery.delivered_to.push(endpoint);
                 }
-                Ok(res) => {
+                Ok(status) => {
                     failed = true;
-                    delivery.last_status = Some(res.status().as_u16());
-                    tracing::info!(status = res.status().as_u16(), url = %hook.url, "webhook refused; retried later");
+                    delivery.last_status = Some(status.as_u16());
+                    tracing::info!(status = status.as_u16(), url = %hook.url, "webhook refused; retried later");
                 }
                 Err(e) => {
                     failed = true;
