@@ -1941,6 +1941,64 @@ mod tests {
     }
 
     #[test]
+    fn webhook_settings_are_checked_together() {
+        let hook = |url: &str, secret: &str, events: &str| {
+            format!(
+                "[[tenants]]\nid = \"w\"\napi_keys_sha256 = [\"{}\"]\nrate_limit = {{ requests_per_second = 50, burst = 80 }}\n[[tenants.webhooks]]\nurl = \"{url}\"\nsecret = \"{secret}\"\n{events}\n",
+                Config::hash_key("wk")
+            )
+        };
+        let good = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        let c = Config::from_toml(
+            &hook(
+                "http://hooks.local/x",
+                good,
+                "events = [\"file.completed\"]",
+            ),
+            no_env,
+            false,
+        )
+        .expect("valid");
+        let w = &c.tenants[0].webhooks[0];
+        assert_eq!(w.secret.0[0], b"0123456789abcdef0123456789abcdef");
+        assert!(w.wants(crate::events::EventType::FileCompleted));
+        assert!(!w.wants(crate::events::EventType::SessionCreated));
+        assert_eq!(c.webhook_retry.window, Duration::from_secs(24 * 3600));
+        assert_eq!(c.webhook_retry.initial, Duration::from_secs(5));
+        let err = Config::from_toml(
+            &format!(
+                "admin_listen = \"127.0.0.1:9090\"\n{}",
+                hook(
+                    "http://127.0.0.1:9090/metrics",
+                    "whsec_c2hvcnQ=",
+                    "events = [\"file.landed\"]"
+                )
+            ),
+            no_env,
+            false,
+        )
+        .expect_err("bad webhooks")
+        .to_string();
+        assert!(err.contains("secret: must be whsec_"), "{err}");
+        assert!(
+            err.contains("\"file.landed\" is not an event type"),
+            "{err}"
+        );
+        assert!(err.contains("is the gateway's own admin listener"), "{err}");
+        let err = Config::from_toml(
+            &format!(
+                "environment = \"production\"\n{}",
+                hook("http://hooks.example/x", good, "")
+            ),
+            no_env,
+            false,
+        )
+        .expect_err("http in production")
+        .to_string();
+        assert!(err.contains("requires https://"), "{err}");
+    }
+
+    #[test]
     fn max_active_sessions_has_a_default_and_a_range() {
         let tenant = |extra: &str| {
             format!(

@@ -260,8 +260,9 @@ impl SessionStore for Counted {
         f: bool,
         a: Option<(&str, u64)>,
         l: usize,
+        n: i64,
     ) -> Result<Vec<upgate::events::StoredEvent>, StoreError> {
-        self.inner.list_events(t, f, a, l).await
+        self.inner.list_events(t, f, a, l, n).await
     }
     async fn retry_event(&self, t: &str, s: &str, q: u64, n: i64) -> Result<bool, StoreError> {
         self.inner.retry_event(t, s, q, n).await

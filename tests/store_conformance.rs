@@ -2073,7 +2073,11 @@ mod cases {
             .unwrap();
         let gone = claim_all(&c, "t1", &s, now + 999_000).await;
         assert!(gone.events.is_empty() && gone.pending == 0);
-        let dead = c.store.list_events("t1", true, None, 10).await.unwrap();
+        let dead = c
+            .store
+            .list_events("t1", true, None, 10, now)
+            .await
+            .unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(
             dead[0].status,
@@ -2082,13 +2086,13 @@ mod cases {
         assert_eq!(dead[0].delivery, failed);
         assert!(c
             .store
-            .list_events("t1", false, None, 10)
+            .list_events("t1", false, None, 10, now)
             .await
             .unwrap()
             .is_empty());
         assert!(c
             .store
-            .list_events("t2", true, None, 10)
+            .list_events("t2", true, None, 10, now)
             .await
             .unwrap()
             .is_empty());
@@ -2099,7 +2103,7 @@ mod cases {
             .unwrap();
         assert_eq!(
             c.store
-                .list_events("t1", true, None, 10)
+                .list_events("t1", true, None, 10, now)
                 .await
                 .unwrap()
                 .len(),
@@ -2127,7 +2131,7 @@ mod cases {
         assert_eq!(back.events[0].delivery.attempts, 1);
         assert!(c
             .store
-            .list_events("t1", true, None, 10)
+            .list_events("t1", true, None, 10, now)
             .await
             .unwrap()
             .is_empty());
@@ -2189,14 +2193,22 @@ mod cases {
         // Listing: pending events of the sessions in the index, by session then sequence,
         // paged by the last one listed.
         c.register("t1", &a, "x").await;
-        let all = c.store.list_events("t1", false, None, 10).await.unwrap();
+        let all = c
+            .store
+            .list_events("t1", false, None, 10, now)
+            .await
+            .unwrap();
         assert_eq!(all.len(), 2, "b left the index; a has two events");
         assert!(all.iter().all(|e| e.session.id == a.id));
-        let one = c.store.list_events("t1", false, None, 1).await.unwrap();
+        let one = c
+            .store
+            .list_events("t1", false, None, 1, now)
+            .await
+            .unwrap();
         assert_eq!(one[0].sequence, 1);
         let rest = c
             .store
-            .list_events("t1", false, Some((&a.id, 1)), 10)
+            .list_events("t1", false, Some((&a.id, 1)), 10, now)
             .await
             .unwrap();
         assert_eq!(rest.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2]);

@@ -231,6 +231,24 @@ async fn retried_until_delivered_with_one_id_and_a_signature_that_verifies() {
     // Nothing is pending any more.
     let pending = gw.get_json(KEY_A, "/v1/webhooks/events").await;
     assert_eq!(pending["events"], json!([]), "{pending}");
+    let metrics = gw
+        .client
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "upgate_webhook_deliveries_total{outcome=\"retried\"} 2",
+        "upgate_webhook_deliveries_total{outcome=\"delivered\"} 1",
+        "upgate_webhook_delivery_seconds_count 1",
+        "upgate_webhook_queue_depth ",
+        "upgate_webhook_oldest_pending_seconds ",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     // Tenant b has no webhooks: its sessions record nothing and nothing is sent for them.
     gw.session_id(KEY_B, json!({})).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;

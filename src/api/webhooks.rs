@@ -112,6 +112,7 @@ pub(super) async fn list(
             failed,
             after.as_ref().map(|(s, n)| (s.as_str(), *n)),
             limit + 1,
+            now_ms(),
         )
         .await?;
     let next = (events.len() > limit)

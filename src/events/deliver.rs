@@ -46,7 +46,7 @@ const WAKE_QUEUE: usize = 4096;
 /// Events claimed per store call.
 const CLAIM_BATCH: usize = 32;
 /// Sessions claimed from one tenant's index per poll.
-const INDEX_BATCH: usize = 256;
+const INDEX_BATCH: usize = 1024;
 /// How often the outbox indexes are polled.
 const POLL: Duration = Duration::from_secs(1);
 /// Retry timers a replica keeps for its own sessions; more are left to the index.

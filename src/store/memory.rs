@@ -1016,6 +1016,7 @@ impl SessionStore for MemoryStore {
         failed: bool,
         after: Option<(&str, u64)>,
         limit: usize,
+        _now_ms: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let inner = self.lock();
         // As on Redis: pending events are found through the outbox index (a session leaves

@@ -581,13 +581,16 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Events of `tenant`, pending (`failed` false) or dead-lettered, ordered by session id
-    /// then sequence, after `after` (a session id and sequence), at most `limit`.
+    /// then sequence, after `after` (a session id and sequence), at most `limit`. A
+    /// session found with no dead letter left (all retried, or run out) for a minute before
+    /// `now_ms` is dropped from the tenant's dead-letter index on the way.
     async fn list_events(
         &self,
         tenant: &str,
         failed: bool,
         after: Option<(&str, u64)>,
         limit: usize,
+        now_ms: i64,
     ) -> Result<Vec<crate::events::StoredEvent>, StoreError>;
 
     /// Makes dead-lettered event `sequence` pending again, due at `now_ms`, with a new

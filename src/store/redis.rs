@@ -349,6 +349,7 @@ struct Scripts {
     ev_done: Script,
     ev_list: Script,
     ev_retry: Script,
+    index_prune: Script,
 }
 
 impl Scripts {
@@ -380,6 +381,10 @@ impl Scripts {
             ev_done: session_script(include_str!("lua/ev_done.lua")),
             ev_list: session_script(include_str!("lua/ev_list.lua")),
             ev_retry: session_script(include_str!("lua/ev_retry.lua")),
+            // Removes a member scored before ARGV[2].
+            index_prune: index_script(
+                "local s = call('ZSCORE', KEYS[1], ARGV[1]) if s and tonumber(s) < tonumber(ARGV[2]) then call('ZREM', KEYS[1], ARGV[1]) return 1 end return 0",
+            ),
             // The first replica's key wins; every later call reads it.
             token_key: index_script(
                 "local k = call('GET', KEYS[1]) if k then return k end call('SET', KEYS[1], ARGV[1]) return ARGV[1]",
@@ -2007,6 +2012,7 @@ impl SessionStore for RedisStore {
         failed: bool,
         after: Option<(&str, u64)>,
         limit: usize,
+        now_ms: i64,
     ) -> Result<Vec<crate::events::StoredEvent>, StoreError> {
         let index = if failed {
             self.dead_index_key(tenant)
@@ -2051,6 +2057,15 @@ impl SessionStore for RedisStore {
                 .arg(from)
                 .arg(limit - out.len());
             let reply = self.invoke("list_events", &inv).await?;
+            if failed && from == 0 && as_array(&reply)?.is_empty() {
+                // No dead letter left: the entry goes, unless it was written in the last
+                // minute (a dead letter on its way: the index entry comes first).
+                let mut prune = Call::new(&self.scripts.index_prune, [self.dead_index_key(tenant)]);
+                prune
+                    .arg(session_id.as_str())
+                    .arg(now_ms.saturating_sub(60_000));
+                self.invoke("list_events", &prune).await?;
+            }
             for row in as_array(&reply)?.chunks(4) {
                 let [seq, json, state, score] = row else {
                     return Err(corrupt("short list_events reply"));
