@@ -12,7 +12,7 @@
 # FLOW_FILE_SIZE (bytes, 20 MiB), MEM_SESSIONS (1000), MEM_FILES (10), FS_FILE_MB (256: the
 # filesystem-storage uploads, in PART_MB parts), SKIP_BUILD=1,
 # OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX),
-# SCENARIOS (any of "parts register flow rtt mem fs"; default all of them),
+# SCENARIOS (any of "parts register flow rtt mem fs hooks"; default all of them),
 # RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits),
 # ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc),
 # CRED_ROUNDS (rounds of upload-token, JWT and API-key registration runs, default 3),
@@ -35,7 +35,7 @@ FLOW_FILES=${FLOW_FILES:-4}
 FLOW_FILE_SIZE=${FLOW_FILE_SIZE:-$((20 * 1024 * 1024))}
 MEM_SESSIONS=${MEM_SESSIONS:-1000}
 MEM_FILES=${MEM_FILES:-10}
-SCENARIOS=${SCENARIOS:-parts register flow rtt mem fs}
+SCENARIOS=${SCENARIOS:-parts register flow rtt mem fs hooks}
 RATE_LIMIT=${RATE_LIMIT:-"{ requests_per_second = 1000000, burst = 10000000 }"}
 want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-$(mktemp -d /tmp/upgate-bench.XXXXXX)}
@@ -359,7 +359,6 @@ log "flow: concurrency $FLOW_CONC, $FLOW_FILES files of $FLOW_FILE_SIZE bytes pe
 fi
 
 # --- 4. Redis round trips (MONITOR, difference of two runs at concurrency 1) --------------
-if want rtt; then
 # Counts every command a client sent (top level) and every command run inside a script
 # ("[0 lua]"), per command name.
 monitor() { # file, command...
@@ -403,6 +402,7 @@ per_op() { # small-file large-file n kind(top|lua) -> "commands|round trips|cmd 
 field() { echo "$1" | cut -d'|' -f"$2"; }
 N_SMALL=50
 N_LARGE=250
+if want rtt; then
 log "redis round trips: register x$N_SMALL and x$N_LARGE at concurrency 1, gateway and baseline"
 RT=(--concurrency 1 --duration 120 --warmup 0)
 monitor "$WORK/gw-small.mon" "$BENCH" register --target "$GW" --key "$KEY" "${RT[@]}" --requests $N_SMALL
@@ -462,6 +462,74 @@ for c in 1 4; do
       "${COMMON[@]}" --label "filesystem, $variant" --json-out "$OUT/fs-$variant-c$c.json" >/dev/null
   done
 done
+fi
+
+# --- 7. webhooks: delivery rate and latency, and what recording events costs -----------
+# A third gateway on the same Redis whose tenant has one webhook, to upgate-bench's sink.
+# Registration round trips are counted as in section 4, with the delivery worker's own
+# commands (its outbox scripts name `:evs` and `:evx` keys) counted apart. Then REG_CONC
+# clients register for DURATION s; when the delivered count has not moved for 3 s the sink
+# is stopped and reports deliveries/s (first to last arrival) and latency (arrival minus the
+# event's timestamp).
+if want hooks; then
+"$BENCH" webhook-sink --json-out "$OUT/hooks-sink.json" >"$WORK/sink.env" 2>"$OUT/sink.log" &
+SINK_PID=$!
+PIDS+=($SINK_PID)
+for _ in $(seq 1 100); do grep -q '^SINK_ADDR=' "$WORK/sink.env" 2>/dev/null && break; sleep 0.1; done
+SINK_ADDR=$(sed -n 's/^SINK_ADDR=//p' "$WORK/sink.env")
+[ -n "$SINK_ADDR" ] || { log "webhook-sink did not start"; cat "$OUT/sink.log" >&2; exit 1; }
+HK_PORT=$(free_port)
+HK_ADMIN_PORT=$(free_port)
+sed -e "s|^listen = .*|listen = \"127.0.0.1:$HK_PORT\"|" \
+  -e "s|^admin_listen = .*|admin_listen = \"127.0.0.1:$HK_ADMIN_PORT\"|" \
+  "$OUT/gateway.toml" >"$OUT/gateway-hooks.toml"
+cat >>"$OUT/gateway-hooks.toml" <<EOF
+
+[[tenants.webhooks]]
+url = "http://$SINK_ADDR/hook"
+secret = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+EOF
+RUST_LOG=warn "$UPGATE" --config "$OUT/gateway-hooks.toml" >"$OUT/gateway-hooks.log" 2>&1 &
+PIDS+=($!)
+HK_PID=$!
+wait_port "$HK_PORT" "gateway (webhooks)" "$HK_PID" || { tail -20 "$OUT/gateway-hooks.log" >&2; exit 1; }
+HK="http://127.0.0.1:$HK_PORT"
+delivered() {
+  curl -fsS "http://127.0.0.1:$HK_ADMIN_PORT/metrics" 2>/dev/null |
+    awk '/^upgate_webhook_deliveries_total\{outcome="delivered"\}/ { print $2; f = 1 } END { if (!f) print 0 }'
+}
+settle() { # waits until the delivered count has not moved for 3 s (at most 120 s)
+  local last=-1 same=0 now
+  for _ in $(seq 1 240); do
+    now=$(delivered)
+    if [ "$now" = "$last" ]; then same=$((same + 1)); else same=0; last=$now; fi
+    [ "$same" -ge 6 ] && return 0
+    sleep 0.5
+  done
+}
+log "webhooks: register at concurrency $REG_CONC for ${DURATION}s, then every event delivered"
+"$BENCH" register --target "$HK" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
+  --label "gateway, webhooks" --json-out "$OUT/register-hooks.json" >/dev/null
+settle
+kill -USR1 "$SINK_PID" 2>/dev/null || true
+log "webhooks: redis round trips per registration, register x$N_SMALL and x$N_LARGE at concurrency 1"
+RT=(--concurrency 1 --duration 120 --warmup 0)
+monitor "$WORK/hk-small.mon" "$BENCH" register --target "$HK" --key "$KEY" "${RT[@]}" --requests $N_SMALL
+settle
+monitor "$WORK/hk-large.mon" "$BENCH" register --target "$HK" --key "$KEY" "${RT[@]}" --requests $N_LARGE
+settle
+for f in small large; do
+  grep -v -e ':evs"' -e ':evx"' "$WORK/hk-$f.mon" >"$WORK/hk-$f-request.mon" || true
+done
+N=$((N_LARGE - N_SMALL))
+HK_REQ=$(per_op "$WORK/hk-small-request.mon" "$WORK/hk-large-request.mon" $N top)
+HK_ALL=$(per_op "$WORK/hk-small.mon" "$WORK/hk-large.mon" $N top)
+kill -TERM "$SINK_PID" 2>/dev/null || true
+wait "$SINK_PID" 2>/dev/null || true
+cat >"$OUT/hooks-rtt.json" <<EOF
+{"requestPerRegistration": $(field "$HK_REQ" 2), "requestBreakdown": "$(field "$HK_REQ" 3)",
+ "allPerRegistration": $(field "$HK_ALL" 2), "allBreakdown": "$(field "$HK_ALL" 3)"}
+EOF
 fi
 
 # --- report --------------------------------------------------------------------------------

@@ -11,6 +11,8 @@
 //!                              (user-space L4 forwarder; prints its address, blocks)
 //! upgate-bench baseline-server --listen ADDR --redis URL
 //! upgate-bench s3-server       [--bucket NAME]          (in-process s3s-fs; prints env lines, blocks)
+//! upgate-bench webhook-sink    --json-out FILE [--listen ADDR] (answers webhooks 204; prints its
+//!                              address; on SIGTERM writes deliveries/s and latency, exits)
 //! upgate-bench redis-mem       --target URL --key KEY --redis URL [--sessions N] [--files M]
 //! upgate-bench report          --dir DIR
 //! ```
@@ -24,6 +26,7 @@ mod client;
 mod proxy;
 mod report;
 mod scenarios;
+mod sink;
 mod stats;
 
 use std::collections::HashMap;
@@ -60,7 +63,7 @@ pub(crate) async fn accept(listener: &tokio::net::TcpListener, who: &str) -> tok
 }
 use crate::scenarios::{Common, RunResult};
 
-const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|tcp-proxy|baseline-server|s3-server|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";
+const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|tcp-proxy|baseline-server|s3-server|webhook-sink|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";
 
 struct Args {
     map: HashMap<String, String>,
@@ -168,6 +171,13 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                 return Err("--buffer must be 4 KiB..=16 MiB".into());
             }
             runtime(threads)?.block_on(proxy::serve(&listen, &to, buffer, zero_copy))
+        }
+        "webhook-sink" => {
+            let listen = a.get("listen", "127.0.0.1:0".to_owned())?;
+            let out = a.req("json-out")?;
+            a.finish()?;
+            check_loopback(&format!("http://{listen}"))?;
+            runtime(threads)?.block_on(sink::serve(&listen, &out))
         }
         "s3-server" => {
             let bucket = a.get("bucket", "bench-bucket".to_owned())?;

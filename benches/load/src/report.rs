@@ -11,7 +11,9 @@
 //! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
 //! `redis-mem.json`, `wrk-register-{gateway,baseline}.json` (`{"reqPerSec","p50Ms","p99Ms","not201"}`,
 //! from run.sh's wrk runs), and `fs-parts-c{1,4}.json` / `fs-complete-c{1,4}.json` (filesystem
-//! storage, part PUTs alone and upload + complete).
+//! storage, part PUTs alone and upload + complete), `register-hooks.json`, `hooks-sink.json`
+//! (`{"events","duplicates","eventsPerSec","p50Ms","p99Ms","maxMs"}`, from `webhook-sink`) and
+//! `hooks-rtt.json` (`{"requestPerRegistration","allPerRegistration", ...}`, from run.sh).
 
 use std::path::Path;
 
@@ -442,6 +444,47 @@ pub fn report(dir: &Path) -> String {
         }
     }
 
+    let sink = load(dir, "hooks-sink.json");
+    let hooks_rtt = load(dir, "hooks-rtt.json");
+    if sink.is_some() || hooks_rtt.is_some() {
+        out.push_str("\n### Webhooks: one endpoint, the load test's sink answering 204\n\n");
+        out.push_str("| measure | figure | target | verdict |\n|---|---:|---|---|\n");
+        if let Some(r) = &hooks_rtt {
+            let req = f(r, "requestPerRegistration");
+            out.push_str(&format!(
+                "| Redis round trips per registration, request path ({}) | {req:.2} | ≤ 1.05 | {} |\n",
+                r["requestBreakdown"].as_str().unwrap_or(""),
+                verdict(req <= 1.05)
+            ));
+            out.push_str(&format!(
+                "| Redis commands per registration, delivery worker included ({}) | {:.2} | – | – |\n",
+                r["allBreakdown"].as_str().unwrap_or(""),
+                f(r, "allPerRegistration")
+            ));
+        }
+        if let Some(v) = &sink {
+            out.push_str(&format!(
+                "| events delivered (duplicates) | {} ({}) | – | – |\n| events delivered per second, first to last arrival | {:.0} | – | – |\n| delivery latency p50 / p99 / max, ms (event to arrival) | {:.1} / {:.1} / {:.1} | – | – |\n",
+                v["events"],
+                v["duplicates"],
+                f(v, "eventsPerSec"),
+                f(v, "p50Ms"),
+                f(v, "p99Ms"),
+                f(v, "maxMs")
+            ));
+        }
+        if let (Some(h), Some(g)) = (load(dir, "register-hooks.json"), &reg_gw) {
+            if let (Some(he), Some(ge)) = (endpoint(&h, REGISTER), endpoint(g, REGISTER)) {
+                out.push_str(&format!(
+                    "| register-file req/s with webhooks / without (c={}, separate runs) | {:.0} / {:.0} | – | – |\n",
+                    h["params"]["concurrency"],
+                    f(he, "reqPerSec"),
+                    f(ge, "reqPerSec")
+                ));
+            }
+        }
+    }
+
     out.push_str("\n### Per-scenario tables\n\n");
     let mut names = vec![
         "register-gateway.json".to_owned(),
@@ -460,6 +503,7 @@ pub fn report(dir: &Path) -> String {
         names.push(format!("fs-complete-c{c}.json"));
     }
     names.push("flow.json".into());
+    names.push("register-hooks.json".into());
     for n in names {
         if let Some(v) = load(dir, &n) {
             out.push_str(&markdown(&v));
