@@ -469,10 +469,11 @@ fi
 # Registration round trips are counted as in section 4, with the delivery worker's own
 # commands (its outbox scripts name `:evs` and `:evx` keys) counted apart. Then REG_CONC
 # clients register for DURATION s; when the delivered count has not moved for 3 s the sink
-# is stopped and reports deliveries/s (first to last arrival) and latency (arrival minus the
-# event's timestamp).
+# reports deliveries/s (first to last arrival) and latency (arrival minus the event's
+# timestamp) of that backlog (hooks-sink-1.json), then of the one-client-at-a-time
+# round-trip runs (hooks-sink-2.json: latency without a backlog).
 if want hooks; then
-"$BENCH" webhook-sink --json-out "$OUT/hooks-sink.json" >"$WORK/sink.env" 2>"$OUT/sink.log" &
+"$BENCH" webhook-sink --json-out "$OUT/hooks-sink" >"$WORK/sink.env" 2>"$OUT/sink.log" &
 SINK_PID=$!
 PIDS+=($SINK_PID)
 for _ in $(seq 1 100); do grep -q '^SINK_ADDR=' "$WORK/sink.env" 2>/dev/null && break; sleep 0.1; done
@@ -524,6 +525,8 @@ done
 N=$((N_LARGE - N_SMALL))
 HK_REQ=$(per_op "$WORK/hk-small-request.mon" "$WORK/hk-large-request.mon" $N top)
 HK_ALL=$(per_op "$WORK/hk-small.mon" "$WORK/hk-large.mon" $N top)
+kill -USR1 "$SINK_PID" 2>/dev/null || true
+sleep 0.5
 kill -TERM "$SINK_PID" 2>/dev/null || true
 wait "$SINK_PID" 2>/dev/null || true
 cat >"$OUT/hooks-rtt.json" <<EOF

@@ -11,7 +11,7 @@
 //! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
 //! `redis-mem.json`, `wrk-register-{gateway,baseline}.json` (`{"reqPerSec","p50Ms","p99Ms","not201"}`,
 //! from run.sh's wrk runs), and `fs-parts-c{1,4}.json` / `fs-complete-c{1,4}.json` (filesystem
-//! storage, part PUTs alone and upload + complete), `register-hooks.json`, `hooks-sink.json`
+//! storage, part PUTs alone and upload + complete), `register-hooks.json`, `hooks-sink-{1,2}.json`
 //! (`{"events","duplicates","eventsPerSec","p50Ms","p99Ms","maxMs"}`, from `webhook-sink`) and
 //! `hooks-rtt.json` (`{"requestPerRegistration","allPerRegistration", ...}`, from run.sh).
 
@@ -444,7 +444,8 @@ pub fn report(dir: &Path) -> String {
         }
     }
 
-    let sink = load(dir, "hooks-sink.json");
+    let sink = load(dir, "hooks-sink-1.json");
+    let sink_idle = load(dir, "hooks-sink-2.json");
     let hooks_rtt = load(dir, "hooks-rtt.json");
     if sink.is_some() || hooks_rtt.is_some() {
         out.push_str("\n### Webhooks: one endpoint, the load test's sink answering 204\n\n");
@@ -462,9 +463,13 @@ pub fn report(dir: &Path) -> String {
                 f(r, "allPerRegistration")
             ));
         }
-        if let Some(v) = &sink {
+        for (v, what) in [
+            (&sink, "registering at full speed (a backlog builds)"),
+            (&sink_idle, "one registration at a time"),
+        ] {
+            let Some(v) = v else { continue };
             out.push_str(&format!(
-                "| events delivered (duplicates) | {} ({}) | – | – |\n| events delivered per second, first to last arrival | {:.0} | – | – |\n| delivery latency p50 / p99 / max, ms (event to arrival) | {:.1} / {:.1} / {:.1} | – | – |\n",
+                "| {what}: events delivered (duplicates) | {} ({}) | – | – |\n| {what}: events delivered per second, first to last arrival | {:.0} | – | – |\n| {what}: delivery latency p50 / p99 / max, ms (event to arrival) | {:.1} / {:.1} / {:.1} | – | – |\n",
                 v["events"],
                 v["duplicates"],
                 f(v, "eventsPerSec"),

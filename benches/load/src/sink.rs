@@ -1,10 +1,10 @@
 //! `webhook-sink --listen ADDR --json-out FILE`: a webhook receiver for the load test. It
 //! answers every POST 204, counts deliveries (and repeated `webhook-id`s), and records each
 //! one's latency: its arrival minus the event's `timestamp` (the time of the change, ms
-//! precision). Prints `SINK_ADDR=host:port`; on SIGUSR1 writes
+//! precision). Prints `SINK_ADDR=host:port`; the n-th SIGUSR1 writes `<json-out>-<n>.json`:
 //! `{"events","duplicates","seconds","eventsPerSec","p50Ms","p99Ms","maxMs"}` (`seconds`:
-//! first to last arrival) of what arrived since the start or the last SIGUSR1, and starts
-//! counting afresh; SIGTERM/SIGINT end it.
+//! first to last arrival) of what arrived since the start or the last SIGUSR1, and counting
+//! starts afresh; SIGTERM/SIGINT end it.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -71,6 +71,7 @@ pub async fn serve(listen: &str, json_out: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
         .map_err(|e| e.to_string())?;
+    let mut snapshots = 0u32;
     loop {
         let (stream, _) = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -83,7 +84,9 @@ pub async fn serve(listen: &str, json_out: &str) -> Result<(), String> {
                     ..Seen::default()
                 };
                 drop(s);
-                std::fs::write(json_out, snapshot.to_string()).map_err(|e| e.to_string())?;
+                snapshots += 1;
+                std::fs::write(format!("{json_out}-{snapshots}.json"), snapshot.to_string())
+                    .map_err(|e| e.to_string())?;
                 continue;
             }
             a = listener.accept() => match a {
