@@ -466,6 +466,16 @@ impl<'a> SessionKeys<'a> {
     fn event_dead(self) -> Key<'a> {
         self.key("evd", "")
     }
+    /// The keys of the delivery scripts (`ev_done`, `ev_list`, `ev_retry`).
+    fn outbox(self) -> [Key<'a>; 5] {
+        [
+            self.session(),
+            self.events(),
+            self.event_queue(),
+            self.event_states(),
+            self.event_dead(),
+        ]
+    }
     fn parts(self, file_id: &'a str) -> Key<'a> {
         self.key("p:", file_id)
     }
@@ -715,6 +725,26 @@ impl RedisStore {
         Err(StoreError::new(format_args!(
             "redis {what}: the session's file list kept changing"
         )))
+    }
+
+    /// One `ZADD key score member` under the timeout (an index outside the session's slot).
+    async fn zadd(
+        &self,
+        what: &'static str,
+        key: &str,
+        score: i64,
+        member: &str,
+    ) -> Result<(), StoreError> {
+        let mut con = self.handle.clone();
+        self.bounded(what, async move {
+            redis::cmd("ZADD")
+                .arg(key)
+                .arg(score)
+                .arg(member)
+                .exec_async(&mut con)
+                .await
+        })
+        .await
     }
 
     /// Runs a script call (EVALSHA, NOSCRIPT → SCRIPT LOAD + retry) under the timeout.
@@ -1971,16 +2001,7 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(
-            &self.scripts.ev_done,
-            [
-                k.session(),
-                k.events(),
-                k.event_queue(),
-                k.event_states(),
-                k.event_dead(),
-            ],
-        );
+        let mut inv = Call::new(&self.scripts.ev_done, k.outbox());
         inv.arg(now_ms).arg(sequence).arg(delivery.encode());
         match outcome {
             super::Attempted::Delivered => inv.arg("done"),
@@ -1991,16 +2012,12 @@ impl SessionStore for RedisStore {
             // Listed among the tenant's dead letters: written first, so a cut between the
             // two leaves an entry naming nothing dead (skipped by the listing), never a dead
             // letter the listing cannot find.
-            let mut con = self.handle.clone();
-            let key = self.dead_index_key(tenant);
-            self.bounded("event_attempted", async move {
-                redis::cmd("ZADD")
-                    .arg(key)
-                    .arg(now_ms)
-                    .arg(session_id)
-                    .exec_async(&mut con)
-                    .await
-            })
+            self.zadd(
+                "event_attempted",
+                &self.dead_index_key(tenant),
+                now_ms,
+                session_id,
+            )
             .await?;
         }
         self.invoke("event_attempted", &inv).await.map(drop)
@@ -2042,16 +2059,7 @@ impl SessionStore for RedisStore {
                 break;
             }
             let k = self.keys_of(tenant, session_id);
-            let mut inv = Call::new(
-                &self.scripts.ev_list,
-                [
-                    k.session(),
-                    k.events(),
-                    k.event_queue(),
-                    k.event_states(),
-                    k.event_dead(),
-                ],
-            );
+            let mut inv = Call::new(&self.scripts.ev_list, k.outbox());
             inv.arg(0)
                 .arg(if failed { "failed" } else { "pending" })
                 .arg(from)
@@ -2090,28 +2098,15 @@ impl SessionStore for RedisStore {
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         // Back in the outbox index first (an entry naming nothing due is harmless).
-        let mut con = self.handle.clone();
-        let key = self.event_index_key(tenant);
-        self.bounded("retry_event", async move {
-            redis::cmd("ZADD")
-                .arg(key)
-                .arg(now_ms)
-                .arg(session_id)
-                .exec_async(&mut con)
-                .await
-        })
+        self.zadd(
+            "retry_event",
+            &self.event_index_key(tenant),
+            now_ms,
+            session_id,
+        )
         .await?;
         let k = self.keys_of(tenant, session_id);
-        let mut inv = Call::new(
-            &self.scripts.ev_retry,
-            [
-                k.session(),
-                k.events(),
-                k.event_queue(),
-                k.event_states(),
-                k.event_dead(),
-            ],
-        );
+        let mut inv = Call::new(&self.scripts.ev_retry, k.outbox());
         inv.arg(now_ms).arg(sequence);
         let reply = self.invoke("retry_event", &inv).await?;
         Ok(as_int(&reply)? == 1)
