@@ -43,8 +43,10 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 const CONCURRENT_SESSIONS: usize = 32;
 /// Wake-ups waiting for the worker; more are dropped (the index finds their sessions).
 const WAKE_QUEUE: usize = 4096;
-/// Events claimed per store call.
-const CLAIM_BATCH: usize = 32;
+/// Events claimed per store call: one, so that each event's lease (one attempt's worth)
+/// starts when its attempt does. A batch under one lease let the leases of its later events
+/// run out behind a slow receiver, and another replica then attempted them too.
+const CLAIM_BATCH: usize = 1;
 /// Sessions claimed from one tenant's index per poll.
 const INDEX_BATCH: usize = 1024;
 /// How often the outbox indexes are polled.
