@@ -147,6 +147,7 @@ impl Authenticator {
         match route {
             Some(r) if r == crate::api::path::SESSIONS && req.method() == Method::POST => {}
             Some(r) if r.starts_with(crate::api::path::SESSION) => {}
+            Some(r) if r.starts_with(crate::api::path::TUS) => {}
             Some(_) => return Some(Err(Refusal::Denied(AppError::InsufficientScope, tenant))),
             None => {}
         }
@@ -224,6 +225,15 @@ impl Authenticator {
                 let session = req.uri().path().split('/').nth(3).unwrap_or("");
                 if session != claims.session_id {
                     return Err(Refusal::Denied(AppError::SessionNotFound, tenant));
+                }
+            }
+            // tus: creating an upload (the handler keeps it in the token's session), and
+            // the uploads of the token's session.
+            Some(r) if r == crate::api::path::TUS => {}
+            Some(r) if r == crate::api::path::TUS_UPLOAD => {
+                let session = crate::api::session_in_path(req.uri().path()).unwrap_or("");
+                if session != claims.session_id {
+                    return Err(Refusal::Denied(AppError::FileNotFound, tenant));
                 }
             }
             Some(_) => return Err(Refusal::Denied(AppError::InsufficientScope, tenant)),

@@ -33,7 +33,9 @@ const ALLOW_HEADERS: [&str; 11] = [
     "x-amz-checksum-sha1",
     "x-amz-checksum-sha256",
 ];
-const EXPOSE_HEADERS: [&str; 7] = [
+const EXPOSE_HEADERS: [&str; 9] = [
+    "upgate-session-id",
+    "upgate-file-id",
     "etag",
     "location",
     "x-request-id",
@@ -82,8 +84,22 @@ pub fn layer(tenants: &[TenantConfig]) -> CorsLayer {
             Method::PUT,
             Method::DELETE,
             Method::OPTIONS,
+            Method::PATCH,
+            Method::HEAD,
         ])
-        .allow_headers(ALLOW_HEADERS.map(HeaderName::from_static))
-        .expose_headers(EXPOSE_HEADERS.map(HeaderName::from_static))
+        .allow_headers(
+            ALLOW_HEADERS
+                .iter()
+                .chain(crate::api::tus::ALLOWED.iter())
+                .map(|h| HeaderName::from_static(h))
+                .collect::<Vec<_>>(),
+        )
+        .expose_headers(
+            EXPOSE_HEADERS
+                .iter()
+                .chain(crate::api::tus::EXPOSED.iter())
+                .map(|h| HeaderName::from_static(h))
+                .collect::<Vec<_>>(),
+        )
         .max_age(Duration::from_secs(600))
 }

@@ -167,6 +167,28 @@ pub enum AppError {
     /// 429 `quotaExceeded`: the tenant holds `max_active_sessions` live sessions.
     #[error("active session quota exceeded")]
     QuotaExceeded(u64),
+    /// 409 `offsetMismatch` (tus): a PATCH's `Upload-Offset` is not the upload's offset
+    /// (the upload's offset is in the extension member and the `Upload-Offset` header).
+    #[error("upload offset mismatch")]
+    OffsetMismatch(u64),
+    /// 412 `versionNotSupported` (tus): neither `Tus-Resumable: 1.0.0` nor an IETF draft
+    /// interop version this gateway speaks.
+    #[error("protocol version not supported")]
+    VersionNotSupported,
+    /// 413 `uploadLengthExceeded` (tus): bytes past the upload's length.
+    #[error("upload length exceeded")]
+    UploadLengthExceeded(u64),
+    /// 415 `unsupportedMediaType` (tus): a PATCH body that is not
+    /// `application/offset+octet-stream` (or `application/partial-upload`).
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// 423 `uploadLocked` (tus): another PATCH holds the upload.
+    #[error("upload locked")]
+    UploadLocked,
+    /// 460 `checksumMismatch` (tus checksum extension): the chunk's `Upload-Checksum` does
+    /// not match its bytes; nothing of the chunk was kept.
+    #[error("upload checksum mismatch")]
+    UploadChecksumMismatch,
     /// 501 `notSupported`.
     #[error("not supported")]
     NotSupported,
@@ -233,6 +255,13 @@ impl AppError {
             RateLimited { .. } | TooManyConcurrentUploads | QuotaExceeded(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            OffsetMismatch(_) => StatusCode::CONFLICT,
+            VersionNotSupported => StatusCode::PRECONDITION_FAILED,
+            UploadLengthExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            UploadLocked => StatusCode::LOCKED,
+            // tus's checksum extension: "460 Checksum Mismatch".
+            UploadChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
             NotSupported => StatusCode::NOT_IMPLEMENTED,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -271,6 +300,12 @@ impl AppError {
             RateLimited { .. } => "rateLimited",
             TooManyConcurrentUploads => "tooManyConcurrentUploads",
             QuotaExceeded(_) => "quotaExceeded",
+            OffsetMismatch(_) => "offsetMismatch",
+            VersionNotSupported => "versionNotSupported",
+            UploadLengthExceeded(_) => "uploadLengthExceeded",
+            UnsupportedMediaType => "unsupportedMediaType",
+            UploadLocked => "uploadLocked",
+            UploadChecksumMismatch => "checksumMismatch",
             NotSupported => "notSupported",
             Unavailable(_) => "unavailable",
             Internal(_) => "internal",
@@ -311,6 +346,12 @@ impl AppError {
             RateLimited { .. } => "Too many requests",
             TooManyConcurrentUploads => "Too many part uploads in flight",
             QuotaExceeded(_) => "Too many active sessions",
+            OffsetMismatch(_) => "Upload-Offset is not the upload's offset",
+            VersionNotSupported => "Protocol version not supported",
+            UploadLengthExceeded(_) => "The bytes go past the upload's length",
+            UnsupportedMediaType => "PATCH bodies are application/offset+octet-stream",
+            UploadLocked => "Another request is writing to this upload",
+            UploadChecksumMismatch => "The chunk's Upload-Checksum does not match its bytes",
             NotSupported => "Not supported by this storage",
             Unavailable(_) => "A backing service is unavailable",
             Internal(_) => "Internal error",
@@ -432,6 +473,14 @@ impl AppError {
                 format!("file {file_id} was declared {declared} but its content is {detected}")
             }
             RateLimited { retry_after } => format!("retry in {retry_after} s"),
+            OffsetMismatch(offset) => {
+                ext.insert("uploadOffset".into(), json!(offset));
+                format!("the upload is at offset {offset}; HEAD it and resume from there")
+            }
+            UploadLengthExceeded(length) => {
+                ext.insert("uploadLength".into(), json!(length));
+                format!("the upload is {length} bytes long")
+            }
             Unavailable(_) => "a backing service is unavailable; retry shortly".to_owned(),
             Internal(_) => {
                 "an internal error occurred; the request id identifies it in the logs".to_owned()
@@ -496,6 +545,12 @@ impl IntoResponse for AppError {
             }
             AppError::RateLimited { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after.max(&1)));
+            }
+            AppError::OffsetMismatch(offset) => {
+                headers.insert("upload-offset", HeaderValue::from(*offset));
+            }
+            AppError::VersionNotSupported => {
+                headers.insert("tus-version", HeaderValue::from_static("1.0.0"));
             }
             AppError::TooManyConcurrentUploads
             | AppError::Unavailable(_)

@@ -28,11 +28,7 @@ const OWNER_CACHE_MAX: usize = 100_000;
 /// it (so `%61bc` is checked as the session `abc` it names). Not UTF-8 once decoded: the
 /// router's 400, with no session to check.
 fn session_id_of(path: &str) -> Option<String> {
-    let raw = path
-        .strip_prefix("/v1/sessions/")?
-        .split('/')
-        .next()
-        .filter(|s| !s.is_empty())?;
+    let raw = crate::api::session_in_path(path)?;
     percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .ok()

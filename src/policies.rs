@@ -240,8 +240,7 @@ impl SessionDeadlines {
 }
 
 fn session_id_of(path: &str) -> Option<&str> {
-    let mut segments = path.strip_prefix("/v1/sessions/")?.split('/');
-    segments.next().filter(|s| !s.is_empty())
+    crate::api::session_in_path(path)
 }
 
 impl DeadlineLookup for SessionDeadlines {
@@ -404,7 +403,14 @@ pub struct UploadsInFlight;
 
 impl upgate_layers::count_limit::CountPolicy<Body> for UploadsInFlight {
     fn classify(&self, req: &Request<Body>) -> Option<(String, u64)> {
-        if req.method() != Method::PUT {
+        // Part PUTs and tus PATCHes (and creations carrying bytes, which the handler runs
+        // as a PATCH).
+        let uploading = req.method() == Method::PUT
+            || req.method() == Method::PATCH
+            || (req.method() == Method::POST
+                && req.uri().path().starts_with("/v1/tus")
+                && req.headers().contains_key("x-http-method-override"));
+        if !uploading {
             return None;
         }
         let t = tenant(req)?;

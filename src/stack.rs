@@ -441,6 +441,12 @@ where
         // Decided here, synchronously: a missing/unknown key is answered without calling the
         // inner service; a preflight goes to the CORS layer below unauthenticated.
         let preflight = crate::cors::is_preflight(&req);
+        // tus's `OPTIONS` (capabilities) needs no credential either.
+        let open = preflight
+            || (method == Method::OPTIONS
+                && route
+                    .as_ref()
+                    .is_some_and(|r| r.as_str().starts_with(crate::api::path::TUS)));
         let mut call = |req: Request| {
             use futures_util::FutureExt as _;
             let body = |res: Result<axum::http::Response<B>, Infallible>| {
@@ -458,7 +464,7 @@ where
         // itself is gone into the service below by then).
         let mut origin = req.headers().get(axum::http::header::ORIGIN).cloned();
         let mut origin_tenant = None;
-        let admitted = if preflight {
+        let admitted = if open {
             origin = None;
             Ok(futures_util::future::Either::Left(call(req)))
         } else {
@@ -623,7 +629,12 @@ async fn refuse(
 /// minutes on S3 for objects of thousands of parts, and is bounded by the storage client's
 /// own timeout.
 fn exempt_from_timeout(req: &Request) -> bool {
-    req.method() == Method::PUT || req.uri().path().ends_with("/complete")
+    // tus PATCHes and creations stream bytes (bounded by the body's idle timeout), and the
+    // last one completes the file.
+    req.method() == Method::PUT
+        || req.method() == Method::PATCH
+        || req.uri().path().ends_with("/complete")
+        || (req.method() == Method::POST && req.uri().path().starts_with("/v1/tus"))
 }
 
 fn record_metrics(

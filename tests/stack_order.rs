@@ -62,6 +62,51 @@ impl SessionStore for Counted {
         self.registrations.fetch_add(1, Ordering::SeqCst);
         forward!(self.register_file(t, f, n))
     }
+    async fn register_tus_file(
+        &self,
+        t: &str,
+        f: &FileRecord,
+        d: bool,
+        n: i64,
+    ) -> Result<Gate<Registered>, StoreError> {
+        self.registrations.fetch_add(1, Ordering::SeqCst);
+        forward!(self.register_tus_file(t, f, d, n))
+    }
+    async fn tus_file(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        n: i64,
+    ) -> Result<Gate<(FileRecord, upgate::store::TusState)>, StoreError> {
+        forward!(self.tus_file(t, s, f, n))
+    }
+    async fn tus_begin(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        r: &upgate::store::TusBegin<'_>,
+        n: i64,
+    ) -> Result<Gate<upgate::store::TusBegun>, StoreError> {
+        forward!(self.tus_begin(t, s, f, r, n))
+    }
+    async fn tus_advance(
+        &self,
+        t: &str,
+        s: &str,
+        f: &str,
+        r: &upgate::store::TusAdvance<'_>,
+        n: i64,
+    ) -> Result<Gate<upgate::store::TusAdvanced>, StoreError> {
+        forward!(self.tus_advance(t, s, f, r, n))
+    }
+    async fn tus_tail(&self, t: &str, s: &str, f: &str) -> Result<Vec<u8>, StoreError> {
+        forward!(self.tus_tail(t, s, f))
+    }
+    async fn tus_release(&self, t: &str, s: &str, f: &str, k: &str) -> Result<(), StoreError> {
+        forward!(self.tus_release(t, s, f, k))
+    }
     async fn get_file(
         &self,
         t: &str,

@@ -28,58 +28,12 @@ pub(super) async fn register(
             l.allowed_content_types.clone().unwrap_or_default(),
         ));
     }
-    let now = now_ms();
-    // Computed from this replica's configured part size, which is the session's unless the
-    // session was created under another `part_size_mb` (a rolling deploy): the store checks
-    // it against the session's in the same atomic step and uses the session's.
-    let session_part_size = state.config.part_size_bytes();
-    let part_size = part_size_for(session_part_size, req.size_bytes);
-    let id = new_id();
-    let storage = &state.storages.for_tenant(&t.id).store;
-    let file = FileRecord {
-        object_key: storage.object_key(&t.storage_prefix, &session_id, &id, &req.file_key),
-        id,
-        session_id: session_id.clone(),
-        file_key: req.file_key,
-        file_name: req.file_name,
-        size_bytes: req.size_bytes,
-        content_type: req.content_type,
-        status: FileStatus::Registered,
-        part_size_bytes: part_size,
-        part_count: part_count(req.size_bytes, part_size),
-        created_at: now / 1000,
-        upload_id: None,
-        file_url: None,
-        etag: None,
-        metadata: req.metadata,
-    };
+    let file = new_file(&state, t, &session_id, req)?;
     tracing::Span::current().record("file_id", file.id.as_str());
-    if let Some(why) = crate::storage::object_key_problem(storage.kind(), &file.object_key) {
-        return Err(AppError::Validation(vec![FieldError::new("fileKey", why)]));
-    }
-    if let Some(why) = crate::storage::metadata_problem(storage.kind(), &file.metadata) {
-        return Err(AppError::Validation(vec![FieldError::new("metadata", why)]));
-    }
+    let now = now_ms();
     let gate = state.store.register_file(&t.id, &file, now).await?;
     state.uploads.wake(&t.id, &file.session_id);
-    let outcome = open_gate(gate, &t.id, now);
-    let result = match outcome {
-        Ok(Registered::Created(f)) => Ok(f),
-        Ok(Registered::DuplicateKey) => Err(AppError::DuplicateFileKey(file.file_key.clone())),
-        Ok(Registered::TooLarge(max)) => Err(AppError::FileTooLarge(max)),
-        Ok(Registered::ContentTypeNotAllowed(allowed)) => {
-            Err(AppError::ContentTypeNotAllowed(allowed))
-        }
-        Ok(Registered::CountExceeded {
-            file_limit,
-            file_count,
-        }) => Err(AppError::FileCountExceeded {
-            max_files: file_limit,
-            file_count,
-        }),
-        Err(e) => Err(e),
-    };
-    match result {
+    match registered(open_gate(gate, &t.id, now), &file.file_key) {
         Ok(f) => {
             state.metrics.registration("created");
             let location = format!("/v1/sessions/{session_id}/files/{}", f.id);
@@ -94,6 +48,71 @@ pub(super) async fn register(
             state.metrics.registration(e.code());
             Err(e)
         }
+    }
+}
+
+/// The record of a new file of `session_id` as `req` describes it, its object key and
+/// metadata checked against the tenant's storage.
+pub(super) fn new_file(
+    state: &AppState,
+    t: &crate::config::TenantConfig,
+    session_id: &str,
+    req: crate::validate::RegisterFile,
+) -> Result<FileRecord, AppError> {
+    let now = now_ms();
+    // Computed from this replica's configured part size, which is the session's unless the
+    // session was created under another `part_size_mb` (a rolling deploy): the store checks
+    // it against the session's in the same atomic step and uses the session's.
+    let session_part_size = state.config.part_size_bytes();
+    let part_size = part_size_for(session_part_size, req.size_bytes);
+    let id = new_id();
+    let storage = &state.storages.for_tenant(&t.id).store;
+    let file = FileRecord {
+        object_key: storage.object_key(&t.storage_prefix, session_id, &id, &req.file_key),
+        id,
+        session_id: session_id.to_owned(),
+        file_key: req.file_key,
+        file_name: req.file_name,
+        size_bytes: req.size_bytes,
+        content_type: req.content_type,
+        status: FileStatus::Registered,
+        part_size_bytes: part_size,
+        part_count: part_count(req.size_bytes, part_size),
+        created_at: now / 1000,
+        upload_id: None,
+        file_url: None,
+        etag: None,
+        metadata: req.metadata,
+    };
+    if let Some(why) = crate::storage::object_key_problem(storage.kind(), &file.object_key) {
+        return Err(AppError::Validation(vec![FieldError::new("fileKey", why)]));
+    }
+    if let Some(why) = crate::storage::metadata_problem(storage.kind(), &file.metadata) {
+        return Err(AppError::Validation(vec![FieldError::new("metadata", why)]));
+    }
+    Ok(file)
+}
+
+/// A store registration's outcome as the file or the contract's error.
+pub(super) fn registered(
+    outcome: Result<Registered, AppError>,
+    file_key: &str,
+) -> Result<FileRecord, AppError> {
+    match outcome {
+        Ok(Registered::Created(f)) => Ok(f),
+        Ok(Registered::DuplicateKey) => Err(AppError::DuplicateFileKey(file_key.to_owned())),
+        Ok(Registered::TooLarge(max)) => Err(AppError::FileTooLarge(max)),
+        Ok(Registered::ContentTypeNotAllowed(allowed)) => {
+            Err(AppError::ContentTypeNotAllowed(allowed))
+        }
+        Ok(Registered::CountExceeded {
+            file_limit,
+            file_count,
+        }) => Err(AppError::FileCountExceeded {
+            max_files: file_limit,
+            file_count,
+        }),
+        Err(e) => Err(e),
     }
 }
 

@@ -3,6 +3,7 @@
 mod files;
 mod parts;
 mod sessions;
+pub(crate) mod tus;
 mod webhooks;
 
 use std::sync::Arc;
@@ -55,10 +56,22 @@ pub(crate) mod path {
     pub(crate) const UPLOAD_TOKENS: &str = "/v1/sessions/{session_id}/upload-tokens";
     pub(crate) const EVENTS: &str = "/v1/webhooks/events";
     pub(crate) const EVENT_RETRY: &str = "/v1/webhooks/events/{event_id}/retry";
+    pub(crate) const TUS: &str = "/v1/tus";
+    pub(crate) const TUS_UPLOAD: &str = "/v1/tus/{upload_id}";
+}
+
+/// The session a request's path names: `/v1/sessions/{id}...`, or a tus upload's
+/// (`/v1/tus/{sessionId}.{fileId}`), raw (not percent-decoded).
+pub(crate) fn session_in_path(path: &str) -> Option<&str> {
+    if let Some(rest) = path.strip_prefix("/v1/sessions/") {
+        return rest.split('/').next().filter(|s| !s.is_empty());
+    }
+    let upload = path.strip_prefix("/v1/tus/")?;
+    tus::split_upload_id(upload).map(|(s, _, _)| s)
 }
 
 /// Every route template of [`routes`].
-pub const ROUTES: [&str; 12] = [
+pub const ROUTES: [&str; 14] = [
     path::SESSIONS,
     path::SESSION,
     path::FINALIZE,
@@ -71,6 +84,8 @@ pub const ROUTES: [&str; 12] = [
     path::UPLOAD_TOKENS,
     path::EVENTS,
     path::EVENT_RETRY,
+    path::TUS,
+    path::TUS_UPLOAD,
 ];
 
 /// The `/v1` routes (without middleware; see [`crate::stack`]).
@@ -88,6 +103,15 @@ pub fn routes(state: AppState) -> Router {
         .route(path::COMPLETE, post(parts::complete))
         .route(path::EVENTS, get(webhooks::list))
         .route(path::EVENT_RETRY, post(webhooks::retry))
+        .route(path::TUS, post(tus::create).options(tus::options))
+        .route(
+            path::TUS_UPLOAD,
+            axum::routing::head(tus::head)
+                .patch(tus::patch)
+                .delete(tus::delete)
+                .post(tus::overridden)
+                .options(tus::options),
+        )
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .fallback(|| async { AppError::RouteNotFound })
         .with_state(state)

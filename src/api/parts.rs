@@ -58,7 +58,7 @@ fn checksum(headers: &HeaderMap) -> Option<PartChecksum> {
 }
 
 /// Warns (once per part) when the first bytes of part 1 contradict the declared type.
-struct Sniff {
+pub(super) struct Sniff {
     declared: String,
     file_id: String,
 }
@@ -87,7 +87,7 @@ impl Sniff {
 /// timer is re-armed (to the last chunk's time plus `idle`) only when it fires while chunks
 /// are still coming. A `tokio::time::timeout` per chunk inserted and removed a timer-wheel
 /// entry for every chunk (a 5 MiB part arrives in well over a hundred; benches/README.md).
-struct BodyStream {
+pub(super) struct BodyStream {
     data: axum::body::BodyDataStream,
     idle: Duration,
     last_chunk: tokio::time::Instant,
@@ -98,7 +98,7 @@ struct BodyStream {
 }
 
 impl BodyStream {
-    fn new(
+    pub(super) fn new(
         body: Body,
         idle: Duration,
         sniff: Option<Sniff>,

@@ -26,6 +26,34 @@ pub(super) async fn create(
     let req = crate::validate::create_session(&body, t)?;
     // The token is minted after the session is stored: the keys must be there first.
     ensure_token_keys(&state).await?;
+    let session = open(&state, &tenant, user.as_ref(), req).await?;
+    let location = format!("/v1/sessions/{}", session.id);
+    let mut view = session_json(&session);
+    view.upload_token = Some(mint(
+        &state,
+        &session.tenant,
+        &session.id,
+        session.expires_at,
+    )?);
+    view.upload_token_expires_at = Some(crate::model::rfc3339(session.expires_at));
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
+        Json(view),
+    )
+        .into_response())
+}
+
+/// Creates a session for `tenant` (an end user's when `user`): counted in the tenant's
+/// (and the user's) live-session quota, stored, announced to the webhook worker.
+pub(super) async fn open(
+    state: &AppState,
+    tenant: &Tenant,
+    user: Option<&std::sync::Arc<crate::jwt::EndUser>>,
+    req: crate::validate::CreateSession,
+) -> Result<SessionRecord, AppError> {
+    let limited = user.and_then(|u| u.limits.under(&tenant.0));
+    let t = limited.as_ref().unwrap_or(&tenant.0);
     let now = now_ms() / 1000;
     let ttl = i64::try_from(req.ttl_seconds).unwrap_or(i64::MAX);
     let session = SessionRecord {
@@ -42,15 +70,13 @@ pub(super) async fn create(
         created_at: now,
         expires_at: now.saturating_add(ttl),
         metadata: req.metadata,
-        owner: user.as_ref().map(|u| u.sub.clone()),
+        owner: user.map(|u| u.sub.clone()),
         // Kept with the session so that every credential meets them (an upload token
         // minted for it included).
         max_file_size_bytes: user
-            .as_ref()
             .and_then(|u| u.limits.max_file_size_bytes)
             .map(|n| n.min(tenant.0.max_file_size_bytes)),
         allowed_content_types: user
-            .as_ref()
             .and_then(|u| u.limits.allowed_content_types.as_ref())
             .map(|list| list.iter().map(|t| t.to_ascii_lowercase()).collect()),
         outbox_keep_ms: (!tenant.0.webhooks.is_empty()).then(|| {
@@ -78,7 +104,7 @@ pub(super) async fn create(
     // The user's own `maxSessions`, counted the same way under the user's scope.
     // Every session a user creates counts there, so a token with `maxSessions` sees the
     // sessions the user's earlier tokens created.
-    let user_scope = user.as_ref().map(|u| {
+    let user_scope = user.map(|u| {
         (
             crate::uploads::user_live_scope(&t.id, &u.key),
             u.limits.max_sessions.unwrap_or(u64::MAX),
@@ -98,7 +124,7 @@ pub(super) async fn create(
         if !matches!(counted, Ok(true)) {
             // An error may come after Redis counted it: give that place back too.
             let scope = counted.is_err().then_some(scope.as_str());
-            release_quota(&state, &t.id, &session.id, scope).await;
+            release_quota(state, &t.id, &session.id, scope).await;
             return Err(match counted {
                 Ok(_) => AppError::QuotaExceeded(*limit),
                 Err(e) => e.into(),
@@ -107,21 +133,12 @@ pub(super) async fn create(
     }
     if let Err(e) = state.store.create_session(&session).await {
         let scope = user_scope.as_ref().map(|(scope, _)| scope.as_str());
-        release_quota(&state, &t.id, &session.id, scope).await;
+        release_quota(state, &t.id, &session.id, scope).await;
         return Err(e.into());
     }
     state.uploads.wake(&t.id, &session.id);
     state.metrics.sessions_created.inc();
-    let location = format!("/v1/sessions/{}", session.id);
-    let mut view = session_json(&session);
-    view.upload_token = Some(mint(&state, &t.id, &session.id, session.expires_at)?);
-    view.upload_token_expires_at = Some(crate::model::rfc3339(session.expires_at));
-    Ok((
-        StatusCode::CREATED,
-        [(axum::http::header::LOCATION, location)],
-        Json(view),
-    )
-        .into_response())
+    Ok(session)
 }
 
 /// Gives back the quota places a session that was not created took (the tenant's, and the

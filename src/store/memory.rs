@@ -12,7 +12,8 @@ use async_trait::async_trait;
 
 use super::{
     Attempted, BeginComplete, ClaimedEvents, Cleanup, ExpiredInfo, FileAborted, Finalized, Gate,
-    Page, Reaped, Registered, SessionAborted, SessionStore, SessionView, StoreError, UploadIdSet,
+    Page, Reaped, Registered, SessionAborted, SessionStore, SessionView, StoreError, TailOp,
+    TusAdvance, TusAdvanced, TusBegin, TusBegun, TusState, UploadIdSet,
 };
 use crate::events::{Delivery, EventStatus, EventType, StoredEvent};
 use crate::model::{
@@ -26,6 +27,26 @@ struct FileEntry {
     seq: u64,
     parts: BTreeMap<u32, PartRecord>,
     lease: Option<(String, i64)>,
+    tus: Tus,
+}
+
+/// A file's tus state: offset, deferred length, PATCH lock, tail bytes.
+#[derive(Debug, Default)]
+struct Tus {
+    offset: u64,
+    deferred: bool,
+    lock: Option<(String, i64)>,
+    tail: Vec<u8>,
+}
+
+impl Tus {
+    fn state(&self) -> TusState {
+        TusState {
+            offset: self.offset,
+            deferred: self.deferred,
+            locked_until: self.lock.as_ref().map(|(_, until)| *until),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -254,6 +275,78 @@ macro_rules! file_or_return {
     };
 }
 
+impl MemoryStore {
+    /// `register_file`, as a tus upload of unknown length when `deferred`.
+    fn register(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        deferred: bool,
+        now_ms: i64,
+    ) -> Result<Gate<Registered>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, &file.session_id, true, now_ms);
+        if let Some(max) = entry
+            .session
+            .max_file_size_bytes
+            .filter(|max| file.size_bytes > *max)
+        {
+            return Ok(Gate::Ok(Registered::TooLarge(max)));
+        }
+        if let Some(allowed) = &entry.session.allowed_content_types {
+            let limits = crate::jwt::Limits {
+                allowed_content_types: Some(allowed.clone()),
+                ..Default::default()
+            };
+            if !limits.allows_content_type(file.content_type.as_deref()) {
+                return Ok(Gate::Ok(Registered::ContentTypeNotAllowed(allowed.clone())));
+            }
+        }
+        if entry.keys.contains_key(&file.file_key) {
+            return Ok(Gate::Ok(Registered::DuplicateKey));
+        }
+        if entry.session.file_count >= entry.session.file_limit {
+            return Ok(Gate::Ok(Registered::CountExceeded {
+                file_limit: entry.session.file_limit,
+                file_count: entry.session.file_count,
+            }));
+        }
+        // The part size derives from the session's, whatever the caller assumed.
+        let part_size_bytes = part_size_for(entry.session.part_size_bytes, file.size_bytes);
+        let file = FileRecord {
+            part_size_bytes,
+            part_count: part_count(file.size_bytes, part_size_bytes),
+            ..file.clone()
+        };
+        entry.session.file_count += 1;
+        entry.keys.insert(file.file_key.clone(), file.id.clone());
+        entry.seq += 1;
+        entry.order.insert(entry.seq, file.id.clone());
+        entry.files.insert(
+            file.id.clone(),
+            FileEntry {
+                file: file.clone(),
+                seq: entry.seq,
+                parts: BTreeMap::new(),
+                lease: None,
+                tus: Tus {
+                    deferred,
+                    ..Tus::default()
+                },
+            },
+        );
+        let session = entry.session.clone();
+        record(
+            &mut inner.outboxes,
+            &session,
+            EventType::FileRegistered,
+            Some(file.clone()),
+            now_ms,
+        );
+        Ok(Gate::Ok(Registered::Created(file)))
+    }
+}
+
 #[async_trait]
 #[allow(clippy::too_many_arguments)]
 impl SessionStore for MemoryStore {
@@ -340,62 +433,127 @@ impl SessionStore for MemoryStore {
         file: &FileRecord,
         now_ms: i64,
     ) -> Result<Gate<Registered>, StoreError> {
+        self.register(tenant, file, false, now_ms)
+    }
+
+    async fn register_tus_file(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        deferred: bool,
+        now_ms: i64,
+    ) -> Result<Gate<Registered>, StoreError> {
+        self.register(tenant, file, deferred, now_ms)
+    }
+
+    async fn tus_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<(FileRecord, TusState)>, StoreError> {
         let mut inner = self.lock();
-        let entry = gate_or_return!(&mut inner, tenant, &file.session_id, true, now_ms);
-        if let Some(max) = entry
-            .session
-            .max_file_size_bytes
-            .filter(|max| file.size_bytes > *max)
-        {
-            return Ok(Gate::Ok(Registered::TooLarge(max)));
+        let entry = gate_or_return!(&mut inner, tenant, session_id, false, now_ms);
+        let f = file_or_return!(entry, file_id);
+        let mut state = f.tus.state();
+        state.locked_until = state.locked_until.filter(|until| *until > now_ms);
+        Ok(Gate::Ok((f.file.clone(), state)))
+    }
+
+    async fn tus_begin(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        req: &TusBegin<'_>,
+        now_ms: i64,
+    ) -> Result<Gate<TusBegun>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
+        let f = file_or_return!(entry, file_id);
+        if f.file.status != FileStatus::Registered {
+            return Ok(Gate::Ok(TusBegun::NotOpen(f.file.clone())));
         }
-        if let Some(allowed) = &entry.session.allowed_content_types {
-            let limits = crate::jwt::Limits {
-                allowed_content_types: Some(allowed.clone()),
-                ..Default::default()
-            };
-            if !limits.allows_content_type(file.content_type.as_deref()) {
-                return Ok(Gate::Ok(Registered::ContentTypeNotAllowed(allowed.clone())));
+        if matches!(&f.tus.lock, Some((token, until)) if token != req.token && *until > now_ms) {
+            return Ok(Gate::Ok(TusBegun::Locked));
+        }
+        if f.tus.offset != req.offset {
+            return Ok(Gate::Ok(TusBegun::OffsetMismatch(f.tus.offset)));
+        }
+        f.tus.lock = Some((req.token.to_owned(), now_ms.saturating_add(req.lease_ms)));
+        Ok(Gate::Ok(TusBegun::Held(f.file.clone(), f.tus.state())))
+    }
+
+    async fn tus_advance(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        req: &TusAdvance<'_>,
+        now_ms: i64,
+    ) -> Result<Gate<TusAdvanced>, StoreError> {
+        let mut inner = self.lock();
+        let entry = gate_or_return!(&mut inner, tenant, session_id, true, now_ms);
+        let f = file_or_return!(entry, file_id);
+        if f.file.status != FileStatus::Registered {
+            return Ok(Gate::Ok(TusAdvanced::NotOpen(f.file.clone())));
+        }
+        let held = matches!(&f.tus.lock, Some((token, _)) if token == req.token);
+        if !held || f.tus.offset != req.from || f.tus.tail.len() as u64 != req.tail_len {
+            return Ok(Gate::Ok(TusAdvanced::Lost));
+        }
+        for part in req.parts {
+            f.parts.insert(part.part_number, part.clone());
+        }
+        match req.tail {
+            TailOp::Keep => {}
+            TailOp::Append(bytes) => f.tus.tail.extend_from_slice(bytes),
+            TailOp::Set(bytes) => f.tus.tail = bytes.to_vec(),
+        }
+        if let Some((size, count)) = req.length {
+            f.file.size_bytes = size;
+            f.file.part_count = count;
+            f.tus.deferred = false;
+        }
+        f.tus.offset = req.to;
+        f.tus.lock = Some((req.token.to_owned(), now_ms.saturating_add(req.lease_ms)));
+        Ok(Gate::Ok(TusAdvanced::Done))
+    }
+
+    async fn tus_tail(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<Vec<u8>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .sessions
+            .get(&key(tenant, session_id))
+            .and_then(|e| e.files.get(file_id))
+            .map(|f| f.tus.tail.clone())
+            .unwrap_or_default())
+    }
+
+    async fn tus_release(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(f) = inner
+            .sessions
+            .get_mut(&key(tenant, session_id))
+            .and_then(|e| e.files.get_mut(file_id))
+        {
+            if matches!(&f.tus.lock, Some((t, _)) if t == token) {
+                f.tus.lock = None;
             }
         }
-        if entry.keys.contains_key(&file.file_key) {
-            return Ok(Gate::Ok(Registered::DuplicateKey));
-        }
-        if entry.session.file_count >= entry.session.file_limit {
-            return Ok(Gate::Ok(Registered::CountExceeded {
-                file_limit: entry.session.file_limit,
-                file_count: entry.session.file_count,
-            }));
-        }
-        // The part size derives from the session's, whatever the caller assumed.
-        let part_size_bytes = part_size_for(entry.session.part_size_bytes, file.size_bytes);
-        let file = FileRecord {
-            part_size_bytes,
-            part_count: part_count(file.size_bytes, part_size_bytes),
-            ..file.clone()
-        };
-        entry.session.file_count += 1;
-        entry.keys.insert(file.file_key.clone(), file.id.clone());
-        entry.seq += 1;
-        entry.order.insert(entry.seq, file.id.clone());
-        entry.files.insert(
-            file.id.clone(),
-            FileEntry {
-                file: file.clone(),
-                seq: entry.seq,
-                parts: BTreeMap::new(),
-                lease: None,
-            },
-        );
-        let session = entry.session.clone();
-        record(
-            &mut inner.outboxes,
-            &session,
-            EventType::FileRegistered,
-            Some(file.clone()),
-            now_ms,
-        );
-        Ok(Gate::Ok(Registered::Created(file)))
+        Ok(())
     }
 
     async fn get_file(

@@ -270,6 +270,90 @@ pub enum Attempted {
     Dead,
 }
 
+/// A file's tus state ([`crate::uploads::tus`]): how many bytes are durably received. The
+/// bytes past the last whole part (`offset % part_size`, fewer than one part) wait in the
+/// store as the file's tail until the part they start is whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TusState {
+    /// Bytes received and kept (in stored parts plus the tail).
+    pub offset: u64,
+    /// The upload's length is not known yet (`Upload-Defer-Length`, or an IETF upload
+    /// without `Upload-Length`): the file's `size_bytes` is a placeholder until it is.
+    pub deferred: bool,
+    /// When a PATCH's lock on the upload ends (ms), if one holds it.
+    pub locked_until: Option<i64>,
+}
+
+/// What [`SessionStore::tus_begin`] is asked.
+#[derive(Debug, Clone, Copy)]
+pub struct TusBegin<'a> {
+    /// The PATCH's lock token (fresh per request).
+    pub token: &'a str,
+    /// The lock lasts until `now + lease_ms` unless renewed.
+    pub lease_ms: i64,
+    /// The offset the client sent (`Upload-Offset`): the lock is taken only at it.
+    pub offset: u64,
+}
+
+/// Outcome of [`SessionStore::tus_begin`].
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // returned once per call, never stored in bulk
+pub enum TusBegun {
+    /// The lock is this token's; the file and its tus state as they are now.
+    Held(FileRecord, TusState),
+    /// Another request holds the lock (an unexpired lease).
+    Locked,
+    /// The upload is at another offset.
+    OffsetMismatch(u64),
+    /// The file is not `registered` (completing, completed or aborted): as it is.
+    NotOpen(FileRecord),
+}
+
+/// What happens to a file's tail in [`SessionStore::tus_advance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailOp<'a> {
+    /// Unchanged.
+    Keep,
+    /// These bytes are appended.
+    Append(&'a [u8]),
+    /// The tail becomes these bytes (the old tail went into a part).
+    Set(&'a [u8]),
+}
+
+/// What [`SessionStore::tus_advance`] is asked: the bytes from `from` to `to` are kept, in
+/// `parts` (stored in object storage, recorded here) and the tail.
+#[derive(Debug, Clone, Copy)]
+pub struct TusAdvance<'a> {
+    /// The lock token.
+    pub token: &'a str,
+    /// The lock is renewed to `now + lease_ms`.
+    pub lease_ms: i64,
+    /// The offset before (the store refuses if it is not the stored one).
+    pub from: u64,
+    /// The offset after.
+    pub to: u64,
+    /// The tail's length before (the store refuses if it differs).
+    pub tail_len: u64,
+    /// Parts stored in object storage from these bytes.
+    pub parts: &'a [PartRecord],
+    /// The tail's change.
+    pub tail: TailOp<'a>,
+    /// The upload's length and part count, when it became known with these bytes.
+    pub length: Option<(u64, u32)>,
+}
+
+/// Outcome of [`SessionStore::tus_advance`].
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // returned once per call, never stored in bulk
+pub enum TusAdvanced {
+    /// Recorded; the lock is renewed.
+    Done,
+    /// The token no longer holds the lock (or the offset or tail moved): nothing recorded.
+    Lost,
+    /// The file is not `registered` any more: nothing recorded.
+    NotOpen(FileRecord),
+}
+
 /// The session store. Every method is atomic with respect to every other call on the same
 /// session, across all gateway replicas sharing the backend.
 #[async_trait]
@@ -402,6 +486,68 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Gives the lease back (file back to `registered`) if `token` holds it. No gate.
     async fn release_complete(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Registers `file` as [`SessionStore::register_file`] does, as a tus upload whose
+    /// length is not known yet when `deferred` (its `size_bytes` is then 0 until
+    /// [`SessionStore::tus_begin`] or [`SessionStore::tus_advance`] sets it).
+    async fn register_tus_file(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        deferred: bool,
+        now_ms: i64,
+    ) -> Result<Gate<Registered>, StoreError>;
+
+    /// A file with its tus state (a file never PATCHed is at offset 0). Gate: exists, not
+    /// expired, file exists.
+    async fn tus_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<(FileRecord, TusState)>, StoreError>;
+
+    /// Takes (or, for the token holding it, renews) the upload's PATCH lock, only at the
+    /// client's offset. Gate:
+    /// exists, not expired, active, file exists.
+    async fn tus_begin(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        req: &TusBegin<'_>,
+        now_ms: i64,
+    ) -> Result<Gate<TusBegun>, StoreError>;
+
+    /// Records, for the lock's holder, the parts and tail change of bytes received, the new
+    /// offset and (when it became known) the length, in one atomic step. Gate: exists, not
+    /// expired, active, file exists.
+    async fn tus_advance(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        req: &TusAdvance<'_>,
+        now_ms: i64,
+    ) -> Result<Gate<TusAdvanced>, StoreError>;
+
+    /// The file's tail (empty when it has none). No gate: read by the lock's holder.
+    async fn tus_tail(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<Vec<u8>, StoreError>;
+
+    /// Gives the PATCH lock back if `token` holds it. No gate.
+    async fn tus_release(
         &self,
         tenant: &str,
         session_id: &str,

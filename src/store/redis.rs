@@ -50,7 +50,8 @@ use tracing::Instrument;
 
 use super::{
     BeginComplete, Cleanup, ExpiredInfo, FileAborted, Finalized, Gate, Page, Reaped, Registered,
-    SessionAborted, SessionStore, SessionView, StoreError, UploadIdSet, FILES_PAGE_MAX,
+    SessionAborted, SessionStore, SessionView, StoreError, TailOp, TusAdvance, TusAdvanced,
+    TusBegin, TusBegun, TusState, UploadIdSet, FILES_PAGE_MAX,
 };
 use crate::model::{FileRecord, FileStatus, PartRecord, SessionRecord, SessionStatus};
 
@@ -350,6 +351,9 @@ struct Scripts {
     ev_list: Script,
     ev_retry: Script,
     index_prune: Script,
+    tus_begin: Script,
+    tus_advance: Script,
+    tus_release: Script,
 }
 
 impl Scripts {
@@ -381,6 +385,9 @@ impl Scripts {
             ev_done: session_script(include_str!("lua/ev_done.lua")),
             ev_list: session_script(include_str!("lua/ev_list.lua")),
             ev_retry: session_script(include_str!("lua/ev_retry.lua")),
+            tus_begin: session_script(include_str!("lua/tus_begin.lua")),
+            tus_advance: session_script(include_str!("lua/tus_advance.lua")),
+            tus_release: session_script(include_str!("lua/tus_release.lua")),
             // Removes a member scored before ARGV[2].
             index_prune: index_script(
                 "local s = call('ZSCORE', KEYS[1], ARGV[1]) if s and tonumber(s) < tonumber(ARGV[2]) then call('ZREM', KEYS[1], ARGV[1]) return 1 end return 0",
@@ -478,6 +485,10 @@ impl<'a> SessionKeys<'a> {
     }
     fn parts(self, file_id: &'a str) -> Key<'a> {
         self.key("p:", file_id)
+    }
+    /// A tus upload's tail: the bytes past its last whole part (a string).
+    fn tail(self, file_id: &'a str) -> Key<'a> {
+        self.key("t:", file_id)
     }
 }
 
@@ -997,6 +1008,21 @@ fn parse_file(v: &Value) -> Result<FileRecord, StoreError> {
     })
 }
 
+/// The tus fields of a file hash (absent on a file never PATCHed: offset 0).
+fn parse_tus(v: &Value) -> Result<TusState, StoreError> {
+    let f = Fields::parse(v)?;
+    let num = |name: &str| -> Result<Option<i64>, StoreError> {
+        f.0.get(name)
+            .map(|s| s.parse().map_err(|_| corrupt(format_args!("bad {name}"))))
+            .transpose()
+    };
+    Ok(TusState {
+        offset: num("tus_off")?.map_or(0, |n| u64::try_from(n).unwrap_or(0)),
+        deferred: f.0.contains_key("tus_defer"),
+        locked_until: num("tus_lock_until")?,
+    })
+}
+
 fn parse_files(vs: &[Value]) -> Result<Vec<FileRecord>, StoreError> {
     vs.iter().map(parse_file).collect()
 }
@@ -1209,6 +1235,55 @@ macro_rules! payload_or_return {
     };
 }
 
+impl RedisStore {
+    /// `register_file`, with `tus_defer` set in the file hash when `deferred`.
+    async fn register(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        deferred: bool,
+        now_ms: i64,
+    ) -> Result<Gate<Registered>, StoreError> {
+        let k = self.keys_of(tenant, &file.session_id);
+        let mut file = std::borrow::Cow::Borrowed(file);
+        // Twice at most: the second call uses the session's part size the first one named;
+        // a second `ps` answer (the part size changed in between) is corrupt data.
+        for attempt in 0..2 {
+            let mut inv = Call::new(
+                &self.scripts.register,
+                [
+                    k.session(),
+                    k.keys(),
+                    k.order(),
+                    k.file(&file.id),
+                    k.events(),
+                    k.event_queue(),
+                ],
+            );
+            let (essence, any_subtype) = content_type_keys(file.content_type.as_deref());
+            inv.arg(now_ms)
+                .arg(&file.file_key)
+                .arg(&file.id)
+                .arg(file.size_bytes)
+                .arg(file.part_size_bytes)
+                .arg(essence)
+                .arg(any_subtype);
+            file_fields(&mut inv, &file);
+            if deferred {
+                inv.arg("tus_defer").arg("1");
+            }
+            let reply = self.invoke("register_file", &inv).await?;
+            let rest = payload_or_return!(reply);
+            if as_str(at(rest, 0)?)? != "ps" || attempt == 1 {
+                return registered(rest, &file);
+            }
+            let session_ps: u64 = as_str(at(rest, 1)?)?.parse().map_err(corrupt)?;
+            file = std::borrow::Cow::Owned(with_session_part_size(&file, session_ps));
+        }
+        Err(corrupt("register: no answer"))
+    }
+}
+
 fn reap_member(tenant: &str, session_id: &str) -> String {
     format!("{tenant}:{session_id}")
 }
@@ -1409,40 +1484,158 @@ impl SessionStore for RedisStore {
         file: &FileRecord,
         now_ms: i64,
     ) -> Result<Gate<Registered>, StoreError> {
-        let k = self.keys_of(tenant, &file.session_id);
-        let mut file = std::borrow::Cow::Borrowed(file);
-        // Twice at most: the second call uses the session's part size the first one named;
-        // a second `ps` answer (the part size changed in between) is corrupt data.
-        for attempt in 0..2 {
-            let mut inv = Call::new(
-                &self.scripts.register,
-                [
-                    k.session(),
-                    k.keys(),
-                    k.order(),
-                    k.file(&file.id),
-                    k.events(),
-                    k.event_queue(),
-                ],
-            );
-            let (essence, any_subtype) = content_type_keys(file.content_type.as_deref());
-            inv.arg(now_ms)
-                .arg(&file.file_key)
-                .arg(&file.id)
-                .arg(file.size_bytes)
-                .arg(file.part_size_bytes)
-                .arg(essence)
-                .arg(any_subtype);
-            file_fields(&mut inv, &file);
-            let reply = self.invoke("register_file", &inv).await?;
-            let rest = payload_or_return!(reply);
-            if as_str(at(rest, 0)?)? != "ps" || attempt == 1 {
-                return registered(rest, &file);
+        self.register(tenant, file, false, now_ms).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, file), fields(session_id = %file.session_id, file_id = %file.id))]
+    async fn register_tus_file(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        deferred: bool,
+        now_ms: i64,
+    ) -> Result<Gate<Registered>, StoreError> {
+        self.register(tenant, file, deferred, now_ms).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn tus_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        now_ms: i64,
+    ) -> Result<Gate<(FileRecord, TusState)>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(
+            &self.scripts.get_file,
+            [k.session(), k.file(file_id), k.events(), k.event_queue()],
+        );
+        inv.arg(now_ms).arg("0");
+        let reply = self.invoke("tus_file", &inv).await?;
+        let rest = payload_or_return!(reply);
+        let fields = at(rest, 0)?;
+        let mut state = parse_tus(fields)?;
+        state.locked_until = state.locked_until.filter(|until| *until > now_ms);
+        Ok(Gate::Ok((parse_file(fields)?, state)))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, req), fields(offset = req.offset))]
+    async fn tus_begin(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        req: &TusBegin<'_>,
+        now_ms: i64,
+    ) -> Result<Gate<TusBegun>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(
+            &self.scripts.tus_begin,
+            [k.session(), k.file(file_id), k.events(), k.event_queue()],
+        );
+        inv.arg(now_ms)
+            .arg(req.token)
+            .arg(now_ms.saturating_add(req.lease_ms))
+            .arg(req.offset);
+        let reply = self.invoke("tus_begin", &inv).await?;
+        let rest = payload_or_return!(reply);
+        let num = |v: &Value| -> Result<u64, StoreError> {
+            as_str(v)?
+                .parse()
+                .map_err(|_| corrupt("tus_begin: bad number"))
+        };
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "held" => {
+                let fields = at(rest, 1)?;
+                TusBegun::Held(parse_file(fields)?, parse_tus(fields)?)
             }
-            let session_ps: u64 = as_str(at(rest, 1)?)?.parse().map_err(corrupt)?;
-            file = std::borrow::Cow::Owned(with_session_part_size(&file, session_ps));
+            "locked" => TusBegun::Locked,
+            "offset" => TusBegun::OffsetMismatch(num(at(rest, 1)?)?),
+            "notopen" => TusBegun::NotOpen(parse_file(at(rest, 1)?)?),
+            other => return Err(corrupt(format_args!("tus_begin outcome {other:?}"))),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, req), fields(from = req.from, to = req.to))]
+    async fn tus_advance(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        req: &TusAdvance<'_>,
+        now_ms: i64,
+    ) -> Result<Gate<TusAdvanced>, StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(
+            &self.scripts.tus_advance,
+            [
+                k.session(),
+                k.file(file_id),
+                k.parts(file_id),
+                k.tail(file_id),
+                k.events(),
+                k.event_queue(),
+            ],
+        );
+        inv.arg(now_ms)
+            .arg(req.token)
+            .arg(now_ms.saturating_add(req.lease_ms))
+            .arg(req.from)
+            .arg(req.to)
+            .arg(req.tail_len);
+        match req.tail {
+            TailOp::Keep => inv.arg("keep").arg(""),
+            TailOp::Append(bytes) => inv.arg("append").arg(bytes),
+            TailOp::Set(bytes) => inv.arg("set").arg(bytes),
+        };
+        match req.length {
+            Some((size, count)) => inv.arg(size).arg(count),
+            None => inv.arg("").arg(""),
+        };
+        for part in req.parts {
+            inv.arg(part.part_number)
+                .arg(format!("{}:{}", part.size_bytes, part.etag));
         }
-        Err(corrupt("register: no answer"))
+        let reply = self.invoke("tus_advance", &inv).await?;
+        let rest = payload_or_return!(reply);
+        Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
+            "done" => TusAdvanced::Done,
+            "lost" => TusAdvanced::Lost,
+            "notopen" => TusAdvanced::NotOpen(parse_file(at(rest, 1)?)?),
+            other => return Err(corrupt(format_args!("tus_advance outcome {other:?}"))),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn tus_tail(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<Vec<u8>, StoreError> {
+        let key = self.keys_of(tenant, session_id).tail(file_id);
+        let mut con = self.handle.clone();
+        let tail: Option<Vec<u8>> = self
+            .bounded("tus_tail", async move {
+                redis::cmd("GET").arg(key).query_async(&mut con).await
+            })
+            .await?;
+        Ok(tail.unwrap_or_default())
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, token))]
+    async fn tus_release(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let k = self.keys_of(tenant, session_id);
+        let mut inv = Call::new(&self.scripts.tus_release, [k.session(), k.file(file_id)]);
+        inv.arg(0).arg(token);
+        self.invoke("tus_release", &inv).await.map(drop)
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -1658,6 +1851,7 @@ impl SessionStore for RedisStore {
                 k.cleanup(),
                 k.parts(file_id),
                 k.order(),
+                k.tail(file_id),
                 k.events(),
                 k.event_queue(),
             ],

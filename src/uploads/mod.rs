@@ -12,6 +12,7 @@
 //! | delete a file or session | [`cleanup`] | the store queues the storage cleanup in the same atomic step; 204 once storage confirmed or the queue holds it; the reaper retries |
 //! | finalize | [`finalize`] | magic bytes checked on every completed file; the store refuses if a file completed after the check |
 //! | reap | [`reap`] | expired sessions' open uploads aborted, queued cleanups done, completions in flight waited for |
+//! | tus PATCH | [`tus`] | a stream becomes whole parts, the rest waits in the store as the tail; one writer per upload (a lock taken at the client's offset) |
 //! | the expiry gate | [`open_gate`] | a store's gate becomes the contract's errors; the expiration event is logged once |
 //!
 //! Each tenant's storage calls go to its own storage ([`Storages`]).
@@ -24,6 +25,7 @@ pub mod complete;
 pub mod finalize;
 pub mod parts;
 pub mod reap;
+pub mod tus;
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
--- abort_file (a file DELETE). KEYS: s, keys, f, c, p, o, ev, evq. ARGV: now, file_id.
+-- abort_file (a file DELETE). KEYS: s, keys, f, c, p, o, t, ev, evq. ARGV: now, file_id.
 -- Reply: {'ok','deleted', cleanup entry ('' for none)} | {'ok','busy'} | {'fnf'} | gate reply.
--- The file's record, parts and `o` entry are removed: a deleted file costs nothing once
+-- The file's record, parts, tus tail and `o` entry are removed: a deleted file costs nothing once
 -- its cleanup is done. A file with storage state (an upload id, or completed) is queued in
 -- `c` (file id -> cleanup_entry) until cleanup_done; a file already deleted whose cleanup is
 -- still queued answers `deleted` again with it. Its fileKey is free at once: object keys
@@ -32,6 +32,6 @@ if st[2] then call('HDEL', KEYS[2], st[2]) end
 release_slot()
 -- The event's copy of the file is taken before its record goes (it shows `aborted`).
 record_event('file.deleted', KEYS[3])
-call('DEL', KEYS[3], KEYS[5])
+call('DEL', KEYS[3], KEYS[5], KEYS[7])
 call('ZREM', KEYS[6], ARGV[2])
 return {'ok', 'deleted', entry}
