@@ -15,6 +15,18 @@ fi
 # The distribution's service is not needed (tests start their own servers).
 redis-server --version
 
+# The real tus clients tests/tus_clients.rs runs: tus-js-client (npm, run by Node) and tuspy
+# (PyPI), pinned in tests/clients.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "node/npm not found: installing them with apt-get" >&2
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+npm ci --prefix tests/clients --no-audit --no-fund --silent
+python3 -m pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
+
 # The whole workspace, every feature, doctests included.
 cargo test --workspace --all-features --no-fail-fast
 

@@ -21,7 +21,8 @@ use upgate::store::memory::MemoryStore;
 use upgate::store::redis::{RedisHandle, RedisStore, RedisStoreOptions};
 use upgate::store::{
     Attempted, BeginComplete, ClaimedEvents, Cleanup, FileAborted, Finalized, Gate, Page,
-    Registered, SessionAborted, SessionStore, UploadIdSet,
+    Registered, SessionAborted, SessionStore, TailOp, TusAdvance, TusAdvanced, TusBegin, TusBegun,
+    UploadIdSet,
 };
 
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -2213,6 +2214,296 @@ mod cases {
             .unwrap();
         assert_eq!(rest.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2]);
     }
+    // =======================================================================================
+    // tus
+    // =======================================================================================
+
+    fn begin<'a>(token: &'a str, offset: u64) -> TusBegin<'a> {
+        TusBegin {
+            token,
+            lease_ms: 10_000,
+            offset,
+        }
+    }
+
+    fn advance<'a>(
+        token: &'a str,
+        from: u64,
+        to: u64,
+        tail_len: u64,
+        parts: &'a [PartRecord],
+        tail: TailOp<'a>,
+    ) -> TusAdvance<'a> {
+        TusAdvance {
+            token,
+            lease_ms: 10_000,
+            from,
+            to,
+            tail_len,
+            parts,
+            tail,
+            length: None,
+        }
+    }
+
+    pub(crate) async fn tus_lock_is_taken_only_at_the_offset_and_by_one_holder(ctx: Ctx) {
+        let s = ctx.session("t1", 10).await;
+        let f = ctx.register("t1", &s, "a").await;
+        let st = &ctx.store;
+        let now = ctx.now();
+        match st
+            .tus_file("t1", &s.id, &f.id, now)
+            .await
+            .expect("tus_file")
+        {
+            Gate::Ok((_, state)) => {
+                assert_eq!(state.offset, 0);
+                assert!(!state.deferred);
+                assert_eq!(state.locked_until, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Wrong offset: refused, nothing taken.
+        assert_eq!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("a", 5), now)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::OffsetMismatch(0))
+        );
+        assert!(matches!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("a", 0), now)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::Held(..))
+        ));
+        // A second holder is refused until the lease ends or the lock is given back; the
+        // holder itself renews.
+        assert_eq!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("b", 0), now)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::Locked)
+        );
+        assert!(matches!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("a", 0), now + 1)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::Held(..))
+        ));
+        assert!(matches!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("b", 0), now + 10_002)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::Held(..))
+        ));
+        st.tus_release("t1", &s.id, &f.id, "a")
+            .await
+            .expect("release");
+        assert_eq!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("c", 0), now + 10_003)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::Locked),
+            "a release by a token that no longer holds the lock changes nothing"
+        );
+        st.tus_release("t1", &s.id, &f.id, "b")
+            .await
+            .expect("release");
+        assert!(matches!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("c", 0), now + 10_004)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::Held(..))
+        ));
+        // Another tenant: not found.
+        assert_eq!(
+            st.tus_begin("t2", &s.id, &f.id, &begin("d", 0), now)
+                .await
+                .expect("begin"),
+            Gate::SessionNotFound
+        );
+        // Concurrent takers: exactly one holds it.
+        let g = ctx.register("t1", &s, "b").await;
+        let tokens: Vec<String> = (0..16).map(|i| format!("tok{i}")).collect();
+        let held = join_all(tokens.iter().map(|t| {
+            let st = st.clone();
+            let (sid, fid) = (s.id.clone(), g.id.clone());
+            async move { st.tus_begin("t1", &sid, &fid, &begin(t, 0), now).await }
+        }))
+        .await
+        .into_iter()
+        .filter(|r| matches!(r, Ok(Gate::Ok(TusBegun::Held(..)))))
+        .count();
+        assert_eq!(held, 1);
+    }
+
+    pub(crate) async fn tus_advance_keeps_parts_tail_and_offset_together(ctx: Ctx) {
+        let s = ctx.session("t1", 10).await;
+        let f = ctx.register("t1", &s, "a").await;
+        let st = &ctx.store;
+        let now = ctx.now();
+        assert!(matches!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("a", 0), now)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::Held(..))
+        ));
+        let ok = Gate::Ok(TusAdvanced::Done);
+        let lost = Gate::Ok(TusAdvanced::Lost);
+        // Two appends build the tail (binary bytes kept as they are).
+        let a = advance("a", 0, 3, 0, &[], TailOp::Append(&[0, 255, 10]));
+        assert_eq!(
+            st.tus_advance("t1", &s.id, &f.id, &a, now)
+                .await
+                .expect("adv"),
+            ok
+        );
+        let b = advance("a", 3, 5, 3, &[], TailOp::Append(b"xy"));
+        assert_eq!(
+            st.tus_advance("t1", &s.id, &f.id, &b, now)
+                .await
+                .expect("adv"),
+            ok
+        );
+        assert_eq!(
+            st.tus_tail("t1", &s.id, &f.id).await.expect("tail"),
+            [0, 255, 10, b'x', b'y']
+        );
+        // From a stale offset, with a stale tail length, or by another token: nothing changes.
+        for bad in [
+            advance("a", 3, 9, 5, &[], TailOp::Append(b"zzzz")),
+            advance("a", 5, 9, 3, &[], TailOp::Append(b"zzzz")),
+            advance("b", 5, 9, 5, &[], TailOp::Append(b"zzzz")),
+        ] {
+            assert_eq!(
+                st.tus_advance("t1", &s.id, &f.id, &bad, now)
+                    .await
+                    .expect("adv"),
+                lost
+            );
+        }
+        // A part made of the tail and new bytes: recorded with the offset; the tail replaced.
+        let part = PartRecord {
+            part_number: 1,
+            etag: "e1".into(),
+            size_bytes: 8,
+        };
+        let c = advance("a", 5, 9, 5, std::slice::from_ref(&part), TailOp::Set(b"q"));
+        assert_eq!(
+            st.tus_advance("t1", &s.id, &f.id, &c, now)
+                .await
+                .expect("adv"),
+            ok
+        );
+        assert_eq!(st.tus_tail("t1", &s.id, &f.id).await.expect("tail"), b"q");
+        match st.list_parts("t1", &s.id, &f.id, now).await.expect("parts") {
+            Gate::Ok(parts) => assert_eq!(parts, vec![part]),
+            other => panic!("{other:?}"),
+        }
+        match st
+            .tus_file("t1", &s.id, &f.id, now)
+            .await
+            .expect("tus_file")
+        {
+            Gate::Ok((_, state)) => {
+                assert_eq!(state.offset, 9);
+                assert!(state.locked_until.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        let d = advance("a", 9, 9, 1, &[], TailOp::Set(b""));
+        assert_eq!(
+            st.tus_advance("t1", &s.id, &f.id, &d, now)
+                .await
+                .expect("adv"),
+            ok
+        );
+        assert!(st
+            .tus_tail("t1", &s.id, &f.id)
+            .await
+            .expect("tail")
+            .is_empty());
+        // Past expiry: the gate refuses.
+        assert!(matches!(
+            st.tus_advance(
+                "t1",
+                &s.id,
+                &f.id,
+                &advance("a", 9, 10, 0, &[], TailOp::Append(b"r")),
+                ctx.expiry()
+            )
+            .await
+            .expect("adv"),
+            Gate::Expired(_)
+        ));
+    }
+
+    pub(crate) async fn tus_deferred_length_and_deletion(ctx: Ctx) {
+        let s = ctx.session("t1", 10).await;
+        let st = &ctx.store;
+        let now = ctx.now();
+        let mut f = file(&s.id, "deferred", ctx.t0);
+        f.size_bytes = 0;
+        f.part_count = 1;
+        let f = match st
+            .register_tus_file("t1", &f, true, now)
+            .await
+            .expect("register")
+        {
+            Gate::Ok(Registered::Created(f)) => f,
+            other => panic!("{other:?}"),
+        };
+        match st
+            .tus_file("t1", &s.id, &f.id, now)
+            .await
+            .expect("tus_file")
+        {
+            Gate::Ok((_, state)) => assert!(state.deferred),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("a", 0), now)
+                .await
+                .expect("begin"),
+            Gate::Ok(TusBegun::Held(..))
+        ));
+        let mut a = advance("a", 0, 4, 0, &[], TailOp::Append(b"abcd"));
+        a.length = Some((12 * 1024 * 1024, 3));
+        assert_eq!(
+            st.tus_advance("t1", &s.id, &f.id, &a, now)
+                .await
+                .expect("adv"),
+            Gate::Ok(TusAdvanced::Done)
+        );
+        match st
+            .tus_file("t1", &s.id, &f.id, now)
+            .await
+            .expect("tus_file")
+        {
+            Gate::Ok((file, state)) => {
+                assert!(!state.deferred);
+                assert_eq!(file.size_bytes, 12 * 1024 * 1024);
+                assert_eq!(file.part_count, 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A deleted file's tail goes with it.
+        assert!(matches!(
+            st.abort_file("t1", &s.id, &f.id, now).await.expect("abort"),
+            Gate::Ok(FileAborted::Deleted { .. })
+        ));
+        assert!(st
+            .tus_tail("t1", &s.id, &f.id)
+            .await
+            .expect("tail")
+            .is_empty());
+        assert_eq!(
+            st.tus_begin("t1", &s.id, &f.id, &begin("a", 4), now)
+                .await
+                .expect("begin"),
+            Gate::FileNotFound
+        );
+    }
 }
 
 /// Small helpers to compare gates of different payload types.
@@ -2276,7 +2567,10 @@ macro_rules! for_each_case {
             events_record_every_change_in_order,
             events_expiry_is_recorded_once,
             event_claims_lease_retry_and_dead_letter,
-            event_index_claims_and_listing
+            event_index_claims_and_listing,
+            tus_lock_is_taken_only_at_the_offset_and_by_one_holder,
+            tus_advance_keeps_parts_tail_and_offset_together,
+            tus_deferred_length_and_deletion
         );
     };
 }

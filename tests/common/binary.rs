@@ -32,8 +32,23 @@ impl Binary {
         env: &[(&str, &str)],
         edit: impl FnOnce(String) -> String,
     ) -> Binary {
+        Self::launch(extra_config, env, edit, upgate_testkit::free_port())
+    }
+
+    /// As [`Binary::start`], listening on `api_port` (a restarted gateway at the address
+    /// its clients know).
+    #[allow(dead_code)] // not every test binary restarts a gateway on its port
+    pub fn start_on(extra_config: &str, env: &[(&str, &str)], api_port: u16) -> Binary {
+        Self::launch(extra_config, env, |cfg| cfg, api_port)
+    }
+
+    fn launch(
+        extra_config: &str,
+        env: &[(&str, &str)],
+        edit: impl FnOnce(String) -> String,
+        api_port: u16,
+    ) -> Binary {
         let dir = tempfile::tempdir().expect("tempdir");
-        let api_port = upgate_testkit::free_port();
         let admin_port = upgate_testkit::free_port();
         let storage = if extra_config.contains("storage =") {
             String::new()
