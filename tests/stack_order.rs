@@ -68,7 +68,7 @@ impl SessionStore for Counted {
         f: &FileRecord,
         d: bool,
         n: i64,
-    ) -> Result<Gate<Registered>, StoreError> {
+    ) -> Result<Gate<(Registered, i64)>, StoreError> {
         self.registrations.fetch_add(1, Ordering::SeqCst);
         forward!(self.register_tus_file(t, f, d, n))
     }

@@ -2450,7 +2450,10 @@ mod cases {
             .await
             .expect("register")
         {
-            Gate::Ok(Registered::Created(f)) => f,
+            Gate::Ok((Registered::Created(f), expires_at)) => {
+                assert_eq!(expires_at, s.expires_at);
+                f
+            }
             other => panic!("{other:?}"),
         };
         match st

@@ -558,7 +558,7 @@ async fn ietf_drafts_3_to_8_create_append_and_complete() {
     let gw = fs_gateway().await;
     for v in 3..=8u32 {
         let bytes = data(2 * MIB + 17, v as u8);
-        let (incomplete, complete) = if v <= 4 {
+        let (incomplete, complete) = if v <= 3 {
             ("upload-incomplete", ("?1", "?0"))
         } else {
             ("upload-complete", ("?0", "?1"))
@@ -586,6 +586,11 @@ async fn ietf_drafts_3_to_8_create_append_and_complete() {
         assert_eq!(res.status(), 200);
         assert_eq!(offset_of(&res), MIB, "v{v}");
         assert_eq!(res.headers()[incomplete], complete.0, "v{v}");
+        assert_eq!(res.headers()["cache-control"], "no-store");
+        assert!(res.headers()["upload-limit"]
+            .to_str()
+            .expect("limit")
+            .starts_with("min-size=0,max-size="));
         // Append the rest, completing.
         let ct = if v >= 6 {
             "application/partial-upload"

@@ -12,7 +12,7 @@
 # FLOW_FILE_SIZE (bytes, 20 MiB), MEM_SESSIONS (1000), MEM_FILES (10), FS_FILE_MB (256: the
 # filesystem-storage uploads, in PART_MB parts), SKIP_BUILD=1,
 # OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX),
-# SCENARIOS (any of "parts register flow rtt mem fs hooks"; default all of them),
+# SCENARIOS (any of "parts register flow rtt mem fs hooks tus"; default all of them),
 # RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits),
 # ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc),
 # CRED_ROUNDS (rounds of upload-token, JWT and API-key registration runs, default 3),
@@ -35,7 +35,7 @@ FLOW_FILES=${FLOW_FILES:-4}
 FLOW_FILE_SIZE=${FLOW_FILE_SIZE:-$((20 * 1024 * 1024))}
 MEM_SESSIONS=${MEM_SESSIONS:-1000}
 MEM_FILES=${MEM_FILES:-10}
-SCENARIOS=${SCENARIOS:-parts register flow rtt mem fs hooks}
+SCENARIOS=${SCENARIOS:-parts register flow rtt mem fs hooks tus}
 RATE_LIMIT=${RATE_LIMIT:-"{ requests_per_second = 1000000, burst = 10000000 }"}
 want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-$(mktemp -d /tmp/upgate-bench.XXXXXX)}
@@ -535,6 +535,53 @@ cat >"$OUT/hooks-rtt.json" <<EOF
 EOF
 fi
 
+# --- tus: PATCH MB/s against part PUTs, creation req/s against registration, same run ----
+# PART_SIZE chunks (one part per PATCH) against PART_SIZE part PUTs, both completing each
+# 4-part file; 1 MiB chunks (five PATCHes per part: four wait as the tail in Redis) with the
+# gateway's S3 requests counted from /metrics; POST /v1/tus into a session against the REST
+# registration, both at REG_CONC.
+if want tus; then
+s3_calls() { # the gateway's S3 calls so far
+  curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" |
+    awk '/^upgate_backend_call_duration_seconds_count\{backend="storage"/ { n += $2 } END { print n + 0 }'
+}
+log "tus: part PUTs (${PART_MB} MiB, completing), then tus PATCH (${PART_MB} MiB chunks), concurrency $CONC_LOW"
+"$BENCH" parts --target "$GW" --key "$KEY" --concurrency "$CONC_LOW" --part-size "$PART_SIZE" --parts-per-file 4 \
+  --complete true "${COMMON[@]}" --label "REST parts" --json-out "$OUT/tus-parts.json" >/dev/null
+"$BENCH" tus-patch --target "$GW" --key "$KEY" --concurrency "$CONC_LOW" --chunk-size "$PART_SIZE" --chunks-per-upload 4 \
+  "${COMMON[@]}" --label "tus PATCH" --json-out "$OUT/tus-patch.json" >/dev/null
+log "tus: PATCH in 1 MiB chunks, S3 requests counted"
+S3_BEFORE=$(s3_calls)
+"$BENCH" tus-patch --target "$GW" --key "$KEY" --concurrency "$CONC_LOW" --chunk-size 1048576 \
+  --chunks-per-upload $((4 * PART_MB)) "${COMMON[@]}" --label "tus PATCH 1 MiB" --json-out "$OUT/tus-patch-1mib.json" >/dev/null
+S3_AFTER=$(s3_calls)
+log "tus: REST registration, then tus creation, concurrency $REG_CONC"
+"$BENCH" register --target "$GW" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
+  --label "REST register" --json-out "$OUT/tus-register.json" >/dev/null
+"$BENCH" tus-create --target "$GW" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
+  --label "tus create" --json-out "$OUT/tus-create.json" >/dev/null
+python3 - "$OUT" "$S3_BEFORE" "$S3_AFTER" >"$OUT/tus.md" <<'PYTUS'
+import json, sys
+out, before, after = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+def ep(name, endpoint):
+    for e in json.load(open(f"{out}/{name}.json"))["endpoints"]:
+        if e["endpoint"] == endpoint:
+            return e
+    raise SystemExit(f"{name}: no {endpoint}")
+parts = ep("tus-parts", "upload part (proxied)")
+patch = ep("tus-patch", "tus patch")
+small = ep("tus-patch-1mib", "tus patch")
+reg = ep("tus-register", "register file")
+create = ep("tus-create", "tus create")
+mib = small["bytes"] / 1048576
+print("### tus against the REST API (same run)\n")
+print("| | REST | tus | tus / REST |\n|---|---|---|---|")
+print(f"| bytes, MB/s (part PUT vs PATCH, same size) | {parts['mbPerSec']:.1f} | {patch['mbPerSec']:.1f} | {patch['mbPerSec'] / max(parts['mbPerSec'], 1e-9):.2f} |")
+print(f"| creation, req/s (register vs POST /v1/tus) | {reg['reqPerSec']:.0f} | {create['reqPerSec']:.0f} | {create['reqPerSec'] / max(reg['reqPerSec'], 1e-9):.2f} |")
+print(f"\nPATCH in 1 MiB chunks: {small['mbPerSec']:.1f} MB/s; {after - before:.0f} S3 requests for {mib:.0f} MiB: {(after - before) / max(mib, 1e-9):.2f} per MiB uploaded (creates, part uploads, completes and the deletes of the run included).")
+PYTUS
+fi
+
 # --- report --------------------------------------------------------------------------------
 CPU=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 MEM_GIB=$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
@@ -546,6 +593,7 @@ echo "\"S3 on its own core\"). ${DURATION} s per scenario after"
 echo "${WARMUP} s of warm-up; parts are ${PART_MB} MiB; results in \`$OUT\`."
 echo
 "$BENCH" report --dir "$OUT"
+if [ -f "$OUT/tus.md" ]; then echo; cat "$OUT/tus.md"; fi
 if grep -q '"level":"ERROR"' "$OUT/gateway.log" 2>/dev/null; then
   echo
   echo "Gateway logged $(grep -c '"level":"ERROR"' "$OUT/gateway.log") error line(s); see $OUT/gateway.log."

@@ -102,9 +102,9 @@ fn sf_bool(h: &HeaderMap, name: &str) -> Result<Option<bool>, AppError> {
 }
 
 /// IETF: whether this request's bytes end the upload (`Upload-Complete`, or the inverse
-/// `Upload-Incomplete` of interop versions 3 and 4).
+/// `Upload-Incomplete` of interop version 3, draft -01).
 fn ietf_complete(h: &HeaderMap, v: u32) -> Result<Option<bool>, AppError> {
-    if v <= 4 {
+    if v <= 3 {
         Ok(sf_bool(h, "upload-incomplete")?
             .map(|incomplete| !incomplete)
             .or(Some(true)))
@@ -237,7 +237,7 @@ fn state_headers(
     set(res, "upload-expires", http_date(expires_at));
     if let Proto::Ietf(v) = proto {
         let complete = length == Some(offset);
-        if v <= 4 {
+        if v <= 3 {
             set(res, "upload-incomplete", if complete { "?0" } else { "?1" });
         } else {
             set(res, "upload-complete", if complete { "?1" } else { "?0" });
@@ -245,9 +245,9 @@ fn state_headers(
     }
 }
 
-/// `Upload-Limit` (IETF interop 7 and 8): the largest upload.
+/// `Upload-Limit` (IETF; a structured-field dictionary): the largest upload.
 fn limit_header(res: &mut Response, max: u64) {
-    set(res, "upload-limit", format!("max-size={max}"));
+    set(res, "upload-limit", format!("min-size=0,max-size={max}"));
 }
 
 fn ids_headers(res: &mut Response, session_id: &str, file_id: &str) {
@@ -255,9 +255,13 @@ fn ids_headers(res: &mut Response, session_id: &str, file_id: &str) {
     set(res, "upgate-file-id", file_id);
 }
 
-/// The largest upload `tenant` takes (Tus-Max-Size).
+/// The largest upload `tenant` takes (Tus-Max-Size): its `max_file_size_bytes`, and at most
+/// 10,000 parts of the configured part size, so that a tus upload's parts (and so a PATCH's
+/// buffer and the tail in the store) never grow past the part size (a REST file may raise
+/// its part size instead).
 fn max_size(state: &AppState, tenant: Option<&Tenant>, user: Option<&crate::auth::User>) -> u64 {
-    match tenant {
+    let parts_cap = crate::model::MAX_PARTS.saturating_mul(state.config.part_size_bytes());
+    let tenant_max = match tenant {
         Some(t) => {
             let limited = user.and_then(|u| u.0.limits.under(&t.0));
             limited.as_ref().unwrap_or(&t.0).max_file_size_bytes
@@ -269,7 +273,8 @@ fn max_size(state: &AppState, tenant: Option<&Tenant>, user: Option<&crate::auth
             .map(|t| t.max_file_size_bytes)
             .max()
             .unwrap_or(0),
-    }
+    };
+    tenant_max.min(parts_cap)
 }
 
 /// `OPTIONS /v1/tus` (and on an upload): the server's capabilities; no credential needed.
@@ -418,12 +423,8 @@ async fn create_upload(
                     return Err(AppError::SessionNotFound);
                 }
             }
-            let (expires_at, _) = state
-                .store
-                .session_deadline(&t.id, &id)
-                .await?
-                .ok_or(AppError::SessionNotFound)?;
-            (id, false, expires_at)
+            // The session's expiry comes back with the registration (one round trip).
+            (id, false, None)
         }
         None => {
             let req = crate::validate::CreateSession {
@@ -432,7 +433,7 @@ async fn create_upload(
                 metadata: json!({}),
             };
             let session = super::sessions::open(state, tenant, user.map(|u| &u.0), req).await?;
-            (session.id, true, session.expires_at)
+            (session.id, true, Some(session.expires_at))
         }
     };
     tracing::Span::current().record("session_id", session_id.as_str());
@@ -464,7 +465,13 @@ async fn create_upload(
         .register_tus_file(&t.id, &file, deferred, now)
         .await?;
     state.uploads.wake(&t.id, &session_id);
-    let outcome = super::files::registered(super::open_gate(gate, &t.id, now), &file.file_key);
+    let mut registered_expiry = 0;
+    let outcome = super::open_gate(gate, &t.id, now).map(|(r, e)| {
+        registered_expiry = e;
+        r
+    });
+    let outcome = super::files::registered(outcome, &file.file_key);
+    let expires_at = expires_at.unwrap_or(registered_expiry);
     let file = match outcome {
         Ok(f) => {
             state.metrics.registration("created");
@@ -513,7 +520,7 @@ async fn create_upload(
         None => (0, length),
     };
     state_headers(&mut res, proto, offset, length, expires_at);
-    if matches!(proto, Proto::Ietf(v) if v >= 7) {
+    if matches!(proto, Proto::Ietf(_)) {
         limit_header(&mut res, max);
     }
     ids_headers(&mut res, &session_id, &file.id);
@@ -545,7 +552,7 @@ pub(super) async fn head(
         state_headers(&mut res, proto, h.offset(), length, h.expires_at);
         set(&mut res, "cache-control", "no-store");
         ids_headers(&mut res, &sid, &fid);
-        if matches!(proto, Proto::Ietf(v) if v >= 7) {
+        if matches!(proto, Proto::Ietf(_)) {
             limit_header(&mut res, max_size(&state, Some(&tenant), None));
         }
         Ok(res)
@@ -734,9 +741,10 @@ mod tests {
         );
         assert_eq!(ietf_complete(&HeaderMap::new(), 3).unwrap(), Some(true));
         assert_eq!(
-            ietf_complete(&headers(&[("upload-complete", "?0")]), 6).unwrap(),
+            ietf_complete(&headers(&[("upload-complete", "?0")]), 4).unwrap(),
             Some(false)
         );
+        assert_eq!(ietf_complete(&HeaderMap::new(), 4).unwrap(), None);
     }
 
     #[test]

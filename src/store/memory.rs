@@ -276,14 +276,15 @@ macro_rules! file_or_return {
 }
 
 impl MemoryStore {
-    /// `register_file`, as a tus upload of unknown length when `deferred`.
+    /// `register_file`, as a tus upload of unknown length when `deferred`; with the
+    /// session's `expires_at` (0 unless created).
     fn register(
         &self,
         tenant: &str,
         file: &FileRecord,
         deferred: bool,
         now_ms: i64,
-    ) -> Result<Gate<Registered>, StoreError> {
+    ) -> Result<Gate<(Registered, i64)>, StoreError> {
         let mut inner = self.lock();
         let entry = gate_or_return!(&mut inner, tenant, &file.session_id, true, now_ms);
         if let Some(max) = entry
@@ -291,7 +292,7 @@ impl MemoryStore {
             .max_file_size_bytes
             .filter(|max| file.size_bytes > *max)
         {
-            return Ok(Gate::Ok(Registered::TooLarge(max)));
+            return Ok(Gate::Ok((Registered::TooLarge(max), 0)));
         }
         if let Some(allowed) = &entry.session.allowed_content_types {
             let limits = crate::jwt::Limits {
@@ -299,17 +300,23 @@ impl MemoryStore {
                 ..Default::default()
             };
             if !limits.allows_content_type(file.content_type.as_deref()) {
-                return Ok(Gate::Ok(Registered::ContentTypeNotAllowed(allowed.clone())));
+                return Ok(Gate::Ok((
+                    Registered::ContentTypeNotAllowed(allowed.clone()),
+                    0,
+                )));
             }
         }
         if entry.keys.contains_key(&file.file_key) {
-            return Ok(Gate::Ok(Registered::DuplicateKey));
+            return Ok(Gate::Ok((Registered::DuplicateKey, 0)));
         }
         if entry.session.file_count >= entry.session.file_limit {
-            return Ok(Gate::Ok(Registered::CountExceeded {
-                file_limit: entry.session.file_limit,
-                file_count: entry.session.file_count,
-            }));
+            return Ok(Gate::Ok((
+                Registered::CountExceeded {
+                    file_limit: entry.session.file_limit,
+                    file_count: entry.session.file_count,
+                },
+                0,
+            )));
         }
         // The part size derives from the session's, whatever the caller assumed.
         let part_size_bytes = part_size_for(entry.session.part_size_bytes, file.size_bytes);
@@ -343,7 +350,8 @@ impl MemoryStore {
             Some(file.clone()),
             now_ms,
         );
-        Ok(Gate::Ok(Registered::Created(file)))
+        let expires_at = session.expires_at;
+        Ok(Gate::Ok((Registered::Created(file), expires_at)))
     }
 }
 
@@ -434,6 +442,7 @@ impl SessionStore for MemoryStore {
         now_ms: i64,
     ) -> Result<Gate<Registered>, StoreError> {
         self.register(tenant, file, false, now_ms)
+            .map(|g| g.map(|(r, _)| r))
     }
 
     async fn register_tus_file(
@@ -442,7 +451,7 @@ impl SessionStore for MemoryStore {
         file: &FileRecord,
         deferred: bool,
         now_ms: i64,
-    ) -> Result<Gate<Registered>, StoreError> {
+    ) -> Result<Gate<(Registered, i64)>, StoreError> {
         self.register(tenant, file, deferred, now_ms)
     }
 

@@ -354,6 +354,19 @@ pub enum TusAdvanced {
     NotOpen(FileRecord),
 }
 
+impl<T> Gate<T> {
+    /// The gate with its result passed through `f`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Gate<U> {
+        match self {
+            Gate::Ok(v) => Gate::Ok(f(v)),
+            Gate::SessionNotFound => Gate::SessionNotFound,
+            Gate::FileNotFound => Gate::FileNotFound,
+            Gate::Expired(e) => Gate::Expired(e),
+            Gate::NotActive(s) => Gate::NotActive(s),
+        }
+    }
+}
+
 /// The session store. Every method is atomic with respect to every other call on the same
 /// session, across all gateway replicas sharing the backend.
 #[async_trait]
@@ -495,14 +508,15 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Registers `file` as [`SessionStore::register_file`] does, as a tus upload whose
     /// length is not known yet when `deferred` (its `size_bytes` is then 0 until
-    /// [`SessionStore::tus_begin`] or [`SessionStore::tus_advance`] sets it).
+    /// [`SessionStore::tus_advance`] sets it). With the outcome, the session's `expires_at`
+    /// (what `Upload-Expires` says; 0 unless the file was created).
     async fn register_tus_file(
         &self,
         tenant: &str,
         file: &FileRecord,
         deferred: bool,
         now_ms: i64,
-    ) -> Result<Gate<Registered>, StoreError>;
+    ) -> Result<Gate<(Registered, i64)>, StoreError>;
 
     /// A file with its tus state (a file never PATCHed is at offset 0). Gate: exists, not
     /// expired, file exists.

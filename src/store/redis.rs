@@ -1236,14 +1236,15 @@ macro_rules! payload_or_return {
 }
 
 impl RedisStore {
-    /// `register_file`, with `tus_defer` set in the file hash when `deferred`.
+    /// `register_file`, with `tus_defer` set in the file hash when `deferred`; with the
+    /// session's `expires_at` (0 unless created).
     async fn register(
         &self,
         tenant: &str,
         file: &FileRecord,
         deferred: bool,
         now_ms: i64,
-    ) -> Result<Gate<Registered>, StoreError> {
+    ) -> Result<Gate<(Registered, i64)>, StoreError> {
         let k = self.keys_of(tenant, &file.session_id);
         let mut file = std::borrow::Cow::Borrowed(file);
         // Twice at most: the second call uses the session's part size the first one named;
@@ -1309,9 +1310,15 @@ fn with_session_part_size(f: &FileRecord, session_part_size: u64) -> FileRecord 
 }
 
 /// Decodes the registration script's reply past `ok`.
-fn registered(rest: &[Value], file: &FileRecord) -> Result<Gate<Registered>, StoreError> {
-    Ok(Gate::Ok(match as_str(at(rest, 0)?)? {
-        "created" => Registered::Created(file.clone()),
+fn registered(rest: &[Value], file: &FileRecord) -> Result<Gate<(Registered, i64)>, StoreError> {
+    let outcome = match as_str(at(rest, 0)?)? {
+        "created" => {
+            let expires_at = match rest.get(1) {
+                Some(v) => as_str(v)?.parse().map_err(corrupt)?,
+                None => 0,
+            };
+            return Ok(Gate::Ok((Registered::Created(file.clone()), expires_at)));
+        }
         "dup" => Registered::DuplicateKey,
         "big" => Registered::TooLarge(as_str(at(rest, 1)?)?.parse().map_err(corrupt)?),
         "type" => Registered::ContentTypeNotAllowed(allowed_types(as_str(at(rest, 1)?)?)),
@@ -1320,7 +1327,8 @@ fn registered(rest: &[Value], file: &FileRecord) -> Result<Gate<Registered>, Sto
             file_count: u32::try_from(as_int(at(rest, 2)?)?).map_err(corrupt)?,
         },
         other => return Err(corrupt(format_args!("register outcome {other:?}"))),
-    }))
+    };
+    Ok(Gate::Ok((outcome, 0)))
 }
 
 #[async_trait]
@@ -1484,7 +1492,10 @@ impl SessionStore for RedisStore {
         file: &FileRecord,
         now_ms: i64,
     ) -> Result<Gate<Registered>, StoreError> {
-        self.register(tenant, file, false, now_ms).await
+        Ok(self
+            .register(tenant, file, false, now_ms)
+            .await?
+            .map(|(r, _)| r))
     }
 
     #[tracing::instrument(level = "debug", skip(self, file), fields(session_id = %file.session_id, file_id = %file.id))]
@@ -1494,7 +1505,7 @@ impl SessionStore for RedisStore {
         file: &FileRecord,
         deferred: bool,
         now_ms: i64,
-    ) -> Result<Gate<Registered>, StoreError> {
+    ) -> Result<Gate<(Registered, i64)>, StoreError> {
         self.register(tenant, file, deferred, now_ms).await
     }
 

@@ -19,6 +19,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Reply {
     pub status: StatusCode,
     pub body: Bytes,
+    /// The `Location` header, when the response has one.
+    pub location: Option<String>,
 }
 
 impl Reply {
@@ -114,7 +116,38 @@ impl Http {
         content_type: Option<&'static str>,
         body: Bytes,
     ) -> Result<Reply, String> {
+        self.send_full(method, url, via, with_auth, content_type, &[], body)
+            .await
+    }
+
+    /// [`Http::send`] with extra request headers (a tus request's).
+    pub async fn send_headers(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&'static str, String)],
+        content_type: Option<&'static str>,
+        body: Bytes,
+    ) -> Result<Reply, String> {
+        self.send_full(method, url, None, true, content_type, headers, body)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_full(
+        &self,
+        method: Method,
+        url: &str,
+        via: Option<&str>,
+        with_auth: bool,
+        content_type: Option<&'static str>,
+        headers: &[(&'static str, String)],
+        body: Bytes,
+    ) -> Result<Reply, String> {
         let mut req = Request::builder().method(method);
+        for (name, value) in headers {
+            req = req.header(*name, value.as_str());
+        }
         match via {
             None => req = req.uri(url),
             Some(via) => {
@@ -149,13 +182,22 @@ impl Http {
                 bucket(&format!("io: {msg}"))
             })?;
             let status = res.status();
+            let location = res
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let body = res
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| bucket(&format!("io: body: {e}")))?
                 .to_bytes();
-            Ok(Reply { status, body })
+            Ok(Reply {
+                status,
+                body,
+                location,
+            })
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
             Ok(r) => r,

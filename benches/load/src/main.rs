@@ -13,6 +13,8 @@
 //! upgate-bench s3-server       [--bucket NAME]          (in-process s3s-fs; prints env lines, blocks)
 //! upgate-bench webhook-sink    --json-out FILE [--listen ADDR] (answers webhooks 204; prints its
 //!                              address; on SIGTERM writes deliveries/s and latency, exits)
+//! upgate-bench tus-create      --target URL --key KEY [--concurrency N] [--duration S] (POST /v1/tus into a worker's session)
+//! upgate-bench tus-patch       --target URL --key KEY [--chunk-size BYTES] [--chunks-per-upload N] (PATCH, completing each upload)
 //! upgate-bench redis-mem       --target URL --key KEY --redis URL [--sessions N] [--files M]
 //! upgate-bench report          --dir DIR
 //! ```
@@ -63,7 +65,7 @@ pub(crate) async fn accept(listener: &tokio::net::TcpListener, who: &str) -> tok
 }
 use crate::scenarios::{Common, RunResult};
 
-const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|tcp-proxy|baseline-server|s3-server|webhook-sink|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";
+const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|tus-create|tus-patch|tcp-proxy|baseline-server|s3-server|webhook-sink|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";
 
 struct Args {
     map: HashMap<String, String>,
@@ -190,7 +192,8 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
             print!("{}", report::report(std::path::Path::new(&dir)));
             Ok(())
         }
-        "flow" | "register" | "parts" | "parts-presigned" | "redis-mem" => {
+        "flow" | "register" | "parts" | "parts-presigned" | "redis-mem" | "tus-create"
+        | "tus-patch" => {
             let target = a.get("target", "http://127.0.0.1:8080".to_owned())?;
             check_loopback(&target)?;
             let key = a.opt("key");
@@ -270,6 +273,38 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                         params,
                         r,
                         &["register file", "create session"],
+                    )
+                }
+                "tus-create" => {
+                    let per_session: u64 = a.get("per-session", 100_000)?;
+                    a.finish()?;
+                    let r = rt.block_on(scenarios::tus_create(common, per_session));
+                    let params = json!({"concurrency": concurrency, "durationSeconds": duration});
+                    scenario_json(
+                        "tus-create",
+                        &label,
+                        params,
+                        r,
+                        &["tus create", "create session"],
+                    )
+                }
+                "tus-patch" => {
+                    let chunk: u64 = a.get("chunk-size", 5 * 1024 * 1024)?;
+                    let chunks: u64 = a.get("chunks-per-upload", 4)?;
+                    a.finish()?;
+                    if chunk == 0 || chunk > 100 * 1024 * 1024 || chunks == 0 {
+                        return Err(
+                            "--chunk-size 1..=100 MiB, --chunks-per-upload at least 1".into()
+                        );
+                    }
+                    let r = rt.block_on(scenarios::tus_patch(common, chunk, chunks));
+                    let params = json!({"concurrency": concurrency, "chunkSizeBytes": chunk, "chunksPerUpload": chunks, "durationSeconds": duration});
+                    scenario_json(
+                        "tus-patch",
+                        &label,
+                        params,
+                        r,
+                        &["tus patch", "tus create", "tus delete"],
                     )
                 }
                 _ => {

@@ -733,3 +733,141 @@ mod tests {
         assert_eq!(payload(0).len(), 0);
     }
 }
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// `tus-create`: tus creation throughput (`POST /v1/tus` of a 1 KiB upload into a session
+/// the worker created, `Upload-Metadata` `sessionId`): the tus counterpart of `register`.
+pub async fn tus_create(c: Common, per_session: u64) -> RunResult {
+    let c2 = c.clone();
+    run_workers(&c, move |mut w| {
+        let c = c2.clone();
+        async move {
+            let mut seq = 0u64;
+            let endpoint = url(&c, "/v1/tus");
+            'sessions: while w.budget.open() {
+                let Some(sid) = create_session(&c, &mut w, per_session).await else {
+                    continue;
+                };
+                let sid_b64 = b64(&sid);
+                for _ in 0..per_session {
+                    if !w.budget.take() {
+                        break 'sessions;
+                    }
+                    seq += 1;
+                    let meta = format!(
+                        "sessionId {sid_b64},filename {}",
+                        b64(&format!("w{}-{seq}.bin", w.id))
+                    );
+                    let headers = [
+                        ("tus-resumable", "1.0.0".to_owned()),
+                        ("upload-length", "1024".to_owned()),
+                        ("upload-metadata", meta),
+                    ];
+                    let start = Instant::now();
+                    let r = c
+                        .http
+                        .send_headers(Method::POST, &endpoint, &headers, None, Bytes::new())
+                        .await;
+                    w.record_reply("tus create", start, &r, 0);
+                    match r {
+                        Ok(rep) if rep.ok() => {}
+                        Ok(rep)
+                            if rep.status == 400 && rep.json()["code"] == "fileCountExceeded" =>
+                        {
+                            continue 'sessions
+                        }
+                        Ok(rep) if rep.status == 401 => {
+                            w.fatal(format!(
+                                "tus create answered 401: {}",
+                                String::from_utf8_lossy(&rep.body)
+                            ));
+                            break 'sessions;
+                        }
+                        Ok(_) => continue 'sessions,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+            }
+            w
+        }
+    })
+    .await
+}
+
+/// `tus-patch`: tus PATCH throughput. Each worker creates an upload of `chunks` chunks of
+/// `chunk` bytes (with a session of its own), PATCHes them one after another (the last one
+/// completes the file and finalizes its session), then deletes the upload: the tus
+/// counterpart of `parts --complete true`.
+pub async fn tus_patch(c: Common, chunk: u64, chunks: u64) -> RunResult {
+    let buf = payload(chunk as usize);
+    let c2 = c.clone();
+    run_workers(&c, move |mut w| {
+        let c = c2.clone();
+        let buf = buf.clone();
+        async move {
+            let endpoint = url(&c, "/v1/tus");
+            while w.budget.open() {
+                let headers = [
+                    ("tus-resumable", "1.0.0".to_owned()),
+                    ("upload-length", (chunk * chunks).to_string()),
+                ];
+                let start = Instant::now();
+                let r = c
+                    .http
+                    .send_headers(Method::POST, &endpoint, &headers, None, Bytes::new())
+                    .await;
+                w.record_reply("tus create", start, &r, 0);
+                let upload = match r {
+                    Ok(rep) if rep.ok() => match rep.location {
+                        Some(l) => url(&c, &l),
+                        None => {
+                            w.fatal("tus create answered without Location".into());
+                            break;
+                        }
+                    },
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                for n in 0..chunks {
+                    if !w.budget.take() {
+                        break;
+                    }
+                    let headers = [
+                        ("tus-resumable", "1.0.0".to_owned()),
+                        ("upload-offset", (n * chunk).to_string()),
+                    ];
+                    let start = Instant::now();
+                    let r = c
+                        .http
+                        .send_headers(
+                            Method::PATCH,
+                            &upload,
+                            &headers,
+                            Some("application/offset+octet-stream"),
+                            buf.clone(),
+                        )
+                        .await;
+                    w.record_reply("tus patch", start, &r, chunk);
+                    if !matches!(&r, Ok(rep) if rep.ok()) {
+                        break;
+                    }
+                }
+                let headers = [("tus-resumable", "1.0.0".to_owned())];
+                let start = Instant::now();
+                let r = c
+                    .http
+                    .send_headers(Method::DELETE, &upload, &headers, None, Bytes::new())
+                    .await;
+                w.record_reply("tus delete", start, &r, 0);
+            }
+            w
+        }
+    })
+    .await
+}

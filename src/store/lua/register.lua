@@ -1,7 +1,7 @@
 -- register_file. KEYS: s, keys, o, f, ev, evq.
 -- ARGV: now, file_key, file_id, size_bytes, part_size_bytes, "\n<content type>\n",
 --       "\n<type>/*\n" (both empty without a content type), field, value, ...
--- Reply: {'ok','created'} | {'ok','dup'} | {'ok','full', limit, count}
+-- Reply: {'ok','created', session expires_at} | {'ok','dup'} | {'ok','full', limit, count}
 --      | {'ok','ps', session part_size_bytes} | {'ok','big', max_file_size}
 --      | {'ok','type', allowed_types} | gate reply.
 -- One HMGET reads the gate's fields, the count, the retention deadline, the session's
@@ -57,4 +57,4 @@ else
   keep_until(st[5], KEYS[4])
 end
 record_event('file.registered', KEYS[4])
-return {'ok', 'created'}
+return {'ok', 'created', st[2]}
