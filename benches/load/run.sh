@@ -536,8 +536,8 @@ EOF
 fi
 
 # --- tus: PATCH MB/s against part PUTs, creation req/s against registration, same run ----
-# PART_SIZE chunks (one part per PATCH) against PART_SIZE part PUTs, both completing each
-# 4-part file; 1 MiB chunks (five PATCHes per part: four wait as the tail in Redis) with the
+# PART_SIZE chunks (one part per PATCH, into a named session) against PART_SIZE part PUTs,
+# both completing each 4-part file; 1 MiB chunks (five PATCHes per part: four wait as the tail in Redis) with the
 # gateway's S3 requests counted from /metrics; POST /v1/tus into a session against the REST
 # registration, both at REG_CONC.
 if want tus; then

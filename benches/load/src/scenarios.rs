@@ -799,9 +799,9 @@ pub async fn tus_create(c: Common, per_session: u64) -> RunResult {
 }
 
 /// `tus-patch`: tus PATCH throughput. Each worker creates an upload of `chunks` chunks of
-/// `chunk` bytes (with a session of its own), PATCHes them one after another (the last one
-/// completes the file and finalizes its session), then deletes the upload: the tus
-/// counterpart of `parts --complete true`.
+/// `chunk` bytes in a session of its own (`Upload-Metadata` `sessionId`), PATCHes them one
+/// after another (the last one completes the file), then deletes the upload: the tus
+/// counterpart of `parts --complete true` (register, parts, complete, delete).
 pub async fn tus_patch(c: Common, chunk: u64, chunks: u64) -> RunResult {
     let buf = payload(chunk as usize);
     let c2 = c.clone();
@@ -810,10 +810,22 @@ pub async fn tus_patch(c: Common, chunk: u64, chunks: u64) -> RunResult {
         let buf = buf.clone();
         async move {
             let endpoint = url(&c, "/v1/tus");
+            let mut sid: Option<String> = None;
             while w.budget.open() {
+                let session = match &sid {
+                    Some(s) => s.clone(),
+                    None => match create_session(&c, &mut w, 100_000).await {
+                        Some(s) => {
+                            sid = Some(s.clone());
+                            s
+                        }
+                        None => continue,
+                    },
+                };
                 let headers = [
                     ("tus-resumable", "1.0.0".to_owned()),
                     ("upload-length", (chunk * chunks).to_string()),
+                    ("upload-metadata", format!("sessionId {}", b64(&session))),
                 ];
                 let start = Instant::now();
                 let r = c
