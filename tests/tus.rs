@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -40,36 +39,11 @@ struct S3Rig {
     gw: TestGateway,
 }
 
-async fn s3_gateway(s3: &S3Server, redis: &RedisServer) -> TestGateway {
-    let storage = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), "pfx");
-    let mut cfg = config("");
-    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
-    let store = upgate::build_store(&cfg).await.expect("store");
-    TestGateway::start_with(
-        cfg,
-        store,
-        CountingStorage::new(Arc::new(storage)),
-        std::env::temp_dir(),
-        None,
-    )
-    .await
-}
-
 async fn s3_rig() -> S3Rig {
     let s3 = S3Server::start("tus");
     let redis = RedisServer::start();
-    let gw = s3_gateway(&s3, &redis).await;
+    let gw = s3_redis_gateway(&s3, &redis).await;
     S3Rig { s3, redis, gw }
-}
-
-async fn fs_gateway() -> TestGateway {
-    TestGateway::start(
-        config(""),
-        Arc::new(upgate::store::memory::MemoryStore::new(
-            Duration::from_secs(3600),
-        )),
-    )
-    .await
 }
 
 /// POST /v1/tus; the upload URL (absolute).
@@ -159,26 +133,9 @@ async fn file_of(gw: &TestGateway, url: &str) -> Value {
         .await
 }
 
-fn sha(b: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(b))
-}
-
-fn fs_object(file: &Value) -> Vec<u8> {
-    let url = file["fileUrl"].as_str().expect("fileUrl");
-    std::fs::read(url.strip_prefix("file://").expect("file url")).expect("object")
-}
-
-fn s3_object(s3: &S3Server, file: &Value) -> Vec<u8> {
-    let url = file["fileUrl"].as_str().expect("fileUrl");
-    let key = url
-        .strip_prefix(&format!("s3://{}/", s3.bucket()))
-        .expect("s3 url");
-    s3.read_object(key).expect("object")
-}
-
 #[tokio::test]
 async fn chunks_of_every_size_make_byte_identical_objects_on_filesystem_storage() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     for (size, chunk) in [
         (0, 256 * 1024),
         (1, 256 * 1024),
@@ -191,7 +148,11 @@ async fn chunks_of_every_size_make_byte_identical_objects_on_filesystem_storage(
         let (_, file) = upload(&gw, &bytes, chunk).await;
         assert_eq!(file["status"], "completed", "{size} by {chunk}");
         assert_eq!(file["sizeBytes"], size);
-        assert_eq!(sha(&fs_object(&file)), sha(&bytes), "{size} by {chunk}");
+        assert_eq!(
+            sha256_hex(&fs_object(&file)),
+            sha256_hex(&bytes),
+            "{size} by {chunk}"
+        );
     }
 }
 
@@ -209,8 +170,8 @@ async fn chunks_below_the_s3_part_minimum_make_byte_identical_objects_on_s3() {
         let (_, file) = upload(&rig.gw, &bytes, chunk).await;
         assert_eq!(file["status"], "completed", "{size} by {chunk}");
         assert_eq!(
-            sha(&s3_object(&rig.s3, &file)),
-            sha(&bytes),
+            sha256_hex(&s3_object(&rig.s3, &file)),
+            sha256_hex(&bytes),
             "{size} by {chunk}"
         );
     }
@@ -220,7 +181,7 @@ async fn chunks_below_the_s3_part_minimum_make_byte_identical_objects_on_s3() {
 
 #[tokio::test]
 async fn options_and_head_answer_the_protocol_headers() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     let res = gw
         .client
         .request(Method::OPTIONS, gw.url("/v1/tus"))
@@ -251,7 +212,7 @@ async fn options_and_head_answer_the_protocol_headers() {
 
 #[tokio::test]
 async fn each_error_case_answers_its_tus_status() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     let url = create_url(&gw, Some(10), "").await;
     // Wrong version, no version.
     let res = gw
@@ -341,7 +302,7 @@ async fn each_error_case_answers_its_tus_status() {
 
 #[tokio::test]
 async fn an_expired_session_answers_410() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     let sid = gw
         .session_id(KEY_A, serde_json::json!({"ttlSeconds": 1}))
         .await;
@@ -353,7 +314,7 @@ async fn an_expired_session_answers_410() {
 
 #[tokio::test]
 async fn deferred_length_and_creation_with_upload() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     let bytes = data(6 * MIB + 3, 3);
     // Deferred: the length comes with a later PATCH.
     let url = create_url(&gw, None, "").await;
@@ -379,7 +340,7 @@ async fn deferred_length_and_creation_with_upload() {
     let file = file_of(&gw, &url).await;
     assert_eq!(file["status"], "completed");
     assert_eq!(file["sizeBytes"], bytes.len());
-    assert_eq!(sha(&fs_object(&file)), sha(&bytes));
+    assert_eq!(sha256_hex(&fs_object(&file)), sha256_hex(&bytes));
 
     // Creation with upload: the first bytes in the POST.
     let res = gw
@@ -401,7 +362,7 @@ async fn deferred_length_and_creation_with_upload() {
 
 #[tokio::test]
 async fn an_upload_in_a_named_session_is_completed_and_the_session_left_open() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     let sid = gw.session_id(KEY_A, serde_json::json!({})).await;
     let meta = format!(
         "sessionId {},filename {},filetype {},color {}",
@@ -458,7 +419,7 @@ async fn an_upload_in_a_named_session_is_completed_and_the_session_left_open() {
 #[tokio::test]
 async fn concurrent_patches_on_one_upload_one_wins_the_other_conflicts() {
     let rig = s3_rig().await;
-    let gw2 = s3_gateway(&rig.s3, &rig.redis).await;
+    let gw2 = s3_redis_gateway(&rig.s3, &rig.redis).await;
     let bytes = data(12 * MIB, 9);
     let url = create_url(&rig.gw, Some(bytes.len()), "").await;
     let url2 = url.replace(&rig.gw.base, &gw2.base);
@@ -503,12 +464,12 @@ async fn concurrent_patches_on_one_upload_one_wins_the_other_conflicts() {
         off = end;
     }
     let file = file_of(&rig.gw, &url).await;
-    assert_eq!(sha(&s3_object(&rig.s3, &file)), sha(&bytes));
+    assert_eq!(sha256_hex(&s3_object(&rig.s3, &file)), sha256_hex(&bytes));
 }
 
 #[tokio::test]
 async fn a_client_cut_mid_chunk_resumes_from_the_bytes_that_arrived() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     let bytes = data(3 * MIB, 5);
     let url = create_url(&gw, Some(bytes.len()), "").await;
     // A raw HTTP/1.1 PATCH announcing 3 MiB that sends 1 MiB and hangs up.
@@ -550,12 +511,12 @@ async fn a_client_cut_mid_chunk_resumes_from_the_bytes_that_arrived() {
     }
     assert_eq!(res.status(), 204);
     let file = file_of(&gw, &url).await;
-    assert_eq!(sha(&fs_object(&file)), sha(&bytes));
+    assert_eq!(sha256_hex(&fs_object(&file)), sha256_hex(&bytes));
 }
 
 #[tokio::test]
 async fn ietf_drafts_3_to_8_create_append_and_complete() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     for v in 3..=8u32 {
         let bytes = data(2 * MIB + 17, v as u8);
         let (incomplete, complete) = if v <= 3 {
@@ -631,13 +592,13 @@ async fn ietf_drafts_3_to_8_create_append_and_complete() {
             .get_json(KEY_A, &format!("/v1/sessions/{s}/files/{f}"))
             .await;
         assert_eq!(file["status"], "completed", "v{v}");
-        assert_eq!(sha(&fs_object(&file)), sha(&bytes), "v{v}");
+        assert_eq!(sha256_hex(&fs_object(&file)), sha256_hex(&bytes), "v{v}");
     }
 }
 
 #[tokio::test]
 async fn upload_tokens_reach_their_session_uploads_only() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     let s = gw.create_session(KEY_A, serde_json::json!({})).await;
     let token = s["uploadToken"].as_str().expect("token").to_owned();
     let sid = s["sessionId"].as_str().expect("sid").to_owned();

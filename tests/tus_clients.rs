@@ -9,13 +9,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::binary::Binary;
 use common::*;
 use serde_json::{json, Value};
-use sha2::Digest as _;
 use upgate_testkit::s3::S3Server;
 use upgate_testkit::RedisServer;
 
@@ -37,10 +35,6 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-fn sha(b: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(b))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -138,55 +132,17 @@ async fn matrix(client: Client, base: &str, object: impl Fn(&Value) -> Vec<u8>) 
             assert_eq!(file["fileName"], name);
             assert_eq!(file["sizeBytes"], size);
             assert_eq!(
-                sha(&object(&file)),
-                sha(&bytes),
+                sha256_hex(&object(&file)),
+                sha256_hex(&bytes),
                 "{client:?} {size} by {chunk}"
             );
         }
     }
 }
 
-fn fs_object(file: &Value) -> Vec<u8> {
-    let url = file["fileUrl"].as_str().expect("fileUrl");
-    std::fs::read(url.strip_prefix("file://").expect("file url")).expect("object")
-}
-
-fn s3_object(s3: &S3Server, file: &Value) -> Vec<u8> {
-    let url = file["fileUrl"].as_str().expect("fileUrl");
-    let key = url
-        .strip_prefix(&format!("s3://{}/", s3.bucket()))
-        .expect("s3 url");
-    s3.read_object(key).expect("object")
-}
-
-async fn fs_gateway() -> TestGateway {
-    TestGateway::start(
-        config(""),
-        Arc::new(upgate::store::memory::MemoryStore::new(
-            Duration::from_secs(3600),
-        )),
-    )
-    .await
-}
-
-async fn s3_gateway(s3: &S3Server, redis: &RedisServer) -> TestGateway {
-    let storage = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), "pfx");
-    let mut cfg = config("");
-    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
-    let store = upgate::build_store(&cfg).await.expect("store");
-    TestGateway::start_with(
-        cfg,
-        store,
-        CountingStorage::new(Arc::new(storage)),
-        std::env::temp_dir(),
-        None,
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tus_js_client_on_filesystem_storage() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     matrix(Client::TusJs, &gw.base, fs_object).await;
 }
 
@@ -194,14 +150,14 @@ async fn tus_js_client_on_filesystem_storage() {
 async fn tus_js_client_on_s3() {
     let s3 = S3Server::start("tusjs");
     let redis = RedisServer::start();
-    let gw = s3_gateway(&s3, &redis).await;
+    let gw = s3_redis_gateway(&s3, &redis).await;
     matrix(Client::TusJs, &gw.base, |f| s3_object(&s3, f)).await;
     assert_eq!(s3.open_upload_count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tuspy_on_filesystem_storage() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     matrix(Client::Tuspy, &gw.base, fs_object).await;
 }
 
@@ -209,14 +165,14 @@ async fn tuspy_on_filesystem_storage() {
 async fn tuspy_on_s3() {
     let s3 = S3Server::start("tuspy");
     let redis = RedisServer::start();
-    let gw = s3_gateway(&s3, &redis).await;
+    let gw = s3_redis_gateway(&s3, &redis).await;
     matrix(Client::Tuspy, &gw.base, |f| s3_object(&s3, f)).await;
     assert_eq!(s3.open_upload_count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tuspy_with_checksums_and_resume_by_url() {
-    let gw = fs_gateway().await;
+    let gw = memory_fs_gateway().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes = data(6 * MIB + 5, 42);
     let path = dir.path().join("half.bin");
@@ -242,7 +198,7 @@ async fn tuspy_with_checksums_and_resume_by_url() {
     assert_eq!(out["offset"], bytes.len());
     let file = file_of(&gw.base, &url).await;
     assert_eq!(file["status"], "completed");
-    assert_eq!(sha(&fs_object(&file)), sha(&bytes));
+    assert_eq!(sha256_hex(&fs_object(&file)), sha256_hex(&bytes));
 }
 
 fn binary_config(redis: &RedisServer, s3: &S3Server) -> String {
@@ -319,7 +275,11 @@ async fn tus_js_client_resumes_after_the_gateway_is_killed_in_tus_and_the_ietf_d
         assert_eq!(url, paused_url, "{protocol}");
         let file = file_of(&base, url).await;
         assert_eq!(file["status"], "completed", "{protocol}: {file}");
-        assert_eq!(sha(&s3_object(&s3, &file)), sha(&bytes), "{protocol}");
+        assert_eq!(
+            sha256_hex(&s3_object(&s3, &file)),
+            sha256_hex(&bytes),
+            "{protocol}"
+        );
         drop(second);
     }
 }

@@ -483,10 +483,12 @@ async fn create_upload(
         }
     };
     let id = upload_id(&session_id, &file.id, own);
-    // A body (creation-with-upload), or a zero-length upload, goes through the PATCH path.
-    let patched = if has_body(headers) || length == Some(0) {
+    // A body (creation-with-upload), a zero-length upload, or an IETF creation that says it
+    // is complete goes through the PATCH path.
+    let with_body = has_body(headers);
+    let patched = if with_body || length == Some(0) || complete == Some(true) {
         if proto == Proto::Tus
-            && has_body(headers)
+            && with_body
             && header_str(headers, "content-type") != Some("application/offset+octet-stream")
         {
             return Err(AppError::UnsupportedMediaType);
@@ -496,16 +498,6 @@ async fn create_upload(
             length: None,
             complete,
             checksum: checksum(headers)?,
-            max_size: max,
-            finalize: own,
-        };
-        Some(run_patch(state, &t.id, &session_id, &file.id, req, body).await?)
-    } else if complete == Some(true) {
-        let req = Patch {
-            offset: 0,
-            length: None,
-            complete,
-            checksum: None,
             max_size: max,
             finalize: own,
         };

@@ -490,3 +490,54 @@ pub async fn redis_store(url: &str) -> Arc<dyn SessionStore> {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// A gateway on `redis` and the S3 server `s3` (objects under `pfx/`).
+pub async fn s3_redis_gateway(
+    s3: &upgate_testkit::s3::S3Server,
+    redis: &upgate_testkit::RedisServer,
+) -> TestGateway {
+    let storage = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), "pfx");
+    let mut cfg = config("");
+    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
+    let store = upgate::build_store(&cfg).await.expect("store");
+    TestGateway::start_with(
+        cfg,
+        store,
+        CountingStorage::new(Arc::new(storage)),
+        std::env::temp_dir(),
+        None,
+    )
+    .await
+}
+
+/// A gateway on the memory store and filesystem storage in a tempdir.
+pub async fn memory_fs_gateway() -> TestGateway {
+    TestGateway::start(
+        config(""),
+        Arc::new(upgate::store::memory::MemoryStore::new(
+            Duration::from_secs(3600),
+        )),
+    )
+    .await
+}
+
+/// The object of a completed file on filesystem storage (its `fileUrl`).
+pub fn fs_object(file: &Value) -> Vec<u8> {
+    let url = file["fileUrl"].as_str().expect("fileUrl");
+    std::fs::read(url.strip_prefix("file://").expect("file url")).expect("object")
+}
+
+/// The object of a completed file on the S3 server `s3` (its `fileUrl`).
+pub fn s3_object(s3: &upgate_testkit::s3::S3Server, file: &Value) -> Vec<u8> {
+    let url = file["fileUrl"].as_str().expect("fileUrl");
+    let key = url
+        .strip_prefix(&format!("s3://{}/", s3.bucket()))
+        .expect("s3 url");
+    s3.read_object(key).expect("object")
+}
+
+/// Hex SHA-256.
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(b))
+}

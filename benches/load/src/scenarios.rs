@@ -716,24 +716,6 @@ pub fn redis_mem_markdown(v: &Value) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn last_part_is_the_remainder() {
-        assert_eq!(part_len(10, 4, 3, 1), 4);
-        assert_eq!(part_len(10, 4, 3, 3), 2);
-        assert_eq!(part_len(0, 4, 1, 1), 0);
-    }
-
-    #[test]
-    fn payload_has_the_asked_length() {
-        assert_eq!(payload(13).len(), 13);
-        assert_eq!(payload(0).len(), 0);
-    }
-}
-
 fn b64(s: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -882,4 +864,22 @@ pub async fn tus_patch(c: Common, chunk: u64, chunks: u64) -> RunResult {
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_part_is_the_remainder() {
+        assert_eq!(part_len(10, 4, 3, 1), 4);
+        assert_eq!(part_len(10, 4, 3, 3), 2);
+        assert_eq!(part_len(0, 4, 1, 1), 0);
+    }
+
+    #[test]
+    fn payload_has_the_asked_length() {
+        assert_eq!(payload(13).len(), 13);
+        assert_eq!(payload(0).len(), 0);
+    }
 }
