@@ -1424,14 +1424,43 @@ async fn fs_complete_after_an_interrupted_publish() {
     // What the interrupted completion did: the rename, not the removal.
     std::fs::create_dir_all(u.object_path().parent().expect("parent")).expect("mkdir");
     std::fs::rename(u.upload_dir().join("data"), u.object_path()).expect("rename");
+    // A late part goes to a file of its own, never into the published object.
+    let late = u.put(1, &pattern(MIB, 152), 0).await;
+    let r = u
+        .store
+        .complete_upload(&u.key, &u.upload_id, &[(1, late)])
+        .await;
+    assert!(matches!(r, Err(StorageError::NoSuchUpload)), "{r:?}");
+    u.assert_object(&[&p1]);
+    assert!(!u.upload_dir().exists(), "the upload's remains are gone");
     let r = u
         .store
         .complete_upload(&u.key, &u.upload_id, &[(1, e1)])
         .await;
     assert!(matches!(r, Err(StorageError::NoSuchUpload)), "{r:?}");
-    // A late part goes to a file of its own, never into the published object.
-    u.put(1, &pattern(MIB, 152), 0).await;
-    u.assert_object(&[&p1]);
+}
+
+/// A completion killed while removing the upload after publishing it: part links are gone
+/// along with `data`. Completing again answers `NoSuchUpload` (the gateway then finds the
+/// object), not an invalid part list, and the rest of the upload goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_complete_after_an_interrupted_removal() {
+    let u = FsUpload::new().await;
+    let (p1, p2, p3) = (pattern(MIB, 153), pattern(MIB, 154), pattern(999, 155));
+    let e1 = u.put(1, &p1, 0).await;
+    let e2 = u.put(2, &p2, MIB as u64).await;
+    let e3 = u.put(3, &p3, 2 * MIB as u64).await;
+    std::fs::create_dir_all(u.object_path().parent().expect("parent")).expect("mkdir");
+    std::fs::rename(u.upload_dir().join("data"), u.object_path()).expect("rename");
+    // What `remove_dir_all` got through before the kill: part 3's link.
+    std::fs::remove_file(u.upload_dir().join("3")).expect("unlink part 3");
+    let r = u
+        .store
+        .complete_upload(&u.key, &u.upload_id, &[(1, e1), (2, e2), (3, e3)])
+        .await;
+    assert!(matches!(r, Err(StorageError::NoSuchUpload)), "{r:?}");
+    u.assert_object(&[&p1, &p2, &p3]);
+    assert!(!u.upload_dir().exists(), "the upload's remains are gone");
 }
 
 /// Two completions waiting for the same range writer (a lease taken over, or two callers of

@@ -423,9 +423,16 @@ fn complete_blocking(
             if !same_file(&f, &data_path).map_err(|e| io_err("stat upload", e))? {
                 return Err(StorageError::NoSuchUpload);
             }
-            Some(f)
+            f
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // `data` lives from `create_upload` until it is published (renamed to the key) or
+        // the upload is aborted, and the directory's other entries go only after that. A
+        // completion killed while removing them leaves some behind (the part links too):
+        // the caller finds the object, and the remains go now.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(StorageError::NoSuchUpload);
+        }
         Err(e) => return Err(io_err("open upload", e)),
     };
     let stored = parts_in_blocking(dir)?;
@@ -472,17 +479,11 @@ fn complete_blocking(
             PartAt::InPlace { offset, .. } => offset == p.start,
             PartAt::Blob(_) => true,
         });
-    let has_in_place = pieces
-        .iter()
-        .any(|p| matches!(p.at, PartAt::InPlace { .. }));
     // The exclusive lock on `data` is held until the object is published: by the object's
     // file itself, or by `locked_data` when the object is a new file.
     let mut locked_data: Option<std::fs::File> = None;
     let (object, object_path) = match data {
-        // No `data` but in-place parts: an earlier completion published it (and stopped
-        // before removing the upload); the caller finds the object.
-        None if has_in_place => return Err(StorageError::NoSuchUpload),
-        Some(data) if in_place_fits => {
+        data if in_place_fits => {
             // Only blobs move: each into its range (normally there are none).
             for piece in &pieces {
                 if let PartAt::Blob(path) = &piece.at {
@@ -512,10 +513,7 @@ fn complete_blocking(
                             .map_err(|e| io_err("assemble object", e))?;
                     }
                     PartAt::InPlace { offset, len } => {
-                        let Some(data) = data.as_ref() else {
-                            return Err(StorageError::NoSuchUpload);
-                        };
-                        let mut src = data;
+                        let mut src = &data;
                         src.seek(SeekFrom::Start(*offset))
                             .map_err(|e| io_err("assemble object", e))?;
                         let copied = std::io::copy(&mut std::io::Read::take(src, *len), &mut out)
@@ -528,7 +526,7 @@ fn complete_blocking(
                     }
                 }
             }
-            locked_data = data;
+            locked_data = Some(data);
             (out, path)
         }
     };
