@@ -185,6 +185,10 @@ pub enum AppError {
     /// 423 `uploadLocked` (tus): another PATCH holds the upload.
     #[error("upload locked")]
     UploadLocked,
+    /// 403 `finalUpload` (tus concatenation): a final upload is made of its partial
+    /// uploads and takes no PATCH.
+    #[error("PATCH on a final upload")]
+    FinalUpload,
     /// 460 `checksumMismatch` (tus checksum extension): the chunk's `Upload-Checksum` does
     /// not match its bytes; nothing of the chunk was kept.
     #[error("upload checksum mismatch")]
@@ -260,6 +264,7 @@ impl AppError {
             UploadLengthExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             UploadLocked => StatusCode::LOCKED,
+            FinalUpload => StatusCode::FORBIDDEN,
             // tus's checksum extension: "460 Checksum Mismatch".
             UploadChecksumMismatch => StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
             NotSupported => StatusCode::NOT_IMPLEMENTED,
@@ -305,6 +310,7 @@ impl AppError {
             UploadLengthExceeded(_) => "uploadLengthExceeded",
             UnsupportedMediaType => "unsupportedMediaType",
             UploadLocked => "uploadLocked",
+            FinalUpload => "finalUpload",
             UploadChecksumMismatch => "checksumMismatch",
             NotSupported => "notSupported",
             Unavailable(_) => "unavailable",
@@ -351,6 +357,7 @@ impl AppError {
             UploadLengthExceeded(_) => "The bytes go past the upload's length",
             UnsupportedMediaType => "PATCH bodies are application/offset+octet-stream",
             UploadLocked => "Another request is writing to this upload",
+            FinalUpload => "A final upload is made of its partial uploads and takes no bytes",
             UploadChecksumMismatch => "The chunk's Upload-Checksum does not match its bytes",
             NotSupported => "Not supported by this storage",
             Unavailable(_) => "A backing service is unavailable",

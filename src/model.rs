@@ -182,6 +182,9 @@ pub struct FileRecord {
     pub etag: Option<String>,
     /// The client's metadata (string values), empty when it sent none.
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// A tus concatenation's final upload: the ids of the partial uploads it was made of,
+    /// space-separated (HEAD answers them in `Upload-Concat`); not part of the file resource.
+    pub tus_concat: Option<String>,
 }
 
 /// One uploaded part as recorded by the gateway.

@@ -630,7 +630,8 @@ async fn refuse(
 /// own timeout.
 fn exempt_from_timeout(req: &Request) -> bool {
     // tus PATCHes and creations stream bytes (bounded by the body's idle timeout), and the
-    // last one completes the file.
+    // last one completes the file; a final upload's creation copies its partial uploads
+    // (bounded by the storage client's timeouts).
     req.method() == Method::PUT
         || req.method() == Method::PATCH
         || req.uri().path().ends_with("/complete")

@@ -639,3 +639,189 @@ async fn upload_tokens_reach_their_session_uploads_only() {
         .expect("head");
     assert_eq!(res.status(), 404);
 }
+
+/// POST /v1/tus with `Upload-Concat` (and `Upload-Length` for a partial upload).
+async fn create_concat(
+    gw: &TestGateway,
+    key: &str,
+    concat: &str,
+    length: Option<usize>,
+) -> reqwest::Response {
+    let mut req = gw
+        .req(Method::POST, "/v1/tus", key)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-concat", concat)
+        .header("upload-metadata", format!("filename {}", b64("joined.bin")));
+    if let Some(l) = length {
+        req = req.header("upload-length", l.to_string());
+    }
+    req.send().await.expect("create")
+}
+
+/// The REST view of the upload's session.
+async fn session_of(gw: &TestGateway, url: &str) -> Value {
+    let res = head(gw, url).await;
+    assert_eq!(res.status(), 200);
+    let s = res.headers()["upgate-session-id"].to_str().expect("sid");
+    gw.get_json(KEY_A, &format!("/v1/sessions/{s}")).await
+}
+
+/// A partial upload of `bytes`, PATCHed in 1 MiB chunks; its URL and file resource.
+async fn partial(gw: &TestGateway, bytes: &[u8]) -> (String, Value) {
+    let res = create_concat(gw, KEY_A, "partial", Some(bytes.len())).await;
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    let url = gw.url(res.headers()["location"].to_str().expect("location"));
+    let mut off = 0;
+    while off < bytes.len() {
+        let end = (off + MIB).min(bytes.len());
+        let res = patch(gw, &url, off, bytes[off..end].to_vec()).await;
+        assert_eq!(res.status(), 204, "{:?}", res.text().await);
+        off = end;
+    }
+    let res = head(gw, &url).await;
+    assert_eq!(res.headers()["upload-concat"], "partial");
+    let file = file_of(gw, &url).await;
+    assert_eq!(file["status"], "completed");
+    // A partial upload's own session is not finalized: it is made into a final upload.
+    let session = session_of(gw, &url).await;
+    assert_eq!(session["status"], "active", "{session}");
+    (url, file)
+}
+
+/// tus concatenation (tus-js-client's `parallelUploads`): partial uploads of 7 MiB + 12,345
+/// bytes, 1 byte, 0 bytes and 3 MiB made into one final upload (URLs absolute and as paths);
+/// the object is their bytes in order, the final upload is completed and its own session
+/// finalized, the partial uploads and their objects are gone, and a PATCH on the final
+/// upload is refused (403).
+async fn concatenation_on(gw: &TestGateway, object: impl Fn(&Value) -> Option<Vec<u8>>) {
+    let pieces = [
+        data(7 * MIB + 12_345, 41),
+        data(1, 42),
+        Vec::new(),
+        data(3 * MIB, 43),
+    ];
+    let mut urls = Vec::new();
+    let mut partial_files = Vec::new();
+    for (i, bytes) in pieces.iter().enumerate() {
+        let (url, file) = partial(gw, bytes).await;
+        // One as a path, the others absolute, as clients send them.
+        urls.push(if i == 1 {
+            url.split_once("/v1/tus/")
+                .map(|(_, id)| format!("/v1/tus/{id}"))
+                .expect("path")
+        } else {
+            url.clone()
+        });
+        partial_files.push((url, file));
+    }
+    let whole: Vec<u8> = pieces.concat();
+    let res = create_concat(gw, KEY_A, &format!("final;{}", urls.join(" ")), None).await;
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    let url = gw.url(res.headers()["location"].to_str().expect("location"));
+    let res = head(gw, &url).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(offset_of(&res), whole.len());
+    assert_eq!(res.headers()["upload-length"], whole.len().to_string());
+    let listed = res.headers()["upload-concat"].to_str().expect("concat");
+    let ids: Vec<String> = partial_files
+        .iter()
+        .map(|(u, _)| format!("/v1/tus/{}", u.split_once("/v1/tus/").expect("id").1))
+        .collect();
+    assert_eq!(listed, format!("final;{}", ids.join(" ")));
+    let file = file_of(gw, &url).await;
+    assert_eq!(file["status"], "completed", "{file}");
+    assert_eq!(file["fileName"], "joined.bin");
+    assert_eq!(file["sizeBytes"], whole.len());
+    let stored = object(&file).expect("the final object");
+    assert_eq!(sha256_hex(&stored), sha256_hex(&whole));
+    let session = session_of(gw, &url).await;
+    assert_eq!(session["status"], "finalized", "{session}");
+    for (purl, pfile) in &partial_files {
+        assert_eq!(head(gw, purl).await.status(), 404, "{purl} is gone");
+        assert!(object(pfile).is_none(), "{purl}'s object is deleted");
+    }
+    let res = patch(gw, &url, whole.len(), Vec::new()).await;
+    assert_eq!(res.status(), 403);
+    // Made of them once: the partial uploads are gone now.
+    let res = create_concat(gw, KEY_A, &format!("final;{}", urls.join(" ")), None).await;
+    assert_eq!(res.status(), 400);
+}
+
+#[tokio::test]
+async fn concatenation_joins_partial_uploads_on_filesystem_storage() {
+    let gw = memory_fs_gateway().await;
+    concatenation_on(&gw, |file| {
+        let url = file["fileUrl"].as_str()?;
+        std::fs::read(url.strip_prefix("file://")?).ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concatenation_joins_partial_uploads_on_s3() {
+    let rig = s3_rig().await;
+    concatenation_on(&rig.gw, |file| {
+        let url = file["fileUrl"].as_str()?;
+        rig.s3
+            .read_object(url.strip_prefix(&format!("s3://{}/", rig.s3.bucket()))?)
+    })
+    .await;
+    assert_eq!(rig.s3.open_upload_count(), 0);
+}
+
+/// A final upload is made of completed partial uploads of the caller's only: a plain
+/// upload, an unfinished partial upload, another tenant's, an IETF request, a length sent
+/// along or a body are refused (400).
+#[tokio::test]
+async fn a_final_upload_refuses_what_it_cannot_be_made_of() {
+    let gw = memory_fs_gateway().await;
+    let (done, _) = partial(&gw, b"abc").await;
+    let unfinished = create_concat(&gw, KEY_A, "partial", Some(10)).await;
+    let unfinished = gw.url(unfinished.headers()["location"].to_str().expect("location"));
+    let plain = create_url(&gw, Some(1), "").await;
+    assert_eq!(patch(&gw, &plain, 0, b"x".to_vec()).await.status(), 204);
+    for list in [
+        plain.clone(),
+        unfinished.clone(),
+        format!("{done} {unfinished}"),
+        "/v1/tus/nosuch_p~upload".to_owned(),
+    ] {
+        let res = create_concat(&gw, KEY_A, &format!("final;{list}"), None).await;
+        assert_eq!(res.status(), 400, "{list}");
+        assert_eq!(res.headers()["tus-resumable"], "1.0.0");
+    }
+    // Another tenant's partial upload is not found for it, and learns nothing.
+    let res = create_concat(&gw, KEY_B, &format!("final;{done}"), None).await;
+    assert_eq!(res.status(), 400);
+    let res = gw
+        .req(Method::POST, "/v1/tus", KEY_A)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-concat", format!("final;{done}"))
+        .header("upload-length", "3")
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(res.status(), 400);
+    let res = gw
+        .req(Method::POST, "/v1/tus", KEY_A)
+        .header("tus-resumable", "1.0.0")
+        .header("upload-concat", format!("final;{done}"))
+        .header("content-type", "application/offset+octet-stream")
+        .body("abc")
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(res.status(), 400);
+    let res = gw
+        .req(Method::POST, "/v1/tus", KEY_A)
+        .header("upload-draft-interop-version", "6")
+        .header("upload-concat", "partial")
+        .header("upload-complete", "?0")
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(res.status(), 400);
+    // Nothing was consumed: the completed partial upload still makes a final upload.
+    let res = create_concat(&gw, KEY_A, &format!("final;{done}"), None).await;
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+}

@@ -3,7 +3,8 @@
 //! files of 0 B, 1 B, 5 MiB and 23 MiB in chunks of 256 KiB, 1 MiB and 7 MiB to filesystem
 //! storage and to S3 (the in-process server over HTTP, with Redis); the object must be
 //! byte-identical. tus-js-client also resumes, in tus 1.0 and in the IETF drafts, after the
-//! gateway is killed mid-upload and a new one starts on the same Redis.
+//! gateway is killed mid-upload and a new one starts on the same Redis, and uploads with
+//! `parallelUploads` (the concatenation extension).
 
 mod common;
 
@@ -152,6 +153,50 @@ async fn tus_js_client_on_s3() {
     let redis = RedisServer::start();
     let gw = s3_redis_gateway(&s3, &redis).await;
     matrix(Client::TusJs, &gw.base, |f| s3_object(&s3, f)).await;
+    assert_eq!(s3.open_upload_count(), 0);
+}
+
+/// tus-js-client's `parallelUploads`: the file split into partial uploads sent at once and
+/// joined by the concatenation extension into one byte-identical object.
+async fn parallel(base: &str, object: impl Fn(&Value) -> Vec<u8>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (size, parallel) in [(23 * MIB, 3), (5 * MIB + 1, 2)] {
+        let bytes = data(size, 99);
+        let path = dir.path().join("p.bin");
+        std::fs::write(&path, &bytes).expect("write");
+        let out = run(
+            Client::TusJs,
+            &json!({
+                "endpoint": format!("{base}/v1/tus"),
+                "file": path,
+                "chunkSize": MIB,
+                "parallelUploads": parallel,
+                "token": KEY_A,
+                "metadata": {"filename": "p.bin"},
+            }),
+        );
+        let url = out["url"].as_str().expect("url");
+        assert!(url.contains("c~"), "a final upload: {url}");
+        let file = file_of(base, url).await;
+        assert_eq!(file["status"], "completed", "{size} in {parallel}: {file}");
+        assert_eq!(file["fileName"], "p.bin");
+        assert_eq!(file["sizeBytes"], size);
+        assert_eq!(sha256_hex(&object(&file)), sha256_hex(&bytes));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tus_js_client_parallel_uploads_on_filesystem_storage() {
+    let gw = memory_fs_gateway().await;
+    parallel(&gw.base, fs_object).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tus_js_client_parallel_uploads_on_s3() {
+    let s3 = S3Server::start("tusjspar");
+    let redis = RedisServer::start();
+    let gw = s3_redis_gateway(&s3, &redis).await;
+    parallel(&gw.base, |f| s3_object(&s3, f)).await;
     assert_eq!(s3.open_upload_count(), 0);
 }
 

@@ -67,7 +67,7 @@ pub(crate) fn session_in_path(path: &str) -> Option<&str> {
         return rest.split('/').next().filter(|s| !s.is_empty());
     }
     let upload = path.strip_prefix("/v1/tus/")?;
-    tus::split_upload_id(upload).map(|(s, _, _)| s)
+    tus::split_upload_id(upload).map(|r| r.session)
 }
 
 /// Every route template of [`routes`].

@@ -4,7 +4,10 @@
 //! protocol's headers; every upload is a file of a session. An upload's id names both:
 //! `{sessionId}.{fileId}` for an upload added to a session the client named
 //! (`Upload-Metadata` `sessionId`), `{sessionId}_{fileId}` for one with a session of its own,
-//! which is finalized when the last byte arrives.
+//! which is finalized when the last byte arrives. The concatenation extension's uploads
+//! carry their kind before the file id: `p~` a partial upload (never finalized: it is
+//! deleted once a final upload is made of it), `c~` a final upload (made of partial uploads
+//! when it is created, completed before the creation answers).
 
 use std::collections::BTreeMap;
 
@@ -20,7 +23,7 @@ use serde_json::json;
 use super::{ApiPath, AppState, Tenant};
 use crate::error::{AppError, FieldError};
 use crate::model::now_ms;
-use crate::uploads::tus::{Checksum, Head, Patch, Patched};
+use crate::uploads::tus::{Checksum, Head, PartialUpload, Patch, Patched};
 
 /// The tus version spoken.
 const TUS_VERSION: &str = "1.0.0";
@@ -171,18 +174,118 @@ fn checksum(h: &HeaderMap) -> Result<Option<Checksum>, AppError> {
     }
 }
 
-/// An upload id: the session, the file, and whether the session is the upload's own.
-pub(crate) fn split_upload_id(id: &str) -> Option<(&str, &str, bool)> {
-    if let Some((s, f)) = id.split_once('_') {
-        return Some((s, f, true)).filter(|_| !s.is_empty() && !f.is_empty());
-    }
-    let (s, f) = id.split_once('.')?;
-    Some((s, f, false)).filter(|_| !s.is_empty() && !f.is_empty())
+/// An upload's kind (the concatenation extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// An upload of its own.
+    Plain,
+    /// `Upload-Concat: partial`.
+    Partial,
+    /// `Upload-Concat: final;...`.
+    Final,
 }
 
-fn upload_id(session_id: &str, file_id: &str, own: bool) -> String {
-    format!("{session_id}{}{file_id}", if own { '_' } else { '.' })
+impl Kind {
+    fn marker(self) -> &'static str {
+        match self {
+            Kind::Plain => "",
+            Kind::Partial => "p~",
+            Kind::Final => "c~",
+        }
+    }
 }
+
+/// What an upload id names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UploadRef<'a> {
+    pub(crate) session: &'a str,
+    pub(crate) file: &'a str,
+    /// The session is the upload's own.
+    pub(crate) own: bool,
+    pub(crate) kind: Kind,
+}
+
+/// An upload id's parts (see the module's documentation).
+pub(crate) fn split_upload_id(id: &str) -> Option<UploadRef<'_>> {
+    let (session, rest, own) = match id.split_once('_') {
+        Some((s, f)) => (s, f, true),
+        None => {
+            let (s, f) = id.split_once('.')?;
+            (s, f, false)
+        }
+    };
+    let (kind, file) = if let Some(f) = rest.strip_prefix(Kind::Partial.marker()) {
+        (Kind::Partial, f)
+    } else if let Some(f) = rest.strip_prefix(Kind::Final.marker()) {
+        (Kind::Final, f)
+    } else {
+        (Kind::Plain, rest)
+    };
+    (!session.is_empty() && !file.is_empty()).then_some(UploadRef {
+        session,
+        file,
+        own,
+        kind,
+    })
+}
+
+fn upload_id(session_id: &str, file_id: &str, own: bool, kind: Kind) -> String {
+    format!(
+        "{session_id}{}{}{file_id}",
+        if own { '_' } else { '.' },
+        kind.marker()
+    )
+}
+
+/// What `Upload-Concat` asks of a creation.
+enum Concat<'a> {
+    None,
+    Partial,
+    /// The upload ids of the partial uploads, in order.
+    Final(Vec<&'a str>),
+}
+
+/// `Upload-Concat: partial` or `final;<url> <url>...` (URLs absolute or paths ending in
+/// `/v1/tus/<uploadId>`).
+fn concat(h: &HeaderMap) -> Result<Concat<'_>, AppError> {
+    let Some(v) = header_str(h, "upload-concat") else {
+        return Ok(Concat::None);
+    };
+    if v == "partial" {
+        return Ok(Concat::Partial);
+    }
+    let Some(urls) = v.strip_prefix("final;") else {
+        return Err(bad("Upload-Concat", "partial or final;<upload URLs>"));
+    };
+    let ids: Vec<&str> = urls
+        .split(' ')
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            let path = u.split(['?', '#']).next().unwrap_or(u);
+            path.rsplit_once("/v1/tus/")
+                .map(|(_, id)| id)
+                .filter(|id| !id.is_empty() && !id.contains('/'))
+                .ok_or_else(|| bad("Upload-Concat", format!("{u} is not an upload URL")))
+        })
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() {
+        return Err(bad(
+            "Upload-Concat",
+            "a final upload names its partial uploads",
+        ));
+    }
+    if ids.len() > MAX_PARTIALS {
+        return Err(bad(
+            "Upload-Concat",
+            format!("at most {MAX_PARTIALS} partial uploads"),
+        ));
+    }
+    Ok(Concat::Final(ids))
+}
+
+/// The most partial uploads one final upload is made of (each is looked up and deleted in
+/// the creation request).
+const MAX_PARTIALS: usize = 100;
 
 /// An HTTP date (RFC 9110) of Unix seconds.
 fn http_date(secs: i64) -> String {
@@ -334,6 +437,83 @@ async fn run_patch(
     .map_err(|e| AppError::Internal(format!("tus PATCH task: {e}")))?
 }
 
+/// Runs a concatenation in a task of its own, as [`run_patch`] runs a PATCH.
+async fn run_concat(
+    state: &AppState,
+    tenant: &str,
+    session_id: &str,
+    file_id: &str,
+    partials: Vec<PartialUpload>,
+    req: Patch,
+) -> Result<Patched, AppError> {
+    let uploads = state.uploads.clone();
+    let (tenant, session_id, file_id) =
+        (tenant.to_owned(), session_id.to_owned(), file_id.to_owned());
+    tokio::spawn(async move {
+        uploads
+            .tus_concat(&tenant, &session_id, &file_id, &partials, req)
+            .await
+    })
+    .await
+    .map_err(|e| AppError::Internal(format!("tus concatenation task: {e}")))?
+}
+
+/// The partial uploads a final upload names: each a completed partial upload the caller
+/// may act on (an upload token's own session, a user's own sessions); any other is
+/// refused alike, so a final upload learns nothing of uploads that are not the caller's.
+async fn partial_uploads(
+    state: &AppState,
+    tenant: &Tenant,
+    user: Option<&crate::auth::User>,
+    scope: Option<&Extension<crate::auth::SessionScope>>,
+    ids: &[&str],
+) -> Result<Vec<PartialUpload>, AppError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let refused = || {
+            bad(
+                "Upload-Concat",
+                format!("{id} is not a completed partial upload"),
+            )
+        };
+        let Some(r) = split_upload_id(id).filter(|r| r.kind == Kind::Partial) else {
+            return Err(refused());
+        };
+        if scope.is_some_and(|Extension(s)| s.0 != r.session) {
+            return Err(refused());
+        }
+        if let Some(u) = user {
+            let owner = state.store.session_owner(&tenant.0.id, r.session).await?;
+            if owner.flatten().as_deref() != Some(u.0.sub.as_str()) {
+                return Err(refused());
+            }
+        }
+        let head = match state
+            .uploads
+            .tus_head(&tenant.0.id, r.session, r.file)
+            .await
+        {
+            Ok(h) => h,
+            Err(
+                AppError::SessionNotFound
+                | AppError::FileNotFound
+                | AppError::SessionExpired { .. }
+                | AppError::SessionNotActive(_)
+                | AppError::FileAborted,
+            ) => return Err(refused()),
+            Err(e) => return Err(e),
+        };
+        if head.file.status != crate::model::FileStatus::Completed {
+            return Err(refused());
+        }
+        out.push(PartialUpload {
+            file: head.file,
+            own_session: r.own,
+        });
+    }
+    Ok(out)
+}
+
 /// `POST /v1/tus`: creates an upload (a file; of its own session unless `sessionId` names
 /// one), with its first bytes when the request has a body.
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id, file_id))]
@@ -373,11 +553,36 @@ async fn create_upload(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
-    if headers.contains_key("upload-concat") {
-        return Err(AppError::NotSupported);
+    let concat = concat(headers)?;
+    if !matches!(concat, Concat::None) && proto != Proto::Tus {
+        // The IETF draft has no concatenation.
+        return Err(bad("Upload-Concat", "is a tus 1.0 header"));
     }
     let max = max_size(state, Some(tenant), user);
-    let length = number(headers, "upload-length")?;
+    let (kind, partials) = match &concat {
+        Concat::None => (Kind::Plain, None),
+        Concat::Partial => (Kind::Partial, None),
+        Concat::Final(ids) => {
+            if has_body(headers) {
+                return Err(bad(
+                    "Upload-Concat",
+                    "a final upload's creation has no body",
+                ));
+            }
+            if headers.contains_key("upload-length") {
+                return Err(bad(
+                    "Upload-Length",
+                    "a final upload's length is its partial uploads' sum",
+                ));
+            }
+            let partials = partial_uploads(state, tenant, user, scope.as_ref(), ids).await?;
+            (Kind::Final, Some(partials))
+        }
+    };
+    let length = match &partials {
+        Some(ps) => Some(ps.iter().map(|p| p.file.size_bytes).sum()),
+        None => number(headers, "upload-length")?,
+    };
     let complete = match proto {
         Proto::Ietf(v) => ietf_complete(headers, v)?,
         Proto::Tus => None,
@@ -457,7 +662,10 @@ async fn create_upload(
             l.allowed_content_types.clone().unwrap_or_default(),
         ));
     }
-    let file = super::files::new_file(state, t, &session_id, req)?;
+    let mut file = super::files::new_file(state, t, &session_id, req)?;
+    if let Concat::Final(ids) = &concat {
+        file.tus_concat = Some(ids.join(" "));
+    }
     tracing::Span::current().record("file_id", file.id.as_str());
     let now = now_ms();
     let gate = state
@@ -482,11 +690,21 @@ async fn create_upload(
             return Err(e);
         }
     };
-    let id = upload_id(&session_id, &file.id, own);
+    let id = upload_id(&session_id, &file.id, own, kind);
     // A body (creation-with-upload), a zero-length upload, or an IETF creation that says it
     // is complete goes through the PATCH path.
     let with_body = has_body(headers);
-    let patched = if with_body || length == Some(0) || complete == Some(true) {
+    let patched = if let Some(partials) = partials {
+        let req = Patch {
+            offset: 0,
+            length: None,
+            complete: None,
+            checksum: None,
+            max_size: max,
+            finalize: own,
+        };
+        Some(run_concat(state, &t.id, &session_id, &file.id, partials, req).await?)
+    } else if with_body || length == Some(0) || complete == Some(true) {
         if proto == Proto::Tus
             && with_body
             && header_str(headers, "content-type") != Some("application/offset+octet-stream")
@@ -499,7 +717,7 @@ async fn create_upload(
             complete,
             checksum: checksum(headers)?,
             max_size: max,
-            finalize: own,
+            finalize: own && kind == Kind::Plain,
         };
         Some(run_patch(state, &t.id, &session_id, &file.id, req, body).await?)
     } else {
@@ -519,10 +737,10 @@ async fn create_upload(
     Ok(res)
 }
 
-/// The upload id of the path, as (session, file, own session).
-fn ids(upload: &str) -> Result<(String, String, bool), AppError> {
-    let (s, f, own) = split_upload_id(upload).ok_or(AppError::FileNotFound)?;
-    Ok((s.to_owned(), f.to_owned(), own))
+/// The upload id of the path, as (session, file, own session, kind).
+fn ids(upload: &str) -> Result<(String, String, bool, Kind), AppError> {
+    let r = split_upload_id(upload).ok_or(AppError::FileNotFound)?;
+    Ok((r.session.to_owned(), r.file.to_owned(), r.own, r.kind))
 }
 
 /// `HEAD /v1/tus/{uploadId}`: the offset (and length, expiry).
@@ -537,11 +755,31 @@ pub(super) async fn head(
     let pr = p.as_ref().ok().copied();
     let result = async {
         let proto = p?;
-        let (sid, fid, _) = ids(&upload)?;
+        let (sid, fid, _, kind) = ids(&upload)?;
         let h: Head = state.uploads.tus_head(&tenant.0.id, &sid, &fid).await?;
         let mut res = StatusCode::OK.into_response();
         let length = (!h.state.deferred).then_some(h.file.size_bytes);
         state_headers(&mut res, proto, h.offset(), length, h.expires_at);
+        match kind {
+            Kind::Plain => {}
+            Kind::Partial => set(&mut res, "upload-concat", "partial"),
+            Kind::Final => {
+                let urls: Vec<String> = h
+                    .file
+                    .tus_concat
+                    .as_deref()
+                    .unwrap_or("")
+                    .split(' ')
+                    .filter(|id| !id.is_empty())
+                    .map(|id| format!("/v1/tus/{id}"))
+                    .collect();
+                set(
+                    &mut res,
+                    "upload-concat",
+                    format!("final;{}", urls.join(" ")),
+                );
+            }
+        }
         set(&mut res, "cache-control", "no-store");
         ids_headers(&mut res, &sid, &fid);
         if matches!(proto, Proto::Ietf(_)) {
@@ -570,7 +808,10 @@ pub(super) async fn patch(
     let pr = p.as_ref().ok().copied();
     let result = async {
         let proto = p?;
-        let (sid, fid, own) = ids(&upload)?;
+        let (sid, fid, own, kind) = ids(&upload)?;
+        if kind == Kind::Final {
+            return Err(AppError::FinalUpload);
+        }
         let content_type = header_str(&headers, "content-type").unwrap_or("");
         let accepted = match proto {
             Proto::Tus => content_type == "application/offset+octet-stream",
@@ -594,7 +835,7 @@ pub(super) async fn patch(
             },
             checksum: checksum(&headers)?,
             max_size: max_size(&state, Some(&tenant), user.as_ref().map(|u| &u.0)),
-            finalize: own,
+            finalize: own && kind == Kind::Plain,
         };
         let done = run_patch(&state, &tenant.0.id, &sid, &fid, req, body).await?;
         let (expires_at, _) = state
@@ -623,7 +864,7 @@ pub(super) async fn delete(
     let pr = p.as_ref().ok().copied();
     let result = async {
         p?;
-        let (sid, fid, own) = ids(&upload)?;
+        let (sid, fid, own, _) = ids(&upload)?;
         if own {
             state.uploads.delete_session(&tenant.0.id, &sid).await?;
         } else {
@@ -740,11 +981,58 @@ mod tests {
     }
 
     #[test]
-    fn upload_ids_name_session_file_and_ownership() {
-        assert_eq!(split_upload_id("s_f"), Some(("s", "f", true)));
-        assert_eq!(split_upload_id("s.f"), Some(("s", "f", false)));
+    fn upload_ids_name_session_file_ownership_and_kind() {
+        let r = |session, file, own, kind| {
+            Some(UploadRef {
+                session,
+                file,
+                own,
+                kind,
+            })
+        };
+        assert_eq!(split_upload_id("s_f"), r("s", "f", true, Kind::Plain));
+        assert_eq!(split_upload_id("s.f"), r("s", "f", false, Kind::Plain));
+        assert_eq!(split_upload_id("s_p~f"), r("s", "f", true, Kind::Partial));
+        assert_eq!(split_upload_id("s.c~f"), r("s", "f", false, Kind::Final));
         assert_eq!(split_upload_id("sf"), None);
         assert_eq!(split_upload_id("_f"), None);
-        assert_eq!(upload_id("s", "f", true), "s_f");
+        assert_eq!(split_upload_id("s_p~"), None);
+        for own in [true, false] {
+            for kind in [Kind::Plain, Kind::Partial, Kind::Final] {
+                let id = upload_id("s", "f", own, kind);
+                assert_eq!(split_upload_id(&id), r("s", "f", own, kind), "{id}");
+            }
+        }
+    }
+
+    #[test]
+    fn upload_concat_parses_partial_and_final_lists() {
+        assert!(matches!(concat(&HeaderMap::new()), Ok(Concat::None)));
+        assert!(matches!(
+            concat(&headers(&[("upload-concat", "partial")])),
+            Ok(Concat::Partial)
+        ));
+        let h = headers(&[(
+            "upload-concat",
+            "final;http://gw:8080/v1/tus/a_p~b /v1/tus/c.p~d?x=1",
+        )]);
+        match concat(&h) {
+            Ok(Concat::Final(ids)) => assert_eq!(ids, ["a_p~b", "c.p~d"]),
+            _ => panic!("a final list"),
+        }
+        for v in [
+            "final;",
+            "final;/v1/files/x",
+            "final;/v1/tus/",
+            "whole",
+            "final;/v1/tus/a/b",
+        ] {
+            assert!(concat(&headers(&[("upload-concat", v)])).is_err(), "{v}");
+        }
+        let many = format!(
+            "final;{}",
+            vec!["/v1/tus/a_p~b"; MAX_PARTIALS + 1].join(" ")
+        );
+        assert!(concat(&headers(&[("upload-concat", &many)])).is_err());
     }
 }

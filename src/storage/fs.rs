@@ -778,10 +778,15 @@ impl ObjectStore for FsStore {
         }))
     }
 
-    async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError> {
-        let file = tokio::fs::File::open(self.object_path(key))
+    async fn read_range(&self, key: &str, start: u64, n: usize) -> Result<Bytes, StorageError> {
+        let mut file = tokio::fs::File::open(self.object_path(key))
             .await
             .map_err(|e| io_err("open object", e))?;
+        if start > 0 {
+            tokio::io::AsyncSeekExt::seek(&mut file, SeekFrom::Start(start))
+                .await
+                .map_err(|e| io_err("read object", e))?;
+        }
         let mut buf = Vec::with_capacity(n);
         file.take(n as u64)
             .read_to_end(&mut buf)

@@ -255,7 +255,13 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn head_object(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError>;
 
     /// Up to the first `n` bytes of a completed object (for magic-byte checks).
-    async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError>;
+    async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError> {
+        self.read_range(key, 0, n).await
+    }
+
+    /// Up to `n` bytes of a completed object from byte `start` (fewer only at its end): a
+    /// tus concatenation reads its partial uploads one part at a time.
+    async fn read_range(&self, key: &str, start: u64, n: usize) -> Result<Bytes, StorageError>;
 
     /// Deletes a completed object; a missing object is not an error.
     async fn delete_object(&self, key: &str) -> Result<(), StorageError>;
@@ -451,6 +457,9 @@ impl ObjectStore for Timed {
     }
     async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError> {
         timed("read_head", self.0.read_head(key, n)).await
+    }
+    async fn read_range(&self, key: &str, start: u64, n: usize) -> Result<Bytes, StorageError> {
+        timed("read_range", self.0.read_range(key, start, n)).await
     }
     async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
         timed("delete_object", self.0.delete_object(key)).await

@@ -749,7 +749,7 @@ impl ObjectStore for S3Store {
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(bucket = %self.bucket))]
-    async fn read_head(&self, key: &str, n: usize) -> Result<Bytes, StorageError> {
+    async fn read_range(&self, key: &str, start: u64, n: usize) -> Result<Bytes, StorageError> {
         if n == 0 {
             return Ok(Bytes::new());
         }
@@ -758,12 +758,13 @@ impl ObjectStore for S3Store {
             .get_object()
             .bucket(&self.bucket)
             .key(key)
-            .range(format!("bytes=0-{}", n - 1))
+            .range(format!("bytes={start}-{}", start + n as u64 - 1))
             .send()
             .await
         {
             Ok(out) => out,
-            // A range on an empty object is unsatisfiable: the head of nothing is nothing.
+            // A range from the object's end on (an empty object's head too) is
+            // unsatisfiable: there is nothing there.
             Err(e) if e.code() == Some("InvalidRange") || http_status(&e) == Some(416) => {
                 return Ok(Bytes::new())
             }
@@ -772,7 +773,13 @@ impl ObjectStore for S3Store {
             }
             Err(e) => return Err(classify("GetObject", &e, None)),
         };
-        // Read at most `n` bytes even if the server ignored the range, within the deadline.
+        // A server that ignored the range sends the object from its start: right for a
+        // head (read at most `n` bytes), wrong from anywhere else.
+        if start > 0 && out.content_range().is_none() {
+            return Err(StorageError::unavailable(
+                "S3 GetObject: the server ignored the range",
+            ));
+        }
         let mut body = out.body;
         let mut buf = BytesMut::with_capacity(n.min(64 * 1024));
         let read = async {

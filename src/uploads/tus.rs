@@ -138,11 +138,40 @@ impl Head {
     }
 }
 
+/// A partial upload a tus concatenation is made of.
+#[derive(Debug, Clone)]
+pub struct PartialUpload {
+    /// Its file (completed).
+    pub file: FileRecord,
+    /// It has a session of its own, deleted with it.
+    pub own_session: bool,
+}
+
+/// How many bytes a concatenation reads from a partial upload's object at once: with the
+/// part being filled, a concatenation holds at most one part and one read.
+const CONCAT_READ: u64 = 4 * 1024 * 1024;
+
 /// Gives the PATCH lock back when the PATCH ends, however it ends.
 struct LockGuard {
     uploads: Arc<Uploads>,
     ids: Option<(String, String, String)>,
     token: String,
+}
+
+impl LockGuard {
+    /// Gives the lock back now (a failure leaves it to end with its lease).
+    async fn release(mut self) {
+        if let Some((tenant, session_id, file_id)) = self.ids.take() {
+            if let Err(e) = self
+                .uploads
+                .store
+                .tus_release(&tenant, &session_id, &file_id, &self.token)
+                .await
+            {
+                tracing::warn!(error = %e, "releasing a tus lock failed; it ends with its lease");
+            }
+        }
+    }
 }
 
 impl Drop for LockGuard {
@@ -268,150 +297,230 @@ impl Uploads {
             TusBegun::OffsetMismatch(offset) => return Err(AppError::OffsetMismatch(offset)),
             TusBegun::NotOpen(f) => return self.patch_closed(f, &req),
         };
-        let _lock = LockGuard {
+        let lock = LockGuard {
             uploads: self.clone(),
             ids: Some((tenant.to_owned(), session_id.to_owned(), file_id.to_owned())),
             token: token.clone(),
         };
-        let p = file.part_size_bytes;
-        let mut length = (!state.deferred).then_some(file.size_bytes);
-        let mut new_length = None;
-        if let Some(l) = req.length {
-            match length {
-                Some(known) if known != l => {
-                    return Err(AppError::Validation(vec![crate::error::FieldError::new(
-                        "Upload-Length",
-                        format!("the upload's length is {known}"),
-                    )]))
-                }
-                Some(_) => {}
-                None => {
-                    self.check_length(l, state.offset, p, req.max_size)?;
-                    length = Some(l);
-                    new_length = Some(l);
-                }
-            }
-        }
-        let mut pending = Pending {
-            part_size: p,
-            offset: state.offset,
-            tail_len: if length == Some(state.offset) {
-                0
-            } else {
-                state.offset % p
-            },
-            tail_used: false,
-            staged: Vec::new(),
-            staged_new: 0,
-            buf: BytesMut::new(),
-        };
-        let limit = length.unwrap_or(req.max_size.min(MAX_PARTS.saturating_mul(p)));
-        let mut hasher = req.checksum.as_ref().map(Hasher::new);
-        let mut upload_id: Option<String> = None;
-        let mut renew =
-            tokio::time::interval_at(tokio::time::Instant::now() + LOCK_RENEW, LOCK_RENEW);
-        let mut body = body;
-        let mut failure: Option<AppError> = None;
-        loop {
-            let chunk = tokio::select! {
-                chunk = body.next() => chunk,
-                _ = renew.tick() => {
-                    self.renew_lock(tenant, session_id, file_id, &token, pending.offset).await?;
-                    continue;
-                }
-            };
-            let bytes = match chunk {
-                None => break,
-                Some(Err(e)) => {
-                    failure = Some(e);
-                    break;
-                }
-                Some(Ok(b)) => b,
-            };
-            if pending.end() + bytes.len() as u64 > limit {
-                failure = Some(match length {
-                    Some(l) => AppError::UploadLengthExceeded(l),
-                    None => AppError::FileTooLarge(limit),
-                });
-                break;
-            }
-            if let Some(h) = &mut hasher {
-                h.update(&bytes);
-            }
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                let room = (p - pending.prefix()) as usize - pending.buf.len();
-                let take = room.min(rest.len());
-                pending.buf.extend_from_slice(&rest.split_to(take));
-                if pending.prefix() + pending.buf.len() as u64 == p {
-                    self.store_part(tenant, &file, &mut pending, &mut upload_id)
-                        .await?;
-                    if hasher.is_none() {
-                        self.flush(tenant, &file, &token, &mut pending, None)
-                            .await?;
+        // Everything done under the lock: given back before the answer, so the client's
+        // next PATCH finds the upload free (the guard gives it back if this is cancelled).
+        let result: Result<Patched, AppError> = async {
+            let p = file.part_size_bytes;
+            let mut length = (!state.deferred).then_some(file.size_bytes);
+            let mut new_length = None;
+            if let Some(l) = req.length {
+                match length {
+                    Some(known) if known != l => {
+                        return Err(AppError::Validation(vec![crate::error::FieldError::new(
+                            "Upload-Length",
+                            format!("the upload's length is {known}"),
+                        )]))
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.check_length(l, state.offset, p, req.max_size)?;
+                        length = Some(l);
+                        new_length = Some(l);
                     }
                 }
             }
-        }
-        let checksum_failed = match (hasher, &req.checksum) {
-            (Some(h), Some(c)) => failure.is_none() && !h.matches(c),
-            _ => false,
-        };
-        if checksum_failed {
-            return Err(AppError::UploadChecksumMismatch);
-        }
-        if failure.is_some() && req.checksum.is_some() {
-            // A checksummed chunk is kept whole or not at all.
-            return Err(failure.unwrap_or(AppError::BodyIncomplete));
-        }
-        if failure.is_none() && req.complete == Some(true) {
-            let end = pending.end();
-            match length {
-                Some(l) if l != end => {
-                    return Err(AppError::Validation(vec![crate::error::FieldError::new(
-                        "Upload-Complete",
-                        format!("the upload's length is {l}, the request ends at {end}"),
-                    )]))
+            let mut pending = Pending {
+                part_size: p,
+                offset: state.offset,
+                tail_len: if length == Some(state.offset) {
+                    0
+                } else {
+                    state.offset % p
+                },
+                tail_used: false,
+                staged: Vec::new(),
+                staged_new: 0,
+                buf: BytesMut::new(),
+            };
+            let limit = length.unwrap_or(req.max_size.min(MAX_PARTS.saturating_mul(p)));
+            let mut hasher = req.checksum.as_ref().map(Hasher::new);
+            let mut upload_id: Option<String> = None;
+            let mut renew =
+                tokio::time::interval_at(tokio::time::Instant::now() + LOCK_RENEW, LOCK_RENEW);
+            let mut body = body;
+            let mut failure: Option<AppError> = None;
+            loop {
+                let chunk = tokio::select! {
+                    chunk = body.next() => chunk,
+                    _ = renew.tick() => {
+                        self.renew_lock(tenant, session_id, file_id, &token, pending.offset).await?;
+                        continue;
+                    }
+                };
+                let bytes = match chunk {
+                    None => break,
+                    Some(Err(e)) => {
+                        failure = Some(e);
+                        break;
+                    }
+                    Some(Ok(b)) => b,
+                };
+                if pending.end() + bytes.len() as u64 > limit {
+                    failure = Some(match length {
+                        Some(l) => AppError::UploadLengthExceeded(l),
+                        None => AppError::FileTooLarge(limit),
+                    });
+                    break;
                 }
-                Some(_) => {}
-                None => {
-                    self.check_length(end, state.offset, p, req.max_size)?;
-                    length = Some(end);
-                    new_length = Some(end);
+                if let Some(h) = &mut hasher {
+                    h.update(&bytes);
+                }
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let room = (p - pending.prefix()) as usize - pending.buf.len();
+                    let take = room.min(rest.len());
+                    pending.buf.extend_from_slice(&rest.split_to(take));
+                    if pending.prefix() + pending.buf.len() as u64 == p {
+                        self.store_part(tenant, &file, &mut pending, &mut upload_id)
+                            .await?;
+                        if hasher.is_none() {
+                            self.flush(tenant, &file, &token, &mut pending, None)
+                                .await?;
+                        }
+                    }
                 }
             }
+            let checksum_failed = match (hasher, &req.checksum) {
+                (Some(h), Some(c)) => failure.is_none() && !h.matches(c),
+                _ => false,
+            };
+            if checksum_failed {
+                return Err(AppError::UploadChecksumMismatch);
+            }
+            if failure.is_some() && req.checksum.is_some() {
+                // A checksummed chunk is kept whole or not at all.
+                return Err(failure.unwrap_or(AppError::BodyIncomplete));
+            }
+            if failure.is_none() && req.complete == Some(true) {
+                let end = pending.end();
+                match length {
+                    Some(l) if l != end => {
+                        return Err(AppError::Validation(vec![crate::error::FieldError::new(
+                            "Upload-Complete",
+                            format!("the upload's length is {l}, the request ends at {end}"),
+                        )]))
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.check_length(end, state.offset, p, req.max_size)?;
+                        length = Some(end);
+                        new_length = Some(end);
+                    }
+                }
+            }
+            // The last part, once the last byte is here (a zero-byte upload's empty part too).
+            let whole = length.is_some_and(|l| pending.end() == l);
+            if whole && (pending.prefix() > 0 || !pending.buf.is_empty() || length == Some(0)) {
+                self.store_part(tenant, &file, &mut pending, &mut upload_id)
+                    .await?;
+            }
+            if pending.end() > pending.offset || !pending.staged.is_empty() || new_length.is_some()
+            {
+                let len_update = new_length.map(|l| (l, part_count(l, p)));
+                self.flush(tenant, &file, &token, &mut pending, len_update)
+                    .await?;
+                if let Some(l) = new_length {
+                    file.size_bytes = l;
+                    file.part_count = part_count(l, p);
+                }
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            if length == Some(pending.offset) {
+                file = self
+                    .complete(tenant, session_id, file_id, &serde_json::json!({}))
+                    .await?;
+                if req.finalize {
+                    self.finalize(tenant, session_id).await?;
+                }
+            }
+            Ok(Patched {
+                offset: pending.offset,
+                file,
+                length,
+            })
         }
-        // The last part, once the last byte is here (a zero-byte upload's empty part too).
-        let whole = length.is_some_and(|l| pending.end() == l);
-        if whole && (pending.prefix() > 0 || !pending.buf.is_empty() || length == Some(0)) {
-            self.store_part(tenant, &file, &mut pending, &mut upload_id)
-                .await?;
+        .await;
+        lock.release().await;
+        result
+    }
+
+    /// tus concatenation: the final upload `file_id`, registered with the partial uploads'
+    /// total length, gets their objects' bytes in order, read [`CONCAT_READ`] bytes at a time
+    /// and kept through the PATCH path (so it is completed, and finalized when
+    /// `req.finalize`, as a PATCHed upload is); the partial uploads are deleted once it is
+    /// completed. A concatenation that stops midway (storage failing, a crash) leaves the
+    /// partial uploads as they were and the final upload incomplete: the client creates the
+    /// final upload again.
+    pub async fn tus_concat(
+        self: &Arc<Self>,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        partials: &[PartialUpload],
+        req: Patch,
+    ) -> Result<Patched, AppError> {
+        let storage = self.storage(tenant).clone();
+        let sources: Arc<[(String, u64)]> = partials
+            .iter()
+            .map(|p| (p.file.object_key.clone(), p.file.size_bytes))
+            .collect();
+        let total: u64 = sources.iter().map(|(_, size)| size).sum();
+        let body = futures_util::stream::try_unfold((0usize, 0u64), move |(mut i, mut at)| {
+            let (storage, sources) = (storage.clone(), sources.clone());
+            async move {
+                while let Some((key, size)) = sources.get(i) {
+                    if at < *size {
+                        let n = (*size - at).min(CONCAT_READ);
+                        let bytes = storage.read_range(key, at, n as usize).await?;
+                        if bytes.is_empty() {
+                            return Err(AppError::Unavailable(format!(
+                                "partial upload object {key} ends at {at} of its {size} bytes"
+                            )));
+                        }
+                        let next = at + bytes.len() as u64;
+                        return Ok(Some((bytes, (i, next))));
+                    }
+                    i += 1;
+                    at = 0;
+                }
+                Ok(None)
+            }
+        });
+        let patched = self
+            .tus_patch(tenant, session_id, file_id, req, Box::pin(body))
+            .await?;
+        if patched.offset != total || patched.file.status != FileStatus::Completed {
+            return Err(AppError::Unavailable(format!(
+                "concatenation kept {} of {total} bytes",
+                patched.offset
+            )));
         }
-        if pending.end() > pending.offset || !pending.staged.is_empty() || new_length.is_some() {
-            let len_update = new_length.map(|l| (l, part_count(l, p)));
-            self.flush(tenant, &file, &token, &mut pending, len_update)
-                .await?;
-            if let Some(l) = new_length {
-                file.size_bytes = l;
-                file.part_count = part_count(l, p);
+        for p in partials {
+            let deleted = if p.own_session {
+                self.delete_session(tenant, &p.file.session_id).await
+            } else {
+                self.delete_file(tenant, &p.file.session_id, &p.file.id)
+                    .await
+            };
+            if let Err(e) = deleted {
+                // The final upload stands. A partial upload's own session expires and the
+                // reaper removes it; one in a named session stays until deleted.
+                tracing::warn!(
+                    error = %e,
+                    partial_session = %p.file.session_id,
+                    partial_file = %p.file.id,
+                    "deleting a concatenated partial upload failed"
+                );
             }
         }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if length == Some(pending.offset) {
-            file = self
-                .complete(tenant, session_id, file_id, &serde_json::json!({}))
-                .await?;
-            if req.finalize {
-                self.finalize(tenant, session_id).await?;
-            }
-        }
-        Ok(Patched {
-            offset: pending.offset,
-            file,
-            length,
-        })
+        Ok(patched)
     }
 
     /// A PATCH on an upload that takes no more bytes: a completed upload answers its

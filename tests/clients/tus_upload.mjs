@@ -4,6 +4,7 @@
 // node tus_upload.mjs '<json options>'
 //   endpoint, file, chunkSize, protocol ('tus-v1' | 'ietf-draft-03' | 'ietf-draft-05'),
 //   token, metadata (object), uploadUrl (resume this upload),
+//   parallelUploads (split into that many partial uploads, joined by concatenation),
 //   pauseAt (bytes: before the first PATCH at or past this offset, print PAUSED <url>
 //   and wait pauseMs, so the test can kill and restart the gateway meanwhile).
 // Prints one JSON line: {"url", "bytesUploaded"} on success; exits 1 with the error.
@@ -19,6 +20,7 @@ const upload = new tus.Upload(data, {
   endpoint: opts.endpoint,
   uploadUrl: opts.uploadUrl,
   chunkSize: opts.chunkSize,
+  parallelUploads: opts.parallelUploads ?? 1,
   protocol: opts.protocol ?? 'tus-v1',
   headers: { Authorization: `Bearer ${opts.token}` },
   metadata: opts.metadata ?? {},
@@ -42,6 +44,8 @@ const upload = new tus.Upload(data, {
     process.exit(1)
   },
   onSuccess() {
+    // With parallel uploads, the final upload's URL.
+    url = upload.url ?? url
     process.stdout.write(`${JSON.stringify({ url, bytesUploaded: data.length })}\n`)
   },
 })

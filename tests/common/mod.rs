@@ -181,6 +181,9 @@ impl ObjectStore for CountingStorage {
         let _ = held.wait_for(|held| !*held).await;
         self.inner.read_head(key, n).await
     }
+    async fn read_range(&self, key: &str, start: u64, n: usize) -> Result<Bytes, StorageError> {
+        self.inner.read_range(key, start, n).await
+    }
     async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
         self.inner.delete_object(key).await
     }
