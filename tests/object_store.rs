@@ -461,6 +461,37 @@ async fn read_head_of_png(h: Harness) {
 }
 both!(read_head_of_png);
 
+/// Ranges from anywhere in an object (a tus concatenation reads its partial uploads so):
+/// across a part boundary, short at the end, empty from the end on.
+async fn read_range_from_an_offset(h: Harness) {
+    let key = h.key("ranges.bin");
+    let (p1, p2) = (pattern(5 * MIB, 32), pattern(777, 33));
+    let (upload_id, parts) = upload(&h, &key, &[&p1, &p2]).await;
+    h.store
+        .complete_upload(&key, &upload_id, &parts)
+        .await
+        .expect("complete");
+    let whole: Vec<u8> = [&p1[..], &p2[..]].concat();
+    let total = whole.len() as u64;
+    for (start, n) in [
+        (0, 10),
+        (5 * MIB as u64 - 5, 100),
+        (total - 7, 4096),
+        (1, 0),
+    ] {
+        let got = h.store.read_range(&key, start, n).await.expect("range");
+        let end = (start as usize + n).min(whole.len());
+        assert_eq!(&got[..], &whole[start as usize..end], "{start}+{n}");
+    }
+    let past = h
+        .store
+        .read_range(&key, total, 10)
+        .await
+        .expect("at the end");
+    assert!(past.is_empty());
+}
+both!(read_range_from_an_offset);
+
 async fn zero_byte_object(h: Harness) {
     let key = h.key("empty.txt");
     let empty = Bytes::new();
