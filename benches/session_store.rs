@@ -72,7 +72,7 @@ fn file(session_id: &str, n: u64) -> FileRecord {
         file_url: None,
         etag: None,
         metadata: Default::default(),
-        tus_concat: None,
+        tus_form: None,
     }
 }
 

@@ -99,7 +99,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         file_url: None,
         etag: None,
         metadata: Default::default(),
-        tus_concat: None,
+        tus_form: None,
     };
     let ms = now_ms();
     match store

@@ -182,9 +182,11 @@ pub struct FileRecord {
     pub etag: Option<String>,
     /// The client's metadata (string values), empty when it sent none.
     pub metadata: std::collections::BTreeMap<String, String>,
-    /// A tus concatenation's final upload: the ids of the partial uploads it was made of,
-    /// space-separated (HEAD answers them in `Upload-Concat`); not part of the file resource.
-    pub tus_concat: Option<String>,
+    /// A tus upload's form ([`crate::uploads::tus::Form`]): the marker its upload id has
+    /// between the session and file ids, and for a final upload the ids of the partial
+    /// uploads it was made of, space-separated. `None` for a file registered through the
+    /// REST API. Not part of the file resource.
+    pub tus_form: Option<String>,
 }
 
 /// One uploaded part as recorded by the gateway.

@@ -1471,6 +1471,27 @@ async fn fs_complete_after_an_interrupted_publish() {
     assert!(matches!(r, Err(StorageError::NoSuchUpload)), "{r:?}");
 }
 
+/// An upload made before parts were written in place has no `data`: its parts are blobs,
+/// and `complete` assembles them (a missing `data` means "published" only when the object
+/// is there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_an_upload_without_data_is_assembled_from_its_blobs() {
+    let u = FsUpload::new().await;
+    std::fs::remove_file(u.upload_dir().join("data")).expect("no data");
+    let (p1, p2) = (pattern(MIB, 156), pattern(321, 157));
+    let e1 = u.put(1, &p1, 0).await;
+    let e2 = u.put(2, &p2, MIB as u64).await;
+    assert_eq!(u.names("blob-").len(), 2, "both parts are blobs");
+    let etag = u
+        .store
+        .complete_upload(&u.key, &u.upload_id, &[(1, e1), (2, e2)])
+        .await
+        .expect("complete");
+    assert_eq!(etag, multipart_etag(&[&p1, &p2]));
+    u.assert_object(&[&p1, &p2]);
+    assert!(!u.upload_dir().exists(), "the upload is gone");
+}
+
 /// A completion killed while removing the upload after publishing it: part links are gone
 /// along with `data`. Completing again answers `NoSuchUpload` (the gateway then finds the
 /// object), not an invalid part list, and the rest of the upload goes.

@@ -195,7 +195,7 @@ fn file(session_id: &str, key: &str, created_at: i64) -> FileRecord {
             ("k".to_owned(), key.to_owned()),
         ]
         .into(),
-        tus_concat: None,
+        tus_form: None,
     }
 }
 

@@ -742,6 +742,8 @@ async fn concatenation_on(gw: &TestGateway, object: impl Fn(&Value) -> Option<Ve
     }
     let res = patch(gw, &url, whole.len(), Vec::new()).await;
     assert_eq!(res.status(), 403);
+    let problem: Value = res.json().await.expect("problem");
+    assert_eq!(problem["code"], "finalUpload");
     // Made of them once: the partial uploads are gone now.
     let res = create_concat(gw, KEY_A, &format!("final;{}", urls.join(" ")), None).await;
     assert_eq!(res.status(), 400);
@@ -780,10 +782,17 @@ async fn a_final_upload_refuses_what_it_cannot_be_made_of() {
     let unfinished = gw.url(unfinished.headers()["location"].to_str().expect("location"));
     let plain = create_url(&gw, Some(1), "").await;
     assert_eq!(patch(&gw, &plain, 0, b"x".to_vec()).await.status(), 204);
+    // An id claims a form its file does not have: a plain upload called partial, an own
+    // session's partial upload called one of a named session.
+    let plain_as_partial = plain.replacen('_', "_p~", 1);
+    let done_as_named = done.replacen("_p~", ".p~", 1);
     for list in [
         plain.clone(),
         unfinished.clone(),
         format!("{done} {unfinished}"),
+        format!("{done} {done}"),
+        plain_as_partial.clone(),
+        done_as_named.clone(),
         "/v1/tus/nosuch_p~upload".to_owned(),
     ] {
         let res = create_concat(&gw, KEY_A, &format!("final;{list}"), None).await;
@@ -821,7 +830,79 @@ async fn a_final_upload_refuses_what_it_cannot_be_made_of() {
         .await
         .expect("create");
     assert_eq!(res.status(), 400);
+    // Nor do the other requests take an id for another form: HEAD, PATCH and DELETE by
+    // those ids find nothing, and the uploads are untouched.
+    for url in [&plain_as_partial, &done_as_named] {
+        assert_eq!(head(&gw, url).await.status(), 404, "{url}");
+        assert_eq!(
+            patch(&gw, url, 1, b"y".to_vec()).await.status(),
+            404,
+            "{url}"
+        );
+        let res = gw
+            .client
+            .delete(url.as_str())
+            .bearer_auth(KEY_A)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(res.status(), 404, "{url}");
+    }
+    assert_eq!(head(&gw, &plain).await.status(), 200);
     // Nothing was consumed: the completed partial upload still makes a final upload.
     let res = create_concat(&gw, KEY_A, &format!("final;{done}"), None).await;
     assert_eq!(res.status(), 201, "{:?}", res.text().await);
+}
+
+/// With upload tokens, partial and final uploads join the token's session; a final upload
+/// cannot be made of another session's partial uploads, and the partial files leave the
+/// session once made into one.
+#[tokio::test]
+async fn upload_tokens_concatenate_their_own_session_partial_uploads_only() {
+    let gw = memory_fs_gateway().await;
+    let a = gw.create_session(KEY_A, serde_json::json!({})).await;
+    let b = gw.create_session(KEY_A, serde_json::json!({})).await;
+    let (ta, tb) = (
+        a["uploadToken"].as_str().expect("token"),
+        b["uploadToken"].as_str().expect("token"),
+    );
+    // Two partial uploads of one file (the same name) in one session.
+    let mut urls = Vec::new();
+    for body in ["abcd", "ef"] {
+        let res = create_concat(&gw, ta, "partial", Some(body.len())).await;
+        assert_eq!(res.status(), 201, "{:?}", res.text().await);
+        let url = gw.url(res.headers()["location"].to_str().expect("location"));
+        assert!(url.contains(".p~"), "{url}");
+        let res = gw
+            .client
+            .patch(&url)
+            .bearer_auth(ta)
+            .header("tus-resumable", "1.0.0")
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", "0")
+            .body(body)
+            .send()
+            .await
+            .expect("patch");
+        assert_eq!(res.status(), 204);
+        urls.push(url);
+    }
+    let list = format!("final;{}", urls.join(" "));
+    let res = create_concat(&gw, tb, &list, None).await;
+    assert_eq!(res.status(), 400, "another session's token");
+    let res = create_concat(&gw, ta, &list, None).await;
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    let sid = a["sessionId"].as_str().expect("sid");
+    let session = gw.get_json(KEY_A, &format!("/v1/sessions/{sid}")).await;
+    let files: Vec<&Value> = session["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter(|f| f["status"] != "aborted")
+        .collect();
+    assert_eq!(files.len(), 1, "only the final file: {session}");
+    assert_eq!(files[0]["sizeBytes"], 6);
+    assert_eq!(files[0]["status"], "completed");
+    assert_eq!(files[0]["fileKey"], "joined.bin");
 }

@@ -328,3 +328,95 @@ async fn tus_js_client_resumes_after_the_gateway_is_killed_in_tus_and_the_ietf_d
         drop(second);
     }
 }
+
+/// The gateway SIGKILLed while it makes a final upload of two 40 MiB partial uploads on S3
+/// (killed once the final upload's multipart upload is open): after a restart on the same
+/// Redis the partial uploads are still there, completed and whole, and creating the final
+/// upload again makes the whole object and removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concatenation_killed_midway_leaves_its_partial_uploads_whole() {
+    let redis = RedisServer::start();
+    let s3 = S3Server::start("concatkill");
+    let extra = binary_config(&redis, &s3);
+    let env = [
+        ("AWS_ACCESS_KEY_ID", s3.access_key()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key()),
+    ];
+    let port = upgate_testkit::free_port();
+    let mut first = Binary::start_on(&extra, &env, port);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let pieces = [data(40 * MIB, 11), data(40 * MIB + 5, 12)];
+    let mut urls = Vec::new();
+    for bytes in &pieces {
+        let res = http
+            .post(format!("{base}/v1/tus"))
+            .bearer_auth(KEY_A)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-concat", "partial")
+            .header("upload-length", bytes.len().to_string())
+            .header("content-type", "application/offset+octet-stream")
+            .body(bytes.clone())
+            .send()
+            .await
+            .expect("partial");
+        assert_eq!(res.status(), 201, "{}", first.stdout());
+        let loc = res.headers()["location"].to_str().expect("loc").to_owned();
+        urls.push(format!("{base}{loc}"));
+    }
+    assert_eq!(
+        s3.open_upload_count(),
+        0,
+        "the partial uploads are completed"
+    );
+    let final_req = |http: &reqwest::Client| {
+        http.post(format!("{base}/v1/tus"))
+            .bearer_auth(KEY_A)
+            .header("tus-resumable", "1.0.0")
+            .header("upload-concat", format!("final;{}", urls.join(" ")))
+            .send()
+    };
+    let killed = tokio::spawn(final_req(&http));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s3.open_upload_count() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    first.signal("-KILL");
+    first.wait(Duration::from_secs(10));
+    assert!(
+        killed.await.expect("join").is_err(),
+        "the concatenation was cut"
+    );
+
+    let second = Binary::start_on(&extra, &env, port);
+    for (url, bytes) in urls.iter().zip(&pieces) {
+        let file = file_of(&base, url).await;
+        assert_eq!(file["status"], "completed", "{url}: {file}");
+        assert_eq!(sha256_hex(&s3_object(&s3, &file)), sha256_hex(bytes));
+    }
+    let res = final_req(&http).await.expect("final again");
+    assert_eq!(
+        res.status(),
+        201,
+        "{:?}\n{}",
+        res.text().await,
+        second.stdout()
+    );
+    let loc = res.headers()["location"].to_str().expect("loc").to_owned();
+    let file = file_of(&base, &format!("{base}{loc}")).await;
+    assert_eq!(file["status"], "completed", "{file}");
+    assert_eq!(
+        sha256_hex(&s3_object(&s3, &file)),
+        sha256_hex(&pieces.concat())
+    );
+    for url in &urls {
+        let res = http
+            .head(url)
+            .bearer_auth(KEY_A)
+            .header("tus-resumable", "1.0.0")
+            .send()
+            .await
+            .expect("head");
+        assert_eq!(res.status(), 404, "{url} is gone");
+    }
+}

@@ -83,7 +83,7 @@ pub(super) fn new_file(
         file_url: None,
         etag: None,
         metadata: req.metadata,
-        tus_concat: None,
+        tus_form: None,
     };
     if let Some(why) = crate::storage::object_key_problem(storage.kind(), &file.object_key) {
         return Err(AppError::Validation(vec![FieldError::new("fileKey", why)]));

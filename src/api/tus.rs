@@ -23,7 +23,7 @@ use serde_json::json;
 use super::{ApiPath, AppState, Tenant};
 use crate::error::{AppError, FieldError};
 use crate::model::now_ms;
-use crate::uploads::tus::{Checksum, Head, PartialUpload, Patch, Patched};
+use crate::uploads::tus::{Checksum, Form, Head, Kind, PartialUpload, Patch, Patched};
 
 /// The tus version spoken.
 const TUS_VERSION: &str = "1.0.0";
@@ -174,67 +174,34 @@ fn checksum(h: &HeaderMap) -> Result<Option<Checksum>, AppError> {
     }
 }
 
-/// An upload's kind (the concatenation extension).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// An upload of its own.
-    Plain,
-    /// `Upload-Concat: partial`.
-    Partial,
-    /// `Upload-Concat: final;...`.
-    Final,
-}
-
-impl Kind {
-    fn marker(self) -> &'static str {
-        match self {
-            Kind::Plain => "",
-            Kind::Partial => "p~",
-            Kind::Final => "c~",
-        }
-    }
-}
-
 /// What an upload id names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UploadRef<'a> {
     pub(crate) session: &'a str,
     pub(crate) file: &'a str,
-    /// The session is the upload's own.
-    pub(crate) own: bool,
-    pub(crate) kind: Kind,
+    pub(crate) form: Form,
 }
 
-/// An upload id's parts (see the module's documentation).
+/// An upload id's parts (see the module's documentation): the session id, the marker
+/// ([`Form::marker`]) and the file id.
 pub(crate) fn split_upload_id(id: &str) -> Option<UploadRef<'_>> {
-    let (session, rest, own) = match id.split_once('_') {
-        Some((s, f)) => (s, f, true),
-        None => {
-            let (s, f) = id.split_once('.')?;
-            (s, f, false)
-        }
+    let sep = id.find(['_', '.'])?;
+    let (session, rest) = id.split_at(sep);
+    let kind_len = match rest.get(1..3) {
+        Some("p~" | "c~") => 3,
+        _ => 1,
     };
-    let (kind, file) = if let Some(f) = rest.strip_prefix(Kind::Partial.marker()) {
-        (Kind::Partial, f)
-    } else if let Some(f) = rest.strip_prefix(Kind::Final.marker()) {
-        (Kind::Final, f)
-    } else {
-        (Kind::Plain, rest)
-    };
+    let form = Form::from_marker(&rest[..kind_len])?;
+    let file = &rest[kind_len..];
     (!session.is_empty() && !file.is_empty()).then_some(UploadRef {
         session,
         file,
-        own,
-        kind,
+        form,
     })
 }
 
-fn upload_id(session_id: &str, file_id: &str, own: bool, kind: Kind) -> String {
-    format!(
-        "{session_id}{}{}{file_id}",
-        if own { '_' } else { '.' },
-        kind.marker()
-    )
+fn upload_id(session_id: &str, file_id: &str, form: Form) -> String {
+    format!("{session_id}{}{file_id}", form.marker())
 }
 
 /// What `Upload-Concat` asks of a creation.
@@ -443,24 +410,26 @@ async fn run_concat(
     tenant: &str,
     session_id: &str,
     file_id: &str,
+    form: Form,
     partials: Vec<PartialUpload>,
-    req: Patch,
+    max_size: u64,
 ) -> Result<Patched, AppError> {
     let uploads = state.uploads.clone();
     let (tenant, session_id, file_id) =
         (tenant.to_owned(), session_id.to_owned(), file_id.to_owned());
     tokio::spawn(async move {
         uploads
-            .tus_concat(&tenant, &session_id, &file_id, &partials, req)
+            .tus_concat(&tenant, &session_id, &file_id, form, &partials, max_size)
             .await
     })
     .await
     .map_err(|e| AppError::Internal(format!("tus concatenation task: {e}")))?
 }
 
-/// The partial uploads a final upload names: each a completed partial upload the caller
-/// may act on (an upload token's own session, a user's own sessions); any other is
-/// refused alike, so a final upload learns nothing of uploads that are not the caller's.
+/// The partial uploads a final upload names: each a completed partial upload (by its id and
+/// its file's record alike) the caller may act on (an upload token's own session, a
+/// user's own sessions), named once; any other is refused alike, so a final upload learns
+/// nothing of uploads that are not the caller's.
 async fn partial_uploads(
     state: &AppState,
     tenant: &Tenant,
@@ -476,9 +445,12 @@ async fn partial_uploads(
                 format!("{id} is not a completed partial upload"),
             )
         };
-        let Some(r) = split_upload_id(id).filter(|r| r.kind == Kind::Partial) else {
+        let Some(r) = split_upload_id(id).filter(|r| r.form.kind == Kind::Partial) else {
             return Err(refused());
         };
+        if ids[..out.len()].contains(id) {
+            return Err(bad("Upload-Concat", format!("{id} is named twice")));
+        }
         if scope.is_some_and(|Extension(s)| s.0 != r.session) {
             return Err(refused());
         }
@@ -490,7 +462,7 @@ async fn partial_uploads(
         }
         let head = match state
             .uploads
-            .tus_head(&tenant.0.id, r.session, r.file)
+            .tus_head(&tenant.0.id, r.session, r.file, r.form)
             .await
         {
             Ok(h) => h,
@@ -508,7 +480,7 @@ async fn partial_uploads(
         }
         out.push(PartialUpload {
             file: head.file,
-            own_session: r.own,
+            own_session: r.form.own,
         });
     }
     Ok(out)
@@ -647,8 +619,17 @@ async fn create_upload(
         "sizeBytes": length.unwrap_or(0),
         "metadata": meta,
     });
-    if let Some(k) = &file_key {
-        reg["fileKey"] = json!(k);
+    match (&file_key, kind) {
+        (Some(k), _) => reg["fileKey"] = json!(k),
+        // Partial uploads of one file share its name (tus-js-client sends none): each gets
+        // a key of its own, so that several fit in one session (48 random bits; short, as
+        // object keys sit in file names on some S3-compatible servers: s3s-fs base64s the
+        // whole key into one).
+        (None, Kind::Partial) => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            reg["fileKey"] = json!(format!("partial-{}", &id[..12]));
+        }
+        (None, _) => {}
     }
     if let Some(ct) = &content_type {
         reg["contentType"] = json!(ct);
@@ -663,9 +644,11 @@ async fn create_upload(
         ));
     }
     let mut file = super::files::new_file(state, t, &session_id, req)?;
-    if let Concat::Final(ids) = &concat {
-        file.tus_concat = Some(ids.join(" "));
-    }
+    let form = Form { own, kind };
+    file.tus_form = Some(match &concat {
+        Concat::Final(ids) => form.record(ids),
+        _ => form.record(&[]),
+    });
     tracing::Span::current().record("file_id", file.id.as_str());
     let now = now_ms();
     let gate = state
@@ -690,20 +673,12 @@ async fn create_upload(
             return Err(e);
         }
     };
-    let id = upload_id(&session_id, &file.id, own, kind);
+    let id = upload_id(&session_id, &file.id, form);
     // A body (creation-with-upload), a zero-length upload, or an IETF creation that says it
     // is complete goes through the PATCH path.
     let with_body = has_body(headers);
     let patched = if let Some(partials) = partials {
-        let req = Patch {
-            offset: 0,
-            length: None,
-            complete: None,
-            checksum: None,
-            max_size: max,
-            finalize: own,
-        };
-        Some(run_concat(state, &t.id, &session_id, &file.id, partials, req).await?)
+        Some(run_concat(state, &t.id, &session_id, &file.id, form, partials, max).await?)
     } else if with_body || length == Some(0) || complete == Some(true) {
         if proto == Proto::Tus
             && with_body
@@ -717,7 +692,7 @@ async fn create_upload(
             complete,
             checksum: checksum(headers)?,
             max_size: max,
-            finalize: own && kind == Kind::Plain,
+            form: Some(form),
         };
         Some(run_patch(state, &t.id, &session_id, &file.id, req, body).await?)
     } else {
@@ -737,10 +712,10 @@ async fn create_upload(
     Ok(res)
 }
 
-/// The upload id of the path, as (session, file, own session, kind).
-fn ids(upload: &str) -> Result<(String, String, bool, Kind), AppError> {
+/// The upload id of the path, as (session, file, form).
+fn ids(upload: &str) -> Result<(String, String, Form), AppError> {
     let r = split_upload_id(upload).ok_or(AppError::FileNotFound)?;
-    Ok((r.session.to_owned(), r.file.to_owned(), r.own, r.kind))
+    Ok((r.session.to_owned(), r.file.to_owned(), r.form))
 }
 
 /// `HEAD /v1/tus/{uploadId}`: the offset (and length, expiry).
@@ -755,22 +730,20 @@ pub(super) async fn head(
     let pr = p.as_ref().ok().copied();
     let result = async {
         let proto = p?;
-        let (sid, fid, _, kind) = ids(&upload)?;
-        let h: Head = state.uploads.tus_head(&tenant.0.id, &sid, &fid).await?;
+        let (sid, fid, form) = ids(&upload)?;
+        let h: Head = state
+            .uploads
+            .tus_head(&tenant.0.id, &sid, &fid, form)
+            .await?;
         let mut res = StatusCode::OK.into_response();
         let length = (!h.state.deferred).then_some(h.file.size_bytes);
         state_headers(&mut res, proto, h.offset(), length, h.expires_at);
-        match kind {
+        match form.kind {
             Kind::Plain => {}
             Kind::Partial => set(&mut res, "upload-concat", "partial"),
             Kind::Final => {
-                let urls: Vec<String> = h
-                    .file
-                    .tus_concat
-                    .as_deref()
-                    .unwrap_or("")
-                    .split(' ')
-                    .filter(|id| !id.is_empty())
+                let urls: Vec<String> = crate::uploads::tus::partial_ids(&h.file)
+                    .into_iter()
                     .map(|id| format!("/v1/tus/{id}"))
                     .collect();
                 set(
@@ -808,10 +781,7 @@ pub(super) async fn patch(
     let pr = p.as_ref().ok().copied();
     let result = async {
         let proto = p?;
-        let (sid, fid, own, kind) = ids(&upload)?;
-        if kind == Kind::Final {
-            return Err(AppError::FinalUpload);
-        }
+        let (sid, fid, form) = ids(&upload)?;
         let content_type = header_str(&headers, "content-type").unwrap_or("");
         let accepted = match proto {
             Proto::Tus => content_type == "application/offset+octet-stream",
@@ -835,7 +805,7 @@ pub(super) async fn patch(
             },
             checksum: checksum(&headers)?,
             max_size: max_size(&state, Some(&tenant), user.as_ref().map(|u| &u.0)),
-            finalize: own && kind == Kind::Plain,
+            form: Some(form),
         };
         let done = run_patch(&state, &tenant.0.id, &sid, &fid, req, body).await?;
         let (expires_at, _) = state
@@ -864,12 +834,11 @@ pub(super) async fn delete(
     let pr = p.as_ref().ok().copied();
     let result = async {
         p?;
-        let (sid, fid, own, _) = ids(&upload)?;
-        if own {
-            state.uploads.delete_session(&tenant.0.id, &sid).await?;
-        } else {
-            state.uploads.delete_file(&tenant.0.id, &sid, &fid).await?;
-        }
+        let (sid, fid, form) = ids(&upload)?;
+        state
+            .uploads
+            .tus_terminate(&tenant.0.id, &sid, &fid, form)
+            .await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     }
     .await;
@@ -986,8 +955,7 @@ mod tests {
             Some(UploadRef {
                 session,
                 file,
-                own,
-                kind,
+                form: Form { own, kind },
             })
         };
         assert_eq!(split_upload_id("s_f"), r("s", "f", true, Kind::Plain));
@@ -997,10 +965,13 @@ mod tests {
         assert_eq!(split_upload_id("sf"), None);
         assert_eq!(split_upload_id("_f"), None);
         assert_eq!(split_upload_id("s_p~"), None);
+        assert_eq!(split_upload_id("s_"), None);
         for own in [true, false] {
             for kind in [Kind::Plain, Kind::Partial, Kind::Final] {
-                let id = upload_id("s", "f", own, kind);
+                let form = Form { own, kind };
+                let id = upload_id("s", "f", form);
                 assert_eq!(split_upload_id(&id), r("s", "f", own, kind), "{id}");
+                assert_eq!(Form::from_marker(form.marker()), Some(form));
             }
         }
     }

@@ -423,15 +423,19 @@ fn complete_blocking(
             if !same_file(&f, &data_path).map_err(|e| io_err("stat upload", e))? {
                 return Err(StorageError::NoSuchUpload);
             }
-            f
+            Some(f)
         }
-        // `data` lives from `create_upload` until it is published (renamed to the key) or
-        // the upload is aborted, and the directory's other entries go only after that. A
-        // completion killed while removing them leaves some behind (the part links too):
-        // the caller finds the object, and the remains go now.
+        // `data` lives from `create_upload` until it is published (renamed to the key), and
+        // the directory's other entries go only after that. A completion killed while
+        // removing them leaves some behind (part links too): with the object there, the
+        // caller finds it, and the remains go now. Without an object, this is an upload made
+        // before parts were written in place: every part is a blob, assembled below.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let _ = std::fs::remove_dir_all(dir);
-            return Err(StorageError::NoSuchUpload);
+            if target.exists() {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(StorageError::NoSuchUpload);
+            }
+            None
         }
         Err(e) => return Err(io_err("open upload", e)),
     };
@@ -474,6 +478,9 @@ fn complete_blocking(
     // and every stored part is chosen: moving blobs into their ranges and truncating then
     // touches no range a later completion could still choose (should this one fail before
     // the rename). Through the gateway both always hold: it completes with every part.
+    let has_in_place = pieces
+        .iter()
+        .any(|p| matches!(p.at, PartAt::InPlace { .. }));
     let in_place_fits = stored.len() == pieces.len()
         && pieces.iter().all(|p| match p.at {
             PartAt::InPlace { offset, .. } => offset == p.start,
@@ -483,7 +490,9 @@ fn complete_blocking(
     // file itself, or by `locked_data` when the object is a new file.
     let mut locked_data: Option<std::fs::File> = None;
     let (object, object_path) = match data {
-        data if in_place_fits => {
+        // In-place parts without `data`: it was published meanwhile.
+        None if has_in_place => return Err(StorageError::NoSuchUpload),
+        Some(data) if in_place_fits => {
             // Only blobs move: each into its range (normally there are none).
             for piece in &pieces {
                 if let PartAt::Blob(path) = &piece.at {
@@ -513,7 +522,10 @@ fn complete_blocking(
                             .map_err(|e| io_err("assemble object", e))?;
                     }
                     PartAt::InPlace { offset, len } => {
-                        let mut src = &data;
+                        let Some(data) = data.as_ref() else {
+                            return Err(StorageError::NoSuchUpload);
+                        };
+                        let mut src = data;
                         src.seek(SeekFrom::Start(*offset))
                             .map_err(|e| io_err("assemble object", e))?;
                         let copied = std::io::copy(&mut std::io::Read::take(src, *len), &mut out)
@@ -526,7 +538,7 @@ fn complete_blocking(
                     }
                 }
             }
-            locked_data = Some(data);
+            locked_data = data;
             (out, path)
         }
     };

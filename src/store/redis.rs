@@ -839,7 +839,7 @@ fn file_fields(call: &mut Call<'_>, f: &FileRecord) {
         ("upload_id", &f.upload_id),
         ("file_url", &f.file_url),
         ("etag", &f.etag),
-        ("tus_concat", &f.tus_concat),
+        ("tus_form", &f.tus_form),
     ] {
         if let Some(x) = value {
             call.arg(name).arg(x);
@@ -1006,7 +1006,7 @@ fn parse_file(v: &Value) -> Result<FileRecord, StoreError> {
                 .map_err(|e| corrupt(format_args!("file metadata: {e}")))?,
             None => Default::default(),
         },
-        tus_concat: f.opt("tus_concat"),
+        tus_form: f.opt("tus_form"),
     })
 }
 
@@ -2566,7 +2566,7 @@ mod tests {
             file_url: None,
             etag: None,
             metadata: [("k".to_owned(), "v \"quoted\" é".to_owned())].into(),
-            tus_concat: Some("a_b c.d".into()),
+            tus_form: Some("_c~ a_p~b c.p~d".into()),
         }
     }
 

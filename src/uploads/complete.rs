@@ -606,7 +606,7 @@ mod tests {
             file_url: None,
             etag: None,
             metadata: Default::default(),
-            tus_concat: None,
+            tus_form: None,
         };
         let status = |id: &'static str| {
             let store = store.clone();

@@ -88,6 +88,103 @@ impl Hasher {
     }
 }
 
+/// A tus upload's kind (the concatenation extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An upload of its own.
+    Plain,
+    /// `Upload-Concat: partial`: never finalized; deleted once a final upload is made of it.
+    Partial,
+    /// `Upload-Concat: final;...`: made of partial uploads when it is created.
+    Final,
+}
+
+/// What a tus upload is: whether its session is its own (created for it, deleted and
+/// finalized with it) and its kind. Its upload id says so and its file records it
+/// (`tus_form`); a request whose id says otherwise than the file is refused as not found,
+/// so an id cannot turn a file into another kind of upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Form {
+    /// The session is the upload's own.
+    pub own: bool,
+    /// Its kind.
+    pub kind: Kind,
+}
+
+impl Form {
+    /// The upload id's marker between the session and file ids: `_` (own session) or `.`
+    /// (named session), then `p~` (partial), `c~` (final) or nothing.
+    pub fn marker(self) -> &'static str {
+        match (self.own, self.kind) {
+            (true, Kind::Plain) => "_",
+            (false, Kind::Plain) => ".",
+            (true, Kind::Partial) => "_p~",
+            (false, Kind::Partial) => ".p~",
+            (true, Kind::Final) => "_c~",
+            (false, Kind::Final) => ".c~",
+        }
+    }
+
+    /// The form a marker names.
+    pub fn from_marker(marker: &str) -> Option<Form> {
+        let (own, kind) = match marker {
+            "_" => (true, Kind::Plain),
+            "." => (false, Kind::Plain),
+            "_p~" => (true, Kind::Partial),
+            ".p~" => (false, Kind::Partial),
+            "_c~" => (true, Kind::Final),
+            ".c~" => (false, Kind::Final),
+            _ => return None,
+        };
+        Some(Form { own, kind })
+    }
+
+    /// The form `file` records; a file registered through the REST API is a plain upload
+    /// of a named session.
+    pub fn of(file: &FileRecord) -> Form {
+        file.tus_form
+            .as_deref()
+            .and_then(|f| f.split(' ').next())
+            .and_then(Form::from_marker)
+            .unwrap_or(Form {
+                own: false,
+                kind: Kind::Plain,
+            })
+    }
+
+    /// What a new upload's file records: the marker, and a final upload's partial upload ids.
+    pub fn record(self, partial_ids: &[&str]) -> String {
+        std::iter::once(self.marker())
+            .chain(partial_ids.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The upload's own session is finalized when its last byte arrives (a partial
+    /// upload's never is: it is made into a final upload).
+    pub fn finalizes(self) -> bool {
+        self.own && self.kind != Kind::Partial
+    }
+}
+
+/// The ids of the partial uploads a final upload's file records, in order.
+pub fn partial_ids(file: &FileRecord) -> Vec<&str> {
+    file.tus_form
+        .as_deref()
+        .map(|f| f.split(' ').skip(1).filter(|id| !id.is_empty()).collect())
+        .unwrap_or_default()
+}
+
+/// The file's form, when it is the one `expected` (`None`: any) names; a PATCH on a final
+/// upload is refused (403).
+fn checked_form(expected: Option<Form>, file: &FileRecord) -> Result<Form, AppError> {
+    let stored = Form::of(file);
+    match expected {
+        Some(f) if f != stored => Err(AppError::FileNotFound),
+        _ => Ok(stored),
+    }
+}
+
 /// One PATCH (or the body of a creation-with-upload POST) as the handler read it.
 #[derive(Debug, Clone)]
 pub struct Patch {
@@ -101,8 +198,9 @@ pub struct Patch {
     pub checksum: Option<Checksum>,
     /// The largest upload the tenant (and the session) takes.
     pub max_size: u64,
-    /// The upload has its own session: finalize it when the last byte arrives.
-    pub finalize: bool,
+    /// The form the request's upload id names (checked against the file's; a final upload
+    /// takes no PATCH), `None` for the gateway's own concatenation.
+    pub form: Option<Form>,
 }
 
 /// What a PATCH achieved.
@@ -237,6 +335,7 @@ impl Uploads {
         tenant: &str,
         session_id: &str,
         file_id: &str,
+        form: Form,
     ) -> Result<Head, AppError> {
         let now = now_ms();
         let (file, state) = open_gate(
@@ -249,6 +348,7 @@ impl Uploads {
         if file.status == FileStatus::Aborted {
             return Err(AppError::FileNotFound);
         }
+        checked_form(Some(form), &file)?;
         let (expires_at, _) = self
             .store
             .session_deadline(tenant, session_id)
@@ -291,11 +391,24 @@ impl Uploads {
                 now,
             )
             .await?;
-        let (mut file, state) = match open_gate(begun, tenant, now)? {
+        let begun = match open_gate(begun, tenant, now) {
+            Err(e @ AppError::SessionNotActive(_)) => {
+                return Err(self
+                    .inactive_upload(tenant, session_id, file_id, req.form, e)
+                    .await)
+            }
+            other => other?,
+        };
+        let (mut file, state) = match begun {
             TusBegun::Held(file, state) => (file, state),
             TusBegun::Locked => return Err(AppError::UploadLocked),
             TusBegun::OffsetMismatch(offset) => return Err(AppError::OffsetMismatch(offset)),
-            TusBegun::NotOpen(f) => return self.patch_closed(f, &req),
+            TusBegun::NotOpen(f) => {
+                if checked_form(req.form, &f)?.kind == Kind::Final && req.form.is_some() {
+                    return Err(AppError::FinalUpload);
+                }
+                return self.patch_closed(f, &req);
+            }
         };
         let lock = LockGuard {
             uploads: self.clone(),
@@ -305,6 +418,10 @@ impl Uploads {
         // Everything done under the lock: given back before the answer, so the client's
         // next PATCH finds the upload free (the guard gives it back if this is cancelled).
         let result: Result<Patched, AppError> = async {
+            let form = checked_form(req.form, &file)?;
+            if form.kind == Kind::Final && req.form.is_some() {
+                return Err(AppError::FinalUpload);
+            }
             let p = file.part_size_bytes;
             let mut length = (!state.deferred).then_some(file.size_bytes);
             let mut new_length = None;
@@ -436,7 +553,7 @@ impl Uploads {
                 file = self
                     .complete(tenant, session_id, file_id, &serde_json::json!({}))
                     .await?;
-                if req.finalize {
+                if form.finalizes() {
                     self.finalize(tenant, session_id).await?;
                 }
             }
@@ -451,21 +568,86 @@ impl Uploads {
         result
     }
 
+    /// Termination (`DELETE`): the upload's own session, or its file in a named session,
+    /// deleted with its bytes in storage.
+    pub async fn tus_terminate(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        form: Form,
+    ) -> Result<(), AppError> {
+        self.tus_head(tenant, session_id, file_id, form).await?;
+        if form.own {
+            self.delete_session(tenant, session_id).await
+        } else {
+            self.delete_file(tenant, session_id, file_id).await
+        }
+    }
+
     /// tus concatenation: the final upload `file_id`, registered with the partial uploads'
     /// total length, gets their objects' bytes in order, read [`CONCAT_READ`] bytes at a time
-    /// and kept through the PATCH path (so it is completed, and finalized when
-    /// `req.finalize`, as a PATCHed upload is); the partial uploads are deleted once it is
-    /// completed. A concatenation that stops midway (storage failing, a crash) leaves the
-    /// partial uploads as they were and the final upload incomplete: the client creates the
-    /// final upload again.
+    /// and kept through the PATCH path (so it is completed, and its own session finalized,
+    /// as a PATCHed upload is); the partial uploads are deleted once it is completed. A
+    /// concatenation that fails midway (storage failing) deletes the final upload; one cut
+    /// by a crash leaves it incomplete. Either way the partial uploads stay as they were and
+    /// the client can create the final upload again.
     pub async fn tus_concat(
         self: &Arc<Self>,
         tenant: &str,
         session_id: &str,
         file_id: &str,
+        form: Form,
         partials: &[PartialUpload],
-        req: Patch,
+        max_size: u64,
     ) -> Result<Patched, AppError> {
+        let result = self
+            .concat_into(tenant, session_id, file_id, partials, max_size)
+            .await;
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "a concatenation failed; its final upload is deleted");
+            if let Err(e) = self.tus_terminate(tenant, session_id, file_id, form).await {
+                tracing::warn!(error = %e, "deleting a failed final upload failed");
+            }
+            return result;
+        }
+        for p in partials {
+            let deleted = if p.own_session {
+                self.delete_session(tenant, &p.file.session_id).await
+            } else {
+                self.delete_file(tenant, &p.file.session_id, &p.file.id)
+                    .await
+            };
+            if let Err(e) = deleted {
+                // The final upload stands. A partial upload's own session expires and the
+                // reaper removes it; one in a named session stays until deleted.
+                tracing::warn!(
+                    error = %e,
+                    partial_session = %p.file.session_id,
+                    partial_file = %p.file.id,
+                    "deleting a concatenated partial upload failed"
+                );
+            }
+        }
+        result
+    }
+
+    async fn concat_into(
+        self: &Arc<Self>,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        partials: &[PartialUpload],
+        max_size: u64,
+    ) -> Result<Patched, AppError> {
+        let req = Patch {
+            offset: 0,
+            length: None,
+            complete: None,
+            checksum: None,
+            max_size,
+            form: None,
+        };
         let storage = self.storage(tenant).clone();
         let sources: Arc<[(String, u64)]> = partials
             .iter()
@@ -502,25 +684,36 @@ impl Uploads {
                 patched.offset
             )));
         }
-        for p in partials {
-            let deleted = if p.own_session {
-                self.delete_session(tenant, &p.file.session_id).await
-            } else {
-                self.delete_file(tenant, &p.file.session_id, &p.file.id)
-                    .await
-            };
-            if let Err(e) = deleted {
-                // The final upload stands. A partial upload's own session expires and the
-                // reaper removes it; one in a named session stays until deleted.
-                tracing::warn!(
-                    error = %e,
-                    partial_session = %p.file.session_id,
-                    partial_file = %p.file.id,
-                    "deleting a concatenated partial upload failed"
-                );
-            }
-        }
         Ok(patched)
+    }
+
+    /// What a PATCH on an upload of a session that takes no more bytes (finalized,
+    /// deleted) answers: `inactive`, unless the upload id names another form than the
+    /// file's (404) or a final upload (403). Read only on this error path.
+    async fn inactive_upload(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        form: Option<Form>,
+        inactive: AppError,
+    ) -> AppError {
+        let Some(form) = form else {
+            return inactive;
+        };
+        let now = now_ms();
+        let found = match self.store.tus_file(tenant, session_id, file_id, now).await {
+            Ok(gate) => open_gate(gate, tenant, now),
+            Err(_) => return inactive,
+        };
+        match found {
+            Ok((file, _)) => match checked_form(Some(form), &file) {
+                Err(e) => e,
+                Ok(f) if f.kind == Kind::Final => AppError::FinalUpload,
+                Ok(_) => inactive,
+            },
+            Err(_) => inactive,
+        }
     }
 
     /// A PATCH on an upload that takes no more bytes: a completed upload answers its
