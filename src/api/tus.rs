@@ -381,8 +381,23 @@ fn has_body(h: &HeaderMap) -> bool {
             .is_some_and(|n| n > 0)
 }
 
-/// Runs a PATCH in a task of its own, so a client going away mid-chunk cannot cancel the
-/// recording of what arrived.
+/// The ids a detached upload task owns.
+fn owned_ids(tenant: &str, session_id: &str, file_id: &str) -> (String, String, String) {
+    (tenant.to_owned(), session_id.to_owned(), file_id.to_owned())
+}
+
+/// Runs upload work in a task of its own, so a client going away mid-request cannot cancel
+/// the recording of what arrived.
+async fn detached(
+    what: &str,
+    work: impl std::future::Future<Output = Result<Patched, AppError>> + Send + 'static,
+) -> Result<Patched, AppError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| AppError::Internal(format!("tus {what} task: {e}")))?
+}
+
+/// A PATCH (or a creation's body), detached.
 async fn run_patch(
     state: &AppState,
     tenant: &str,
@@ -393,18 +408,16 @@ async fn run_patch(
 ) -> Result<Patched, AppError> {
     let uploads = state.uploads.clone();
     let stream = body_stream(state, body);
-    let (tenant, session_id, file_id) =
-        (tenant.to_owned(), session_id.to_owned(), file_id.to_owned());
-    tokio::spawn(async move {
+    let (tenant, session_id, file_id) = owned_ids(tenant, session_id, file_id);
+    detached("PATCH", async move {
         uploads
             .tus_patch(&tenant, &session_id, &file_id, req, stream)
             .await
     })
     .await
-    .map_err(|e| AppError::Internal(format!("tus PATCH task: {e}")))?
 }
 
-/// Runs a concatenation in a task of its own, as [`run_patch`] runs a PATCH.
+/// A concatenation, detached.
 async fn run_concat(
     state: &AppState,
     tenant: &str,
@@ -415,15 +428,13 @@ async fn run_concat(
     max_size: u64,
 ) -> Result<Patched, AppError> {
     let uploads = state.uploads.clone();
-    let (tenant, session_id, file_id) =
-        (tenant.to_owned(), session_id.to_owned(), file_id.to_owned());
-    tokio::spawn(async move {
+    let (tenant, session_id, file_id) = owned_ids(tenant, session_id, file_id);
+    detached("concatenation", async move {
         uploads
             .tus_concat(&tenant, &session_id, &file_id, form, &partials, max_size)
             .await
     })
     .await
-    .map_err(|e| AppError::Internal(format!("tus concatenation task: {e}")))?
 }
 
 /// The partial uploads a final upload names: each a completed partial upload (by its id and

@@ -175,14 +175,23 @@ pub fn partial_ids(file: &FileRecord) -> Vec<&str> {
         .unwrap_or_default()
 }
 
-/// The file's form, when it is the one `expected` (`None`: any) names; a PATCH on a final
-/// upload is refused (403).
+/// The file's form, when it is the one `expected` (`None`: any) names (404 otherwise).
 fn checked_form(expected: Option<Form>, file: &FileRecord) -> Result<Form, AppError> {
     let stored = Form::of(file);
     match expected {
         Some(f) if f != stored => Err(AppError::FileNotFound),
         _ => Ok(stored),
     }
+}
+
+/// The form of a file a PATCH writes, as [`checked_form`]; a client's PATCH (`expected`
+/// given) on a final upload is refused (403).
+fn patch_form(expected: Option<Form>, file: &FileRecord) -> Result<Form, AppError> {
+    let form = checked_form(expected, file)?;
+    if form.kind == Kind::Final && expected.is_some() {
+        return Err(AppError::FinalUpload);
+    }
+    Ok(form)
 }
 
 /// One PATCH (or the body of a creation-with-upload POST) as the handler read it.
@@ -404,9 +413,7 @@ impl Uploads {
             TusBegun::Locked => return Err(AppError::UploadLocked),
             TusBegun::OffsetMismatch(offset) => return Err(AppError::OffsetMismatch(offset)),
             TusBegun::NotOpen(f) => {
-                if checked_form(req.form, &f)?.kind == Kind::Final && req.form.is_some() {
-                    return Err(AppError::FinalUpload);
-                }
+                patch_form(req.form, &f)?;
                 return self.patch_closed(f, &req);
             }
         };
@@ -418,10 +425,7 @@ impl Uploads {
         // Everything done under the lock: given back before the answer, so the client's
         // next PATCH finds the upload free (the guard gives it back if this is cancelled).
         let result: Result<Patched, AppError> = async {
-            let form = checked_form(req.form, &file)?;
-            if form.kind == Kind::Final && req.form.is_some() {
-                return Err(AppError::FinalUpload);
-            }
+            let form = patch_form(req.form, &file)?;
             let p = file.part_size_bytes;
             let mut length = (!state.deferred).then_some(file.size_bytes);
             let mut new_length = None;
@@ -707,9 +711,8 @@ impl Uploads {
             Err(_) => return inactive,
         };
         match found {
-            Ok((file, _)) => match checked_form(Some(form), &file) {
+            Ok((file, _)) => match patch_form(Some(form), &file) {
                 Err(e) => e,
-                Ok(f) if f.kind == Kind::Final => AppError::FinalUpload,
                 Ok(_) => inactive,
             },
             Err(_) => inactive,
