@@ -443,3 +443,118 @@ async fn every_step_survives_every_fault() {
         "most faults must reach the client: {faulted}"
     );
 }
+
+/// A tus PATCH of 6 MiB that crosses a part boundary (the tail in Redis joins the new bytes
+/// into a part uploaded to S3), with Redis or S3 refused, stalled or cut: the answer is a
+/// retryable 503; once the fault is gone HEAD answers an offset between the one before
+/// and the chunk's end (it never goes back), the client resumes from it (retrying 423 while
+/// a lock the fault left runs out) and the object is byte-identical, with nothing left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tus_patches_survive_every_fault() {
+    const MIB: usize = 1024 * 1024;
+    let rig = Rig::start().await;
+    let data: Vec<u8> = (0..12 * MIB + 3)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    let tus = |method: Method, url: &str| {
+        rig.gw
+            .client
+            .request(method, url)
+            .bearer_auth(KEY_A)
+            .header("tus-resumable", "1.0.0")
+    };
+    let patch = |url: String, offset: usize, end: usize| {
+        tus(Method::PATCH, &url)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset.to_string())
+            .body(data[offset..end].to_vec())
+            .send()
+    };
+    for target in [Target::Redis, Target::S3] {
+        for kind in [Kind::Refuse, Kind::Stall, Kind::Cut] {
+            let label = format!("tus {target:?}/{kind:?}");
+            let res = tus(Method::POST, &rig.gw.url("/v1/tus"))
+                .header("upload-length", data.len().to_string())
+                .send()
+                .await
+                .expect("create");
+            assert_eq!(res.status(), 201, "{label}");
+            let url = rig
+                .gw
+                .url(res.headers()["location"].to_str().expect("location"));
+            let res = patch(url.clone(), 0, MIB).await.expect("first chunk");
+            assert_eq!(res.status(), 204, "{label}");
+
+            rig.fault(target, kind, Step::Part);
+            let faulted =
+                tokio::time::timeout(Duration::from_secs(15), patch(url.clone(), MIB, 7 * MIB))
+                    .await
+                    .unwrap_or_else(|_| panic!("{label}: hung"));
+            rig.heal();
+            // The fault reaches the client: a retryable 503 (or the connection cut by a
+            // client-side error), never a success that lost bytes.
+            if let Ok(res) = faulted {
+                let status = res.status().as_u16();
+                assert!(
+                    status == 503 && res.headers().contains_key("retry-after"),
+                    "{label}: {status} {:?}",
+                    res.text().await
+                );
+            }
+            let mut offset = None;
+            for _ in 0..100 {
+                let res = tus(Method::HEAD, &url).send().await.expect("head");
+                if res.status() == 200 {
+                    let o: usize = res.headers()["upload-offset"]
+                        .to_str()
+                        .expect("offset")
+                        .parse()
+                        .expect("number");
+                    offset = Some(o);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut offset = offset.unwrap_or_else(|| panic!("{label}: HEAD never answered"));
+            assert!(
+                (MIB..=7 * MIB).contains(&offset),
+                "{label}: the offset is {offset}"
+            );
+            // Resume; a lock the faulted PATCH could not give back ends with its lease.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while offset < data.len() {
+                let end = (offset + 3 * MIB).min(data.len());
+                let res = patch(url.clone(), offset, end).await.expect("resume");
+                match res.status().as_u16() {
+                    204 => offset = end,
+                    423 if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(500)).await
+                    }
+                    s => panic!("{label}: {s} {:?}", res.text().await),
+                }
+            }
+            let res = tus(Method::HEAD, &url).send().await.expect("head");
+            let (s, f) = (
+                res.headers()["upgate-session-id"]
+                    .to_str()
+                    .expect("s")
+                    .to_owned(),
+                res.headers()["upgate-file-id"]
+                    .to_str()
+                    .expect("f")
+                    .to_owned(),
+            );
+            let file = rig
+                .gw
+                .get_json(KEY_A, &format!("/v1/sessions/{s}/files/{f}"))
+                .await;
+            assert_eq!(file["status"], "completed", "{label}: {file}");
+            assert_eq!(
+                sha256_hex(&s3_object(&rig.s3, &file)),
+                sha256_hex(&data),
+                "{label}"
+            );
+        }
+    }
+    assert_eq!(rig.s3.open_upload_count(), 0, "every upload was completed");
+}
