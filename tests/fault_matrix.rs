@@ -558,3 +558,140 @@ async fn tus_patches_survive_every_fault() {
     }
     assert_eq!(rig.s3.open_upload_count(), 0, "every upload was completed");
 }
+
+/// Redis fails in the middle of a tus PATCH, after its lock was taken: the next part is
+/// stored in S3 and then recording it fails (refused, stalled, or the answer cut after the
+/// script ran). The client gets a retryable 503; HEAD answers the offset before the PATCH,
+/// or its end when the script ran; resuming from it (the part sent again replaces the
+/// stored one) gives a byte-identical object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_fault_mid_patch_after_a_part_is_stored() {
+    const MIB: usize = 1024 * 1024;
+    let rig = Rig::start().await;
+    let data: Vec<u8> = (0..12 * MIB + 3)
+        .map(|i| (i % 253) as u8 ^ (i >> 15) as u8)
+        .collect();
+    let tus = |method: Method, url: &str| {
+        rig.gw
+            .client
+            .request(method, url)
+            .bearer_auth(KEY_A)
+            .header("tus-resumable", "1.0.0")
+    };
+    for kind in [Kind::Refuse, Kind::Stall, Kind::Cut] {
+        let label = format!("mid-PATCH Redis/{kind:?}");
+        let res = tus(Method::POST, &rig.gw.url("/v1/tus"))
+            .header("upload-length", data.len().to_string())
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(res.status(), 201, "{label}");
+        let url = rig
+            .gw
+            .url(res.headers()["location"].to_str().expect("location"));
+        let res = tus(Method::PATCH, &url)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", "0")
+            .body(data[..MIB].to_vec())
+            .send()
+            .await
+            .expect("first chunk");
+        assert_eq!(res.status(), 204, "{label}");
+        // 1 MiB to 7 MiB in two pieces: the fault comes between them, before the part
+        // boundary at 5 MiB.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+        let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|item| (item, rx))
+        }));
+        let req = tus(Method::PATCH, &url)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", MIB.to_string())
+            .header("content-length", (6 * MIB).to_string())
+            .body(body)
+            .send();
+        let sent = tokio::spawn(req);
+        tx.send(Ok(data[MIB..3 * MIB].to_vec()))
+            .await
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rig.fault(Target::Redis, kind, Step::Part);
+        tx.send(Ok(data[3 * MIB..7 * MIB].to_vec()))
+            .await
+            .expect("send");
+        drop(tx);
+        let res = tokio::time::timeout(Duration::from_secs(15), sent)
+            .await
+            .unwrap_or_else(|_| panic!("{label}: hung"))
+            .expect("join")
+            .expect("answer");
+        rig.heal();
+        assert_eq!(res.status(), 503, "{label}: {:?}", res.text().await);
+        let mut offset = None;
+        let mut last = 0;
+        for _ in 0..100 {
+            let res = tus(Method::HEAD, &url).send().await.expect("head");
+            last = res.status().as_u16();
+            if res.status() == 200 {
+                offset = res.headers()["upload-offset"]
+                    .to_str()
+                    .ok()
+                    .and_then(|o| o.parse::<usize>().ok());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut offset = offset.unwrap_or_else(|| {
+            let buf = logs().lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let text = String::from_utf8_lossy(&buf);
+            let tail: Vec<&str> = text.lines().rev().take(12).collect();
+            panic!(
+                "{label}: HEAD never answered 200 ({last}); last logs:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        });
+        assert!(
+            offset == MIB || offset == 7 * MIB,
+            "{label}: the offset is {offset}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while offset < data.len() {
+            let end = (offset + 4 * MIB).min(data.len());
+            let res = tus(Method::PATCH, &url)
+                .header("content-type", "application/offset+octet-stream")
+                .header("upload-offset", offset.to_string())
+                .body(data[offset..end].to_vec())
+                .send()
+                .await
+                .expect("resume");
+            match res.status().as_u16() {
+                204 => offset = end,
+                423 if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                s => panic!("{label}: {s} {:?}", res.text().await),
+            }
+        }
+        let res = tus(Method::HEAD, &url).send().await.expect("head");
+        let (s, f) = (
+            res.headers()["upgate-session-id"]
+                .to_str()
+                .expect("s")
+                .to_owned(),
+            res.headers()["upgate-file-id"]
+                .to_str()
+                .expect("f")
+                .to_owned(),
+        );
+        let file = rig
+            .gw
+            .get_json(KEY_A, &format!("/v1/sessions/{s}/files/{f}"))
+            .await;
+        assert_eq!(file["status"], "completed", "{label}: {file}");
+        assert_eq!(
+            sha256_hex(&s3_object(&rig.s3, &file)),
+            sha256_hex(&data),
+            "{label}"
+        );
+    }
+    assert_eq!(rig.s3.open_upload_count(), 0, "every upload was completed");
+}

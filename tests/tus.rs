@@ -850,6 +850,38 @@ async fn a_final_upload_refuses_what_it_cannot_be_made_of() {
         assert_eq!(res.status(), 404, "{url}");
     }
     assert_eq!(head(&gw, &plain).await.status(), 200);
+    // The other way round: a file of a named session called an upload with a session of its
+    // own; deleting by that id would delete the whole session.
+    let named = gw.create_session(KEY_A, serde_json::json!({})).await;
+    let sid = named["sessionId"].as_str().expect("sid");
+    let in_named = create_url(&gw, Some(2), &format!("sessionId {}", b64(sid))).await;
+    assert!(in_named.contains(&format!("{sid}.")), "{in_named}");
+    let forged = in_named.replacen(&format!("{sid}."), &format!("{sid}_"), 1);
+    let res = gw
+        .client
+        .delete(forged.as_str())
+        .bearer_auth(KEY_A)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(res.status(), 404);
+    let session = gw.get_json(KEY_A, &format!("/v1/sessions/{sid}")).await;
+    assert_eq!(session["status"], "active", "{session}");
+    // An open upload: the forged id is refused under the PATCH lock, which it gives back.
+    assert_eq!(patch(&gw, &forged, 0, b"ab".to_vec()).await.status(), 404);
+    let unfinished_as_named = unfinished.replacen("_p~", ".p~", 1);
+    assert_eq!(
+        patch(&gw, &unfinished_as_named, 0, b"x".to_vec())
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(patch(&gw, &in_named, 0, b"ab".to_vec()).await.status(), 204);
+    assert_eq!(
+        patch(&gw, &unfinished, 0, b"x".to_vec()).await.status(),
+        204
+    );
     // Nothing was consumed: the completed partial upload still makes a final upload.
     let res = create_concat(&gw, KEY_A, &format!("final;{done}"), None).await;
     assert_eq!(res.status(), 201, "{:?}", res.text().await);

@@ -381,6 +381,11 @@ async fn a_concatenation_killed_midway_leaves_its_partial_uploads_whole() {
     while s3.open_upload_count() == 0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
+    assert_eq!(
+        s3.open_upload_count(),
+        1,
+        "the final upload's multipart upload is open"
+    );
     first.signal("-KILL");
     first.wait(Duration::from_secs(10));
     assert!(

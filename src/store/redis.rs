@@ -100,9 +100,70 @@ pub enum RedisHandle {
     /// One Redis server (or a proxy in front of several): one multiplexed connection that
     /// serves any number of concurrent calls and is reconnected in the background when it
     /// drops.
-    Single(ConnectionManager),
+    Single(SingleConnection),
     /// A Redis Cluster: a small pool of multiplexed cluster connections.
     Cluster(ClusterPool),
+}
+
+/// The connection to one Redis server: a [`ConnectionManager`], replaced by a new one when
+/// a call fails to parse its reply.
+///
+/// redis-rs 1.8's manager reconnects on I/O errors and dropped connections, but keeps a
+/// connection attempt that failed otherwise: a reply cut mid-frame while it connects (the
+/// handshake's answer) fails as a parse error ("unexpected end of input"), the failed
+/// attempt stays, and every later call fails at once, for good. Seen in
+/// `tests/fault_matrix.rs` (`a_redis_fault_mid_patch_after_a_part_is_stored`): after a cut
+/// the gateway answered 503 for as long as the test waited while a fresh connection through
+/// the same proxy answered PING.
+#[derive(Clone)]
+pub struct SingleConnection(std::sync::Arc<SingleInner>);
+
+struct SingleInner {
+    /// The manager in use, with its generation (a failure replaces only the one it saw).
+    current: std::sync::RwLock<(u64, ConnectionManager)>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+}
+
+impl SingleConnection {
+    fn new(client: redis::Client, config: ConnectionManagerConfig) -> Result<Self, StoreError> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(StoreError::new)?;
+        Ok(SingleConnection(std::sync::Arc::new(SingleInner {
+            current: std::sync::RwLock::new((0, manager)),
+            client,
+            config,
+        })))
+    }
+
+    fn manager(&self) -> (u64, ConnectionManager) {
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// After a failed call on generation `seen`: a reply that did not parse replaces the
+    /// manager (once per generation).
+    fn after<T>(&self, seen: u64, result: &RedisResult<T>) {
+        let Err(e) = result else { return };
+        if e.kind() != redis::ErrorKind::Parse {
+            return;
+        }
+        let mut current = self.0.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.0 != seen {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.0.client.clone(), self.0.config.clone())
+        {
+            Ok(manager) => {
+                tracing::warn!(error = %e, "a Redis reply did not parse; reconnecting");
+                *current = (seen + 1, manager);
+            }
+            Err(e) => tracing::warn!(error = %e, "replacing the Redis connection failed"),
+        }
+    }
 }
 
 /// The pool of Redis Cluster connections.
@@ -201,9 +262,7 @@ impl RedisHandle {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(200));
-        let manager =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(StoreError::new)?;
-        Ok(RedisHandle::Single(manager))
+        Ok(RedisHandle::Single(SingleConnection::new(client, config)?))
     }
 
     /// A pool on a Redis Cluster, given one or more seed node URLs; default pool options.
@@ -255,7 +314,12 @@ fn cluster_pool_error(e: deadpool::managed::PoolError<RedisError>) -> RedisError
 impl ConnectionLike for RedisHandle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            RedisHandle::Single(manager) => manager.req_packed_command(cmd),
+            RedisHandle::Single(single) => Box::pin(async move {
+                let (generation, mut manager) = single.manager();
+                let result = manager.req_packed_command(cmd).await;
+                single.after(generation, &result);
+                result
+            }),
             RedisHandle::Cluster(pool) => Box::pin(async move {
                 let mut con = pool.get().await.map_err(cluster_pool_error)?;
                 con.req_packed_command(cmd).await
@@ -270,7 +334,12 @@ impl ConnectionLike for RedisHandle {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            RedisHandle::Single(manager) => manager.req_packed_commands(cmd, offset, count),
+            RedisHandle::Single(single) => Box::pin(async move {
+                let (generation, mut manager) = single.manager();
+                let result = manager.req_packed_commands(cmd, offset, count).await;
+                single.after(generation, &result);
+                result
+            }),
             RedisHandle::Cluster(pool) => Box::pin(async move {
                 let mut con = pool.get().await.map_err(cluster_pool_error)?;
                 con.req_packed_commands(cmd, offset, count).await

@@ -592,10 +592,10 @@ impl Uploads {
     /// tus concatenation: the final upload `file_id`, registered with the partial uploads'
     /// total length, gets their objects' bytes in order, read [`CONCAT_READ`] bytes at a time
     /// and kept through the PATCH path (so it is completed, and its own session finalized,
-    /// as a PATCHed upload is); the partial uploads are deleted once it is completed. A
-    /// concatenation that fails midway (storage failing) deletes the final upload; one cut
-    /// by a crash leaves it incomplete. Either way the partial uploads stay as they were and
-    /// the client can create the final upload again.
+    /// as a PATCHed upload is); the partial uploads are deleted once that succeeded. A
+    /// concatenation that fails before the final upload is completed deletes it (if the
+    /// store lets it); one cut by a crash leaves it incomplete. Either way the partial
+    /// uploads stay as they were and the client can create the final upload again.
     pub async fn tus_concat(
         self: &Arc<Self>,
         tenant: &str,
@@ -609,9 +609,17 @@ impl Uploads {
             .concat_into(tenant, session_id, file_id, partials, max_size)
             .await;
         if let Err(e) = &result {
-            tracing::warn!(error = %e, "a concatenation failed; its final upload is deleted");
-            if let Err(e) = self.tus_terminate(tenant, session_id, file_id, form).await {
-                tracing::warn!(error = %e, "deleting a failed final upload failed");
+            // A final upload that completed stays (its session's finalize is what failed:
+            // an own session is then reaped when it expires); one that did not is deleted.
+            let completed = matches!(
+                self.tus_head(tenant, session_id, file_id, form).await,
+                Ok(h) if h.file.status == FileStatus::Completed
+            );
+            tracing::warn!(error = %e, completed, "a concatenation failed");
+            if !completed {
+                if let Err(e) = self.tus_terminate(tenant, session_id, file_id, form).await {
+                    tracing::warn!(error = %e, "deleting a failed final upload failed");
+                }
             }
             return result;
         }
