@@ -444,6 +444,83 @@ async fn every_step_survives_every_fault() {
     );
 }
 
+/// A tus request on `url` with tenant `a`'s key.
+fn tus_req(rig: &Rig, method: Method, url: &str) -> reqwest::RequestBuilder {
+    rig.gw
+        .client
+        .request(method, url)
+        .bearer_auth(KEY_A)
+        .header("tus-resumable", "1.0.0")
+}
+
+/// The upload's offset once HEAD answers again after a fault (the last logs if it never
+/// does).
+async fn tus_offset(rig: &Rig, url: &str, label: &str) -> usize {
+    let mut last = 0;
+    for _ in 0..100 {
+        let res = tus_req(rig, Method::HEAD, url).send().await.expect("head");
+        last = res.status().as_u16();
+        if last == 200 {
+            return res.headers()["upload-offset"]
+                .to_str()
+                .ok()
+                .and_then(|o| o.parse().ok())
+                .expect("an offset");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let buf = logs().lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let text = String::from_utf8_lossy(&buf);
+    let tail: Vec<&str> = text.lines().rev().take(12).collect();
+    panic!(
+        "{label}: HEAD never answered 200 ({last}); last logs:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
+/// Resumes the upload from `offset` in `chunk`-sized PATCHes (retrying 423 while a lock
+/// the fault left runs out), then checks the file is completed and its object is `data`.
+async fn tus_resume_and_check(
+    rig: &Rig,
+    url: &str,
+    label: &str,
+    mut offset: usize,
+    data: &[u8],
+    chunk: usize,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while offset < data.len() {
+        let end = (offset + chunk).min(data.len());
+        let res = tus_req(rig, Method::PATCH, url)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset.to_string())
+            .body(data[offset..end].to_vec())
+            .send()
+            .await
+            .expect("resume");
+        match res.status().as_u16() {
+            204 => offset = end,
+            423 if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            s => panic!("{label}: {s} {:?}", res.text().await),
+        }
+    }
+    let res = tus_req(rig, Method::HEAD, url).send().await.expect("head");
+    let id = |name: &str| res.headers()[name].to_str().expect("an id").to_owned();
+    let (s, f) = (id("upgate-session-id"), id("upgate-file-id"));
+    let file = rig
+        .gw
+        .get_json(KEY_A, &format!("/v1/sessions/{s}/files/{f}"))
+        .await;
+    assert_eq!(file["status"], "completed", "{label}: {file}");
+    assert_eq!(
+        sha256_hex(&s3_object(&rig.s3, &file)),
+        sha256_hex(data),
+        "{label}"
+    );
+}
+
 /// A tus PATCH of 6 MiB that crosses a part boundary (the tail in Redis joins the new bytes
 /// into a part uploaded to S3), with Redis or S3 refused, stalled or cut: the answer is a
 /// retryable 503; once the fault is gone HEAD answers an offset between the one before
@@ -456,13 +533,7 @@ async fn tus_patches_survive_every_fault() {
     let data: Vec<u8> = (0..12 * MIB + 3)
         .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
         .collect();
-    let tus = |method: Method, url: &str| {
-        rig.gw
-            .client
-            .request(method, url)
-            .bearer_auth(KEY_A)
-            .header("tus-resumable", "1.0.0")
-    };
+    let tus = |method: Method, url: &str| tus_req(&rig, method, url);
     let patch = |url: String, offset: usize, end: usize| {
         tus(Method::PATCH, &url)
             .header("content-type", "application/offset+octet-stream")
@@ -501,59 +572,12 @@ async fn tus_patches_survive_every_fault() {
                     res.text().await
                 );
             }
-            let mut offset = None;
-            for _ in 0..100 {
-                let res = tus(Method::HEAD, &url).send().await.expect("head");
-                if res.status() == 200 {
-                    let o: usize = res.headers()["upload-offset"]
-                        .to_str()
-                        .expect("offset")
-                        .parse()
-                        .expect("number");
-                    offset = Some(o);
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let mut offset = offset.unwrap_or_else(|| panic!("{label}: HEAD never answered"));
+            let offset = tus_offset(&rig, &url, &label).await;
             assert!(
                 (MIB..=7 * MIB).contains(&offset),
                 "{label}: the offset is {offset}"
             );
-            // Resume; a lock the faulted PATCH could not give back ends with its lease.
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while offset < data.len() {
-                let end = (offset + 3 * MIB).min(data.len());
-                let res = patch(url.clone(), offset, end).await.expect("resume");
-                match res.status().as_u16() {
-                    204 => offset = end,
-                    423 if std::time::Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(500)).await
-                    }
-                    s => panic!("{label}: {s} {:?}", res.text().await),
-                }
-            }
-            let res = tus(Method::HEAD, &url).send().await.expect("head");
-            let (s, f) = (
-                res.headers()["upgate-session-id"]
-                    .to_str()
-                    .expect("s")
-                    .to_owned(),
-                res.headers()["upgate-file-id"]
-                    .to_str()
-                    .expect("f")
-                    .to_owned(),
-            );
-            let file = rig
-                .gw
-                .get_json(KEY_A, &format!("/v1/sessions/{s}/files/{f}"))
-                .await;
-            assert_eq!(file["status"], "completed", "{label}: {file}");
-            assert_eq!(
-                sha256_hex(&s3_object(&rig.s3, &file)),
-                sha256_hex(&data),
-                "{label}"
-            );
+            tus_resume_and_check(&rig, &url, &label, offset, &data, 3 * MIB).await;
         }
     }
     assert_eq!(rig.s3.open_upload_count(), 0, "every upload was completed");
@@ -571,13 +595,7 @@ async fn a_redis_fault_mid_patch_after_a_part_is_stored() {
     let data: Vec<u8> = (0..12 * MIB + 3)
         .map(|i| (i % 253) as u8 ^ (i >> 15) as u8)
         .collect();
-    let tus = |method: Method, url: &str| {
-        rig.gw
-            .client
-            .request(method, url)
-            .bearer_auth(KEY_A)
-            .header("tus-resumable", "1.0.0")
-    };
+    let tus = |method: Method, url: &str| tus_req(&rig, method, url);
     for kind in [Kind::Refuse, Kind::Stall, Kind::Cut] {
         let label = format!("mid-PATCH Redis/{kind:?}");
         let res = tus(Method::POST, &rig.gw.url("/v1/tus"))
@@ -626,72 +644,12 @@ async fn a_redis_fault_mid_patch_after_a_part_is_stored() {
             .expect("answer");
         rig.heal();
         assert_eq!(res.status(), 503, "{label}: {:?}", res.text().await);
-        let mut offset = None;
-        let mut last = 0;
-        for _ in 0..100 {
-            let res = tus(Method::HEAD, &url).send().await.expect("head");
-            last = res.status().as_u16();
-            if res.status() == 200 {
-                offset = res.headers()["upload-offset"]
-                    .to_str()
-                    .ok()
-                    .and_then(|o| o.parse::<usize>().ok());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let mut offset = offset.unwrap_or_else(|| {
-            let buf = logs().lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let text = String::from_utf8_lossy(&buf);
-            let tail: Vec<&str> = text.lines().rev().take(12).collect();
-            panic!(
-                "{label}: HEAD never answered 200 ({last}); last logs:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        });
+        let offset = tus_offset(&rig, &url, &label).await;
         assert!(
             offset == MIB || offset == 7 * MIB,
             "{label}: the offset is {offset}"
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while offset < data.len() {
-            let end = (offset + 4 * MIB).min(data.len());
-            let res = tus(Method::PATCH, &url)
-                .header("content-type", "application/offset+octet-stream")
-                .header("upload-offset", offset.to_string())
-                .body(data[offset..end].to_vec())
-                .send()
-                .await
-                .expect("resume");
-            match res.status().as_u16() {
-                204 => offset = end,
-                423 if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(500)).await
-                }
-                s => panic!("{label}: {s} {:?}", res.text().await),
-            }
-        }
-        let res = tus(Method::HEAD, &url).send().await.expect("head");
-        let (s, f) = (
-            res.headers()["upgate-session-id"]
-                .to_str()
-                .expect("s")
-                .to_owned(),
-            res.headers()["upgate-file-id"]
-                .to_str()
-                .expect("f")
-                .to_owned(),
-        );
-        let file = rig
-            .gw
-            .get_json(KEY_A, &format!("/v1/sessions/{s}/files/{f}"))
-            .await;
-        assert_eq!(file["status"], "completed", "{label}: {file}");
-        assert_eq!(
-            sha256_hex(&s3_object(&rig.s3, &file)),
-            sha256_hex(&data),
-            "{label}"
-        );
+        tus_resume_and_check(&rig, &url, &label, offset, &data, 4 * MIB).await;
     }
     assert_eq!(rig.s3.open_upload_count(), 0, "every upload was completed");
 }
