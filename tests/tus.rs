@@ -94,6 +94,16 @@ async fn head(gw: &TestGateway, url: &str) -> reqwest::Response {
         .expect("head")
 }
 
+async fn delete(gw: &TestGateway, url: &str) -> reqwest::Response {
+    gw.client
+        .delete(url)
+        .bearer_auth(KEY_A)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .expect("delete")
+}
+
 fn offset_of(res: &reqwest::Response) -> usize {
     res.headers()["upload-offset"]
         .to_str()
@@ -276,14 +286,7 @@ async fn each_error_case_answers_its_tus_status() {
     let res = create(&gw, Some(2 * 1_099_511_627_776), "").await;
     assert_eq!(res.status(), 413);
     // Termination, then PATCH and HEAD: 404.
-    let res = gw
-        .client
-        .delete(&url)
-        .bearer_auth(KEY_A)
-        .header("tus-resumable", "1.0.0")
-        .send()
-        .await
-        .expect("delete");
+    let res = delete(&gw, &url).await;
     assert_eq!(res.status(), 204);
     assert_eq!(patch(&gw, &url, 5, b"fghij".to_vec()).await.status(), 404);
     assert_eq!(head(&gw, &url).await.status(), 404);
@@ -839,14 +842,7 @@ async fn a_final_upload_refuses_what_it_cannot_be_made_of() {
             404,
             "{url}"
         );
-        let res = gw
-            .client
-            .delete(url.as_str())
-            .bearer_auth(KEY_A)
-            .header("tus-resumable", "1.0.0")
-            .send()
-            .await
-            .expect("delete");
+        let res = delete(&gw, url).await;
         assert_eq!(res.status(), 404, "{url}");
     }
     assert_eq!(head(&gw, &plain).await.status(), 200);
@@ -857,14 +853,7 @@ async fn a_final_upload_refuses_what_it_cannot_be_made_of() {
     let in_named = create_url(&gw, Some(2), &format!("sessionId {}", b64(sid))).await;
     assert!(in_named.contains(&format!("{sid}.")), "{in_named}");
     let forged = in_named.replacen(&format!("{sid}."), &format!("{sid}_"), 1);
-    let res = gw
-        .client
-        .delete(forged.as_str())
-        .bearer_auth(KEY_A)
-        .header("tus-resumable", "1.0.0")
-        .send()
-        .await
-        .expect("delete");
+    let res = delete(&gw, &forged).await;
     assert_eq!(res.status(), 404);
     let session = gw.get_json(KEY_A, &format!("/v1/sessions/{sid}")).await;
     assert_eq!(session["status"], "active", "{session}");
