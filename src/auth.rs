@@ -47,8 +47,19 @@ impl Tenants {
     }
 }
 
+/// The request's credential: its `Authorization: Bearer` token, else, on the Uppy routes
+/// (whose client sends no headers of its own), the upload token in the path
+/// (`/v1/uppy/{uploadToken}/...`).
 fn bearer(req: &Request) -> Option<&str> {
-    let value = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let Some(value) = req.headers().get(AUTHORIZATION) else {
+        return req
+            .uri()
+            .path()
+            .strip_prefix(crate::api::path::UPPY)
+            .and_then(|rest| rest.split('/').next())
+            .filter(|t| !t.is_empty());
+    };
+    let value = value.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -230,6 +241,8 @@ impl Authenticator {
             // tus: creating an upload (the handler keeps it in the token's session), and
             // the uploads of the token's session.
             Some(r) if r == crate::api::path::TUS => {}
+            // Uppy: the routes act on the token's session only.
+            Some(r) if r.starts_with(crate::api::path::UPPY) => {}
             Some(r) if r == crate::api::path::TUS_UPLOAD => {
                 let session = crate::api::session_in_path(req.uri().path()).unwrap_or("");
                 if session != claims.session_id {

@@ -123,15 +123,26 @@ pub(super) async fn get(
     Extension(tenant): Extension<Tenant>,
     ApiPath((session_id, file_id)): ApiPath<(String, String)>,
 ) -> Result<Response, AppError> {
-    let now = now_ms();
-    let f = open_gate(
-        state
-            .store
-            .get_file(&tenant.0.id, &session_id, &file_id, false, now)
-            .await?,
-        &tenant.0.id,
-        now,
-    )?;
+    let read = || async {
+        let now = now_ms();
+        open_gate(
+            state
+                .store
+                .get_file(&tenant.0.id, &session_id, &file_id, false, now)
+                .await?,
+            &tenant.0.id,
+            now,
+        )
+    };
+    let mut f = read().await?;
+    // A form upload whose object landed is completed now (`crate::uploads::uppy`).
+    if state
+        .uploads
+        .settle_posted(&tenant.0.id, std::slice::from_ref(&f))
+        .await
+    {
+        f = read().await?;
+    }
     // Only a deleted session leaves an aborted file to find.
     Ok(super::gone_if(
         Json(file_json(&f)).into_response(),
@@ -148,15 +159,21 @@ pub(super) async fn list(
     uri: axum::http::Uri,
 ) -> Result<Response, AppError> {
     let page = crate::validate::files_page(uri.query())?;
-    let now = now_ms();
-    let view = open_gate(
-        state
-            .store
-            .get_session(&tenant.0.id, &session_id, page, now)
-            .await?,
-        &tenant.0.id,
-        now,
-    )?;
+    let read = || async {
+        let now = now_ms();
+        open_gate(
+            state
+                .store
+                .get_session(&tenant.0.id, &session_id, page, now)
+                .await?,
+            &tenant.0.id,
+            now,
+        )
+    };
+    let mut view = read().await?;
+    if state.uploads.settle_posted(&tenant.0.id, &view.files).await {
+        view = read().await?;
+    }
     Ok(super::gone_if(
         Json(files_page_json(&view)).into_response(),
         view.session.status == crate::model::SessionStatus::Aborted,

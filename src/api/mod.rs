@@ -4,6 +4,7 @@ mod files;
 mod parts;
 mod sessions;
 pub(crate) mod tus;
+mod uppy;
 mod webhooks;
 
 use std::sync::Arc;
@@ -58,6 +59,16 @@ pub(crate) mod path {
     pub(crate) const EVENT_RETRY: &str = "/v1/webhooks/events/{event_id}/retry";
     pub(crate) const TUS: &str = "/v1/tus";
     pub(crate) const TUS_UPLOAD: &str = "/v1/tus/{upload_id}";
+    /// The prefix of the Uppy (Companion S3) routes: `/v1/uppy/{upload_token}/s3/...`.
+    pub(crate) const UPPY: &str = "/v1/uppy/";
+    pub(crate) const UPPY_CREATE: &str = "/v1/uppy/{upload_token}/s3/multipart";
+    pub(crate) const UPPY_UPLOAD: &str = "/v1/uppy/{upload_token}/s3/multipart/{file_id}";
+    pub(crate) const UPPY_PART: &str =
+        "/v1/uppy/{upload_token}/s3/multipart/{file_id}/{part_number}";
+    pub(crate) const UPPY_BATCH: &str = "/v1/uppy/{upload_token}/s3/multipart/{file_id}/batch";
+    pub(crate) const UPPY_COMPLETE: &str =
+        "/v1/uppy/{upload_token}/s3/multipart/{file_id}/complete";
+    pub(crate) const UPPY_PARAMS: &str = "/v1/uppy/{upload_token}/s3/params";
 }
 
 /// The session a request's path names: `/v1/sessions/{id}...`, or a tus upload's
@@ -71,7 +82,7 @@ pub(crate) fn session_in_path(path: &str) -> Option<&str> {
 }
 
 /// Every route template of [`routes`].
-pub const ROUTES: [&str; 14] = [
+pub const ROUTES: [&str; 20] = [
     path::SESSIONS,
     path::SESSION,
     path::FINALIZE,
@@ -86,6 +97,12 @@ pub const ROUTES: [&str; 14] = [
     path::EVENT_RETRY,
     path::TUS,
     path::TUS_UPLOAD,
+    path::UPPY_CREATE,
+    path::UPPY_UPLOAD,
+    path::UPPY_PART,
+    path::UPPY_BATCH,
+    path::UPPY_COMPLETE,
+    path::UPPY_PARAMS,
 ];
 
 /// The `/v1` routes (without middleware; see [`crate::stack`]).
@@ -112,6 +129,12 @@ pub fn routes(state: AppState) -> Router {
                 .post(tus::overridden)
                 .options(tus::options),
         )
+        .route(path::UPPY_CREATE, post(uppy::create))
+        .route(path::UPPY_UPLOAD, get(uppy::list_parts).delete(uppy::abort))
+        .route(path::UPPY_PART, get(uppy::sign_part))
+        .route(path::UPPY_BATCH, get(uppy::sign_batch))
+        .route(path::UPPY_COMPLETE, post(uppy::complete))
+        .route(path::UPPY_PARAMS, get(uppy::params))
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .fallback(|| async { AppError::RouteNotFound })
         .with_state(state)

@@ -245,15 +245,22 @@ pub(super) async fn get(
     Extension(tenant): Extension<Tenant>,
     ApiPath(session_id): ApiPath<String>,
 ) -> Result<Response, AppError> {
-    let now = now_ms();
-    let view = open_gate(
-        state
-            .store
-            .get_session(&tenant.0.id, &session_id, Page::FIRST, now)
-            .await?,
-        &tenant.0.id,
-        now,
-    )?;
+    let read = || async {
+        let now = now_ms();
+        open_gate(
+            state
+                .store
+                .get_session(&tenant.0.id, &session_id, Page::FIRST, now)
+                .await?,
+            &tenant.0.id,
+            now,
+        )
+    };
+    let mut view = read().await?;
+    // Form uploads whose objects landed are completed now (`crate::uploads::uppy`).
+    if state.uploads.settle_posted(&tenant.0.id, &view.files).await {
+        view = read().await?;
+    }
     Ok(super::gone_if(
         Json(session_with_files(&view)).into_response(),
         view.session.status == SessionStatus::Aborted,

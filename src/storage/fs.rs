@@ -829,6 +829,26 @@ impl ObjectStore for FsStore {
         Err(StorageError::NotSupported)
     }
 
+    async fn presign_part_any_size(
+        &self,
+        _key: &str,
+        _upload_id: &str,
+        _part_number: u32,
+        _expires_in: Duration,
+    ) -> Result<String, StorageError> {
+        Err(StorageError::NotSupported)
+    }
+
+    async fn presign_post(
+        &self,
+        _key: &str,
+        _attrs: &ObjectAttributes,
+        _max_len: u64,
+        _expires_in: Duration,
+    ) -> Result<super::PresignedPost, StorageError> {
+        Err(StorageError::NotSupported)
+    }
+
     async fn ping(&self) -> Result<(), StorageError> {
         tokio::fs::metadata(self.root.join(".uploads"))
             .await

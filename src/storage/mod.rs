@@ -278,8 +278,39 @@ pub trait ObjectStore: Send + Sync + 'static {
         expires_in: Duration,
     ) -> Result<String, StorageError>;
 
+    /// A presigned `PUT` URL for one part whose length is not signed (a client that sends
+    /// no size before its parts, `@uppy/aws-s3`'s): completion checks the parts' sizes
+    /// instead. [`StorageError::NotSupported`] where storage cannot presign.
+    async fn presign_part_any_size(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        expires_in: Duration,
+    ) -> Result<String, StorageError>;
+
+    /// A presigned browser form upload (S3 `POST` with a policy) of `key`, carrying `attrs`,
+    /// of at most `max_len` bytes, valid for `expires_in`. [`StorageError::NotSupported`]
+    /// where storage has no such upload.
+    async fn presign_post(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+        max_len: u64,
+        expires_in: Duration,
+    ) -> Result<PresignedPost, StorageError>;
+
     /// Cheap reachability check for `/readyz`.
     async fn ping(&self) -> Result<(), StorageError>;
+}
+
+/// A presigned form upload: the form's target and the fields to send before the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresignedPost {
+    /// The bucket's URL, ending in `/`.
+    pub url: String,
+    /// The form fields, in order (the file comes after them).
+    pub fields: Vec<(String, String)>,
 }
 
 /// Where one tenant's objects go, and what they carry.
@@ -476,6 +507,32 @@ impl ObjectStore for Timed {
             "presign_part",
             self.0
                 .presign_part(key, upload_id, n, content_length, expires_in),
+        )
+        .await
+    }
+    async fn presign_part_any_size(
+        &self,
+        key: &str,
+        upload_id: &str,
+        n: u32,
+        expires_in: Duration,
+    ) -> Result<String, StorageError> {
+        timed(
+            "presign_part",
+            self.0.presign_part_any_size(key, upload_id, n, expires_in),
+        )
+        .await
+    }
+    async fn presign_post(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+        max_len: u64,
+        expires_in: Duration,
+    ) -> Result<PresignedPost, StorageError> {
+        timed(
+            "presign_post",
+            self.0.presign_post(key, attrs, max_len, expires_in),
         )
         .await
     }

@@ -42,7 +42,8 @@ use http_body::{Frame, SizeHint};
 
 use super::attributes::{s3_metadata, Sse};
 use super::{
-    ObjectAttributes, ObjectInfo, ObjectStore, PartBody, PartChecksum, StorageError, StorageKind,
+    ObjectAttributes, ObjectInfo, ObjectStore, PartBody, PartChecksum, PresignedPost, StorageError,
+    StorageKind,
 };
 use crate::model::PartRecord;
 
@@ -144,6 +145,9 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     timeouts: S3Timeouts,
+    /// The credentials, for the policies of browser form uploads (the client keeps its own
+    /// and no longer shows them).
+    credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
 }
 
 impl fmt::Debug for S3Store {
@@ -204,6 +208,7 @@ impl S3Store {
             bucket: settings.bucket,
             prefix: normalize_prefix(&settings.prefix),
             timeouts: t,
+            credentials: sdk.credentials_provider(),
         })
     }
 
@@ -216,7 +221,20 @@ impl S3Store {
             bucket: bucket.into(),
             prefix: normalize_prefix(prefix.as_ref()),
             timeouts: S3Timeouts::default(),
+            credentials: None,
         }
+    }
+
+    /// The same store signing browser form uploads with `credentials` (a store made with
+    /// [`S3Store::from_client`] has none until given them).
+    pub fn with_credentials(
+        mut self,
+        credentials: impl aws_sdk_s3::config::ProvideCredentials + 'static,
+    ) -> Self {
+        self.credentials = Some(aws_sdk_s3::config::SharedCredentialsProvider::new(
+            credentials,
+        ));
+        self
     }
 
     /// The same store with other deadlines for the calls that set their own (parts and
@@ -848,6 +866,83 @@ impl ObjectStore for S3Store {
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(bucket = %self.bucket))]
+    async fn presign_part_any_size(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        expires_in: Duration,
+    ) -> Result<String, StorageError> {
+        let config = PresigningConfig::expires_in(expires_in)
+            .map_err(|e| StorageError::unavailable(format!("presign: {e}")))?;
+        let presigned = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number_i32(part_number)?)
+            .presigned(config)
+            .await
+            .map_err(|e| classify("presign UploadPart", &e, None))?;
+        Ok(presigned.uri().to_owned())
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, attrs), fields(bucket = %self.bucket))]
+    async fn presign_post(
+        &self,
+        key: &str,
+        attrs: &ObjectAttributes,
+        max_len: u64,
+        expires_in: Duration,
+    ) -> Result<PresignedPost, StorageError> {
+        use aws_sdk_s3::config::ProvideCredentials as _;
+        let conf = self.client.config();
+        let provider = self
+            .credentials
+            .as_ref()
+            .ok_or_else(|| StorageError::unavailable("presign POST: no S3 credentials"))?;
+        let creds = provider
+            .provide_credentials()
+            .await
+            .map_err(|e| StorageError::unavailable(format!("presign POST: credentials: {e}")))?;
+        let region = conf
+            .region()
+            .map(|r| r.as_ref().to_owned())
+            .unwrap_or_else(|| "us-east-1".to_owned());
+        // The bucket's URL is the one the SDK addresses (endpoint, path or virtual-hosted
+        // style): a presigned GetObject's, without its key and query.
+        let probe = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(
+                PresigningConfig::expires_in(expires_in)
+                    .map_err(|e| StorageError::unavailable(format!("presign: {e}")))?,
+            )
+            .await
+            .map_err(|e| classify("presign GetObject", &e, None))?;
+        let url = bucket_url(probe.uri(), key)?;
+        let now = time::OffsetDateTime::now_utc();
+        let fields = post_policy_fields(
+            &PostPolicyInput {
+                bucket: &self.bucket,
+                key,
+                attrs,
+                max_len,
+                access_key: creds.access_key_id(),
+                secret: creds.secret_access_key(),
+                session_token: creds.session_token(),
+                region: &region,
+            },
+            now,
+            now + expires_in,
+        )?;
+        Ok(PresignedPost { url, fields })
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(bucket = %self.bucket))]
     async fn ping(&self) -> Result<(), StorageError> {
         self.client
             .head_bucket()
@@ -857,6 +952,115 @@ impl ObjectStore for S3Store {
             .map(|_| ())
             .map_err(|e| classify("HeadBucket", &e, None))
     }
+}
+
+/// The bucket's URL (ending in `/`) of `uri`, a presigned request for `key`: `uri` without
+/// its query and the key's path segments.
+fn bucket_url(uri: &str, key: &str) -> Result<String, StorageError> {
+    let path = uri.split('?').next().unwrap_or(uri);
+    let segments = key.split('/').count();
+    let mut end = path.len();
+    for _ in 0..segments {
+        end = path[..end]
+            .rfind('/')
+            .ok_or_else(|| StorageError::unavailable("presign POST: unexpected URL shape"))?;
+    }
+    Ok(format!("{}/", &path[..end]))
+}
+
+/// What a POST policy is signed for.
+struct PostPolicyInput<'a> {
+    bucket: &'a str,
+    key: &'a str,
+    attrs: &'a ObjectAttributes,
+    max_len: u64,
+    access_key: &'a str,
+    secret: &'a str,
+    session_token: Option<&'a str>,
+    region: &'a str,
+}
+
+/// The form fields of an S3 browser upload (`POST` with a SigV4-signed policy): every field
+/// the object gets is an exact-match condition, and its size is bounded by
+/// `content-length-range`, so the form cannot be changed into another upload.
+fn post_policy_fields(
+    p: &PostPolicyInput<'_>,
+    now: time::OffsetDateTime,
+    expires: time::OffsetDateTime,
+) -> Result<Vec<(String, String)>, StorageError> {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+    let fmt = |f: &[time::format_description::FormatItem<'_>], t: time::OffsetDateTime| {
+        t.format(f)
+            .map_err(|e| StorageError::unavailable(format!("presign POST: {e}")))
+    };
+    let date = fmt(time::macros::format_description!("[year][month][day]"), now)?;
+    let stamp = fmt(
+        time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"),
+        now,
+    )?;
+    let expiration = fmt(
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].000Z"),
+        expires,
+    )?;
+    let credential = format!("{}/{date}/{}/s3/aws4_request", p.access_key, p.region);
+    let mut fields: Vec<(String, String)> = vec![("key".into(), p.key.into())];
+    if let Some(ct) = &p.attrs.content_type {
+        fields.push(("Content-Type".into(), ct.clone()));
+    }
+    if let Some(cd) = &p.attrs.content_disposition {
+        fields.push(("Content-Disposition".into(), cd.clone()));
+    }
+    for (k, v) in s3_metadata(&p.attrs.metadata) {
+        fields.push((format!("x-amz-meta-{k}"), v));
+    }
+    match &p.attrs.sse {
+        Some(Sse::Aes256) => {
+            fields.push(("x-amz-server-side-encryption".into(), "AES256".into()));
+        }
+        Some(Sse::Kms { key_id }) => {
+            fields.push(("x-amz-server-side-encryption".into(), "aws:kms".into()));
+            if let Some(id) = key_id {
+                fields.push((
+                    "x-amz-server-side-encryption-aws-kms-key-id".into(),
+                    id.clone(),
+                ));
+            }
+        }
+        None => {}
+    }
+    if let Some(class) = &p.attrs.storage_class {
+        fields.push(("x-amz-storage-class".into(), class.clone()));
+    }
+    fields.push(("success_action_status".into(), "201".into()));
+    fields.push(("x-amz-algorithm".into(), "AWS4-HMAC-SHA256".into()));
+    fields.push(("x-amz-credential".into(), credential));
+    fields.push(("x-amz-date".into(), stamp));
+    if let Some(token) = p.session_token {
+        fields.push(("x-amz-security-token".into(), token.into()));
+    }
+    let mut conditions: Vec<serde_json::Value> = vec![serde_json::json!({"bucket": p.bucket})];
+    for (k, v) in &fields {
+        conditions.push(serde_json::json!({ k.as_str(): v }));
+    }
+    conditions.push(serde_json::json!(["content-length-range", 0, p.max_len]));
+    let policy = serde_json::json!({"expiration": expiration, "conditions": conditions});
+    let policy = base64::engine::general_purpose::STANDARD.encode(policy.to_string());
+    let mac = |key: &[u8], data: &[u8]| -> Result<Vec<u8>, StorageError> {
+        let mut m = HmacSha256::new_from_slice(key)
+            .map_err(|e| StorageError::unavailable(format!("presign POST: {e}")))?;
+        m.update(data);
+        Ok(m.finalize().into_bytes().to_vec())
+    };
+    let k = mac(format!("AWS4{}", p.secret).as_bytes(), date.as_bytes())?;
+    let k = mac(&k, p.region.as_bytes())?;
+    let k = mac(&k, b"s3")?;
+    let k = mac(&k, b"aws4_request")?;
+    let signature = hex::encode(mac(&k, policy.as_bytes())?);
+    fields.push(("policy".into(), policy));
+    fields.push(("x-amz-signature".into(), signature));
+    Ok(fields)
 }
 
 fn http_status<E, R>(err: &SdkError<E, R>) -> Option<u16>

@@ -13,6 +13,7 @@
 //! | finalize | [`finalize`] | magic bytes checked on every completed file; the store refuses if a file completed after the check |
 //! | reap | [`reap`] | expired sessions' open uploads aborted, queued cleanups done, completions in flight waited for |
 //! | tus PATCH | [`tus`] | a stream becomes whole parts, the rest waits in the store as the tail; one writer per upload (a lock taken at the client's offset) |
+//! | Uppy (Companion's S3 protocol) | [`uppy`] | registered before the bytes with the length unknown; the length learnt from storage's parts (or the landed object) and checked before completion |
 //! | the expiry gate | [`open_gate`] | a store's gate becomes the contract's errors; the expiration event is logged once |
 //!
 //! Each tenant's storage calls go to its own storage ([`Storages`]).
@@ -26,6 +27,7 @@ pub mod finalize;
 pub mod parts;
 pub mod reap;
 pub mod tus;
+pub mod uppy;
 
 use std::sync::Arc;
 

@@ -197,6 +197,24 @@ impl ObjectStore for CountingStorage {
     ) -> Result<String, StorageError> {
         self.inner.presign_part(key, id, n, len, d).await
     }
+    async fn presign_part_any_size(
+        &self,
+        key: &str,
+        id: &str,
+        n: u32,
+        d: Duration,
+    ) -> Result<String, StorageError> {
+        self.inner.presign_part_any_size(key, id, n, d).await
+    }
+    async fn presign_post(
+        &self,
+        key: &str,
+        attrs: &upgate::storage::ObjectAttributes,
+        max_len: u64,
+        d: Duration,
+    ) -> Result<upgate::storage::PresignedPost, StorageError> {
+        self.inner.presign_post(key, attrs, max_len, d).await
+    }
     async fn ping(&self) -> Result<(), StorageError> {
         self.inner.ping().await
     }
@@ -499,7 +517,14 @@ pub async fn s3_redis_gateway(
     s3: &upgate_testkit::s3::S3Server,
     redis: &upgate_testkit::RedisServer,
 ) -> TestGateway {
-    let storage = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), "pfx");
+    let storage = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), "pfx")
+        .with_credentials(aws_sdk_s3::config::Credentials::new(
+            s3.access_key(),
+            s3.secret_key(),
+            None,
+            None,
+            "test",
+        ));
     let mut cfg = config("");
     cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
     let store = upgate::build_store(&cfg).await.expect("store");

@@ -1,0 +1,428 @@
+//! Uploads by `@uppy/aws-s3` through Uppy Companion's S3 protocol (`../shared/API.md` v1.1,
+//! "Uppy"): each is a file of the upload token's session, registered before its bytes go
+//! straight to S3.
+//!
+//! Uppy sends no size before the bytes: a file is registered with its length unknown (as
+//! a tus upload with a deferred length), under the session's part size.
+//! - Multipart: parts are presigned without a signed length (Uppy asks for one URL per
+//!   part number and nothing else). The length becomes known at completion from storage's
+//!   own part list: every part but the last must be one part size, the last at most one,
+//!   and the whole at most the tenant's largest file; only then is the length recorded and
+//!   the file completed through [`Uploads::complete`], which checks the same rule again.
+//! - Form upload (`s3/params`, for files under Uppy's multipart threshold): a presigned
+//!   POST policy bounds the object's size (`content-length-range`) and fixes its key and
+//!   attributes. The file becomes `completed`, with the object's size, once the object is
+//!   there ([`Uploads::settle_posted`], run when the session or file is read).
+//!
+//! The files record their form (`tus_form`: [`MULTIPART`] or [`POST`]).
+
+use std::time::Duration;
+
+use super::parts::file_not_open;
+use super::{open_gate, Uploads};
+use crate::error::AppError;
+use crate::model::{now_ms, part_count, FileRecord, FileStatus, PartRecord};
+use crate::storage::PresignedPost;
+use crate::store::{BeginComplete, TailOp, TusAdvance, TusBegin, TusBegun, TusState};
+
+/// The form a multipart Uppy upload's file records.
+pub const MULTIPART: &str = "uppy";
+/// The form a form-upload (POST policy) Uppy file records.
+pub const POST: &str = "uppy-post";
+
+/// Validity of a form upload's policy: the file becomes `completed` only when its object
+/// lands, so a short window keeps registered-but-never-sent files few.
+pub const POST_TTL: Duration = Duration::from_secs(900);
+
+/// How long declaring a length may hold the file's lock.
+const DECLARE_LEASE_MS: i64 = 10_000;
+
+/// Whether `file` is an Uppy upload of form `form`.
+pub fn is_form(file: &FileRecord, form: &str) -> bool {
+    file.tus_form.as_deref() == Some(form)
+}
+
+/// The sizes `parts` (the client's list: number, ETag) have in storage's `stored` list,
+/// checked against the part-size rule for a file of unknown length: every part but the
+/// last exactly `part_size`, the last at most `part_size`, numbered 1..=n in order. The
+/// file's length is their sum.
+pub fn length_of_parts(
+    parts: &[(u32, String)],
+    stored: &[PartRecord],
+    part_size: u64,
+) -> Result<u64, AppError> {
+    if parts.is_empty() {
+        return Err(AppError::PartsMissing(vec![1]));
+    }
+    let mut total: u64 = 0;
+    let mut missing = Vec::new();
+    for (i, (n, etag)) in parts.iter().enumerate() {
+        let expected_number = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        if *n != expected_number {
+            missing.push(expected_number);
+            continue;
+        }
+        let want = etag.trim_matches('"');
+        let Some(p) = stored
+            .iter()
+            .find(|p| p.part_number == *n && p.etag.trim_matches('"') == want)
+        else {
+            missing.push(*n);
+            continue;
+        };
+        let last = i + 1 == parts.len();
+        if (!last && p.size_bytes != part_size) || (last && p.size_bytes > part_size) {
+            return Err(AppError::PartSizeMismatch {
+                part_number: *n,
+                expected: part_size,
+                actual: p.size_bytes,
+            });
+        }
+        total = total.saturating_add(p.size_bytes);
+    }
+    if !missing.is_empty() {
+        return Err(AppError::PartsMissing(missing));
+    }
+    Ok(total)
+}
+
+impl Uploads {
+    /// The file and its tus state (length known or not), for an Uppy request.
+    async fn uppy_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<(FileRecord, TusState), AppError> {
+        let now = now_ms();
+        let gate = self
+            .store
+            .tus_file(tenant, session_id, file_id, now)
+            .await?;
+        let (file, state) = open_gate(gate, tenant, now)?;
+        if !is_form(&file, MULTIPART) && !is_form(&file, POST) {
+            return Err(AppError::FileNotFound);
+        }
+        Ok((file, state))
+    }
+
+    /// The storage upload of a newly registered multipart Uppy file (created now: Uppy
+    /// needs its id at once).
+    pub async fn uppy_open(&self, tenant: &str, file: &FileRecord) -> Result<String, AppError> {
+        self.open_upload(tenant, file).await
+    }
+
+    /// A presigned URL for part `n` of a multipart Uppy file: the part's exact length when
+    /// the file's length is known, else any length, for part numbers up to what
+    /// `max_size` allows.
+    pub async fn uppy_sign(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        n: u32,
+        max_size: u64,
+    ) -> Result<String, AppError> {
+        let (file, state) = self.uppy_file(tenant, session_id, file_id).await?;
+        if file.status != FileStatus::Registered {
+            return Err(file_not_open(&file));
+        }
+        let upload_id = file.upload_id.clone().ok_or(AppError::FileNotFound)?;
+        let storage = self.storage(tenant);
+        let ttl = super::parts::PRESIGN_TTL;
+        if state.deferred {
+            let max_parts = part_count(max_size, file.part_size_bytes)
+                .min(u32::try_from(crate::model::MAX_PARTS).unwrap_or(u32::MAX));
+            if n == 0 || n > max_parts {
+                return Err(part_out_of_range(max_parts));
+            }
+            return Ok(storage
+                .presign_part_any_size(&file.object_key, &upload_id, n, ttl)
+                .await?);
+        }
+        let len = crate::model::expected_part_len(file.size_bytes, file.part_size_bytes, n)
+            .ok_or_else(|| part_out_of_range(file.part_count))?;
+        Ok(storage
+            .presign_part(&file.object_key, &upload_id, n, len, ttl)
+            .await?)
+    }
+
+    /// The parts storage holds for a multipart Uppy file (they bypass the gateway).
+    pub async fn uppy_parts(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<Vec<PartRecord>, AppError> {
+        let (file, _) = self.uppy_file(tenant, session_id, file_id).await?;
+        match (&file.status, &file.upload_id) {
+            (FileStatus::Registered | FileStatus::Completing, Some(id)) => {
+                match self.storage(tenant).list_parts(&file.object_key, id).await {
+                    Ok(parts) => Ok(parts),
+                    Err(crate::storage::StorageError::NoSuchUpload) => Ok(Vec::new()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            (FileStatus::Aborted, _) => Err(AppError::FileAborted),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Completes a multipart Uppy file from the client's part list: its length is learnt
+    /// from storage's part list when unknown (see the module docs), then the file is
+    /// completed as any other.
+    pub async fn uppy_complete(
+        self: &std::sync::Arc<Self>,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        parts: &[(u32, String)],
+        max_size: u64,
+    ) -> Result<FileRecord, AppError> {
+        let (file, state) = self.uppy_file(tenant, session_id, file_id).await?;
+        if state.deferred && file.status == FileStatus::Registered {
+            let upload_id = file.upload_id.clone().ok_or(AppError::FileNotFound)?;
+            let stored = match self
+                .storage(tenant)
+                .list_parts(&file.object_key, &upload_id)
+                .await
+            {
+                Ok(p) => p,
+                Err(crate::storage::StorageError::NoSuchUpload) => {
+                    return Err(AppError::FileNotActive("aborted"))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let length = length_of_parts(parts, &stored, file.part_size_bytes)?;
+            if length > max_size {
+                return Err(AppError::FileTooLarge(max_size));
+            }
+            self.declare_length(tenant, session_id, file_id, length)
+                .await?;
+        }
+        let body = serde_json::json!({
+            "parts": parts
+                .iter()
+                .map(|(n, etag)| serde_json::json!({"partNumber": n, "etag": etag.trim_matches('"')}))
+                .collect::<Vec<_>>(),
+        });
+        self.complete(tenant, session_id, file_id, &body).await
+    }
+
+    /// Records the length of a file registered with its length unknown, under the file's
+    /// tus lock (so a concurrent declaration or tus request cannot interleave). A file
+    /// whose length is already this one is left as it is; another length is refused.
+    pub async fn declare_length(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        length: u64,
+    ) -> Result<(), AppError> {
+        let token = crate::api::new_id();
+        let now = now_ms();
+        let begin = TusBegin {
+            token: &token,
+            lease_ms: DECLARE_LEASE_MS,
+            offset: 0,
+        };
+        let gate = self
+            .store
+            .tus_begin(tenant, session_id, file_id, &begin, now)
+            .await?;
+        let (file, state) = match open_gate(gate, tenant, now)? {
+            TusBegun::Held(f, s) => (f, s),
+            TusBegun::Locked => return Err(AppError::CompletionInProgress),
+            TusBegun::OffsetMismatch(_) => {
+                return Err(AppError::Internal("an Uppy file has tus bytes".into()))
+            }
+            // Completing or completed: the completion's own answer stands.
+            TusBegun::NotOpen(_) => return Ok(()),
+        };
+        let result = if !state.deferred {
+            if file.size_bytes == length {
+                Ok(())
+            } else {
+                Err(AppError::PartSizeMismatch {
+                    part_number: file.part_count,
+                    expected: file.size_bytes,
+                    actual: length,
+                })
+            }
+        } else {
+            let advance = TusAdvance {
+                token: &token,
+                lease_ms: DECLARE_LEASE_MS,
+                from: 0,
+                to: 0,
+                tail_len: 0,
+                parts: &[],
+                tail: TailOp::Keep,
+                length: Some((length, part_count(length, file.part_size_bytes))),
+            };
+            let now = now_ms();
+            let gate = self
+                .store
+                .tus_advance(tenant, session_id, file_id, &advance, now)
+                .await;
+            match gate {
+                Ok(g) => match open_gate(g, tenant, now) {
+                    Ok(crate::store::TusAdvanced::Done) => Ok(()),
+                    Ok(other) => Err(AppError::Internal(format!(
+                        "declaring an Uppy file's length: {other:?}"
+                    ))),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.into()),
+            }
+        };
+        if let Err(e) = self
+            .store
+            .tus_release(tenant, session_id, file_id, &token)
+            .await
+        {
+            tracing::warn!(error = %e, "releasing an Uppy file's lock failed (it runs out by itself)");
+        }
+        result
+    }
+
+    /// The presigned form upload of a newly registered form-upload Uppy file, bounded to
+    /// `max_len` bytes.
+    pub async fn uppy_post(
+        &self,
+        tenant: &str,
+        file: &FileRecord,
+        max_len: u64,
+    ) -> Result<PresignedPost, AppError> {
+        let attrs = self.attributes(tenant, file, file.content_type.as_deref());
+        Ok(self
+            .storage(tenant)
+            .presign_post(&file.object_key, &attrs, max_len, POST_TTL)
+            .await?)
+    }
+
+    /// Completes the form-upload Uppy files among `files` whose objects have landed, with
+    /// their objects' sizes; true when one was. Best effort: a file that cannot be looked
+    /// at now is tried at the next read.
+    pub async fn settle_posted(&self, tenant: &str, files: &[FileRecord]) -> bool {
+        let mut settled = false;
+        for file in files
+            .iter()
+            .filter(|f| is_form(f, POST) && f.status == FileStatus::Registered)
+        {
+            match self.settle_one(tenant, file).await {
+                Ok(done) => settled |= done,
+                Err(e) => {
+                    tracing::warn!(file_id = %file.id, error = %e, "settling a form upload failed; the next read tries again");
+                }
+            }
+        }
+        settled
+    }
+
+    async fn settle_one(&self, tenant: &str, file: &FileRecord) -> Result<bool, AppError> {
+        let storage = self.storage(tenant);
+        let Some(info) = storage.head_object(&file.object_key).await? else {
+            return Ok(false);
+        };
+        let sid = &file.session_id;
+        self.declare_length(tenant, sid, &file.id, info.size)
+            .await?;
+        let token = crate::api::new_id();
+        let now = now_ms();
+        let gate = self
+            .store
+            .begin_complete(tenant, sid, &file.id, &token, DECLARE_LEASE_MS, now)
+            .await?;
+        match open_gate(gate, tenant, now)? {
+            BeginComplete::Acquired(..) => {}
+            BeginComplete::AlreadyCompleted(_) => return Ok(true),
+            BeginComplete::Aborted | BeginComplete::InProgress => return Ok(false),
+        }
+        let url = storage.file_url(&file.object_key);
+        let gate = self
+            .store
+            .finish_complete(tenant, sid, &file.id, &token, &url, &info.etag, now_ms())
+            .await?;
+        self.wake(tenant, sid);
+        let done = matches!(gate, crate::store::Gate::Ok(Some(_)));
+        if done {
+            self.metrics.files_completed.inc();
+            tracing::info!(file_id = %file.id, file_url = %url, size_bytes = info.size, "form upload landed: file completed");
+        }
+        Ok(done)
+    }
+}
+
+fn part_out_of_range(max: u32) -> AppError {
+    AppError::Validation(vec![crate::error::FieldError::new(
+        "partNumber",
+        format!("must be between 1 and {max}"),
+    )])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = 5;
+
+    fn stored(sizes: &[u64]) -> Vec<PartRecord> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| PartRecord {
+                part_number: i as u32 + 1,
+                etag: format!("e{}", i + 1),
+                size_bytes: *s,
+            })
+            .collect()
+    }
+
+    fn listed(n: u32) -> Vec<(u32, String)> {
+        (1..=n).map(|i| (i, format!("\"e{i}\""))).collect()
+    }
+
+    #[test]
+    fn the_length_is_the_sum_of_parts_that_follow_the_rule() {
+        assert_eq!(
+            length_of_parts(&listed(3), &stored(&[5, 5, 2]), P).ok(),
+            Some(12)
+        );
+        assert_eq!(length_of_parts(&listed(1), &stored(&[3]), P).ok(), Some(3));
+        assert_eq!(
+            length_of_parts(&listed(2), &stored(&[5, 5]), P).ok(),
+            Some(10)
+        );
+    }
+
+    #[test]
+    fn parts_of_other_sizes_missing_or_out_of_order_are_refused() {
+        assert!(matches!(
+            length_of_parts(&listed(3), &stored(&[5, 4, 2]), P),
+            Err(AppError::PartSizeMismatch { part_number: 2, .. })
+        ));
+        assert!(matches!(
+            length_of_parts(&listed(2), &stored(&[5, 6]), P),
+            Err(AppError::PartSizeMismatch { part_number: 2, .. })
+        ));
+        assert!(matches!(
+            length_of_parts(&listed(3), &stored(&[5, 5]), P),
+            Err(AppError::PartsMissing(m)) if m == vec![3]
+        ));
+        let wrong_etag = vec![(1, "x".to_owned())];
+        assert!(matches!(
+            length_of_parts(&wrong_etag, &stored(&[5]), P),
+            Err(AppError::PartsMissing(m)) if m == vec![1]
+        ));
+        let skipped = vec![(1, "e1".to_owned()), (3, "e3".to_owned())];
+        assert!(matches!(
+            length_of_parts(&skipped, &stored(&[5, 5, 1]), P),
+            Err(AppError::PartsMissing(_))
+        ));
+        assert!(matches!(
+            length_of_parts(&[], &stored(&[5]), P),
+            Err(AppError::PartsMissing(_))
+        ));
+    }
+}

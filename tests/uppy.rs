@@ -1,0 +1,403 @@
+//! Uppy Companion's S3 routes (`../shared/API.md` v1.1, "Uppy") over HTTP, called exactly as
+//! `@uppy/aws-s3` 6.x calls them (its `CompanionS3` client: the paths, query strings and
+//! JSON bodies it sends, the `ETag` header it reads), against a gateway on Redis and the
+//! in-process S3 server: parts PUT to the presigned URLs, small files POSTed as a form
+//! with the presigned policy. The browser test (`tests/browser.rs`) runs the real Uppy.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+const MIB: usize = 1024 * 1024;
+
+struct Uppy {
+    client: reqwest::Client,
+    /// `companionEndpoint`: `<gateway>/v1/uppy/<token>`.
+    endpoint: String,
+}
+
+impl Uppy {
+    fn url(&self, path: &str) -> String {
+        format!("{}/s3{path}", self.endpoint)
+    }
+
+    async fn create(&self, name: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/multipart"))
+            .header("content-type", "application/json")
+            .body(
+                json!({"filename": name, "type": "application/octet-stream",
+                    "metadata": {"name": name, "type": "application/octet-stream", "relativePath": null, "caption": "c"}})
+                .to_string(),
+            )
+            .send()
+            .await
+            .expect("create")
+    }
+
+    fn q(key: &str) -> String {
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("key", key)
+            .finish()
+    }
+
+    async fn sign(&self, id: &str, key: &str, n: u32) -> reqwest::Response {
+        self.client
+            .get(self.url(&format!("/multipart/{id}/{n}?{}", Self::q(key))))
+            .send()
+            .await
+            .expect("sign")
+    }
+
+    /// Signs and PUTs one part; its unquoted ETag.
+    async fn put_part(&self, id: &str, key: &str, n: u32, bytes: Vec<u8>) -> String {
+        let res = self.sign(id, key, n).await;
+        assert_eq!(res.status(), 200);
+        let url = res.json::<Value>().await.expect("json")["url"]
+            .as_str()
+            .expect("url")
+            .to_owned();
+        let put = self.client.put(&url).body(bytes).send().await.expect("put");
+        assert_eq!(put.status(), 200, "{:?}", put.text().await);
+        put.headers()["etag"]
+            .to_str()
+            .expect("etag")
+            .trim_matches('"')
+            .to_owned()
+    }
+
+    async fn list(&self, id: &str, key: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(&format!("/multipart/{id}?{}", Self::q(key))))
+            .send()
+            .await
+            .expect("list")
+    }
+
+    async fn complete(&self, id: &str, key: &str, parts: &[(u32, String)]) -> reqwest::Response {
+        let parts: Vec<Value> = parts
+            .iter()
+            .map(|(n, e)| json!({"PartNumber": n, "ETag": e}))
+            .collect();
+        self.client
+            .post(self.url(&format!("/multipart/{id}/complete?{}", Self::q(key))))
+            .header("content-type", "application/json")
+            .body(json!({ "parts": parts }).to_string())
+            .send()
+            .await
+            .expect("complete")
+    }
+
+    async fn abort(&self, id: &str, key: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(&format!("/multipart/{id}?{}", Self::q(key))))
+            .send()
+            .await
+            .expect("abort")
+    }
+
+    async fn params(&self, name: &str, kind: &str) -> reqwest::Response {
+        let q = form_urlencoded::Serializer::new(String::new())
+            .append_pair("filename", name)
+            .append_pair("type", kind)
+            .append_pair("metadata[name]", name)
+            .append_pair("metadata[caption]", "small one")
+            .finish();
+        self.client
+            .get(self.url(&format!("/params?{q}")))
+            .send()
+            .await
+            .expect("params")
+    }
+}
+
+/// The form `@uppy/aws-s3` POSTs: every field, then the file, last.
+async fn post_form(client: &reqwest::Client, params: &Value, bytes: &[u8]) -> reqwest::Response {
+    let boundary = "----upgate-test-boundary-7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (k, v) in params["fields"].as_object().expect("fields") {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{}\r\n",
+                v.as_str().expect("string field")
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"blob\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    client
+        .post(params["url"].as_str().expect("url"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("form post")
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+struct Setup {
+    gw: TestGateway,
+    s3: upgate_testkit::s3::S3Server,
+    _redis: upgate_testkit::RedisServer,
+    session: String,
+    uppy: Uppy,
+}
+
+async fn setup() -> Setup {
+    let s3 = upgate_testkit::s3::S3Server::start("uppy-bucket");
+    let redis = upgate_testkit::RedisServer::start();
+    let gw = s3_redis_gateway(&s3, &redis).await;
+    let created: Value = gw
+        .client
+        .post(format!("{}/v1/sessions", gw.base))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("session")
+        .json()
+        .await
+        .expect("json");
+    let session = created["sessionId"].as_str().expect("id").to_owned();
+    let token = created["uploadToken"].as_str().expect("token").to_owned();
+    let uppy = Uppy {
+        client: reqwest::Client::new(),
+        endpoint: format!("{}/v1/uppy/{token}", gw.base),
+    };
+    Setup {
+        gw,
+        s3,
+        _redis: redis,
+        session,
+        uppy,
+    }
+}
+
+async fn session_files(gw: &TestGateway, session: &str) -> Vec<Value> {
+    let v: Value = gw
+        .client
+        .get(format!("{}/v1/sessions/{session}", gw.base))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    v["files"].as_array().expect("files").clone()
+}
+
+#[tokio::test]
+async fn a_multipart_upload_becomes_a_completed_file_of_the_session() {
+    let t = setup().await;
+    let res = t.uppy.create("big file.bin").await;
+    assert_eq!(res.status(), 200);
+    let created: Value = res.json().await.expect("json");
+    let id = created["uploadId"].as_str().expect("uploadId").to_owned();
+    let key = created["key"].as_str().expect("key").to_owned();
+    // Uppy's chunks for 12 MiB: 5, 5 and 2 MiB.
+    let bytes = data(12 * MIB, 7);
+    let mut parts = Vec::new();
+    for (i, chunk) in bytes.chunks(5 * MIB).enumerate() {
+        let n = i as u32 + 1;
+        parts.push((n, t.uppy.put_part(&id, &key, n, chunk.to_vec()).await));
+    }
+    let listed: Value = t.uppy.list(&id, &key).await.json().await.expect("json");
+    let listed = listed.as_array().expect("array");
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[2]["PartNumber"], 3);
+    assert_eq!(listed[2]["Size"], 2 * MIB);
+    assert_eq!(
+        listed[0]["ETag"].as_str().map(|e| e.trim_matches('"')),
+        Some(parts[0].1.as_str())
+    );
+    let res = t.uppy.complete(&id, &key, &parts).await;
+    assert_eq!(res.status(), 200);
+    let done: Value = res.json().await.expect("json");
+    assert!(
+        done["location"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("s3://")),
+        "{done}"
+    );
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0]["status"], "completed");
+    assert_eq!(files[0]["sizeBytes"], 12 * MIB);
+    assert_eq!(files[0]["fileName"], "big file.bin");
+    assert_eq!(files[0]["metadata"], json!({"caption": "c"}));
+    assert_eq!(s3_object(&t.s3, &files[0]), bytes);
+    assert_eq!(t.s3.open_upload_count(), 0);
+    // A repeated complete answers the stored result.
+    let again = t.uppy.complete(&id, &key, &parts).await;
+    assert_eq!(again.status(), 200);
+}
+
+#[tokio::test]
+async fn parts_against_the_part_size_rule_or_over_the_limit_are_refused_at_completion() {
+    let t = setup().await;
+    let created: Value = t.uppy.create("odd.bin").await.json().await.expect("json");
+    let id = created["uploadId"].as_str().expect("id").to_owned();
+    let key = created["key"].as_str().expect("key").to_owned();
+    // A first part of 4 MiB (not one part size) then 2 MiB.
+    let p1 = t.uppy.put_part(&id, &key, 1, data(4 * MIB, 1)).await;
+    let p2 = t.uppy.put_part(&id, &key, 2, data(2 * MIB, 2)).await;
+    let res = t
+        .uppy
+        .complete(&id, &key, &[(1, p1.clone()), (2, p2.clone())])
+        .await;
+    let v = problem(res, 400, "partSizeMismatch").await;
+    assert_eq!(v["partNumber"], 1, "{v}");
+    // A part listed that storage does not hold (part 1 now one part size).
+    let _ = (p1, p2);
+    let p1 = t.uppy.put_part(&id, &key, 1, data(5 * MIB, 1)).await;
+    let res = t
+        .uppy
+        .complete(&id, &key, &[(1, p1), (2, "nope".into())])
+        .await;
+    let v = problem(res, 400, "partsMissing").await;
+    assert_eq!(v["missingParts"], json!([2]), "{v}");
+    // Part numbers past what the tenant's largest file allows are not signed.
+    let res = t.uppy.sign(&id, &key, 10_001).await;
+    assert_eq!(res.status(), 400);
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files[0]["status"], "registered");
+}
+
+#[tokio::test]
+async fn an_aborted_upload_leaves_nothing_open_and_the_file_deleted() {
+    let t = setup().await;
+    let created: Value = t.uppy.create("gone.bin").await.json().await.expect("json");
+    let id = created["uploadId"].as_str().expect("id").to_owned();
+    let key = created["key"].as_str().expect("key").to_owned();
+    t.uppy.put_part(&id, &key, 1, data(5 * MIB, 3)).await;
+    assert_eq!(t.s3.open_upload_count(), 1);
+    let res = t.uppy.abort(&id, &key).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.expect("json"), json!({}));
+    assert_eq!(t.s3.open_upload_count(), 0);
+    assert!(session_files(&t.gw, &t.session).await.is_empty());
+    // Aborting again (Uppy does on removal whatever happened) is fine.
+    assert_eq!(t.uppy.abort(&id, &key).await.status(), 200);
+    // The file is gone for every other route.
+    assert_eq!(t.uppy.sign(&id, &key, 1).await.status(), 404);
+}
+
+#[tokio::test]
+async fn a_form_upload_is_registered_then_completed_with_the_objects_size() {
+    let t = setup().await;
+    let res = t.uppy.params("small.png", "image/png").await;
+    assert_eq!(res.status(), 200);
+    let params: Value = res.json().await.expect("json");
+    assert_eq!(params["method"], "POST");
+    assert!(
+        params["url"].as_str().is_some_and(|u| u.ends_with('/')),
+        "{params}"
+    );
+    let fields = params["fields"].as_object().expect("fields");
+    for f in [
+        "key",
+        "policy",
+        "x-amz-signature",
+        "x-amz-credential",
+        "Content-Type",
+    ] {
+        assert!(fields.contains_key(f), "{f} missing: {params}");
+    }
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0]["status"], "registered");
+    // A form whose key was changed is refused by storage (the policy fixes it).
+    let mut tampered = params.clone();
+    tampered["fields"]["key"] = json!("pfx/elsewhere");
+    let res = post_form(&t.uppy.client, &tampered, b"x").await;
+    assert!(res.status().is_client_error(), "{}", res.status());
+    let bytes = data(MIB, 9);
+    let res = post_form(&t.uppy.client, &params, &bytes).await;
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files[0]["status"], "completed", "{:?}", files[0]);
+    assert_eq!(files[0]["sizeBytes"], MIB);
+    assert_eq!(files[0]["contentType"], "image/png");
+    assert_eq!(files[0]["metadata"], json!({"caption": "small one"}));
+    assert_eq!(s3_object(&t.s3, &files[0]), bytes);
+}
+
+#[tokio::test]
+async fn the_routes_take_only_an_upload_token_and_only_its_own_session() {
+    let t = setup().await;
+    let created: Value = t.uppy.create("mine.bin").await.json().await.expect("json");
+    let id = created["uploadId"].as_str().expect("id").to_owned();
+    // The API key is not a session's credential.
+    let res = t
+        .uppy
+        .client
+        .post(format!("{}/v1/uppy/{KEY_A}/s3/multipart", t.gw.base))
+        .header("content-type", "application/json")
+        .body(json!({"filename": "x"}).to_string())
+        .send()
+        .await
+        .expect("send");
+    problem(res, 403, "insufficientScope").await;
+    // No credential, or a made-up one.
+    let res = t
+        .uppy
+        .client
+        .get(format!(
+            "{}/v1/uppy/upt_bogus/s3/multipart/{id}/1?key=k",
+            t.gw.base
+        ))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), 401);
+    // Another session's token does not reach this session's file.
+    let other: Value =
+        t.gw.client
+            .post(format!("{}/v1/sessions", t.gw.base))
+            .bearer_auth(KEY_A)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("session")
+            .json()
+            .await
+            .expect("json");
+    let other = Uppy {
+        client: reqwest::Client::new(),
+        endpoint: format!(
+            "{}/v1/uppy/{}",
+            t.gw.base,
+            other["uploadToken"].as_str().expect("token")
+        ),
+    };
+    assert_eq!(other.sign(&id, "k", 1).await.status(), 404);
+    assert_eq!(other.list(&id, "k").await.status(), 404);
+    // A REST file is not an Uppy upload.
+    let reg: Value =
+        t.gw.client
+            .post(format!("{}/v1/sessions/{}/files", t.gw.base, t.session))
+            .bearer_auth(KEY_A)
+            .json(&json!({"fileName": "r", "sizeBytes": 5}))
+            .send()
+            .await
+            .expect("register")
+            .json()
+            .await
+            .expect("json");
+    let rest_id = reg["fileId"].as_str().expect("fileId");
+    assert_eq!(t.uppy.sign(rest_id, "k", 1).await.status(), 404);
+}
