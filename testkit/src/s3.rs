@@ -265,14 +265,66 @@ async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let service = service.clone();
+        let cors = hyper::service::service_fn(move |req| with_cors(service.clone(), req));
         let conn = http
-            .serve_connection(TokioIo::new(socket), service.clone())
+            .serve_connection(TokioIo::new(socket), cors)
             .into_owned();
         tokio::spawn(async move {
             let _ = conn.await;
         });
     }
     // Dropping the runtime (when `serve` returns) cancels the connections still open.
+}
+
+/// The bucket's CORS, as a rule allowing every origin (`AllowedOrigins: *`, the methods a
+/// browser upload uses, any header, `ETag` and `Location` exposed) would answer: s3s
+/// answers preflights 501 and has no PutBucketCors, and browser tests need both. Requests
+/// without `Origin` pass untouched.
+async fn with_cors(
+    service: s3s::service::S3Service,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<s3s::HttpResponse, s3s::HttpError> {
+    use http::header::{self, HeaderValue};
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let Some(origin) = origin else {
+        return hyper::service::Service::call(&service, req).await;
+    };
+    let preflight = req.method() == http::Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let asked_headers = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned();
+    let mut res = if preflight {
+        let mut res = http::Response::new(s3s::Body::empty());
+        *res.status_mut() = http::StatusCode::NO_CONTENT;
+        let h = res.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, PUT, POST, HEAD, DELETE"),
+        );
+        if let Some(asked) = asked_headers {
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked);
+        }
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        res
+    } else {
+        hyper::service::Service::call(&service, req).await?
+    };
+    let h = res.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("ETag, Location"),
+    );
+    Ok(res)
 }
 
 #[derive(Debug, Clone)]
