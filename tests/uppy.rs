@@ -401,3 +401,100 @@ async fn the_routes_take_only_an_upload_token_and_only_its_own_session() {
     let rest_id = reg["fileId"].as_str().expect("fileId");
     assert_eq!(t.uppy.sign(rest_id, "k", 1).await.status(), 404);
 }
+
+#[tokio::test]
+async fn the_reaper_completes_a_landed_form_upload_without_anyone_reading_the_session() {
+    let t = setup().await;
+    let params: Value = t
+        .uppy
+        .params("quiet.bin", "application/octet-stream")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let files = session_files(&t.gw, &t.session).await;
+    let file_id = files[0]["fileId"].as_str().expect("fileId").to_owned();
+    assert_eq!(t.gw.state.uploads.pending_posts().len(), 1);
+    let status = |gate: upgate::store::Gate<upgate::model::FileRecord>| match gate {
+        upgate::store::Gate::Ok(f) => f.status,
+        other => panic!("{other:?}"),
+    };
+    let read = || async {
+        t.gw.state
+            .store
+            .get_file("a", &t.session, &file_id, false, upgate::model::now_ms())
+            .await
+            .expect("store")
+    };
+    // Nothing landed yet: a pass leaves the file registered and still looked for.
+    upgate::reaper::pass(&t.gw.state).await.expect("pass");
+    assert_eq!(status(read().await), upgate::model::FileStatus::Registered);
+    assert_eq!(t.gw.state.uploads.pending_posts().len(), 1);
+    let bytes = data(300_000, 4);
+    assert_eq!(
+        post_form(&t.uppy.client, &params, &bytes).await.status(),
+        201
+    );
+    upgate::reaper::pass(&t.gw.state).await.expect("pass");
+    let f = match read().await {
+        upgate::store::Gate::Ok(f) => f,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(f.status, upgate::model::FileStatus::Completed);
+    assert_eq!(f.size_bytes, 300_000);
+    assert!(t.gw.state.uploads.pending_posts().is_empty());
+}
+
+#[tokio::test]
+async fn a_form_over_the_tenants_largest_file_is_refused_by_storage() {
+    let s3 = upgate_testkit::s3::S3Server::start("uppy-bucket");
+    let redis = upgate_testkit::RedisServer::start();
+    let mut cfg = config("");
+    cfg.tenants[0].max_file_size_bytes = 1000;
+    let gw = s3_redis_gateway_with(&s3, &redis, cfg).await;
+    let created: Value = gw
+        .client
+        .post(format!("{}/v1/sessions", gw.base))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("session")
+        .json()
+        .await
+        .expect("json");
+    let uppy = Uppy {
+        client: reqwest::Client::new(),
+        endpoint: format!(
+            "{}/v1/uppy/{}",
+            gw.base,
+            created["uploadToken"].as_str().expect("token")
+        ),
+    };
+    let params: Value = uppy
+        .params("x.bin", "application/octet-stream")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let res = post_form(&uppy.client, &params, &data(1001, 1)).await;
+    assert!(res.status().is_client_error(), "{}", res.status());
+    let sid = created["sessionId"].as_str().expect("id");
+    let files = session_files(&gw, sid).await;
+    assert_eq!(files[0]["status"], "registered");
+    // At the limit, it lands.
+    let res = post_form(&uppy.client, &params, &data(1000, 1)).await;
+    assert_eq!(res.status(), 201);
+    let files = session_files(&gw, sid).await;
+    assert_eq!(files[0]["status"], "completed");
+    assert_eq!(files[0]["sizeBytes"], 1000);
+    // Multipart: one part is all 1000 bytes allow, and a part over them is refused at
+    // completion.
+    let created: Value = uppy.create("m.bin").await.json().await.expect("json");
+    let id = created["uploadId"].as_str().expect("id").to_owned();
+    let key = created["key"].as_str().expect("key").to_owned();
+    assert_eq!(uppy.sign(&id, &key, 2).await.status(), 400);
+    let p1 = uppy.put_part(&id, &key, 1, data(1001, 2)).await;
+    let res = uppy.complete(&id, &key, &[(1, p1)]).await;
+    problem(res, 413, "fileTooLarge").await;
+}

@@ -32,6 +32,10 @@ impl Uploads {
                 }
                 return Err(AppError::SessionNotActive(view.session.status));
             }
+            // Form uploads whose objects landed are completed first (`super::uppy`).
+            if self.settle_posted(tenant, &view.files).await {
+                continue;
+            }
             let incomplete: Vec<String> = view
                 .files
                 .iter()

@@ -48,6 +48,8 @@ pub struct Uploads {
     waiters: Arc<Waiters>,
     timing: Timing,
     events: crate::events::deliver::Waker,
+    /// The form uploads this replica signed, for the reaper to settle ([`uppy`]).
+    pending_posts: Arc<uppy::PendingPosts>,
 }
 
 /// The protocol's clocks. [`Timing::default`] is what the gateway runs with; tests shorten
@@ -100,6 +102,7 @@ impl Uploads {
             waiters: Arc::default(),
             timing,
             events: crate::events::deliver::Waker::default(),
+            pending_posts: Arc::default(),
         }
     }
 

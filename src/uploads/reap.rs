@@ -17,6 +17,9 @@ impl Uploads {
     /// One pass: claims and reaps due sessions until none are left; returns how many
     /// expired sessions it finished (nothing left in storage, out of the index).
     pub async fn reap_pass(&self) -> Result<usize, StoreError> {
+        // Form uploads this replica signed whose objects landed become completed files
+        // (`super::uppy`): within one reaper interval of landing.
+        self.settle_pending_posts().await;
         let mut reaped = 0;
         // Claims take what was due when the pass started: a session this pass reschedules
         // (a cleanup storage refused, retried after `cleanup_retry`) waits for the next pass

@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use super::parts::file_not_open;
-use super::{open_gate, Uploads};
+use super::{ms, open_gate, Uploads};
 use crate::error::AppError;
 use crate::model::{now_ms, part_count, FileRecord, FileStatus, PartRecord};
 use crate::storage::PresignedPost;
@@ -33,6 +33,56 @@ pub const POST: &str = "uppy-post";
 /// Validity of a form upload's policy: the file becomes `completed` only when its object
 /// lands, so a short window keeps registered-but-never-sent files few.
 pub const POST_TTL: Duration = Duration::from_secs(900);
+
+/// Form uploads this replica has signed and whose objects the reaper looks for: at most
+/// [`MAX_PENDING_POSTS`] (the oldest make way), each until its policy has expired (plus
+/// [`POST_GRACE`] for a POST that started just before). A replica's restart forgets them;
+/// reading the session (or the file, or finalizing) settles them as well.
+#[derive(Debug, Default)]
+pub struct PendingPosts(std::sync::Mutex<std::collections::BTreeMap<(i64, String), PendingPost>>);
+
+/// One signed form upload awaiting its object.
+#[derive(Debug, Clone)]
+pub struct PendingPost {
+    tenant: String,
+    session_id: String,
+    file_id: String,
+}
+
+/// Bound of [`PendingPosts`].
+pub const MAX_PENDING_POSTS: usize = 10_000;
+/// How long past its policy's expiry a form upload is still looked for.
+const POST_GRACE: Duration = Duration::from_secs(300);
+
+impl PendingPosts {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(i64, String), PendingPost>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, until_ms: i64, post: PendingPost) {
+        let mut map = self.lock();
+        while map.len() >= MAX_PENDING_POSTS {
+            if map.pop_first().is_none() {
+                break;
+            }
+        }
+        map.insert((until_ms, post.file_id.clone()), post);
+    }
+
+    /// How many are pending.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
 
 /// How long declaring a length may hold the file's lock.
 const DECLARE_LEASE_MS: i64 = 10_000;
@@ -295,10 +345,75 @@ impl Uploads {
         max_len: u64,
     ) -> Result<PresignedPost, AppError> {
         let attrs = self.attributes(tenant, file, file.content_type.as_deref());
-        Ok(self
+        let post = self
             .storage(tenant)
             .presign_post(&file.object_key, &attrs, max_len, POST_TTL)
-            .await?)
+            .await?;
+        let until = now_ms().saturating_add(ms(POST_TTL + POST_GRACE));
+        self.pending_posts.add(
+            until,
+            PendingPost {
+                tenant: tenant.to_owned(),
+                session_id: file.session_id.clone(),
+                file_id: file.id.clone(),
+            },
+        );
+        Ok(post)
+    }
+
+    /// The form uploads signed here and still awaited ([`PendingPosts`]).
+    pub fn pending_posts(&self) -> &PendingPosts {
+        &self.pending_posts
+    }
+
+    /// Settles the pending form uploads whose objects landed (the reaper's pass); a file
+    /// no longer `registered` (completed, deleted, its session gone) or past its policy is
+    /// no longer looked for.
+    pub async fn settle_pending_posts(&self) -> usize {
+        let now = now_ms();
+        let due: Vec<((i64, String), PendingPost)> = {
+            let mut map = self.pending_posts.lock();
+            let live = map.split_off(&(now, String::new()));
+            let dropped = std::mem::replace(&mut *map, live);
+            drop(dropped);
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let mut settled = 0;
+        for (key, p) in due {
+            let now = now_ms();
+            let file = match self
+                .store
+                .get_file(&p.tenant, &p.session_id, &p.file_id, true, now)
+                .await
+            {
+                Ok(crate::store::Gate::Ok(f)) => Some(f),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "looking at a pending form upload failed; next pass");
+                    continue;
+                }
+            };
+            let keep = match file {
+                Some(f) if f.status == FileStatus::Registered => {
+                    match self.settle_one(&p.tenant, &f).await {
+                        Ok(true) => {
+                            settled += 1;
+                            false
+                        }
+                        Ok(false) => true,
+                        Err(e) => {
+                            tracing::debug!(file_id = %f.id, error = %e, "settling a form upload failed; next pass");
+                            true
+                        }
+                    }
+                }
+                _ => false,
+            };
+            if !keep {
+                self.pending_posts.lock().remove(&key);
+            }
+        }
+        settled
     }
 
     /// Completes the form-upload Uppy files among `files` whose objects have landed, with

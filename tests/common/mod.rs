@@ -517,6 +517,15 @@ pub async fn s3_redis_gateway(
     s3: &upgate_testkit::s3::S3Server,
     redis: &upgate_testkit::RedisServer,
 ) -> TestGateway {
+    s3_redis_gateway_with(s3, redis, config("")).await
+}
+
+/// [`s3_redis_gateway`] with the configuration `cfg` (its Redis set here).
+pub async fn s3_redis_gateway_with(
+    s3: &upgate_testkit::s3::S3Server,
+    redis: &upgate_testkit::RedisServer,
+    mut cfg: Config,
+) -> TestGateway {
     let storage = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), "pfx")
         .with_credentials(aws_sdk_s3::config::Credentials::new(
             s3.access_key(),
@@ -525,7 +534,6 @@ pub async fn s3_redis_gateway(
             None,
             "test",
         ));
-    let mut cfg = config("");
     cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
     let store = upgate::build_store(&cfg).await.expect("store");
     TestGateway::start_with(
