@@ -270,11 +270,31 @@ async fn parts_against_the_part_size_rule_or_over_the_limit_are_refused_at_compl
         .await;
     let v = problem(res, 400, "partsMissing").await;
     assert_eq!(v["missingParts"], json!([2]), "{v}");
+    // Completing before any part was signed: nothing is in storage.
+    let fresh: Value = t.uppy.create("empty.bin").await.json().await.expect("json");
+    let fresh_id = fresh["uploadId"].as_str().expect("id");
+    let fresh_key = fresh["key"].as_str().expect("key");
+    let listed: Value = t
+        .uppy
+        .list(fresh_id, fresh_key)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed, json!([]));
+    let res = t
+        .uppy
+        .complete(fresh_id, fresh_key, &[(1, "e".into())])
+        .await;
+    problem(res, 400, "partsMissing").await;
     // Part numbers past what the tenant's largest file allows are not signed.
     let res = t.uppy.sign(&id, &key, 10_001).await;
     assert_eq!(res.status(), 400);
     let files = session_files(&t.gw, &t.session).await;
-    assert_eq!(files[0]["status"], "registered");
+    assert!(
+        files.iter().all(|f| f["status"] == "registered"),
+        "{files:?}"
+    );
 }
 
 #[tokio::test]
@@ -497,4 +517,45 @@ async fn a_form_over_the_tenants_largest_file_is_refused_by_storage() {
     let p1 = uppy.put_part(&id, &key, 1, data(1001, 2)).await;
     let res = uppy.complete(&id, &key, &[(1, p1)]).await;
     problem(res, 413, "fileTooLarge").await;
+}
+
+#[tokio::test]
+async fn concurrent_first_signings_open_one_storage_upload() {
+    let t = setup().await;
+    let created: Value = t.uppy.create("race.bin").await.json().await.expect("json");
+    let id = created["uploadId"].as_str().expect("id").to_owned();
+    let key = created["key"].as_str().expect("key").to_owned();
+    assert_eq!(
+        t.s3.open_upload_count(),
+        0,
+        "creation opens no storage upload"
+    );
+    let signs = (1..=50u32).map(|i| t.uppy.sign(&id, &key, i % 3 + 1));
+    for res in futures_util::future::join_all(signs).await {
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(
+        t.s3.open_upload_count(),
+        1,
+        "one storage upload for the file"
+    );
+    // The URLs all name that upload: parts PUT through any of them complete the file.
+    let bytes = data(6 * MIB, 5);
+    let p1 = t
+        .uppy
+        .put_part(&id, &key, 1, bytes[..5 * MIB].to_vec())
+        .await;
+    let p2 = t
+        .uppy
+        .put_part(&id, &key, 2, bytes[5 * MIB..].to_vec())
+        .await;
+    assert_eq!(
+        t.uppy
+            .complete(&id, &key, &[(1, p1), (2, p2)])
+            .await
+            .status(),
+        200
+    );
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(s3_object(&t.s3, &files[0]), bytes);
 }

@@ -12,7 +12,7 @@
 # FLOW_FILE_SIZE (bytes, 20 MiB), MEM_SESSIONS (1000), MEM_FILES (10), FS_FILE_MB (256: the
 # filesystem-storage uploads, in PART_MB parts), SKIP_BUILD=1,
 # OUT (directory for the JSON results and logs; default a new /tmp/upgate-bench.XXXXXX),
-# SCENARIOS (any of "parts register flow rtt mem fs hooks tus"; default all of them),
+# SCENARIOS (any of "parts register flow rtt mem fs hooks tus uppy"; default all of them),
 # RATE_LIMIT (the tenant's rate_limit table; default one that is exercised but never limits),
 # ALLOCATOR=mimalloc (build the gateway and the bench tool, baseline included, with mimalloc),
 # CRED_ROUNDS (rounds of upload-token, JWT and API-key registration runs, default 3),
@@ -35,7 +35,7 @@ FLOW_FILES=${FLOW_FILES:-4}
 FLOW_FILE_SIZE=${FLOW_FILE_SIZE:-$((20 * 1024 * 1024))}
 MEM_SESSIONS=${MEM_SESSIONS:-1000}
 MEM_FILES=${MEM_FILES:-10}
-SCENARIOS=${SCENARIOS:-parts register flow rtt mem fs hooks tus}
+SCENARIOS=${SCENARIOS:-parts register flow rtt mem fs hooks tus uppy}
 RATE_LIMIT=${RATE_LIMIT:-"{ requests_per_second = 1000000, burst = 10000000 }"}
 want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-$(mktemp -d /tmp/upgate-bench.XXXXXX)}
@@ -582,6 +582,35 @@ print(f"\nPATCH in 1 MiB chunks: {small['mbPerSec']:.1f} MB/s; {after - before:.
 PYTUS
 fi
 
+# --- uppy: Companion's S3 routes, creation and part signing req/s --------------------------
+# What @uppy/aws-s3 asks of its Companion: POST .../s3/multipart (a file registered, an S3
+# multipart upload created) and GET .../s3/multipart/{id}/{n} (a part URL signed), the upload
+# token in the path, at REG_CONC. Uppy Companion 6 measured 179 creations/s and 186
+# signings/s on this machine (issue 19): the ratios below are against those figures.
+if want uppy; then
+log "uppy: Companion-route creations, then part signing, concurrency $REG_CONC"
+"$BENCH" uppy-create --target "$GW" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
+  --label "uppy create" --json-out "$OUT/uppy-create.json" >/dev/null
+"$BENCH" uppy-sign --target "$GW" --key "$KEY" --concurrency "$REG_CONC" "${COMMON[@]}" \
+  --label "uppy sign" --json-out "$OUT/uppy-sign.json" >/dev/null
+python3 - "$OUT" >"$OUT/uppy.md" <<'PYUPPY'
+import json, sys
+out = sys.argv[1]
+def ep(name, endpoint):
+    for e in json.load(open(f"{out}/{name}.json"))["endpoints"]:
+        if e["endpoint"] == endpoint:
+            return e
+    raise SystemExit(f"{name}: no {endpoint}")
+create = ep("uppy-create", "uppy create")
+sign = ep("uppy-sign", "uppy sign")
+print("### Uppy Companion routes\n")
+print("| | upgate req/s | p50 ms | p99 ms | errors | Companion req/s (issue 19) | upgate / Companion |\n|---|---|---|---|---|---|---|")
+for name, e, companion in (("multipart creation", create, 179), ("part signing", sign, 186)):
+    errors = e["errorCount"]
+    print(f"| {name} | {e['reqPerSec']:.0f} | {e['p50Ms']:.2f} | {e['p99Ms']:.2f} | {errors} | {companion} | {e['reqPerSec'] / companion:.1f} |")
+PYUPPY
+fi
+
 # --- report --------------------------------------------------------------------------------
 CPU=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 MEM_GIB=$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
@@ -594,6 +623,7 @@ echo "${WARMUP} s of warm-up; parts are ${PART_MB} MiB; results in \`$OUT\`."
 echo
 "$BENCH" report --dir "$OUT"
 if [ -f "$OUT/tus.md" ]; then echo; cat "$OUT/tus.md"; fi
+if [ -f "$OUT/uppy.md" ]; then echo; cat "$OUT/uppy.md"; fi
 if grep -q '"level":"ERROR"' "$OUT/gateway.log" 2>/dev/null; then
   echo
   echo "Gateway logged $(grep -c '"level":"ERROR"' "$OUT/gateway.log") error line(s); see $OUT/gateway.log."

@@ -113,7 +113,8 @@ fn max_size(state: &AppState, tenant: &Tenant) -> u64 {
     tenant.0.max_file_size_bytes.min(parts_cap)
 }
 
-/// `POST .../s3/multipart`: `{filename, type, metadata}` → `{key, uploadId, bucket}`.
+/// `POST .../s3/multipart`: `{filename, type, metadata}` → `{key, uploadId, bucket}`. One
+/// store call: the storage upload is created when the first part is signed.
 #[tracing::instrument(skip_all, fields(tenant = %tenant.0.id, session_id, file_id))]
 pub(super) async fn create(
     State(state): State<AppState>,
@@ -140,17 +141,6 @@ pub(super) async fn create(
         MULTIPART,
     )
     .await?;
-    if let Err(e) = state.uploads.uppy_open(&tenant.0.id, &file).await {
-        // Nothing was sent yet: the file goes with its failed upload.
-        if let Err(d) = state
-            .uploads
-            .delete_file(&tenant.0.id, &session_id, &file.id)
-            .await
-        {
-            tracing::warn!(error = %d, "removing an Uppy file whose upload could not start failed");
-        }
-        return Err(e);
-    }
     Ok(Json(json!({
         "key": file.object_key,
         "uploadId": file.id,

@@ -156,12 +156,6 @@ impl Uploads {
         Ok((file, state))
     }
 
-    /// The storage upload of a newly registered multipart Uppy file (created now: Uppy
-    /// needs its id at once).
-    pub async fn uppy_open(&self, tenant: &str, file: &FileRecord) -> Result<String, AppError> {
-        self.open_upload(tenant, file).await
-    }
-
     /// A presigned URL for part `n` of a multipart Uppy file: the part's exact length when
     /// the file's length is known, else any length, for part numbers up to what
     /// `max_size` allows.
@@ -177,7 +171,10 @@ impl Uploads {
         if file.status != FileStatus::Registered {
             return Err(file_not_open(&file));
         }
-        let upload_id = file.upload_id.clone().ok_or(AppError::FileNotFound)?;
+        // The storage upload is created with the first part's URL, as for a REST file
+        // (`Uploads::open_upload`): creation is one store call, and Uppy's `uploadId` is
+        // the file's id, not storage's.
+        let upload_id = self.open_upload(tenant, &file).await?;
         let storage = self.storage(tenant);
         let ttl = super::parts::PRESIGN_TTL;
         if state.deferred {
@@ -231,7 +228,11 @@ impl Uploads {
     ) -> Result<FileRecord, AppError> {
         let (file, state) = self.uppy_file(tenant, session_id, file_id).await?;
         if state.deferred && file.status == FileStatus::Registered {
-            let upload_id = file.upload_id.clone().ok_or(AppError::FileNotFound)?;
+            // No part was ever signed: nothing is in storage.
+            let upload_id = file
+                .upload_id
+                .clone()
+                .ok_or_else(|| AppError::PartsMissing(vec![1]))?;
             let stored = match self
                 .storage(tenant)
                 .list_parts(&file.object_key, &upload_id)

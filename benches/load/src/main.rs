@@ -14,6 +14,8 @@
 //! upgate-bench webhook-sink    --json-out FILE [--listen ADDR] (answers webhooks 204; prints its
 //!                              address; on SIGTERM writes deliveries/s and latency, exits)
 //! upgate-bench tus-create      --target URL --key KEY [--concurrency N] [--duration S] (POST /v1/tus into a worker's session)
+//! upgate-bench uppy-create     --target URL --key KEY [--concurrency N] [--duration S] (Uppy's POST /v1/uppy/{token}/s3/multipart)
+//! upgate-bench uppy-sign       --target URL --key KEY [--concurrency N] [--duration S] (Uppy's GET .../s3/multipart/{id}/{n})
 //! upgate-bench tus-patch       --target URL --key KEY [--chunk-size BYTES] [--chunks-per-upload N] (PATCH, completing each upload)
 //! upgate-bench redis-mem       --target URL --key KEY --redis URL [--sessions N] [--files M]
 //! upgate-bench report          --dir DIR
@@ -65,7 +67,7 @@ pub(crate) async fn accept(listener: &tokio::net::TcpListener, who: &str) -> tok
 }
 use crate::scenarios::{Common, RunResult};
 
-const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|tus-create|tus-patch|tcp-proxy|baseline-server|s3-server|webhook-sink|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";
+const USAGE: &str = "usage: upgate-bench <flow|register|parts|parts-presigned|tus-create|tus-patch|uppy-create|uppy-sign|tcp-proxy|baseline-server|s3-server|webhook-sink|redis-mem|report> [--option value ...]\n(see the doc comment in benches/load/src/main.rs or benches/README.md)";
 
 struct Args {
     map: HashMap<String, String>,
@@ -193,7 +195,7 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
             Ok(())
         }
         "flow" | "register" | "parts" | "parts-presigned" | "redis-mem" | "tus-create"
-        | "tus-patch" => {
+        | "tus-patch" | "uppy-create" | "uppy-sign" => {
             let target = a.get("target", "http://127.0.0.1:8080".to_owned())?;
             check_loopback(&target)?;
             let key = a.opt("key");
@@ -287,6 +289,19 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
                         r,
                         &["tus create", "create session"],
                     )
+                }
+                "uppy-create" | "uppy-sign" => {
+                    let per_session: u64 = a.get("per-session", 100_000)?;
+                    a.finish()?;
+                    let op = if cmd == "uppy-sign" { "sign" } else { "create" };
+                    let r = rt.block_on(scenarios::uppy(common, op, per_session));
+                    let params = json!({"concurrency": concurrency, "durationSeconds": duration});
+                    let order: &[&'static str] = if op == "sign" {
+                        &["uppy sign", "uppy create", "create session"]
+                    } else {
+                        &["uppy create", "create session"]
+                    };
+                    scenario_json(cmd, &label, params, r, order)
                 }
                 "tus-patch" => {
                     let chunk: u64 = a.get("chunk-size", 5 * 1024 * 1024)?;

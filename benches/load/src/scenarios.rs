@@ -780,6 +780,113 @@ pub async fn tus_create(c: Common, per_session: u64) -> RunResult {
     .await
 }
 
+/// `uppy`: Uppy Companion's S3 routes (`/v1/uppy/{token}/s3/...`), as `@uppy/aws-s3`
+/// calls them: the upload token in the path, no `Authorization`. `op` `create`: multipart
+/// creations (`POST .../s3/multipart`: a file registered and an S3 multipart upload
+/// created), each worker in a session of its own; `sign`: part URL signing (`GET
+/// .../s3/multipart/{uploadId}/{n}`) of one upload per worker, part numbers 1..=100 in turn.
+pub async fn uppy(c: Common, op: &'static str, per_session: u64) -> RunResult {
+    let c2 = c.clone();
+    run_workers(&c, move |mut w| {
+        let c = c2.clone();
+        async move {
+            let mut seq = 0u64;
+            let label = if op == "sign" {
+                "uppy sign"
+            } else {
+                "uppy create"
+            };
+            'sessions: while w.budget.open() {
+                let Some((_, token)) = create_session_with_token(&c, &mut w, per_session).await
+                else {
+                    continue;
+                };
+                let base = url(&c, &format!("/v1/uppy/{token}/s3/multipart"));
+                let create = |seq: u64, id: usize| {
+                    let body = json!({"filename": format!("w{id}-{seq}.bin"),
+                        "type": "application/octet-stream", "metadata": {}});
+                    let base = base.clone();
+                    let http = c.http.clone();
+                    async move {
+                        http.send(
+                            Method::POST,
+                            &base,
+                            false,
+                            Some("application/json"),
+                            Bytes::from(body.to_string()),
+                        )
+                        .await
+                    }
+                };
+                let mut upload: Option<String> = None;
+                if op == "sign" {
+                    seq += 1;
+                    let start = Instant::now();
+                    let r = create(seq, w.id).await;
+                    w.record_reply("uppy create", start, &r, 0);
+                    match r {
+                        Ok(rep) if rep.ok() => {
+                            upload = rep.json()["uploadId"].as_str().map(str::to_owned);
+                        }
+                        Ok(rep) => {
+                            w.fatal(format!(
+                                "uppy create answered {}: {}",
+                                rep.status,
+                                String::from_utf8_lossy(&rep.body)
+                            ));
+                            break 'sessions;
+                        }
+                        Err(_) => continue 'sessions,
+                    }
+                }
+                for i in 0..per_session {
+                    if !w.budget.take() {
+                        break 'sessions;
+                    }
+                    seq += 1;
+                    let start = Instant::now();
+                    let r = match &upload {
+                        Some(id) => {
+                            let n = i % 100 + 1;
+                            c.http
+                                .send(
+                                    Method::GET,
+                                    &format!("{base}/{id}/{n}?key=k"),
+                                    false,
+                                    None,
+                                    Bytes::new(),
+                                )
+                                .await
+                        }
+                        None => create(seq, w.id).await,
+                    };
+                    w.record_reply(label, start, &r, 0);
+                    match r {
+                        Ok(rep) if rep.ok() => {}
+                        Ok(rep)
+                            if rep.status == 400 && rep.json()["code"] == "fileCountExceeded" =>
+                        {
+                            continue 'sessions
+                        }
+                        Ok(rep) if rep.status == 401 || rep.status == 403 || rep.status == 404 => {
+                            w.fatal(format!(
+                                "{label} answered {}: {}",
+                                rep.status,
+                                String::from_utf8_lossy(&rep.body)
+                            ));
+                            break 'sessions;
+                        }
+                        Ok(_) => continue 'sessions,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+            }
+            w
+        }
+    })
+    .await
+}
+
 /// `tus-patch`: tus PATCH throughput. Each worker creates an upload of `chunks` chunks of
 /// `chunk` bytes in a session of its own (`Upload-Metadata` `sessionId`), PATCHes them one
 /// after another (the last one completes the file), then deletes the upload: the tus
