@@ -559,3 +559,36 @@ async fn concurrent_first_signings_open_one_storage_upload() {
     let files = session_files(&t.gw, &t.session).await;
     assert_eq!(s3_object(&t.s3, &files[0]), bytes);
 }
+
+#[tokio::test]
+async fn filesystem_storage_refuses_the_routes_before_registering_anything() {
+    let gw = memory_fs_gateway().await;
+    let created: Value = gw
+        .client
+        .post(format!("{}/v1/sessions", gw.base))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("session")
+        .json()
+        .await
+        .expect("json");
+    let uppy = Uppy {
+        client: reqwest::Client::new(),
+        endpoint: format!(
+            "{}/v1/uppy/{}",
+            gw.base,
+            created["uploadToken"].as_str().expect("token")
+        ),
+    };
+    problem(uppy.create("a.bin").await, 501, "notSupported").await;
+    problem(
+        uppy.params("b.bin", "text/plain").await,
+        501,
+        "notSupported",
+    )
+    .await;
+    let sid = created["sessionId"].as_str().expect("id");
+    assert!(session_files(&gw, sid).await.is_empty());
+}

@@ -71,6 +71,7 @@ async fn register(
         return Err(bad("filename", "is required"));
     }
     let t = &tenant.0;
+    state.uploads.uppy_supported(&t.id)?;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let mut reg = json!({
         "fileName": file_name,

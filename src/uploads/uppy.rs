@@ -137,6 +137,16 @@ pub fn length_of_parts(
 }
 
 impl Uploads {
+    /// Whether `tenant`'s storage takes Uppy's direct uploads (S3 only: presigned parts and
+    /// forms); checked before a file is registered for them.
+    pub fn uppy_supported(&self, tenant: &str) -> Result<(), AppError> {
+        if self.storage(tenant).kind() == crate::storage::StorageKind::S3 {
+            Ok(())
+        } else {
+            Err(AppError::NotSupported)
+        }
+    }
+
     /// The file and its tus state (length known or not), for an Uppy request.
     async fn uppy_file(
         &self,
