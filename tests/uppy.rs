@@ -420,6 +420,39 @@ async fn the_routes_take_only_an_upload_token_and_only_its_own_session() {
             .expect("json");
     let rest_id = reg["fileId"].as_str().expect("fileId");
     assert_eq!(t.uppy.sign(rest_id, "k", 1).await.status(), 404);
+    // Nor is an Uppy upload a tus upload, whatever id names it.
+    let token = t
+        .uppy
+        .endpoint
+        .rsplit('/')
+        .next()
+        .expect("token")
+        .to_owned();
+    for upload in [format!("{}.{id}", t.session), format!("{}_{id}", t.session)] {
+        let res = t
+            .uppy
+            .client
+            .head(format!("{}/v1/tus/{upload}", t.gw.base))
+            .header("tus-resumable", "1.0.0")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("head");
+        assert_eq!(res.status(), 404, "{upload}");
+        let res = t
+            .uppy
+            .client
+            .patch(format!("{}/v1/tus/{upload}", t.gw.base))
+            .header("tus-resumable", "1.0.0")
+            .header("upload-offset", "0")
+            .header("content-type", "application/offset+octet-stream")
+            .bearer_auth(&token)
+            .body("x")
+            .send()
+            .await
+            .expect("patch");
+        assert_eq!(res.status(), 404, "{upload}");
+    }
 }
 
 #[tokio::test]

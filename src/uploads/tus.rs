@@ -175,8 +175,12 @@ pub fn partial_ids(file: &FileRecord) -> Vec<&str> {
         .unwrap_or_default()
 }
 
-/// The file's form, when it is the one `expected` (`None`: any) names (404 otherwise).
+/// The file's form, when it is the one `expected` (`None`: any) names (404 otherwise). An
+/// Uppy upload ([`super::uppy`]) is no tus upload: 404 whatever the id says.
 fn checked_form(expected: Option<Form>, file: &FileRecord) -> Result<Form, AppError> {
+    if super::uppy::is_uppy(file) {
+        return Err(AppError::FileNotFound);
+    }
     let stored = Form::of(file);
     match expected {
         Some(f) if f != stored => Err(AppError::FileNotFound),

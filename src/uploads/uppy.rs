@@ -92,6 +92,11 @@ pub fn is_form(file: &FileRecord, form: &str) -> bool {
     file.tus_form.as_deref() == Some(form)
 }
 
+/// Whether `file` is an Uppy upload (of either form).
+pub fn is_uppy(file: &FileRecord) -> bool {
+    is_form(file, MULTIPART) || is_form(file, POST)
+}
+
 /// The sizes `parts` (the client's list: number, ETag) have in storage's `stored` list,
 /// checked against the part-size rule for a file of unknown length: every part but the
 /// last exactly `part_size`, the last at most `part_size`, numbered 1..=n in order. The
@@ -160,7 +165,7 @@ impl Uploads {
             .tus_file(tenant, session_id, file_id, now)
             .await?;
         let (file, state) = open_gate(gate, tenant, now)?;
-        if !is_form(&file, MULTIPART) && !is_form(&file, POST) {
+        if !is_uppy(&file) {
             return Err(AppError::FileNotFound);
         }
         Ok((file, state))
