@@ -420,7 +420,8 @@ async fn the_routes_take_only_an_upload_token_and_only_its_own_session() {
             .expect("json");
     let rest_id = reg["fileId"].as_str().expect("fileId");
     assert_eq!(t.uppy.sign(rest_id, "k", 1).await.status(), 404);
-    // Nor is an Uppy upload a tus upload, whatever id names it.
+    // The token may come as `Authorization: Bearer` instead (the path segment is then
+    // not read).
     let token = t
         .uppy
         .endpoint
@@ -428,6 +429,16 @@ async fn the_routes_take_only_an_upload_token_and_only_its_own_session() {
         .next()
         .expect("token")
         .to_owned();
+    let res = t
+        .uppy
+        .client
+        .get(format!("{}/v1/uppy/-/s3/multipart/{id}/1?key=k", t.gw.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("sign");
+    assert_eq!(res.status(), 200);
+    // Nor is an Uppy upload a tus upload, whatever id names it.
     for upload in [format!("{}.{id}", t.session), format!("{}_{id}", t.session)] {
         let res = t
             .uppy
