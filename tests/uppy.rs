@@ -420,6 +420,67 @@ async fn the_routes_take_only_an_upload_token_and_only_its_own_session() {
             .expect("json");
     let rest_id = reg["fileId"].as_str().expect("fileId");
     assert_eq!(t.uppy.sign(rest_id, "k", 1).await.status(), 404);
+    // Companion's abort does not delete it either.
+    assert_eq!(t.uppy.abort(rest_id, "k").await.status(), 200);
+    let res =
+        t.gw.client
+            .get(format!(
+                "{}/v1/sessions/{}/files/{rest_id}",
+                t.gw.base, t.session
+            ))
+            .bearer_auth(KEY_A)
+            .send()
+            .await
+            .expect("get");
+    assert_eq!(res.status(), 200);
+    // And the REST routes do not touch an Uppy upload, whose parts bypass their rules.
+    let files = format!("{}/v1/sessions/{}/files/{id}", t.gw.base, t.session);
+    let res =
+        t.gw.client
+            .put(format!("{files}/parts/1"))
+            .bearer_auth(KEY_A)
+            .body(vec![0u8; 10])
+            .send()
+            .await
+            .expect("part");
+    problem(res, 404, "fileNotFound").await;
+    let res =
+        t.gw.client
+            .post(format!("{files}/presigned-parts"))
+            .bearer_auth(KEY_A)
+            .json(&json!({"partNumbers": [1]}))
+            .send()
+            .await
+            .expect("presign");
+    problem(res, 404, "fileNotFound").await;
+    let res =
+        t.gw.client
+            .post(format!("{files}/complete"))
+            .bearer_auth(KEY_A)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("complete");
+    problem(res, 404, "fileNotFound").await;
+    // The multipart routes do not take a form upload's file.
+    let res = t.uppy.params("f.bin", "application/octet-stream").await;
+    assert_eq!(res.status(), 200);
+    let listed = session_files(&t.gw, &t.session).await;
+    let form_id = listed
+        .iter()
+        .find(|f| f["fileName"] == "f.bin")
+        .and_then(|f| f["fileId"].as_str())
+        .expect("form file")
+        .to_owned();
+    assert_eq!(t.uppy.sign(&form_id, "k", 1).await.status(), 404);
+    assert_eq!(t.uppy.list(&form_id, "k").await.status(), 404);
+    assert_eq!(
+        t.uppy
+            .complete(&form_id, "k", &[(1, "e".into())])
+            .await
+            .status(),
+        404
+    );
     // The token may come as `Authorization: Bearer` instead (the path segment is then
     // not read).
     let token = t
@@ -506,7 +567,9 @@ async fn the_reaper_completes_a_landed_form_upload_without_anyone_reading_the_se
     };
     assert_eq!(f.status, upgate::model::FileStatus::Completed);
     assert_eq!(f.size_bytes, 300_000);
-    assert!(t.gw.state.uploads.pending_posts().is_empty());
+    // No longer awaited; held until the policy's deadline, to remove a staged resend.
+    assert_eq!(t.gw.state.uploads.pending_posts().awaiting(), 0);
+    assert_eq!(t.gw.state.uploads.pending_posts().len(), 1);
 }
 
 #[tokio::test]
@@ -635,4 +698,141 @@ async fn filesystem_storage_refuses_the_routes_before_registering_anything() {
     .await;
     let sid = created["sessionId"].as_str().expect("id");
     assert!(session_files(&gw, sid).await.is_empty());
+}
+
+/// A gateway whose form policies last `ttl` with no grace, and whose cleanups are retried
+/// after 100 ms.
+async fn short_forms(ttl: std::time::Duration) -> Setup {
+    let s3 = upgate_testkit::s3::S3Server::start("uppy-bucket");
+    let redis = upgate_testkit::RedisServer::start();
+    let timing = upgate::uploads::Timing {
+        cleanup_retry: std::time::Duration::from_millis(100),
+        form_post_ttl: ttl,
+        form_post_grace: std::time::Duration::ZERO,
+        ..upgate::uploads::Timing::default()
+    };
+    let gw = s3_redis_gateway_timed(&s3, &redis, config(""), timing).await;
+    let created: Value = gw
+        .client
+        .post(format!("{}/v1/sessions", gw.base))
+        .bearer_auth(KEY_A)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("session")
+        .json()
+        .await
+        .expect("json");
+    let uppy = Uppy {
+        client: reqwest::Client::new(),
+        endpoint: format!(
+            "{}/v1/uppy/{}",
+            gw.base,
+            created["uploadToken"].as_str().expect("token")
+        ),
+    };
+    Setup {
+        gw,
+        s3,
+        _redis: redis,
+        session: created["sessionId"].as_str().expect("id").to_owned(),
+        uppy,
+    }
+}
+
+/// The object keys under the bucket's root (the S3 server's files).
+fn keys(s3: &upgate_testkit::s3::S3Server) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![s3.root().join(s3.bucket())];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(rel) = path.strip_prefix(s3.root().join(s3.bucket())) {
+                let rel = rel.to_string_lossy().into_owned();
+                // s3s-fs keeps its own bookkeeping next to the objects.
+                if !rel.starts_with('.') && !rel.contains("/.") {
+                    out.push(rel);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_form_sent_again_after_completion_leaves_the_files_object_as_it_was() {
+    let t = short_forms(std::time::Duration::from_secs(3)).await;
+    let params: Value = t
+        .uppy
+        .params("once.bin", "application/octet-stream")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let first = data(200_000, 1);
+    assert_eq!(
+        post_form(&t.uppy.client, &params, &first).await.status(),
+        201
+    );
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files[0]["status"], "completed");
+    assert_eq!(s3_object(&t.s3, &files[0]), first);
+    // The policy is still valid: sending other bytes through it lands them only on the
+    // staging key, which the completed file no longer reads.
+    let other = data(150_000, 2);
+    assert_eq!(
+        post_form(&t.uppy.client, &params, &other).await.status(),
+        201
+    );
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files[0]["status"], "completed");
+    assert_eq!(files[0]["sizeBytes"], 200_000);
+    assert_eq!(s3_object(&t.s3, &files[0]), first);
+    let staged: Vec<String> = keys(&t.s3)
+        .into_iter()
+        .filter(|k| k.ends_with(".post"))
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    // Past the policy's deadline, the reaper's pass removes the staged resend.
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
+    upgate::reaper::pass(&t.gw.state).await.expect("pass");
+    let left = keys(&t.s3);
+    assert!(!left.iter().any(|k| k.ends_with(".post")), "{left:?}");
+    assert_eq!(s3_object(&t.s3, &files[0]), first);
+    assert!(t.gw.state.uploads.pending_posts().is_empty());
+}
+
+#[tokio::test]
+async fn a_form_sent_after_its_file_was_deleted_leaves_nothing_once_its_policy_expired() {
+    let t = short_forms(std::time::Duration::from_secs(2)).await;
+    let params: Value = t
+        .uppy
+        .params("late.bin", "application/octet-stream")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let files = session_files(&t.gw, &t.session).await;
+    let id = files[0]["fileId"].as_str().expect("id").to_owned();
+    // Uppy's removal of a form upload in flight: the file is deleted first, then the
+    // POST lands anyway.
+    assert_eq!(t.uppy.abort(&id, "k").await.status(), 200);
+    assert!(session_files(&t.gw, &t.session).await.is_empty());
+    assert_eq!(
+        post_form(&t.uppy.client, &params, &data(100_000, 3))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(keys(&t.s3).len(), 1, "{:?}", keys(&t.s3));
+    // The cleanup the delete queued waits for the deadline, then removes it (the reaper
+    // retries it, as any cleanup).
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    upgate::reaper::pass(&t.gw.state).await.expect("pass");
+    assert!(keys(&t.s3).is_empty(), "{:?}", keys(&t.s3));
+    // The file stays deleted.
+    assert!(session_files(&t.gw, &t.session).await.is_empty());
 }

@@ -88,6 +88,9 @@ async fn register(
     let req = crate::validate::register_file(&reg, t)?;
     let mut file = super::files::new_file(state, t, session_id, req)?;
     file.tus_form = Some(form.to_owned());
+    if form == POST {
+        file.upload_id = Some(state.uploads.post_marker(now_ms()));
+    }
     tracing::Span::current().record("file_id", file.id.as_str());
     let now = now_ms();
     let gate = state
@@ -187,16 +190,21 @@ pub(super) async fn sign_part(
 ) -> Result<Response, AppError> {
     let session_id = session(scope)?;
     let n = part_number(&n)?;
-    let url = state
+    let urls = state
         .uploads
         .uppy_sign(
             &tenant.0.id,
             &session_id,
             &file_id,
-            n,
+            &[n],
             max_size(&state, &tenant),
         )
         .await?;
+    let url = urls
+        .into_iter()
+        .next()
+        .map(|(_, u)| u)
+        .ok_or_else(|| AppError::Internal("no URL for a signed part".into()))?;
     Ok(Json(json!({
         "url": url,
         "expires": crate::uploads::parts::PRESIGN_TTL.as_secs(),
@@ -231,15 +239,20 @@ pub(super) async fn sign_batch(
     if numbers.is_empty() || numbers.len() > 1000 {
         return Err(bad("partNumbers", "must list 1 to 1000 part numbers"));
     }
-    let max = max_size(&state, &tenant);
-    let mut urls = serde_json::Map::new();
-    for n in numbers {
-        let url = state
-            .uploads
-            .uppy_sign(&tenant.0.id, &session_id, &file_id, n, max)
-            .await?;
-        urls.insert(n.to_string(), Value::String(url));
-    }
+    let signed = state
+        .uploads
+        .uppy_sign(
+            &tenant.0.id,
+            &session_id,
+            &file_id,
+            &numbers,
+            max_size(&state, &tenant),
+        )
+        .await?;
+    let urls: serde_json::Map<String, Value> = signed
+        .into_iter()
+        .map(|(n, url)| (n.to_string(), Value::String(url)))
+        .collect();
     Ok(Json(json!({ "presignedUrls": urls })).into_response())
 }
 
@@ -307,7 +320,7 @@ pub(super) async fn abort(
     let session_id = session(scope)?;
     match state
         .uploads
-        .delete_file(&tenant.0.id, &session_id, &file_id)
+        .uppy_abort(&tenant.0.id, &session_id, &file_id)
         .await
     {
         // Already gone: Uppy aborts on removal whatever happened before.
@@ -383,7 +396,7 @@ pub(super) async fn params(
         "method": "POST",
         "url": post.url,
         "fields": fields,
-        "expires": crate::uploads::uppy::POST_TTL.as_secs(),
+        "expires": state.uploads.form_post_ttl().as_secs(),
     }))
     .into_response();
     res.extensions_mut()

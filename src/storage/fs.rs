@@ -829,6 +829,15 @@ impl ObjectStore for FsStore {
         Err(StorageError::NotSupported)
     }
 
+    async fn copy_object(
+        &self,
+        _from: &str,
+        _to: &str,
+        _attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        Err(StorageError::NotSupported)
+    }
+
     async fn presign_part_any_size(
         &self,
         _key: &str,

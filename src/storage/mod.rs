@@ -224,6 +224,17 @@ pub trait ObjectStore: Send + Sync + 'static {
         attrs: &ObjectAttributes,
     ) -> Result<String, StorageError>;
 
+    /// Copies the completed object `from` to `to` (which then carries `attrs`) inside
+    /// storage; returns the copy's unquoted ETag. Up to [`MAX_REWRITE_BYTES`], as
+    /// [`ObjectStore::replace_attributes`]. [`StorageError::NotSupported`] where storage has
+    /// no server-side copy.
+    async fn copy_object(
+        &self,
+        from: &str,
+        to: &str,
+        attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError>;
+
     /// Uploads (or replaces) one part by streaming `body`; returns the part's unquoted ETag.
     async fn put_part(
         &self,
@@ -509,6 +520,14 @@ impl ObjectStore for Timed {
                 .presign_part(key, upload_id, n, content_length, expires_in),
         )
         .await
+    }
+    async fn copy_object(
+        &self,
+        from: &str,
+        to: &str,
+        attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        timed("copy_object", self.0.copy_object(from, to, attrs)).await
     }
     async fn presign_part_any_size(
         &self,

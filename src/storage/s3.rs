@@ -528,18 +528,29 @@ impl ObjectStore for S3Store {
         attrs: &ObjectAttributes,
     ) -> Result<String, StorageError> {
         // CopyObject onto itself with REPLACE: S3 rewrites the object server-side (the bytes
-        // never pass through the gateway). The encryption and storage class are not copied,
-        // so they are sent again.
+        // never pass through the gateway).
+        self.copy_object(key, key, attrs).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, attrs), fields(bucket = %self.bucket))]
+    async fn copy_object(
+        &self,
+        from: &str,
+        to: &str,
+        attrs: &ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        // REPLACE: the encryption and storage class are not copied, so all the attributes
+        // are sent again.
         let source = format!(
             "{}/{}",
             self.bucket,
-            percent_encoding::utf8_percent_encode(key, COPY_SOURCE)
+            percent_encoding::utf8_percent_encode(from, COPY_SOURCE)
         );
         let request = self
             .client
             .copy_object()
             .bucket(&self.bucket)
-            .key(key)
+            .key(to)
             .copy_source(source)
             .metadata_directive(MetadataDirective::Replace);
         let out = with_attributes!(request, attrs)

@@ -128,7 +128,19 @@ impl Uploads {
             .map(move |f| {
                 let storage = storage.clone();
                 async move {
-                    if let Some(upload_id) = &f.upload_id {
+                    if let Some(deadline) = f.upload_id.as_deref().and_then(super::uppy::post_deadline) {
+                        // A form upload (`super::uppy`): until its policy's deadline a POST
+                        // can still land, so the cleanup waits (the reaper comes back), then
+                        // removes the staged object as well.
+                        if now_ms() < deadline {
+                            return None;
+                        }
+                        let staged = super::uppy::staging_key(&f.object_key);
+                        if let Err(e) = storage.delete_object(&staged).await {
+                            tracing::warn!(file_id = %f.file_id, error = %e, "deleting a staged form upload failed; retried later");
+                            return None;
+                        }
+                    } else if let Some(upload_id) = &f.upload_id {
                         if let Err(e) = storage.abort_upload(&f.object_key, upload_id).await {
                             tracing::warn!(file_id = %f.file_id, error = %e, "aborting a storage upload failed; retried later");
                             return None;

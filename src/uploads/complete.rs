@@ -198,12 +198,29 @@ impl Uploads {
     /// Idempotent: a completed file is answered with its stored result. Concurrent callers:
     /// one takes the lease and completes in storage; the others wait up to
     /// [`super::Timing::complete_wait`] for its result, then get 409 `requestInProgress`.
+    ///
+    /// An Uppy file (`super::uppy`) is not completed here: its bytes bypass the REST
+    /// routes' rules, and [`Uploads::uppy_complete`] checks them first (404 here, as for
+    /// its parts and presigns).
     pub async fn complete(
         self: &Arc<Self>,
         tenant: &str,
         session_id: &str,
         file_id: &str,
         body: &serde_json::Value,
+    ) -> Result<FileRecord, AppError> {
+        self.complete_checked(tenant, session_id, file_id, body, false)
+            .await
+    }
+
+    /// [`Uploads::complete`]; `uppy` when the caller has checked an Uppy file's parts.
+    pub(super) async fn complete_checked(
+        self: &Arc<Self>,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+        body: &serde_json::Value,
+        uppy: bool,
     ) -> Result<FileRecord, AppError> {
         let token = crate::api::new_id();
         let deadline = tokio::time::Instant::now() + self.timing.complete_wait;
@@ -224,6 +241,19 @@ impl Uploads {
                 )
                 .await?;
             match open_gate(gate, tenant, now)? {
+                BeginComplete::AlreadyCompleted(f) if !uppy && super::uppy::is_uppy(&f) => {
+                    return Err(AppError::FileNotFound);
+                }
+                BeginComplete::Acquired(f, _) if !uppy && super::uppy::is_uppy(&f) => {
+                    if let Err(e) = self
+                        .store
+                        .release_complete(tenant, session_id, file_id, &token)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "giving back the lease on an Uppy file failed; it runs out by itself");
+                    }
+                    return Err(AppError::FileNotFound);
+                }
                 BeginComplete::AlreadyCompleted(f) => {
                     if !waited {
                         // Nothing was waited for: a repeated complete, not a concurrent one.

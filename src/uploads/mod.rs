@@ -66,6 +66,13 @@ pub struct Timing {
     pub complete_wait: std::time::Duration,
     /// When a storage cleanup that failed is tried again (by the reaper).
     pub cleanup_retry: std::time::Duration,
+    /// Validity of an Uppy form upload's policy (`uppy`). Uppy asks for the policy when
+    /// the file's upload starts, and S3 checks it when the POST starts, so a short window
+    /// costs nothing and bounds how long a policy can be sent again.
+    pub form_post_ttl: std::time::Duration,
+    /// How long past its policy's expiry a form POST that started just before can still
+    /// be landing: only then is its staged object removed.
+    pub form_post_grace: std::time::Duration,
 }
 
 impl Default for Timing {
@@ -75,6 +82,8 @@ impl Default for Timing {
             complete_renew: std::time::Duration::from_secs(20),
             complete_wait: std::time::Duration::from_secs(5),
             cleanup_retry: std::time::Duration::from_secs(30),
+            form_post_ttl: std::time::Duration::from_secs(300),
+            form_post_grace: std::time::Duration::from_secs(300),
         }
     }
 }

@@ -188,13 +188,19 @@ impl Uploads {
         file_id: &str,
     ) -> Result<FileRecord, AppError> {
         let now = now_ms();
-        open_gate(
+        let file = open_gate(
             self.store
                 .get_file(tenant, session_id, file_id, true, now)
                 .await?,
             tenant,
             now,
-        )
+        )?;
+        // An Uppy file's parts go straight to storage through the Companion routes, which
+        // check them at completion: these routes do not touch it.
+        if super::uppy::is_uppy(&file) {
+            return Err(AppError::FileNotFound);
+        }
+        Ok(file)
     }
 
     /// The parts recorded for a file (for resuming).

@@ -11,8 +11,14 @@
 //!   the file completed through [`Uploads::complete`], which checks the same rule again.
 //! - Form upload (`s3/params`, for files under Uppy's multipart threshold): a presigned
 //!   POST policy bounds the object's size (`content-length-range`) and fixes its key and
-//!   attributes. The file becomes `completed`, with the object's size, once the object is
-//!   there ([`Uploads::settle_posted`], run when the session or file is read).
+//!   attributes. The policy is for a staging key ([`staging_key`]), not the file's object:
+//!   it can be sent again until it expires, and a completed file's object must not change.
+//!   Once the staged object is there, the file is completed with its size and the object
+//!   copied (in storage) to the file's key ([`Uploads::settle_posted`], run when the session
+//!   or file is read, before finalize, and by the reaper).
+//!   The file's `upload_id` is a marker, `form:<deadline ms>` ([`Uploads::post_marker`]): a deleted
+//!   or expired form file's cleanup (queued by the store as for any upload) waits until the
+//!   policy can no longer be sent, then removes the staged object and the file's object.
 //!
 //! The files record their form (`tus_form`: [`MULTIPART`] or [`POST`]).
 
@@ -30,34 +36,46 @@ pub const MULTIPART: &str = "uppy";
 /// The form a form-upload (POST policy) Uppy file records.
 pub const POST: &str = "uppy-post";
 
-/// Validity of a form upload's policy: the file becomes `completed` only when its object
-/// lands, so a short window keeps registered-but-never-sent files few.
-pub const POST_TTL: Duration = Duration::from_secs(900);
+/// The key a form upload's policy is signed for; the file's object is copied from it.
+pub fn staging_key(object_key: &str) -> String {
+    format!("{object_key}.post")
+}
+
+/// The deadline of a form upload's marker ([`Uploads::post_marker`]), when `upload_id`
+/// is one.
+pub fn post_deadline(upload_id: &str) -> Option<i64> {
+    upload_id.strip_prefix("form:")?.parse().ok()
+}
 
 /// Form uploads this replica has signed and whose objects the reaper looks for: at most
 /// [`MAX_PENDING_POSTS`] (the oldest make way), each until its policy has expired (plus
-/// [`POST_GRACE`] for a POST that started just before). A replica's restart forgets them;
-/// reading the session (or the file, or finalizing) settles them as well.
+/// `Timing::form_post_grace` for a POST that started just before). A replica's restart
+/// forgets them; reading the session (or the file, or finalizing) settles them as well.
 #[derive(Debug, Default)]
-pub struct PendingPosts(std::sync::Mutex<std::collections::BTreeMap<(i64, String), PendingPost>>);
+pub struct PendingPosts(std::sync::Mutex<std::collections::BTreeMap<PostKey, PendingPost>>);
 
-/// One signed form upload awaiting its object.
+/// A [`PendingPosts`] entry's key: its deadline (ms), then its file's id.
+type PostKey = (i64, String);
+
+/// One signed form upload: awaiting its object until `settled`, then kept until its
+/// policy has expired, when its staged object (sent again, say) is removed.
 #[derive(Debug, Clone)]
 pub struct PendingPost {
     tenant: String,
     session_id: String,
     file_id: String,
+    object_key: String,
+    settled: bool,
 }
 
-/// Bound of [`PendingPosts`].
+/// Bound of [`PendingPosts`] (per replica): the oldest make way. A form upload no longer
+/// held here is still settled when its session is read, and its staged object is removed
+/// with the file's cleanup; only a staged object sent again after completion can then
+/// stay in storage (see the README).
 pub const MAX_PENDING_POSTS: usize = 10_000;
-/// How long past its policy's expiry a form upload is still looked for.
-const POST_GRACE: Duration = Duration::from_secs(300);
 
 impl PendingPosts {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(i64, String), PendingPost>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<PostKey, PendingPost>> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -76,6 +94,11 @@ impl PendingPosts {
     /// How many are pending.
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// How many still await their objects.
+    pub fn awaiting(&self) -> usize {
+        self.lock().values().filter(|p| !p.settled).count()
     }
 
     /// Whether none are.
@@ -142,6 +165,19 @@ pub fn length_of_parts(
 }
 
 impl Uploads {
+    /// The `upload_id` a form-upload file carries, `form:<deadline ms>`: after the
+    /// deadline no POST of its policy (signed now, at `signed_at_ms`) can still be
+    /// arriving.
+    pub fn post_marker(&self, signed_at_ms: i64) -> String {
+        let window = self.timing.form_post_ttl + self.timing.form_post_grace;
+        format!("form:{}", signed_at_ms.saturating_add(ms(window)))
+    }
+
+    /// How long a form upload's policy is valid.
+    pub fn form_post_ttl(&self) -> Duration {
+        self.timing.form_post_ttl
+    }
+
     /// Whether `tenant`'s storage takes Uppy's direct uploads (S3 only: presigned parts and
     /// forms); checked before a file is registered for them.
     pub fn uppy_supported(&self, tenant: &str) -> Result<(), AppError> {
@@ -152,12 +188,14 @@ impl Uploads {
         }
     }
 
-    /// The file and its tus state (length known or not), for an Uppy request.
+    /// The file and its tus state (length known or not), for an Uppy request on a file of
+    /// `form` (another file of the session, Uppy's or not, is not found).
     async fn uppy_file(
         &self,
         tenant: &str,
         session_id: &str,
         file_id: &str,
+        form: &str,
     ) -> Result<(FileRecord, TusState), AppError> {
         let now = now_ms();
         let gate = self
@@ -165,26 +203,44 @@ impl Uploads {
             .tus_file(tenant, session_id, file_id, now)
             .await?;
         let (file, state) = open_gate(gate, tenant, now)?;
-        if !is_uppy(&file) {
+        if !is_form(&file, form) {
             return Err(AppError::FileNotFound);
         }
         Ok((file, state))
     }
 
-    /// A presigned URL for part `n` of a multipart Uppy file: the part's exact length when
-    /// the file's length is known, else any length, for part numbers up to what
-    /// `max_size` allows.
+    /// Presigned URLs for parts `numbers` of a multipart Uppy file: each part's exact
+    /// length when the file's length is known, else any length, for part numbers up to
+    /// what `max_size` allows. The numbers are checked before storage is called.
     pub async fn uppy_sign(
         &self,
         tenant: &str,
         session_id: &str,
         file_id: &str,
-        n: u32,
+        numbers: &[u32],
         max_size: u64,
-    ) -> Result<String, AppError> {
-        let (file, state) = self.uppy_file(tenant, session_id, file_id).await?;
+    ) -> Result<Vec<(u32, String)>, AppError> {
+        let (file, state) = self
+            .uppy_file(tenant, session_id, file_id, MULTIPART)
+            .await?;
         if file.status != FileStatus::Registered {
             return Err(file_not_open(&file));
+        }
+        // Each number's signed length: `None` signs any length.
+        let mut lens = Vec::with_capacity(numbers.len());
+        for &n in numbers {
+            if state.deferred {
+                let max_parts = part_count(max_size, file.part_size_bytes)
+                    .min(u32::try_from(crate::model::MAX_PARTS).unwrap_or(u32::MAX));
+                if n == 0 || n > max_parts {
+                    return Err(part_out_of_range(max_parts));
+                }
+                lens.push((n, None));
+            } else {
+                let len = crate::model::expected_part_len(file.size_bytes, file.part_size_bytes, n)
+                    .ok_or_else(|| part_out_of_range(file.part_count))?;
+                lens.push((n, Some(len)));
+            }
         }
         // The storage upload is created with the first part's URL, as for a REST file
         // (`Uploads::open_upload`): creation is one store call, and Uppy's `uploadId` is
@@ -192,21 +248,43 @@ impl Uploads {
         let upload_id = self.open_upload(tenant, &file).await?;
         let storage = self.storage(tenant);
         let ttl = super::parts::PRESIGN_TTL;
-        if state.deferred {
-            let max_parts = part_count(max_size, file.part_size_bytes)
-                .min(u32::try_from(crate::model::MAX_PARTS).unwrap_or(u32::MAX));
-            if n == 0 || n > max_parts {
-                return Err(part_out_of_range(max_parts));
-            }
-            return Ok(storage
-                .presign_part_any_size(&file.object_key, &upload_id, n, ttl)
-                .await?);
+        let mut urls = Vec::with_capacity(lens.len());
+        for (n, len) in lens {
+            let url = match len {
+                None => {
+                    storage
+                        .presign_part_any_size(&file.object_key, &upload_id, n, ttl)
+                        .await?
+                }
+                Some(len) => {
+                    storage
+                        .presign_part(&file.object_key, &upload_id, n, len, ttl)
+                        .await?
+                }
+            };
+            urls.push((n, url));
         }
-        let len = crate::model::expected_part_len(file.size_bytes, file.part_size_bytes, n)
-            .ok_or_else(|| part_out_of_range(file.part_count))?;
-        Ok(storage
-            .presign_part(&file.object_key, &upload_id, n, len, ttl)
-            .await?)
+        Ok(urls)
+    }
+
+    /// Deletes an Uppy file (Companion's abort); any other file of the session is not
+    /// found here.
+    pub async fn uppy_abort(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<(), AppError> {
+        let now = now_ms();
+        let gate = self
+            .store
+            .get_file(tenant, session_id, file_id, true, now)
+            .await?;
+        let file = open_gate(gate, tenant, now)?;
+        if !is_uppy(&file) {
+            return Err(AppError::FileNotFound);
+        }
+        self.delete_file(tenant, session_id, file_id).await
     }
 
     /// The parts storage holds for a multipart Uppy file (they bypass the gateway).
@@ -216,7 +294,9 @@ impl Uploads {
         session_id: &str,
         file_id: &str,
     ) -> Result<Vec<PartRecord>, AppError> {
-        let (file, _) = self.uppy_file(tenant, session_id, file_id).await?;
+        let (file, _) = self
+            .uppy_file(tenant, session_id, file_id, MULTIPART)
+            .await?;
         match (&file.status, &file.upload_id) {
             (FileStatus::Registered | FileStatus::Completing, Some(id)) => {
                 match self.storage(tenant).list_parts(&file.object_key, id).await {
@@ -241,7 +321,9 @@ impl Uploads {
         parts: &[(u32, String)],
         max_size: u64,
     ) -> Result<FileRecord, AppError> {
-        let (file, state) = self.uppy_file(tenant, session_id, file_id).await?;
+        let (file, state) = self
+            .uppy_file(tenant, session_id, file_id, MULTIPART)
+            .await?;
         if state.deferred && file.status == FileStatus::Registered {
             // No part was ever signed: nothing is in storage.
             let upload_id = file
@@ -272,7 +354,8 @@ impl Uploads {
                 .map(|(n, etag)| serde_json::json!({"partNumber": n, "etag": etag.trim_matches('"')}))
                 .collect::<Vec<_>>(),
         });
-        self.complete(tenant, session_id, file_id, &body).await
+        self.complete_checked(tenant, session_id, file_id, &body, true)
+            .await
     }
 
     /// Records the length of a file registered with its length unknown, under the file's
@@ -352,8 +435,9 @@ impl Uploads {
         result
     }
 
-    /// The presigned form upload of a newly registered form-upload Uppy file, bounded to
-    /// `max_len` bytes.
+    /// The presigned form upload of a newly registered form-upload Uppy file (its
+    /// `upload_id` the [`Uploads::post_marker`] of its registration), bounded to `max_len` bytes
+    /// (and to what a storage copy takes).
     pub async fn uppy_post(
         &self,
         tenant: &str,
@@ -361,17 +445,32 @@ impl Uploads {
         max_len: u64,
     ) -> Result<PresignedPost, AppError> {
         let attrs = self.attributes(tenant, file, file.content_type.as_deref());
+        let max_len = max_len.min(crate::storage::MAX_REWRITE_BYTES);
         let post = self
             .storage(tenant)
-            .presign_post(&file.object_key, &attrs, max_len, POST_TTL)
+            .presign_post(
+                &staging_key(&file.object_key),
+                &attrs,
+                max_len,
+                self.timing.form_post_ttl,
+            )
             .await?;
-        let until = now_ms().saturating_add(ms(POST_TTL + POST_GRACE));
+        let until = file
+            .upload_id
+            .as_deref()
+            .and_then(post_deadline)
+            .unwrap_or_else(|| {
+                let window = self.timing.form_post_ttl + self.timing.form_post_grace;
+                now_ms().saturating_add(ms(window))
+            });
         self.pending_posts.add(
             until,
             PendingPost {
                 tenant: tenant.to_owned(),
                 session_id: file.session_id.clone(),
                 file_id: file.id.clone(),
+                object_key: file.object_key.clone(),
+                settled: false,
             },
         );
         Ok(post)
@@ -383,17 +482,30 @@ impl Uploads {
     }
 
     /// Settles the pending form uploads whose objects landed (the reaper's pass); a file
-    /// no longer `registered` (completed, deleted, its session gone) or past its policy is
-    /// no longer looked for.
+    /// no longer `registered` (completed, deleted, its session gone) is no longer looked
+    /// for. Past its policy's deadline an entry goes, and its staged object with it.
     pub async fn settle_pending_posts(&self) -> usize {
         let now = now_ms();
-        let due: Vec<((i64, String), PendingPost)> = {
+        let (expired, due): (Vec<PendingPost>, Vec<(PostKey, PendingPost)>) = {
             let mut map = self.pending_posts.lock();
             let live = map.split_off(&(now, String::new()));
-            let dropped = std::mem::replace(&mut *map, live);
-            drop(dropped);
-            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            let expired = std::mem::replace(&mut *map, live);
+            let due = map
+                .iter()
+                .filter(|(_, v)| !v.settled)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (expired.into_values().collect(), due)
         };
+        for p in expired {
+            if let Err(e) = self
+                .storage(&p.tenant)
+                .delete_object(&staging_key(&p.object_key))
+                .await
+            {
+                tracing::debug!(file_id = %p.file_id, error = %e, "removing a staged form upload failed; its file's cleanup removes it");
+            }
+        }
         let mut settled = 0;
         for (key, p) in due {
             let now = now_ms();
@@ -409,24 +521,26 @@ impl Uploads {
                     continue;
                 }
             };
-            let keep = match file {
+            let done = match file {
                 Some(f) if f.status == FileStatus::Registered => {
                     match self.settle_one(&p.tenant, &f).await {
                         Ok(true) => {
                             settled += 1;
-                            false
+                            true
                         }
-                        Ok(false) => true,
+                        Ok(false) => false,
                         Err(e) => {
                             tracing::debug!(file_id = %f.id, error = %e, "settling a form upload failed; next pass");
-                            true
+                            false
                         }
                     }
                 }
-                _ => false,
+                _ => true,
             };
-            if !keep {
-                self.pending_posts.lock().remove(&key);
+            if done {
+                if let Some(entry) = self.pending_posts.lock().get_mut(&key) {
+                    entry.settled = true;
+                }
             }
         }
         settled
@@ -451,9 +565,14 @@ impl Uploads {
         settled
     }
 
+    /// Completes one form-upload file if its staged object is there: its length
+    /// declared, the completion's lease taken, the object copied to the file's key (the
+    /// staged version that was looked at, else nothing is completed), the completion
+    /// recorded, then the staged object removed.
     async fn settle_one(&self, tenant: &str, file: &FileRecord) -> Result<bool, AppError> {
         let storage = self.storage(tenant);
-        let Some(info) = storage.head_object(&file.object_key).await? else {
+        let staged = staging_key(&file.object_key);
+        let Some(info) = storage.head_object(&staged).await? else {
             return Ok(false);
         };
         let sid = &file.session_id;
@@ -470,16 +589,42 @@ impl Uploads {
             BeginComplete::AlreadyCompleted(_) => return Ok(true),
             BeginComplete::Aborted | BeginComplete::InProgress => return Ok(false),
         }
+        let attrs = self.attributes(tenant, file, file.content_type.as_deref());
+        let copied = match storage.copy_object(&staged, &file.object_key, &attrs).await {
+            // Sent again between the look and the copy: another object than the length
+            // declared. The next settling looks again.
+            Ok(etag) if etag.trim_matches('"') != info.etag.trim_matches('"') => Err(
+                AppError::Internal("the form upload changed while it was settled".into()),
+            ),
+            Ok(etag) => Ok(etag),
+            Err(e) => Err(e.into()),
+        };
+        let etag = match copied {
+            Ok(etag) => etag,
+            Err(e) => {
+                if let Err(r) = self
+                    .store
+                    .release_complete(tenant, sid, &file.id, &token)
+                    .await
+                {
+                    tracing::warn!(error = %r, "giving back a form upload's lease failed; it runs out by itself");
+                }
+                return Err(e);
+            }
+        };
         let url = storage.file_url(&file.object_key);
         let gate = self
             .store
-            .finish_complete(tenant, sid, &file.id, &token, &url, &info.etag, now_ms())
+            .finish_complete(tenant, sid, &file.id, &token, &url, &etag, now_ms())
             .await?;
         self.wake(tenant, sid);
         let done = matches!(gate, crate::store::Gate::Ok(Some(_)));
         if done {
             self.metrics.files_completed.inc();
             tracing::info!(file_id = %file.id, file_url = %url, size_bytes = info.size, "form upload landed: file completed");
+            if let Err(e) = storage.delete_object(&staged).await {
+                tracing::warn!(file_id = %file.id, error = %e, "removing a settled form upload's staged object failed; its deadline or cleanup removes it");
+            }
         }
         Ok(done)
     }
@@ -512,6 +657,17 @@ mod tests {
 
     fn listed(n: u32) -> Vec<(u32, String)> {
         (1..=n).map(|i| (i, format!("\"e{i}\""))).collect()
+    }
+
+    #[test]
+    fn a_form_marker_names_its_deadline_and_nothing_else_is_one() {
+        assert_eq!(post_deadline("form:1700000000123"), Some(1_700_000_000_123));
+        assert_eq!(post_deadline("form:"), None);
+        assert_eq!(post_deadline("form:12x"), None);
+        // A storage upload id (S3's are long opaque strings) is not a marker.
+        assert_eq!(post_deadline("2~abcDEF_ghi"), None);
+        assert_eq!(post_deadline("forms:1"), None);
+        assert_eq!(staging_key("pfx/a/uppy-1"), "pfx/a/uppy-1.post");
     }
 
     #[test]

@@ -197,6 +197,14 @@ impl ObjectStore for CountingStorage {
     ) -> Result<String, StorageError> {
         self.inner.presign_part(key, id, n, len, d).await
     }
+    async fn copy_object(
+        &self,
+        from: &str,
+        to: &str,
+        attrs: &upgate::storage::ObjectAttributes,
+    ) -> Result<String, StorageError> {
+        self.inner.copy_object(from, to, attrs).await
+    }
     async fn presign_part_any_size(
         &self,
         key: &str,
@@ -524,7 +532,17 @@ pub async fn s3_redis_gateway(
 pub async fn s3_redis_gateway_with(
     s3: &upgate_testkit::s3::S3Server,
     redis: &upgate_testkit::RedisServer,
+    cfg: Config,
+) -> TestGateway {
+    s3_redis_gateway_timed(s3, redis, cfg, upgate::uploads::Timing::default()).await
+}
+
+/// As [`s3_redis_gateway_with`], with the upload protocol on `timing`'s clocks.
+pub async fn s3_redis_gateway_timed(
+    s3: &upgate_testkit::s3::S3Server,
+    redis: &upgate_testkit::RedisServer,
     mut cfg: Config,
+    timing: upgate::uploads::Timing,
 ) -> TestGateway {
     let storage = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), "pfx")
         .with_credentials(aws_sdk_s3::config::Credentials::new(
@@ -536,12 +554,13 @@ pub async fn s3_redis_gateway_with(
         ));
     cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
     let store = upgate::build_store(&cfg).await.expect("store");
-    TestGateway::start_with(
+    TestGateway::start_timed(
         cfg,
         store,
         CountingStorage::new(Arc::new(storage)),
         std::env::temp_dir(),
         None,
+        timing,
     )
     .await
 }
