@@ -836,3 +836,74 @@ async fn a_form_sent_after_its_file_was_deleted_leaves_nothing_once_its_policy_e
     // The file stays deleted.
     assert!(session_files(&t.gw, &t.session).await.is_empty());
 }
+
+#[tokio::test]
+async fn an_end_users_file_size_limit_bounds_uppy_uploads_as_well() {
+    let t = setup().await;
+    // A session as an end user's token with `maxFileSizeBytes: 1000` creates it (the
+    // record the sessions route writes, with the user's limit).
+    let now = upgate::model::now_ms();
+    let page = upgate::store::Page {
+        after: None,
+        limit: 1,
+    };
+    let mut record = match t
+        .gw
+        .state
+        .store
+        .get_session("a", &t.session, page, now)
+        .await
+        .expect("store")
+    {
+        upgate::store::Gate::Ok(v) => v.session,
+        other => panic!("{other:?}"),
+    };
+    record.id = uuid::Uuid::new_v4().to_string();
+    record.max_file_size_bytes = Some(1000);
+    t.gw.state
+        .store
+        .create_session(&record)
+        .await
+        .expect("create");
+    let minted: Value =
+        t.gw.client
+            .post(format!(
+                "{}/v1/sessions/{}/upload-tokens",
+                t.gw.base, record.id
+            ))
+            .bearer_auth(KEY_A)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("mint")
+            .json()
+            .await
+            .expect("json");
+    let uppy = Uppy {
+        client: reqwest::Client::new(),
+        endpoint: format!(
+            "{}/v1/uppy/{}",
+            t.gw.base,
+            minted["uploadToken"].as_str().expect("token")
+        ),
+    };
+    let params: Value = uppy
+        .params("u.bin", "application/octet-stream")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let res = post_form(&uppy.client, &params, &data(1001, 1)).await;
+    assert!(res.status().is_client_error(), "{}", res.status());
+    let res = post_form(&uppy.client, &params, &data(1000, 1)).await;
+    assert_eq!(res.status(), 201);
+    let created: Value = uppy.create("m.bin").await.json().await.expect("json");
+    let id = created["uploadId"].as_str().expect("id").to_owned();
+    let key = created["key"].as_str().expect("key").to_owned();
+    let p1 = uppy.put_part(&id, &key, 1, data(1001, 2)).await;
+    let res = uppy.complete(&id, &key, &[(1, p1)]).await;
+    problem(res, 413, "fileTooLarge").await;
+    let files = session_files(&t.gw, &record.id).await;
+    let statuses: Vec<&str> = files.iter().filter_map(|f| f["status"].as_str()).collect();
+    assert_eq!(statuses, vec!["completed", "registered"], "{files:?}");
+}

@@ -178,6 +178,31 @@ impl Uploads {
         self.timing.form_post_ttl
     }
 
+    /// The largest file `session_id` takes: `max_size` (the tenant's), or less when the
+    /// end-user token that created the session set a limit (which registration cannot
+    /// check for a file of unknown length).
+    async fn session_max(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        max_size: u64,
+    ) -> Result<u64, AppError> {
+        let now = now_ms();
+        let page = crate::store::Page {
+            after: None,
+            limit: 1,
+        };
+        let gate = self
+            .store
+            .get_session(tenant, session_id, page, now)
+            .await?;
+        let view = open_gate(gate, tenant, now)?;
+        Ok(view
+            .session
+            .max_file_size_bytes
+            .map_or(max_size, |m| m.min(max_size)))
+    }
+
     /// Whether `tenant`'s storage takes Uppy's direct uploads (S3 only: presigned parts and
     /// forms); checked before a file is registered for them.
     pub fn uppy_supported(&self, tenant: &str) -> Result<(), AppError> {
@@ -342,6 +367,7 @@ impl Uploads {
                 Err(e) => return Err(e.into()),
             };
             let length = length_of_parts(parts, &stored, file.part_size_bytes)?;
+            let max_size = self.session_max(tenant, session_id, max_size).await?;
             if length > max_size {
                 return Err(AppError::FileTooLarge(max_size));
             }
@@ -436,8 +462,8 @@ impl Uploads {
     }
 
     /// The presigned form upload of a newly registered form-upload Uppy file (its
-    /// `upload_id` the [`Uploads::post_marker`] of its registration), bounded to `max_len` bytes
-    /// (and to what a storage copy takes).
+    /// `upload_id` the [`Uploads::post_marker`] of its registration), bounded to `max_len`
+    /// bytes, the session's own limit, and what a storage copy takes.
     pub async fn uppy_post(
         &self,
         tenant: &str,
@@ -445,7 +471,10 @@ impl Uploads {
         max_len: u64,
     ) -> Result<PresignedPost, AppError> {
         let attrs = self.attributes(tenant, file, file.content_type.as_deref());
-        let max_len = max_len.min(crate::storage::MAX_REWRITE_BYTES);
+        let max_len = self
+            .session_max(tenant, &file.session_id, max_len)
+            .await?
+            .min(crate::storage::MAX_REWRITE_BYTES);
         let post = self
             .storage(tenant)
             .presign_post(
