@@ -583,8 +583,9 @@ PYTUS
 fi
 
 # --- uppy: Companion's S3 routes, creation and part signing req/s --------------------------
-# What @uppy/aws-s3 asks of its Companion: POST .../s3/multipart (a file registered, an S3
-# multipart upload created) and GET .../s3/multipart/{id}/{n} (a part URL signed), the upload
+# What @uppy/aws-s3 asks of its Companion: POST .../s3/multipart (a file registered; the S3
+# multipart upload is created with the first part's URL) and GET .../s3/multipart/{id}/{n}
+# (a part URL signed), the upload
 # token in the path, at REG_CONC. Uppy Companion 6 measured 179 creations/s and 186
 # signings/s on this machine (issue 19): the ratios below are against those figures.
 if want uppy; then

@@ -782,9 +782,10 @@ pub async fn tus_create(c: Common, per_session: u64) -> RunResult {
 
 /// `uppy`: Uppy Companion's S3 routes (`/v1/uppy/{token}/s3/...`), as `@uppy/aws-s3`
 /// calls them: the upload token in the path, no `Authorization`. `op` `create`: multipart
-/// creations (`POST .../s3/multipart`: a file registered and an S3 multipart upload
-/// created), each worker in a session of its own; `sign`: part URL signing (`GET
-/// .../s3/multipart/{uploadId}/{n}`) of one upload per worker, part numbers 1..=100 in turn.
+/// creations (`POST .../s3/multipart`: a file registered; the S3 multipart upload is
+/// created with the first part's URL), each worker in a session of its own; `sign`: part
+/// URL signing (`GET .../s3/multipart/{uploadId}/{n}`) of one upload per worker, part
+/// numbers 1..=100 in turn (the first also creates the S3 upload).
 pub async fn uppy(c: Common, op: &'static str, per_session: u64) -> RunResult {
     let c2 = c.clone();
     run_workers(&c, move |mut w| {
