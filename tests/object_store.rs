@@ -915,6 +915,55 @@ async fn attributes_go_with_the_object(h: Harness) {
 }
 both!(attributes_go_with_the_object);
 
+/// A copy inside storage, conditional on the source's ETag: only the version looked at is
+/// copied (S3); filesystem storage has no copy and says so.
+async fn a_conditional_copy_copies_only_the_version_looked_at(h: Harness) {
+    let from = h.key("copy-from.bin");
+    let to = h.key("copy-to.bin");
+    let attrs = ObjectAttributes {
+        content_type: Some("text/plain".into()),
+        ..ObjectAttributes::default()
+    };
+    let put = |data: Bytes| {
+        let h = &h;
+        let from = from.clone();
+        async move {
+            let (id, parts) = upload(h, &from, &[&data]).await;
+            h.store
+                .complete_upload(&from, &id, &parts)
+                .await
+                .expect("complete")
+        }
+    };
+    let etag = put(pattern(1000, 4)).await;
+    let result = h.store.copy_object(&from, &to, &attrs, Some(&etag)).await;
+    if h.s3().is_none() {
+        assert!(
+            matches!(result, Err(StorageError::NotSupported)),
+            "{result:?}"
+        );
+        return;
+    }
+    let copied = result.expect("copy");
+    assert_eq!(h.read_object(&to).as_deref(), Some(&pattern(1000, 4)[..]));
+    assert!(!copied.is_empty());
+    // The source changed since: nothing is copied.
+    put(pattern(500, 5)).await;
+    let result = h.store.copy_object(&from, &to, &attrs, Some(&etag)).await;
+    assert!(
+        matches!(&result, Err(StorageError::Refused { reason, .. }) if reason == "PreconditionFailed"),
+        "{result:?}"
+    );
+    assert_eq!(h.read_object(&to).as_deref(), Some(&pattern(1000, 4)[..]));
+    // Unconditional: the current version.
+    h.store
+        .copy_object(&from, &to, &attrs, None)
+        .await
+        .expect("copy");
+    assert_eq!(h.read_object(&to).as_deref(), Some(&pattern(500, 5)[..]));
+}
+both!(a_conditional_copy_copies_only_the_version_looked_at);
+
 // ---------------------------------------------------------------------------------------
 // S3 only
 

@@ -907,3 +907,66 @@ async fn an_end_users_file_size_limit_bounds_uppy_uploads_as_well() {
     let statuses: Vec<&str> = files.iter().filter_map(|f| f["status"].as_str()).collect();
     assert_eq!(statuses, vec!["completed", "registered"], "{files:?}");
 }
+
+#[tokio::test]
+async fn a_form_landed_but_not_yet_settled_at_its_deadline_is_completed_not_removed() {
+    let t = short_forms(std::time::Duration::from_secs(2)).await;
+    let params: Value = t
+        .uppy
+        .params("slow.bin", "application/octet-stream")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let bytes = data(120_000, 6);
+    assert_eq!(
+        post_form(&t.uppy.client, &params, &bytes).await.status(),
+        201
+    );
+    // Nobody reads the session and no pass runs before the policy's deadline.
+    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+    upgate::reaper::pass(&t.gw.state).await.expect("pass");
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files[0]["status"], "completed", "{files:?}");
+    assert_eq!(files[0]["sizeBytes"], 120_000);
+    assert_eq!(s3_object(&t.s3, &files[0]), bytes);
+    let left = keys(&t.s3);
+    assert!(!left.iter().any(|k| k.ends_with(".post")), "{left:?}");
+    assert!(t.gw.state.uploads.pending_posts().is_empty());
+}
+
+#[tokio::test]
+async fn a_form_sent_again_before_settling_completes_with_the_last_version() {
+    let t = setup().await;
+    let params: Value = t
+        .uppy
+        .params("twice.bin", "application/octet-stream")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let files = session_files(&t.gw, &t.session).await;
+    let id = files[0]["fileId"].as_str().expect("id").to_owned();
+    assert_eq!(
+        post_form(&t.uppy.client, &params, &data(90_000, 7))
+            .await
+            .status(),
+        201
+    );
+    // The length of the first version is declared (a settling that stopped before its
+    // copy), then the policy is sent again with other bytes of another size.
+    t.gw.state
+        .uploads
+        .declare_length("a", &t.session, &id, 90_000)
+        .await
+        .expect("declare");
+    let last = data(70_000, 8);
+    assert_eq!(
+        post_form(&t.uppy.client, &params, &last).await.status(),
+        201
+    );
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files[0]["status"], "completed", "{files:?}");
+    assert_eq!(files[0]["sizeBytes"], 70_000);
+    assert_eq!(s3_object(&t.s3, &files[0]), last);
+}

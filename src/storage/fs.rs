@@ -834,6 +834,7 @@ impl ObjectStore for FsStore {
         _from: &str,
         _to: &str,
         _attrs: &ObjectAttributes,
+        _if_match: Option<&str>,
     ) -> Result<String, StorageError> {
         Err(StorageError::NotSupported)
     }

@@ -225,7 +225,9 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> Result<String, StorageError>;
 
     /// Copies the completed object `from` to `to` (which then carries `attrs`) inside
-    /// storage; returns the copy's unquoted ETag. Up to [`MAX_REWRITE_BYTES`], as
+    /// storage; returns the copy's unquoted ETag. With `if_match`, only while `from`'s ETag
+    /// is that one (else [`StorageError::Refused`] with reason `PreconditionFailed`, and
+    /// nothing is copied). Up to [`MAX_REWRITE_BYTES`], as
     /// [`ObjectStore::replace_attributes`]. [`StorageError::NotSupported`] where storage has
     /// no server-side copy.
     async fn copy_object(
@@ -233,6 +235,7 @@ pub trait ObjectStore: Send + Sync + 'static {
         from: &str,
         to: &str,
         attrs: &ObjectAttributes,
+        if_match: Option<&str>,
     ) -> Result<String, StorageError>;
 
     /// Uploads (or replaces) one part by streaming `body`; returns the part's unquoted ETag.
@@ -526,8 +529,9 @@ impl ObjectStore for Timed {
         from: &str,
         to: &str,
         attrs: &ObjectAttributes,
+        if_match: Option<&str>,
     ) -> Result<String, StorageError> {
-        timed("copy_object", self.0.copy_object(from, to, attrs)).await
+        timed("copy_object", self.0.copy_object(from, to, attrs, if_match)).await
     }
     async fn presign_part_any_size(
         &self,

@@ -376,6 +376,11 @@ fn from_code(op: &'static str, code: &str) -> StorageError {
             field: "fileKey",
             reason: c.to_owned(),
         },
+        // A conditional copy's source changed.
+        c @ "PreconditionFailed" => StorageError::Refused {
+            field: "ifMatch",
+            reason: c.to_owned(),
+        },
         c @ ("EntityTooLarge" | "MaxMessageLengthExceeded") => StorageError::Refused {
             field: "body",
             reason: c.to_owned(),
@@ -529,7 +534,7 @@ impl ObjectStore for S3Store {
     ) -> Result<String, StorageError> {
         // CopyObject onto itself with REPLACE: S3 rewrites the object server-side (the bytes
         // never pass through the gateway).
-        self.copy_object(key, key, attrs).await
+        self.copy_object(key, key, attrs, None).await
     }
 
     #[tracing::instrument(level = "debug", skip(self, attrs), fields(bucket = %self.bucket))]
@@ -538,6 +543,7 @@ impl ObjectStore for S3Store {
         from: &str,
         to: &str,
         attrs: &ObjectAttributes,
+        if_match: Option<&str>,
     ) -> Result<String, StorageError> {
         // REPLACE: the encryption and storage class are not copied, so all the attributes
         // are sent again.
@@ -552,6 +558,7 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(to)
             .copy_source(source)
+            .set_copy_source_if_match(if_match.map(|e| format!("\"{}\"", e.trim_matches('"'))))
             .metadata_directive(MetadataDirective::Replace);
         let out = with_attributes!(request, attrs)
             .customize()

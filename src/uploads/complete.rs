@@ -79,7 +79,7 @@ impl Drop for WaiterGuard {
 /// Dropped without [`Lease::finished`] (the completion task panicked or was cancelled), it
 /// gives the lease back in the background, so the file is completable again at once; at
 /// runtime shutdown nothing can run any more, and the lease runs out by itself.
-struct Lease {
+pub(super) struct Lease {
     store: Arc<dyn SessionStore>,
     ids: Arc<(String, String, String, String)>,
     renewer: tokio::task::JoinHandle<()>,
@@ -87,7 +87,7 @@ struct Lease {
 }
 
 impl Lease {
-    fn hold(
+    pub(super) fn hold(
         store: Arc<dyn SessionStore>,
         ids: (String, String, String, String),
         lease: Duration,
@@ -126,13 +126,13 @@ impl Lease {
     }
 
     /// Storage is done: stop renewing; the store call that follows settles the lease.
-    fn finished(mut self) {
+    pub(super) fn finished(mut self) {
         self.renewer.abort();
         self.armed = false;
     }
 
     /// Gives the lease back now (the completion failed; the next attempt may start at once).
-    async fn release(mut self) {
+    pub(super) async fn release(mut self) {
         self.renewer.abort();
         self.armed = false;
         let (tenant, session, file, token) = &*self.ids;

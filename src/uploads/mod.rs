@@ -71,7 +71,8 @@ pub struct Timing {
     /// costs nothing and bounds how long a policy can be sent again.
     pub form_post_ttl: std::time::Duration,
     /// How long past its policy's expiry a form POST that started just before can still
-    /// be landing: only then is its staged object removed.
+    /// be landing: only then is its staged object removed. 15 minutes: a POST of
+    /// `uppy::FORM_MAX_BYTES` at 114 KiB/s or faster.
     pub form_post_grace: std::time::Duration,
 }
 
@@ -83,7 +84,7 @@ impl Default for Timing {
             complete_wait: std::time::Duration::from_secs(5),
             cleanup_retry: std::time::Duration::from_secs(30),
             form_post_ttl: std::time::Duration::from_secs(300),
-            form_post_grace: std::time::Duration::from_secs(300),
+            form_post_grace: std::time::Duration::from_secs(900),
         }
     }
 }

@@ -36,6 +36,11 @@ pub const MULTIPART: &str = "uppy";
 /// The form a form-upload (POST policy) Uppy file records.
 pub const POST: &str = "uppy-post";
 
+/// The largest form upload: Uppy sends files up to 100 MiB as one form POST by default
+/// (`shouldUseMultipart`), larger ones in parts. The bound keeps a settling's copy short
+/// and a POST's transfer within `Timing::form_post_grace` of its policy's expiry.
+pub const FORM_MAX_BYTES: u64 = 100 * 1024 * 1024;
+
 /// The key a form upload's policy is signed for; the file's object is copied from it.
 pub fn staging_key(object_key: &str) -> String {
     format!("{object_key}.post")
@@ -414,7 +419,10 @@ impl Uploads {
             // Completing or completed: the completion's own answer stands.
             TusBegun::NotOpen(_) => return Ok(()),
         };
-        let result = if !state.deferred {
+        // A form upload's policy can be sent again with another size until it expires:
+        // its length is whatever the staged object has when it is settled.
+        let redeclare = is_form(&file, POST) && file.size_bytes != length;
+        let result = if !state.deferred && !redeclare {
             if file.size_bytes == length {
                 Ok(())
             } else {
@@ -463,7 +471,7 @@ impl Uploads {
 
     /// The presigned form upload of a newly registered form-upload Uppy file (its
     /// `upload_id` the [`Uploads::post_marker`] of its registration), bounded to `max_len`
-    /// bytes, the session's own limit, and what a storage copy takes.
+    /// bytes, the session's own limit and [`FORM_MAX_BYTES`].
     pub async fn uppy_post(
         &self,
         tenant: &str,
@@ -474,7 +482,7 @@ impl Uploads {
         let max_len = self
             .session_max(tenant, &file.session_id, max_len)
             .await?
-            .min(crate::storage::MAX_REWRITE_BYTES);
+            .min(FORM_MAX_BYTES);
         let post = self
             .storage(tenant)
             .presign_post(
@@ -512,31 +520,26 @@ impl Uploads {
 
     /// Settles the pending form uploads whose objects landed (the reaper's pass); a file
     /// no longer `registered` (completed, deleted, its session gone) is no longer looked
-    /// for. Past its policy's deadline an entry goes, and its staged object with it.
+    /// for. Past its policy's deadline an entry goes: a file still `registered` is settled
+    /// one last time, and the staged object is removed once the file is completed or gone
+    /// (a still unsettled one stays for the next read, the file's cleanup removes it).
     pub async fn settle_pending_posts(&self) -> usize {
         let now = now_ms();
-        let (expired, due): (Vec<PendingPost>, Vec<(PostKey, PendingPost)>) = {
+        let due: Vec<(PostKey, PendingPost, bool)> = {
             let mut map = self.pending_posts.lock();
             let live = map.split_off(&(now, String::new()));
             let expired = std::mem::replace(&mut *map, live);
-            let due = map
-                .iter()
-                .filter(|(_, v)| !v.settled)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            (expired.into_values().collect(), due)
+            let mut due: Vec<(PostKey, PendingPost, bool)> =
+                expired.into_iter().map(|(k, v)| (k, v, true)).collect();
+            due.extend(
+                map.iter()
+                    .filter(|(_, v)| !v.settled)
+                    .map(|(k, v)| (k.clone(), v.clone(), false)),
+            );
+            due
         };
-        for p in expired {
-            if let Err(e) = self
-                .storage(&p.tenant)
-                .delete_object(&staging_key(&p.object_key))
-                .await
-            {
-                tracing::debug!(file_id = %p.file_id, error = %e, "removing a staged form upload failed; its file's cleanup removes it");
-            }
-        }
         let mut settled = 0;
-        for (key, p) in due {
+        for (key, p, expired) in due {
             let now = now_ms();
             let file = match self
                 .store
@@ -546,12 +549,14 @@ impl Uploads {
                 Ok(crate::store::Gate::Ok(f)) => Some(f),
                 Ok(_) => None,
                 Err(e) => {
+                    // An expired entry is gone from the list even so: the next read
+                    // settles its file, the file's cleanup removes the staged object.
                     tracing::debug!(error = %e, "looking at a pending form upload failed; next pass");
                     continue;
                 }
             };
             let done = match file {
-                Some(f) if f.status == FileStatus::Registered => {
+                Some(f) if f.status == FileStatus::Registered && !p.settled => {
                     match self.settle_one(&p.tenant, &f).await {
                         Ok(true) => {
                             settled += 1;
@@ -564,9 +569,20 @@ impl Uploads {
                         }
                     }
                 }
+                Some(f) if f.status == FileStatus::Registered => false,
                 _ => true,
             };
-            if done {
+            if expired {
+                if done {
+                    if let Err(e) = self
+                        .storage(&p.tenant)
+                        .delete_object(&staging_key(&p.object_key))
+                        .await
+                    {
+                        tracing::debug!(file_id = %p.file_id, error = %e, "removing a staged form upload failed; its file's cleanup removes it");
+                    }
+                }
+            } else if done {
                 if let Some(entry) = self.pending_posts.lock().get_mut(&key) {
                     entry.settled = true;
                 }
@@ -595,9 +611,10 @@ impl Uploads {
     }
 
     /// Completes one form-upload file if its staged object is there: its length
-    /// declared, the completion's lease taken, the object copied to the file's key (the
-    /// staged version that was looked at, else nothing is completed), the completion
-    /// recorded, then the staged object removed.
+    /// declared (again, if the policy was sent again since), the completion's lease taken
+    /// (and renewed while storage copies), the staged object copied to the file's key only
+    /// while it is the version whose size was declared, the completion recorded, then the
+    /// staged object removed.
     async fn settle_one(&self, tenant: &str, file: &FileRecord) -> Result<bool, AppError> {
         let storage = self.storage(tenant);
         let staged = staging_key(&file.object_key);
@@ -605,42 +622,65 @@ impl Uploads {
             return Ok(false);
         };
         let sid = &file.session_id;
-        self.declare_length(tenant, sid, &file.id, info.size)
-            .await?;
+        match self.declare_length(tenant, sid, &file.id, info.size).await {
+            Ok(()) => {}
+            // Another settling holds the file: its result stands.
+            Err(AppError::CompletionInProgress) => return Ok(false),
+            Err(e) => return Err(e),
+        }
         let token = crate::api::new_id();
         let now = now_ms();
         let gate = self
             .store
-            .begin_complete(tenant, sid, &file.id, &token, DECLARE_LEASE_MS, now)
+            .begin_complete(
+                tenant,
+                sid,
+                &file.id,
+                &token,
+                ms(self.timing.complete_lease),
+                now,
+            )
             .await?;
-        match open_gate(gate, tenant, now)? {
-            BeginComplete::Acquired(..) => {}
+        let held = match open_gate(gate, tenant, now)? {
+            BeginComplete::Acquired(f, _) => f,
             BeginComplete::AlreadyCompleted(_) => return Ok(true),
             BeginComplete::Aborted | BeginComplete::InProgress => return Ok(false),
+        };
+        let lease = super::complete::Lease::hold(
+            self.store.clone(),
+            (
+                tenant.to_owned(),
+                sid.clone(),
+                file.id.clone(),
+                token.clone(),
+            ),
+            self.timing.complete_lease,
+            self.timing.complete_renew,
+        );
+        // Declared by another settling from a later version: that one completes it.
+        if held.size_bytes != info.size {
+            lease.release().await;
+            return Ok(false);
         }
         let attrs = self.attributes(tenant, file, file.content_type.as_deref());
-        let copied = match storage.copy_object(&staged, &file.object_key, &attrs).await {
-            // Sent again between the look and the copy: another object than the length
-            // declared. The next settling looks again.
-            Ok(etag) if etag.trim_matches('"') != info.etag.trim_matches('"') => Err(
-                AppError::Internal("the form upload changed while it was settled".into()),
-            ),
-            Ok(etag) => Ok(etag),
-            Err(e) => Err(e.into()),
-        };
-        let etag = match copied {
+        let etag = match storage
+            .copy_object(&staged, &file.object_key, &attrs, Some(&info.etag))
+            .await
+        {
             Ok(etag) => etag,
+            // Sent again between the look and the copy: the next settling looks again.
+            Err(crate::storage::StorageError::Refused { reason, .. })
+                if reason == "PreconditionFailed" =>
+            {
+                lease.release().await;
+                return Ok(false);
+            }
             Err(e) => {
-                if let Err(r) = self
-                    .store
-                    .release_complete(tenant, sid, &file.id, &token)
-                    .await
-                {
-                    tracing::warn!(error = %r, "giving back a form upload's lease failed; it runs out by itself");
-                }
-                return Err(e);
+                lease.release().await;
+                return Err(e.into());
             }
         };
+        lease.finished();
         let url = storage.file_url(&file.object_key);
         let gate = self
             .store

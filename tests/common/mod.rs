@@ -202,8 +202,9 @@ impl ObjectStore for CountingStorage {
         from: &str,
         to: &str,
         attrs: &upgate::storage::ObjectAttributes,
+        if_match: Option<&str>,
     ) -> Result<String, StorageError> {
-        self.inner.copy_object(from, to, attrs).await
+        self.inner.copy_object(from, to, attrs, if_match).await
     }
     async fn presign_part_any_size(
         &self,
