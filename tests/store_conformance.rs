@@ -2695,11 +2695,18 @@ async fn redis_order_set_of_an_older_session_gets_its_retention() {
     let s = c.session("acme", 5).await;
     let base = format!("{prefix}:{{acme:{}}}:", s.id);
     let mut con = raw_conn(&server.url()).await;
-    // One file of the older layout: counted, in the old list, no sequence number.
+    // One file of the older layout: counted, in the old list, no sequence number; and the
+    // session without the `ordered` mark this build's sessions carry.
     let _: () = redis::cmd("HSET")
         .arg(format!("{base}s"))
         .arg("file_count")
         .arg(1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HDEL")
+        .arg(format!("{base}s"))
+        .arg("ordered")
         .query_async(&mut con)
         .await
         .unwrap();

@@ -4,7 +4,8 @@
 -- listed and run out with their retention deadline (ids are fresh UUIDs, so this only
 -- happens in tests).
 call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-call('HSET', SKEY, 'keep_until', ARGV[2], unpack(ARGV, 3))
+-- `ordered`: every live file of this session is in its order set `o` (register.lua).
+call('HSET', SKEY, 'keep_until', ARGV[2], 'ordered', '1', unpack(ARGV, 3))
 call('PEXPIREAT', SKEY, ARGV[2])
 record_event('session.created')
 return 'ok'

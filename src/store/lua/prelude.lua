@@ -110,8 +110,7 @@ end
 -- event as JSON) and `evq` (sorted set: pending sequence numbers scored by when due, ms).
 -- Every script that can record an event gets them after all its other keys. The event's
 -- time is ARGV[1] (now, ms), kept as the string it came as.
-local function record_event(etype, fkey)
-  local keep = call('HGET', SKEY, 'wh')
+local function record_event_kept(keep, etype, fkey)
   if not keep then return end
   local ev, evq = KEYS[#KEYS - 1], KEYS[#KEYS]
   if ev ~= BASE .. 'ev' or evq ~= BASE .. 'evq' then
@@ -127,6 +126,11 @@ local function record_event(etype, fkey)
   call('ZADD', evq, ARGV[1], seq)
   call('PEXPIRE', ev, keep)
   call('PEXPIRE', evq, keep)
+end
+
+-- `record_event_kept` with the session's `wh` field read here.
+local function record_event(etype, fkey)
+  record_event_kept(call('HGET', SKEY, 'wh'), etype, fkey)
 end
 
 -- The common gate. Returns nil when the session exists, is not past expiry and (when

@@ -5,9 +5,12 @@
 --      | {'ok','ps', session part_size_bytes} | {'ok','big', max_file_size}
 --      | {'ok','type', allowed_types} | gate reply.
 -- One HMGET reads the gate's fields, the count, the retention deadline, the session's
--- part size and the end user's file limits the session was created with.
+-- part size, the end user's file limits the session was created with, the outbox's
+-- retention (`record_event_kept`) and the registration sequence number: every session
+-- field this script needs, so the common path makes six calls (measured: benches/README.md,
+-- "Registration script").
 local g, st = gate(NOW, true, 'file_limit', 'file_count', 'keep_until', 'part_size_bytes',
-  'max_file_size', 'allowed_types')
+  'max_file_size', 'allowed_types', 'wh', 'file_seq', 'ordered')
 if g then return g end
 -- The session's own file limits (set when an end user's token created it) hold for every
 -- credential. `allowed_types` is one type per line between newlines.
@@ -38,8 +41,10 @@ if count >= limit then
   return {'ok', 'full', st[3], st[4]}
 end
 if call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return {'ok', 'dup'} end
-call('HINCRBY', SKEY, 'file_count', 1)
-local seq = call('HINCRBY', SKEY, 'file_seq', 1)
+-- Both counters in one HSET, written as whole numbers (`%d`, never Lua's `%.14g`).
+local seq = (tonumber(st[10]) or 0) + 1
+call('HSET', SKEY, 'file_count', string.format('%d', count + 1),
+  'file_seq', string.format('%d', seq))
 -- The file id is fresh (a new UUID), so its `f:` and `p:` keys cannot exist yet.
 call('HSET', KEYS[4], unpack(ARGV, 8))
 call('ZADD', KEYS[3], seq, ARGV[3])
@@ -47,14 +52,14 @@ call('ZADD', KEYS[3], seq, ARGV[3])
 -- session is active (this script adds one to each with each HINCRBY; abort_file removes
 -- them with each release_slot), so they were just created exactly when the count was 0;
 -- they can be emptied by deletions, deleted by Redis, and created again later, which the
--- same test catches. A session an older build created kept its files in a list, so its `o`
--- can be new whatever the count: then ZCARD (O(1)) tells.
+-- same test catches. A session an older build created (no `ordered` field) kept its files
+-- in a list, so its `o` can be new whatever the count: then ZCARD (O(1)) tells.
 if count == 0 then
   keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])
-elseif call('ZCARD', KEYS[3]) == 1 then
+elseif not st[11] and call('ZCARD', KEYS[3]) == 1 then
   keep_until(st[5], KEYS[3], KEYS[4])
 else
   keep_until(st[5], KEYS[4])
 end
-record_event('file.registered', KEYS[4])
+record_event_kept(st[9], 'file.registered', KEYS[4])
 return {'ok', 'created', st[2]}
