@@ -193,25 +193,7 @@ async fn s3_gateway(
     s3: &upgate_testkit::s3::S3Server,
     redis: &upgate_testkit::RedisServer,
 ) -> TestGateway {
-    let storage = upgate::storage::s3::S3Store::from_client(s3.client(), s3.bucket(), "pfx")
-        .with_credentials(aws_sdk_s3::config::Credentials::new(
-            s3.access_key(),
-            s3.secret_key(),
-            None,
-            None,
-            "test",
-        ));
-    let mut cfg = browser_config();
-    cfg.redis = Some(upgate::config::RedisTarget::Single(redis.url()));
-    let store = upgate::build_store(&cfg).await.expect("store");
-    TestGateway::start_with(
-        cfg,
-        store,
-        CountingStorage::new(Arc::new(storage)),
-        std::env::temp_dir(),
-        None,
-    )
-    .await
+    s3_redis_gateway_with(s3, redis, browser_config()).await
 }
 
 #[tokio::test]

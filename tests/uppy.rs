@@ -160,6 +160,29 @@ async fn setup() -> Setup {
     let s3 = upgate_testkit::s3::S3Server::start("uppy-bucket");
     let redis = upgate_testkit::RedisServer::start();
     let gw = s3_redis_gateway(&s3, &redis).await;
+    Setup::on(gw, s3, redis).await
+}
+
+impl Setup {
+    /// A session of `gw` and its Uppy endpoint.
+    async fn on(
+        gw: TestGateway,
+        s3: upgate_testkit::s3::S3Server,
+        redis: upgate_testkit::RedisServer,
+    ) -> Setup {
+        let (session, uppy) = new_session(&gw).await;
+        Setup {
+            gw,
+            s3,
+            _redis: redis,
+            session,
+            uppy,
+        }
+    }
+}
+
+/// A new session of `gw` (API key A): its id, and the Uppy endpoint of its upload token.
+async fn new_session(gw: &TestGateway) -> (String, Uppy) {
     let created: Value = gw
         .client
         .post(format!("{}/v1/sessions", gw.base))
@@ -171,18 +194,16 @@ async fn setup() -> Setup {
         .json()
         .await
         .expect("json");
+    let token = created["uploadToken"].as_str().expect("token");
     let session = created["sessionId"].as_str().expect("id").to_owned();
-    let token = created["uploadToken"].as_str().expect("token").to_owned();
-    let uppy = Uppy {
+    (session, uppy_with(gw, token))
+}
+
+/// The Uppy endpoint of upload token `token` on `gw`.
+fn uppy_with(gw: &TestGateway, token: &str) -> Uppy {
+    Uppy {
         client: reqwest::Client::new(),
         endpoint: format!("{}/v1/uppy/{token}", gw.base),
-    };
-    Setup {
-        gw,
-        s3,
-        _redis: redis,
-        session,
-        uppy,
     }
 }
 
@@ -385,25 +406,7 @@ async fn the_routes_take_only_an_upload_token_and_only_its_own_session() {
         .expect("send");
     assert_eq!(res.status(), 401);
     // Another session's token does not reach this session's file.
-    let other: Value =
-        t.gw.client
-            .post(format!("{}/v1/sessions", t.gw.base))
-            .bearer_auth(KEY_A)
-            .json(&json!({}))
-            .send()
-            .await
-            .expect("session")
-            .json()
-            .await
-            .expect("json");
-    let other = Uppy {
-        client: reqwest::Client::new(),
-        endpoint: format!(
-            "{}/v1/uppy/{}",
-            t.gw.base,
-            other["uploadToken"].as_str().expect("token")
-        ),
-    };
+    let (_, other) = new_session(&t.gw).await;
     assert_eq!(other.sign(&id, "k", 1).await.status(), 404);
     assert_eq!(other.list(&id, "k").await.status(), 404);
     // A REST file is not an Uppy upload.
@@ -579,25 +582,7 @@ async fn a_form_over_the_tenants_largest_file_is_refused_by_storage() {
     let mut cfg = config("");
     cfg.tenants[0].max_file_size_bytes = 1000;
     let gw = s3_redis_gateway_with(&s3, &redis, cfg).await;
-    let created: Value = gw
-        .client
-        .post(format!("{}/v1/sessions", gw.base))
-        .bearer_auth(KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("session")
-        .json()
-        .await
-        .expect("json");
-    let uppy = Uppy {
-        client: reqwest::Client::new(),
-        endpoint: format!(
-            "{}/v1/uppy/{}",
-            gw.base,
-            created["uploadToken"].as_str().expect("token")
-        ),
-    };
+    let (sid, uppy) = new_session(&gw).await;
     let params: Value = uppy
         .params("x.bin", "application/octet-stream")
         .await
@@ -606,13 +591,12 @@ async fn a_form_over_the_tenants_largest_file_is_refused_by_storage() {
         .expect("json");
     let res = post_form(&uppy.client, &params, &data(1001, 1)).await;
     assert!(res.status().is_client_error(), "{}", res.status());
-    let sid = created["sessionId"].as_str().expect("id");
-    let files = session_files(&gw, sid).await;
+    let files = session_files(&gw, &sid).await;
     assert_eq!(files[0]["status"], "registered");
     // At the limit, it lands.
     let res = post_form(&uppy.client, &params, &data(1000, 1)).await;
     assert_eq!(res.status(), 201);
-    let files = session_files(&gw, sid).await;
+    let files = session_files(&gw, &sid).await;
     assert_eq!(files[0]["status"], "completed");
     assert_eq!(files[0]["sizeBytes"], 1000);
     // Multipart: one part is all 1000 bytes allow, and a part over them is refused at
@@ -670,25 +654,7 @@ async fn concurrent_first_signings_open_one_storage_upload() {
 #[tokio::test]
 async fn filesystem_storage_refuses_the_routes_before_registering_anything() {
     let gw = memory_fs_gateway().await;
-    let created: Value = gw
-        .client
-        .post(format!("{}/v1/sessions", gw.base))
-        .bearer_auth(KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("session")
-        .json()
-        .await
-        .expect("json");
-    let uppy = Uppy {
-        client: reqwest::Client::new(),
-        endpoint: format!(
-            "{}/v1/uppy/{}",
-            gw.base,
-            created["uploadToken"].as_str().expect("token")
-        ),
-    };
+    let (sid, uppy) = new_session(&gw).await;
     problem(uppy.create("a.bin").await, 501, "notSupported").await;
     problem(
         uppy.params("b.bin", "text/plain").await,
@@ -696,8 +662,7 @@ async fn filesystem_storage_refuses_the_routes_before_registering_anything() {
         "notSupported",
     )
     .await;
-    let sid = created["sessionId"].as_str().expect("id");
-    assert!(session_files(&gw, sid).await.is_empty());
+    assert!(session_files(&gw, &sid).await.is_empty());
 }
 
 /// A gateway whose form policies last `ttl` with no grace, and whose cleanups are retried
@@ -712,32 +677,7 @@ async fn short_forms(ttl: std::time::Duration) -> Setup {
         ..upgate::uploads::Timing::default()
     };
     let gw = s3_redis_gateway_timed(&s3, &redis, config(""), timing).await;
-    let created: Value = gw
-        .client
-        .post(format!("{}/v1/sessions", gw.base))
-        .bearer_auth(KEY_A)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("session")
-        .json()
-        .await
-        .expect("json");
-    let uppy = Uppy {
-        client: reqwest::Client::new(),
-        endpoint: format!(
-            "{}/v1/uppy/{}",
-            gw.base,
-            created["uploadToken"].as_str().expect("token")
-        ),
-    };
-    Setup {
-        gw,
-        s3,
-        _redis: redis,
-        session: created["sessionId"].as_str().expect("id").to_owned(),
-        uppy,
-    }
+    Setup::on(gw, s3, redis).await
 }
 
 /// The object keys under the bucket's root (the S3 server's files).
@@ -879,14 +819,7 @@ async fn an_end_users_file_size_limit_bounds_uppy_uploads_as_well() {
             .json()
             .await
             .expect("json");
-    let uppy = Uppy {
-        client: reqwest::Client::new(),
-        endpoint: format!(
-            "{}/v1/uppy/{}",
-            t.gw.base,
-            minted["uploadToken"].as_str().expect("token")
-        ),
-    };
+    let uppy = uppy_with(&t.gw, minted["uploadToken"].as_str().expect("token"));
     let params: Value = uppy
         .params("u.bin", "application/octet-stream")
         .await
