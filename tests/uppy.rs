@@ -97,6 +97,13 @@ impl Uppy {
             .expect("abort")
     }
 
+    /// `s3/params` for an octet-stream file `name`: the form to POST.
+    async fn form(&self, name: &str) -> Value {
+        let res = self.params(name, "application/octet-stream").await;
+        assert_eq!(res.status(), 200);
+        res.json().await.expect("json")
+    }
+
     async fn params(&self, name: &str, kind: &str) -> reqwest::Response {
         let q = form_urlencoded::Serializer::new(String::new())
             .append_pair("filename", name)
@@ -533,13 +540,7 @@ async fn the_routes_take_only_an_upload_token_and_only_its_own_session() {
 #[tokio::test]
 async fn the_reaper_completes_a_landed_form_upload_without_anyone_reading_the_session() {
     let t = setup().await;
-    let params: Value = t
-        .uppy
-        .params("quiet.bin", "application/octet-stream")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let params = t.uppy.form("quiet.bin").await;
     let files = session_files(&t.gw, &t.session).await;
     let file_id = files[0]["fileId"].as_str().expect("fileId").to_owned();
     assert_eq!(t.gw.state.uploads.pending_posts().len(), 1);
@@ -583,12 +584,7 @@ async fn a_form_over_the_tenants_largest_file_is_refused_by_storage() {
     cfg.tenants[0].max_file_size_bytes = 1000;
     let gw = s3_redis_gateway_with(&s3, &redis, cfg).await;
     let (sid, uppy) = new_session(&gw).await;
-    let params: Value = uppy
-        .params("x.bin", "application/octet-stream")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let params = uppy.form("x.bin").await;
     let res = post_form(&uppy.client, &params, &data(1001, 1)).await;
     assert!(res.status().is_client_error(), "{}", res.status());
     let files = session_files(&gw, &sid).await;
@@ -705,13 +701,7 @@ fn keys(s3: &upgate_testkit::s3::S3Server) -> Vec<String> {
 #[tokio::test]
 async fn a_form_sent_again_after_completion_leaves_the_files_object_as_it_was() {
     let t = short_forms(std::time::Duration::from_secs(3)).await;
-    let params: Value = t
-        .uppy
-        .params("once.bin", "application/octet-stream")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let params = t.uppy.form("once.bin").await;
     let first = data(200_000, 1);
     assert_eq!(
         post_form(&t.uppy.client, &params, &first).await.status(),
@@ -748,13 +738,7 @@ async fn a_form_sent_again_after_completion_leaves_the_files_object_as_it_was() 
 #[tokio::test]
 async fn a_form_sent_after_its_file_was_deleted_leaves_nothing_once_its_policy_expired() {
     let t = short_forms(std::time::Duration::from_secs(2)).await;
-    let params: Value = t
-        .uppy
-        .params("late.bin", "application/octet-stream")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let params = t.uppy.form("late.bin").await;
     let files = session_files(&t.gw, &t.session).await;
     let id = files[0]["fileId"].as_str().expect("id").to_owned();
     // Uppy's removal of a form upload in flight: the file is deleted first, then the
@@ -820,12 +804,7 @@ async fn an_end_users_file_size_limit_bounds_uppy_uploads_as_well() {
             .await
             .expect("json");
     let uppy = uppy_with(&t.gw, minted["uploadToken"].as_str().expect("token"));
-    let params: Value = uppy
-        .params("u.bin", "application/octet-stream")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let params = uppy.form("u.bin").await;
     let res = post_form(&uppy.client, &params, &data(1001, 1)).await;
     assert!(res.status().is_client_error(), "{}", res.status());
     let res = post_form(&uppy.client, &params, &data(1000, 1)).await;
@@ -844,13 +823,7 @@ async fn an_end_users_file_size_limit_bounds_uppy_uploads_as_well() {
 #[tokio::test]
 async fn a_form_landed_but_not_yet_settled_at_its_deadline_is_completed_not_removed() {
     let t = short_forms(std::time::Duration::from_secs(2)).await;
-    let params: Value = t
-        .uppy
-        .params("slow.bin", "application/octet-stream")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let params = t.uppy.form("slow.bin").await;
     let bytes = data(120_000, 6);
     assert_eq!(
         post_form(&t.uppy.client, &params, &bytes).await.status(),
@@ -871,13 +844,7 @@ async fn a_form_landed_but_not_yet_settled_at_its_deadline_is_completed_not_remo
 #[tokio::test]
 async fn a_form_sent_again_before_settling_completes_with_the_last_version() {
     let t = setup().await;
-    let params: Value = t
-        .uppy
-        .params("twice.bin", "application/octet-stream")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let params = t.uppy.form("twice.bin").await;
     let files = session_files(&t.gw, &t.session).await;
     let id = files[0]["fileId"].as_str().expect("id").to_owned();
     assert_eq!(
