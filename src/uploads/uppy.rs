@@ -7,18 +7,21 @@
 //! - Multipart: parts are presigned without a signed length (Uppy asks for one URL per
 //!   part number and nothing else). The length becomes known at completion from storage's
 //!   own part list: every part but the last must be one part size, the last at most one,
-//!   and the whole at most the tenant's largest file; only then is the length recorded and
-//!   the file completed through [`Uploads::complete`], which checks the same rule again.
+//!   and the whole at most the tenant's largest file (or the session's end-user limit);
+//!   only then is the length recorded and the file completed through the domain's
+//!   completion, which checks the same rule again. The REST part, presign and complete
+//!   routes refuse Uppy files (their parts bypass those routes' rules).
 //! - Form upload (`s3/params`, for files under Uppy's multipart threshold): a presigned
 //!   POST policy bounds the object's size (`content-length-range`) and fixes its key and
 //!   attributes. The policy is for a staging key ([`staging_key`]), not the file's object:
 //!   it can be sent again until it expires, and a completed file's object must not change.
 //!   Once the staged object is there, the file is completed with its size and the object
-//!   copied (in storage) to the file's key ([`Uploads::settle_posted`], run when the session
-//!   or file is read, before finalize, and by the reaper).
-//!   The file's `upload_id` is a marker, `form:<deadline ms>` ([`Uploads::post_marker`]): a deleted
-//!   or expired form file's cleanup (queued by the store as for any upload) waits until the
-//!   policy can no longer be sent, then removes the staged object and the file's object.
+//!   copied (in storage, under the completion's lease, only the version measured) to the
+//!   file's key ([`Uploads::settle_posted`], run when the session or file is read, before
+//!   finalize, and by the reaper). The file's `upload_id` is a marker, `form:<deadline
+//!   ms>` ([`Uploads::post_marker`]): a deleted or expired form file's cleanup (queued by
+//!   the store as for any upload) waits until no POST of the policy can still be arriving,
+//!   then removes the staged object and the file's object.
 //!
 //! The files record their form (`tus_form`: [`MULTIPART`] or [`POST`]).
 
