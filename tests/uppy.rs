@@ -870,3 +870,45 @@ async fn a_form_sent_again_before_settling_completes_with_the_last_version() {
     assert_eq!(files[0]["sizeBytes"], 70_000);
     assert_eq!(s3_object(&t.s3, &files[0]), last);
 }
+
+#[tokio::test]
+async fn a_form_settling_cut_short_is_taken_over_once_its_lease_runs_out() {
+    let t = setup().await;
+    let params = t.uppy.form("cut.bin").await;
+    let files = session_files(&t.gw, &t.session).await;
+    let id = files[0]["fileId"].as_str().expect("id").to_owned();
+    let bytes = data(80_000, 9);
+    assert_eq!(
+        post_form(&t.uppy.client, &params, &bytes).await.status(),
+        201
+    );
+    // A settling that took the completion's lease and never came back (its request
+    // cancelled, its replica gone): 300 ms of lease, never renewed nor given back.
+    let gate =
+        t.gw.state
+            .store
+            .begin_complete(
+                "a",
+                &t.session,
+                &id,
+                "cut-short",
+                300,
+                upgate::model::now_ms(),
+            )
+            .await
+            .expect("store");
+    assert!(
+        matches!(
+            gate,
+            upgate::store::Gate::Ok(upgate::store::BeginComplete::Acquired(..))
+        ),
+        "{gate:?}"
+    );
+    let files = session_files(&t.gw, &t.session).await;
+    assert_ne!(files[0]["status"], "completed", "{files:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // Past the lease, the next read's settling takes over.
+    let files = session_files(&t.gw, &t.session).await;
+    assert_eq!(files[0]["status"], "completed", "{files:?}");
+    assert_eq!(s3_object(&t.s3, &files[0]), bytes);
+}

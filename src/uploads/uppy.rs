@@ -559,7 +559,9 @@ impl Uploads {
                 }
             };
             let done = match file {
-                Some(f) if f.status == FileStatus::Registered && !p.settled => {
+                // `completing`: a settling in flight, or one cut short (a cancelled read, a
+                // lost store reply) whose lease runs out; `begin_complete` then takes over.
+                Some(f) if in_flight(&f) && !p.settled => {
                     match self.settle_one(&p.tenant, &f).await {
                         Ok(true) => {
                             settled += 1;
@@ -572,7 +574,7 @@ impl Uploads {
                         }
                     }
                 }
-                Some(f) if f.status == FileStatus::Registered => false,
+                Some(f) if in_flight(&f) => false,
                 _ => true,
             };
             if expired {
@@ -599,10 +601,7 @@ impl Uploads {
     /// at now is tried at the next read.
     pub async fn settle_posted(&self, tenant: &str, files: &[FileRecord]) -> bool {
         let mut settled = false;
-        for file in files
-            .iter()
-            .filter(|f| is_form(f, POST) && f.status == FileStatus::Registered)
-        {
+        for file in files.iter().filter(|f| is_form(f, POST) && in_flight(f)) {
             match self.settle_one(tenant, file).await {
                 Ok(done) => settled |= done,
                 Err(e) => {
@@ -625,46 +624,55 @@ impl Uploads {
             return Ok(false);
         };
         let sid = &file.session_id;
-        match self.declare_length(tenant, sid, &file.id, info.size).await {
-            Ok(()) => {}
-            // Another settling holds the file: its result stands.
-            Err(AppError::CompletionInProgress) => return Ok(false),
-            Err(e) => return Err(e),
-        }
-        let token = crate::api::new_id();
-        let now = now_ms();
-        let gate = self
-            .store
-            .begin_complete(
-                tenant,
-                sid,
-                &file.id,
-                &token,
-                ms(self.timing.complete_lease),
-                now,
-            )
-            .await?;
-        let held = match open_gate(gate, tenant, now)? {
-            BeginComplete::Acquired(f, _) => f,
-            BeginComplete::AlreadyCompleted(_) => return Ok(true),
-            BeginComplete::Aborted | BeginComplete::InProgress => return Ok(false),
-        };
-        let lease = super::complete::Lease::hold(
-            self.store.clone(),
-            (
-                tenant.to_owned(),
-                sid.clone(),
-                file.id.clone(),
-                token.clone(),
-            ),
-            self.timing.complete_lease,
-            self.timing.complete_renew,
-        );
-        // Declared by another settling from a later version: that one completes it.
-        if held.size_bytes != info.size {
+        let mut attempts = 0;
+        let (token, lease) = loop {
+            attempts += 1;
+            match self.declare_length(tenant, sid, &file.id, info.size).await {
+                Ok(()) => {}
+                // Another settling holds the file: its result stands.
+                Err(AppError::CompletionInProgress) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            let token = crate::api::new_id();
+            let now = now_ms();
+            let gate = self
+                .store
+                .begin_complete(
+                    tenant,
+                    sid,
+                    &file.id,
+                    &token,
+                    ms(self.timing.complete_lease),
+                    now,
+                )
+                .await?;
+            let held = match open_gate(gate, tenant, now)? {
+                BeginComplete::Acquired(f, _) => f,
+                BeginComplete::AlreadyCompleted(_) => return Ok(true),
+                BeginComplete::Aborted | BeginComplete::InProgress => return Ok(false),
+            };
+            let lease = super::complete::Lease::hold(
+                self.store.clone(),
+                (
+                    tenant.to_owned(),
+                    sid.clone(),
+                    file.id.clone(),
+                    token.clone(),
+                ),
+                self.timing.complete_lease,
+                self.timing.complete_renew,
+            );
+            if held.size_bytes == info.size {
+                break (token, lease);
+            }
+            // Another length: taken over from a settling cut short (the length could not be
+            // declared while it held the file), or declared from another version. Given
+            // back, the length is declared again, once.
             lease.release().await;
-            return Ok(false);
-        }
+            if attempts == 2 {
+                return Ok(false);
+            }
+        };
         let attrs = self.attributes(tenant, file, file.content_type.as_deref());
         let etag = match storage
             .copy_object(&staged, &file.object_key, &attrs, Some(&info.etag))
@@ -677,6 +685,12 @@ impl Uploads {
             {
                 lease.release().await;
                 return Ok(false);
+            }
+            // The copy may still land (a timeout, a cut connection): the lease is not given
+            // back but left to run out, so no other settling copies meanwhile.
+            Err(e @ crate::storage::StorageError::Unavailable(_)) => {
+                lease.finished();
+                return Err(e.into());
             }
             Err(e) => {
                 lease.release().await;
@@ -700,6 +714,13 @@ impl Uploads {
         }
         Ok(done)
     }
+}
+
+/// Whether a form-upload file is not settled yet: `registered`, or `completing` (a
+/// settling holds it, or held it and was cut short: its lease runs out, then the next
+/// settling takes over).
+fn in_flight(file: &FileRecord) -> bool {
+    matches!(file.status, FileStatus::Registered | FileStatus::Completing)
 }
 
 fn part_out_of_range(max: u32) -> AppError {

@@ -5,8 +5,9 @@
 -- every key a script touches is declared in KEYS, so Redis Cluster redirects (ASK,
 -- TRYAGAIN) a script whose keys are mid-migration instead of running it on missing data.
 -- Scripts call Redis through `call`, which the strict prelude (tests) replaces with one
--- that fails on any undeclared key. Arithmetic results are never turned back into strings
--- here (Lua 5.1 would print 1.7e+12): values to store come precomputed in ARGV.
+-- that fails on any undeclared key. Arithmetic results are not turned back into strings
+-- by `tostring` (Lua 5.1 would print 1.7e+12): values to store come precomputed in ARGV,
+-- or, for small counters, are written with `string.format('%d', n)` (exact below 2^53).
 local SKEY = KEYS[1]
 local BASE = string.sub(SKEY, 1, -2)
 

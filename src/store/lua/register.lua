@@ -49,7 +49,7 @@ call('HSET', SKEY, 'file_count', string.format('%d', count + 1),
 call('HSET', KEYS[4], unpack(ARGV, 8))
 call('ZADD', KEYS[3], seq, ARGV[3])
 -- Retention: the file hash is new. `keys` and `o` hold one entry per live file while the
--- session is active (this script adds one to each with each HINCRBY; abort_file removes
+-- session is active (this script adds one to each as it counts the file; abort_file removes
 -- them with each release_slot), so they were just created exactly when the count was 0;
 -- they can be emptied by deletions, deleted by Redis, and created again later, which the
 -- same test catches. A session an older build created (no `ordered` field) kept its files
