@@ -181,20 +181,30 @@ impl Uploads {
     }
 
     /// A file of an active session (gate: exists, not expired, active, file exists).
-    async fn active_file(
+    pub(super) async fn file(
         &self,
         tenant: &str,
         session_id: &str,
         file_id: &str,
     ) -> Result<FileRecord, AppError> {
         let now = now_ms();
-        let file = open_gate(
+        open_gate(
             self.store
                 .get_file(tenant, session_id, file_id, true, now)
                 .await?,
             tenant,
             now,
-        )?;
+        )
+    }
+
+    /// [`Uploads::file`], for the REST part routes.
+    async fn active_file(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        file_id: &str,
+    ) -> Result<FileRecord, AppError> {
+        let file = self.file(tenant, session_id, file_id).await?;
         // An Uppy file's parts go straight to storage through the Companion routes, which
         // check them at completion: these routes do not touch it.
         if super::uppy::is_uppy(&file) {

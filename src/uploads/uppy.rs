@@ -177,8 +177,13 @@ impl Uploads {
     /// deadline no POST of its policy (signed now, at `signed_at_ms`) can still be
     /// arriving.
     pub fn post_marker(&self, signed_at_ms: i64) -> String {
+        format!("form:{}", self.post_deadline_of(signed_at_ms))
+    }
+
+    /// When no POST of a form policy signed at `signed_at_ms` can still be arriving.
+    fn post_deadline_of(&self, signed_at_ms: i64) -> i64 {
         let window = self.timing.form_post_ttl + self.timing.form_post_grace;
-        format!("form:{}", signed_at_ms.saturating_add(ms(window)))
+        signed_at_ms.saturating_add(ms(window))
     }
 
     /// How long a form upload's policy is valid.
@@ -260,11 +265,11 @@ impl Uploads {
             return Err(file_not_open(&file));
         }
         // Each number's signed length: `None` signs any length.
+        let max_parts = part_count(max_size, file.part_size_bytes)
+            .min(u32::try_from(crate::model::MAX_PARTS).unwrap_or(u32::MAX));
         let mut lens = Vec::with_capacity(numbers.len());
         for &n in numbers {
             if state.deferred {
-                let max_parts = part_count(max_size, file.part_size_bytes)
-                    .min(u32::try_from(crate::model::MAX_PARTS).unwrap_or(u32::MAX));
                 if n == 0 || n > max_parts {
                     return Err(part_out_of_range(max_parts));
                 }
@@ -308,12 +313,7 @@ impl Uploads {
         session_id: &str,
         file_id: &str,
     ) -> Result<(), AppError> {
-        let now = now_ms();
-        let gate = self
-            .store
-            .get_file(tenant, session_id, file_id, true, now)
-            .await?;
-        let file = open_gate(gate, tenant, now)?;
+        let file = self.file(tenant, session_id, file_id).await?;
         if !is_uppy(&file) {
             return Err(AppError::FileNotFound);
         }
@@ -499,10 +499,7 @@ impl Uploads {
             .upload_id
             .as_deref()
             .and_then(post_deadline)
-            .unwrap_or_else(|| {
-                let window = self.timing.form_post_ttl + self.timing.form_post_grace;
-                now_ms().saturating_add(ms(window))
-            });
+            .unwrap_or_else(|| self.post_deadline_of(now_ms()));
         self.pending_posts.add(
             until,
             PendingPost {
