@@ -257,7 +257,13 @@ async fn active_sessions_are_bounded_per_tenant() {
     cfg.tenants[0].max_active_sessions = 3;
     let gw = TestGateway::start(cfg, redis_store(&redis.url()).await).await;
     let id = |v: Value| v["sessionId"].as_str().expect("sessionId").to_owned();
-    let short = id(gw.create_session(KEY_A, json!({"ttlSeconds": 1})).await);
+    // Short enough to wait for, long enough that the steps before the wait (slow on a
+    // loaded machine) do not outlast it.
+    let short_ttl = Duration::from_secs(4);
+    let short_created = tokio::time::Instant::now();
+    let short = id(gw
+        .create_session(KEY_A, json!({"ttlSeconds": short_ttl.as_secs()}))
+        .await);
     let deleted = id(gw.create_session(KEY_A, json!({})).await);
     let finalized = id(gw.create_session(KEY_A, json!({})).await);
     let p = problem(create(&gw, KEY_A, json!({})).await, 429, "quotaExceeded").await;
@@ -298,7 +304,8 @@ async fn active_sessions_are_bounded_per_tenant() {
     );
     problem(create(&gw, KEY_A, json!({})).await, 429, "quotaExceeded").await;
 
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // `expiresAt` is whole seconds: past it, whichever way it was rounded.
+    tokio::time::sleep_until(short_created + short_ttl + Duration::from_millis(1_100)).await;
     let _ = short;
     assert_eq!(
         create(&gw, KEY_A, json!({})).await.status(),
