@@ -76,11 +76,15 @@ fi
 UPGATE="$CARGO_TARGET_DIR/release/upgate"
 BENCH="$CARGO_TARGET_DIR/release/upgate-bench"
 
-# A loopback port nobody listens on right now.
+# A loopback port nobody listens on right now, below the kernel's ephemeral range: a port in
+# that range can be taken as the local port of an outgoing connection between this check and
+# the server's bind ("Address already in use"; it happened once to redis-server here).
+EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "${EPHEMERAL_LOW:-0}" -gt 12000 ] 2>/dev/null || EPHEMERAL_LOW=32768
 free_port() {
   local p
   while :; do
-    p=$((20000 + RANDOM % 40000))
+    p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       echo "$p"
       return

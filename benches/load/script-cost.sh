@@ -28,11 +28,23 @@ for tool in redis-server redis-cli redis-benchmark python3; do
 done
 
 WORK=$(mktemp -d /tmp/upgate-script-cost.XXXXXX)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
-trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+# A port below the kernel's ephemeral range (no outgoing connection can hold it), tried again
+# on another one if something listens there.
+LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "${LOW:-0}" -gt 12000 ] 2>/dev/null || LOW=32768
+PORT=
+trap 'if [ -n "$PORT" ]; then redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; fi; rm -rf "$WORK"' EXIT
+for _ in 1 2 3 4 5; do
+  try=$((10000 + RANDOM % (LOW - 10000)))
+  redis-server --port "$try" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+    --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log" || continue
+  for _ in $(seq 50); do
+    if redis-cli -p "$try" ping >/dev/null 2>&1; then PORT=$try; break; fi
+    sleep 0.1
+  done
+  [ -n "$PORT" ] && break
+done
+[ -n "$PORT" ] || { echo "script-cost.sh: redis-server did not start (see $WORK/redis.log)" >&2; exit 1; }
 
 # The scripts, written by one Python step so the variants are the real script with one
 # statement taken out (the step fails if the statement is not found).
