@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Redis's own cost of the registration script (benches/README.md, "Registration script cost").
+# Redis's own cost of the registration script (benches/README.md, "Release profile and Redis's
+# share").
 #
 # Starts a redis-server on a free 127.0.0.1 port and, for each script below, loads it, writes a
 # session hash the way create.lua leaves one, drives `EVALSHA` with redis-benchmark (a fresh
@@ -44,7 +45,11 @@ for _ in 1 2 3 4 5; do
   done
   [ -n "$PORT" ] && break
 done
-[ -n "$PORT" ] || { echo "script-cost.sh: redis-server did not start (see $WORK/redis.log)" >&2; exit 1; }
+if [ -z "$PORT" ]; then
+  echo "script-cost.sh: redis-server did not start; its log:" >&2
+  cat "$WORK/redis.log" >&2 2>/dev/null || true
+  exit 1
+fi
 
 # The scripts, written by one Python step so the variants are the real script with one
 # statement taken out (the step fails if the statement is not found).
