@@ -7,6 +7,12 @@
 //!
 //! `POST /v1/sessions` (setup only, not what is compared) writes the session hash with one
 //! `HSET`.
+//!
+//! With `--script gateway` the one `EVALSHA` runs the gateway's own registration script
+//! (`src/store/lua/prelude.lua` + `register.lua`, with the keys and arguments the gateway
+//! sends, on a session hash written as `create.lua` writes one) instead of the
+//! registration-shaped one. Both servers then cost Redis the same, and the ratio measures
+//! only the gateway's own per-request work (`benches/README.md`).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +43,38 @@ redis.call('HSET', KEYS[3], unpack(ARGV, 4))
 return 'created'
 "#;
 
+/// The gateway's registration script as its store assembles it (production `call`).
+pub fn gateway_register_lua() -> String {
+    format!(
+        "local call = redis.call\n{}\n{}",
+        include_str!("../../../src/store/lua/prelude.lua"),
+        include_str!("../../../src/store/lua/register.lua")
+    )
+}
+
+/// Which script the one `EVALSHA` runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Script {
+    /// [`REGISTER_LUA`]: 4 calls.
+    Shaped,
+    /// [`gateway_register_lua`]: the gateway's own, 6 calls.
+    Gateway,
+}
+
+impl std::str::FromStr for Script {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shaped" => Ok(Script::Shaped),
+            "gateway" => Ok(Script::Gateway),
+            other => Err(format!("--script: {other:?} is not shaped or gateway")),
+        }
+    }
+}
+
 struct State {
+    kind: Script,
     con: redis::aio::MultiplexedConnection,
     script: redis::Script,
     ids: AtomicU64,
@@ -111,13 +148,34 @@ async fn create_session(state: &State, body: &[u8]) -> Response<Full<Bytes>> {
     let now = now_ms() / 1000;
     let expires = now + 1800;
     let mut con = state.con.clone();
-    let r: redis::RedisResult<()> = redis::cmd("HSET")
-        .arg(format!("bl:{{{TENANT}:{id}}}:s"))
+    let key = format!("bl:{{{TENANT}:{id}}}:s");
+    let mut hset = redis::cmd("HSET");
+    hset.arg(&key)
         .arg(&[("status", "active")])
         .arg(&[("expires_at", expires), ("created_at", now)])
-        .arg(&[("file_limit", max_files), ("file_count", 0)])
-        .query_async(&mut con)
-        .await;
+        .arg(&[("file_limit", max_files), ("file_count", 0)]);
+    // The fields `create.lua` adds that `register.lua` reads, and the session's retention.
+    let keep_until_ms = (expires + 3600) * 1000;
+    if state.kind == Script::Gateway {
+        hset.arg(&[
+            ("keep_until", keep_until_ms),
+            ("part_size_bytes", PART_SIZE as i64),
+            ("ordered", 1),
+            ("file_seq", 0),
+        ]);
+    }
+    let r: redis::RedisResult<()> = async {
+        hset.exec_async(&mut con).await?;
+        if state.kind == Script::Gateway {
+            redis::cmd("PEXPIREAT")
+                .arg(&key)
+                .arg(keep_until_ms)
+                .exec_async(&mut con)
+                .await?;
+        }
+        Ok(())
+    }
+    .await;
     if r.is_err() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     }
@@ -147,6 +205,9 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
     let now = now_ms();
     let base = format!("bl:{{{TENANT}:{sid}}}:");
     let object_key = format!("{TENANT}/{sid}/{file_key}");
+    if state.kind == Script::Gateway {
+        return register_gateway_script(state, sid, name, size, file_key, content_type).await;
+    }
     let mut inv = state.script.prepare_invoke();
     inv.key(format!("{base}s"))
         .key(format!("{base}keys"))
@@ -193,19 +254,114 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
     }
 }
 
+/// `register` with the gateway's script: its 6 keys and the arguments the gateway's store
+/// sends (`src/store/redis.rs`, `register` and `file_fields`), its reply decoded.
+async fn register_gateway_script(
+    state: &State,
+    sid: &str,
+    name: &str,
+    size: u64,
+    file_key: &str,
+    content_type: &str,
+) -> Response<Full<Bytes>> {
+    let part_count = if size == 0 {
+        1
+    } else {
+        size.div_ceil(PART_SIZE)
+    };
+    let id = state.new_id();
+    let now = now_ms();
+    let base = format!("bl:{{{TENANT}:{sid}}}:");
+    let object_key = format!("{TENANT}/{sid}/{id}/{file_key}");
+    let essence = content_type.to_ascii_lowercase();
+    let major = essence.split('/').next().unwrap_or("");
+    let mut inv = state.script.prepare_invoke();
+    inv.key(format!("{base}s"))
+        .key(format!("{base}keys"))
+        .key(format!("{base}o"))
+        .key(format!("{base}f:{id}"))
+        .key(format!("{base}ev"))
+        .key(format!("{base}evq"))
+        .arg(now)
+        .arg(file_key)
+        .arg(&id)
+        .arg(size)
+        .arg(PART_SIZE)
+        .arg(format!("\n{essence}\n"))
+        .arg(format!("\n{major}/*\n"))
+        .arg("id")
+        .arg(&id)
+        .arg("session_id")
+        .arg(sid)
+        .arg("file_key")
+        .arg(file_key)
+        .arg("file_name")
+        .arg(name)
+        .arg("size_bytes")
+        .arg(size)
+        .arg("status")
+        .arg("registered")
+        .arg("part_size_bytes")
+        .arg(PART_SIZE)
+        .arg("part_count")
+        .arg(part_count)
+        .arg("created_at")
+        .arg(now / 1000)
+        .arg("object_key")
+        .arg(&object_key)
+        .arg("content_type")
+        .arg(content_type);
+    let mut con = state.con.clone();
+    let outcome: redis::RedisResult<Vec<redis::Value>> = inv.invoke_async(&mut con).await;
+    let word = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(redis::Value::SimpleString(s)) => s.clone(),
+        _ => String::new(),
+    };
+    match outcome {
+        Ok(reply) => match (word(reply.first()).as_str(), word(reply.get(1)).as_str()) {
+            ("ok", "created") => json_response(
+                StatusCode::CREATED,
+                &json!({
+                    "fileId": id, "fileKey": file_key, "fileName": name, "sizeBytes": size,
+                    "contentType": content_type, "status": "registered", "partSizeBytes": PART_SIZE,
+                    "partCount": part_count, "createdAt": now / 1000,
+                }),
+            ),
+            ("ok", "dup") => problem(StatusCode::CONFLICT, "duplicateFileKey"),
+            ("ok", "full") => problem(StatusCode::BAD_REQUEST, "fileCountExceeded"),
+            ("exp", _) => problem(StatusCode::GONE, "sessionExpired"),
+            ("na", _) => problem(StatusCode::CONFLICT, "sessionNotActive"),
+            ("snf", _) => problem(StatusCode::NOT_FOUND, "sessionNotFound"),
+            (a, b) => {
+                eprintln!("baseline: unexpected register reply {a:?} {b:?}");
+                problem(StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        },
+        Err(e) => {
+            eprintln!("baseline: redis: {e}");
+            problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
+    }
+}
+
 /// Serves until the process is killed.
-pub async fn serve(listen: &str, redis_url: &str) -> Result<(), String> {
+pub async fn serve(listen: &str, redis_url: &str, kind: Script) -> Result<(), String> {
     let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
     let con = client
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| e.to_string())?;
-    let script = redis::Script::new(REGISTER_LUA);
+    let source = match kind {
+        Script::Shaped => REGISTER_LUA.to_owned(),
+        Script::Gateway => gateway_register_lua(),
+    };
+    let script = redis::Script::new(&source);
     // Load once up front, so every request is exactly one EVALSHA.
     let mut c = con.clone();
     let _: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(REGISTER_LUA)
+        .arg(&source)
         .query_async(&mut c)
         .await
         .map_err(|e| e.to_string())?;
@@ -215,6 +371,7 @@ pub async fn serve(listen: &str, redis_url: &str) -> Result<(), String> {
         .unwrap_or(1)
         | 1;
     let state = Arc::new(State {
+        kind,
         con,
         script,
         ids: AtomicU64::new(0),
@@ -224,7 +381,11 @@ pub async fn serve(listen: &str, redis_url: &str) -> Result<(), String> {
         .await
         .map_err(|e| format!("bind {listen}: {e}"))?;
     println!(
-        "baseline listening on http://{}",
+        "baseline ({} script) listening on http://{}",
+        match kind {
+            Script::Shaped => "registration-shaped",
+            Script::Gateway => "the gateway's",
+        },
         listener.local_addr().map_err(|e| e.to_string())?
     );
     loop {

@@ -9,7 +9,7 @@
 //!                              [--via HOST:PORT]        (connect to an L4 proxy in front of S3)
 //! upgate-bench tcp-proxy       --to HOST:PORT [--listen ADDR] [--buffer BYTES] [--splice true]
 //!                              (user-space L4 forwarder; prints its address, blocks)
-//! upgate-bench baseline-server --listen ADDR --redis URL
+//! upgate-bench baseline-server --listen ADDR --redis URL [--script shaped|gateway]
 //! upgate-bench s3-server       [--bucket NAME]          (in-process s3s-fs; prints env lines, blocks)
 //! upgate-bench webhook-sink    --json-out FILE [--listen ADDR] (answers webhooks 204; prints its
 //!                              address; on SIGTERM writes deliveries/s and latency, exits)
@@ -158,10 +158,11 @@ fn run(cmd: &str, rest: &[String]) -> Result<(), String> {
         "baseline-server" => {
             let listen = a.get("listen", "127.0.0.1:8090".to_owned())?;
             let redis = a.req("redis")?;
+            let script: baseline::Script = a.get("script", "shaped".to_owned())?.parse()?;
             a.finish()?;
             check_loopback(&format!("http://{listen}"))?;
             check_loopback(&redis.replace("redis://", "http://"))?;
-            runtime(threads)?.block_on(baseline::serve(&listen, &redis))
+            runtime(threads)?.block_on(baseline::serve(&listen, &redis, script))
         }
         "tcp-proxy" => {
             let listen = a.get("listen", "127.0.0.1:0".to_owned())?;
