@@ -11,6 +11,9 @@
 #   no-zadd        the same without the order set's ZADD
 #   no-retention   the same without the file hash's PEXPIREAT
 #   no-zadd-no-retention
+#   one-container  the data-model change benches/README.md names: the file's record as one
+#                  packed field of a session-wide hash (retention set once, with the fileKey
+#                  hash's), so no per-file PEXPIREAT and 1 argument instead of 22
 #   baseline       the baseline server's one registration-shaped script (benches/load/src/baseline.rs)
 #   empty          a script that only answers, with the register script's 6 keys and 29 arguments
 # The variants are measurements only: the gateway never runs them (its guarantees need both).
@@ -62,11 +65,16 @@ head = "local call = redis.call\n" + prelude + "\n"
 zadd = "call('ZADD', KEYS[3], seq, ARGV[3])"
 retention = re.search(r"if count == 0 then\n.*?\nend\n", register, re.S)
 assert zadd in register and retention, "register.lua changed: update script-cost.sh"
+file_hset = "call('HSET', KEYS[4], unpack(ARGV, 8))"
+assert file_hset in register, "register.lua changed: update script-cost.sh"
 variants = {
     "register": register,
     "no-zadd": register.replace(zadd, ""),
     "no-retention": register.replace(retention.group(0), ""),
     "no-zadd-no-retention": register.replace(zadd, "").replace(retention.group(0), ""),
+    # KEYS[4] is the session's record hash here; ARGV[8] the packed record.
+    "one-container": register.replace(file_hset, "call('HSET', KEYS[4], ARGV[3], ARGV[8])")
+    .replace(retention.group(0), "if count == 0 then\n  keep_until(st[5], KEYS[2], KEYS[3], KEYS[4])\nend\n"),
 }
 for name, body in variants.items():
     open(f"{out}/{name}.lua", "w").write(head + body)
@@ -93,6 +101,18 @@ run() { # name
       file_name wrk-1-12345.bin size_bytes 1048576 content_type application/octet-stream \
       status registered part_size_bytes 8388608 part_count 1 created_at 1796418387 \
       object_key "$OBJ" >/dev/null
+  elif [ "$name" = one-container ]; then
+    redis-cli -p "$PORT" hset "${S}s" status active expires_at 9999999999 created_at 1 \
+      file_limit 100000000 file_count 0 keep_until 99999999999999 part_size_bytes 8388608 \
+      ordered 1 file_seq 0 >/dev/null
+    redis-cli -p "$PORT" config resetstat >/dev/null
+    # The same 11 fields, packed into one JSON value (what the gateway would send).
+    redis-benchmark -p "$PORT" -n "$N" -c "$CLIENTS" -r 100000000 -q EVALSHA "$sha" 6 \
+      "${S}s" "${S}keys" "${S}o" "${S}fr" "${S}ev" "${S}evq" \
+      1796418387829 "k__rand_int__" __rand_int__ 1048576 8388608 \
+      $'\napplication/octet-stream\n' $'\napplication/*\n' \
+      "{\"id\":\"d672ff7c-b01c-41e9-a885-0d15760cee38\",\"session_id\":\"62790e84-96a2-4c7b-a0a7-035d865dcc97\",\"file_key\":\"k1\",\"file_name\":\"wrk-1-12345.bin\",\"size_bytes\":1048576,\"status\":\"registered\",\"part_size_bytes\":8388608,\"part_count\":1,\"created_at\":1796418387,\"object_key\":\"$OBJ\",\"content_type\":\"application/octet-stream\"}" \
+      >/dev/null
   else
     # The session hash as create.lua writes it (the fields register.lua reads).
     redis-cli -p "$PORT" hset "${S}s" status active expires_at 9999999999 created_at 1 \
@@ -131,7 +151,7 @@ print(f"| {name} | {ev:.2f} | {inner} |")
 echo "| script | EVALSHA µs per call | its commands, µs per call (Redis's own figures) |"
 echo "|---|---:|---|"
 for _ in $(seq "$ROUNDS"); do
-  for name in register no-zadd no-retention no-zadd-no-retention baseline empty; do
+  for name in register no-zadd no-retention no-zadd-no-retention one-container baseline empty; do
     run "$name"
   done
 done
