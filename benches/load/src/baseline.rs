@@ -399,3 +399,120 @@ pub async fn serve(listen: &str, redis_url: &str, kind: Script) -> Result<(), St
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One `POST` on a fresh connection: the status and the body.
+    async fn post(port: u16, path: &str, body: &str) -> (u16, Value) {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to the baseline");
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.expect("read");
+        let text = String::from_utf8(raw).expect("utf-8 answer");
+        let status = text[9..12].parse().expect("status code");
+        let (_, json) = text.split_once("\r\n\r\n").expect("head and body");
+        (status, serde_json::from_str(json).expect("JSON body"))
+    }
+
+    async fn start(kind: Script) -> (upgate_testkit::RedisServer, u16) {
+        let redis = upgate_testkit::RedisServer::start();
+        let port = upgate_testkit::free_port();
+        let url = redis.url();
+        tokio::spawn(async move {
+            if let Err(e) = serve(&format!("127.0.0.1:{port}"), &url, kind).await {
+                panic!("baseline: {e}");
+            }
+        });
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return (redis, port);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the baseline did not listen");
+    }
+
+    /// Registers one file twice in a new session: 201, then 409. The session id.
+    async fn register_twice(port: u16) -> String {
+        let (status, session) = post(port, "/v1/sessions", r#"{"maxFiles": 10}"#).await;
+        assert_eq!(status, 201, "{session}");
+        let sid = session["sessionId"].as_str().expect("sessionId").to_owned();
+        let file =
+            r#"{"fileName":"a.bin","sizeBytes":1048576,"contentType":"application/octet-stream"}"#;
+        let path = format!("/v1/sessions/{sid}/files");
+        let (status, created) = post(port, &path, file).await;
+        assert_eq!(status, 201, "{created}");
+        assert_eq!(created["fileKey"], "a.bin");
+        let (status, dup) = post(port, &path, file).await;
+        assert_eq!(status, 409, "{dup}");
+        assert_eq!(dup["code"], "duplicateFileKey");
+        sid
+    }
+
+    #[tokio::test]
+    async fn the_gateway_script_mode_runs_the_gateways_registration() {
+        let (redis, port) = start(Script::Gateway).await;
+        let sid = register_twice(port).await;
+        // What the gateway's script leaves: the count and sequence number, the order set
+        // entry, and the file hash under the session's retention.
+        let mut con = redis::Client::open(redis.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        let base = format!("bl:{{{TENANT}:{sid}}}:");
+        let (count, seq): (u32, u32) = redis::cmd("HMGET")
+            .arg(format!("{base}s"))
+            .arg("file_count")
+            .arg("file_seq")
+            .query_async(&mut con)
+            .await
+            .expect("HMGET");
+        assert_eq!((count, seq), (1, 1));
+        let order: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{base}o"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut con)
+            .await
+            .expect("ZRANGE");
+        assert_eq!(order.len(), 1);
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{base}f:{}", order[0]))
+            .query_async(&mut con)
+            .await
+            .expect("PTTL");
+        assert!(ttl > 0, "the file hash has no retention: {ttl}");
+    }
+
+    #[tokio::test]
+    async fn the_shaped_mode_counts_and_refuses_a_taken_file_key() {
+        let (redis, port) = start(Script::Shaped).await;
+        let sid = register_twice(port).await;
+        let mut con = redis::Client::open(redis.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        let count: u32 = redis::cmd("HGET")
+            .arg(format!("bl:{{{TENANT}:{sid}}}:s"))
+            .arg("file_count")
+            .query_async(&mut con)
+            .await
+            .expect("HGET");
+        assert_eq!(count, 1);
+    }
+}
