@@ -101,18 +101,6 @@ run() { # name
       file_name wrk-1-12345.bin size_bytes 1048576 content_type application/octet-stream \
       status registered part_size_bytes 8388608 part_count 1 created_at 1796418387 \
       object_key "$OBJ" >/dev/null
-  elif [ "$name" = one-container ]; then
-    redis-cli -p "$PORT" hset "${S}s" status active expires_at 9999999999 created_at 1 \
-      file_limit 100000000 file_count 0 keep_until 99999999999999 part_size_bytes 8388608 \
-      ordered 1 file_seq 0 >/dev/null
-    redis-cli -p "$PORT" config resetstat >/dev/null
-    # The same 11 fields, packed into one JSON value (what the gateway would send).
-    redis-benchmark -p "$PORT" -n "$N" -c "$CLIENTS" -r 100000000 -q EVALSHA "$sha" 6 \
-      "${S}s" "${S}keys" "${S}o" "${S}fr" "${S}ev" "${S}evq" \
-      1796418387829 "k__rand_int__" __rand_int__ 1048576 8388608 \
-      $'\napplication/octet-stream\n' $'\napplication/*\n' \
-      "{\"id\":\"d672ff7c-b01c-41e9-a885-0d15760cee38\",\"session_id\":\"62790e84-96a2-4c7b-a0a7-035d865dcc97\",\"file_key\":\"k1\",\"file_name\":\"wrk-1-12345.bin\",\"size_bytes\":1048576,\"status\":\"registered\",\"part_size_bytes\":8388608,\"part_count\":1,\"created_at\":1796418387,\"object_key\":\"$OBJ\",\"content_type\":\"application/octet-stream\"}" \
-      >/dev/null
   else
     # The session hash as create.lua writes it (the fields register.lua reads).
     redis-cli -p "$PORT" hset "${S}s" status active expires_at 9999999999 created_at 1 \
@@ -121,15 +109,21 @@ run() { # name
     redis-cli -p "$PORT" config resetstat >/dev/null
     # The arguments the gateway sends for a 1 MiB application/octet-stream file (captured
     # with MONITOR): now, fileKey, file id, size, part size, the two content-type probes,
-    # then the file hash's 11 fields.
+    # then the file hash's 11 fields; for one-container, the record's key is the session's
+    # record hash and the same 11 fields come packed into one JSON value.
+    local file="${S}f:__rand_int__" fields=(id d672ff7c-b01c-41e9-a885-0d15760cee38
+      session_id 62790e84-96a2-4c7b-a0a7-035d865dcc97 file_key k1 file_name wrk-1-12345.bin
+      size_bytes 1048576 status registered part_size_bytes 8388608 part_count 1
+      created_at 1796418387 object_key "$OBJ" content_type application/octet-stream)
+    if [ "$name" = one-container ]; then
+      file="${S}fr"
+      fields=("$(python3 -c 'import json, sys; a = sys.argv[1:]
+print(json.dumps(dict(zip(a[::2], a[1::2])), separators=(",", ":")))' "${fields[@]}")")
+    fi
     redis-benchmark -p "$PORT" -n "$N" -c "$CLIENTS" -r 100000000 -q EVALSHA "$sha" 6 \
-      "${S}s" "${S}keys" "${S}o" "${S}f:__rand_int__" "${S}ev" "${S}evq" \
+      "${S}s" "${S}keys" "${S}o" "$file" "${S}ev" "${S}evq" \
       1796418387829 "k__rand_int__" __rand_int__ 1048576 8388608 \
-      $'\napplication/octet-stream\n' $'\napplication/*\n' \
-      id d672ff7c-b01c-41e9-a885-0d15760cee38 session_id 62790e84-96a2-4c7b-a0a7-035d865dcc97 \
-      file_key k1 file_name wrk-1-12345.bin size_bytes 1048576 status registered \
-      part_size_bytes 8388608 part_count 1 created_at 1796418387 object_key "$OBJ" \
-      content_type application/octet-stream >/dev/null
+      $'\napplication/octet-stream\n' $'\napplication/*\n' "${fields[@]}" >/dev/null
   fi
   redis-cli -p "$PORT" info commandstats | python3 -c '
 import sys

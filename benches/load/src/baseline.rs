@@ -204,10 +204,20 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
     let id = state.new_id();
     let now = now_ms();
     let base = format!("bl:{{{TENANT}:{sid}}}:");
-    let object_key = format!("{TENANT}/{sid}/{file_key}");
     if state.kind == Script::Gateway {
-        return register_gateway_script(state, sid, name, size, file_key, content_type).await;
+        let file = NewFile {
+            sid,
+            name,
+            size,
+            file_key,
+            content_type,
+            part_count,
+            id,
+            now,
+        };
+        return register_gateway_script(state, &base, &file).await;
     }
+    let object_key = format!("{TENANT}/{sid}/{file_key}");
     let mut inv = state.script.prepare_invoke();
     inv.key(format!("{base}s"))
         .key(format!("{base}keys"))
@@ -254,24 +264,47 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
     }
 }
 
+/// A registration as the request gave it, with its id, part count and time.
+struct NewFile<'a> {
+    sid: &'a str,
+    name: &'a str,
+    size: u64,
+    file_key: &'a str,
+    content_type: &'a str,
+    part_count: u64,
+    id: String,
+    now: i64,
+}
+
+/// The 201 answer for `f`.
+fn created(f: &NewFile<'_>) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::CREATED,
+        &json!({
+            "fileId": f.id, "fileKey": f.file_key, "fileName": f.name, "sizeBytes": f.size,
+            "contentType": f.content_type, "status": "registered", "partSizeBytes": PART_SIZE,
+            "partCount": f.part_count, "createdAt": f.now / 1000,
+        }),
+    )
+}
+
 /// `register` with the gateway's script: its 6 keys and the arguments the gateway's store
 /// sends (`src/store/redis.rs`, `register` and `file_fields`), its reply decoded.
 async fn register_gateway_script(
     state: &State,
-    sid: &str,
-    name: &str,
-    size: u64,
-    file_key: &str,
-    content_type: &str,
+    base: &str,
+    f: &NewFile<'_>,
 ) -> Response<Full<Bytes>> {
-    let part_count = if size == 0 {
-        1
-    } else {
-        size.div_ceil(PART_SIZE)
-    };
-    let id = state.new_id();
-    let now = now_ms();
-    let base = format!("bl:{{{TENANT}:{sid}}}:");
+    let NewFile {
+        sid,
+        name,
+        size,
+        file_key,
+        content_type,
+        part_count,
+        ref id,
+        now,
+    } = *f;
     let object_key = format!("{TENANT}/{sid}/{id}/{file_key}");
     let essence = content_type.to_ascii_lowercase();
     let major = essence.split('/').next().unwrap_or("");
@@ -284,13 +317,13 @@ async fn register_gateway_script(
         .key(format!("{base}evq"))
         .arg(now)
         .arg(file_key)
-        .arg(&id)
+        .arg(id)
         .arg(size)
         .arg(PART_SIZE)
         .arg(format!("\n{essence}\n"))
         .arg(format!("\n{major}/*\n"))
         .arg("id")
-        .arg(&id)
+        .arg(id)
         .arg("session_id")
         .arg(sid)
         .arg("file_key")
@@ -320,14 +353,7 @@ async fn register_gateway_script(
     };
     match outcome {
         Ok(reply) => match (word(reply.first()).as_str(), word(reply.get(1)).as_str()) {
-            ("ok", "created") => json_response(
-                StatusCode::CREATED,
-                &json!({
-                    "fileId": id, "fileKey": file_key, "fileName": name, "sizeBytes": size,
-                    "contentType": content_type, "status": "registered", "partSizeBytes": PART_SIZE,
-                    "partCount": part_count, "createdAt": now / 1000,
-                }),
-            ),
+            ("ok", "created") => created(f),
             ("ok", "dup") => problem(StatusCode::CONFLICT, "duplicateFileKey"),
             ("ok", "full") => problem(StatusCode::BAD_REQUEST, "fileCountExceeded"),
             ("exp", _) => problem(StatusCode::GONE, "sessionExpired"),
@@ -445,6 +471,14 @@ mod tests {
         panic!("the baseline did not listen");
     }
 
+    async fn connect(redis: &upgate_testkit::RedisServer) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
+    }
+
     /// Registers one file twice in a new session: 201, then 409. The session id.
     async fn register_twice(port: u16) -> String {
         let (status, session) = post(port, "/v1/sessions", r#"{"maxFiles": 10}"#).await;
@@ -468,11 +502,7 @@ mod tests {
         let sid = register_twice(port).await;
         // What the gateway's script leaves: the count and sequence number, the order set
         // entry, and the file hash under the session's retention.
-        let mut con = redis::Client::open(redis.url())
-            .expect("client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to redis");
+        let mut con = connect(&redis).await;
         let base = format!("bl:{{{TENANT}:{sid}}}:");
         let (count, seq): (u32, u32) = redis::cmd("HMGET")
             .arg(format!("{base}s"))
@@ -502,11 +532,7 @@ mod tests {
     async fn the_shaped_mode_counts_and_refuses_a_taken_file_key() {
         let (redis, port) = start(Script::Shaped).await;
         let sid = register_twice(port).await;
-        let mut con = redis::Client::open(redis.url())
-            .expect("client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to redis");
+        let mut con = connect(&redis).await;
         let count: u32 = redis::cmd("HGET")
             .arg(format!("bl:{{{TENANT}:{sid}}}:s"))
             .arg("file_count")
