@@ -201,22 +201,21 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
     } else {
         size.div_ceil(PART_SIZE)
     };
-    let id = state.new_id();
-    let now = now_ms();
+    let file = NewFile {
+        sid,
+        name,
+        size,
+        file_key,
+        content_type,
+        part_count,
+        id: state.new_id(),
+        now: now_ms(),
+    };
     let base = format!("bl:{{{TENANT}:{sid}}}:");
     if state.kind == Script::Gateway {
-        let file = NewFile {
-            sid,
-            name,
-            size,
-            file_key,
-            content_type,
-            part_count,
-            id,
-            now,
-        };
         return register_gateway_script(state, &base, &file).await;
     }
+    let (id, now) = (&file.id, file.now);
     let object_key = format!("{TENANT}/{sid}/{file_key}");
     let mut inv = state.script.prepare_invoke();
     inv.key(format!("{base}s"))
@@ -224,7 +223,7 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
         .key(format!("{base}f:{id}"))
         .arg(now)
         .arg(file_key)
-        .arg(&id)
+        .arg(id)
         .arg("file_name")
         .arg(name)
         .arg("size_bytes")
@@ -244,14 +243,7 @@ async fn register(state: &State, sid: &str, body: &[u8]) -> Response<Full<Bytes>
     let mut con = state.con.clone();
     let outcome: redis::RedisResult<String> = inv.invoke_async(&mut con).await;
     match outcome.as_deref() {
-        Ok("created") => json_response(
-            StatusCode::CREATED,
-            &json!({
-                "fileId": id, "fileKey": file_key, "fileName": name, "sizeBytes": size,
-                "contentType": content_type, "status": "registered", "partSizeBytes": PART_SIZE,
-                "partCount": part_count, "createdAt": now / 1000,
-            }),
-        ),
+        Ok("created") => created(&file),
         Ok("dup") => problem(StatusCode::CONFLICT, "duplicateFileKey"),
         Ok("full") => problem(StatusCode::BAD_REQUEST, "fileCountExceeded"),
         Ok("exp") => problem(StatusCode::GONE, "sessionExpired"),

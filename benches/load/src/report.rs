@@ -11,7 +11,8 @@
 //! (`{"gatewayPerRegistration","baselinePerRegistration","gatewayBreakdown", ...}`, from run.sh)
 //! `redis-mem.json`, `wrk-register-{gateway,baseline,baseline-gateway-script}-{round}.json`
 //! (`{"reqPerSec","p50Ms","p99Ms","not201"}`, from run.sh's wrk runs; a directory of an older
-//! run.sh has one round without the `-{round}` suffix and no `baseline-gateway-script`), and `fs-parts-c{1,4}.json` / `fs-complete-c{1,4}.json` (filesystem
+//! run.sh has one round without the `-{round}` suffix and no `baseline-gateway-script`), and
+//! `fs-parts-c{1,4}.json` / `fs-complete-c{1,4}.json` (filesystem
 //! storage, part PUTs alone and upload + complete), `register-hooks.json`, `hooks-sink-{1,2}.json`
 //! (`{"events","duplicates","eventsPerSec","p50Ms","p99Ms","maxMs"}`, from `webhook-sink`) and
 //! `hooks-rtt.json` (`{"requestPerRegistration","allPerRegistration", ...}`, from run.sh).
