@@ -270,7 +270,7 @@ if command -v wrk >/dev/null 2>&1; then
     local sid
     # Each run starts on an empty Redis: a later run would otherwise meet the keys of the
     # ones before it (a larger keyspace, more rehashing) and come out slower for it.
-    redis-cli -p "$REDIS_PORT" flushall sync >/dev/null
+    "${RCLI[@]}" flushall sync >/dev/null
     sid=$(curl -fsS -X POST "$2/v1/sessions" -H "Authorization: Bearer $3" \
       -H 'Content-Type: application/json' -d '{"maxFiles": 1000000}' | sed -n 's/.*"sessionId":"\([^"]*\)".*/\1/p')
     [ -n "$sid" ] || { log "wrk: no session from $2"; return 1; }

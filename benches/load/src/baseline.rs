@@ -298,7 +298,13 @@ async fn register_gateway_script(
         now,
     } = *f;
     let object_key = format!("{TENANT}/{sid}/{id}/{file_key}");
-    let essence = content_type.to_ascii_lowercase();
+    // The two probes as the gateway's store computes them (`content_type_keys`).
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let major = essence.split('/').next().unwrap_or("");
     let mut inv = state.script.prepare_invoke();
     inv.key(format!("{base}s"))
@@ -338,21 +344,28 @@ async fn register_gateway_script(
         .arg(content_type);
     let mut con = state.con.clone();
     let outcome: redis::RedisResult<Vec<redis::Value>> = inv.invoke_async(&mut con).await;
-    let word = |v: Option<&redis::Value>| match v {
-        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-        Some(redis::Value::SimpleString(s)) => s.clone(),
-        _ => String::new(),
-    };
+    // The reply's first two words, borrowed (no allocation per request).
+    fn word(v: Option<&redis::Value>) -> &[u8] {
+        match v {
+            Some(redis::Value::BulkString(b)) => b,
+            Some(redis::Value::SimpleString(s)) => s.as_bytes(),
+            _ => b"",
+        }
+    }
     match outcome {
-        Ok(reply) => match (word(reply.first()).as_str(), word(reply.get(1)).as_str()) {
-            ("ok", "created") => created(f),
-            ("ok", "dup") => problem(StatusCode::CONFLICT, "duplicateFileKey"),
-            ("ok", "full") => problem(StatusCode::BAD_REQUEST, "fileCountExceeded"),
-            ("exp", _) => problem(StatusCode::GONE, "sessionExpired"),
-            ("na", _) => problem(StatusCode::CONFLICT, "sessionNotActive"),
-            ("snf", _) => problem(StatusCode::NOT_FOUND, "sessionNotFound"),
+        Ok(reply) => match (word(reply.first()), word(reply.get(1))) {
+            (b"ok", b"created") => created(f),
+            (b"ok", b"dup") => problem(StatusCode::CONFLICT, "duplicateFileKey"),
+            (b"ok", b"full") => problem(StatusCode::BAD_REQUEST, "fileCountExceeded"),
+            (b"exp", _) => problem(StatusCode::GONE, "sessionExpired"),
+            (b"na", _) => problem(StatusCode::CONFLICT, "sessionNotActive"),
+            (b"snf", _) => problem(StatusCode::NOT_FOUND, "sessionNotFound"),
             (a, b) => {
-                eprintln!("baseline: unexpected register reply {a:?} {b:?}");
+                eprintln!(
+                    "baseline: unexpected register reply {:?} {:?}",
+                    String::from_utf8_lossy(a),
+                    String::from_utf8_lossy(b)
+                );
                 problem(StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         },

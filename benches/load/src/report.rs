@@ -523,9 +523,8 @@ fn wrk_rounds(dir: &Path) -> Vec<WrkRound> {
     }
 }
 
-fn mean(xs: impl Iterator<Item = f64>) -> f64 {
-    let (sum, n) = xs.fold((0.0, 0u32), |(s, n), x| (s + x, n + 1));
-    sum / f64::from(n.max(1))
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
 
 /// The wrk section: means over the rounds (the ratio of the means is what the target is
@@ -546,7 +545,7 @@ fn wrk_markdown(rounds: &[WrkRound]) -> String {
             .iter()
             .filter_map(|r| pick(r).map(|v| f(v, key)))
             .collect();
-        (xs.len() == rounds.len()).then(|| mean(xs.into_iter()))
+        (xs.len() == rounds.len()).then(|| mean(&xs))
     };
     let mut out = format!(
         "\n### Registration driven by wrk (gateway / baseline, same run; mean of {} round{})\n\n",
